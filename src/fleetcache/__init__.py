@@ -1,0 +1,1 @@
+"""fleetcache: a fleet of processes computes each missing cache entry once."""

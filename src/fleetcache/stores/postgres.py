@@ -1,0 +1,250 @@
+"""The Postgres store: the fleet's shared cache, on psycopg 3 and psycopg_pool."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from fleetcache.errors import ConfigurationError, NotOpenError, SchemaVersionError, StoreError
+from fleetcache.stores import queries as q
+from fleetcache.stores.base import (
+    Entry,
+    GenerationStamp,
+    Key,
+    stamp_names,
+    to_json,
+    validate_entry,
+)
+
+# Advisory-lock classes (the two-int form, a key space apart from the coordinator's
+# one-bigint locks) for the generation counters: global, namespace, name.
+_LOCK_GLOBAL = 0x4643_0001
+_LOCK_NAMESPACE = 0x4643_0002
+_LOCK_NAME = 0x4643_0003
+
+
+def _lock_id(*parts: str) -> int:
+    digest = hashlib.sha256("\x00".join(parts).encode()).digest()
+    return int.from_bytes(digest[:4], "big", signed=True)
+
+
+def _locks(namespace: str, names: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Advisory locks (classes, ids) for namespace and names in the one global order."""
+    name_ids = sorted({_lock_id(namespace, name) for name in names})
+    classes = [_LOCK_GLOBAL, _LOCK_NAMESPACE] + [_LOCK_NAME] * len(name_ids)
+    return classes, [0, _lock_id(namespace), *name_ids]
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    url, scope, user, ns, value, deps, error, created_at, alias, diagnostics = row
+    return Entry(
+        key=Key(ns, url, scope, user),
+        value=value,
+        deps=tuple(deps),
+        error=error,
+        created_at=created_at,
+        alias=alias,
+        diagnostics=diagnostics,
+    )
+
+
+class PostgresStore:
+    """A :class:`~fleetcache.stores.base.Store` on a Postgres ``modules`` table.
+
+    Give it a ``conninfo`` (it then owns and closes its pool) or an open ``pool`` of
+    autocommit connections (which it never closes). ``open()`` creates the schema once,
+    idempotently and safely when many processes start together.
+    """
+
+    def __init__(
+        self,
+        conninfo: str | None = None,
+        *,
+        pool: AsyncConnectionPool[Any] | None = None,
+        min_size: int = 1,
+        max_size: int = 10,
+    ) -> None:
+        if (conninfo is None) == (pool is None):
+            raise ConfigurationError("PostgresStore needs exactly one of conninfo or pool")
+        self._conninfo = conninfo
+        self._pool = pool
+        self._owns_pool = pool is None
+        self._min_size = min_size
+        self._max_size = max_size
+        self._opened = False
+
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        """The connection pool (the coordinator may share it)."""
+        if self._pool is None or not self._opened:
+            raise NotOpenError("PostgresStore is not open: call await store.open() first")
+        return self._pool
+
+    async def open(self) -> None:
+        """Open the pool (if this store owns it) and create or check the schema."""
+        if self._opened:
+            return
+        try:
+            if self._pool is None:
+                self._pool = AsyncConnectionPool(
+                    self._conninfo or "",
+                    min_size=self._min_size,
+                    max_size=self._max_size,
+                    kwargs={"autocommit": True},
+                    open=False,
+                )
+            if self._owns_pool:
+                await self._pool.open(wait=True)
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(q.PG_LOCK_SCHEMA, {"id": q.PG_SCHEMA_LOCK_ID})
+                for statement in q.PG_CREATE_SCHEMA:
+                    await conn.execute(statement)
+                await conn.execute(q.PG_SET_SCHEMA_VERSION, {"version": q.SCHEMA_VERSION})
+                row = await (await conn.execute(q.PG_GET_SCHEMA_VERSION)).fetchone()
+        except psycopg.Error as exc:
+            if self._owns_pool and self._pool is not None:
+                await self._pool.close()
+                self._pool = None
+            raise StoreError(f"opening the Postgres store failed: {exc}") from exc
+        version = row[0] if row else None
+        if version != q.SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"database schema version is {version}, this fleetcache knows "
+                f"{q.SCHEMA_VERSION}; upgrade fleetcache"
+            )
+        self._opened = True
+
+    async def close(self) -> None:
+        """Close the pool if this store created it."""
+        if self._owns_pool and self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        self._opened = False
+
+    @asynccontextmanager
+    async def _transaction(
+        self, what: str, session: object | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection in a transaction (a savepoint on ``session`` when one is given);
+        driver errors leave as :class:`StoreError` naming ``what``."""
+        try:
+            if isinstance(session, psycopg.AsyncConnection):
+                async with session.transaction():
+                    yield session
+            else:
+                async with self.pool.connection() as conn, conn.transaction():
+                    yield conn
+        except psycopg.Error as exc:
+            raise StoreError(f"{what} failed: {exc}") from exc
+
+    @asynccontextmanager
+    async def _connection(
+        self, what: str, session: object | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection for one autocommit statement (``session`` when one is given)."""
+        try:
+            if isinstance(session, psycopg.AsyncConnection):
+                yield session
+            else:
+                async with self.pool.connection() as conn:
+                    yield conn
+        except psycopg.Error as exc:
+            raise StoreError(f"{what} failed: {exc}") from exc
+
+    async def read(self, key: Key, *, session: object | None = None) -> Entry | None:
+        """The entry named or aliased ``key.name`` under the key's namespace, scope and user."""
+        params = {"ns": key.namespace, "scope": key.scope, "user": key.user, "name": key.name}
+        async with self._connection(f"reading {key.coalesce_key!r}", session) as conn:
+            row = await (await conn.execute(q.PG_READ, params)).fetchone()
+        return None if row is None else _entry(row)
+
+    async def stamp(
+        self, namespace: str, names: Sequence[str], *, session: object | None = None
+    ) -> GenerationStamp:
+        """The sum of the global, namespace and per-name counters, as of now."""
+        sorted_names = stamp_names(names)
+        params = {"ns": namespace, "names": list(sorted_names)}
+        async with self._connection(f"stamping {namespace!r}", session) as conn:
+            row = await (await conn.execute(q.PG_STAMP, params)).fetchone()
+        return GenerationStamp(namespace, sorted_names, int(row[0]) if row else 0)
+
+    async def write(
+        self,
+        entry: Entry,
+        *,
+        stamp: GenerationStamp | None = None,
+        session: object | None = None,
+    ) -> bool:
+        """Upsert ``entry``; with ``stamp``, only if no counter moved (one guarded INSERT
+        after share-locking the counters, so a concurrent invalidation is serialised)."""
+        validate_entry(entry)
+        key = entry.key
+        params: dict[str, Any] = {
+            "name": key.name,
+            "scope": key.scope,
+            "user": key.user,
+            "ns": key.namespace,
+            "value": to_json("value", entry.value),
+            "deps": json.dumps(list(entry.deps)),
+            "error": None if entry.error is None else to_json("error", entry.error),
+            "created_at": entry.created_at,
+            "alias": entry.alias,
+            "diagnostics": (
+                None if entry.diagnostics is None else to_json("diagnostics", entry.diagnostics)
+            ),
+            "unconditional": stamp is None,
+            "names": list(stamp.names) if stamp else [],
+            "expected": stamp.value if stamp else 0,
+        }
+        async with self._transaction(f"writing {key.coalesce_key!r}", session) as conn:
+            if stamp is not None:
+                classes, ids = _locks(stamp.namespace, stamp.names)
+                await conn.execute(q.PG_LOCK_SHARED, {"classes": classes, "ids": ids})
+            row = await (await conn.execute(q.PG_WRITE, params)).fetchone()
+        return row is not None
+
+    async def delete_names(self, namespace: str, names: Sequence[str]) -> None:
+        """Bump each name's counter and delete the entries named or aliased by ``names``."""
+        unique = sorted(set(names))
+        if not unique:
+            return
+        classes, ids = _locks(namespace, unique)
+        async with self._transaction(f"invalidating names in {namespace!r}") as conn:
+            await conn.execute(q.PG_LOCK_SHARED, {"classes": classes[:2], "ids": ids[:2]})
+            await conn.execute(q.PG_LOCK_EXCLUSIVE, {"classes": classes[2:], "ids": ids[2:]})
+            await conn.execute(
+                q.PG_BUMP,
+                {"kinds": ["k"] * len(unique), "nss": [namespace] * len(unique), "names": unique},
+            )
+            await conn.execute(q.PG_DELETE_NAMES, {"ns": namespace, "names": unique})
+
+    async def delete_namespace(self, namespace: str) -> None:
+        """Bump the namespace's counter and delete its entries."""
+        classes, ids = _locks(namespace, [])
+        async with self._transaction(f"clearing namespace {namespace!r}") as conn:
+            await conn.execute(q.PG_LOCK_SHARED, {"classes": classes[:1], "ids": ids[:1]})
+            await conn.execute(q.PG_LOCK_EXCLUSIVE, {"classes": classes[1:], "ids": ids[1:]})
+            await conn.execute(q.PG_BUMP, {"kinds": ["n"], "nss": [namespace], "names": [""]})
+            await conn.execute(q.PG_DELETE_NAMESPACE, {"ns": namespace})
+
+    async def delete_all(self) -> None:
+        """Bump the global counter and delete every entry."""
+        async with self._transaction("clearing the whole cache") as conn:
+            await conn.execute(q.PG_LOCK_EXCLUSIVE, {"classes": [_LOCK_GLOBAL], "ids": [0]})
+            await conn.execute(q.PG_BUMP, {"kinds": ["g"], "nss": [""], "names": [""]})
+            await conn.execute(q.PG_DELETE_ALL)
+
+    async def find_dependents(self, namespace: str, names: Sequence[str]) -> list[str]:
+        """Names of entries of ``namespace`` whose deps meet ``names``."""
+        if not names:
+            return []
+        params = {"ns": namespace, "names": sorted(set(names))}
+        async with self._connection(f"finding dependents in {namespace!r}") as conn:
+            rows = await (await conn.execute(q.PG_FIND_DEPENDENTS, params)).fetchall()
+        return [row[0] for row in rows]
