@@ -15,7 +15,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -368,19 +368,33 @@ class CachingLookup:
 
     # ------------------------------------------------------------ invalidating
 
-    async def invalidate(self, namespace: str, names: Sequence[str]) -> list[str]:
+    async def invalidate(
+        self,
+        namespace: str,
+        names: Sequence[str],
+        *,
+        variants: Callable[[str], Iterable[str]] | None = None,
+    ) -> list[str]:
         """Invalidate ``names`` of ``namespace`` and, transitively, every entry whose deps
         contain one of them; return all the names invalidated.
 
+        ``variants`` expands each name (given or found as a dependent) into every name its
+        entries may be stored or depended on under (e.g. with and without an extension).
         Order: compute the set, bump the generations, drop matching in-flight entries,
         delete the rows (all scopes and users), then broadcast.
         """
-        closure = list(dict.fromkeys(names))
+
+        def expand(name: str) -> Iterable[str]:
+            return (name,) if variants is None else variants(name)
+
+        closure = list(dict.fromkeys(variant for name in names for variant in expand(name)))
         seen = set(closure)
         frontier = closure
         while frontier:
             found = await self.store.find_dependents(namespace, frontier)
-            frontier = [name for name in found if name not in seen]
+            frontier = list(
+                dict.fromkeys(v for name in found for v in expand(name) if v not in seen)
+            )
             seen.update(frontier)
             closure.extend(frontier)
         if not closure:

@@ -1,0 +1,430 @@
+"""``CachingDefinitionLookup``: the seed's module-definitions cache, on the generic cache.
+
+A module's definitions are one cache entry in the ``modules`` table: namespace = the
+realm's (resolved) URL, name = the module URL it was rendered under, scope/user from the
+realm's visibility, alias = the URL without its executable extension. Everything about
+single flight, generations, error TTL and fleet coordination comes from
+:class:`~fleetcache.lookup.caching.CachingLookup`; this layer adds URLs, realms, candidates,
+"missing module" and dependency-error aggregation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+from fleetcache.coordination.base import PopulateCoordinator
+from fleetcache.definitions.errors import FilterRefersToNonexistentTypeError
+from fleetcache.definitions.models import (
+    CodeRef,
+    DefinitionEntry,
+    DefinitionResult,
+    ModuleErrorEntry,
+    ModuleRenderResponse,
+    Realm,
+    module_error,
+)
+from fleetcache.definitions.prerenderer import Prerenderer
+from fleetcache.definitions.urls import (
+    absolute_deps,
+    candidates,
+    canonicalize,
+    invalidation_variants,
+    is_missing_module,
+    trim_executable_extension,
+)
+from fleetcache.lookup.caching import (
+    DEFAULT_ERROR_TTL,
+    DEFAULT_MAX_ROUNDS,
+    DEFAULT_WAIT_TIMEOUT,
+    MISSING,
+    CachingLookup,
+    InvalidationPublisher,
+    Missing,
+    Produce,
+    Produced,
+)
+from fleetcache.stores.base import Entry, Key, Store
+
+logger = logging.getLogger("fleetcache.definitions")
+
+CacheScope = Literal["public", "realm-auth"]
+
+# The modules whose dependency errors are being gathered in this chain of calls; a module
+# already in it is not looked up again, so an import cycle cannot wait on itself. Copied
+# into every task a computation starts, so it follows the chain across flights.
+_gathering: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "fleetcache_gathering", default=frozenset()
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleDefinitions:
+    """A module's cached render: its definitions (or error), deps and where it is stored."""
+
+    module_url: str
+    resolved_realm_url: str
+    cache_scope: str
+    cache_user_id: str
+    definitions: dict[str, DefinitionResult]
+    deps: list[str]
+    error: ModuleErrorEntry | None
+    created_at: int | None
+    diagnostics: dict[str, Any] | None
+
+    @classmethod
+    def from_entry(cls, entry: Entry) -> ModuleDefinitions:
+        """The definitions view of a cache entry."""
+        return cls(
+            module_url=entry.key.name,
+            resolved_realm_url=entry.key.namespace,
+            cache_scope=entry.key.scope,
+            cache_user_id=entry.key.user,
+            definitions=cast(dict[str, DefinitionResult], entry.value),
+            deps=list(entry.deps),
+            error=cast(ModuleErrorEntry | None, entry.error),
+            created_at=entry.created_at,
+            diagnostics=cast(dict[str, Any] | None, entry.diagnostics),
+        )
+
+
+def cache_scope_for(realm: Realm) -> tuple[CacheScope, str]:
+    """The (scope, user) a realm's rows are written and read under."""
+    if realm.visibility == "public":
+        return "public", ""
+    return "realm-auth", realm.owner_user_id
+
+
+def flatten_meta(response: ModuleRenderResponse) -> dict[str, Any] | None:
+    """``meta`` as one JSON object (``request_id`` plus the diagnostics' keys), or None."""
+    if response.meta is None:
+        return None
+    flat: dict[str, Any] = {}
+    if "request_id" in response.meta:
+        flat["request_id"] = response.meta["request_id"]
+    flat.update(response.meta.get("diagnostics", {}))
+    return flat or None
+
+
+class CachingDefinitionLookup:
+    """Module definitions through a read-through cache over a :class:`Prerenderer`.
+
+    Register the realms whose modules it may look up (``register_realm``). With a
+    ``coordinator`` one process of the fleet renders a module while the others wait;
+    with a ``publisher`` invalidations reach the other processes.
+    ``aggregation_timeout`` bounds how long a failing module waits for its dependencies'
+    errors (beyond it, only the errors already cached are listed).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        prerenderer: Prerenderer,
+        *,
+        coordinator: PopulateCoordinator | None = None,
+        publisher: InvalidationPublisher | None = None,
+        error_ttl: float = DEFAULT_ERROR_TTL,
+        clock: Callable[[], float] = time.time,
+        max_rounds: int = DEFAULT_MAX_ROUNDS,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+        aggregation_timeout: float = 30.0,
+    ) -> None:
+        lookup = CachingLookup(
+            store,
+            coordinator=coordinator,
+            publisher=publisher,
+            error_ttl=error_ttl,
+            clock=clock,
+            max_rounds=max_rounds,
+            wait_timeout=wait_timeout,
+        )
+        self._init(lookup, prerenderer, aggregation_timeout)
+
+    @classmethod
+    def over(
+        cls, lookup: CachingLookup, prerenderer: Prerenderer, *, aggregation_timeout: float = 30.0
+    ) -> CachingDefinitionLookup:
+        """A definitions lookup sharing an existing generic lookup (its store, coordinator,
+        publisher, in-flight map and generations), e.g. ``fleetcache.open(url).lookup``."""
+        self = cls.__new__(cls)
+        self._init(lookup, prerenderer, aggregation_timeout)
+        return self
+
+    def _init(
+        self, lookup: CachingLookup, prerenderer: Prerenderer, aggregation_timeout: float
+    ) -> None:
+        self.lookup = lookup
+        self.prerenderer = prerenderer
+        self.aggregation_timeout = aggregation_timeout
+        # Registered realms by URL; written by register_realm, read by every lookup.
+        self._realms: dict[str, Realm] = {}
+
+    # ----------------------------------------------------------------- realms
+
+    def register_realm(self, realm: Realm) -> None:
+        """Let modules under ``realm.url`` be looked up (re-registering replaces it)."""
+        self._realms[realm.url] = realm
+
+    def for_realm(self, realm: Realm) -> RealmDefinitionLookup:
+        """Register ``realm`` and return a view whose lookups stay inside it."""
+        self.register_realm(realm)
+        return RealmDefinitionLookup(self, realm)
+
+    def realm_of(self, module_url: str) -> Realm | None:
+        """The registered realm whose URL is the longest prefix of ``module_url``."""
+        url = canonicalize(module_url)
+        matches = [realm for prefix, realm in self._realms.items() if url.startswith(prefix)]
+        return max(matches, key=lambda realm: len(realm.url), default=None)
+
+    # ---------------------------------------------------------------- lookups
+
+    async def lookup_definition(
+        self, code_ref: CodeRef, *, priority: int | None = None
+    ) -> DefinitionEntry:
+        """The definition ``code_ref`` names, rendering its module on a miss.
+
+        Raises :class:`FilterRefersToNonexistentTypeError` when the module is outside every
+        registered realm, does not exist, failed to render, or has no such export.
+        """
+        realm = self.realm_of(code_ref.module)
+        if realm is None:
+            raise FilterRefersToNonexistentTypeError(
+                code_ref, "the module is not in any registered realm"
+            )
+        module = await self._get(code_ref.module, realm, priority)
+        return _definition_in(code_ref, module)
+
+    async def lookup_cached_definition(self, code_ref: CodeRef) -> DefinitionEntry | None:
+        """The definition ``code_ref`` names if its module is cached and rendered; never
+        renders and never raises for a missing or failed module."""
+        module = await self._peek(code_ref.module)
+        if module is None:
+            return None
+        try:
+            return _definition_in(code_ref, module)
+        except FilterRefersToNonexistentTypeError:
+            return None
+
+    async def get_cached_definitions(
+        self, module_url: str, *, priority: int | None = None
+    ) -> ModuleDefinitions | None:
+        """The module's cached render (rendering it on a miss); None when the module is
+        outside every registered realm or does not exist."""
+        realm = self.realm_of(module_url)
+        if realm is None:
+            return None
+        return await self._get(module_url, realm, priority)
+
+    async def populate_definition_cache_entry(
+        self,
+        *,
+        module_url: str,
+        realm_url: str,
+        resolved_realm_url: str,
+        cache_scope: str,
+        cache_user_id: str,
+        prerender_user_id: str,
+        priority: int | None = None,
+    ) -> ModuleDefinitions | None:
+        """Pre-warm one module under exactly the key a later lookup reads
+        (``resolved_realm_url``, ``cache_scope``, ``cache_user_id``); an error is never
+        stored (the answer is then None)."""
+        url = canonicalize(module_url)
+        key = Key(resolved_realm_url, url, cache_scope, cache_user_id)
+        entry = await self.lookup.get(
+            key,
+            self._producer(realm_url, prerender_user_id, priority),
+            candidates=candidates(url),
+            alias=trim_executable_extension(url),
+            persist_errors=False,
+        )
+        return (
+            None
+            if entry is None or entry.error is not None
+            else ModuleDefinitions.from_entry(entry)
+        )
+
+    # ------------------------------------------------------------ invalidation
+
+    async def invalidate(self, module_url: str) -> list[str]:
+        """Invalidate a module (every URL variant it may be stored under) and, transitively,
+        its dependents in its realm; return the URLs invalidated. A URL outside every
+        registered realm invalidates nothing and returns ``[]``."""
+        realm = self.realm_of(module_url)
+        if realm is None:
+            return []
+        return await self.lookup.invalidate(
+            realm.url, [canonicalize(module_url)], variants=invalidation_variants
+        )
+
+    async def clear_realm_definitions(self, resolved_realm_url: str) -> None:
+        """Delete every cached module of a realm (registered or not)."""
+        await self.lookup.clear_namespace(resolved_realm_url)
+
+    async def clear_all_definitions(self) -> None:
+        """Delete every cached module."""
+        await self.lookup.clear_all()
+
+    def stats(self) -> dict[str, int]:
+        """The generic lookup's counters (see ``CachingLookup.stats``)."""
+        return self.lookup.stats()
+
+    # --------------------------------------------------------------- internals
+
+    def _key(self, module_url: str, realm: Realm) -> Key:
+        scope, user = cache_scope_for(realm)
+        return Key(realm.url, canonicalize(module_url), scope, user)
+
+    async def _get(
+        self, module_url: str, realm: Realm, priority: int | None
+    ) -> ModuleDefinitions | None:
+        url = canonicalize(module_url)
+        entry = await self.lookup.get(
+            self._key(url, realm),
+            self._producer(realm.url, realm.owner_user_id, priority),
+            candidates=candidates(url),
+            alias=trim_executable_extension(url),
+        )
+        return None if entry is None else ModuleDefinitions.from_entry(entry)
+
+    async def _peek(self, module_url: str) -> ModuleDefinitions | None:
+        realm = self.realm_of(module_url)
+        if realm is None:
+            return None
+        entry = await self.lookup.peek(self._key(module_url, realm))
+        return None if entry is None else ModuleDefinitions.from_entry(entry)
+
+    def _producer(self, realm_url: str, user_id: str, priority: int | None) -> Produce:
+        async def produce(candidate: str) -> Produced | Missing:
+            response = await self.prerenderer.prerender_module(
+                url=candidate, realm_url=realm_url, user_id=user_id, priority=priority
+            )
+            if is_missing_module(response, candidate):
+                return MISSING
+            error = response.error
+            error_deps = error["error"]["deps"] if error else []
+            deps = absolute_deps([*response.deps, *error_deps], candidate)
+            if error is not None:
+                error = await self._with_dependency_errors(error, candidate, priority)
+            return Produced(
+                value=response.definitions,
+                deps=deps,
+                error=error,
+                diagnostics=flatten_meta(response),
+            )
+
+        return produce
+
+    async def _with_dependency_errors(
+        self, error: ModuleErrorEntry, module_url: str, priority: int | None
+    ) -> ModuleErrorEntry:
+        """``error`` with absolute deps and, in ``additional_errors``, the errors of the
+        failing dependencies, breadth-first and de-duplicated."""
+        detail = error["error"]
+        deps = absolute_deps(detail["deps"], module_url)
+        chain = _gathering.get() | {trim_executable_extension(module_url)}
+        additional: list[Any] = list(detail["additional_errors"])
+        seen = set(chain)
+        queue = [dep for dep in deps if dep not in seen]
+        token = _gathering.set(chain)
+        try:
+            while queue:
+                dep = queue.pop(0)
+                if dep in seen:
+                    continue
+                seen.add(dep)
+                dep_module = await self._dependency(dep, priority)
+                if dep_module is None or dep_module.error is None:
+                    continue
+                dep_detail = dep_module.error["error"]
+                additional.append(
+                    module_error(dep_detail["message"], dep_detail["status"], dep_detail["deps"])
+                )
+                queue.extend(d for d in dep_detail["deps"] if d not in seen)
+        finally:
+            _gathering.reset(token)
+        return module_error(detail["message"], detail["status"], deps, additional)
+
+    async def _dependency(self, dep_url: str, priority: int | None) -> ModuleDefinitions | None:
+        """A dependency's render through the cache (bounded; on timeout what is cached)."""
+        realm = self.realm_of(dep_url)
+        if realm is None:
+            return None
+        try:
+            return await asyncio.wait_for(
+                self._get(dep_url, realm, priority), self.aggregation_timeout
+            )
+        except TimeoutError:
+            logger.warning(
+                "gave up waiting %.1f s for the errors of dependency %r",
+                self.aggregation_timeout,
+                dep_url,
+            )
+            return await self._peek(dep_url)
+
+
+class RealmDefinitionLookup:
+    """``CachingDefinitionLookup`` seen from one realm: lookups outside it find nothing."""
+
+    def __init__(self, parent: CachingDefinitionLookup, realm: Realm) -> None:
+        self.parent = parent
+        self.realm = realm
+
+    def _inside(self, module_url: str) -> bool:
+        return canonicalize(module_url).startswith(self.realm.url)
+
+    async def lookup_definition(
+        self, code_ref: CodeRef, *, priority: int | None = None
+    ) -> DefinitionEntry:
+        """As ``CachingDefinitionLookup.lookup_definition``, for modules of this realm."""
+        if not self._inside(code_ref.module):
+            raise FilterRefersToNonexistentTypeError(
+                code_ref, f"the module is not in realm {self.realm.url}"
+            )
+        module = await self.parent._get(code_ref.module, self.realm, priority)
+        return _definition_in(code_ref, module)
+
+    async def get_cached_definitions(
+        self, module_url: str, *, priority: int | None = None
+    ) -> ModuleDefinitions | None:
+        """As ``CachingDefinitionLookup.get_cached_definitions``, for modules of this realm."""
+        if not self._inside(module_url):
+            return None
+        return await self.parent._get(module_url, self.realm, priority)
+
+    async def invalidate(self, module_url: str) -> list[str]:
+        """As ``CachingDefinitionLookup.invalidate``, for modules of this realm."""
+        if not self._inside(module_url):
+            return []
+        return await self.parent.invalidate(module_url)
+
+
+def _definition_in(code_ref: CodeRef, module: ModuleDefinitions | None) -> DefinitionEntry:
+    if module is None:
+        raise FilterRefersToNonexistentTypeError(code_ref, "the module does not exist")
+    if module.error is not None:
+        raise FilterRefersToNonexistentTypeError(
+            code_ref, f"the module failed to render: {module.error['error']['message']}"
+        )
+    found = module.definitions.get(code_ref.name)
+    if found is None:
+        raise FilterRefersToNonexistentTypeError(code_ref, "the module has no such export")
+    if found["type"] != "definition":
+        raise FilterRefersToNonexistentTypeError(
+            code_ref, f"the export failed to render: {found['error']['message']}"
+        )
+    return found
+
+
+__all__ = [
+    "CachingDefinitionLookup",
+    "ModuleDefinitions",
+    "RealmDefinitionLookup",
+    "cache_scope_for",
+    "flatten_meta",
+]

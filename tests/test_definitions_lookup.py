@@ -1,0 +1,456 @@
+"""CachingDefinitionLookup on every store, over an in-process prerenderer."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pytest
+
+from fleetcache.definitions.errors import FilterRefersToNonexistentTypeError
+from fleetcache.definitions.lookup import CachingDefinitionLookup
+from fleetcache.definitions.models import (
+    CodeRef,
+    ModuleRenderResponse,
+    Realm,
+    definition_entry,
+    module_error,
+)
+from fleetcache.stores import Key, PostgresStore, Store
+
+PUBLIC = Realm("https://pub.example/", "public", "owner-pub")
+PRIVATE = Realm("https://priv.example/", "private", "owner-priv")
+OTHER = "https://elsewhere.example/"
+
+
+@dataclass
+class Spec:
+    """One module of the fake graph."""
+
+    exports: list[str] = field(default_factory=lambda: ["Card"])
+    imports: list[str] = field(default_factory=list)
+    fail: str | None = None
+    meta: bool = True
+
+
+@dataclass
+class GraphPrerenderer:
+    """A prerenderer over a module graph in memory; counts renders per URL."""
+
+    graph: dict[str, Spec] = field(default_factory=dict)
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    versions: Counter[str] = field(default_factory=Counter)
+
+    def renders(self, url: str) -> int:
+        """How many times ``url`` was rendered."""
+        return sum(1 for call in self.calls if call["url"] == url)
+
+    def change(self, url: str, spec: Spec) -> None:
+        """Edit a module: a new spec and a new version."""
+        self.graph[url] = spec
+        self.versions[url] += 1
+
+    def _failing(self, url: str, seen: set[str]) -> bool:
+        spec = self.graph.get(url)
+        if spec is None or spec.fail:
+            return True
+        seen.add(url)
+        return any(self._failing(dep, seen) for dep in spec.imports if dep not in seen)
+
+    async def prerender_module(
+        self, *, url: str, realm_url: str, user_id: str, priority: int | None
+    ) -> ModuleRenderResponse:
+        """Render ``url`` from the graph."""
+        self.calls.append(
+            {"url": url, "realm_url": realm_url, "user_id": user_id, "priority": priority}
+        )
+        spec = self.graph.get(url)
+        if spec is None:
+            return ModuleRenderResponse("error", error=module_error(f"{url} not found", 404))
+        if spec.fail:
+            return ModuleRenderResponse(
+                "error", deps=spec.imports, error=module_error(spec.fail, 500)
+            )
+        failing = [dep for dep in spec.imports if self._failing(dep, {url})]
+        if failing:
+            return ModuleRenderResponse(
+                "error",
+                deps=spec.imports,
+                error=module_error(f"{url}: a dependency failed", 500, failing),
+            )
+        version = self.versions[url]
+        definitions: dict[str, Any] = {
+            name: definition_entry(url, {"name": name, "version": version}) for name in spec.exports
+        }
+        meta: Any = {"request_id": f"req-{len(self.calls)}", "diagnostics": {"render_ms": 5}}
+        return ModuleRenderResponse(
+            "ready", definitions=definitions, deps=spec.imports, meta=meta if spec.meta else None
+        )
+
+
+def url(realm: Realm, path: str) -> str:
+    """A module URL in ``realm``."""
+    return realm.url + path
+
+
+def make_lookup(store: Store, prerenderer: GraphPrerenderer, **kw: Any) -> CachingDefinitionLookup:
+    """A definitions lookup with both test realms registered."""
+    lookup = CachingDefinitionLookup(store, prerenderer, **kw)
+    lookup.register_realm(PUBLIC)
+    lookup.register_realm(PRIVATE)
+    return lookup
+
+
+async def test_read_through_second_lookup_does_not_prerender(store: Store) -> None:
+    """The second lookup of a module is served from the cache with no prerender."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec()})
+    lookup = make_lookup(store, pre)
+    ref = CodeRef(url(PUBLIC, "a"), "Card")
+    first = await lookup.lookup_definition(ref)
+    second = await lookup.lookup_definition(ref)
+    assert first == second
+    assert first["definition"]["name"] == "Card"
+    assert pre.renders(url(PUBLIC, "a.gts")) == 1
+
+
+async def test_bare_url_tries_candidates_and_stores_under_the_extension(store: Store) -> None:
+    """A bare URL tries .gts first, stores under it with the alias, and later hits by alias."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.ts"): Spec()})
+    lookup = make_lookup(store, pre)
+    module = await lookup.get_cached_definitions(url(PUBLIC, "a"))
+    assert module is not None
+    assert module.module_url == url(PUBLIC, "a.ts")
+    assert [c["url"] for c in pre.calls] == [url(PUBLIC, "a.gts"), url(PUBLIC, "a.ts")]
+    row = await store.read(Key(PUBLIC.url, url(PUBLIC, "a")))
+    assert row is not None
+    assert row.alias == url(PUBLIC, "a")
+    assert await lookup.get_cached_definitions(url(PUBLIC, "a.ts?x=1#frag")) == module
+    assert len(pre.calls) == 2
+
+
+async def test_explicit_extension_is_its_own_only_candidate(store: Store) -> None:
+    """A URL with an extension that does not exist is missing, without trying others."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec()})
+    lookup = make_lookup(store, pre)
+    assert await lookup.get_cached_definitions(url(PUBLIC, "a.ts")) is None
+    assert [c["url"] for c in pre.calls] == [url(PUBLIC, "a.ts")]
+
+
+async def test_module_outside_every_realm(store: Store) -> None:
+    """Outside every registered realm: lookup raises, get returns None, nothing rendered."""
+    pre = GraphPrerenderer({OTHER + "a.gts": Spec()})
+    lookup = make_lookup(store, pre)
+    with pytest.raises(FilterRefersToNonexistentTypeError, match="not in any registered realm"):
+        await lookup.lookup_definition(CodeRef(OTHER + "a", "Card"))
+    assert await lookup.get_cached_definitions(OTHER + "a") is None
+    assert pre.calls == []
+    assert await store.read(Key(OTHER, OTHER + "a.gts")) is None
+
+
+async def test_invalidating_a_url_of_another_realm_is_a_no_op(store: Store) -> None:
+    """Invalidating a URL outside every registered realm returns [] and deletes nothing."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec()})
+    lookup = make_lookup(store, pre)
+    await lookup.get_cached_definitions(url(PUBLIC, "a"))
+    assert await lookup.invalidate(OTHER + "a.gts") == []
+    assert await lookup.get_cached_definitions(url(PUBLIC, "a")) is not None
+    assert len(pre.calls) == 1
+
+
+async def test_extensionless_invalidate_removes_the_gts_row(store: Store) -> None:
+    """Invalidating the bare URL removes the row stored under .gts."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec()})
+    lookup = make_lookup(store, pre)
+    await lookup.get_cached_definitions(url(PUBLIC, "a.gts"))
+    invalidated = await lookup.invalidate(url(PUBLIC, "a"))
+    assert url(PUBLIC, "a.gts") in invalidated
+    assert await store.read(Key(PUBLIC.url, url(PUBLIC, "a.gts"))) is None
+
+
+async def test_priority_is_passed_through_untouched(store: Store) -> None:
+    """The priority reaches the prerenderer as given, None included."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec(), url(PUBLIC, "b.gts"): Spec()})
+    lookup = make_lookup(store, pre)
+    await lookup.get_cached_definitions(url(PUBLIC, "a.gts"), priority=7)
+    await lookup.lookup_definition(CodeRef(url(PUBLIC, "b.gts"), "Card"))
+    assert [c["priority"] for c in pre.calls] == [7, None]
+
+
+async def test_module_with_no_definitions_is_a_cached_hit(store: Store) -> None:
+    """A module exporting nothing is one row with {} and is not rendered again."""
+    pre = GraphPrerenderer({url(PUBLIC, "empty.gts"): Spec(exports=[])})
+    lookup = make_lookup(store, pre)
+    first = await lookup.get_cached_definitions(url(PUBLIC, "empty.gts"))
+    second = await lookup.get_cached_definitions(url(PUBLIC, "empty.gts"))
+    assert first is not None
+    assert first.definitions == {}
+    assert second == first
+    assert pre.renders(url(PUBLIC, "empty.gts")) == 1
+
+
+async def test_update_after_invalidate_returns_the_new_version(store: Store) -> None:
+    """After a module changes and is invalidated, the lookup returns the new version."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec()})
+    lookup = make_lookup(store, pre)
+    ref = CodeRef(url(PUBLIC, "a"), "Card")
+    assert (await lookup.lookup_definition(ref))["definition"]["version"] == 0
+    pre.change(url(PUBLIC, "a.gts"), Spec())
+    assert (await lookup.lookup_definition(ref))["definition"]["version"] == 0
+    await lookup.invalidate(url(PUBLIC, "a.gts"))
+    assert (await lookup.lookup_definition(ref))["definition"]["version"] == 1
+
+
+async def test_deleted_module_is_never_cached_and_re_prerenders(store: Store) -> None:
+    """A module that no longer exists is rendered on each lookup and never stored."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec()})
+    lookup = make_lookup(store, pre)
+    await lookup.get_cached_definitions(url(PUBLIC, "a.gts"))
+    del pre.graph[url(PUBLIC, "a.gts")]
+    await lookup.invalidate(url(PUBLIC, "a.gts"))
+    for _ in range(2):
+        assert await lookup.get_cached_definitions(url(PUBLIC, "a.gts")) is None
+        with pytest.raises(FilterRefersToNonexistentTypeError, match="does not exist"):
+            await lookup.lookup_definition(CodeRef(url(PUBLIC, "a.gts"), "Card"))
+    assert pre.renders(url(PUBLIC, "a.gts")) == 5
+    assert await store.read(Key(PUBLIC.url, url(PUBLIC, "a.gts"))) is None
+
+
+async def test_missing_export_raises(store: Store) -> None:
+    """A code ref naming an export the module lacks raises the nonexistent-type error."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec(exports=["Card"])})
+    lookup = make_lookup(store, pre)
+    with pytest.raises(FilterRefersToNonexistentTypeError, match="no such export") as info:
+        await lookup.lookup_definition(CodeRef(url(PUBLIC, "a"), "Nope"))
+    assert info.value.code_ref == CodeRef(url(PUBLIC, "a"), "Nope")
+
+
+async def test_dependency_fan_out_chain(store: Store) -> None:
+    """Invalidating a leaf removes its chain of dependents (middle, deep) and nothing else."""
+    leaf, middle, deep, other = (url(PUBLIC, n) for n in ("leaf", "middle", "deep", "other"))
+    pre = GraphPrerenderer(
+        {
+            leaf + ".gts": Spec(),
+            middle + ".gts": Spec(imports=[leaf + ".gts"]),
+            deep + ".gts": Spec(imports=["./middle.gts"]),
+            other + ".gts": Spec(),
+        }
+    )
+    lookup = make_lookup(store, pre)
+    for module in (leaf, middle, deep, other):
+        await lookup.get_cached_definitions(module)
+    deep_row = await store.read(Key(PUBLIC.url, deep))
+    assert deep_row is not None
+    assert deep_row.deps == (middle,)
+    invalidated = await lookup.invalidate(leaf + ".gts")
+    assert {leaf + ".gts", middle + ".gts", deep + ".gts"} <= set(invalidated)
+    assert other + ".gts" not in invalidated
+    for module in (leaf, middle, deep):
+        assert await store.read(Key(PUBLIC.url, module)) is None
+    assert await store.read(Key(PUBLIC.url, other)) is not None
+
+
+async def test_dependency_fan_out_diamond(store: Store) -> None:
+    """A diamond's dependents are removed exactly once each; a bystander stays."""
+    names = ("leaf", "left", "right", "top", "side")
+    leaf, left, right, top, side = (url(PUBLIC, n) for n in names)
+    pre = GraphPrerenderer(
+        {
+            leaf + ".gts": Spec(),
+            left + ".gts": Spec(imports=[leaf + ".gts"]),
+            right + ".gts": Spec(imports=[leaf]),
+            top + ".gts": Spec(imports=[left + ".gts", right + ".gts"]),
+            side + ".gts": Spec(),
+        }
+    )
+    lookup = make_lookup(store, pre)
+    for module in (leaf, left, right, top, side):
+        await lookup.get_cached_definitions(module)
+    invalidated = await lookup.invalidate(leaf)
+    assert len(invalidated) == len(set(invalidated))
+    for module in (leaf, left, right, top):
+        assert await store.read(Key(PUBLIC.url, module)) is None
+    assert await store.read(Key(PUBLIC.url, side)) is not None
+
+
+async def test_dependency_errors_are_aggregated_and_recover_after_fixes(store: Store) -> None:
+    """A module failing through its deps lists their errors breadth-first, once each; after
+    the deps are fixed and invalidated, it renders and its error is None again."""
+    top, mid, bad1, bad2 = (url(PUBLIC, n) for n in ("top", "mid", "bad1", "bad2"))
+    pre = GraphPrerenderer(
+        {
+            top + ".gts": Spec(imports=[mid + ".gts", bad2 + ".gts"]),
+            mid + ".gts": Spec(imports=[bad1 + ".gts", bad2 + ".gts"]),
+            bad1 + ".gts": Spec(fail="bad1 is broken"),
+            bad2 + ".gts": Spec(fail="bad2 is broken"),
+        }
+    )
+    lookup = make_lookup(store, pre)
+    module = await lookup.get_cached_definitions(top)
+    assert module is not None
+    assert module.error is not None
+    detail = module.error["error"]
+    assert detail["deps"] == [mid, bad2]
+    messages = [e["error"]["message"] for e in detail["additional_errors"]]
+    assert messages == [f"{mid}.gts: a dependency failed", "bad2 is broken", "bad1 is broken"]
+    assert set(module.deps) == {mid, bad2}
+    with pytest.raises(FilterRefersToNonexistentTypeError, match="failed to render"):
+        await lookup.lookup_definition(CodeRef(top, "Card"))
+    pre.change(bad1 + ".gts", Spec())
+    pre.change(bad2 + ".gts", Spec())
+    await lookup.invalidate(bad1)
+    await lookup.invalidate(bad2)
+    fixed = await lookup.get_cached_definitions(top)
+    assert fixed is not None
+    assert fixed.error is None
+    row = await store.read(Key(PUBLIC.url, top))
+    assert row is not None
+    assert row.error is None
+
+
+async def test_import_cycle_of_failures_does_not_hang(store: Store) -> None:
+    """Two modules importing each other and failing through a shared dependency answer
+    with aggregated errors instead of waiting on each other."""
+    a, b, c = url(PUBLIC, "a"), url(PUBLIC, "b"), url(PUBLIC, "c")
+    pre = GraphPrerenderer(
+        {
+            a + ".gts": Spec(imports=[b + ".gts", c + ".gts"]),
+            b + ".gts": Spec(imports=[a + ".gts", c + ".gts"]),
+            c + ".gts": Spec(fail="c broke"),
+        }
+    )
+    lookup = make_lookup(store, pre)
+    module = await lookup.get_cached_definitions(a)
+    assert module is not None
+    assert module.error is not None
+    messages = [e["error"]["message"] for e in module.error["error"]["additional_errors"]]
+    assert messages == [f"{b}.gts: a dependency failed", "c broke"]
+    assert pre.renders(c + ".gts") == 1
+
+
+async def test_error_ttl_expires_into_a_new_prerender(store: Store) -> None:
+    """An error row older than 30 s counts as a miss and the module is rendered again."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec(fail="broken")})
+    lookup = make_lookup(store, pre)
+    await lookup.get_cached_definitions(url(PUBLIC, "a"))
+    await lookup.get_cached_definitions(url(PUBLIC, "a"))
+    assert pre.renders(url(PUBLIC, "a.gts")) == 1
+    row = await store.read(Key(PUBLIC.url, url(PUBLIC, "a.gts")))
+    assert row is not None
+    assert row.created_at is not None
+    await store.write(dataclasses.replace(row, created_at=row.created_at - 31_000))
+    await lookup.get_cached_definitions(url(PUBLIC, "a"))
+    assert pre.renders(url(PUBLIC, "a.gts")) == 2
+
+
+async def test_public_and_private_scope_columns(store: Store) -> None:
+    """Public rows are (public, ''); private rows are (realm-auth, owner); each reads back."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec(), url(PRIVATE, "a.gts"): Spec()})
+    lookup = make_lookup(store, pre)
+    public = await lookup.get_cached_definitions(url(PUBLIC, "a"))
+    private = await lookup.get_cached_definitions(url(PRIVATE, "a"))
+    assert public is not None
+    assert private is not None
+    assert (public.cache_scope, public.cache_user_id) == ("public", "")
+    assert (private.cache_scope, private.cache_user_id) == ("realm-auth", "owner-priv")
+    assert await store.read(Key(PRIVATE.url, url(PRIVATE, "a"), "realm-auth", "owner-priv"))
+    assert await store.read(Key(PRIVATE.url, url(PRIVATE, "a"))) is None
+    assert [c["user_id"] for c in pre.calls] == ["owner-pub", "owner-priv"]
+    await lookup.get_cached_definitions(url(PRIVATE, "a"))
+    assert len(pre.calls) == 2
+
+
+async def test_prewarm_then_registered_lookup_hits(store: Store) -> None:
+    """A pre-warmed module is then served to a registered lookup with no new prerender."""
+    pre = GraphPrerenderer({url(PRIVATE, "a.gts"): Spec()})
+    lookup = CachingDefinitionLookup(store, pre)
+    warmed = await lookup.populate_definition_cache_entry(
+        module_url=url(PRIVATE, "a"),
+        realm_url=PRIVATE.url,
+        resolved_realm_url=PRIVATE.url,
+        cache_scope="realm-auth",
+        cache_user_id="owner-priv",
+        prerender_user_id="indexer",
+    )
+    assert warmed is not None
+    assert pre.calls[0]["user_id"] == "indexer"
+    realm_lookup = lookup.for_realm(PRIVATE)
+    assert (await realm_lookup.lookup_definition(CodeRef(url(PRIVATE, "a"), "Card")))["type"] == (
+        "definition"
+    )
+    assert len(pre.calls) == 1
+
+
+async def test_prewarm_of_a_failing_module_stores_nothing(store: Store) -> None:
+    """Pre-warming a failing module returns None and leaves no row."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec(fail="broken")})
+    lookup = CachingDefinitionLookup(store, pre)
+    warmed = await lookup.populate_definition_cache_entry(
+        module_url=url(PUBLIC, "a.gts"),
+        realm_url=PUBLIC.url,
+        resolved_realm_url=PUBLIC.url,
+        cache_scope="public",
+        cache_user_id="",
+        prerender_user_id="indexer",
+    )
+    assert warmed is None
+    assert await store.read(Key(PUBLIC.url, url(PUBLIC, "a.gts"))) is None
+
+
+async def test_clear_realm_and_clear_all(store: Store) -> None:
+    """Clearing a realm (registered or not) keeps the other realm; clearing all empties."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec(), url(PRIVATE, "a.gts"): Spec()})
+    lookup = make_lookup(store, pre)
+    await lookup.get_cached_definitions(url(PUBLIC, "a"))
+    await lookup.get_cached_definitions(url(PRIVATE, "a"))
+    unregistered = CachingDefinitionLookup(store, pre)
+    await unregistered.clear_realm_definitions(PUBLIC.url)
+    assert await store.read(Key(PUBLIC.url, url(PUBLIC, "a"))) is None
+    assert await lookup.lookup_cached_definition(CodeRef(url(PRIVATE, "a"), "Card")) is not None
+    await lookup.clear_all_definitions()
+    assert await lookup.lookup_cached_definition(CodeRef(url(PRIVATE, "a"), "Card")) is None
+
+
+async def test_lookup_cached_definition_never_renders(store: Store) -> None:
+    """lookup_cached_definition answers None on a miss and renders nothing."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec()})
+    lookup = make_lookup(store, pre)
+    assert await lookup.lookup_cached_definition(CodeRef(url(PUBLIC, "a"), "Card")) is None
+    assert pre.calls == []
+
+
+async def test_for_realm_view_stays_inside_its_realm(store: Store) -> None:
+    """A realm view finds nothing outside its realm."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec()})
+    view = make_lookup(store, pre).for_realm(PRIVATE)
+    assert await view.get_cached_definitions(url(PUBLIC, "a")) is None
+    assert await view.invalidate(url(PUBLIC, "a")) == []
+    with pytest.raises(FilterRefersToNonexistentTypeError):
+        await view.lookup_definition(CodeRef(url(PUBLIC, "a"), "Card"))
+    assert pre.calls == []
+
+
+async def test_diagnostics_column_is_flattened_meta_or_sql_null(database_url: str) -> None:
+    """meta becomes one JSON object in diagnostics; without meta the column is SQL NULL."""
+    store = PostgresStore(database_url)
+    await store.open()
+    try:
+        pre = GraphPrerenderer(
+            {url(PUBLIC, "a.gts"): Spec(), url(PUBLIC, "b.gts"): Spec(meta=False)}
+        )
+        lookup = make_lookup(store, pre)
+        module = await lookup.get_cached_definitions(url(PUBLIC, "a"))
+        await lookup.get_cached_definitions(url(PUBLIC, "b"))
+        assert module is not None
+        assert module.diagnostics == {"request_id": "req-1", "render_ms": 5}
+    finally:
+        await store.close()
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        rows = await (
+            await conn.execute(
+                "SELECT url, diagnostics IS NULL, error_doc IS NULL FROM modules ORDER BY url"
+            )
+        ).fetchall()
+    assert rows == [(url(PUBLIC, "a.gts"), False, True), (url(PUBLIC, "b.gts"), True, True)]
