@@ -436,6 +436,10 @@ class CachingLookup:
         self._generations.bump_global()
         self._drop(lambda r: True)
 
+    def generation(self, namespace: str | None = None, name: str | None = None) -> int:
+        """One in-memory generation counter: the global one, a namespace's, or a name's."""
+        return self._generations.value(namespace, name)
+
     def _drop(self, matches: Callable[[_Request], bool]) -> None:
         """Forget matching in-flight entries so later callers start a fresh computation
         instead of joining one whose result will be discarded."""
