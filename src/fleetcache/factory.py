@@ -52,9 +52,7 @@ def coalesce_flag_enabled(environ: dict[str, str] | None = None) -> bool:
 
 def is_postgres_url(url: str) -> bool:
     """Whether ``url`` names a Postgres database (a URL or a libpq key=value string)."""
-    return url.startswith(("postgresql://", "postgres://")) or (
-        "://" not in url and "=" in url
-    )
+    return url.startswith(("postgresql://", "postgres://")) or ("://" not in url and "=" in url)
 
 
 def store_for_url(url: str, *, pool_size: int = 10) -> Store:

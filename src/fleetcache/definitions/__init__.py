@@ -3,6 +3,8 @@
 The public names below are part of the contract.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from fleetcache.definitions.errors import (
     FilterRefersToNonexistentTypeError,
     MalformedRenderResponseError,
@@ -15,7 +17,20 @@ from fleetcache.definitions.lookup import (
 )
 from fleetcache.definitions.models import CodeRef, ModuleRenderResponse, Realm
 from fleetcache.definitions.prerenderer import HttpPrerenderer, Prerenderer
-from fleetcache.definitions.simulated import ModuleSpec, SimulatedPrerenderServer
+
+if TYPE_CHECKING:
+    from fleetcache.definitions.simulated import ModuleSpec, SimulatedPrerenderServer
+
+
+def __getattr__(name: str) -> Any:
+    # The simulated server is imported on first use, so that running it as a module
+    # (python -m fleetcache.definitions.simulated) does not import it twice.
+    if name in {"ModuleSpec", "SimulatedPrerenderServer"}:
+        from fleetcache.definitions import simulated  # noqa: PLC0415
+
+        return getattr(simulated, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CachingDefinitionLookup",
@@ -26,8 +41,8 @@ __all__ = [
     "ModuleDefinitions",
     "ModuleRenderResponse",
     "ModuleSpec",
-    "Prerenderer",
     "PrerenderError",
+    "Prerenderer",
     "Realm",
     "RealmDefinitionLookup",
     "SimulatedPrerenderServer",

@@ -231,9 +231,7 @@ def _type_name(value: object) -> str:
 
 def _expect_dict(value: object, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise MalformedRenderResponseError(
-            f"{where} must be an object, got {_type_name(value)}"
-        )
+        raise MalformedRenderResponseError(f"{where} must be an object, got {_type_name(value)}")
     if not all(isinstance(k, str) for k in value):
         raise MalformedRenderResponseError(f"{where} has a key that is not a string")
     return cast(dict[str, Any], value)
@@ -268,9 +266,7 @@ def _parse_error_entry(value: object, where: str) -> ModuleErrorEntry:
     doc = _expect_dict(value, where)
     kind = _require(doc, "type", where)
     if kind != "module-error":
-        raise MalformedRenderResponseError(
-            f"{where}.type must be 'module-error', got {kind!r}"
-        )
+        raise MalformedRenderResponseError(f"{where}.type must be 'module-error', got {kind!r}")
     detail = _expect_dict(_require(doc, "error", where), f"{where}.error")
     message = _expect_str(_require(detail, "message", f"{where}.error"), f"{where}.error.message")
     status = _require(detail, "status", f"{where}.error")
@@ -312,7 +308,5 @@ def _parse_meta(value: object) -> RenderMeta:
     if "request_id" in doc:
         meta["request_id"] = _expect_str(doc["request_id"], "meta.request_id")
     if "diagnostics" in doc:
-        meta["diagnostics"] = copy.deepcopy(
-            _expect_dict(doc["diagnostics"], "meta.diagnostics")
-        )
+        meta["diagnostics"] = copy.deepcopy(_expect_dict(doc["diagnostics"], "meta.diagnostics"))
     return meta

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 from types import TracebackType
 from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 import httpx
 
 from fleetcache.definitions.errors import MalformedRenderResponseError, PrerenderError
 from fleetcache.definitions.models import ModuleRenderResponse
-from fleetcache.errors import NotOpenError
+from fleetcache.errors import ConfigurationError, NotOpenError
 
 __all__ = ["HttpPrerenderer", "Prerenderer"]
 
@@ -49,6 +50,13 @@ class HttpPrerenderer:
     """
 
     def __init__(self, base_url: str, *, timeout: float = 60.0) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigurationError(
+                f"prerenderer base URL must be http(s)://host...: {base_url!r}"
+            )
+        if timeout <= 0:
+            raise ConfigurationError(f"prerenderer timeout must be > 0 seconds, got {timeout}")
         self.base_url = base_url.rstrip("/")
         self.endpoint = f"{self.base_url}/prerender/module"
         self.timeout = timeout
@@ -66,7 +74,8 @@ class HttpPrerenderer:
             response = await self._client.post(self.endpoint, json=payload)
         except httpx.TimeoutException as exc:
             raise PrerenderError(
-                url, f"no answer within {self.timeout:g} s ({type(exc).__name__})",
+                url,
+                f"no answer within {self.timeout:g} s ({type(exc).__name__})",
                 endpoint=self.endpoint,
             ) from exc
         except httpx.HTTPError as exc:
