@@ -62,8 +62,9 @@ class Worker:
         assert self.process.stdout is not None
         try:
             line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"worker {self.pid} silent for {timeout}s:\n{self.stderr()}")
+        except TimeoutError as exc:
+            message = f"worker {self.pid} silent for {timeout}s:\n{self.stderr()}"
+            raise AssertionError(message) from exc
         if not line:
             raise AssertionError(f"worker {self.pid} exited:\n{self.stderr()}")
         answer: dict[str, Any] = json.loads(line)

@@ -8,12 +8,17 @@ from fleetcache.coordination.base import (
     WakeReason,
     lock_id,
 )
+from fleetcache.coordination.local import LocalCoordinator
+from fleetcache.coordination.postgres import POPULATED_CHANNEL, PostgresCoordinator
 
 __all__ = [
     "NOT_ACQUIRED",
+    "POPULATED_CHANNEL",
     "Acquired",
+    "LocalCoordinator",
     "NotAcquired",
     "PopulateCoordinator",
+    "PostgresCoordinator",
     "WakeReason",
     "lock_id",
 ]
