@@ -8,8 +8,8 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from fleet import Worker, fleet
 
+from fleet import Worker, fleet
 from fleetcache.definitions import ModuleSpec, SimulatedPrerenderServer
 
 pytestmark = pytest.mark.processes

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fleet import Worker, fleet
 
+from fleet import Worker, fleet
 from fleetcache.lookup import CachingLookup, Produced
 from fleetcache.stores import Key, PostgresStore, SqliteStore, Store
 

@@ -42,11 +42,14 @@ from collections.abc import Callable
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
 
 from fleetcache.errors import ConfigurationError, NotificationError, NotOpenError
 
 logger = logging.getLogger("fleetcache.notifications")
+
+_Conn = psycopg.AsyncConnection[TupleRow]
 
 # The hub's statements. Channel names are identifiers, so they are composed with
 # sql.Identifier (quoted), never formatted in as text.
@@ -58,6 +61,8 @@ _LIVENESS_PROBE = "SELECT 1"
 DEFAULT_APPLICATION_NAME = "fleetcache-notifications"
 # A connect that hangs (unreachable host) must not stall start() or a reconnect forever.
 _DEFAULT_CONNECT_TIMEOUT = 10
+# Postgres identifiers (channel names) hold at most NAMEDATALEN - 1 bytes.
+_MAX_CHANNEL_BYTES = 63
 
 
 class Subscription:
@@ -92,7 +97,8 @@ class Subscription:
         if not self._active:
             return
         self._active = False
-        self._hub._remove(self)  # noqa: SLF001 - the hub and its subscriptions are one unit
+        # The hub and its subscriptions are one unit, hence the private call.
+        self._hub._remove(self)
 
     def __repr__(self) -> str:
         state = "active" if self._active else "ended"
@@ -145,6 +151,8 @@ class NotificationHub:
         #   connection that no longer exists.
         # - _kick: set by subscribe()/unsubscribe()/close() to wake the runner, cleared by
         #   the runner before it applies the pending changes.
+        # - _conn: the live connection. Set by the start task, replaced by the runner on
+        #   reconnect, and closed by the runner or, finally, by close().
         # - _connected, _reconnects, _start_task, _runner, _closed: written by start(),
         #   close() and the runner; read by anyone.
         self._subs: dict[str, list[Subscription]] = {}
@@ -153,6 +161,7 @@ class NotificationHub:
         self._kick = asyncio.Event()
         self._connected = False
         self._reconnects = 0
+        self._conn: _Conn | None = None
         self._start_task: asyncio.Task[None] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
@@ -170,6 +179,15 @@ class NotificationHub:
         return self._reconnects
 
     @property
+    def backend_pid(self) -> int | None:
+        """The server process id of the LISTEN connection, or None while disconnected
+        (for tests and diagnostics, e.g. ``pg_terminate_backend``)."""
+        conn = self._conn
+        if conn is None or not self._connected or conn.closed:
+            return None
+        return conn.info.backend_pid
+
+    @property
     def channels(self) -> frozenset[str]:
         """The channels that currently have at least one subscriber."""
         return frozenset(self._subs)
@@ -179,24 +197,23 @@ class NotificationHub:
         the background. Idempotent; concurrent calls share one start.
 
         Raises :class:`~fleetcache.errors.NotificationError` if the first connection or
-        LISTEN fails (later drops are handled by reconnecting, never raised), or if the
-        hub is closed before it finished starting; :class:`~fleetcache.errors.NotOpenError`
-        if the hub was closed before.
+        LISTEN fails (later drops are handled by reconnecting, never raised), and
+        :class:`~fleetcache.errors.NotOpenError` if the hub is closed, before or while
+        starting.
         """
         if self._closed:
             raise NotOpenError("NotificationHub is closed; create a new one")
-        if self._start_task is None:
-            # The start runs in its own tracked task so close() can cancel it wherever it
-            # is, and a caller cancelled while waiting does not abort it for the others.
+        if self._start_task is None or _failed(self._start_task):
+            # A failed start may be retried. The start runs in its own tracked task so
+            # close() can cancel it wherever it is, and a caller cancelled while waiting
+            # does not abort it for the others.
             self._start_task = asyncio.create_task(self._start(), name="fleetcache-hub-start")
         task = self._start_task
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             if task.cancelled() and self._closed:
-                raise NotificationError(
-                    "NotificationHub was closed while it was starting"
-                ) from None
+                raise NotOpenError("NotificationHub was closed while it was starting") from None
             raise
 
     async def close(self) -> None:
@@ -205,19 +222,22 @@ class NotificationHub:
         listening and no task outlives this call."""
         self._closed = True
         self._kick.set()
-        tasks = [t for t in (self._start_task, self._runner) if t is not None and not t.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            # The tasks close the connection themselves when cancelled; their outcome
-            # (an error on a failed start, the cancellation) is not close()'s to raise.
+        # A loop, in case a task started another before it saw its cancellation.
+        while tasks := [
+            t for t in (self._start_task, self._runner) if t is not None and not t.done()
+        ]:
+            for task in tasks:
+                task.cancel()
+            # Their outcome (a failed start's error, the cancellation) is not close()'s
+            # to raise; _failed() marks a stored exception as retrieved.
             await asyncio.wait(tasks)
-        self._connected = False
-        self._listening.clear()
+            for task in tasks:
+                _failed(task)
+        await self._drop_connection()
         self._resolve_waiters()
         for subs in self._subs.values():
             for sub in subs:
-                sub._active = False  # noqa: SLF001 - the hub ends its own subscriptions
+                sub._active = False
         self._subs.clear()
 
     async def subscribe(
@@ -238,8 +258,12 @@ class NotificationHub:
         """
         if self._closed:
             raise NotOpenError("NotificationHub is closed; cannot subscribe")
-        if not channel:
-            raise ConfigurationError("channel must be a non-empty string")
+        if not channel or len(channel.encode()) > _MAX_CHANNEL_BYTES:
+            # Postgres would silently truncate a longer name in LISTEN, and pg_notify
+            # refuses it, so such a subscription could never receive anything.
+            raise ConfigurationError(
+                f"channel must be 1 to {_MAX_CHANNEL_BYTES} bytes long, got {channel!r}"
+            )
         sub = Subscription(self, channel, callback, on_gap)
         self._subs.setdefault(channel, []).append(sub)
         starting = self._start_task is not None and not self._start_task.done()
@@ -311,14 +335,24 @@ class NotificationHub:
 
     # ------------------------------------------------------------------ connection
 
-    async def _connect(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+    async def _connect(self) -> _Conn:
         params = conninfo_to_dict(self._conninfo)
-        extra: dict[str, str | int] = {}
-        if "application_name" not in params:
-            extra["application_name"] = DEFAULT_APPLICATION_NAME
-        if "connect_timeout" not in params:
-            extra["connect_timeout"] = _DEFAULT_CONNECT_TIMEOUT
-        conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True, **extra)
+        params.setdefault("application_name", DEFAULT_APPLICATION_NAME)
+        params.setdefault("connect_timeout", _DEFAULT_CONNECT_TIMEOUT)
+        connecting = asyncio.create_task(
+            psycopg.AsyncConnection.connect(make_conninfo("", **params), autocommit=True),
+            name="fleetcache-hub-connect",
+        )
+        try:
+            conn = await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            # Cancelling psycopg's connect half way leaves the libpq connection, and its
+            # server backend, open until garbage collection. Let the attempt finish
+            # (bounded by connect_timeout) and close what it made, so close() really
+            # leaves nothing listening.
+            with contextlib.suppress(Exception):
+                await (await connecting).close()
+            raise
         try:
             await self._sync_channels(conn)
         except BaseException:
@@ -326,7 +360,7 @@ class NotificationHub:
             raise
         return conn
 
-    async def _sync_channels(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    async def _sync_channels(self, conn: _Conn) -> None:
         """LISTEN what has subscribers and UNLISTEN what has none, until both agree."""
         while True:
             to_listen = [ch for ch in self._subs if ch not in self._listening]
@@ -347,7 +381,7 @@ class NotificationHub:
     async def _start(self) -> None:
         try:
             conn = await self._connect()
-        except psycopg.Error as exc:
+        except Exception as exc:  # a driver error, or a LISTEN that timed out
             self._resolve_waiters()
             self._listening.clear()
             raise NotificationError(
@@ -357,19 +391,24 @@ class NotificationHub:
             self._resolve_waiters()
             self._listening.clear()
             raise
+        self._conn = conn
         self._connected = True
-        # No await between the check above and here, so close() cannot slip in between:
-        # from now on the runner owns the connection and closes it when cancelled.
-        self._runner = asyncio.create_task(self._run(conn), name="fleetcache-hub-runner")
+        # The runner takes the connection over. If close() cancels it before its first
+        # step its body never runs, so close() itself closes self._conn.
+        self._runner = asyncio.create_task(self._run(), name="fleetcache-hub-runner")
 
-    async def _run(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    async def _run(self) -> None:
         """Serve the connection; on any failure reconnect, re-LISTEN, then report a gap."""
-        current: psycopg.AsyncConnection[tuple[object, ...]] | None = conn
+        # Connections that died young in a row: a connection that keeps dropping right
+        # after it is made must not be re-made (and a gap reported) at full speed.
+        short_lived = 0
         try:
             while True:
-                assert current is not None
+                conn = self._conn
+                assert conn is not None
+                born = time.monotonic()
                 try:
-                    await self._serve(current)
+                    await self._serve(conn)
                 except Exception as exc:  # noqa: BLE001 - any failure means: reconnect
                     logger.warning(
                         "LISTEN connection lost (%s: %s); reconnecting",
@@ -379,9 +418,11 @@ class NotificationHub:
                 self._connected = False
                 self._listening.clear()
                 self._resolve_waiters()
-                await current.close()
-                current = None
-                current = await self._reconnect()
+                self._conn = None
+                await conn.close()
+                lived = time.monotonic() - born
+                short_lived = short_lived + 1 if lived < self._reconnect_max_delay else 0
+                self._conn = await self._reconnect(first_attempt=short_lived)
                 self._reconnects += 1
                 self._connected = True
                 logger.info(
@@ -392,16 +433,22 @@ class NotificationHub:
                 self._fire_gap()
         finally:
             # Reached only by cancellation (close()): leave nothing listening.
-            self._connected = False
-            self._listening.clear()
-            if current is not None:
-                await current.close()
+            await self._drop_connection()
 
-    async def _reconnect(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
-        """Connect again (and re-LISTEN), retrying with capped exponential backoff."""
-        attempt = 0
+    async def _drop_connection(self) -> None:
+        self._connected = False
+        self._listening.clear()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    async def _reconnect(self, *, first_attempt: int = 0) -> _Conn:
+        """Connect again (and re-LISTEN), retrying with capped exponential backoff that
+        starts at ``first_attempt`` (non-zero when the last connections died young)."""
+        attempt = first_attempt
         while True:
-            cap = min(self._reconnect_max_delay, self._reconnect_min_delay * 2**attempt)
+            # The exponent is capped so a long outage cannot overflow the float.
+            cap = min(self._reconnect_max_delay, self._reconnect_min_delay * 2 ** min(attempt, 30))
             # Jitter spreads a fleet's reconnects after a server restart.
             await asyncio.sleep(random.uniform(cap / 2, cap))
             attempt += 1
@@ -411,12 +458,12 @@ class NotificationHub:
                 self._listening.clear()
                 logger.warning(
                     "reconnecting the LISTEN connection failed (attempt %d: %s: %s)",
-                    attempt,
+                    attempt - first_attempt,
                     type(exc).__name__,
                     exc,
                 )
 
-    async def _serve(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    async def _serve(self, conn: _Conn) -> None:
         """Apply subscription changes, dispatch notifications and probe liveness until the
         connection fails (this only returns by raising)."""
         last_alive = time.monotonic()
@@ -424,15 +471,12 @@ class NotificationHub:
             self._kick.clear()
             await self._sync_channels(conn)
             kicked = await self._wait_for_notifies(conn)
-            if self._closed:
-                # close() is about to cancel us; do not start a probe it must interrupt.
-                await asyncio.Event().wait()
             if not kicked or time.monotonic() - last_alive >= self._liveness_interval:
                 async with asyncio.timeout(self._command_timeout):
                     await conn.execute(_LIVENESS_PROBE)
                 last_alive = time.monotonic()
 
-    async def _wait_for_notifies(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> bool:
+    async def _wait_for_notifies(self, conn: _Conn) -> bool:
         """Dispatch notifications for up to ``liveness_interval`` seconds; return True if
         the wait was cut short by a kick. Connection errors propagate."""
         reader = asyncio.create_task(self._read_notifies(conn), name="fleetcache-hub-reader")
@@ -450,8 +494,13 @@ class NotificationHub:
             return False
         return True
 
-    async def _read_notifies(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    async def _read_notifies(self, conn: _Conn) -> None:
         # aclosing: the generator holds the connection's lock until it is closed.
         async with contextlib.aclosing(conn.notifies(timeout=self._liveness_interval)) as gen:
             async for notify in gen:
                 self._dispatch(notify.channel, notify.payload)
+
+
+def _failed(task: asyncio.Task[None]) -> bool:
+    """Whether a finished task ended with an exception (other than cancellation)."""
+    return task.done() and not task.cancelled() and task.exception() is not None
