@@ -357,3 +357,21 @@ async def test_close_cancels_running_computations(store: Store) -> None:
         await pending
     with pytest.raises(NotOpenError):
         await lookup.get(key("a"), produce)
+
+
+async def test_late_broadcast_does_not_discard_a_fresh_result(store: Store) -> None:
+    """A bump heard while computing (a peer's broadcast arriving after its delete committed,
+    before this computation's stamp) does not throw away a result the store proves fresh."""
+    lookup = CachingLookup(store)
+    await store.delete_names(NS, ["a"])  # the peer's invalidation, already committed
+    produce = Producer(gate=asyncio.Event())
+    pending = asyncio.create_task(lookup.get(key("a"), produce))
+    await produce.started.wait()
+    lookup.bump_names(NS, ["a"])  # ...and its broadcast, arriving late
+    produce.gate.set()  # type: ignore[union-attr]
+    got = await pending
+    assert got is not None
+    assert await store.read(key("a")) == got
+    stats = lookup.stats()
+    assert stats["fresh_despite_invalidation"] == 1
+    assert stats["stale_discarded"] == stats["stale_refused"] == 0

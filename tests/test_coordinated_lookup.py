@@ -195,3 +195,30 @@ async def test_memory_url_opens_a_memory_cache() -> None:
             return Produced(value=1)
 
         assert (await cache.lookup.get(Key("ns", "a"), produce)) is not None
+
+
+async def test_bare_and_extension_requests_take_turns_on_one_lock(tmp_path: Path) -> None:
+    """Concurrent coordinated requests for "x" (trying candidates) and "x.gts" share the
+    alias family's lock, so x.gts is produced once and both get its row."""
+    store = SqliteStore(tmp_path / "c.db")
+    await store.open()
+    coordinator = LocalCoordinator()
+    lookup = CachingLookup(store, coordinator=coordinator)
+    calls: list[str] = []
+
+    async def produce(name: str) -> Produced:
+        calls.append(name)
+        await asyncio.sleep(0.2)
+        return Produced(value={"name": name})
+
+    try:
+        bare, explicit = await asyncio.gather(
+            lookup.get(Key("ns", "x"), produce, candidates=["x.gts", "x"], alias="x"),
+            lookup.get(Key("ns", "x.gts"), produce, alias="x"),
+        )
+        assert calls == ["x.gts"]
+        assert bare == explicit
+    finally:
+        await lookup.close()
+        await coordinator.close()
+        await store.close()

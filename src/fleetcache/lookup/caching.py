@@ -5,8 +5,16 @@ A ``get`` reads the store; on a miss it joins or starts the key's one in-flight 
 lock so that one process of the fleet computes it while the others wait and re-read.
 
 A computation snapshots the in-memory generations before its first await and the store's
-generation counters before its first read. If an invalidation moved either by the time it
-is ready to persist, it persists nothing and returns what the store holds now (guarantee 3).
+generation counters before its first read, and persists with one write that the store
+refuses if its counters moved (guarantee 3); a refused result is discarded and the caller
+gets what the store holds now.
+
+Why the store decides and the in-memory snapshot only informs: an in-memory change says an
+invalidation happened while we computed, not whether it happened before or after our store
+stamp. A peer's broadcast arrives after its delete committed, so a computation that began
+between that commit and the broadcast's arrival looks invalidated in memory but read
+post-invalidation data; discarding it would throw away a fresh result (and hand the caller
+nothing). The stamped write tells the two cases apart exactly, in the store's transaction.
 """
 
 from __future__ import annotations
@@ -101,6 +109,7 @@ class LookupStats:
     errors_not_persisted: int = 0
     stale_discarded: int = 0
     stale_refused: int = 0
+    fresh_despite_invalidation: int = 0
     lock_won: int = 0
     lock_lost: int = 0
     waits: dict[str, int] = field(default_factory=dict)
@@ -120,6 +129,7 @@ class LookupStats:
                 "errors_not_persisted",
                 "stale_discarded",
                 "stale_refused",
+                "fresh_despite_invalidation",
                 "lock_won",
                 "lock_lost",
                 "gave_up",
@@ -195,6 +205,9 @@ class CachingLookup:
         cached for the error TTL) like any other; with ``persist_errors=False`` an error is
         neither stored nor returned (the answer is None). Exceptions from ``produce``
         reach every caller sharing the computation and nothing is stored.
+
+        With a coordinator, the fleet-wide lock is taken on the alias's key when there is
+        an alias (so "x" and "x.gts" take turns), else on ``key`` itself.
         """
         if self._closed:
             raise NotOpenError("this CachingLookup is closed")
@@ -279,6 +292,10 @@ class CachingLookup:
         or, as a loser, wait for the winner's NOTIFY and go round."""
         key = request.key
         coalesce_key = key.coalesce_key
+        # The fleet-wide lock is per alias family when there is an alias: a request for
+        # "x" and one for "x.gts" may produce the same entry, so they take turns, and the
+        # loser re-reads its own key after the winner's NOTIFY.
+        lock_key = key.with_name(request.alias).coalesce_key if request.alias else coalesce_key
         reasons: list[WakeReason] = []
         for round_number in range(1, self.max_rounds + 1):
             if round_number > 1:  # get() read the store just before the first round
@@ -289,12 +306,12 @@ class CachingLookup:
             async def run_as_winner(session: object) -> Entry | None:
                 return await self._uncached(request, session)
 
-            outcome = await coordinator.try_acquire_and_run(coalesce_key, run_as_winner)
+            outcome = await coordinator.try_acquire_and_run(lock_key, run_as_winner)
             if isinstance(outcome, Acquired):
                 self._stats.lock_won += 1
                 return outcome.value
             self._stats.lock_lost += 1
-            reason = await coordinator.wait_for_key(coalesce_key, self.wait_timeout)
+            reason = await coordinator.wait_for_key(lock_key, self.wait_timeout)
             reasons.append(reason)
             self._stats.waits[reason.value] = self._stats.waits.get(reason.value, 0) + 1
             logger.debug(
@@ -341,22 +358,20 @@ class CachingLookup:
                 diagnostics=produced.diagnostics,
             )
             validate_entry(entry)
-            if self._generations.changed(request.snapshot):
-                self._stats.stale_discarded += 1
+            invalidated_meanwhile = self._generations.changed(request.snapshot)
+            if not await self.store.write(entry, stamp=stamp, session=session):
+                if invalidated_meanwhile:
+                    self._stats.stale_discarded += 1
+                else:  # an invalidation this process never heard of, caught by the store
+                    self._stats.stale_refused += 1
                 logger.info(
                     "discarded a stale result for %r: invalidated while computing",
                     key.coalesce_key,
                     extra={"coalesce_key": key.coalesce_key},
                 )
                 return await self._current(key, session)
-            if not await self.store.write(entry, stamp=stamp, session=session):
-                self._stats.stale_refused += 1
-                logger.info(
-                    "the store refused a stale result for %r: invalidated while computing",
-                    key.coalesce_key,
-                    extra={"coalesce_key": key.coalesce_key},
-                )
-                return await self._current(key, session)
+            if invalidated_meanwhile:
+                self._stats.fresh_despite_invalidation += 1
             if entry.error is not None:
                 self._stats.errors_cached += 1
             return entry
@@ -450,8 +465,11 @@ class CachingLookup:
 
     def stats(self) -> dict[str, int]:
         """Counters: hits, misses, coalesced callers, computations, missing outcomes,
-        errors cached, stale results discarded (in memory) or refused (by the store),
-        locks won and lost, waits by wake reason, and give-ups."""
+        errors cached, stale results discarded (``stale_discarded``: this process saw the
+        invalidation; ``stale_refused``: only the store did), results kept because the store
+        proved them fresh though an invalidation happened meanwhile
+        (``fresh_despite_invalidation``), locks won and lost, waits by wake reason, and
+        give-ups."""
         return self._stats.as_dict()
 
     async def close(self) -> None:

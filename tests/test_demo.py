@@ -1,0 +1,58 @@
+"""The demo end to end, small: real worker processes on the test database."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fleetcache.cli import main
+from fleetcache.cli.demo import build_graph
+
+pytestmark = pytest.mark.processes
+
+
+def test_small_demo_coalesces_and_its_invalidation_act_holds(
+    database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With coordination each module is rendered once (without it, once per process), and
+    the invalidation act leaves every process on the new version with no stale row."""
+    status = main(
+        [
+            "demo",
+            "--json",
+            "--processes",
+            "3",
+            "--modules",
+            "10",
+            "--latency-ms",
+            "100",
+            "--database-url",
+            database_url,
+        ]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["problems"] == []
+    assert status == 0
+    plain, coordinated = report["runs"]["uncoordinated"], report["runs"]["coordinated"]
+    assert coordinated["max_per_module"] == 1
+    assert coordinated["duplicates"] == 0
+    assert plain["prerenders"] == 3 * coordinated["prerenders"]
+    assert coordinated["errors"] == plain["errors"] == 0
+    act = report["act"]
+    assert act["stale_rows"] == []
+    assert set(act["rerendered"].values()) == {1}
+    assert all(versions == [act["new_version"]] for versions in act["versions_seen"])
+
+
+def test_graph_has_realms_failures_and_extensionless_requests() -> None:
+    """The default graph: 40 modules in a public and a private realm, two failing modules,
+    imports between modules, some requested without extension, and a leaf with dependents."""
+    graph = build_graph(40, "run")
+    assert len(graph.files) == 40
+    assert [realm.visibility for realm in graph.realms] == ["public", "private"]
+    assert len(graph.failing) == 2
+    assert any(spec.imports for spec in graph.files.values())
+    assert any(not request.endswith((".gts", ".ts")) for request in graph.requests)
+    assert graph.dependents_of(graph.leaf)
+    assert not graph.dependents_of(graph.leaf) & set(graph.failing)
