@@ -187,6 +187,66 @@ async def test_contended_loser_returns_not_acquired_without_running_fn(
     assert await b.coordinator.try_acquire_and_run(key, must_not_run) == Acquired(2)
 
 
+async def test_notify_between_lost_try_and_wait_is_not_lost(make_node: MakeNode) -> None:
+    """A holder that commits after a peer's try-lock failed but before the peer's
+    wait_for_key still wakes that wait with NOTIFY (not the probe, not the timeout)."""
+    a, b = await make_node(), await make_node()
+    key = "realm|gap.gts|public|"
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(conn: Conn) -> int:
+        holding.set()
+        await release.wait()
+        return 1
+
+    winner = asyncio.create_task(a.coordinator.try_acquire_and_run(key, hold))
+    async with asyncio.timeout(PROMPT):
+        await holding.wait()
+
+    async def must_not_run(conn: Conn) -> int:
+        raise AssertionError("the loser's fn ran")
+
+    assert await b.coordinator.try_acquire_and_run(key, must_not_run) is NOT_ACQUIRED
+    release.set()
+    async with asyncio.timeout(PROMPT):
+        assert await winner == Acquired(1)
+        # Let the NOTIFY reach b (it wakes the waiter b registered before its try-lock)
+        # before b starts waiting.
+        for _ in range(int(PROMPT / 0.01)):
+            if not b.coordinator._waiters.get(lock_id(key)):
+                break
+            await asyncio.sleep(0.01)
+        reason = await b.coordinator.wait_for_key(key, 60)
+    assert reason is WakeReason.NOTIFY
+    assert b.coordinator._waiters == {}
+    assert b.coordinator._pending == {}
+
+
+async def test_repeated_lost_tries_leave_no_waiter_behind(make_node: MakeNode) -> None:
+    """Lost tries that are never followed by a wait do not accumulate parked waiters."""
+    a, b = await make_node(), await make_node()
+    key = "realm|again.gts|public|"
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(conn: Conn) -> int:
+        holding.set()
+        await release.wait()
+        return 1
+
+    async def must_not_run(conn: Conn) -> int:
+        raise AssertionError("the loser's fn ran")
+
+    winner = asyncio.create_task(a.coordinator.try_acquire_and_run(key, hold))
+    async with asyncio.timeout(PROMPT):
+        await holding.wait()
+    for _ in range(3):
+        assert await b.coordinator.try_acquire_and_run(key, must_not_run) is NOT_ACQUIRED
+    assert len(b.coordinator._waiters[lock_id(key)]) == 1
+    release.set()
+    async with asyncio.timeout(PROMPT):
+        await winner
+
+
 async def test_savepoint_guarded_failure_keeps_transaction_usable(
     make_node: MakeNode, raw: Callable[..., Awaitable[Conn]]
 ) -> None:

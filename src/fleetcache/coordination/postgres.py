@@ -168,6 +168,11 @@ class PostgresCoordinator:
         # the probe reads _last_seq before its query as the cutoff of whom it may judge.
         self._seq = itertools.count(1)
         self._last_seq = 0
+        # Waiters registered by try_acquire_and_run *before* its try-lock, handed to the same
+        # task's wait_for_key after a lost try-lock, so that a NOTIFY arriving between the
+        # two (the winner committed in that gap) is not lost. Written by both methods on the
+        # event loop (entries of finished tasks are pruned on insert); no lock needed.
+        self._pending: dict[tuple[int, asyncio.Task[Any]], _Waiter] = {}
         # Counters; incremented on the event loop only, copied by stats().
         self._stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
 
@@ -283,13 +288,38 @@ class PostgresCoordinator:
         transaction is rolled back and the waiters are notified first."""
         self._check_started("try_acquire_and_run")
         lid = lock_id(coalesce_key)
-        extra = {"coalesce_key": coalesce_key}
+        # Listen for the key before trying its lock: if we lose, the holder may commit and
+        # notify before our wait_for_key registers, and that NOTIFY must still count.
+        early = self._register(coalesce_key, lid)
+        lost = False
         try:
-            conn = await self._pool.getconn()
-        except psycopg.Error as exc:
-            raise CoordinationError(
-                f"no pooled connection to take the lock of key {coalesce_key!r}: {exc}"
-            ) from exc
+            try:
+                conn = await self._pool.getconn()
+            except psycopg.Error as exc:
+                raise CoordinationError(
+                    f"no pooled connection to take the lock of key {coalesce_key!r}: {exc}"
+                ) from exc
+            try:
+                result = await self._run_locked(conn, coalesce_key, lid, fn)
+            finally:
+                await self._pool.putconn(conn)
+            if isinstance(result, NotAcquired):
+                lost = True
+                self._hand_over(lid, early)
+            return result
+        finally:
+            if not lost:
+                self._remove(lid, early)
+
+    async def _run_locked(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        coalesce_key: str,
+        lid: int,
+        fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]],
+    ) -> Acquired[T] | NotAcquired:
+        """BEGIN, try the lock; lost: roll back; won: fn, NOTIFY, COMMIT."""
+        extra = {"coalesce_key": coalesce_key}
         try:
             await self._execute(conn, coalesce_key, "BEGIN", _BEGIN)
             row = await self._fetch(conn, coalesce_key, "try-lock", _TRY_LOCK, {"id": lid})
@@ -321,8 +351,6 @@ class PostgresCoordinator:
         except BaseException:
             await self._rollback_quietly(conn, coalesce_key)
             raise
-        finally:
-            await self._pool.putconn(conn)
 
     async def _after_failure(
         self,
@@ -413,11 +441,9 @@ class PostgresCoordinator:
             return WakeReason.CLOSE
         self._check_started("wait_for_key")
         lid = lock_id(coalesce_key)
-        seq = next(self._seq)
-        self._last_seq = seq
-        waiter = _Waiter(coalesce_key, asyncio.get_running_loop().create_future(), seq)
-        self._waiters.setdefault(lid, set()).add(waiter)
-        self._waiting.set()
+        task = asyncio.current_task()
+        early = self._pending.pop((lid, task), None) if task is not None else None
+        waiter = early if early is not None else self._register(coalesce_key, lid)
         try:
             async with asyncio.timeout(timeout):
                 reason = await waiter.future
@@ -435,6 +461,28 @@ class PostgresCoordinator:
             extra={"coalesce_key": coalesce_key},
         )
         return reason
+
+    def _hand_over(self, lid: int, waiter: _Waiter) -> None:
+        """Keep ``waiter`` for this task's next ``wait_for_key(lid)``; forget the ones of
+        finished tasks and this task's previous one for the same id (never waited on)."""
+        task = asyncio.current_task()
+        for (old_lid, old_task), old in list(self._pending.items()):
+            if old_task.done() or (old_lid, old_task) == (lid, task):
+                del self._pending[old_lid, old_task]
+                self._remove(old_lid, old)
+        if task is None:
+            self._remove(lid, waiter)
+        else:
+            self._pending[lid, task] = waiter
+
+    def _register(self, coalesce_key: str, lid: int) -> _Waiter:
+        """Park a new waiter for ``lid`` (it wakes with the others of its id)."""
+        seq = next(self._seq)
+        self._last_seq = seq
+        waiter = _Waiter(coalesce_key, asyncio.get_running_loop().create_future(), seq)
+        self._waiters.setdefault(lid, set()).add(waiter)
+        self._waiting.set()
+        return waiter
 
     def _remove(self, lid: int, waiter: _Waiter) -> None:
         waiters = self._waiters.get(lid)

@@ -1,0 +1,277 @@
+"""A fleet of real worker processes for the command line (``bench`` now, ``demo`` later).
+
+:class:`Fleet` spawns ``size`` OS processes (``multiprocessing`` with the *spawn* start
+method, so a worker shares nothing with the parent but what it is sent) and runs *jobs* on
+all of them at once. A job is a module-level coroutine function ``job(ctx, arg)``; each
+worker gets its own ``arg`` and returns a picklable value.
+
+A run has three phases, each bounded by a timeout:
+
+1. every worker prepares (opens its cache, warms its pool…) and calls
+   ``await ctx.ready()``;
+2. once *all* are ready, the parent picks a release time a moment ahead and sends it to
+   everyone; ``ctx.ready()`` returns at that instant, so the workers start together
+   (within the scheduler's jitter) instead of in the order they happened to get ready;
+3. the parent collects one result per worker.
+
+If anything goes wrong — a job raises, a worker dies, a phase times out, the caller is
+cancelled — the parent kills every worker (terminate, then kill, then join) before it
+raises, so no process is ever left running. ``start()`` again gives a fresh fleet.
+
+Messages on each worker's pipe (parent → worker): ``("job", fn, arg)``, ``("go", t)``,
+``("exit",)``; (worker → parent): ``("ready",)``, ``("result", value)``,
+``("error", traceback_text)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import signal
+import time
+import traceback
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from fleetcache.errors import FleetcacheError
+
+A = TypeVar("A")
+R = TypeVar("R")
+
+#: How often the parent polls the workers' pipes while it waits (seconds).
+_POLL_INTERVAL = 0.005
+#: How long a worker may take to exit after ``("exit",)`` or SIGTERM before it is killed.
+_EXIT_GRACE = 5.0
+
+
+class WorkerError(FleetcacheError):
+    """A worker process failed, died, or missed a deadline; every worker has been killed."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerContext:
+    """What a job knows about its place in the fleet, and its handle on the start line."""
+
+    index: int
+    size: int
+    _conn: Connection
+    _ready_timeout: float
+
+    async def ready(self) -> float:
+        """Tell the parent this worker is ready, wait for the common release time, sleep
+        until it, and return it (seconds since the epoch). Raises :class:`WorkerError`
+        if no release comes within the ready timeout."""
+        self._conn.send(("ready",))
+        # poll() blocks, so it runs in a thread; the event loop stays free meanwhile.
+        if not await asyncio.to_thread(self._conn.poll, self._ready_timeout):
+            raise WorkerError(
+                f"worker {self.index} got no release within {self._ready_timeout:.0f} s"
+            )
+        message = self._conn.recv()
+        if message[0] != "go":
+            raise WorkerError(f"worker {self.index} expected a release, got {message[0]!r}")
+        release_at: float = message[1]
+        await asyncio.sleep(max(0.0, release_at - time.time()))
+        return release_at
+
+
+JobFn = Callable[[WorkerContext, A], Coroutine[Any, Any, R]]
+
+
+def _worker_main(conn: Connection, index: int, size: int, ready_timeout: float) -> None:
+    """A worker's life: run jobs until told to exit or the parent goes away."""
+    # Ctrl-C reaches the whole process group; the parent decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctx = WorkerContext(index, size, conn, ready_timeout)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if message[0] == "exit":
+            return
+        if message[0] != "job":
+            conn.send(("error", f"worker {index}: unexpected message {message[0]!r}"))
+            continue
+        job: JobFn[Any, Any] = message[1]
+        try:
+            value: Any = asyncio.run(job(ctx, message[2]))
+        except BaseException:  # noqa: BLE001 - every failure goes back to the parent as text
+            conn.send(("error", traceback.format_exc()))
+        else:
+            conn.send(("result", value))
+
+
+@dataclass(slots=True)
+class _Worker:
+    process: BaseProcess
+    conn: Connection
+
+
+class Fleet(Generic[A, R]):
+    """``size`` spawned worker processes that run jobs together.
+
+    Use as ``with Fleet(4) as fleet: results = await fleet.run(job, args)``, or call
+    :meth:`start` and :meth:`close` yourself. Nothing is spawned before :meth:`start`.
+    """
+
+    def __init__(self, size: int, *, name: str = "fleetcache-worker") -> None:
+        if size < 1:
+            raise ValueError(f"a fleet needs at least one process, got {size}")
+        self.size = size
+        self.name = name
+        self._context = multiprocessing.get_context("spawn")
+        # Written by start()/kill()/close() only; run() reads it. One caller at a time.
+        self._workers: list[_Worker] = []
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker processes are up."""
+        return bool(self._workers)
+
+    @property
+    def pids(self) -> list[int | None]:
+        """The workers' process ids, in index order."""
+        return [w.process.pid for w in self._workers]
+
+    def start(self, *, ready_timeout: float = 60.0) -> None:
+        """Spawn the workers (idempotent while they run). ``ready_timeout`` bounds how long
+        a worker waits for the release after it said it was ready."""
+        if self._workers:
+            return
+        try:
+            for index in range(self.size):
+                parent_end, child_end = self._context.Pipe(duplex=True)
+                process = self._context.Process(
+                    target=_worker_main,
+                    args=(child_end, index, self.size, ready_timeout),
+                    name=f"{self.name}-{index}",
+                    daemon=True,  # never outlive the parent, whatever happens to it
+                )
+                process.start()
+                child_end.close()  # the child has its own copy; EOF reaches it if we die
+                self._workers.append(_Worker(process, parent_end))
+        except BaseException:
+            self.kill()
+            raise
+
+    async def run(
+        self,
+        job: JobFn[A, R],
+        args: Sequence[A],
+        *,
+        ready_timeout: float = 60.0,
+        run_timeout: float = 120.0,
+        release_delay: float = 0.25,
+        on_release: Callable[[float], None] | None = None,
+    ) -> list[R]:
+        """Run ``job(ctx, args[i])`` on worker ``i``, release them together, and return
+        their results in index order.
+
+        ``on_release(t)`` is called with the release time as soon as it is chosen (before
+        ``t``). Raises :class:`WorkerError` (after killing every worker) when a job raises,
+        a worker dies, or the workers are not all ready within ``ready_timeout`` or not
+        all done within ``run_timeout`` after the release.
+        """
+        if len(args) != self.size:
+            raise ValueError(f"need one argument per worker ({self.size}), got {len(args)}")
+        self.start(ready_timeout=ready_timeout)
+        try:
+            for worker, arg in zip(self._workers, args, strict=True):
+                worker.conn.send(("job", job, arg))
+            await self._gather("ready", ready_timeout)
+            release_at = time.time() + release_delay
+            for worker in self._workers:
+                worker.conn.send(("go", release_at))
+            if on_release is not None:
+                on_release(release_at)
+            results: list[R] = await self._gather("result", release_delay + run_timeout)
+        except BaseException:
+            self.kill()
+            raise
+        return results
+
+    async def _gather(self, kind: str, timeout: float) -> list[Any]:
+        """One ``kind`` message from every worker, in index order, within ``timeout``."""
+        got: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        while len(got) < self.size:
+            for index, worker in enumerate(self._workers):
+                if index in got:
+                    continue
+                try:
+                    message = worker.conn.recv() if worker.conn.poll() else None
+                except (EOFError, OSError) as exc:  # the worker died mid-message
+                    raise WorkerError(
+                        f"worker {index} (pid {worker.process.pid}) went away while {kind!r} "
+                        f"was expected: {exc!r}"
+                    ) from exc
+                if message is not None:
+                    if message[0] == "error":
+                        raise WorkerError(f"worker {index} failed:\n{message[1]}")
+                    if message[0] != kind:
+                        raise WorkerError(
+                            f"worker {index} sent {message[0]!r} while {kind!r} was expected"
+                        )
+                    got[index] = message[1] if len(message) > 1 else None
+                elif not worker.process.is_alive():
+                    raise WorkerError(
+                        f"worker {index} (pid {worker.process.pid}) exited with code "
+                        f"{worker.process.exitcode} before sending {kind!r}"
+                    )
+            if len(got) == self.size:
+                break
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(self.size)) - set(got))
+                raise WorkerError(
+                    f"{len(missing)} worker(s) {missing} sent no {kind!r} within {timeout:.1f} s;"
+                    " killed the fleet"
+                )
+            await asyncio.sleep(_POLL_INTERVAL)
+        return [got[index] for index in range(self.size)]
+
+    def kill(self) -> None:
+        """Stop every worker now (SIGTERM, then SIGKILL after a grace period) and reap it."""
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            if worker.process.is_alive():
+                worker.process.terminate()
+        self._reap(workers)
+
+    def close(self) -> None:
+        """Ask every worker to exit, wait a little, kill stragglers, and reap them all."""
+        workers, self._workers = self._workers, []
+        for worker in workers:
+            with contextlib.suppress(BrokenPipeError, OSError):  # gone already: reaped below
+                worker.conn.send(("exit",))
+        self._reap(workers)
+
+    @staticmethod
+    def _reap(workers: list[_Worker]) -> None:
+        deadline = time.monotonic() + _EXIT_GRACE
+        for worker in workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(_EXIT_GRACE)
+            worker.conn.close()
+            if not worker.process.is_alive():  # close() refuses a process still running
+                worker.process.close()
+
+    def __enter__(self) -> Fleet[A, R]:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
