@@ -213,12 +213,12 @@ class CachingLookup:
             raise NotOpenError("this CachingLookup is closed")
         if not key.namespace or not key.name:
             raise ConfigurationError(f"a key needs a namespace and a name, got {key!r}")
-        names = (key.name, *(candidates or ()), *((alias,) if alias else ()))
         entry = await self.store.read(key)
         if self._usable(entry):
             self._stats.hits += 1
             return entry
         self._stats.misses += 1
+        names = (key.name, *(candidates or ()), *((alias,) if alias else ()))
         coalesce_key = key.coalesce_key
         flight = self._inflight.get(coalesce_key)
         if flight is None:

@@ -160,8 +160,15 @@ class PostgresStore:
     async def read(self, key: Key, *, session: object | None = None) -> Entry | None:
         """The entry named or aliased ``key.name`` under the key's namespace, scope and user."""
         params = {"ns": key.namespace, "scope": key.scope, "user": key.user, "name": key.name}
-        async with self._connection(f"reading {key.coalesce_key!r}", session) as conn:
-            row = await (await conn.execute(q.PG_READ, params)).fetchone()
+        # The hot path of every hit: no helper context manager, one checkout, one query.
+        try:
+            if isinstance(session, psycopg.AsyncConnection):
+                row = await (await session.execute(q.PG_READ, params)).fetchone()
+            else:
+                async with self.pool.connection() as conn:
+                    row = await (await conn.execute(q.PG_READ, params)).fetchone()
+        except psycopg.Error as exc:
+            raise StoreError(f"reading {key.coalesce_key!r} failed: {exc}") from exc
         return None if row is None else _entry(row)
 
     async def stamp(
