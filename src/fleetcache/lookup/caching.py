@@ -213,12 +213,15 @@ class CachingLookup:
             raise NotOpenError("this CachingLookup is closed")
         if not key.namespace or not key.name:
             raise ConfigurationError(f"a key needs a namespace and a name, got {key!r}")
+        # The generations as they are before our first await: an invalidation from here on
+        # counts as "during the computation".
+        names = (key.name, *(candidates or ()), *((alias,) if alias else ()))
+        snapshot = self._generations.snapshot(key.namespace, names)
         entry = await self.store.read(key)
         if self._usable(entry):
             self._stats.hits += 1
             return entry
         self._stats.misses += 1
-        names = (key.name, *(candidates or ()), *((alias,) if alias else ()))
         coalesce_key = key.coalesce_key
         flight = self._inflight.get(coalesce_key)
         if flight is None:
@@ -228,8 +231,8 @@ class CachingLookup:
                 candidates=tuple(candidates) if candidates else (key.name,),
                 alias=alias,
                 persist_errors=persist_errors,
-                names=tuple(dict.fromkeys(names)),
-                snapshot=self._generations.snapshot(key.namespace, names),
+                names=snapshot.names,
+                snapshot=snapshot,
             )
             task = asyncio.create_task(self._load(request), name=f"fleetcache {coalesce_key}")
             flight = _Flight(request, task)

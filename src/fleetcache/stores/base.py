@@ -124,6 +124,30 @@ def to_json(what: str, value: JSON) -> str:
         raise SerializationError(f"{what} is not JSON-serialisable: {exc}") from exc
 
 
+def write_params(entry: Entry, stamp: GenerationStamp | None) -> dict[str, Any]:
+    """The bind parameters of a store's guarded write (``PG_WRITE``/``SQLITE_WRITE``): the
+    entry's columns as JSON text, and the stamp to check (``names`` as a list; the sqlite
+    store re-encodes it as JSON)."""
+    key = entry.key
+    return {
+        "name": key.name,
+        "scope": key.scope,
+        "user": key.user,
+        "ns": key.namespace,
+        "value": to_json("value", entry.value),
+        "deps": to_json("deps", list(entry.deps)),
+        "error": None if entry.error is None else to_json("error", entry.error),
+        "created_at": entry.created_at,
+        "alias": entry.alias,
+        "diagnostics": (
+            None if entry.diagnostics is None else to_json("diagnostics", entry.diagnostics)
+        ),
+        "unconditional": stamp is None,
+        "names": list(stamp.names) if stamp else [],
+        "expected": stamp.value if stamp else 0,
+    }
+
+
 def validate_entry(entry: Entry) -> None:
     """Raise :class:`SerializationError` unless every JSON part of ``entry`` serialises."""
     to_json(f"value of {entry.key.coalesce_key!r}", entry.value)

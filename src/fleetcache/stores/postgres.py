@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,8 +17,8 @@ from fleetcache.stores.base import (
     GenerationStamp,
     Key,
     stamp_names,
-    to_json,
     validate_entry,
+    write_params,
 )
 
 # Advisory-lock classes (the two-int form, a key space apart from the coordinator's
@@ -192,23 +191,7 @@ class PostgresStore:
         after share-locking the counters, so a concurrent invalidation is serialised)."""
         validate_entry(entry)
         key = entry.key
-        params: dict[str, Any] = {
-            "name": key.name,
-            "scope": key.scope,
-            "user": key.user,
-            "ns": key.namespace,
-            "value": to_json("value", entry.value),
-            "deps": json.dumps(list(entry.deps)),
-            "error": None if entry.error is None else to_json("error", entry.error),
-            "created_at": entry.created_at,
-            "alias": entry.alias,
-            "diagnostics": (
-                None if entry.diagnostics is None else to_json("diagnostics", entry.diagnostics)
-            ),
-            "unconditional": stamp is None,
-            "names": list(stamp.names) if stamp else [],
-            "expected": stamp.value if stamp else 0,
-        }
+        params = write_params(entry, stamp)
         async with self._transaction(f"writing {key.coalesce_key!r}", session) as conn:
             if stamp is not None:
                 classes, ids = _locks(stamp.namespace, stamp.names)

@@ -17,8 +17,8 @@ from fleetcache.stores.base import (
     GenerationStamp,
     Key,
     stamp_names,
-    to_json,
     validate_entry,
+    write_params,
 )
 
 T = TypeVar("T")
@@ -152,23 +152,8 @@ class SqliteStore:
         """Upsert ``entry``; with ``stamp``, only if no counter moved since."""
         validate_entry(entry)
         key = entry.key
-        params: dict[str, Any] = {
-            "name": key.name,
-            "scope": key.scope,
-            "user": key.user,
-            "ns": key.namespace,
-            "value": to_json("value", entry.value),
-            "deps": json.dumps(list(entry.deps)),
-            "error": None if entry.error is None else to_json("error", entry.error),
-            "created_at": entry.created_at,
-            "alias": entry.alias,
-            "diagnostics": (
-                None if entry.diagnostics is None else to_json("diagnostics", entry.diagnostics)
-            ),
-            "unconditional": stamp is None,
-            "names": json.dumps(list(stamp.names) if stamp else []),
-            "expected": stamp.value if stamp else 0,
-        }
+        params = write_params(entry, stamp)
+        params["names"] = json.dumps(params["names"])
 
         def write(conn: sqlite3.Connection) -> bool:
             conn.execute("BEGIN IMMEDIATE")
