@@ -118,6 +118,8 @@ def test_smallest_bench_reports_every_metric_and_coordinates_correctly(
     assert micro["warm_hit"]["produce_calls"] == 0
     assert isinstance(micro["warm_hit"]["ratio"], float)
     assert isinstance(micro["uncontended_miss"]["extra_ms"], float)
+    assert isinstance(micro["closure"]["populate_extra_ms"], float)
+    assert isinstance(micro["closure"]["invalidation_extra_ms"], float)
 
     targets = {t["name"]: t for t in report["targets"]}
     for name in SCENARIOS:

@@ -50,7 +50,7 @@ from fleetcache.errors import ConfigurationError, FleetcacheError
 from fleetcache.factory import open_cache
 from fleetcache.lookup.caching import Produced
 from fleetcache.stores import queries as q
-from fleetcache.stores.base import Key
+from fleetcache.stores.base import Entry, Key
 from fleetcache.stores.postgres import PostgresStore
 
 T = TypeVar("T")
@@ -722,6 +722,7 @@ async def micro_benchmarks(url: str, iterations: int, run_id: str) -> dict[str, 
 
 async def _micro(coordinated: Any, plain: Any, iterations: int, run_id: str) -> dict[str, Any]:
     hit_ns = f"bench:{run_id}:micro-hit"
+    closure_ns = f"bench:{run_id}:micro-closure"
     miss_ns = {True: f"bench:{run_id}:micro-miss-c", False: f"bench:{run_id}:micro-miss-u"}
     hit_produced = 0
 
@@ -767,8 +768,9 @@ async def _micro(coordinated: Any, plain: Any, iterations: int, run_id: str) -> 
         coord_ms, plain_ms = await _interleaved(
             miss(coordinated, True), miss(plain, False), misses, warm_up=max(5, misses // 10)
         )
+        closure = await _closure_cost(plain.store, closure_ns, misses)
     finally:
-        for namespace in (hit_ns, *miss_ns.values()):
+        for namespace in (hit_ns, closure_ns, *miss_ns.values()):
             await coordinated.store.delete_namespace(namespace)
     hit_p50, raw_p50 = percentile(hits, 50), percentile(raws, 50)
     coord_p50, plain_p50 = percentile(coord_ms, 50), percentile(plain_ms, 50)
@@ -796,6 +798,59 @@ async def _micro(coordinated: Any, plain: Any, iterations: int, run_id: str) -> 
                 percentile([c - p for c, p in zip(coord_ms, plain_ms, strict=True)], 50)
             ),
         },
+        "closure": closure,
+    }
+
+
+async def _closure_cost(store: Any, namespace: str, iterations: int) -> dict[str, Any]:
+    """What store-enforced closure costs: a populate's stamp plus guarded write against a
+    plain upsert, and an invalidation (locks, generation bump, delete in one transaction)
+    against a plain DELETE of the same rows."""
+    numbers = iter(range(10**9))
+
+    def entry() -> Entry:
+        return Entry(Key(namespace, f"c-{next(numbers)}"), {"v": 1}, created_at=0)
+
+    async def guarded() -> float:
+        fresh = entry()
+        started = time.perf_counter()
+        stamp = await store.stamp(namespace, [fresh.key.name])
+        await store.write(fresh, stamp=stamp)
+        return time.perf_counter() - started
+
+    async def unguarded() -> float:
+        fresh = entry()
+        started = time.perf_counter()
+        await store.write(fresh)
+        return time.perf_counter() - started
+
+    async def invalidation() -> float:
+        fresh = entry()
+        await store.write(fresh)
+        started = time.perf_counter()
+        await store.delete_names(namespace, [fresh.key.name])
+        return time.perf_counter() - started
+
+    async def plain_delete() -> float:
+        fresh = entry()
+        await store.write(fresh)
+        started = time.perf_counter()
+        async with store.pool.connection() as conn:
+            await conn.execute(q.PG_DELETE_NAMES, {"ns": namespace, "names": [fresh.key.name]})
+        return time.perf_counter() - started
+
+    warm_up = max(5, iterations // 10)
+    populate, upsert = await _interleaved(guarded, unguarded, iterations, warm_up=warm_up)
+    invalidate, delete = await _interleaved(invalidation, plain_delete, iterations, warm_up=warm_up)
+    medians = [percentile(xs, 50) or 0.0 for xs in (populate, upsert, invalidate, delete)]
+    return {
+        "iterations": iterations,
+        "populate_ms_p50": _ms(medians[0]),
+        "plain_upsert_ms_p50": _ms(medians[1]),
+        "populate_extra_ms": _ms(medians[0] - medians[1]),
+        "invalidation_ms_p50": _ms(medians[2]),
+        "plain_delete_ms_p50": _ms(medians[3]),
+        "invalidation_extra_ms": _ms(medians[2] - medians[3]),
     }
 
 
@@ -1219,6 +1274,19 @@ def render(report: dict[str, Any], *, stderr: bool) -> None:
             _fmt(miss["coordinated_ms_p50"]),
             _fmt(miss["uncoordinated_ms_p50"]),
             f"+{miss['extra_ms']:.3f} ms",
+        )
+        closure = micro["closure"]
+        mt.add_row(
+            f"populate: stamp + guarded write vs plain upsert ({closure['iterations']} each)",
+            _fmt(closure["populate_ms_p50"]),
+            _fmt(closure["plain_upsert_ms_p50"]),
+            f"+{closure['populate_extra_ms']:.3f} ms",
+        )
+        mt.add_row(
+            f"invalidation: bump + delete vs plain DELETE ({closure['iterations']} each)",
+            _fmt(closure["invalidation_ms_p50"]),
+            _fmt(closure["plain_delete_ms_p50"]),
+            f"+{closure['invalidation_extra_ms']:.3f} ms",
         )
         console.print(mt)
 
