@@ -179,3 +179,35 @@ def test_hung_worker_is_killed_at_the_deadline(database_url: str) -> None:
     finally:
         fleet.close()
     assert multiprocessing.active_children() == []
+
+
+def test_quick_bench_runs_as_a_command(database_url: str, tmp_path: Path) -> None:
+    """``fleetcache bench --quick`` runs as users run it and writes a report in which every
+    coordinated scenario computed each key once and no waiter held a connection."""
+    import subprocess
+    import sys
+
+    report_path = tmp_path / "quick.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleetcache",
+            "bench",
+            "--quick",
+            "--database-url",
+            database_url,
+            "--json",
+            str(report_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(report_path.read_text())
+    for name in SCENARIOS:
+        coordinated = report["scenarios"][name]["coordinated"]
+        assert coordinated["computations_max_per_key_worst"] == 1
+        assert coordinated["waiter_connections_max"] == 0
