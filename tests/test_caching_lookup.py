@@ -375,3 +375,19 @@ async def test_late_broadcast_does_not_discard_a_fresh_result(store: Store) -> N
     stats = lookup.stats()
     assert stats["fresh_despite_invalidation"] == 1
     assert stats["stale_discarded"] == stats["stale_refused"] == 0
+
+
+async def test_dependency_invalidated_while_computing_leaves_no_stale_dependent(
+    store: Store,
+) -> None:
+    """A computation whose result depends on D, with D invalidated while it runs (and no row
+    of its own yet for the fan-out to find), persists nothing."""
+    lookup = CachingLookup(store)
+    produce = Producer(gate=asyncio.Event(), deps={"m": ("d",)})
+    pending = asyncio.create_task(lookup.get(key("m"), produce))
+    await produce.started.wait()
+    assert await lookup.invalidate(NS, ["d"]) == ["d"]
+    produce.gate.set()  # type: ignore[union-attr]
+    assert await pending is None
+    assert await store.read(key("m")) is None
+    assert lookup.stats()["stale_refused"] == 1

@@ -156,6 +156,17 @@ async def test_stamped_write_refused_after_invalidation(store: Store, invalidati
     assert await store.read(Key(NS, "a.gts")) is None
 
 
+async def test_stamped_write_refused_after_one_of_its_deps_was_invalidated(store: Store) -> None:
+    """A write whose entry depends on a name invalidated after its stamp is refused, even
+    though the entry's own names were never invalidated; stamped afterwards, it lands."""
+    stamp = await store.stamp(NS, ["m"])
+    await store.delete_names(NS, ["d"])
+    assert not await store.write(entry("m", deps=("d",)), stamp=stamp)
+    assert await store.read(Key(NS, "m")) is None
+    fresh = await store.stamp(NS, ["m"])
+    assert await store.write(entry("m", deps=("d",)), stamp=fresh)
+
+
 async def test_unrelated_invalidation_does_not_refuse(store: Store) -> None:
     """Invalidating another name or namespace leaves a stamped write free to persist."""
     stamp = await store.stamp(NS, ["a"])

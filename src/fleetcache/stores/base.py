@@ -1,10 +1,13 @@
 """The store contract: what every backend (memory, sqlite, Postgres) provides.
 
 A store keeps *entries* under a key ``(namespace, name, scope, user)`` and, beside them,
-*generation counters* (one global, one per namespace, one per name) that every deletion
-bumps in the same transaction as the delete. A populate takes a :class:`GenerationStamp`
-before it reads, and its write succeeds only if the stamp still holds: that is how a store
-refuses a stale write even when the invalidation came from another process (guarantee 3).
+*generation marks* (one global, one per namespace, one per name) that every deletion
+sets, in the same transaction as the delete, to "invalidated now". A populate takes a
+:class:`GenerationStamp` (a point in that history) before it reads, and its write succeeds
+only if nothing it depends on — its names, the entry's deps, the namespace, the store — was
+invalidated after that point: that is how a store refuses a stale write even when the
+invalidation came from another process, or hit a dependency of an entry not yet stored
+(guarantee 3).
 """
 
 from __future__ import annotations
@@ -57,15 +60,17 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class GenerationStamp:
-    """The generation counters a populate saw before it began, as their sum.
+    """A point in a store's invalidation history, taken before a populate reads.
 
-    The counters are the global one, the namespace's, and one per name in ``names``
-    (sorted, unique). Counters only ever grow, so the sum moves iff one of them moved.
+    ``names`` are what the populate is about (its key, candidates and alias). A write under
+    the stamp is refused if, after ``point``, any of those names, any of the written entry's
+    deps, the namespace or the whole store was invalidated. ``point`` is opaque: a
+    Postgres snapshot, or a sqlite / in-memory invalidation clock reading.
     """
 
     namespace: str
     names: tuple[str, ...]
-    value: int
+    point: int | str
 
 
 @runtime_checkable
@@ -90,7 +95,7 @@ class Store(Protocol):
     async def stamp(
         self, namespace: str, names: Sequence[str], *, session: object | None = None
     ) -> GenerationStamp:
-        """The current generation counters for ``names`` in ``namespace``."""
+        """Now, as a point in the invalidation history, for a populate of ``names``."""
 
     async def write(
         self,
@@ -99,8 +104,9 @@ class Store(Protocol):
         stamp: GenerationStamp | None = None,
         session: object | None = None,
     ) -> bool:
-        """Upsert ``entry``. With a ``stamp``, write only if none of its counters moved;
-        return False (and write nothing) when they did."""
+        """Upsert ``entry``. With a ``stamp``, write only if nothing it depends on (the
+        stamp's names, the entry's deps, the namespace, the store) was invalidated since
+        the stamp; return False (and write nothing) when something was."""
 
     async def delete_names(self, namespace: str, names: Sequence[str]) -> None:
         """Delete every entry of ``namespace`` (all scopes and users) whose name or alias is
@@ -124,6 +130,11 @@ def to_json(what: str, value: JSON) -> str:
         raise SerializationError(f"{what} is not JSON-serialisable: {exc}") from exc
 
 
+def guarded_names(entry: Entry, stamp: GenerationStamp) -> list[str]:
+    """The names whose invalidation refuses a write: the stamp's and the entry's deps."""
+    return sorted({*stamp.names, *entry.deps})
+
+
 def write_params(entry: Entry, stamp: GenerationStamp | None) -> dict[str, Any]:
     """The bind parameters of a store's guarded write (``PG_WRITE``/``SQLITE_WRITE``): the
     entry's columns as JSON text, and the stamp to check (``names`` as a list; the sqlite
@@ -143,8 +154,8 @@ def write_params(entry: Entry, stamp: GenerationStamp | None) -> dict[str, Any]:
             None if entry.diagnostics is None else to_json("diagnostics", entry.diagnostics)
         ),
         "unconditional": stamp is None,
-        "names": list(stamp.names) if stamp else [],
-        "expected": stamp.value if stamp else 0,
+        "names": guarded_names(entry, stamp) if stamp else [],
+        "point": stamp.point if stamp else None,
     }
 
 

@@ -6,7 +6,14 @@ import asyncio
 import copy
 from collections.abc import Sequence
 
-from fleetcache.stores.base import Entry, GenerationStamp, Key, stamp_names, validate_entry
+from fleetcache.stores.base import (
+    Entry,
+    GenerationStamp,
+    Key,
+    guarded_names,
+    stamp_names,
+    validate_entry,
+)
 
 _GLOBAL = ("g", "", "")
 
@@ -21,7 +28,10 @@ class MemoryStore:
         # Written and read only by this store's methods, on the event loop's thread; each
         # method runs without awaiting, so no lock is needed.
         self._entries: dict[Key, Entry] = {}
-        self._generations: dict[tuple[str, str, str], int] = {}
+        # The invalidation clock, and for each (kind, namespace, name) the clock reading of
+        # its last invalidation.
+        self._clock = 0
+        self._bumped: dict[tuple[str, str, str], int] = {}
 
     async def open(self) -> None:
         """Nothing to connect; present for the contract."""
@@ -49,17 +59,9 @@ class MemoryStore:
     async def stamp(
         self, namespace: str, names: Sequence[str], *, session: object | None = None
     ) -> GenerationStamp:
-        """The current counters: global, ``namespace``, then each of ``names``."""
+        """Now, as a reading of the invalidation clock."""
         await asyncio.sleep(0)
-        return self._stamp_now(namespace, stamp_names(names))
-
-    def _stamp_now(self, namespace: str, names: tuple[str, ...]) -> GenerationStamp:
-        value = (
-            self._generations.get(_GLOBAL, 0)
-            + self._generations.get(("n", namespace, ""), 0)
-            + sum(self._generations.get(("k", namespace, name), 0) for name in names)
-        )
-        return GenerationStamp(namespace, names, value)
+        return GenerationStamp(namespace, stamp_names(names), self._clock)
 
     async def write(
         self,
@@ -68,11 +70,15 @@ class MemoryStore:
         stamp: GenerationStamp | None = None,
         session: object | None = None,
     ) -> bool:
-        """Upsert ``entry`` unless ``stamp`` is given and a counter moved since."""
+        """Upsert ``entry`` unless ``stamp`` is given and something the entry depends on was
+        invalidated after it."""
         validate_entry(entry)
         await asyncio.sleep(0)
-        if stamp is not None and self._stamp_now(stamp.namespace, stamp.names) != stamp:
-            return False
+        if stamp is not None:
+            ns = stamp.namespace
+            marks = [_GLOBAL, ("n", ns, ""), *(("k", ns, n) for n in guarded_names(entry, stamp))]
+            if any(self._bumped.get(mark, 0) > int(stamp.point) for mark in marks):
+                return False
         self._entries[entry.key] = copy.deepcopy(entry)
         return True
 
@@ -80,8 +86,9 @@ class MemoryStore:
         """Delete entries of ``namespace`` named or aliased by ``names``; bump each name."""
         await asyncio.sleep(0)
         wanted = set(names)
+        self._clock += 1
         for name in wanted:
-            self._bump(("k", namespace, name))
+            self._bumped["k", namespace, name] = self._clock
         for key, entry in list(self._entries.items()):
             if key.namespace == namespace and (key.name in wanted or entry.alias in wanted):
                 del self._entries[key]
@@ -111,5 +118,6 @@ class MemoryStore:
             }
         )
 
-    def _bump(self, counter: tuple[str, str, str]) -> None:
-        self._generations[counter] = self._generations.get(counter, 0) + 1
+    def _bump(self, mark: tuple[str, str, str]) -> None:
+        self._clock += 1
+        self._bumped[mark] = self._clock

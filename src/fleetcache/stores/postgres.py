@@ -173,12 +173,11 @@ class PostgresStore:
     async def stamp(
         self, namespace: str, names: Sequence[str], *, session: object | None = None
     ) -> GenerationStamp:
-        """The sum of the global, namespace and per-name counters, as of now."""
-        sorted_names = stamp_names(names)
-        params = {"ns": namespace, "names": list(sorted_names)}
+        """Now, as a snapshot of which transactions have committed."""
         async with self._connection(f"stamping {namespace!r}", session) as conn:
-            row = await (await conn.execute(q.PG_STAMP, params)).fetchone()
-        return GenerationStamp(namespace, sorted_names, int(row[0]) if row else 0)
+            row = await (await conn.execute(q.PG_STAMP)).fetchone()
+        assert row is not None  # pg_current_snapshot() always answers
+        return GenerationStamp(namespace, stamp_names(names), str(row[0]))
 
     async def write(
         self,
@@ -187,14 +186,15 @@ class PostgresStore:
         stamp: GenerationStamp | None = None,
         session: object | None = None,
     ) -> bool:
-        """Upsert ``entry``; with ``stamp``, only if no counter moved (one guarded INSERT
-        after share-locking the counters, so a concurrent invalidation is serialised)."""
+        """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
+        since (one guarded INSERT after share-locking the marks, so a concurrent
+        invalidation is serialised with it)."""
         validate_entry(entry)
         key = entry.key
         params = write_params(entry, stamp)
         async with self._transaction(f"writing {key.coalesce_key!r}", session) as conn:
             if stamp is not None:
-                classes, ids = _locks(stamp.namespace, stamp.names)
+                classes, ids = _locks(stamp.namespace, params["names"])
                 await conn.execute(q.PG_LOCK_SHARED, {"classes": classes, "ids": ids})
             row = await (await conn.execute(q.PG_WRITE, params)).fetchone()
         return row is not None

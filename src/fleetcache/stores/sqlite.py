@@ -132,15 +132,13 @@ class SqliteStore:
     async def stamp(
         self, namespace: str, names: Sequence[str], *, session: object | None = None
     ) -> GenerationStamp:
-        """The sum of the global, namespace and per-name counters, as of now."""
-        sorted_names = stamp_names(names)
-        params = {"ns": namespace, "names": json.dumps(sorted_names)}
+        """Now, as a reading of the file's invalidation clock."""
 
         def stamp(conn: sqlite3.Connection) -> int:
-            return int(conn.execute(q.SQLITE_STAMP, params).fetchone()[0])
+            return int(conn.execute(q.SQLITE_STAMP).fetchone()[0])
 
-        value = await self._run(f"stamping {namespace!r}", stamp)
-        return GenerationStamp(namespace, sorted_names, value)
+        point = await self._run(f"stamping {namespace!r}", stamp)
+        return GenerationStamp(namespace, stamp_names(names), point)
 
     async def write(
         self,
@@ -149,7 +147,8 @@ class SqliteStore:
         stamp: GenerationStamp | None = None,
         session: object | None = None,
     ) -> bool:
-        """Upsert ``entry``; with ``stamp``, only if no counter moved since."""
+        """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
+        since."""
         validate_entry(entry)
         key = entry.key
         params = write_params(entry, stamp)
@@ -168,6 +167,7 @@ class SqliteStore:
     ) -> None:
         def run(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
+            conn.execute(q.SQLITE_TICK)
             conn.executemany(q.SQLITE_BUMP, bumps)
             conn.execute(delete, params)
             conn.execute("COMMIT")
