@@ -119,3 +119,23 @@ async def test_terminated_listen_connection_reconnects_and_hears_again(
         workers.append(other)
         await other.call("invalidate", ns=NS, names=["after"])
         await wait_until(lambda: cache.lookup.generation(NS, "after") == 1)
+
+
+async def test_our_own_broadcast_does_not_split_a_fresh_computation(cache: Fleetcache) -> None:
+    """A computation started after this process's own invalidation is not dropped when the
+    broadcast's echo comes back, so a later caller joins it instead of computing again."""
+    calls: list[str] = []
+
+    async def slow(name: str) -> Produced:
+        calls.append(name)
+        await asyncio.sleep(0.5)
+        return Produced(value={"fresh": True})
+
+    await cache.lookup.invalidate(NS, ["mod"])
+    first = asyncio.create_task(cache.lookup.get(Key(NS, "mod"), slow))
+    assert cache.listener is not None
+    listener = cache.listener
+    await wait_until(lambda: listener.stats()["echoes"] == 1)
+    second = await cache.lookup.get(Key(NS, "mod"), slow)
+    assert await first == second
+    assert calls == ["mod"]

@@ -121,7 +121,7 @@ async def test_each_payload_kind_calls_the_matching_bump(
         ("namespace", "https://r/"),
         ("global",),
     ]
-    assert listener.stats() == {"applied": 3, "rejected": 0, "failed": 0, "gaps": 0}
+    assert listener.stats() == {"applied": 3, "rejected": 0, "failed": 0, "echoes": 0, "gaps": 0}
 
 
 async def test_malformed_payloads_change_nothing(
@@ -150,7 +150,13 @@ async def test_malformed_payloads_change_nothing(
         await send(admin, encode_realm_payload("sentinel"))
         await wait_until(lambda: len(target.calls) == 1)
     assert target.calls == [("namespace", "sentinel")]
-    assert listener.stats() == {"applied": 1, "rejected": len(bad), "failed": 0, "gaps": 0}
+    assert listener.stats() == {
+        "applied": 1,
+        "rejected": len(bad),
+        "failed": 0,
+        "echoes": 0,
+        "gaps": 0,
+    }
     warnings = [r for r in caplog.records if "malformed" in r.getMessage()]
     assert len(warnings) == len(bad)
 
@@ -215,7 +221,13 @@ async def test_a_target_that_raises_is_logged_and_counted(
             await send(admin, encode_realm_payload("ns"))
             await send(admin, encode_global_payload())
             await wait_until(lambda: target.calls == [("global",)])
-        assert listener.stats() == {"applied": 1, "rejected": 0, "failed": 1, "gaps": 0}
+        assert listener.stats() == {
+            "applied": 1,
+            "rejected": 0,
+            "failed": 1,
+            "echoes": 0,
+            "gaps": 0,
+        }
     assert any("cannot bump ns" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
 
 
@@ -239,3 +251,26 @@ async def test_publisher_to_listener_end_to_end_including_self_echo(
     replayed = [name for call in target.calls[:-1] for name in call[2]]  # type: ignore[attr-defined]
     assert replayed == names
     assert len(target.calls) > 2  # the names came in several chunks
+
+
+async def test_own_echoes_are_skipped_and_peers_payloads_replayed(
+    hub: NotificationHub, database_url: str
+) -> None:
+    """Given its process's publisher, the listener skips the echoes of what that publisher
+    sent (this process already bumped) and still replays an identical payload from a peer."""
+    target = FakeTarget()
+    async with AsyncConnectionPool(
+        database_url, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False
+    ) as pool:
+        publisher = PostgresInvalidationPublisher(pool)
+        async with InvalidationListener(hub, target, own=publisher) as listener:
+            await publisher.names_invalidated("https://r/", ["https://r/a.gts"])
+            await publisher.all_cleared()
+            await wait_until(lambda: listener.stats()["echoes"] == 2)
+            assert target.calls == []
+            async with pool.connection() as conn:  # a peer sends the very same payload
+                await conn.execute(
+                    "SELECT pg_notify(%s, %s)", (INVALIDATED_CHANNEL, encode_global_payload())
+                )
+            await wait_until(lambda: target.calls == [("global",)])
+            assert listener.stats()["applied"] == 1

@@ -170,7 +170,7 @@ async def open_cache(
             max_rounds=max_rounds,
             wait_timeout=wait_timeout,
         )
-        listener = InvalidationListener(hub, lookup)
+        listener = InvalidationListener(hub, lookup, own=publisher)
         cache = Fleetcache(url, store, lookup, hub, coordinator, publisher, listener)
         if coordinator is not None:
             await coordinator.start()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
@@ -28,6 +29,8 @@ logger = logging.getLogger("fleetcache.notifications")
 
 #: The channel invalidations are broadcast on.
 INVALIDATED_CHANNEL = "module_cache_invalidated"
+# Bound on echoes awaited at once; past it they are forgotten (a replay is harmless).
+_MAX_PENDING_ECHOES = 10_000
 #: Default byte budget of one payload (Postgres refuses 8000 bytes and more).
 PAYLOAD_BUDGET = 7000
 
@@ -160,6 +163,10 @@ class PostgresInvalidationPublisher:
         self._pool = pool
         self._channel = channel
         self._budget = budget
+        # Payloads this process sent whose echo has not come back through LISTEN yet.
+        # Written by _publish (before sending, so the echo can never arrive first) and by
+        # take_echo/forget_echoes, all on the event loop; no lock needed.
+        self._echoes: Counter[str] = Counter()
 
     async def names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
         """Tell peers that ``names`` in ``namespace`` were invalidated (chunked)."""
@@ -174,14 +181,32 @@ class PostgresInvalidationPublisher:
         """Tell peers that everything was invalidated."""
         await self._publish(encode_global_payload())
 
+    def take_echo(self, payload: str) -> bool:
+        """Whether ``payload`` is the echo of one this publisher sent (consumes it), so a
+        listener in the same process can skip replaying what this process already did."""
+        if self._echoes[payload] <= 0:
+            return False
+        self._echoes[payload] -= 1
+        if not self._echoes[payload]:
+            del self._echoes[payload]
+        return True
+
+    def forget_echoes(self) -> None:
+        """Drop the echoes still expected (after a LISTEN gap they may never arrive)."""
+        self._echoes.clear()
+
     async def _publish(self, payload: str) -> None:
         # One connection checkout per payload: a payload Postgres refuses (too big) must
         # not take the other chunks down with it. The pool's context commits on exit, so
         # this also works on a pool whose connections are not autocommit.
+        if len(self._echoes) >= _MAX_PENDING_ECHOES:  # echoes that never came back
+            self._echoes.clear()
+        self._echoes[payload] += 1
         try:
             async with self._pool.connection() as conn:
                 await conn.execute(_PUBLISH, (self._channel, payload))
         except Exception as exc:  # noqa: BLE001 - best effort by contract: log, never raise
+            self.take_echo(payload)
             logger.warning(
                 "publishing an invalidation on channel %r failed (payload %d bytes, "
                 "budget %d): %s: %s",

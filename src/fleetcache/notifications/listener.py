@@ -5,7 +5,9 @@ process made, so work in flight here that began before the invalidation is disca
 instead of persisted. A gap (the LISTEN connection dropped, so broadcasts may have been
 missed) is treated as a global invalidation: the conservative answer costs some discarded
 work, the other one could let a stale computation persist. A process also hears its own
-broadcasts; bumping again only discards work that is already doomed, so that is harmless.
+broadcasts; given its publisher (``own``), the listener skips those echoes, since replaying
+them would drop in-flight work that began after the invalidation and so is fresh, making
+later callers compute the same key a second time.
 """
 
 from __future__ import annotations
@@ -35,10 +37,21 @@ class GenerationTarget(Protocol):
         """Invalidate everything."""
 
 
+class EchoSource(Protocol):
+    """The publisher of this process, which knows which payloads it sent."""
+
+    def take_echo(self, payload: str) -> bool:
+        """Whether ``payload`` is the echo of one this process sent (consumed once)."""
+
+    def forget_echoes(self) -> None:
+        """Stop expecting echoes (after a gap they may never arrive)."""
+
+
 class InvalidationListener:
     """Subscribes to the invalidated channel on a hub and replays each broadcast on a
-    :class:`GenerationTarget`. ``start()`` and ``close()`` are idempotent; the hub is the
-    caller's and is not started or closed here."""
+    :class:`GenerationTarget`, skipping the echoes of ``own`` (this process's publisher)
+    when given. ``start()`` and ``close()`` are idempotent; the hub is the caller's and is
+    not started or closed here."""
 
     def __init__(
         self,
@@ -46,10 +59,12 @@ class InvalidationListener:
         target: GenerationTarget,
         *,
         channel: str = INVALIDATED_CHANNEL,
+        own: EchoSource | None = None,
     ) -> None:
         self._hub = hub
         self._target = target
         self._channel = channel
+        self._own = own
         # Written by start()/close(), which the lock serialises; read by nobody else.
         self._subscription: Subscription | None = None
         self._lock = asyncio.Lock()
@@ -59,6 +74,7 @@ class InvalidationListener:
         self._rejected = 0
         self._failed = 0
         self._gaps = 0
+        self._echoes = 0
 
     async def start(self) -> None:
         """Subscribe to the channel (idempotent)."""
@@ -84,15 +100,20 @@ class InvalidationListener:
 
     def stats(self) -> dict[str, int]:
         """Counters since creation: payloads ``applied``, ``rejected`` as malformed,
-        ``failed`` (the target raised), and ``gaps`` (replayed as a global bump)."""
+        ``failed`` (the target raised), ``echoes`` of this process's own broadcasts
+        skipped, and ``gaps`` (replayed as a global bump)."""
         return {
             "applied": self._applied,
             "rejected": self._rejected,
             "failed": self._failed,
+            "echoes": self._echoes,
             "gaps": self._gaps,
         }
 
     def _on_payload(self, payload: str) -> None:
+        if self._own is not None and self._own.take_echo(payload):
+            self._echoes += 1
+            return
         invalidation = parse_invalidation(payload)  # logs what it rejects
         if invalidation is None:
             self._rejected += 1
@@ -114,6 +135,8 @@ class InvalidationListener:
 
     def _on_gap(self) -> None:
         self._gaps += 1
+        if self._own is not None:
+            self._own.forget_echoes()
         try:
             self._target.bump_global()
         except Exception:
