@@ -19,7 +19,7 @@ from fleetcache.definitions import (
 )
 from fleetcache.errors import CoordinationGaveUpError
 from fleetcache.factory import Fleetcache, coalesce_flag_enabled, open_cache
-from fleetcache.lookup import CachingLookup, Produced
+from fleetcache.lookup import MISSING, CachingLookup, Missing, Produced
 from fleetcache.stores import Key, SqliteStore
 
 REALM = Realm("https://realm.example/", "public", "owner")
@@ -220,5 +220,31 @@ async def test_bare_and_extension_requests_take_turns_on_one_lock(tmp_path: Path
         assert bare == explicit
     finally:
         await lookup.close()
+        await coordinator.close()
+        await store.close()
+
+
+async def test_many_waiters_for_a_missing_key_all_get_none(tmp_path: Path) -> None:
+    """Six coordinated lookups (as six processes would) asking for a key that does not
+    exist all answer None: rounds ended by a NOTIFY that stored nothing do not use up
+    max_rounds, so none of them gives up with a coordination error."""
+    store = SqliteStore(tmp_path / "c.db")
+    await store.open()
+    coordinator = LocalCoordinator()
+    lookups = [CachingLookup(store, coordinator=coordinator) for _ in range(6)]
+
+    async def missing(name: str) -> Missing:
+        await asyncio.sleep(0.05)
+        return MISSING
+
+    try:
+        results = await asyncio.gather(
+            *(lookup.get(Key("ns", "gone"), missing) for lookup in lookups)
+        )
+        assert results == [None] * 6
+        assert sum(lookup.stats()["gave_up"] for lookup in lookups) == 0
+    finally:
+        for lookup in lookups:
+            await lookup.close()
         await coordinator.close()
         await store.close()

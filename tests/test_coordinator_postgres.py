@@ -689,3 +689,54 @@ async def test_lock_id_maps_to_pg_locks_for_negative_and_positive_ids(
     elsewhere = await raw(url=postgres_server_url, autocommit=False)
     await elsewhere.execute("SELECT pg_advisory_xact_lock(%s)", (target,))
     assert await a.coordinator.held_lock_ids([target]) == set()
+
+
+async def test_probe_does_not_judge_a_waiter_before_it_lost_the_try_lock(
+    make_node: MakeNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a try is still on its way to the try-lock (here: its pool checkout held up),
+    a free lock says nothing (we may take it ourselves): the probe leaves that try's early
+    waiter alone, so after losing to a holder that came later, the wait ends on the
+    holder's NOTIFY, not on a stale PROBE."""
+    a = await make_node(probe_interval=0.1)
+    b = await make_node()
+    key = "realm|early.gts|public|"
+    holding, release, checkout = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    real_getconn = a.pool.getconn
+    held_up: list[bool] = []
+
+    async def held_up_getconn(*args: Any, **kwargs: Any) -> Any:
+        if not held_up:  # only the try's checkout; the probe's go through
+            held_up.append(True)
+            await checkout.wait()
+        return await real_getconn(*args, **kwargs)
+
+    monkeypatch.setattr(a.pool, "getconn", held_up_getconn)
+
+    async def hold(conn: Conn) -> int:
+        holding.set()
+        await release.wait()
+        return 1
+
+    async def must_not_run(conn: Conn) -> int:
+        raise AssertionError("the loser's fn ran")
+
+    async def try_then_wait() -> WakeReason:
+        assert await a.coordinator.try_acquire_and_run(key, must_not_run) is NOT_ACQUIRED
+        return await a.coordinator.wait_for_key(key, 60)
+
+    loser = asyncio.create_task(try_then_wait())
+    await asyncio.sleep(0.5)  # several probe intervals with the lock free
+    winner = asyncio.create_task(b.coordinator.try_acquire_and_run(key, hold))
+    async with asyncio.timeout(PROMPT):
+        await holding.wait()
+    checkout.set()
+    for _ in range(int(PROMPT / 0.01)):  # until a's try has run, and lost
+        if a.coordinator.stats()["lock_lost"]:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)  # more probe intervals, now with the lock held
+    release.set()
+    async with asyncio.timeout(PROMPT):
+        assert await winner == Acquired(1)
+        assert await loser is WakeReason.NOTIFY

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -290,7 +291,7 @@ class PostgresCoordinator:
         lid = lock_id(coalesce_key)
         # Listen for the key before trying its lock: if we lose, the holder may commit and
         # notify before our wait_for_key registers, and that NOTIFY must still count.
-        early = self._register(coalesce_key, lid)
+        early = self._register(coalesce_key, lid, judged_by_probe=False)
         lost = False
         try:
             try:
@@ -473,12 +474,18 @@ class PostgresCoordinator:
         if task is None:
             self._remove(lid, waiter)
         else:
+            # From now on it has lost the try-lock, so the probe may judge it.
+            waiter.seq = self._last_seq = next(self._seq)
             self._pending[lid, task] = waiter
 
-    def _register(self, coalesce_key: str, lid: int) -> _Waiter:
-        """Park a new waiter for ``lid`` (it wakes with the others of its id)."""
-        seq = next(self._seq)
-        self._last_seq = seq
+    def _register(self, coalesce_key: str, lid: int, *, judged_by_probe: bool = True) -> _Waiter:
+        """Park a new waiter for ``lid`` (it wakes with the others of its id). One
+        registered before its try-lock is not judged by the probe until it has lost: a
+        free lock says nothing about a key we may be about to take ourselves."""
+        if judged_by_probe:
+            seq = self._last_seq = next(self._seq)
+        else:
+            seq = sys.maxsize
         waiter = _Waiter(coalesce_key, asyncio.get_running_loop().create_future(), seq)
         self._waiters.setdefault(lid, set()).add(waiter)
         self._waiting.set()
@@ -586,7 +593,9 @@ class PostgresCoordinator:
         # that registered later may have lost its try-lock to a holder that took the lock
         # after the snapshot, and a spurious wake would cost it a round.
         cutoff = self._last_seq
-        ids = list(self._waiters)
+        ids = [lid for lid, ws in self._waiters.items() if any(w.seq <= cutoff for w in ws)]
+        if not ids:
+            return
         try:
             held = await self.held_lock_ids(ids)
         except CoordinationError as exc:

@@ -37,6 +37,8 @@ logger = logging.getLogger("fleetcache.lookup")
 DEFAULT_ERROR_TTL = 30.0
 DEFAULT_MAX_ROUNDS = 4
 DEFAULT_WAIT_TIMEOUT = 180.0
+#: Rounds ended by a NOTIFY that found nothing stored, allowed per ``max_rounds``.
+NOTIFIED_ROUNDS_PER_ROUND = 4
 
 
 class Missing(enum.Enum):
@@ -291,8 +293,16 @@ class CachingLookup:
     async def _coordinated(
         self, request: _Request, coordinator: PopulateCoordinator
     ) -> Entry | None:
-        """Up to ``max_rounds`` of: read; try the key's lock and compute as its winner;
-        or, as a loser, wait for the winner's NOTIFY and go round."""
+        """Rounds of: read; try the key's lock and compute as its winner; or, as a loser,
+        wait for the winner's NOTIFY and go round.
+
+        ``max_rounds`` bounds the rounds whose wait ended without the holder saying it was
+        done (timeout, crash probe, LISTEN gap, close). A round ended by a NOTIFY means a
+        computation finished; when it stored nothing (the key is missing, its error was not
+        persisted, or its result was stale) the next round tries again, and such rounds
+        are bounded separately (``NOTIFIED_ROUNDS_PER_ROUND`` times as many), so a fleet
+        of many processes asking for a missing key does not run out of rounds.
+        """
         key = request.key
         coalesce_key = key.coalesce_key
         # The fleet-wide lock is per alias family when there is an alias: a request for
@@ -300,8 +310,11 @@ class CachingLookup:
         # loser re-reads its own key after the winner's NOTIFY.
         lock_key = key.with_name(request.alias).coalesce_key if request.alias else coalesce_key
         reasons: list[WakeReason] = []
-        for round_number in range(1, self.max_rounds + 1):
-            if round_number > 1:  # get() read the store just before the first round
+        unnotified = notified = 0
+        while unnotified < self.max_rounds and notified < (
+            self.max_rounds * NOTIFIED_ROUNDS_PER_ROUND
+        ):
+            if reasons:  # get() read the store just before the first round
                 entry = await self.store.read(key)
                 if self._usable(entry):
                     return entry
@@ -316,17 +329,24 @@ class CachingLookup:
             self._stats.lock_lost += 1
             reason = await coordinator.wait_for_key(lock_key, self.wait_timeout)
             reasons.append(reason)
+            if reason is WakeReason.NOTIFY:
+                notified += 1
+            else:
+                unnotified += 1
             self._stats.waits[reason.value] = self._stats.waits.get(reason.value, 0) + 1
             logger.debug(
                 "round %d for %r: lost the lock, woken by %s",
-                round_number,
+                len(reasons),
                 coalesce_key,
                 reason.value,
                 extra={"coalesce_key": coalesce_key},
             )
+        entry = await self.store.read(key)  # the last wake may have brought the row
+        if self._usable(entry):
+            return entry
         self._stats.gave_up += 1
         raise CoordinationGaveUpError(
-            coalesce_key, self.max_rounds, self.wait_timeout, _likely_cause(reasons)
+            coalesce_key, len(reasons), self.wait_timeout, _likely_cause(reasons)
         )
 
     async def _uncached(self, request: _Request, session: object | None) -> Entry | None:
