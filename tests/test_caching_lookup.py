@@ -347,13 +347,14 @@ async def test_bad_keys_and_options_are_refused(store: Store) -> None:
 
 
 async def test_close_cancels_running_computations(store: Store) -> None:
-    """close() cancels computations under way and later gets are refused."""
+    """close() cancels computations under way, their callers get NotOpenError (not a
+    cancellation they did not ask for), and later gets are refused."""
     lookup = CachingLookup(store)
     produce = Producer(gate=asyncio.Event())
     pending = asyncio.create_task(lookup.get(key("a"), produce))
     await produce.started.wait()
     await lookup.close()
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(NotOpenError, match="closed while computing"):
         await pending
     with pytest.raises(NotOpenError):
         await lookup.get(key("a"), produce)
@@ -391,3 +392,21 @@ async def test_dependency_invalidated_while_computing_leaves_no_stale_dependent(
     assert await pending is None
     assert await store.read(key("m")) is None
     assert lookup.stats()["stale_refused"] == 1
+
+
+async def test_joined_callers_each_get_errors_as_they_asked(store: Store) -> None:
+    """A caller that does want errors, joining a computation started by one that does not
+    persist them, gets the error entry; the starter gets None; nothing is stored."""
+    lookup = CachingLookup(store)
+    produce = Producer(gate=asyncio.Event(), errors={"a": {"message": "boom"}})
+    prewarm = asyncio.create_task(lookup.get(key("a"), produce, persist_errors=False))
+    await produce.started.wait()
+    wants_errors = asyncio.create_task(lookup.get(key("a"), produce))
+    await asyncio.sleep(0.01)
+    produce.gate.set()  # type: ignore[union-attr]
+    assert await prewarm is None
+    joined = await wants_errors
+    assert joined is not None
+    assert joined.error == {"message": "boom"}
+    assert produce.calls["a"] == 1
+    assert await store.read(key("a")) is None

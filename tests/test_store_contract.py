@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import psycopg
@@ -280,3 +281,29 @@ async def test_postgres_driver_errors_are_translated(database_url: str) -> None:
             await store.read(Key(NS, "a"))
     finally:
         await store.close()
+
+
+async def test_postgres_newer_schema_is_refused_without_leaking_the_pool(database_url: str) -> None:
+    """A database holding a newer schema version is refused with SchemaVersionError, and
+    the pool the store opened for it is closed again."""
+    from fleetcache.errors import SchemaVersionError
+
+    first = PostgresStore(database_url)
+    await first.open()
+    await first.close()
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
+        await admin.execute("UPDATE fleetcache_schema SET version = 99")
+        store = PostgresStore(database_url, min_size=2)
+        with pytest.raises(SchemaVersionError, match="version is 99"):
+            await store.open()
+        others = -1
+        for _ in range(500):  # a closed connection's backend exits a moment later
+            cursor = await admin.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            others = (await cursor.fetchone() or (-1,))[0]
+            if others == 0:
+                break
+            await asyncio.sleep(0.01)
+    assert others == 0

@@ -206,7 +206,10 @@ class CachingLookup:
         ``alias``, so a later ``get`` of the alias hits it. An error entry is returned (and
         cached for the error TTL) like any other; with ``persist_errors=False`` an error is
         neither stored nor returned (the answer is None). Exceptions from ``produce``
-        reach every caller sharing the computation and nothing is stored.
+        reach every caller sharing the computation and nothing is stored. Callers of one
+        key share the computation the first of them started (its ``produce``,
+        ``candidates`` and ``alias``); each gets the result filtered by its own
+        ``persist_errors``.
 
         With a coordinator, the fleet-wide lock is taken on the alias's key when there is
         an alias (so "x" and "x.gts" take turns), else on ``key`` itself.
@@ -222,8 +225,10 @@ class CachingLookup:
         entry = await self.store.read(key)
         if self._usable(entry):
             self._stats.hits += 1
-            return entry
+            return _hide_error(entry, persist_errors)
         self._stats.misses += 1
+        if self._closed:  # closed while we read: start nothing close() would not see
+            raise NotOpenError("this CachingLookup is closed")
         coalesce_key = key.coalesce_key
         flight = self._inflight.get(coalesce_key)
         if flight is None:
@@ -244,7 +249,17 @@ class CachingLookup:
         else:
             self._stats.coalesced += 1
         # shield: a caller's cancellation must not cancel the computation the others share.
-        return await asyncio.shield(flight.task)
+        try:
+            result = await asyncio.shield(flight.task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if flight.task.cancelled() and current is not None and not current.cancelling():
+                # The computation was cancelled by close(), not this caller.
+                raise NotOpenError(
+                    f"this CachingLookup was closed while computing {coalesce_key!r}"
+                ) from None
+            raise
+        return _hide_error(result, persist_errors)
 
     async def peek(self, key: Key) -> Entry | None:
         """The stored entry for ``key`` (by name or alias), never computing; an expired
@@ -368,9 +383,6 @@ class CachingLookup:
             if produced is MISSING:
                 self._stats.missing += 1
                 continue
-            if produced.error is not None and not request.persist_errors:
-                self._stats.errors_not_persisted += 1
-                return None
             entry = Entry(
                 key=candidate_key,
                 value=produced.value,
@@ -381,6 +393,11 @@ class CachingLookup:
                 diagnostics=produced.diagnostics,
             )
             validate_entry(entry)
+            if entry.error is not None and not request.persist_errors:
+                # Not stored; returned so that a joined caller who does want errors sees it
+                # (get() hides it from those who asked not to persist errors).
+                self._stats.errors_not_persisted += 1
+                return entry
             invalidated_meanwhile = self._generations.changed(request.snapshot)
             if not await self.store.write(entry, stamp=stamp, session=session):
                 if invalidated_meanwhile:
@@ -503,6 +520,13 @@ class CachingLookup:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._inflight.clear()
+
+
+def _hide_error(entry: Entry | None, persist_errors: bool) -> Entry | None:
+    """What a caller gets: with ``persist_errors=False`` an error entry is None to it."""
+    if entry is not None and entry.error is not None and not persist_errors:
+        return None
+    return entry
 
 
 def _likely_cause(reasons: Sequence[WakeReason]) -> str:

@@ -113,6 +113,9 @@ class PostgresStore:
             raise StoreError(f"opening the Postgres store failed: {exc}") from exc
         version = row[0] if row else None
         if version != q.SCHEMA_VERSION:
+            if self._owns_pool:
+                await self._pool.close()
+                self._pool = None
             raise SchemaVersionError(
                 f"database schema version is {version}, this fleetcache knows "
                 f"{q.SCHEMA_VERSION}; upgrade fleetcache"
