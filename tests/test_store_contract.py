@@ -307,3 +307,35 @@ async def test_postgres_newer_schema_is_refused_without_leaking_the_pool(databas
                 break
             await asyncio.sleep(0.01)
     assert others == 0
+
+
+async def test_postgres_invalidation_retries_after_a_deadlock(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An invalidation that Postgres aborts as a deadlock (two invalidations reaching the
+    same rows in opposite orders) is tried again, and succeeds."""
+    from contextlib import asynccontextmanager
+
+    from fleetcache.errors import StoreError
+
+    store = PostgresStore(database_url)
+    await store.open()
+    try:
+        await store.write(entry("a"))
+        real = store._transaction
+        aborted: list[str] = []
+
+        @asynccontextmanager
+        async def first_deadlocks(what: str, session: object | None = None):  # type: ignore[no-untyped-def]
+            if not aborted:
+                aborted.append(what)
+                raise StoreError(f"{what} failed") from psycopg.errors.DeadlockDetected()
+            async with real(what, session) as conn:
+                yield conn
+
+        monkeypatch.setattr(store, "_transaction", first_deadlocks)
+        await store.delete_names(NS, ["a"])
+        assert aborted == [f"invalidating names in {NS!r}"]
+        assert await store.read(Key(NS, "a")) is None
+    finally:
+        await store.close()

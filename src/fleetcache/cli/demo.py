@@ -424,12 +424,14 @@ async def _invalidation_act(
     }
 
 
+#: When each cached row of the demo's realms was written (to find stale rows).
+_ROWS_WRITTEN = "SELECT url, created_at FROM modules WHERE resolved_realm_url = ANY(%(realms)s)"
+
+
 async def _rows(url: str, realms: list[str]) -> dict[str, int | None]:
     """created_at of every row of the demo's realms, by module URL."""
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        cursor = await conn.execute(
-            "SELECT url, created_at FROM modules WHERE resolved_realm_url = ANY(%s)", (realms,)
-        )
+        cursor = await conn.execute(_ROWS_WRITTEN, {"realms": realms})
         return {row[0]: row[1] for row in await cursor.fetchall()}
 
 

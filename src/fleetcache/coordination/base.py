@@ -47,6 +47,19 @@ class WakeReason(enum.StrEnum):
     CLOSE = "close"  # the coordinator is closing
 
 
+#: The counters every coordinator's ``stats()`` reports.
+STAT_KEYS = (
+    "lock_won",
+    "lock_lost",
+    "woken_notify",
+    "woken_timeout",
+    "woken_probe",
+    "woken_gap",
+    "woken_close",
+    "notify_failures",
+)
+
+
 class PopulateCoordinator(Protocol):
     """Lets one process of a fleet compute a key while the others wait without a connection."""
 

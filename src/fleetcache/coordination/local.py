@@ -14,7 +14,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from fleetcache.coordination.base import NOT_ACQUIRED, Acquired, NotAcquired, WakeReason
+from fleetcache.coordination.base import (
+    NOT_ACQUIRED,
+    STAT_KEYS,
+    Acquired,
+    NotAcquired,
+    WakeReason,
+)
 from fleetcache.errors import NotOpenError
 
 __all__ = ["LocalCoordinator"]
@@ -22,17 +28,6 @@ __all__ = ["LocalCoordinator"]
 T = TypeVar("T")
 
 logger = logging.getLogger("fleetcache.coordination")
-
-_STAT_KEYS = (
-    "lock_won",
-    "lock_lost",
-    "woken_notify",
-    "woken_timeout",
-    "woken_probe",
-    "woken_gap",
-    "woken_close",
-    "notify_failures",
-)
 
 
 class LocalCoordinator:
@@ -55,7 +50,7 @@ class LocalCoordinator:
         self._waiters: dict[str, set[asyncio.Future[WakeReason]]] = {}
         self._closed = False
         # Counters; incremented on the event loop only, copied by stats().
-        self._stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
+        self._stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
 
     async def start(self) -> None:
         """Nothing to start; raises :class:`NotOpenError` after :meth:`close`."""

@@ -32,6 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from fleetcache.coordination.base import (
     NOT_ACQUIRED,
+    STAT_KEYS,
     Acquired,
     NotAcquired,
     WakeReason,
@@ -100,18 +101,6 @@ def _lock_id_of_tag(classid: int, objid: int) -> int:
     return unsigned - (1 << 64) if unsigned >= 1 << 63 else unsigned
 
 
-_STAT_KEYS = (
-    "lock_won",
-    "lock_lost",
-    "woken_notify",
-    "woken_timeout",
-    "woken_probe",
-    "woken_gap",
-    "woken_close",
-    "notify_failures",
-)
-
-
 @dataclass(eq=False, slots=True)
 class _Waiter:
     """One parked ``wait_for_key`` call."""
@@ -175,7 +164,7 @@ class PostgresCoordinator:
         # event loop (entries of finished tasks are pruned on insert); no lock needed.
         self._pending: dict[tuple[int, asyncio.Task[Any]], _Waiter] = {}
         # Counters; incremented on the event loop only, copied by stats().
-        self._stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
+        self._stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
 
     # ------------------------------------------------------------------ lifecycle
 

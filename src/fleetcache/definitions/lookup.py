@@ -56,8 +56,10 @@ logger = logging.getLogger("fleetcache.definitions")
 CacheScope = Literal["public", "realm-auth"]
 
 # The modules whose dependency errors are being gathered in this chain of calls; a module
-# already in it is not looked up again, so an import cycle cannot wait on itself. Copied
-# into every task a computation starts, so it follows the chain across flights.
+# already in it is not looked up again, so a chain never waits on itself. Copied into every
+# task a computation starts, so it follows the chain across flights. Two chains started
+# independently can still wait on each other (M gathering D while D gathers M); that wait
+# is bounded by aggregation_timeout, after which only the cached errors are listed.
 _gathering: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
     "fleetcache_gathering", default=frozenset()
 )

@@ -24,7 +24,7 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from fleetcache.coordination.base import Acquired, PopulateCoordinator, WakeReason
@@ -88,7 +88,6 @@ class _Request:
     candidates: tuple[str, ...]
     alias: str | None
     persist_errors: bool
-    names: tuple[str, ...]  # every name the result depends on: key, candidates, alias
     snapshot: Snapshot
 
 
@@ -119,24 +118,7 @@ class LookupStats:
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a flat dict (waits as ``waits_<reason>``)."""
-        flat = {
-            name: getattr(self, name)
-            for name in (
-                "hits",
-                "misses",
-                "coalesced",
-                "computations",
-                "missing",
-                "errors_cached",
-                "errors_not_persisted",
-                "stale_discarded",
-                "stale_refused",
-                "fresh_despite_invalidation",
-                "lock_won",
-                "lock_lost",
-                "gave_up",
-            )
-        }
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "waits"}
         for reason in WakeReason:
             flat[f"waits_{reason.value}"] = self.waits.get(reason.value, 0)
         return flat
@@ -238,7 +220,6 @@ class CachingLookup:
                 candidates=tuple(candidates) if candidates else (key.name,),
                 alias=alias,
                 persist_errors=persist_errors,
-                names=snapshot.names,
                 snapshot=snapshot,
             )
             task = asyncio.create_task(self._load(request), name=f"fleetcache {coalesce_key}")
@@ -368,7 +349,7 @@ class CachingLookup:
         """Read again, then produce the candidates in order and persist the first that
         exists, unless an invalidation happened since the computation began."""
         key = request.key
-        stamp = await self.store.stamp(key.namespace, request.names, session=session)
+        stamp = await self.store.stamp(key.namespace, request.snapshot.names, session=session)
         entry = await self.store.read(key, session=session)
         if self._usable(entry):
             return entry
@@ -479,7 +460,9 @@ class CachingLookup:
         ``invalidate`` and by the listener replaying another process's invalidation)."""
         wanted = set(names)
         self._generations.bump_names(namespace, wanted)
-        self._drop(lambda r: r.key.namespace == namespace and not wanted.isdisjoint(r.names))
+        self._drop(
+            lambda r: r.key.namespace == namespace and not wanted.isdisjoint(r.snapshot.names)
+        )
 
     def bump_namespace(self, namespace: str) -> None:
         """Mark all of ``namespace`` invalidated in this process."""

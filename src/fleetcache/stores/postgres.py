@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,6 +27,12 @@ from fleetcache.stores.base import (
 _LOCK_GLOBAL = 0x4643_0001
 _LOCK_NAMESPACE = 0x4643_0002
 _LOCK_NAME = 0x4643_0003
+
+
+logger = logging.getLogger("fleetcache.stores")
+
+# How often an invalidation that Postgres aborted as a deadlock is tried in all.
+_DEADLOCK_ATTEMPTS = 3
 
 
 def _lock_id(*parts: str) -> int:
@@ -202,36 +209,76 @@ class PostgresStore:
             row = await (await conn.execute(q.PG_WRITE, params)).fetchone()
         return row is not None
 
+    async def _invalidate(
+        self,
+        what: str,
+        *,
+        shared: tuple[list[int], list[int]],
+        exclusive: tuple[list[int], list[int]],
+        bump: dict[str, list[str]],
+        delete: str,
+        params: dict[str, Any],
+    ) -> None:
+        """One invalidation transaction: take the locks, mark, delete. Two invalidations
+        whose names differ but reach the same rows (one by name, one by alias) can lock
+        those rows in opposite orders; Postgres then aborts one as a deadlock, which is
+        retried a few times."""
+        for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
+            try:
+                async with self._transaction(what) as conn:
+                    if shared[0]:
+                        await conn.execute(
+                            q.PG_LOCK_SHARED, {"classes": shared[0], "ids": shared[1]}
+                        )
+                    await conn.execute(
+                        q.PG_LOCK_EXCLUSIVE, {"classes": exclusive[0], "ids": exclusive[1]}
+                    )
+                    await conn.execute(q.PG_BUMP, bump)
+                    await conn.execute(delete, params)
+                return
+            except StoreError as exc:
+                deadlock = isinstance(exc.__cause__, psycopg.errors.DeadlockDetected)
+                if not deadlock or attempt == _DEADLOCK_ATTEMPTS:
+                    raise
+                logger.info("%s hit a deadlock (attempt %d); retrying", what, attempt)
+
     async def delete_names(self, namespace: str, names: Sequence[str]) -> None:
-        """Bump each name's counter and delete the entries named or aliased by ``names``."""
+        """Mark each name invalidated and delete the entries named or aliased by ``names``."""
         unique = sorted(set(names))
         if not unique:
             return
         classes, ids = _locks(namespace, unique)
-        async with self._transaction(f"invalidating names in {namespace!r}") as conn:
-            await conn.execute(q.PG_LOCK_SHARED, {"classes": classes[:2], "ids": ids[:2]})
-            await conn.execute(q.PG_LOCK_EXCLUSIVE, {"classes": classes[2:], "ids": ids[2:]})
-            await conn.execute(
-                q.PG_BUMP,
-                {"kinds": ["k"] * len(unique), "nss": [namespace] * len(unique), "names": unique},
-            )
-            await conn.execute(q.PG_DELETE_NAMES, {"ns": namespace, "names": unique})
+        await self._invalidate(
+            f"invalidating names in {namespace!r}",
+            shared=(classes[:2], ids[:2]),
+            exclusive=(classes[2:], ids[2:]),
+            bump={"kinds": ["k"] * len(unique), "nss": [namespace] * len(unique), "names": unique},
+            delete=q.PG_DELETE_NAMES,
+            params={"ns": namespace, "names": unique},
+        )
 
     async def delete_namespace(self, namespace: str) -> None:
-        """Bump the namespace's counter and delete its entries."""
+        """Mark the namespace invalidated and delete its entries."""
         classes, ids = _locks(namespace, [])
-        async with self._transaction(f"clearing namespace {namespace!r}") as conn:
-            await conn.execute(q.PG_LOCK_SHARED, {"classes": classes[:1], "ids": ids[:1]})
-            await conn.execute(q.PG_LOCK_EXCLUSIVE, {"classes": classes[1:], "ids": ids[1:]})
-            await conn.execute(q.PG_BUMP, {"kinds": ["n"], "nss": [namespace], "names": [""]})
-            await conn.execute(q.PG_DELETE_NAMESPACE, {"ns": namespace})
+        await self._invalidate(
+            f"clearing namespace {namespace!r}",
+            shared=(classes[:1], ids[:1]),
+            exclusive=(classes[1:], ids[1:]),
+            bump={"kinds": ["n"], "nss": [namespace], "names": [""]},
+            delete=q.PG_DELETE_NAMESPACE,
+            params={"ns": namespace},
+        )
 
     async def delete_all(self) -> None:
-        """Bump the global counter and delete every entry."""
-        async with self._transaction("clearing the whole cache") as conn:
-            await conn.execute(q.PG_LOCK_EXCLUSIVE, {"classes": [_LOCK_GLOBAL], "ids": [0]})
-            await conn.execute(q.PG_BUMP, {"kinds": ["g"], "nss": [""], "names": [""]})
-            await conn.execute(q.PG_DELETE_ALL)
+        """Mark the whole store invalidated and delete every entry."""
+        await self._invalidate(
+            "clearing the whole cache",
+            shared=([], []),
+            exclusive=([_LOCK_GLOBAL], [0]),
+            bump={"kinds": ["g"], "nss": [""], "names": [""]},
+            delete=q.PG_DELETE_ALL,
+            params={},
+        )
 
     async def find_dependents(self, namespace: str, names: Sequence[str]) -> list[str]:
         """Names of entries of ``namespace`` whose deps meet ``names``."""
