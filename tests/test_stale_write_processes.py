@@ -109,6 +109,7 @@ async def test_two_hundred_random_races_leave_no_stale_row(
         refused = lookup.stats()["stale_refused"]
         await lookup.close()
         await store.close()
+    print(f"{kind}: {began_before} of {RACES} populates began first, {refused} refused")
     assert stale_rows == []
     # The test only means something if many races really overlapped.
     assert began_before >= RACES // 2
