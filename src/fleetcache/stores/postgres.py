@@ -140,12 +140,17 @@ class PostgresStore:
     async def _transaction(
         self, what: str, session: object | None = None
     ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A connection in a transaction (a savepoint on ``session`` when one is given);
-        driver errors leave as :class:`StoreError` naming ``what``."""
+        """A connection in a transaction; driver errors leave as :class:`StoreError`
+        naming ``what``. A ``session`` already in a transaction (a coordinator's lock
+        transaction) is used as it is: its statements join that transaction, whose commit
+        releases their locks, and a failure raises, so the holder rolls it all back."""
         try:
             if isinstance(session, psycopg.AsyncConnection):
-                async with session.transaction():
+                if session.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
                     yield session
+                else:
+                    async with session.transaction():
+                        yield session
             else:
                 async with self.pool.connection() as conn, conn.transaction():
                     yield conn
