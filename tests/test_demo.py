@@ -52,6 +52,7 @@ def test_graph_has_realms_failures_and_extensionless_requests() -> None:
     assert len(graph.files) == 40
     assert [realm.visibility for realm in graph.realms] == ["public", "private"]
     assert len(graph.failing) == 2
+    assert all(graph.dependents_of(failing) for failing in graph.failing)
     assert any(spec.imports for spec in graph.files.values())
     assert any(not request.endswith((".gts", ".ts")) for request in graph.requests)
     assert graph.dependents_of(graph.leaf)
