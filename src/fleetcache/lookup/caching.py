@@ -201,9 +201,8 @@ class CachingLookup:
         if not key.namespace or not key.name:
             raise ConfigurationError(f"a key needs a namespace and a name, got {key!r}")
         # The generations as they are before our first await: an invalidation from here on
-        # counts as "during the computation".
-        names = (key.name, *(candidates or ()), *((alias,) if alias else ()))
-        snapshot = self._generations.snapshot(key.namespace, names)
+        # counts as "during the computation". (One integer: a hit pays nothing for it.)
+        epoch = self._generations.epoch
         entry = await self.store.read(key)
         if self._usable(entry):
             self._stats.hits += 1
@@ -214,6 +213,8 @@ class CachingLookup:
         coalesce_key = key.coalesce_key
         flight = self._inflight.get(coalesce_key)
         if flight is None:
+            names = (key.name, *(candidates or ()), *((alias,) if alias else ()))
+            snapshot = self._generations.snapshot(key.namespace, names, epoch)
             request = _Request(
                 key=key,
                 produce=produce,

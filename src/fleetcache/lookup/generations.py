@@ -8,60 +8,73 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The counters a computation depends on, as they were when it began."""
+    """When a computation began, as a reading of the bump clock, and what it is about."""
 
     namespace: str
     names: tuple[str, ...]
-    values: tuple[int, ...]
+    epoch: int
 
 
 class Generations:
-    """Counters bumped by invalidations in this process (and replayed from other
-    processes by the invalidation listener).
+    """Invalidations seen by this process (made here, or replayed from other processes by
+    the invalidation listener).
 
-    Written by the ``bump_*`` methods and read by ``snapshot``/``changed``, all on the
-    event loop's thread and never across an await: no lock is needed. Per-name counters
-    exist only for names ever invalidated, so memory grows with distinct invalidated names.
+    Every bump advances one clock (``epoch``) and records, for what it bumped, the epoch it
+    happened at; a snapshot is just the clock's reading, so taking one costs a hit nothing.
+    Per-target counts are kept beside, for observers. Written by the ``bump_*`` methods and
+    read by ``snapshot``/``changed``/``value``, all on the event loop's thread and never
+    across an await: no lock is needed. Per-name entries exist only for names ever
+    invalidated, so memory grows with distinct invalidated names.
     """
 
     def __init__(self) -> None:
-        self._global = 0
-        self._namespaces: dict[str, int] = {}
-        self._names: dict[tuple[str, str], int] = {}
+        self.epoch = 0
+        self._global_at = 0
+        self._namespace_at: dict[str, int] = {}
+        self._name_at: dict[tuple[str, str], int] = {}
+        self._counts: dict[tuple[str | None, str | None], int] = {}
 
-    def snapshot(self, namespace: str, names: Iterable[str]) -> Snapshot:
-        """The current counters for ``names`` of ``namespace``."""
-        unique = tuple(dict.fromkeys(names))
-        return Snapshot(namespace, unique, self._values(namespace, unique))
+    def snapshot(self, namespace: str, names: Iterable[str], epoch: int | None = None) -> Snapshot:
+        """A snapshot for ``names`` of ``namespace`` as of ``epoch`` (default: now)."""
+        return Snapshot(
+            namespace, tuple(dict.fromkeys(names)), self.epoch if epoch is None else epoch
+        )
 
     def changed(self, snapshot: Snapshot) -> bool:
-        """Whether any counter of ``snapshot`` moved since it was taken."""
-        return self._values(snapshot.namespace, snapshot.names) != snapshot.values
-
-    def _values(self, namespace: str, names: tuple[str, ...]) -> tuple[int, ...]:
+        """Whether anything ``snapshot`` is about was invalidated since it was taken."""
+        since = snapshot.epoch
+        if self.epoch == since:
+            return False
+        ns = snapshot.namespace
         return (
-            self._global,
-            self._namespaces.get(namespace, 0),
-            *(self._names.get((namespace, name), 0) for name in names),
+            self._global_at > since
+            or self._namespace_at.get(ns, 0) > since
+            or any(self._name_at.get((ns, name), 0) > since for name in snapshot.names)
         )
 
     def bump_names(self, namespace: str, names: Iterable[str]) -> None:
         """Invalidate ``names`` of ``namespace``."""
+        self.epoch += 1
         for name in names:
-            self._names[namespace, name] = self._names.get((namespace, name), 0) + 1
+            self._name_at[namespace, name] = self.epoch
+            self._count(namespace, name)
 
     def bump_namespace(self, namespace: str) -> None:
         """Invalidate all of ``namespace``."""
-        self._namespaces[namespace] = self._namespaces.get(namespace, 0) + 1
+        self.epoch += 1
+        self._namespace_at[namespace] = self.epoch
+        self._count(namespace, None)
 
     def bump_global(self) -> None:
         """Invalidate everything."""
-        self._global += 1
+        self.epoch += 1
+        self._global_at = self.epoch
+        self._count(None, None)
+
+    def _count(self, namespace: str | None, name: str | None) -> None:
+        self._counts[namespace, name] = self._counts.get((namespace, name), 0) + 1
 
     def value(self, namespace: str | None = None, name: str | None = None) -> int:
-        """One counter: the global one, a namespace's, or a name's (for observers/tests)."""
-        if namespace is None:
-            return self._global
-        if name is None:
-            return self._namespaces.get(namespace, 0)
-        return self._names.get((namespace, name), 0)
+        """How many times something was invalidated: everything (no arguments), a
+        namespace as a whole, or one name of it."""
+        return self._counts.get((namespace, name), 0)
