@@ -1263,31 +1263,35 @@ def render(report: dict[str, Any], *, stderr: bool) -> None:
         mt = Table(title="micro-benchmarks (medians, ms)", title_justify="left")
         for column in ("measure", "fleetcache", "baseline", "result"):
             mt.add_column(column, justify="left" if column == "measure" else "right")
-        mt.add_row(
-            f"warm hit vs raw SELECT ({hit['iterations']} each)",
-            _fmt(hit["fleetcache_ms_p50"]),
-            _fmt(hit["raw_select_ms_p50"]),
-            f"x{hit['ratio']:.2f}",
-        )
-        mt.add_row(
-            f"uncontended miss, coordinated vs not ({miss['iterations']} each)",
-            _fmt(miss["coordinated_ms_p50"]),
-            _fmt(miss["uncoordinated_ms_p50"]),
-            f"+{miss['extra_ms']:.3f} ms",
-        )
         closure = micro["closure"]
-        mt.add_row(
-            f"populate: stamp + guarded write vs plain upsert ({closure['iterations']} each)",
-            _fmt(closure["populate_ms_p50"]),
-            _fmt(closure["plain_upsert_ms_p50"]),
-            f"+{closure['populate_extra_ms']:.3f} ms",
-        )
-        mt.add_row(
-            f"invalidation: bump + delete vs plain DELETE ({closure['iterations']} each)",
-            _fmt(closure["invalidation_ms_p50"]),
-            _fmt(closure["plain_delete_ms_p50"]),
-            f"+{closure['invalidation_extra_ms']:.3f} ms",
-        )
+        rows = [
+            (
+                f"warm hit vs raw SELECT ({hit['iterations']} each)",
+                hit["fleetcache_ms_p50"],
+                hit["raw_select_ms_p50"],
+                f"x{hit['ratio']:.2f}",
+            ),
+            (
+                f"uncontended miss, coordinated vs not ({miss['iterations']} each)",
+                miss["coordinated_ms_p50"],
+                miss["uncoordinated_ms_p50"],
+                f"+{miss['extra_ms']:.3f} ms",
+            ),
+            (
+                f"populate: stamp + guarded write vs plain upsert ({closure['iterations']} each)",
+                closure["populate_ms_p50"],
+                closure["plain_upsert_ms_p50"],
+                f"+{closure['populate_extra_ms']:.3f} ms",
+            ),
+            (
+                f"invalidation: marks + delete vs plain DELETE ({closure['iterations']} each)",
+                closure["invalidation_ms_p50"],
+                closure["plain_delete_ms_p50"],
+                f"+{closure['invalidation_extra_ms']:.3f} ms",
+            ),
+        ]
+        for label, ours, baseline, result in rows:
+            mt.add_row(label, _fmt(ours), _fmt(baseline), result)
         console.print(mt)
 
     tt = Table(title="targets", title_justify="left")
