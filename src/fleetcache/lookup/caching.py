@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Protocol
 
 from fleetcache.coordination.base import Acquired, PopulateCoordinator, WakeReason
@@ -227,7 +228,7 @@ class CachingLookup:
             flight = _Flight(request, task)
             self._inflight[coalesce_key] = flight
             self._running.add(task)
-            task.add_done_callback(lambda done: self._finished(coalesce_key, flight, done))
+            task.add_done_callback(partial(self._finished, coalesce_key, flight))
         else:
             self._stats.coalesced += 1
         # shield: a caller's cancellation must not cancel the computation the others share.
