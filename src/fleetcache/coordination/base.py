@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -58,6 +59,18 @@ STAT_KEYS = (
     "woken_close",
     "notify_failures",
 )
+
+
+def record_wake(stats: dict[str, int], coalesce_key: str, reason: WakeReason) -> WakeReason:
+    """Count a finished wait under ``woken_<reason>`` and log it; return the reason."""
+    stats[f"woken_{reason.value}"] += 1
+    logging.getLogger("fleetcache.coordination").debug(
+        "waiter of key %r woken: %s",
+        coalesce_key,
+        reason.value,
+        extra={"coalesce_key": coalesce_key},
+    )
+    return reason
 
 
 class PopulateCoordinator(Protocol):

@@ -20,6 +20,7 @@ from fleetcache.coordination.base import (
     Acquired,
     NotAcquired,
     WakeReason,
+    record_wake,
 )
 from fleetcache.errors import NotOpenError
 
@@ -137,14 +138,7 @@ class LocalCoordinator:
                     waiters.discard(future)
                     if not waiters:
                         del self._waiters[coalesce_key]
-        self._stats[f"woken_{reason.value}"] += 1
-        logger.debug(
-            "waiter of key %r woken: %s",
-            coalesce_key,
-            reason.value,
-            extra={"coalesce_key": coalesce_key},
-        )
-        return reason
+        return record_wake(self._stats, coalesce_key, reason)
 
     def _wake(self, coalesce_key: str, reason: WakeReason) -> None:
         for future in self._waiters.pop(coalesce_key, set()):

@@ -37,6 +37,7 @@ from fleetcache.coordination.base import (
     NotAcquired,
     WakeReason,
     lock_id,
+    record_wake,
 )
 from fleetcache.errors import CoordinationError, NotOpenError
 from fleetcache.notifications.hub import NotificationHub, Subscription
@@ -443,14 +444,7 @@ class PostgresCoordinator:
             reason = waiter.future.result() if done else WakeReason.TIMEOUT
         finally:
             self._remove(lid, waiter)
-        self._stats[f"woken_{reason.value}"] += 1
-        logger.debug(
-            "waiter of key %r woken: %s",
-            coalesce_key,
-            reason.value,
-            extra={"coalesce_key": coalesce_key},
-        )
-        return reason
+        return record_wake(self._stats, coalesce_key, reason)
 
     def _hand_over(self, lid: int, waiter: _Waiter) -> None:
         """Keep ``waiter`` for this task's next ``wait_for_key(lid)``; forget the ones of
