@@ -5,20 +5,41 @@
     FleetcacheError
     ├── ConfigurationError          bad URL, bad option, bad argument
     ├── NotOpenError                an object used before ``open()`` / after ``close()``
+    ├── InvalidInputError           a key or value refused before any I/O (NUL, lone
+    │   │                           surrogate, too deep, too large)
+    │   └── SerializationError      a value, deps, error or diagnostics is not JSON
     ├── StoreError                  a store operation failed (driver errors are wrapped here)
+    │   ├── DatabaseConnectError    the database cannot be reached or refuses us (``cause``)
     │   └── SchemaVersionError      the database holds a newer schema than this release knows
-    ├── SerializationError          a value, deps, error or diagnostics is not JSON
+    ├── ComputationTimeoutError     a computation outlived its ``compute_timeout``
+    ├── CachedError                 ``get_value`` met a cached error entry (``error`` holds it)
     ├── CoordinationError           cross-process populate coordination failed
-    │   └── CoordinationGaveUpError a key was still not populated after the last round
+    │   └── CoordinationGaveUpError another process held the key past the waiting budget
     ├── NotificationError           LISTEN/NOTIFY failed (publishing is best effort and logs)
     └── DefinitionsError            the definitions domain (its subclasses live in
                                     ``fleetcache.definitions.errors``)
 
 Callers never need to import a driver to catch a fleetcache failure: every driver
-exception is translated at the boundary with ``raise ... from exc``.
+exception is translated at the boundary (``fleetcache._pg.translate``) with
+``raise ... from exc``.
 """
 
 from __future__ import annotations
+
+from typing import Any, Literal
+
+#: Why a database could not be reached: permanent causes are raised at once, transient
+#: ones after the connect budget ran out.
+ConnectCause = Literal[
+    "authentication",  # the role does not exist, or its password was refused (permanent)
+    "database-missing",  # the database does not exist (permanent)
+    "refused",  # nothing listens at that address (permanent)
+    "unresolvable",  # the host name does not resolve (permanent)
+    "starting",  # the server is starting up or shutting down (transient)
+    "too-many-connections",  # the server refused for lack of slots (transient)
+    "timeout",  # no answer within connect_timeout (transient)
+    "other",  # anything else (transient)
+]
 
 
 class FleetcacheError(Exception):
@@ -33,16 +54,59 @@ class NotOpenError(FleetcacheError, RuntimeError):
     """An object was used before ``open()`` or after ``close()``."""
 
 
+class InvalidInputError(FleetcacheError, ValueError):
+    """A key or a value was refused before any I/O: it holds a NUL character or a lone
+    surrogate, nests deeper than the limit, or is larger than the limit."""
+
+
+class SerializationError(InvalidInputError, TypeError):
+    """A value that must be stored as JSON is not JSON (a set, NaN, a non-string key...)."""
+
+
 class StoreError(FleetcacheError):
     """A store operation failed; ``__cause__`` holds the driver's exception."""
+
+
+class DatabaseConnectError(StoreError):
+    """The database could not be reached or refused the connection; ``cause`` says why
+    (one of :data:`ConnectCause`)."""
+
+    def __init__(self, message: str, cause: ConnectCause) -> None:
+        super().__init__(message)
+        self.cause: ConnectCause = cause
 
 
 class SchemaVersionError(StoreError):
     """The database schema is newer than this release of fleetcache understands."""
 
+    def __init__(self, where: str, found: int, known: int) -> None:
+        super().__init__(
+            f"{where} holds fleetcache schema version {found}, but this release of "
+            f"fleetcache knows versions up to {known}: upgrade fleetcache"
+        )
+        self.found = found
+        self.known = known
 
-class SerializationError(FleetcacheError, TypeError):
-    """A value that must be stored as JSON is not JSON-serialisable."""
+
+class ComputationTimeoutError(FleetcacheError, TimeoutError):
+    """A computation ran past its ``compute_timeout``; it was cancelled and nothing stored."""
+
+    def __init__(self, coalesce_key: str, seconds: float) -> None:
+        super().__init__(
+            f"the computation of key {coalesce_key} did not finish within "
+            f"compute_timeout={seconds:g} s; it was cancelled and nothing was stored"
+        )
+        self.coalesce_key = coalesce_key
+        self.seconds = seconds
+
+
+class CachedError(FleetcacheError):
+    """``get_value`` found (or produced) an error entry; ``error`` is its error document."""
+
+    def __init__(self, coalesce_key: str, error: Any) -> None:
+        super().__init__(f"key {coalesce_key} holds a cached error: {error!r:.300}")
+        self.coalesce_key = coalesce_key
+        self.error = error
 
 
 class CoordinationError(FleetcacheError):
@@ -50,16 +114,16 @@ class CoordinationError(FleetcacheError):
 
 
 class CoordinationGaveUpError(CoordinationError):
-    """A key was still not populated after the last coordination round."""
+    """Another process held a key's lock for the whole waiting budget."""
 
-    def __init__(self, coalesce_key: str, rounds: int, wait_seconds: float, cause: str) -> None:
+    def __init__(self, coalesce_key: str, waited: float, rounds: int, cause: str) -> None:
         super().__init__(
-            f"gave up on key {coalesce_key!r} after {rounds} rounds "
-            f"({wait_seconds:.1f} s each): {cause}"
+            f"gave up on key {coalesce_key} after waiting {waited:.1f} s "
+            f"({rounds} round(s)) for another process's computation: {cause}"
         )
         self.coalesce_key = coalesce_key
+        self.waited = waited
         self.rounds = rounds
-        self.wait_seconds = wait_seconds
 
 
 class NotificationError(FleetcacheError):

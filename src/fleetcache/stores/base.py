@@ -1,32 +1,54 @@
 """The store contract: what every backend (memory, sqlite, Postgres) provides.
 
 A store keeps *entries* under a key ``(namespace, name, scope, user)`` and, beside them,
-*generation marks* (one global, one per namespace, one per name) that every deletion
-sets, in the same transaction as the delete, to "invalidated now". A populate takes a
-:class:`GenerationStamp` (a point in that history) before it reads, and its write succeeds
-only if nothing it depends on — its names, the entry's deps, the namespace, the store — was
-invalidated after that point: that is how a store refuses a stale write even when the
-invalidation came from another process, or hit a dependency of an entry not yet stored
-(guarantee 3).
+*marks*: one global, one per namespace, one per name, each saying when it was last
+invalidated. Every invalidation sets its marks in the same transaction as its delete. A
+populate takes a :class:`GenerationStamp` (a point in that history) in the same reading as
+its re-read of the store, and its write succeeds only if nothing it depends on — its
+names, the entry's name, alias and deps, the namespace, the store — was invalidated after
+that point (guarantee 3: no stale resurrection, even when the invalidation came from
+another process).
+
+An invalidation of names follows dependents inside its own serialised critical section
+(see :meth:`Store.invalidate`): an entry computed from a name's old content is either found
+and deleted, or refused when it is written.
+
+Marks do not accumulate forever: a stamp older than :data:`MAX_STAMP_AGE` is refused
+outright, so a mark older than :data:`MARK_RETENTION` can refuse nothing any more and is
+pruned (each store prunes while it invalidates). The margin between the two is far longer
+than any invalidation transaction, which is what makes pruning safe; see the stores.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from fleetcache.errors import SerializationError
-
 #: A JSON document as Python sees it (dict, list, str, int, float, bool or None).
 JSON = Any
+
+#: Expands a name into every name its entries may be stored or depended on under,
+#: itself included (e.g. with and without a file extension). Pure and thread-safe: the
+#: sqlite store calls it on its worker thread.
+Expand = Callable[[str], Iterable[str]]
+
+#: How long (seconds) a mark is kept. Every process sharing a store must agree on it.
+MARK_RETENTION = 3600.0
+#: The oldest stamp (seconds) a write may carry; older ones are refused. Half the
+#: retention, so no mark that could refuse a write is ever pruned before that write.
+MAX_STAMP_AGE = MARK_RETENTION / 2
 
 
 @dataclass(frozen=True, slots=True)
 class Key:
     """Where an entry lives: ``namespace`` (e.g. a realm URL), ``name`` (e.g. a module URL),
-    ``scope`` (e.g. ``public``) and ``user`` (``""`` when the entry is not per user)."""
+    ``scope`` (e.g. ``public``) and ``user`` (``""`` when the entry is not per user).
+
+    Keys are compared and hashed by their fields; no field is ever joined into a string
+    that decides which value a caller gets.
+    """
 
     namespace: str
     name: str
@@ -35,8 +57,13 @@ class Key:
 
     @property
     def coalesce_key(self) -> str:
-        """The in-flight key, ``namespace|name|scope|user``."""
-        return f"{self.namespace}|{self.name}|{self.scope}|{self.user}"
+        """The key as an unambiguous string, ``["namespace","name","scope","user"]`` (JSON):
+        what logs show and what the fleet-wide lock id is hashed from."""
+        return json.dumps(
+            [self.namespace, self.name, self.scope, self.user],
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
 
     def with_name(self, name: str) -> Key:
         """The same key with another name (a candidate)."""
@@ -60,116 +87,82 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class GenerationStamp:
-    """A point in a store's invalidation history, taken before a populate reads.
+    """A point in a store's invalidation history, taken in the same reading as a
+    populate's re-read.
 
     ``names`` are what the populate is about (its key, candidates and alias). A write under
-    the stamp is refused if, after ``point``, any of those names, any of the written entry's
-    deps, the namespace or the whole store was invalidated. ``point`` is opaque: a
-    Postgres snapshot, or a sqlite / in-memory invalidation clock reading.
+    the stamp is refused if, after ``point``, any of those names, the written entry's name,
+    alias or deps, the namespace or the whole store was invalidated, or if the stamp is
+    older than :data:`MAX_STAMP_AGE`. ``point`` is opaque to everyone but the store that
+    made it (a Postgres snapshot and server time; a clock reading).
     """
 
     namespace: str
     names: tuple[str, ...]
-    point: int | str
+    point: Any
 
 
 @runtime_checkable
 class Store(Protocol):
     """The contract every backend passes (``tests/test_store_contract.py``).
 
-    ``session`` is an opaque handle a coordinator may pass so that a populate runs on the
-    connection that holds its lock (the Postgres store accepts its own connection there;
-    the other stores ignore it).
+    Every method validates its input before any I/O (``fleetcache.stores.validation``)
+    and leaves nothing open when it fails: any exception inside a transaction rolls it
+    back. Driver errors leave as :class:`~fleetcache.errors.StoreError`.
     """
 
     async def open(self) -> None:
-        """Connect and create the schema if needed. Idempotent."""
+        """Connect, and create or migrate the schema if needed. Idempotent."""
 
     async def close(self) -> None:
         """Release what ``open`` acquired (never a pool the caller passed in). Idempotent."""
 
-    async def read(self, key: Key, *, session: object | None = None) -> Entry | None:
-        """The entry named ``key.name`` or aliased ``key.name`` within the key's namespace,
-        scope and user; an exact name match wins over an alias match."""
+    async def read(self, key: Key, *, by_alias: bool = False) -> Entry | None:
+        """The entry stored under ``key``; if there is none and ``by_alias``, the most
+        recently created entry of the key's namespace, scope and user whose alias is
+        ``key.name``."""
 
-    async def stamp(
-        self, namespace: str, names: Sequence[str], *, session: object | None = None
-    ) -> GenerationStamp:
-        """Now, as a point in the invalidation history, for a populate of ``names``."""
+    async def stamp_and_read(
+        self, key: Key, names: Sequence[str], *, by_alias: bool = False
+    ) -> tuple[GenerationStamp, Entry | None]:
+        """A stamp for a populate of ``names`` and ``read(key, by_alias=...)``, taken so
+        that the stamp is no later than the read: whatever the read did not see, a write
+        under the stamp is checked against."""
 
-    async def write(
-        self,
-        entry: Entry,
-        *,
-        stamp: GenerationStamp | None = None,
-        session: object | None = None,
-    ) -> bool:
+    async def write(self, entry: Entry, *, stamp: GenerationStamp | None = None) -> bool:
         """Upsert ``entry``. With a ``stamp``, write only if nothing it depends on (the
-        stamp's names, the entry's deps, the namespace, the store) was invalidated since
-        the stamp; return False (and write nothing) when something was."""
+        stamp's names, the entry's name, alias and deps, the namespace, the store) was
+        invalidated since the stamp and the stamp is not too old; return False (and write
+        nothing) otherwise."""
 
-    async def delete_names(self, namespace: str, names: Sequence[str]) -> None:
-        """Delete every entry of ``namespace`` (all scopes and users) whose name or alias is
-        in ``names``, and bump each name's counter, in one transaction."""
+    async def invalidate(
+        self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
+    ) -> list[str]:
+        """Invalidate ``names`` of ``namespace`` and everything that depends on them, in one
+        transaction serialised with every write of the namespace; return the names
+        invalidated (the given ones first, each once).
 
-    async def delete_namespace(self, namespace: str) -> None:
-        """Delete every entry of ``namespace`` and bump its counter, in one transaction."""
+        The closure starts from the given names, each expanded by ``expand``; an entry
+        named or aliased by a name of the closure adds its name and alias, and an entry
+        whose deps meet the closure adds its name and alias (expanded), until nothing new
+        is found. Every name of the closure is marked, and every entry (all scopes and
+        users) named or aliased by one is deleted."""
 
-    async def delete_all(self) -> None:
-        """Delete every entry and bump the global counter, in one transaction."""
+    async def clear_namespace(self, namespace: str) -> None:
+        """Mark the namespace invalidated and delete its entries, in one transaction."""
 
-    async def find_dependents(self, namespace: str, names: Sequence[str]) -> list[str]:
-        """Names of the entries of ``namespace`` whose deps contain any of ``names``."""
+    async def clear_all(self) -> None:
+        """Mark the whole store invalidated and delete every entry, in one transaction."""
 
 
-def to_json(what: str, value: JSON) -> str:
-    """Serialise ``value`` as compact JSON or raise :class:`SerializationError` naming it."""
-    try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
-        raise SerializationError(f"{what} is not JSON-serialisable: {exc}") from exc
+def stamp_names(names: Iterable[str]) -> tuple[str, ...]:
+    """The canonical (sorted, unique) form of a stamp's names."""
+    return tuple(sorted(set(names)))
 
 
 def guarded_names(entry: Entry, stamp: GenerationStamp) -> list[str]:
-    """The names whose invalidation refuses a write: the stamp's and the entry's deps."""
-    return sorted({*stamp.names, *entry.deps})
-
-
-def write_params(entry: Entry, stamp: GenerationStamp | None) -> dict[str, Any]:
-    """The bind parameters of a store's guarded write (``PG_WRITE``/``SQLITE_WRITE``): the
-    entry's columns as JSON text, and the stamp to check (``names`` as a list; the sqlite
-    store re-encodes it as JSON)."""
-    key = entry.key
-    return {
-        "name": key.name,
-        "scope": key.scope,
-        "user": key.user,
-        "ns": key.namespace,
-        "value": to_json("value", entry.value),
-        "deps": to_json("deps", list(entry.deps)),
-        "error": None if entry.error is None else to_json("error", entry.error),
-        "created_at": entry.created_at,
-        "alias": entry.alias,
-        "diagnostics": (
-            None if entry.diagnostics is None else to_json("diagnostics", entry.diagnostics)
-        ),
-        "unconditional": stamp is None,
-        "names": guarded_names(entry, stamp) if stamp else [],
-        "point": stamp.point if stamp else None,
-    }
-
-
-def validate_entry(entry: Entry) -> None:
-    """Raise :class:`SerializationError` unless every JSON part of ``entry`` serialises."""
-    to_json(f"value of {entry.key.coalesce_key!r}", entry.value)
-    if entry.error is not None:
-        to_json(f"error of {entry.key.coalesce_key!r}", entry.error)
-    if entry.diagnostics is not None:
-        to_json(f"diagnostics of {entry.key.coalesce_key!r}", entry.diagnostics)
-    if not all(isinstance(dep, str) for dep in entry.deps):
-        raise SerializationError(f"deps of {entry.key.coalesce_key!r} must all be strings")
-
-
-def stamp_names(names: Sequence[str]) -> tuple[str, ...]:
-    """The canonical (sorted, unique) form of a stamp's names."""
-    return tuple(sorted(set(names)))
+    """The names whose invalidation after ``stamp`` refuses writing ``entry``."""
+    names = {*stamp.names, entry.key.name, *entry.deps}
+    if entry.alias is not None:
+        names.add(entry.alias)
+    return sorted(names)

@@ -1,0 +1,168 @@
+"""What a store accepts, checked before any I/O, and the JSON text it stores.
+
+Every store refuses the same inputs with the same typed errors, before it touches a file,
+a connection or a transaction, so one bad value can never leave a transaction open or a
+half-written row behind:
+
+* key fields, aliases and deps: strings without NUL (Postgres ``text`` cannot hold it)
+  and without lone surrogates (they have no UTF-8 form), at most :data:`MAX_NAME_BYTES`
+  UTF-8 bytes each; namespace and name non-empty;
+* values, error documents and diagnostics: JSON made of dicts with string keys, lists
+  (tuples come back as lists), strings, finite numbers, booleans and None, nested at most
+  :data:`MAX_JSON_DEPTH` deep, with the same rules for every string.
+
+:class:`~fleetcache.errors.InvalidInputError` (or its subclass
+:class:`~fleetcache.errors.SerializationError` for what is not JSON at all) names the key
+and, for values, the path of the offending part.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fleetcache.errors import InvalidInputError, SerializationError
+
+if TYPE_CHECKING:
+    from fleetcache.stores.base import Entry, Key
+
+#: The longest namespace, name, scope, user, alias or dep, in UTF-8 bytes. (Postgres
+#: indexes a dep in a GIN index, whose entries must stay under a third of a page.)
+MAX_NAME_BYTES = 2048
+#: The deepest nesting of dicts and lists a value may have.
+MAX_JSON_DEPTH = 100
+#: The most deps one entry may have.
+MAX_DEPS = 10_000
+
+
+def check_name(what: str, text: object, *, allow_empty: bool = True) -> None:
+    """Refuse a key field, alias or dep that is not a storable string."""
+    if not isinstance(text, str):
+        raise InvalidInputError(f"{what} must be a string, got {type(text).__name__}")
+    if not text and not allow_empty:
+        raise InvalidInputError(f"{what} must not be empty")
+    if "\x00" in text:
+        raise InvalidInputError(f"{what} contains a NUL character: {text[:80]!r}")
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"{what} contains a lone surrogate at index {exc.start}: {text[:80]!r}"
+        ) from None
+    if size > MAX_NAME_BYTES:
+        raise InvalidInputError(
+            f"{what} is {size} bytes long; the limit is {MAX_NAME_BYTES} bytes (UTF-8)"
+        )
+
+
+def validate_key(key: Key) -> None:
+    """Refuse a key whose fields a store could not hold (see the module docstring)."""
+    check_name("the namespace of a key", key.namespace, allow_empty=False)
+    check_name(f"the name of a key in namespace {key.namespace!r}", key.name, allow_empty=False)
+    check_name(f"the scope of key {key.coalesce_key}", key.scope)
+    check_name(f"the user of key {key.coalesce_key}", key.user)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedEntry:
+    """An entry's JSON parts as the text a store writes."""
+
+    value: str
+    deps: tuple[str, ...]
+    error: str | None
+    diagnostics: str | None
+
+
+def encode_entry(entry: Entry) -> EncodedEntry:
+    """Validate every part of ``entry`` and return its JSON text; raises
+    :class:`InvalidInputError` / :class:`SerializationError` naming the key and the part."""
+    key = entry.key
+    validate_key(key)
+    where = key.coalesce_key
+    if entry.alias is not None:
+        check_name(f"the alias of key {where}", entry.alias)
+    if len(entry.deps) > MAX_DEPS:
+        raise InvalidInputError(f"key {where} has {len(entry.deps)} deps; the limit is {MAX_DEPS}")
+    for dep in entry.deps:
+        check_name(f"a dep of key {where}", dep)
+    return EncodedEntry(
+        value=encode_json(f"the value of key {where}", entry.value),
+        deps=tuple(entry.deps),
+        error=None
+        if entry.error is None
+        else encode_json(f"the error of key {where}", entry.error),
+        diagnostics=(
+            None
+            if entry.diagnostics is None
+            else encode_json(f"the diagnostics of key {where}", entry.diagnostics)
+        ),
+    )
+
+
+def encode_json(what: str, value: Any) -> str:
+    """``value`` as compact JSON text, after checking it is storable JSON."""
+    _check_json(what, value)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _check_json(what: str, value: Any) -> None:
+    # Iterative, so a hostile depth fails with our error and not a RecursionError. Each
+    # stack item is (node, depth, parent item, step) so a path is built only on failure.
+    stack: list[tuple[Any, int, Any, str]] = [(value, 0, None, "")]
+    while stack:
+        item = stack.pop()
+        node, depth, _, _ = item
+        if isinstance(node, str):
+            _check_string(what, node, item)
+        elif node is None or isinstance(node, bool | int):
+            continue
+        elif isinstance(node, float):
+            if not math.isfinite(node):
+                raise SerializationError(f"{what} holds {node!r} at {_path(item)}: not JSON")
+        elif isinstance(node, dict):
+            if depth >= MAX_JSON_DEPTH:
+                _too_deep(what, item)
+            for k, v in node.items():
+                if not isinstance(k, str):
+                    raise SerializationError(
+                        f"{what} has a {type(k).__name__} key {k!r} at {_path(item)}: "
+                        "JSON keys are strings"
+                    )
+                _check_string(what, k, item)
+                stack.append((v, depth + 1, item, f".{k}"))
+        elif isinstance(node, list | tuple):
+            if depth >= MAX_JSON_DEPTH:
+                _too_deep(what, item)
+            stack.extend((v, depth + 1, item, f"[{i}]") for i, v in enumerate(node))
+        else:
+            raise SerializationError(
+                f"{what} holds a {type(node).__name__} at {_path(item)}: not JSON"
+            )
+
+
+def _check_string(what: str, text: str, item: tuple[Any, int, Any, str]) -> None:
+    if "\x00" in text:
+        raise InvalidInputError(f"{what} has a string with a NUL character at {_path(item)}")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise InvalidInputError(
+            f"{what} has a string with a lone surrogate at {_path(item)}"
+        ) from None
+
+
+def _too_deep(what: str, item: tuple[Any, int, Any, str]) -> None:
+    raise InvalidInputError(
+        f"{what} nests deeper than {MAX_JSON_DEPTH} levels (at {_path(item)[:200]})"
+    )
+
+
+def _path(item: tuple[Any, int, Any, str] | None) -> str:
+    steps: list[str] = []
+    while item is not None:
+        _, _, parent, step = item
+        steps.append(step)
+        item = parent
+    return "$" + "".join(reversed(steps))
