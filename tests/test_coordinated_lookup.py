@@ -1,154 +1,162 @@
-"""The coordinated path of CachingLookup / CachingDefinitionLookup on a real Postgres,
-with each lookup owning its own pool, hub and coordinator (as separate processes would)."""
+"""The coordinated path of CachingLookup and the front door (``fleetcache.open``), with
+each open cache owning its own pool, hub and coordinator, as separate processes would."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
-from fleetcache.coordination.local import LocalCoordinator
-from fleetcache.definitions import (
-    CachingDefinitionLookup,
-    HttpPrerenderer,
-    ModuleSpec,
-    Realm,
-    SimulatedPrerenderServer,
-)
-from fleetcache.errors import CoordinationGaveUpError
-from fleetcache.factory import Fleetcache, coalesce_flag_enabled, open_cache
-from fleetcache.lookup import MISSING, CachingLookup, Missing, Produced
-from fleetcache.stores import Key, SqliteStore
+import fleetcache
+from fleetcache import CachingLookup, Key, Produced
+from fleetcache.coordination import LocalCoordinator, lock_id
+from fleetcache.coordination.postgres import POPULATED_CHANNEL
+from fleetcache.errors import ConfigurationError, CoordinationGaveUpError
+from fleetcache.lookup import MISSING, Missing
+from fleetcache.stores import SqliteStore
 
-REALM = Realm("https://realm.example/", "public", "owner")
-MODULE = REALM.url + "card.gts"
+NS = "https://realm.example/"
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[SimulatedPrerenderServer]:
-    """A simulated prerender server with one module and some latency."""
-    async with SimulatedPrerenderServer({MODULE: ModuleSpec(["Card"])}, latency=0.3) as s:
-        yield s
+def counting(calls: list[str], delay: float = 0.0) -> Any:
+    """A produce function recording each candidate name it is asked for."""
+
+    async def produce(key: Key) -> Produced[Any]:
+        calls.append(key.name)
+        await asyncio.sleep(delay)
+        return Produced(value={"name": key.name})
+
+    return produce
 
 
-async def definitions_over(
-    cache: Fleetcache, server: SimulatedPrerenderServer
-) -> tuple[CachingDefinitionLookup, HttpPrerenderer]:
-    """A definitions lookup over ``cache`` with the test realm registered."""
-    prerenderer = HttpPrerenderer(server.base_url)
-    lookup = CachingDefinitionLookup.over(cache.lookup, prerenderer)
-    lookup.register_realm(REALM)
-    return lookup, prerenderer
-
-
-async def test_two_coordinated_lookups_render_a_module_once(
-    database_url: str, server: SimulatedPrerenderServer
-) -> None:
-    """Two lookups, each with its own coordinator, asking for one module at once: exactly
-    one prerender in total, and both get the row."""
-    first = await open_cache(database_url, coordinate=True)
-    second = await open_cache(database_url, coordinate=True)
-    try:
-        lookup_a, pre_a = await definitions_over(first, server)
-        lookup_b, pre_b = await definitions_over(second, server)
+@pytest.mark.postgres
+async def test_two_coordinated_caches_compute_a_key_once(database_url: str) -> None:
+    """Two open caches (each with its own coordinator) asking for one key at once: exactly
+    one computation in total, and both get the row."""
+    calls: list[str] = []
+    async with fleetcache.open(database_url) as first, fleetcache.open(database_url) as second:
         a, b = await asyncio.gather(
-            lookup_a.get_cached_definitions(MODULE), lookup_b.get_cached_definitions(MODULE)
+            first.get(Key(NS, "card"), counting(calls, 0.3)),
+            second.get(Key(NS, "card"), counting(calls, 0.3)),
         )
         assert a is not None
-        assert b is not None
-        assert a.definitions == b.definitions
-        assert server.render_counts() == {MODULE: 1}
-        stats = [first.lookup.stats(), second.lookup.stats()]
-        assert sorted(s["lock_won"] for s in stats) == [0, 1]
-        await pre_a.aclose()
-        await pre_b.aclose()
-    finally:
-        await first.close()
-        await second.close()
+        assert a == b
+        assert calls == ["card"]
+        assert sorted(c.lookup.stats()["lock_won"] for c in (first, second)) == [0, 1]
 
 
-async def test_without_a_coordinator_it_still_works(
-    database_url: str, server: SimulatedPrerenderServer
-) -> None:
-    """With coordination off the lookup renders and caches as before, taking no lock."""
-    cache = await open_cache(database_url, coordinate=False)
-    try:
+@pytest.mark.postgres
+async def test_without_a_coordinator_it_still_works(database_url: str) -> None:
+    """With coordination off the lookup computes and caches as before, taking no lock."""
+    calls: list[str] = []
+    async with fleetcache.open(database_url, coordinate=False) as cache:
         assert cache.coordinator is None
-        lookup, pre = await definitions_over(cache, server)
-        assert await lookup.get_cached_definitions(MODULE) is not None
-        assert await lookup.get_cached_definitions(MODULE) is not None
-        assert server.render_counts() == {MODULE: 1}
+        assert await cache.get(Key(NS, "a"), counting(calls)) is not None
+        assert await cache.get(Key(NS, "a"), counting(calls)) is not None
+        assert calls == ["a"]
         assert cache.lookup.stats()["lock_won"] == 0
-        await pre.aclose()
-    finally:
-        await cache.close()
 
 
-async def test_a_cache_hit_never_touches_the_lock(
-    database_url: str, server: SimulatedPrerenderServer
-) -> None:
-    """A fresh coordinated lookup reading an already-cached module neither renders nor
-    tries the lock."""
-    warm = await open_cache(database_url, coordinate=True)
-    cold = await open_cache(database_url, coordinate=True)
-    try:
-        lookup, pre = await definitions_over(warm, server)
-        await lookup.get_cached_definitions(MODULE)
-        other, other_pre = await definitions_over(cold, server)
-        assert await other.get_cached_definitions(MODULE) is not None
-        assert server.render_counts() == {MODULE: 1}
+@pytest.mark.postgres
+async def test_a_cache_hit_never_touches_the_lock(database_url: str) -> None:
+    """A fresh coordinated cache reading an already-cached key neither computes nor tries
+    the lock."""
+    calls: list[str] = []
+    async with fleetcache.open(database_url) as warm, fleetcache.open(database_url) as cold:
+        await warm.get(Key(NS, "a"), counting(calls))
+        assert await cold.get(Key(NS, "a"), counting(calls)) is not None
+        assert calls == ["a"]
         assert cold.coordinator is not None
-        coordinator_stats = cold.coordinator.stats()
-        assert coordinator_stats["lock_won"] == coordinator_stats["lock_lost"] == 0
+        stats = cold.coordinator.stats()
+        assert stats["lock_won"] == stats["lock_lost"] == 0
         assert cold.lookup.stats()["hits"] == 1
-        await pre.aclose()
-        await other_pre.aclose()
-    finally:
-        await warm.close()
-        await cold.close()
 
 
-async def test_pool_of_two_with_five_distinct_winners(database_url: str) -> None:
-    """With a pool of 2 connections, 5 concurrent coordinated misses on distinct keys all
-    complete: a winner computes and persists on its one locked connection."""
-    cache = await open_cache(database_url, coordinate=True, pool_size=2)
-    try:
-
-        async def produce(name: str) -> Produced:
-            await asyncio.sleep(0.2)
-            return Produced(value={"name": name})
-
-        results = await asyncio.wait_for(
-            asyncio.gather(*(cache.lookup.get(Key("ns", f"k{i}"), produce) for i in range(5))),
-            60,
-        )
-        assert [r.value["name"] for r in results if r is not None] == [f"k{i}" for i in range(5)]
-        assert cache.lookup.stats()["lock_won"] == 5
-    finally:
-        await cache.close()
+@pytest.mark.postgres
+async def test_hits_never_queue_behind_computations(database_url: str) -> None:
+    """With a pool of 2 and 20 concurrent 2-second misses, a hit on a cached key is served
+    while the computations are still running: computing holds no pooled connection."""
+    async with fleetcache.open(database_url, pool_size=2) as cache:
+        await cache.get(Key(NS, "cached"), counting([]))
+        slow = [
+            asyncio.create_task(cache.get(Key(NS, f"slow{i}"), counting([], 2.0)))
+            for i in range(20)
+        ]
+        await asyncio.sleep(0.3)
+        hit = await asyncio.wait_for(cache.get(Key(NS, "cached"), counting([])), 60)
+        assert hit is not None
+        assert not any(task.done() for task in slow)
+        results = await asyncio.wait_for(asyncio.gather(*slow), 60)
+        assert all(r is not None for r in results)
 
 
-async def test_gives_up_with_a_clear_error_after_the_last_round(tmp_path: Path) -> None:
-    """A key whose holder never finishes makes a waiter give up after max_rounds with an
-    error naming the key, the rounds and the wait."""
+@pytest.mark.postgres
+async def test_forged_notifications_do_not_make_a_waiter_give_up(database_url: str) -> None:
+    """25 hand-sent "populated" NOTIFYs for a key (its lock id is public) while another
+    process computes it: the waiter re-reads and retries each time, and still answers with
+    the holder's result instead of giving up."""
+    key = Key(NS, "forged")
+    release = asyncio.Event()
+
+    async def held(k: Key) -> Produced[Any]:
+        await release.wait()
+        return Produced(value="the holder's")
+
+    async with (
+        fleetcache.open(database_url) as holder,
+        fleetcache.open(database_url, wait_timeout=30, max_rounds=1) as waiter,
+    ):
+        holding = asyncio.create_task(holder.get(key, held))
+        await asyncio.sleep(0.3)
+        waiting = asyncio.create_task(waiter.get(key, held))
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            for _ in range(25):
+                await conn.execute(
+                    "SELECT pg_notify(%s, %s)", (POPULATED_CHANNEL, str(lock_id(key.coalesce_key)))
+                )
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        release.set()
+        got = await asyncio.wait_for(waiting, 60)
+        assert got is not None
+        assert got.value == "the holder's"
+        assert (await holding) == got
+        assert waiter.lookup.stats()["waits_notify"] >= 10
+        assert waiter.lookup.stats()["gave_up"] == 0
+
+
+async def test_gives_up_after_the_waiting_budget_with_a_clear_error(tmp_path: Path) -> None:
+    """A key whose holder never finishes makes a waiter give up once max_rounds *
+    wait_timeout seconds have passed, with an error naming the key and the time waited."""
     store = SqliteStore(tmp_path / "c.db")
     await store.open()
     coordinator = LocalCoordinator()
-    holder = CachingLookup(store, coordinator=coordinator)
-    waiter = CachingLookup(store, coordinator=coordinator, max_rounds=2, wait_timeout=0.2)
+    await coordinator.start()
+    holder: CachingLookup[Any] = CachingLookup(store, coordinator=coordinator)
+    waiter: CachingLookup[Any] = CachingLookup(
+        store, coordinator=coordinator, max_rounds=2, wait_timeout=0.2
+    )
     release = asyncio.Event()
 
-    async def forever(name: str) -> Produced:
+    async def forever(key: Key) -> Produced[Any]:
         await release.wait()
         return Produced(value={})
 
     try:
         holding = asyncio.create_task(holder.get(Key("ns", "stuck"), forever))
         await asyncio.sleep(0.05)
-        with pytest.raises(CoordinationGaveUpError, match=r"'ns\|stuck\|public\|' after 2 rounds"):
+        started = time.monotonic()
+        with pytest.raises(CoordinationGaveUpError) as raised:
             await waiter.get(Key("ns", "stuck"), forever)
+        assert time.monotonic() - started >= 0.4
+        assert '["ns","stuck","public",""]' in str(raised.value)
+        assert "after waiting 0." in str(raised.value)
+        assert "never finished" in str(raised.value)
         release.set()
         assert await holding is not None
     finally:
@@ -158,43 +166,71 @@ async def test_gives_up_with_a_clear_error_after_the_last_round(tmp_path: Path) 
         await store.close()
 
 
-async def test_coalesce_flag_parsing() -> None:
-    """PRERENDER_COALESCE_ACROSS_PROCESSES=true turns coordination on; default off."""
-    assert coalesce_flag_enabled({"PRERENDER_COALESCE_ACROSS_PROCESSES": "true"})
-    assert not coalesce_flag_enabled({})
-    assert not coalesce_flag_enabled({"PRERENDER_COALESCE_ACROSS_PROCESSES": "false"})
-
-
-async def test_flag_is_ignored_for_sqlite_with_one_log_line(
+async def test_coordination_asked_for_on_sqlite_is_ignored_with_one_log_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """On sqlite the flag builds no coordinator and says so once."""
-    monkeypatch.setenv("PRERENDER_COALESCE_ACROSS_PROCESSES", "true")
-    monkeypatch.setattr("fleetcache.factory._flag_ignored_logged", False)
+    """On sqlite coordinate=True builds no coordinator and says so once per process."""
+    monkeypatch.setattr("fleetcache.factory._ignored_logged", False)
     caplog.set_level("INFO", logger="fleetcache.factory")
     for _ in range(2):
-        cache = await open_cache(f"sqlite:///{tmp_path / 'c.db'}")
-        assert cache.coordinator is None
-        await cache.close()
+        async with fleetcache.open(f"sqlite:///{tmp_path / 'c.db'}", coordinate=True) as cache:
+            assert cache.coordinator is None
     assert sum("is ignored" in r.getMessage() for r in caplog.records) == 1
 
 
 async def test_open_refuses_an_unknown_url() -> None:
     """An unsupported URL scheme is a clear configuration error."""
-    from fleetcache.errors import ConfigurationError
-
     with pytest.raises(ConfigurationError, match="unsupported cache URL"):
-        await open_cache("redis://localhost")
+        await fleetcache.open("redis://localhost")
 
 
-async def test_memory_url_opens_a_memory_cache() -> None:
-    """memory:// gives a working cache without any server."""
-    async with await open_cache("memory://") as cache:
+async def test_the_front_door_is_awaitable_and_an_async_context_manager() -> None:
+    """``await fleetcache.open(url)`` and ``async with fleetcache.open(url)`` both give a
+    working cache; the awaited one is closed by its own close()."""
+    produce = counting([])
+    async with fleetcache.open("memory://") as cache:
+        assert await cache.get_value(Key("ns", "a"), produce) == {"name": "a"}
+    opened = await fleetcache.open("memory://")
+    try:
+        assert await opened.get_value(Key("ns", "a"), produce) == {"name": "a"}
+    finally:
+        await opened.close()
+    with pytest.raises(fleetcache.NotOpenError):
+        await opened.get(Key("ns", "b"), produce)
 
-        async def produce(name: str) -> Produced:
-            return Produced(value=1)
 
-        assert (await cache.lookup.get(Key("ns", "a"), produce)) is not None
+def test_star_import_does_not_shadow_the_builtin_open() -> None:
+    """``from fleetcache import *`` exports no ``open``; ``fleetcache.open`` exists."""
+    namespace: dict[str, Any] = {}
+    exec("from fleetcache import *", namespace)  # noqa: S102 - the behaviour under test
+    assert "open" not in namespace
+    assert callable(fleetcache.open)
+
+
+async def test_close_is_exception_safe_and_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A part whose close raises, and one whose close hangs, do not keep the other parts
+    open: close() closes them all within its bound, then raises the first failure."""
+    cache = await fleetcache.open(f"sqlite:///{tmp_path / 'c.db'}")
+
+    async def broken(timeout: float) -> None:
+        raise RuntimeError("this part cannot close")
+
+    async def hangs(timeout: float) -> None:
+        await asyncio.Event().wait()
+
+    cache._closers[:0] = [("broken part", broken), ("hanging part", hangs)]
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="cannot close"):
+        await cache.close(timeout=0.3)
+    assert time.monotonic() - started < 10
+    assert isinstance(cache.store, SqliteStore)
+    with pytest.raises(fleetcache.NotOpenError):
+        await cache.store.read(Key("ns", "a"))
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "hanging part" in messages
+    assert "broken part" in messages
 
 
 async def test_bare_and_extension_requests_take_turns_on_one_lock(tmp_path: Path) -> None:
@@ -203,18 +239,13 @@ async def test_bare_and_extension_requests_take_turns_on_one_lock(tmp_path: Path
     store = SqliteStore(tmp_path / "c.db")
     await store.open()
     coordinator = LocalCoordinator()
-    lookup = CachingLookup(store, coordinator=coordinator)
+    await coordinator.start()
+    lookup: CachingLookup[Any] = CachingLookup(store, coordinator=coordinator)
     calls: list[str] = []
-
-    async def produce(name: str) -> Produced:
-        calls.append(name)
-        await asyncio.sleep(0.2)
-        return Produced(value={"name": name})
-
     try:
         bare, explicit = await asyncio.gather(
-            lookup.get(Key("ns", "x"), produce, candidates=["x.gts", "x"], alias="x"),
-            lookup.get(Key("ns", "x.gts"), produce, alias="x"),
+            lookup.get(Key("ns", "x"), counting(calls, 0.2), candidates=["x.gts", "x"], alias="x"),
+            lookup.get(Key("ns", "x.gts"), counting(calls, 0.2), alias="x"),
         )
         assert calls == ["x.gts"]
         assert bare == explicit
@@ -226,14 +257,16 @@ async def test_bare_and_extension_requests_take_turns_on_one_lock(tmp_path: Path
 
 async def test_many_waiters_for_a_missing_key_all_get_none(tmp_path: Path) -> None:
     """Six coordinated lookups (as six processes would) asking for a key that does not
-    exist all answer None: rounds ended by a NOTIFY that stored nothing do not use up
-    max_rounds, so none of them gives up with a coordination error."""
+    exist all answer None, none gives up with a coordination error."""
     store = SqliteStore(tmp_path / "c.db")
     await store.open()
     coordinator = LocalCoordinator()
-    lookups = [CachingLookup(store, coordinator=coordinator) for _ in range(6)]
+    await coordinator.start()
+    lookups: list[CachingLookup[Any]] = [
+        CachingLookup(store, coordinator=coordinator) for _ in range(6)
+    ]
 
-    async def missing(name: str) -> Missing:
+    async def missing(key: Key) -> Missing:
         await asyncio.sleep(0.05)
         return MISSING
 

@@ -1,4 +1,5 @@
-"""PostgresCoordinator against a real PostgreSQL: locks, NOTIFY wake-ups, the crash probe."""
+"""PostgresCoordinator against a real PostgreSQL: session locks on one lock connection,
+NOTIFY wake-ups, the crash probe, and no transaction held while a winner computes."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from fleetcache.coordination import NOT_ACQUIRED, Acquired, WakeReason, lock_id
+from fleetcache.coordination import Acquired, Waiter, WakeReason, lock_id
 from fleetcache.coordination.postgres import (
+    LOCK_APPLICATION_NAME,
     POPULATED_CHANNEL,
     PostgresCoordinator,
     advisory_lock_tag,
 )
-from fleetcache.errors import CoordinationError, NotOpenError
+from fleetcache.errors import NotOpenError
 from fleetcache.notifications.hub import NotificationHub
+from waiting import eventually
 
 pytestmark = pytest.mark.postgres
 
@@ -63,10 +66,14 @@ async def make_node(database_url: str) -> AsyncIterator[MakeNode]:
             )
             await pool.open()
             stack.push_async_callback(pool.close)
-            hub = NotificationHub(database_url, liveness_interval=0.5, reconnect_min_delay=0.05)
+            hub = NotificationHub(
+                database_url, [POPULATED_CHANNEL], liveness_interval=0.5, reconnect_min_delay=0.05
+            )
             await hub.start()
             stack.push_async_callback(hub.close)
-            coordinator = PostgresCoordinator(pool, hub, probe_interval=probe_interval)
+            coordinator = PostgresCoordinator(
+                database_url, pool, hub, probe_interval=probe_interval
+            )
             if start:
                 await coordinator.start()
             stack.push_async_callback(coordinator.close)
@@ -88,13 +95,14 @@ async def raw(database_url: str) -> AsyncIterator[Callable[..., Awaitable[Conn]]
         yield connect
 
 
+def waiting(coordinator: PostgresCoordinator, key: str) -> int:
+    """How many waiters are parked on ``key``."""
+    return len(coordinator._registry._waiters.get(lock_id(key), ()))
+
+
 async def parked(coordinator: PostgresCoordinator, key: str, count: int = 1) -> None:
     """Return once ``count`` waiters of ``key`` are parked on ``coordinator``."""
-    async with asyncio.timeout(PROMPT):
-        while True:
-            if len(coordinator._waiters.get(lock_id(key), ())) >= count:
-                return
-            await asyncio.sleep(0.01)
+    await eventually(lambda: waiting(coordinator, key) >= count)
 
 
 async def notify(conn: Conn, payload: str) -> None:
@@ -102,32 +110,46 @@ async def notify(conn: Conn, payload: str) -> None:
     await conn.execute("SELECT pg_notify(%s, %s)", (POPULATED_CHANNEL, payload))
 
 
+async def must_not_run() -> Any:
+    """A computation a loser must never run."""
+    raise AssertionError("the loser's fn ran")
+
+
+def holding(release: asyncio.Event, started: asyncio.Event | None = None) -> Callable[[], Any]:
+    """A computation that holds its lock until ``release`` is set, then returns 1."""
+
+    async def hold() -> int:
+        if started is not None:
+            started.set()
+        await release.wait()
+        return 1
+
+    return hold
+
+
 # --------------------------------------------------------------------------- winners
 
 
-async def test_uncontended_winner_returns_result_and_wakes_peer_on_commit(
+async def test_uncontended_winner_returns_result_and_wakes_peer_after_its_write(
     make_node: MakeNode, raw: Callable[..., Awaitable[Conn]], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An uncontended winner runs fn on its connection, returns its result, and a peer's
-    parked waiter wakes with NOTIFY and then sees the committed row."""
+    """A winner's fn writes and commits on a connection of its own; the peer's waiter wakes
+    with NOTIFY only after that, and then sees the row; every record names its key field."""
     caplog.set_level(logging.DEBUG, logger="fleetcache.coordination")
     a, b = await make_node(), await make_node()
-    admin = await raw()
-    await admin.execute("CREATE TABLE produced (k text PRIMARY KEY)")
-    key = "realm|mod.gts|public|"
+    writer = await raw()
+    await writer.execute("CREATE TABLE produced (k text PRIMARY KEY)")
+    key = '["realm","mod.gts","public",""]'
     waiter: asyncio.Task[WakeReason] | None = None
 
-    async def fn(conn: Conn) -> str:
+    async def fn() -> str:
         nonlocal waiter
-        async with conn.transaction():
-            await conn.execute("INSERT INTO produced VALUES (%s)", (key,))
         waiter = asyncio.create_task(b.coordinator.wait_for_key(key, 60))
         await parked(b.coordinator, key)
+        await writer.execute("INSERT INTO produced VALUES (%s)", (key,))
         return "value"
 
-    outcome = await a.coordinator.try_acquire_and_run(key, fn)
-
-    assert outcome == Acquired("value")
+    assert await a.coordinator.try_acquire_and_run(key, fn) == Acquired("value")
     assert waiter is not None
     async with asyncio.timeout(PROMPT):
         assert await waiter is WakeReason.NOTIFY
@@ -138,265 +160,248 @@ async def test_uncontended_winner_returns_result_and_wakes_peer_on_commit(
     assert b.coordinator.stats()["woken_notify"] == 1
     records = [r for r in caplog.records if r.name == "fleetcache.coordination"]
     assert records
-    for record in records:
-        assert getattr(record, "coalesce_key", "missing") in (key, None)
-        if record.coalesce_key is not None:  # type: ignore[attr-defined]
-            assert key in record.getMessage()
+    assert all(hasattr(r, "coalesce_key") for r in records)
 
 
-async def test_contended_loser_returns_not_acquired_without_running_fn(
+async def test_contended_loser_gets_a_waiter_without_running_fn_or_using_the_pool(
     make_node: MakeNode,
 ) -> None:
-    """While one coordinator holds a key, another's try returns NOT_ACQUIRED at once,
-    never runs its fn, and gives its connection straight back."""
+    """While one process holds a key, another's try returns a Waiter at once, never runs
+    its fn and takes no pooled connection (its pool of one stays free)."""
     a = await make_node()
     b = await make_node(max_size=1)
-    key = "realm|busy.gts|public|"
-    holding, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(conn: Conn) -> int:
-        holding.set()
-        await release.wait()
-        return 1
-
-    winner = asyncio.create_task(a.coordinator.try_acquire_and_run(key, hold))
+    key = '["realm","busy.gts","public",""]'
+    release, started = asyncio.Event(), asyncio.Event()
+    winner = asyncio.create_task(a.coordinator.try_acquire_and_run(key, holding(release, started)))
     async with asyncio.timeout(PROMPT):
-        await holding.wait()
-
-    ran: list[object] = []
-
-    async def must_not_run(conn: Conn) -> int:
-        ran.append(conn)
-        return 2
-
-    async with asyncio.timeout(PROMPT):
-        first = await b.coordinator.try_acquire_and_run(key, must_not_run)
-        # With a pool of one, a second try (and a plain query) can only succeed if the
-        # first gave its connection back.
-        second = await b.coordinator.try_acquire_and_run(key, must_not_run)
-        async with b.pool.connection() as conn:
-            await conn.execute("SELECT 1")
-    assert first is NOT_ACQUIRED
-    assert second is NOT_ACQUIRED
-    assert ran == []
+        await started.wait()
+        async with b.pool.connection():  # the only pooled connection, held throughout
+            first = await b.coordinator.try_acquire_and_run(key, must_not_run)
+            second = await b.coordinator.try_acquire_and_run(key, must_not_run)
+    assert isinstance(first, Waiter)
+    assert isinstance(second, Waiter)
+    first.cancel()
+    second.cancel()
+    assert waiting(b.coordinator, key) == 0
     assert b.coordinator.stats()["lock_lost"] == 2
 
     release.set()
     async with asyncio.timeout(PROMPT):
         assert await winner == Acquired(1)
-    assert await b.coordinator.try_acquire_and_run(key, must_not_run) == Acquired(2)
+
+    async def two() -> int:
+        return 2
+
+    assert await b.coordinator.try_acquire_and_run(key, two) == Acquired(2)
 
 
 async def test_notify_between_lost_try_and_wait_is_not_lost(make_node: MakeNode) -> None:
-    """A holder that commits after a peer's try-lock failed but before the peer's
-    wait_for_key still wakes that wait with NOTIFY (not the probe, not the timeout)."""
+    """A holder that finishes after a peer's try-lock failed but before the peer waits
+    still wakes that wait with NOTIFY (not the probe, not the timeout)."""
     a, b = await make_node(), await make_node()
-    key = "realm|gap.gts|public|"
-    holding, release = asyncio.Event(), asyncio.Event()
-
-    async def hold(conn: Conn) -> int:
-        holding.set()
-        await release.wait()
-        return 1
-
-    winner = asyncio.create_task(a.coordinator.try_acquire_and_run(key, hold))
+    key = '["realm","gap.gts","public",""]'
+    release, started = asyncio.Event(), asyncio.Event()
+    winner = asyncio.create_task(a.coordinator.try_acquire_and_run(key, holding(release, started)))
     async with asyncio.timeout(PROMPT):
-        await holding.wait()
-
-    async def must_not_run(conn: Conn) -> int:
-        raise AssertionError("the loser's fn ran")
-
-    assert await b.coordinator.try_acquire_and_run(key, must_not_run) is NOT_ACQUIRED
+        await started.wait()
+    lost = await b.coordinator.try_acquire_and_run(key, must_not_run)
+    assert isinstance(lost, Waiter)
     release.set()
     async with asyncio.timeout(PROMPT):
         assert await winner == Acquired(1)
-        # Let the NOTIFY reach b (it wakes the waiter b registered before its try-lock)
-        # before b starts waiting.
-        for _ in range(int(PROMPT / 0.01)):
-            if not b.coordinator._waiters.get(lock_id(key)):
-                break
-            await asyncio.sleep(0.01)
-        reason = await b.coordinator.wait_for_key(key, 60)
-    assert reason is WakeReason.NOTIFY
-    assert b.coordinator._waiters == {}
-    assert b.coordinator._pending == {}
+        await eventually(lambda: not waiting(b.coordinator, key))  # NOTIFY came first
+        assert await lost.wait(60) is WakeReason.NOTIFY
+    assert waiting(b.coordinator, key) == 0
 
 
-async def test_repeated_lost_tries_leave_no_waiter_behind(make_node: MakeNode) -> None:
-    """Lost tries that are never followed by a wait do not accumulate parked waiters."""
+async def test_no_transaction_and_no_snapshot_is_held_while_a_winner_computes(
+    make_node: MakeNode, raw: Callable[..., Awaitable[Conn]], database_url: str
+) -> None:
+    """While a winner computes, none of the process's connections is in a transaction or
+    pins the xmin horizon; only its lock connection holds the key's (session) lock."""
+    a = await make_node()
+    observer = await raw()
+    key = '["realm","long.gts","public",""]'
+    seen: list[tuple[Any, ...]] = []
+
+    async def fn() -> None:
+        rows = await (
+            await observer.execute(
+                "SELECT application_name, state, backend_xmin IS NOT NULL"
+                " FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid()"
+            )
+        ).fetchall()
+        seen.extend(rows)
+
+    assert await a.coordinator.try_acquire_and_run(key, fn) == Acquired(None)
+    assert seen
+    assert all(state != "idle in transaction" and not xmin for _, state, xmin in seen), seen
+    assert LOCK_APPLICATION_NAME in {name for name, _, _ in seen}
+
+
+async def test_a_winner_outlives_idle_in_transaction_session_timeout_and_keeps_its_lock(
+    make_node: MakeNode, raw: Callable[..., Awaitable[Conn]], database_url: str
+) -> None:
+    """With idle_in_transaction_session_timeout shorter than the computation, the winner
+    still completes, and a peer cannot take the key's lock while it computes."""
+    admin = await raw()
+    row = await (await admin.execute("SELECT current_database()")).fetchone()
+    assert row is not None
+    await admin.execute(
+        psycopg.sql.SQL("ALTER DATABASE {} SET idle_in_transaction_session_timeout = 200").format(
+            psycopg.sql.Identifier(row[0])
+        )
+    )
     a, b = await make_node(), await make_node()
-    key = "realm|again.gts|public|"
-    holding, release = asyncio.Event(), asyncio.Event()
+    key = '["realm","slow.gts","public",""]'
+    peer_outcomes: list[object] = []
 
-    async def hold(conn: Conn) -> int:
-        holding.set()
-        await release.wait()
-        return 1
+    async def fn() -> str:
+        for _ in range(4):  # 1.2 s in all, six times the timeout
+            await asyncio.sleep(0.3)
+            outcome = await b.coordinator.try_acquire_and_run(key, must_not_run)
+            peer_outcomes.append(outcome)
+            if isinstance(outcome, Waiter):
+                outcome.cancel()
+        return "done"
 
-    async def must_not_run(conn: Conn) -> int:
-        raise AssertionError("the loser's fn ran")
+    assert await a.coordinator.try_acquire_and_run(key, fn) == Acquired("done")
+    assert len(peer_outcomes) == 4
+    assert all(isinstance(o, Waiter) for o in peer_outcomes)
 
-    winner = asyncio.create_task(a.coordinator.try_acquire_and_run(key, hold))
+
+async def test_two_keys_of_one_lock_id_in_one_process_take_turns(make_node: MakeNode) -> None:
+    """Two tasks of one process on the same lock id (an alias family): the second loses
+    locally, though a session lock is re-entrant, and wakes when the first releases."""
+    a = await make_node()
+    key = '["realm","x","public",""]'
+    release, started = asyncio.Event(), asyncio.Event()
+    first = asyncio.create_task(a.coordinator.try_acquire_and_run(key, holding(release, started)))
     async with asyncio.timeout(PROMPT):
-        await holding.wait()
-    for _ in range(3):
-        assert await b.coordinator.try_acquire_and_run(key, must_not_run) is NOT_ACQUIRED
-    assert len(b.coordinator._waiters[lock_id(key)]) == 1
+        await started.wait()
+    second = await a.coordinator.try_acquire_and_run(key, must_not_run)
+    assert isinstance(second, Waiter)
     release.set()
     async with asyncio.timeout(PROMPT):
-        await winner
+        assert await first == Acquired(1)
+        assert await second.wait(60) is WakeReason.NOTIFY
 
 
-async def test_savepoint_guarded_failure_keeps_transaction_usable(
-    make_node: MakeNode, raw: Callable[..., Awaitable[Conn]]
+@pytest.mark.parametrize("how", ["raises", "cancelled"])
+async def test_failing_or_cancelled_winner_releases_and_wakes_waiters_promptly(
+    make_node: MakeNode, how: str
 ) -> None:
-    """A failing query inside a savepoint in fn is caught, the lock's transaction stays
-    usable, and fn's later writes commit."""
-    a = await make_node()
-    admin = await raw()
-    await admin.execute("CREATE TABLE produced (k text PRIMARY KEY)")
-
-    async def fn(conn: Conn) -> int:
-        with pytest.raises(psycopg.errors.DivisionByZero):
-            async with conn.transaction():
-                await conn.execute("SELECT 1/0")
-        async with conn.transaction():
-            await conn.execute("INSERT INTO produced VALUES ('after')")
-        row = await (await conn.execute("SELECT 42")).fetchone()
-        assert row is not None
-        return int(row[0])
-
-    assert await a.coordinator.try_acquire_and_run("k|sp|public|", fn) == Acquired(42)
-    rows = await (await admin.execute("SELECT k FROM produced")).fetchall()
-    assert rows == [("after",)]
-
-
-@pytest.mark.parametrize("failure", ["driver", "python"])
-async def test_failing_winner_raises_rolls_back_and_wakes_waiters_promptly(
-    make_node: MakeNode, raw: Callable[..., Awaitable[Conn]], failure: str
-) -> None:
-    """When fn raises (an unguarded failing query, or any exception), the call re-raises
-    it unchanged, the transaction is rolled back, the lock is free, and a peer waiting
-    60 s wakes with NOTIFY well before that."""
+    """When fn raises (or its task is cancelled) the call propagates it, the lock is free,
+    and a peer waiting 60 s wakes with NOTIFY well before that."""
     a, b = await make_node(), await make_node()
-    admin = await raw()
-    await admin.execute("CREATE TABLE produced (k text PRIMARY KEY)")
-    key = f"realm|fails-{failure}.gts|public|"
-    waiter: asyncio.Task[WakeReason] | None = None
+    key = f'["realm","fails-{how}.gts","public",""]'
+    started, fail = asyncio.Event(), asyncio.Event()
 
-    async def fn(conn: Conn) -> None:
-        nonlocal waiter
-        await conn.execute("INSERT INTO produced VALUES ('doomed')")
-        waiter = asyncio.create_task(b.coordinator.wait_for_key(key, 60))
-        await parked(b.coordinator, key)
-        if failure == "driver":
-            await conn.execute("SELECT 1/0")
+    async def fn() -> None:
+        started.set()
+        await fail.wait()
         raise LookupError("the producer broke")
 
-    expected = psycopg.errors.DivisionByZero if failure == "driver" else LookupError
-    with pytest.raises(expected):
-        await a.coordinator.try_acquire_and_run(key, fn)
-
-    assert waiter is not None
+    winner = asyncio.create_task(a.coordinator.try_acquire_and_run(key, fn))
+    async with asyncio.timeout(PROMPT):
+        await started.wait()
+    waiter = asyncio.create_task(b.coordinator.wait_for_key(key, 60))
+    await parked(b.coordinator, key)
+    if how == "raises":
+        fail.set()
+        with pytest.raises(LookupError):
+            await winner
+    else:
+        winner.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await winner
     async with asyncio.timeout(PROMPT):
         assert await waiter is WakeReason.NOTIFY
-    assert await (await admin.execute("SELECT k FROM produced")).fetchall() == []
 
-    async def ok(conn: Conn) -> str:
+    async def ok() -> str:
         return "recovered"
 
     assert await b.coordinator.try_acquire_and_run(key, ok) == Acquired("recovered")
     assert a.coordinator.stats()["notify_failures"] == 0
 
 
-async def test_own_statement_failure_is_coordination_error_and_probe_wakes_peer(
+async def test_a_lost_lock_connection_still_notifies_and_the_next_try_reconnects(
     make_node: MakeNode, raw: Callable[..., Awaitable[Conn]], postgres_server_url: str
 ) -> None:
-    """If the winner's session dies under it, the call raises CoordinationError (caused by
-    the driver error), counts a failed notify, and the peer is woken by the probe."""
-    a = await make_node()
-    b = await make_node(probe_interval=0.2)
+    """If the lock connection is terminated while a winner computes, the server frees the
+    lock (a peer may take it), the winner's computation still completes, its waiters are
+    still notified, and the next try works on a new lock connection."""
+    a, b = await make_node(), await make_node()
     admin = await raw(url=postgres_server_url)
-    key = "realm|dies.gts|public|"
-    waiter: asyncio.Task[WakeReason] | None = None
+    key = '["realm","dies.gts","public",""]'
+    peer: list[object] = []
 
-    async def fn(conn: Conn) -> str:
-        nonlocal waiter
+    async def fn() -> str:
+        conn = a.coordinator._lock_conn
+        assert conn is not None
+        await admin.execute("SELECT pg_terminate_backend(%s, 10000)", (conn.info.backend_pid,))
         waiter = asyncio.create_task(b.coordinator.wait_for_key(key, 60))
         await parked(b.coordinator, key)
-        await admin.execute("SELECT pg_terminate_backend(%s, 10000)", (conn.info.backend_pid,))
-        return "never committed"
+        peer.append(waiter)
+        return "computed"
 
-    with pytest.raises(CoordinationError) as raised:
-        await a.coordinator.try_acquire_and_run(key, fn)
-
-    assert isinstance(raised.value.__cause__, psycopg.Error)
-    assert key in str(raised.value)
-    assert a.coordinator.stats()["notify_failures"] == 1
-    assert waiter is not None
+    assert await a.coordinator.try_acquire_and_run(key, fn) == Acquired("computed")
     async with asyncio.timeout(PROMPT):
-        assert await waiter is WakeReason.PROBE
+        assert await peer[0] is WakeReason.NOTIFY  # type: ignore[misc]
 
-
-async def test_cancelled_winner_rolls_back_and_wakes_waiters(
-    make_node: MakeNode, raw: Callable[..., Awaitable[Conn]]
-) -> None:
-    """A winner cancelled in the middle of a query propagates the cancellation, frees
-    the lock and wakes a peer's waiter with NOTIFY."""
-    a, b = await make_node(max_size=1), await make_node()
-    key = "realm|cancelled.gts|public|"
-    querying = asyncio.Event()
-
-    async def fn(conn: Conn) -> None:
-        querying.set()
-        await conn.execute("SELECT pg_sleep(60)")
-
-    winner = asyncio.create_task(a.coordinator.try_acquire_and_run(key, fn))
-    async with asyncio.timeout(PROMPT):
-        await querying.wait()
-    waiter = asyncio.create_task(b.coordinator.wait_for_key(key, 60))
-    await parked(b.coordinator, key)
-
-    winner.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await winner
-
-    async with asyncio.timeout(PROMPT):
-        assert await waiter is WakeReason.NOTIFY
-
-    async def ok(conn: Conn) -> str:
+    async def again() -> str:
         return "again"
 
-    async with asyncio.timeout(PROMPT):  # the pool of one got its connection back
-        assert await a.coordinator.try_acquire_and_run(key, ok) == Acquired("again")
+    assert await a.coordinator.try_acquire_and_run(key, again) == Acquired("again")
+    assert a.coordinator.stats()["notify_failures"] == 0
 
 
-async def test_five_distinct_winners_complete_on_a_pool_of_two(make_node: MakeNode) -> None:
-    """Five concurrent winners on distinct keys all complete with a pool of two, each
-    using only its own connection."""
-    a = await make_node(max_size=2)
+async def test_a_try_cancelled_during_its_statement_leaves_no_lock_behind(
+    make_node: MakeNode, raw: Callable[..., Awaitable[Conn]]
+) -> None:
+    """Cancelling a try while its try-lock statement is on the wire does not leave the lock
+    held for nobody: it is given back, and another process can win the key."""
+    a, b = await make_node(), await make_node()
+    key = '["realm","cancel-try.gts","public",""]'
+    for _ in range(20):
+        task = asyncio.create_task(a.coordinator.try_acquire_and_run(key, must_not_run))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises((asyncio.CancelledError, AssertionError)):
+            await task
 
-    async def fn(conn: Conn) -> int:
+    async def ok() -> str:
+        return "b won"
+
+    async with asyncio.timeout(PROMPT):
+        while True:
+            outcome = await b.coordinator.try_acquire_and_run(key, ok)
+            if isinstance(outcome, Acquired):
+                break
+            await outcome.wait(0.1)
+    assert outcome == Acquired("b won")
+    await eventually(lambda: not a.coordinator._held)
+
+
+async def test_winners_hold_no_pooled_connection(make_node: MakeNode) -> None:
+    """Five concurrent winners, each running a pooled query in its computation, complete
+    with a pool of one: winners borrow the pool only for their own statements."""
+    a = await make_node(max_size=1)
+
+    async def fn() -> int:
         await asyncio.sleep(0.05)
-        row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+        async with a.pool.connection() as conn:
+            row = await (await conn.execute("SELECT 1")).fetchone()
         assert row is not None
         return int(row[0])
 
     async with asyncio.timeout(60):
         outcomes = await asyncio.gather(
-            *(a.coordinator.try_acquire_and_run(f"k|{i}|public|", fn) for i in range(5))
+            *(a.coordinator.try_acquire_and_run(f'["k","{i}","public",""]', fn) for i in range(5))
         )
-    assert all(isinstance(o, Acquired) for o in outcomes)
-    assert a.coordinator.stats() == {
-        "lock_won": 5,
-        "lock_lost": 0,
-        "woken_notify": 0,
-        "woken_timeout": 0,
-        "woken_probe": 0,
-        "woken_gap": 0,
-        "woken_close": 0,
-        "notify_failures": 0,
-    }
+    assert outcomes == [Acquired(1)] * 5
+    assert a.coordinator.stats()["lock_won"] == 5
 
 
 # --------------------------------------------------------------------------- waiters
@@ -421,25 +426,22 @@ async def test_wait_wakes_on_hand_sent_notify(
 async def test_wait_times_out_without_raising_and_leaves_no_waiter(make_node: MakeNode) -> None:
     """With no NOTIFY, a wait returns TIMEOUT (it does not raise) and removes itself."""
     a = await make_node()
-
-    assert await a.coordinator.wait_for_key("k|quiet|public|", 0.2) is WakeReason.TIMEOUT
-
-    assert a.coordinator._waiters == {}
+    key = '["k","quiet","public",""]'
+    assert await a.coordinator.wait_for_key(key, 0.2) is WakeReason.TIMEOUT
+    assert waiting(a.coordinator, key) == 0
     assert a.coordinator.stats()["woken_timeout"] == 1
 
 
 async def test_cancelled_wait_leaves_no_waiter(make_node: MakeNode) -> None:
     """A cancelled wait propagates the cancellation and removes its waiter."""
     a = await make_node()
-    key = "k|cancelled|public|"
+    key = '["k","cancelled","public",""]'
     waiter = asyncio.create_task(a.coordinator.wait_for_key(key, 60))
     await parked(a.coordinator, key)
-
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
-
-    assert a.coordinator._waiters == {}
+    assert waiting(a.coordinator, key) == 0
 
 
 async def test_notify_for_another_key_does_not_wake(
@@ -449,7 +451,7 @@ async def test_notify_for_another_key_does_not_wake(
     and ignored."""
     a = await make_node()
     sender = await raw()
-    mine, other = "k|mine|public|", "k|other|public|"
+    mine, other = '["k","mine","public",""]', '["k","other","public",""]'
     mine_waiter = asyncio.create_task(a.coordinator.wait_for_key(mine, 60))
     other_waiters = [asyncio.create_task(a.coordinator.wait_for_key(other, 60)) for _ in range(2)]
     await parked(a.coordinator, mine)
@@ -459,9 +461,7 @@ async def test_notify_for_another_key_does_not_wake(
     await notify(sender, str(lock_id(other)))
     async with asyncio.timeout(PROMPT):
         assert await asyncio.gather(*other_waiters) == [WakeReason.NOTIFY] * 2
-
-    # Dispatch is in arrival order, so the malformed payload and the other key's NOTIFY
-    # have both been handled by now.
+    # Dispatch is in arrival order: the malformed payload was handled before.
     assert not mine_waiter.done()
     assert any("malformed" in r.getMessage() for r in caplog.records)
     await notify(sender, str(lock_id(mine)))
@@ -473,28 +473,22 @@ async def test_close_wakes_parked_waiters_and_refuses_new_work(make_node: MakeNo
     """close() wakes every parked waiter with CLOSE; afterwards waits return CLOSE at once,
     tries raise NotOpenError, close is idempotent, and the caller's pool stays open."""
     a = await make_node()
-    waiters = [
-        asyncio.create_task(a.coordinator.wait_for_key(key, 60))
-        for key in ("k|1|public|", "k|1|public|", "k|2|public|")
-    ]
-    await parked(a.coordinator, "k|1|public|", 2)
-    await parked(a.coordinator, "k|2|public|")
+    keys = ('["k","1","public",""]', '["k","1","public",""]', '["k","2","public",""]')
+    waiters = [asyncio.create_task(a.coordinator.wait_for_key(key, 60)) for key in keys]
+    await parked(a.coordinator, keys[0], 2)
+    await parked(a.coordinator, keys[2])
 
     await a.coordinator.close()
 
     async with asyncio.timeout(PROMPT):
         assert await asyncio.gather(*waiters) == [WakeReason.CLOSE] * 3
-    assert await a.coordinator.wait_for_key("k|1|public|", 60) is WakeReason.CLOSE
-
-    async def fn(conn: Conn) -> None:
-        raise AssertionError("must not run")
-
+    assert await a.coordinator.wait_for_key(keys[0], 60) is WakeReason.CLOSE
     with pytest.raises(NotOpenError):
-        await a.coordinator.try_acquire_and_run("k|1|public|", fn)
+        await a.coordinator.try_acquire_and_run(keys[0], must_not_run)
     await a.coordinator.close()
     assert a.coordinator.stats()["woken_close"] == 4
-    assert a.coordinator._probe_task is None
-    assert POPULATED_CHANNEL not in a.hub.channels
+    assert not a.coordinator._tasks
+    assert a.coordinator._lock_conn is None
     async with a.pool.connection() as conn:
         await conn.execute("SELECT 1")
 
@@ -506,23 +500,13 @@ async def test_gap_on_the_listen_connection_wakes_waiters(
     wakes with GAP."""
     a = await make_node()
     admin = await raw(url=postgres_server_url)
-    waiters = [
-        asyncio.create_task(a.coordinator.wait_for_key(key, 60))
-        for key in ("k|g1|public|", "k|g2|public|")
-    ]
-    await parked(a.coordinator, "k|g1|public|")
-    await parked(a.coordinator, "k|g2|public|")
-    async with a.pool.connection() as conn:
-        row = await (await conn.execute("SELECT current_database()")).fetchone()
-    assert row is not None
-
-    killed = await admin.execute(
-        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
-        " WHERE datname = %s AND application_name = 'fleetcache-notifications'",
-        (row[0],),
-    )
-    assert await killed.fetchall() == [(True,)]
-
+    keys = ('["k","g1","public",""]', '["k","g2","public",""]')
+    waiters = [asyncio.create_task(a.coordinator.wait_for_key(key, 60)) for key in keys]
+    for key in keys:
+        await parked(a.coordinator, key)
+    pid = a.hub.backend_pid
+    assert pid is not None
+    await admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
     async with asyncio.timeout(PROMPT):
         assert await asyncio.gather(*waiters) == [WakeReason.GAP] * 2
     assert a.hub.reconnects >= 1
@@ -535,55 +519,52 @@ async def test_gap_on_the_listen_connection_wakes_waiters(
 async def test_use_before_start_raises_not_open(make_node: MakeNode) -> None:
     """A coordinator that was never started refuses to wait or to run."""
     a = await make_node(start=False)
-
-    async def fn(conn: Conn) -> None:
-        raise AssertionError("must not run")
-
     with pytest.raises(NotOpenError):
-        await a.coordinator.wait_for_key("k|x|public|", 1)
+        await a.coordinator.wait_for_key('["k","x","public",""]', 1)
     with pytest.raises(NotOpenError):
-        await a.coordinator.try_acquire_and_run("k|x|public|", fn)
+        await a.coordinator.try_acquire_and_run('["k","x","public",""]', must_not_run)
 
 
 async def test_start_is_idempotent(
     make_node: MakeNode, raw: Callable[..., Awaitable[Conn]]
 ) -> None:
-    """Starting twice (also concurrently) subscribes once and runs one probe task."""
+    """Starting twice (also concurrently) registers once and runs one probe task; a NOTIFY
+    wakes a waiter exactly once."""
     a = await make_node(start=False)
     await asyncio.gather(a.coordinator.start(), a.coordinator.start())
-    probe = a.coordinator._probe_task
     await a.coordinator.start()
-
-    assert a.coordinator._probe_task is probe
-    assert len(a.hub._subs[POPULATED_CHANNEL]) == 1
+    assert len(a.coordinator._tasks) == 1
     sender = await raw()
-    waiter = asyncio.create_task(a.coordinator.wait_for_key("k|idem|public|", 60))
-    await parked(a.coordinator, "k|idem|public|")
-    await notify(sender, str(lock_id("k|idem|public|")))
+    key = '["k","idem","public",""]'
+    waiter = asyncio.create_task(a.coordinator.wait_for_key(key, 60))
+    await parked(a.coordinator, key)
+    await notify(sender, str(lock_id(key)))
     async with asyncio.timeout(PROMPT):
         assert await waiter is WakeReason.NOTIFY
+    assert a.coordinator.stats()["woken_notify"] == 1
 
 
-async def test_close_during_start_leaves_nothing_behind(make_node: MakeNode) -> None:
-    """close() while start() is still subscribing cancels it: start raises NotOpenError
-    and no subscription or task is left."""
+async def test_close_during_start_leaves_nothing_behind(
+    make_node: MakeNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() while start() is still connecting cancels it: start raises NotOpenError and
+    no task or lock connection is left."""
     a = await make_node(start=False)
+    connecting = asyncio.Event()
+
+    async def slow_connect(*args: Any, **kwargs: Any) -> Any:
+        connecting.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr("fleetcache.coordination.postgres.connect", slow_connect)
     starting = asyncio.create_task(a.coordinator.start())
     async with asyncio.timeout(PROMPT):
-        while True:
-            if POPULATED_CHANNEL in a.hub.channels:
-                break
-            await asyncio.sleep(0)
-    # start() is now parked in the hub's subscribe, waiting for its LISTEN.
-    assert not starting.done()
-
+        await connecting.wait()
     await a.coordinator.close()
-
     with pytest.raises(NotOpenError):
         await starting
-    assert POPULATED_CHANNEL not in a.hub.channels
-    assert a.coordinator._start_task is None
-    assert a.coordinator._probe_task is None
+    assert not a.coordinator._tasks
+    assert a.coordinator._lock_conn is None
     with pytest.raises(NotOpenError):
         await a.coordinator.start()
 
@@ -597,16 +578,12 @@ async def test_probe_wakes_waiter_when_holder_vanishes_without_notify(
     """A lock held by another session keeps the waiter parked through several probes;
     when that session ends without a NOTIFY, the waiter wakes with PROBE."""
     a = await make_node(probe_interval=0.1)
-    holder = await raw(autocommit=False)
-    key = "realm|crashy.gts|public|"
-    await holder.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id(key),))
-
-    async def must_not_run(conn: Conn) -> None:
-        raise AssertionError("must not run")
-
-    assert await a.coordinator.try_acquire_and_run(key, must_not_run) is NOT_ACQUIRED
-    waiter = asyncio.create_task(a.coordinator.wait_for_key(key, 60))
-    await parked(a.coordinator, key)
+    holder = await raw()
+    key = '["realm","crashy.gts","public",""]'
+    await holder.execute("SELECT pg_advisory_lock(%s)", (lock_id(key),))
+    lost = await a.coordinator.try_acquire_and_run(key, must_not_run)
+    assert isinstance(lost, Waiter)
+    waiter = asyncio.create_task(lost.wait(60))
     await asyncio.sleep(1.0)  # ten probe intervals with the lock held
     assert not waiter.done()
 
@@ -621,10 +598,10 @@ async def test_probe_wakes_waiter_that_registered_after_release(make_node: MakeN
     """A waiter that parks after the holder already finished (its NOTIFY came too early)
     does not sleep out its timeout: the probe wakes it."""
     a = await make_node(probe_interval=0.1)
-
+    key = '["k","late","public",""]'
     async with asyncio.timeout(PROMPT):
-        assert await a.coordinator.wait_for_key("k|late|public|", 60) is WakeReason.PROBE
-    assert a.coordinator._waiters == {}
+        assert await a.coordinator.wait_for_key(key, 60) is WakeReason.PROBE
+    assert waiting(a.coordinator, key) == 0
 
 
 async def test_lock_id_maps_to_pg_locks_for_negative_and_positive_ids(
@@ -634,6 +611,7 @@ async def test_lock_id_maps_to_pg_locks_for_negative_and_positive_ids(
     lock, for negative and positive ids, and held_lock_ids finds exactly the held ones:
     not a two-int lock with the same halves, nor the same id in another database."""
     a = await make_node()
+    negative = lock_id('["k","negative","public",""]')
     ids = [
         -(2**63),
         -(2**32),
@@ -646,9 +624,9 @@ async def test_lock_id_maps_to_pg_locks_for_negative_and_positive_ids(
         0x7FFF_FFFF_8000_0001,
         2**63 - 1,
         lock_id("coalesce-test-key"),
-        lock_id("k|negative|public|"),
+        negative,
     ]
-    assert lock_id("k|negative|public|") < 0
+    assert negative < 0
     assert advisory_lock_tag(-1) == (0xFFFF_FFFF, 0xFFFF_FFFF)
     assert advisory_lock_tag(2**32 + 7) == (1, 7)
     holder = await raw(autocommit=False)
@@ -670,8 +648,7 @@ async def test_lock_id_maps_to_pg_locks_for_negative_and_positive_ids(
 
     # Same halves as a two-int lock (objsubid 2), and the same bigint in another
     # database: neither is the coordinator's lock.
-    target = lock_id("k|negative|public|")
-    classid, objid = advisory_lock_tag(target)
+    classid, objid = advisory_lock_tag(negative)
 
     def int4(u: int) -> int:
         return u - 2**32 if u >= 2**31 else u
@@ -687,54 +664,41 @@ async def test_lock_id_maps_to_pg_locks_for_negative_and_positive_ids(
     ).fetchall()
     assert two_int == [(classid, objid)]
     elsewhere = await raw(url=postgres_server_url, autocommit=False)
-    await elsewhere.execute("SELECT pg_advisory_xact_lock(%s)", (target,))
-    assert await a.coordinator.held_lock_ids([target]) == set()
+    await elsewhere.execute("SELECT pg_advisory_xact_lock(%s)", (negative,))
+    assert await a.coordinator.held_lock_ids([negative]) == set()
 
 
 async def test_probe_does_not_judge_a_waiter_before_it_lost_the_try_lock(
     make_node: MakeNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While a try is still on its way to the try-lock (here: its pool checkout held up),
-    a free lock says nothing (we may take it ourselves): the probe leaves that try's early
-    waiter alone, so after losing to a holder that came later, the wait ends on the
-    holder's NOTIFY, not on a stale PROBE."""
+    """While a try is still on its way to the try-lock (here: held up before its
+    statement), a free lock says nothing (we may take it ourselves): the probe leaves that
+    try's early waiter alone, so after losing to a holder that came later, the wait ends
+    on the holder's NOTIFY, not on a stale PROBE."""
     a = await make_node(probe_interval=0.1)
     b = await make_node()
-    key = "realm|early.gts|public|"
-    holding, release, checkout = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    real_getconn = a.pool.getconn
-    held_up: list[bool] = []
+    key = '["realm","early.gts","public",""]'
+    release, started, go = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    real_statement = a.coordinator._statement
 
-    async def held_up_getconn(*args: Any, **kwargs: Any) -> Any:
-        if not held_up:  # only the try's checkout; the probe's go through
-            held_up.append(True)
-            await checkout.wait()
-        return await real_getconn(*args, **kwargs)
+    async def held_up(*args: Any, **kwargs: Any) -> Any:
+        await go.wait()
+        return await real_statement(*args, **kwargs)
 
-    monkeypatch.setattr(a.pool, "getconn", held_up_getconn)
-
-    async def hold(conn: Conn) -> int:
-        holding.set()
-        await release.wait()
-        return 1
-
-    async def must_not_run(conn: Conn) -> int:
-        raise AssertionError("the loser's fn ran")
+    monkeypatch.setattr(a.coordinator, "_statement", held_up)
 
     async def try_then_wait() -> WakeReason:
-        assert await a.coordinator.try_acquire_and_run(key, must_not_run) is NOT_ACQUIRED
-        return await a.coordinator.wait_for_key(key, 60)
+        lost = await a.coordinator.try_acquire_and_run(key, must_not_run)
+        assert isinstance(lost, Waiter)
+        return await lost.wait(60)
 
     loser = asyncio.create_task(try_then_wait())
     await asyncio.sleep(0.5)  # several probe intervals with the lock free
-    winner = asyncio.create_task(b.coordinator.try_acquire_and_run(key, hold))
+    winner = asyncio.create_task(b.coordinator.try_acquire_and_run(key, holding(release, started)))
     async with asyncio.timeout(PROMPT):
-        await holding.wait()
-    checkout.set()
-    for _ in range(int(PROMPT / 0.01)):  # until a's try has run, and lost
-        if a.coordinator.stats()["lock_lost"]:
-            break
-        await asyncio.sleep(0.01)
+        await started.wait()
+    go.set()
+    await eventually(lambda: a.coordinator.stats()["lock_lost"])
     await asyncio.sleep(0.3)  # more probe intervals, now with the lock held
     release.set()
     async with asyncio.timeout(PROMPT):

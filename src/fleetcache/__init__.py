@@ -1,36 +1,46 @@
 """fleetcache: a fleet of processes computes each missing cache entry once, and an
 invalidation is never undone by a computation that started before it.
 
-Start with :func:`open` (a store, and on Postgres the LISTEN hub, invalidation broadcast
-and optional cross-process coordination, from one URL) and its ``lookup``, a
-:class:`CachingLookup`. The seed's domain lives in :mod:`fleetcache.definitions`.
+Start with ``fleetcache.open(url)`` (a store, and on Postgres the LISTEN hub, invalidation
+broadcast and cross-process coordination, from one URL): ``async with
+fleetcache.open(url) as cache`` or ``cache = await fleetcache.open(url)``. ``open`` is not
+exported by ``from fleetcache import *``, so it never shadows the builtin. The seed's
+domain lives in :mod:`fleetcache.definitions`.
 """
 
 from fleetcache.errors import (
+    CachedError,
+    ComputationTimeoutError,
     ConfigurationError,
     CoordinationError,
     CoordinationGaveUpError,
+    DatabaseConnectError,
     FleetcacheError,
+    InvalidInputError,
     NotOpenError,
+    SchemaVersionError,
     SerializationError,
     StoreError,
 )
-from fleetcache.factory import Fleetcache, open_cache
-from fleetcache.lookup import MISSING, CachingLookup, Missing, Produce, Produced
+from fleetcache.factory import Fleetcache
+from fleetcache.factory import open as open  # re-exported; kept out of __all__ on purpose
+from fleetcache.lookup import MISSING, CachingLookup, Codec, Missing, Produce, Produced
 from fleetcache.stores import Entry, Key, MemoryStore, PostgresStore, SqliteStore, Store
-
-#: ``fleetcache.open(url)``: see :func:`fleetcache.factory.open_cache`.
-open = open_cache  # the front door, named as users expect (shadows the builtin here only)
 
 __all__ = [
     "MISSING",
+    "CachedError",
     "CachingLookup",
+    "Codec",
+    "ComputationTimeoutError",
     "ConfigurationError",
     "CoordinationError",
     "CoordinationGaveUpError",
+    "DatabaseConnectError",
     "Entry",
     "Fleetcache",
     "FleetcacheError",
+    "InvalidInputError",
     "Key",
     "MemoryStore",
     "Missing",
@@ -38,10 +48,9 @@ __all__ = [
     "PostgresStore",
     "Produce",
     "Produced",
+    "SchemaVersionError",
     "SerializationError",
     "SqliteStore",
     "Store",
     "StoreError",
-    "open",
-    "open_cache",
 ]

@@ -1,53 +1,63 @@
-"""Wiring: build a store, hub, coordinator, publisher, listener and lookup from one URL.
+"""The front door: ``fleetcache.open(url)`` builds and starts everything a URL needs.
 
-::
+Both forms work (one object that is awaitable and an async context manager)::
 
-    async with await fleetcache.open("postgresql://localhost/app") as cache:
-        entry = await cache.lookup.get(Key(ns, name), produce)
+    async with fleetcache.open("postgresql://localhost/app") as cache:
+        entry = await cache.get(Key(ns, name), produce)
+
+    cache = await fleetcache.open("sqlite:///cache.db")
+    try: ...
+    finally: await cache.close()
 
 URLs: ``memory://``, ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``,
-``postgresql://…`` (or ``postgres://…``, or any libpq connection string).
+``postgresql://…`` (or ``postgres://…``, or any libpq ``key=value`` string).
+
+On Postgres ``open`` also starts the LISTEN hub, the invalidation broadcast and its
+listener, and — by default — cross-process populate coordination: one process of the fleet
+computes each missing entry while the others wait without a connection. It is on by
+default because it is what the library exists for, and it costs nothing on a hit and one
+short statement on a miss (``coordinate=False`` turns it off). On sqlite and memory there
+is no fleet-wide lock to take; asking for coordination there is logged once and ignored.
+
+Start order: store, hub, coordinator, listener, lookup; ``close()`` runs in the reverse
+order, every step even if an earlier one fails, each bounded by ``timeout``.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from dataclasses import dataclass, field
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
-
-from fleetcache.coordination.postgres import PostgresCoordinator
+from fleetcache.coordination.postgres import POPULATED_CHANNEL, PostgresCoordinator
 from fleetcache.errors import ConfigurationError
+from fleetcache.logcontext import get_logger
 from fleetcache.lookup.caching import (
+    DEFAULT_COMPUTE_TIMEOUT,
     DEFAULT_ERROR_TTL,
     DEFAULT_MAX_ROUNDS,
     DEFAULT_WAIT_TIMEOUT,
     CachingLookup,
 )
-from fleetcache.notifications.broadcast import PostgresInvalidationPublisher
+from fleetcache.lookup.codec import Codec
+from fleetcache.lookup.populate import Produce
+from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, PostgresInvalidationPublisher
 from fleetcache.notifications.hub import NotificationHub
 from fleetcache.notifications.listener import InvalidationListener
-from fleetcache.stores.base import Store
+from fleetcache.stores.base import Entry, Expand, Key, Store
 from fleetcache.stores.memory import MemoryStore
 from fleetcache.stores.postgres import PostgresStore
 from fleetcache.stores.sqlite import SqliteStore
 
-logger = logging.getLogger("fleetcache.factory")
+logger = get_logger("fleetcache.factory")
 
-#: The environment flag that turns cross-process populate coordination on.
-COALESCE_FLAG = "PRERENDER_COALESCE_ACROSS_PROCESSES"
+#: How long ``close()`` gives each component by default (seconds).
+DEFAULT_CLOSE_TIMEOUT = 10.0
 
-_flag_ignored_logged = False
-
-
-def coalesce_flag_enabled(environ: dict[str, str] | None = None) -> bool:
-    """Whether ``PRERENDER_COALESCE_ACROSS_PROCESSES`` is set to true (default off)."""
-    value = (environ if environ is not None else os.environ).get(COALESCE_FLAG, "")
-    return value.strip().lower() in {"true", "1", "yes", "on"}
+_ignored_logged = False
 
 
 def is_postgres_url(url: str) -> bool:
@@ -71,32 +81,77 @@ def store_for_url(url: str, *, pool_size: int = 10) -> Store:
     )
 
 
-@dataclass
 class Fleetcache:
-    """Everything ``open`` built, started in order and closed in reverse by ``close``."""
+    """An open cache: the lookup's verbs, the parts ``open`` built, ``stats()`` and
+    ``close()``. Made by :func:`open`."""
 
-    url: str
-    store: Store
-    lookup: CachingLookup
-    hub: NotificationHub | None = None
-    coordinator: PostgresCoordinator | None = None
-    publisher: PostgresInvalidationPublisher | None = None
-    listener: InvalidationListener | None = None
-    _closed: bool = field(default=False, repr=False)
+    def __init__(
+        self,
+        url: str,
+        store: Store,
+        lookup: CachingLookup[Any],
+        *,
+        hub: NotificationHub | None = None,
+        coordinator: PostgresCoordinator | None = None,
+        publisher: PostgresInvalidationPublisher | None = None,
+        listener: InvalidationListener | None = None,
+        closers: Sequence[tuple[str, Callable[[float], Awaitable[None]]]] = (),
+    ) -> None:
+        self.url = url
+        self.store = store
+        self.lookup = lookup
+        self.hub = hub
+        self.coordinator = coordinator
+        self.publisher = publisher
+        self.listener = listener
+        # What close() runs, in order (the reverse of the start order).
+        self._closers = list(closers)
+        self._closed = False
 
-    async def close(self) -> None:
-        """Close listener, coordinator (waking its waiters), hub, lookup and store."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.listener is not None:
-            await self.listener.close()
-        if self.coordinator is not None:
-            await self.coordinator.close()
-        if self.hub is not None:
-            await self.hub.close()
-        await self.lookup.close()
-        await self.store.close()
+    # The lookup's verbs, so that ``cache.get(...)`` reads as the README says.
+
+    async def get(
+        self,
+        key: Key,
+        produce: Produce[Any],
+        *,
+        candidates: Sequence[str] | None = None,
+        alias: str | None = None,
+        persist_errors: bool = True,
+    ) -> Entry | None:
+        """See :meth:`CachingLookup.get`."""
+        return await self.lookup.get(
+            key, produce, candidates=candidates, alias=alias, persist_errors=persist_errors
+        )
+
+    async def get_value(
+        self,
+        key: Key,
+        produce: Produce[Any],
+        *,
+        candidates: Sequence[str] | None = None,
+        alias: str | None = None,
+    ) -> Any:
+        """See :meth:`CachingLookup.get_value`."""
+        return await self.lookup.get_value(key, produce, candidates=candidates, alias=alias)
+
+    async def peek(self, key: Key, *, by_alias: bool = False) -> Entry | None:
+        """See :meth:`CachingLookup.peek`."""
+        return await self.lookup.peek(key, by_alias=by_alias)
+
+    async def invalidate(
+        self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
+    ) -> list[str]:
+        """See :meth:`CachingLookup.invalidate`."""
+        return await self.lookup.invalidate(namespace, names, expand=expand)
+
+    async def clear_namespace(self, namespace: str) -> None:
+        """See :meth:`CachingLookup.clear_namespace`."""
+        await self.lookup.clear_namespace(namespace)
+
+    async def clear_all(self) -> None:
+        """See :meth:`CachingLookup.clear_all`."""
+        await self.lookup.clear_all()
 
     def stats(self) -> dict[str, Any]:
         """The lookup's counters, and the coordinator's and listener's when present."""
@@ -106,6 +161,25 @@ class Fleetcache:
         if self.listener is not None:
             stats["listener"] = self.listener.stats()
         return stats
+
+    async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Close everything in reverse start order: every part is closed even if another
+        fails or hangs (each gets at most ``timeout`` seconds; a failure is logged and the
+        first one raised at the end). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        first: BaseException | None = None
+        for name, close in self._closers:
+            try:
+                await asyncio.wait_for(close(timeout), timeout)
+            except TimeoutError:
+                logger.error("closing the %s took more than %.1f s; left behind", name, timeout)
+            except Exception as exc:  # logged; the other parts still close
+                logger.error("closing the %s failed: %s", name, exc, exc_info=exc)
+                first = first or exc
+        if first is not None:
+            raise first
 
     async def __aenter__(self) -> Fleetcache:
         return self
@@ -119,67 +193,125 @@ class Fleetcache:
         await self.close()
 
 
-async def open_cache(
+class Opening:
+    """What :func:`open` returns: ``await`` it for a :class:`Fleetcache`, or use it as
+    ``async with`` (closed on exit)."""
+
+    def __init__(self, opener: Callable[[], Awaitable[Fleetcache]]) -> None:
+        self._opener = opener
+        self._cache: Fleetcache | None = None
+
+    def __await__(self) -> Generator[Any, None, Fleetcache]:
+        return self._opener().__await__()
+
+    async def __aenter__(self) -> Fleetcache:
+        self._cache = await self._opener()
+        return self._cache
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._cache is not None:
+            await self._cache.close()
+
+
+def open(  # the front door, named as users expect (not in __all__, so * never shadows)
     url: str,
     *,
     coordinate: bool | None = None,
+    codec: Codec[Any] | None = None,
     error_ttl: float = DEFAULT_ERROR_TTL,
-    max_rounds: int = DEFAULT_MAX_ROUNDS,
+    compute_timeout: float = DEFAULT_COMPUTE_TIMEOUT,
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+    max_rounds: int = DEFAULT_MAX_ROUNDS,
     pool_size: int = 10,
     probe_interval: float = 1.0,
-) -> Fleetcache:
-    """Open a cache for ``url`` and start what it needs.
+    populated_channel: str = POPULATED_CHANNEL,
+    invalidated_channel: str = INVALIDATED_CHANNEL,
+) -> Opening:
+    """Open a cache for ``url`` and start what it needs; see the module docstring.
 
-    On Postgres it also starts the LISTEN hub, the invalidation broadcast and listener,
-    and, when ``coordinate`` is true (default: the ``PRERENDER_COALESCE_ACROSS_PROCESSES``
-    flag), cross-process populate coordination. On sqlite and memory the flag is ignored
-    (logged once).
+    ``coordinate``: cross-process populate coordination (None: on for Postgres, where it
+    exists). The other options are :class:`~fleetcache.lookup.caching.CachingLookup`'s,
+    plus the Postgres pool size, the crash-probe interval and the channel names.
     """
-    global _flag_ignored_logged  # noqa: PLW0603 - one log line per process, by design
-    wanted = coalesce_flag_enabled() if coordinate is None else coordinate
-    store = store_for_url(url, pool_size=pool_size)
-    await store.open()
-    if not isinstance(store, PostgresStore):
-        if wanted and not _flag_ignored_logged:
-            _flag_ignored_logged = True
-            logger.info(
-                "%s is ignored for %s: coordination across processes needs Postgres",
-                COALESCE_FLAG,
-                url.split("://", 1)[0],
-            )
-        lookup = CachingLookup(
-            store, error_ttl=error_ttl, max_rounds=max_rounds, wait_timeout=wait_timeout
-        )
-        return Fleetcache(url=url, store=store, lookup=lookup)
 
-    cache: Fleetcache | None = None
-    hub = NotificationHub(url)
-    try:
-        await hub.start()
-        pool: AsyncConnectionPool[Any] = store.pool
-        publisher = PostgresInvalidationPublisher(pool)
-        coordinator = (
-            PostgresCoordinator(pool, hub, probe_interval=probe_interval) if wanted else None
-        )
-        lookup = CachingLookup(
+    def make_lookup(
+        store: Store,
+        coordinator: PostgresCoordinator | None = None,
+        publisher: PostgresInvalidationPublisher | None = None,
+    ) -> CachingLookup[Any]:
+        return CachingLookup(
             store,
             coordinator=coordinator,
             publisher=publisher,
+            codec=codec,
             error_ttl=error_ttl,
-            max_rounds=max_rounds,
+            compute_timeout=compute_timeout,
             wait_timeout=wait_timeout,
+            max_rounds=max_rounds,
         )
-        listener = InvalidationListener(hub, lookup, own=publisher)
-        cache = Fleetcache(url, store, lookup, hub, coordinator, publisher, listener)
-        if coordinator is not None:
-            await coordinator.start()
-        await listener.start()
-    except BaseException:
-        if cache is not None:
-            await cache.close()
-        else:
-            await hub.close()
-            await store.close()
-        raise
-    return cache
+
+    async def opener() -> Fleetcache:
+        store = store_for_url(url, pool_size=pool_size)
+        closers: list[tuple[str, Callable[[float], Awaitable[None]]]] = []
+        try:
+            await store.open()
+            closers.append(("store", lambda _timeout: store.close()))
+            if not isinstance(store, PostgresStore):
+                _log_ignored(url, coordinate)
+                lookup = make_lookup(store)
+                closers.append(("lookup", lookup.close))
+                return Fleetcache(url, store, lookup, closers=closers[::-1])
+            hub = NotificationHub(url, [populated_channel, invalidated_channel])
+            await hub.start()
+            closers.append(("notification hub", hub.close))
+            coordinator = None
+            if coordinate is None or coordinate:
+                coordinator = PostgresCoordinator(
+                    url,
+                    store.pool,
+                    hub,
+                    channel=populated_channel,
+                    probe_interval=probe_interval,
+                )
+                await coordinator.start()
+                closers.append(("coordinator", coordinator.close))
+            publisher = PostgresInvalidationPublisher(store.pool, channel=invalidated_channel)
+            lookup = make_lookup(store, coordinator, publisher)
+            listener = InvalidationListener(
+                hub, lookup, channel=invalidated_channel, origin=publisher.origin
+            )
+            await listener.start()
+            closers.append(("invalidation listener", listener.close))
+            closers.append(("lookup", lookup.close))
+            return Fleetcache(
+                url,
+                store,
+                lookup,
+                hub=hub,
+                coordinator=coordinator,
+                publisher=publisher,
+                listener=listener,
+                closers=closers[::-1],
+            )
+        except BaseException:
+            for _, close in reversed(closers):
+                with contextlib.suppress(Exception):
+                    await close(DEFAULT_CLOSE_TIMEOUT)
+            raise
+
+    return Opening(opener)
+
+
+def _log_ignored(url: str, coordinate: bool | None) -> None:
+    global _ignored_logged  # noqa: PLW0603 - one log line per process, by design
+    if coordinate and not _ignored_logged:
+        _ignored_logged = True
+        logger.info(
+            "coordination across processes is ignored for %s: it needs Postgres",
+            url.split("://", 1)[0],
+        )

@@ -1,70 +1,50 @@
-"""``CachingLookup``: the generic async read-through cache (layer 5).
+"""``CachingLookup``: the generic async read-through cache (layer 5) — its policy.
 
-A ``get`` reads the store; on a miss it joins or starts the key's one in-flight computation
-(single flight in the process), which, with a coordinator, also takes the key's fleet-wide
-lock so that one process of the fleet computes it while the others wait and re-read.
+A ``get`` joins the key's computation if one is under way in this process (before any
+I/O), else reads the store; on a miss it starts the key's one computation
+(:class:`~fleetcache.lookup.singleflight.SingleFlight`), which, with a coordinator, also
+takes the key's fleet-wide lock (:func:`~fleetcache.lookup.coordinated.run_coordinated`)
+and runs the populate protocol (:class:`~fleetcache.lookup.populate.Populator`).
 
-A computation snapshots the in-memory generations before its first await and the store's
-generation counters before its first read, and persists with one write that the store
-refuses if its counters moved (guarantee 3); a refused result is discarded and the caller
-gets what the store holds now.
+The store decides staleness: a computation's write is checked, in the store's own
+transaction, against every invalidation since the computation's stamp, whichever process
+made it. Invalidation notices from other processes are hints for what this process keeps in
+memory; they never decide whether a result is stored.
 
-Why the store decides and the in-memory snapshot only informs: an in-memory change says an
-invalidation happened while we computed, not whether it happened before or after our store
-stamp. A peer's broadcast arrives after its delete committed, so a computation that began
-between that commit and the broadcast's arrival looks invalidated in memory but read
-post-invalidation data; discarding it would throw away a fresh result (and hand the caller
-nothing). The stamped write tells the two cases apart exactly, in the store's transaction.
+What is policy here: the error TTL (an error entry older than it is a miss), the bounds on
+computing and waiting, what a caller sees (``persist_errors``, the codec), invalidation
+(through the store's closure, then the broadcast), and the counters.
 """
 
 from __future__ import annotations
 
-import asyncio
-import enum
-import logging
+import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field, fields
-from functools import partial
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
-from fleetcache.coordination.base import Acquired, PopulateCoordinator, WakeReason
-from fleetcache.errors import ConfigurationError, CoordinationGaveUpError, NotOpenError
-from fleetcache.lookup.generations import Generations, Snapshot
-from fleetcache.stores.base import JSON, Entry, Key, Store, validate_entry
+from fleetcache.coordination.base import PopulateCoordinator
+from fleetcache.errors import CachedError, ComputationTimeoutError, ConfigurationError, NotOpenError
+from fleetcache.logcontext import get_logger, key_context
+from fleetcache.lookup.codec import Codec
+from fleetcache.lookup.coordinated import run_coordinated
+from fleetcache.lookup.populate import Populator, Produce, Request
+from fleetcache.lookup.singleflight import SingleFlight
+from fleetcache.lookup.stats import LookupStats
+from fleetcache.stores.base import MAX_STAMP_AGE, Entry, Expand, Key, Store
+from fleetcache.stores.validation import check_name, validate_key
 
-logger = logging.getLogger("fleetcache.lookup")
+logger = get_logger("fleetcache.lookup")
+
+V = TypeVar("V")
 
 DEFAULT_ERROR_TTL = 30.0
-DEFAULT_MAX_ROUNDS = 4
+DEFAULT_COMPUTE_TIMEOUT = 300.0
 DEFAULT_WAIT_TIMEOUT = 180.0
-#: Rounds ended by a NOTIFY that found nothing stored, allowed per ``max_rounds``.
-NOTIFIED_ROUNDS_PER_ROUND = 4
-
-
-class Missing(enum.Enum):
-    """What a produce function returns when the thing does not exist (never cached)."""
-
-    MISSING = "missing"
-
-
-MISSING = Missing.MISSING
-
-
-@dataclass(frozen=True, slots=True)
-class Produced:
-    """What a produce function returns for a name that exists: a value (JSON), the names
-    it depends on, an error document when producing it failed (cached for the error TTL),
-    and optional diagnostics (JSON)."""
-
-    value: JSON
-    deps: Sequence[str] = ()
-    error: JSON | None = None
-    diagnostics: JSON | None = None
-
-
-#: Produces the entry for one candidate name.
-Produce = Callable[[str], Awaitable[Produced | Missing]]
+DEFAULT_MAX_ROUNDS = 4
+#: How much longer than its computation may take a caller waits before giving up on it
+#: (only reached when a producer ignores its cancellation).
+_CALLER_GRACE = 5.0
 
 
 class InvalidationPublisher(Protocol):
@@ -80,58 +60,16 @@ class InvalidationPublisher(Protocol):
         """Every entry was deleted."""
 
 
-@dataclass(slots=True)
-class _Request:
-    """One computation's inputs, fixed when it starts."""
-
-    key: Key
-    produce: Produce
-    candidates: tuple[str, ...]
-    alias: str | None
-    persist_errors: bool
-    snapshot: Snapshot
-
-
-@dataclass(slots=True)
-class _Flight:
-    request: _Request
-    task: asyncio.Task[Entry | None]
-
-
-@dataclass(slots=True)
-class LookupStats:
-    """Counters of one ``CachingLookup`` (monotonic, since construction)."""
-
-    hits: int = 0
-    misses: int = 0
-    coalesced: int = 0
-    computations: int = 0
-    missing: int = 0
-    errors_cached: int = 0
-    errors_not_persisted: int = 0
-    stale_discarded: int = 0
-    stale_refused: int = 0
-    fresh_despite_invalidation: int = 0
-    lock_won: int = 0
-    lock_lost: int = 0
-    waits: dict[str, int] = field(default_factory=dict)
-    gave_up: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a flat dict (waits as ``waits_<reason>``)."""
-        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "waits"}
-        for reason in WakeReason:
-            flat[f"waits_{reason.value}"] = self.waits.get(reason.value, 0)
-        return flat
-
-
-class CachingLookup:
+class CachingLookup(Generic[V]):
     """A read-through cache over a :class:`~fleetcache.stores.base.Store`.
 
     ``coordinator`` turns on fleet-wide single flight; ``publisher`` broadcasts
-    invalidations to the fleet. ``clock`` returns seconds since the epoch (injectable for
-    the error TTL). ``max_rounds`` and ``wait_timeout`` bound how long a coordinated
-    caller waits for another process's computation.
+    invalidations to the fleet; ``codec`` turns values of type ``V`` into the JSON stored
+    (default: values are JSON). ``error_ttl``: seconds an error entry counts as a hit.
+    ``compute_timeout``: seconds one computation (all its candidates and restarts) may
+    take. ``wait_timeout`` and ``max_rounds``: a caller waits for another process's
+    computation at most ``wait_timeout`` seconds at a time and ``max_rounds *
+    wait_timeout`` in all. ``clock`` returns seconds since the epoch (for the error TTL).
     """
 
     def __init__(
@@ -140,42 +78,59 @@ class CachingLookup:
         *,
         coordinator: PopulateCoordinator | None = None,
         publisher: InvalidationPublisher | None = None,
+        codec: Codec[V] | None = None,
         error_ttl: float = DEFAULT_ERROR_TTL,
-        clock: Callable[[], float] = time.time,
-        max_rounds: int = DEFAULT_MAX_ROUNDS,
+        compute_timeout: float = DEFAULT_COMPUTE_TIMEOUT,
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
+        max_rounds: int = DEFAULT_MAX_ROUNDS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if error_ttl < 0:
-            raise ConfigurationError(f"error_ttl must be >= 0, got {error_ttl}")
+            raise ConfigurationError(f"error_ttl must be >= 0 seconds, got {error_ttl}")
+        if not 0 < compute_timeout <= MAX_STAMP_AGE:
+            raise ConfigurationError(
+                f"compute_timeout must be > 0 and at most {MAX_STAMP_AGE:g} seconds (a "
+                f"computation older than that is refused by the store), got {compute_timeout}"
+            )
+        if wait_timeout <= 0:
+            raise ConfigurationError(f"wait_timeout must be > 0 seconds, got {wait_timeout}")
         if max_rounds < 1:
             raise ConfigurationError(f"max_rounds must be >= 1, got {max_rounds}")
-        if wait_timeout <= 0:
-            raise ConfigurationError(f"wait_timeout must be > 0, got {wait_timeout}")
         self.store = store
         self.coordinator = coordinator
         self.publisher = publisher
         self.error_ttl = error_ttl
-        self.clock = clock
-        self.max_rounds = max_rounds
         self.wait_timeout = wait_timeout
-        self._generations = Generations()
+        self.max_rounds = max_rounds
+        self._codec = codec
+        self._clock = clock
         self._stats = LookupStats()
-        # The in-flight map, coalesce key -> the one computation callers join. Written by
-        # get() (insert), by a flight's done callback (remove, only if the map still holds
-        # that very flight) and by the bump_* methods (remove, so later callers start
-        # afresh); read by get(). All on the event loop's thread, between awaits: no lock.
-        self._inflight: dict[str, _Flight] = {}
-        # Every computation still running, including those dropped from the map by an
-        # invalidation; close() cancels them. Same thread discipline as _inflight.
-        self._running: set[asyncio.Task[Entry | None]] = set()
+        self._flights: SingleFlight[Key, Entry | None] = SingleFlight()
+        self._populator: Populator[V] = Populator(
+            store,
+            usable=self._usable,
+            codec=codec,
+            stats=self._stats,
+            compute_timeout=compute_timeout,
+            clock=clock,
+        )
+        # How long a caller waits for a computation at most: its own wait for another
+        # process, then the computation's bound, plus a grace.
+        waiting = max_rounds * wait_timeout if coordinator is not None else 0.0
+        self._caller_budget = waiting + compute_timeout + _CALLER_GRACE
         self._closed = False
+
+    @property
+    def compute_timeout(self) -> float:
+        """Seconds one computation may take."""
+        return self._populator.compute_timeout
 
     # ------------------------------------------------------------------ reading
 
     async def get(
         self,
         key: Key,
-        produce: Produce,
+        produce: Produce[V],
         *,
         candidates: Sequence[str] | None = None,
         alias: str | None = None,
@@ -183,90 +138,86 @@ class CachingLookup:
     ) -> Entry | None:
         """The entry for ``key``, computing it with ``produce`` on a miss.
 
-        ``candidates`` are the names to try in order (default: ``[key.name]``); a candidate
-        whose ``produce`` returns ``MISSING`` is skipped and never stored, and if all are
-        missing the answer is None. The entry is stored under the candidate's name with
-        ``alias``, so a later ``get`` of the alias hits it. An error entry is returned (and
+        ``candidates`` are the names to try in order (default: ``[key.name]``); ``produce``
+        receives each candidate's key; a candidate whose ``produce`` returns ``MISSING`` is
+        skipped and never stored, and if all are missing the answer is None. The entry is
+        stored under the candidate's name with ``alias``, and a ``get`` given an alias also
+        finds an entry whose alias is its key's name. An error entry is returned (and
         cached for the error TTL) like any other; with ``persist_errors=False`` an error is
-        neither stored nor returned (the answer is None). Exceptions from ``produce``
-        reach every caller sharing the computation and nothing is stored. Callers of one
-        key share the computation the first of them started (its ``produce``,
-        ``candidates`` and ``alias``); each gets the result filtered by its own
-        ``persist_errors``.
+        neither stored nor returned (the answer is None). Exceptions from ``produce`` reach
+        every caller sharing the computation and nothing is stored. Callers of one key
+        share the computation the first of them started (its ``produce``, ``candidates``
+        and ``alias``); each gets the result filtered by its own ``persist_errors``.
 
         With a coordinator, the fleet-wide lock is taken on the alias's key when there is
         an alias (so "x" and "x.gts" take turns), else on ``key`` itself.
         """
         if self._closed:
             raise NotOpenError("this CachingLookup is closed")
-        if not key.namespace or not key.name:
-            raise ConfigurationError(f"a key needs a namespace and a name, got {key!r}")
-        # The generations as they are before our first await: an invalidation from here on
-        # counts as "during the computation". (One integer: a hit pays nothing for it.)
-        epoch = self._generations.epoch
-        entry = await self.store.read(key)
+        validate_key(key)
+        flight = self._flights.running(key)
+        if flight is not None:  # joined before any I/O
+            self._stats.coalesced += 1
+            return self._out(await self._wait(key, flight), persist_errors)
+        entry = await self.store.read(key, by_alias=alias is not None)
         if self._usable(entry):
             self._stats.hits += 1
-            return _hide_error(entry, persist_errors)
+            return self._out(entry, persist_errors)
         self._stats.misses += 1
         if self._closed:  # closed while we read: start nothing close() would not see
             raise NotOpenError("this CachingLookup is closed")
-        coalesce_key = key.coalesce_key
-        flight = self._inflight.get(coalesce_key)
-        if flight is None:
-            names = (key.name, *(candidates or ()), *((alias,) if alias else ()))
-            snapshot = self._generations.snapshot(key.namespace, names, epoch)
-            request = _Request(
-                key=key,
-                produce=produce,
-                candidates=tuple(candidates) if candidates else (key.name,),
-                alias=alias,
-                persist_errors=persist_errors,
-                snapshot=snapshot,
-            )
-            task = asyncio.create_task(self._load(request), name=f"fleetcache {coalesce_key}")
-            flight = _Flight(request, task)
-            self._inflight[coalesce_key] = flight
-            self._running.add(task)
-            task.add_done_callback(partial(self._finished, coalesce_key, flight))
-        else:
+        if self._flights.running(key) is not None:
             self._stats.coalesced += 1
-        # shield: a caller's cancellation must not cancel the computation the others share.
+        else:
+            for name in (*(candidates or ()), *((alias,) if alias is not None else ())):
+                check_name(f"a candidate or alias of key {key.coalesce_key}", name)
+        request = Request(
+            key=key,
+            produce=produce,
+            candidates=tuple(candidates) if candidates else (key.name,),
+            alias=alias,
+            persist_errors=persist_errors,
+        )
         try:
-            result = await asyncio.shield(flight.task)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if flight.task.cancelled() and current is not None and not current.cancelling():
-                # The computation was cancelled by close(), not this caller.
-                raise NotOpenError(
-                    f"this CachingLookup was closed while computing {coalesce_key!r}"
-                ) from None
-            raise
-        return _hide_error(result, persist_errors)
-
-    async def peek(self, key: Key) -> Entry | None:
-        """The stored entry for ``key`` (by name or alias), never computing; an expired
-        error entry counts as absent."""
-        entry = await self.store.read(key)
-        return entry if self._usable(entry) else None
-
-    def _finished(
-        self, coalesce_key: str, flight: _Flight, task: asyncio.Task[Entry | None]
-    ) -> None:
-        self._running.discard(task)
-        # Identity check: an invalidation may have dropped this flight and a new one may
-        # already be running under the same key; only ever remove our own.
-        if self._inflight.get(coalesce_key) is flight:
-            del self._inflight[coalesce_key]
-        if not task.cancelled() and task.exception() is not None:
-            # Marks the exception retrieved even if every caller was cancelled; the callers
-            # that were still waiting have had it raised to them.
-            logger.debug(
-                "computation for %r failed: %r",
-                coalesce_key,
-                task.exception(),
-                extra={"coalesce_key": coalesce_key},
+            result = await self._flights.do(
+                key, lambda: self._load(request), timeout=self._caller_budget
             )
+        except TimeoutError:
+            raise ComputationTimeoutError(key.coalesce_key, self._caller_budget) from None
+        return self._out(result, persist_errors)
+
+    async def get_value(
+        self,
+        key: Key,
+        produce: Produce[V],
+        *,
+        candidates: Sequence[str] | None = None,
+        alias: str | None = None,
+    ) -> V | None:
+        """The value for ``key`` (computing it on a miss, as :meth:`get`), None when it is
+        missing; raises :class:`~fleetcache.errors.CachedError` carrying the error document
+        when the entry is an error."""
+        entry = await self.get(key, produce, candidates=candidates, alias=alias)
+        if entry is None:
+            return None
+        if entry.error is not None:
+            raise CachedError(entry.key.coalesce_key, entry.error)
+        value: V = entry.value
+        return value
+
+    async def peek(self, key: Key, *, by_alias: bool = False) -> Entry | None:
+        """The stored entry for ``key`` (or, with ``by_alias``, the one aliased by its
+        name), never computing; an expired error entry counts as absent."""
+        validate_key(key)
+        entry = await self.store.read(key, by_alias=by_alias)
+        return self._out(entry, True) if self._usable(entry) else None
+
+    async def _wait(self, key: Key, flight: Any) -> Entry | None:
+        try:
+            result: Entry | None = await self._flights.wait(flight, self._caller_budget)
+        except TimeoutError:
+            raise ComputationTimeoutError(key.coalesce_key, self._caller_budget) from None
+        return result
 
     def _usable(self, entry: Entry | None) -> bool:
         """A hit: present, and not an error entry older than the error TTL."""
@@ -276,252 +227,117 @@ class CachingLookup:
             return True
         if entry.created_at is None:
             return False
-        return self._now_ms() - entry.created_at <= self.error_ttl * 1000
+        return self._clock() * 1000 - entry.created_at <= self.error_ttl * 1000
 
-    def _now_ms(self) -> int:
-        return int(self.clock() * 1000)
+    def _out(self, entry: Entry | None, persist_errors: bool) -> Entry | None:
+        """What a caller gets: no error entry if it asked not to persist errors, and the
+        value decoded by the codec."""
+        if entry is None or (entry.error is not None and not persist_errors):
+            return None
+        if self._codec is None:
+            return entry
+        return dataclasses.replace(entry, value=self._codec.decode(entry.value))
 
     # -------------------------------------------------------------- computing
 
-    async def _load(self, request: _Request) -> Entry | None:
-        if self.coordinator is None:
-            return await self._uncached(request, None)
-        return await self._coordinated(request, self.coordinator)
-
-    async def _coordinated(
-        self, request: _Request, coordinator: PopulateCoordinator
-    ) -> Entry | None:
-        """Rounds of: read; try the key's lock and compute as its winner; or, as a loser,
-        wait for the winner's NOTIFY and go round.
-
-        ``max_rounds`` bounds the rounds whose wait ended without the holder saying it was
-        done (timeout, crash probe, LISTEN gap, close). A round ended by a NOTIFY means a
-        computation finished; when it stored nothing (the key is missing, its error was not
-        persisted, or its result was stale) the next round tries again, and such rounds
-        are bounded separately (``NOTIFIED_ROUNDS_PER_ROUND`` times as many), so a fleet
-        of many processes asking for a missing key does not run out of rounds.
-        """
+    async def _load(self, request: Request[V]) -> Entry | None:
         key = request.key
-        coalesce_key = key.coalesce_key
-        # The fleet-wide lock is per alias family when there is an alias: a request for
-        # "x" and one for "x.gts" may produce the same entry, so they take turns, and the
-        # loser re-reads its own key after the winner's NOTIFY.
-        lock_key = key.with_name(request.alias).coalesce_key if request.alias else coalesce_key
-        reasons: list[WakeReason] = []
-        unnotified = notified = 0
-        while unnotified < self.max_rounds and notified < (
-            self.max_rounds * NOTIFIED_ROUNDS_PER_ROUND
-        ):
-            if reasons:  # get() read the store just before the first round
-                entry = await self.store.read(key)
-                if self._usable(entry):
-                    return entry
+        with key_context(key.coalesce_key):
+            if self.coordinator is None:
+                return await self._settle(request)
+            by_alias = request.alias is not None
 
-            async def run_as_winner(session: object) -> Entry | None:
-                return await self._uncached(request, session)
+            async def read() -> Entry | None:
+                entry = await self.store.read(key, by_alias=by_alias)
+                return entry if self._usable(entry) else None
 
-            outcome = await coordinator.try_acquire_and_run(lock_key, run_as_winner)
-            if isinstance(outcome, Acquired):
-                self._stats.lock_won += 1
-                return outcome.value
-            self._stats.lock_lost += 1
-            reason = await coordinator.wait_for_key(lock_key, self.wait_timeout)
-            reasons.append(reason)
-            if reason is WakeReason.NOTIFY:
-                notified += 1
-            else:
-                unnotified += 1
-            self._stats.waits[reason.value] = self._stats.waits.get(reason.value, 0) + 1
-            logger.debug(
-                "round %d for %r: lost the lock, woken by %s",
-                len(reasons),
-                coalesce_key,
-                reason.value,
-                extra={"coalesce_key": coalesce_key},
+            # The lock is per alias family when there is an alias: "x" and "x.gts" may
+            # produce the same entry, so they take turns and the loser re-reads its key.
+            lock_key = key.with_name(request.alias) if request.alias is not None else key
+            return await run_coordinated(
+                self.coordinator,
+                coalesce_key=key.coalesce_key,
+                lock_key=lock_key.coalesce_key,
+                read=read,
+                compute=lambda: self._settle(request),
+                wait_timeout=self.wait_timeout,
+                max_rounds=self.max_rounds,
+                stats=self._stats,
             )
-        entry = await self.store.read(key)  # the last wake may have brought the row
-        if self._usable(entry):
-            return entry
-        self._stats.gave_up += 1
-        raise CoordinationGaveUpError(
-            coalesce_key, len(reasons), self.wait_timeout, _likely_cause(reasons)
-        )
 
-    async def _uncached(self, request: _Request, session: object | None) -> Entry | None:
-        """Read again, then produce the candidates in order and persist the first that
-        exists, unless an invalidation happened since the computation began."""
-        key = request.key
-        stamp = await self.store.stamp(key.namespace, request.snapshot.names, session=session)
-        entry = await self.store.read(key, session=session)
-        if self._usable(entry):
-            return entry
-        for candidate in request.candidates:
-            candidate_key = key.with_name(candidate)
-            if candidate != key.name:
-                entry = await self.store.read(candidate_key, session=session)
-                if self._usable(entry):
-                    return entry
-            self._stats.computations += 1
-            produced = await request.produce(candidate)
-            if produced is MISSING:
-                self._stats.missing += 1
-                continue
-            entry = Entry(
-                key=candidate_key,
-                value=produced.value,
-                deps=tuple(produced.deps),
-                error=produced.error,
-                created_at=self._now_ms(),
-                alias=request.alias,
-                diagnostics=produced.diagnostics,
-            )
-            validate_entry(entry)
-            if entry.error is not None and not request.persist_errors:
-                # Not stored; returned so that a joined caller who does want errors sees it
-                # (get() hides it from those who asked not to persist errors).
-                self._stats.errors_not_persisted += 1
-                return entry
-            invalidated_meanwhile = self._generations.changed(request.snapshot)
-            if not await self.store.write(entry, stamp=stamp, session=session):
-                if invalidated_meanwhile:
-                    self._stats.stale_discarded += 1
-                else:  # an invalidation this process never heard of, caught by the store
-                    self._stats.stale_refused += 1
-                logger.info(
-                    "discarded a stale result for %r: invalidated while computing",
-                    key.coalesce_key,
-                    extra={"coalesce_key": key.coalesce_key},
-                )
-                return await self._current(key, session)
-            if invalidated_meanwhile:
-                self._stats.fresh_despite_invalidation += 1
-            if entry.error is not None:
-                self._stats.errors_cached += 1
-            return entry
-        return None
-
-    async def _current(self, key: Key, session: object | None) -> Entry | None:
-        entry = await self.store.read(key, session=session)
-        return entry if self._usable(entry) else None
+    async def _settle(self, request: Request[V]) -> Entry | None:
+        """Populate, then leave the in-flight map at once: the result is in the store (or
+        final), so a caller arriving from now on reads the store instead of joining. (A
+        winner still has to release its lock; a caller joining in that window would get a
+        result an invalidation committed meanwhile may already have deleted.)"""
+        try:
+            return await self._populator.populate(request)
+        finally:
+            self._flights.detach(request.key)
 
     # ------------------------------------------------------------ invalidating
 
     async def invalidate(
-        self,
-        namespace: str,
-        names: Sequence[str],
-        *,
-        variants: Callable[[str], Iterable[str]] | None = None,
+        self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
     ) -> list[str]:
         """Invalidate ``names`` of ``namespace`` and, transitively, every entry whose deps
-        contain one of them; return all the names invalidated.
-
-        ``variants`` expands each name (given or found as a dependent) into every name its
-        entries may be stored or depended on under (e.g. with and without an extension).
-        Order: compute the set, bump the generations, drop matching in-flight entries,
-        delete the rows (all scopes and users), then broadcast.
-        """
-
-        def expand(name: str) -> Iterable[str]:
-            return (name,) if variants is None else variants(name)
-
-        closure = list(dict.fromkeys(variant for name in names for variant in expand(name)))
-        seen = set(closure)
-        frontier = closure
-        while frontier:
-            found = await self.store.find_dependents(namespace, frontier)
-            frontier = list(
-                dict.fromkeys(v for name in found for v in expand(name) if v not in seen)
-            )
-            seen.update(frontier)
-            closure.extend(frontier)
-        if not closure:
-            return []
-        self.bump_names(namespace, closure)
-        await self.store.delete_names(namespace, closure)
-        if self.publisher is not None:
+        contain one of them (see ``Store.invalidate``; ``expand`` gives every name an entry
+        may be stored or depended on under); return all the names invalidated. When this
+        returns, no entry computed from the old content of any of them exists or will be
+        stored, in any process. The names then go to the fleet's broadcast."""
+        closure = await self.store.invalidate(namespace, names, expand=expand)
+        invalidated = set(closure)
+        # Callers from now on must not join a computation that may have stored (before the
+        # invalidation) what the store has just deleted; those under way restart by
+        # themselves if the store refuses them.
+        self._flights.forget(lambda k: k.namespace == namespace and k.name in invalidated)
+        if closure and self.publisher is not None:
             await self.publisher.names_invalidated(namespace, closure)
         return closure
 
     async def clear_namespace(self, namespace: str) -> None:
-        """Delete every entry of ``namespace``; computations under way there persist nothing."""
-        self.bump_namespace(namespace)
-        await self.store.delete_namespace(namespace)
+        """Delete every entry of ``namespace``; computations under way there store nothing."""
+        await self.store.clear_namespace(namespace)
+        self._flights.forget(lambda k: k.namespace == namespace)
         if self.publisher is not None:
             await self.publisher.namespace_cleared(namespace)
 
     async def clear_all(self) -> None:
-        """Delete every entry; no computation under way persists."""
-        self.bump_global()
-        await self.store.delete_all()
+        """Delete every entry; no computation under way stores anything."""
+        await self.store.clear_all()
+        self._flights.forget(lambda k: True)
         if self.publisher is not None:
             await self.publisher.all_cleared()
 
-    def bump_names(self, namespace: str, names: Sequence[str]) -> None:
-        """Mark ``names`` of ``namespace`` invalidated in this process (used by
-        ``invalidate`` and by the listener replaying another process's invalidation)."""
-        wanted = set(names)
-        self._generations.bump_names(namespace, wanted)
-        self._drop(
-            lambda r: r.key.namespace == namespace and not wanted.isdisjoint(r.snapshot.names)
-        )
+    # ------------------------------------------------- invalidations from the fleet
 
-    def bump_namespace(self, namespace: str) -> None:
-        """Mark all of ``namespace`` invalidated in this process."""
-        self._generations.bump_namespace(namespace)
-        self._drop(lambda r: r.key.namespace == namespace)
+    def names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
+        """Another process invalidated ``names`` (the listener's target)."""
+        self._stats.remote_invalidations += 1
 
-    def bump_global(self) -> None:
-        """Mark everything invalidated in this process."""
-        self._generations.bump_global()
-        self._drop(lambda r: True)
+    def namespace_cleared(self, namespace: str) -> None:
+        """Another process cleared ``namespace``."""
+        self._stats.remote_invalidations += 1
 
-    def generation(self, namespace: str | None = None, name: str | None = None) -> int:
-        """One in-memory generation counter: the global one, a namespace's, or a name's."""
-        return self._generations.value(namespace, name)
+    def all_cleared(self) -> None:
+        """Another process cleared everything."""
+        self._stats.remote_invalidations += 1
 
-    def _drop(self, matches: Callable[[_Request], bool]) -> None:
-        """Forget matching in-flight entries so later callers start a fresh computation
-        instead of joining one whose result will be discarded."""
-        for coalesce_key in [k for k, f in self._inflight.items() if matches(f.request)]:
-            del self._inflight[coalesce_key]
+    def notifications_lost(self) -> None:
+        """Invalidation notices from other processes may have been missed."""
+        self._stats.notification_gaps += 1
 
     # -------------------------------------------------------------- lifecycle
 
     def stats(self) -> dict[str, int]:
         """Counters: hits, misses, coalesced callers, computations, missing outcomes,
-        errors cached, stale results discarded (``stale_discarded``: this process saw the
-        invalidation; ``stale_refused``: only the store did), results kept because the store
-        proved them fresh though an invalidation happened meanwhile
-        (``fresh_despite_invalidation``), locks won and lost, waits by wake reason, and
-        give-ups."""
+        errors cached, results not persisted, stale results refused by the store and
+        restarts, computations timed out, locks won and lost, waits by wake reason,
+        give-ups, and invalidations heard from the fleet."""
         return self._stats.as_dict()
 
-    async def close(self) -> None:
-        """Cancel every computation still under way and refuse further ``get`` calls."""
+    async def close(self, timeout: float = 10.0) -> None:
+        """Cancel every computation still under way (waiting at most ``timeout`` seconds)
+        and refuse further calls. Idempotent."""
         self._closed = True
-        tasks = list(self._running)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._inflight.clear()
-
-
-def _hide_error(entry: Entry | None, persist_errors: bool) -> Entry | None:
-    """What a caller gets: with ``persist_errors=False`` an error entry is None to it."""
-    if entry is not None and entry.error is not None and not persist_errors:
-        return None
-    return entry
-
-
-def _likely_cause(reasons: Sequence[WakeReason]) -> str:
-    if reasons and all(reason is WakeReason.TIMEOUT for reason in reasons):
-        return (
-            "the holder never notified; its computation outlasted every wait, "
-            "or notifications are not reaching this process"
-        )
-    if WakeReason.PROBE in reasons:
-        return "the holder's lock vanished without a result (its process may keep dying)"
-    if WakeReason.CLOSE in reasons:
-        return "the coordinator was closing"
-    return "each round the holder finished without a usable row (it may keep failing)"
+        await self._flights.close(timeout)

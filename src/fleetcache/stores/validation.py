@@ -46,7 +46,8 @@ def check_name(what: str, text: object, *, allow_empty: bool = True) -> None:
     if "\x00" in text:
         raise InvalidInputError(f"{what} contains a NUL character: {text[:80]!r}")
     try:
-        size = len(text.encode())
+        # ASCII (the common case, and the hit path's) needs no encoding to be measured.
+        size = len(text) if text.isascii() else len(text.encode())
     except UnicodeEncodeError as exc:
         raise InvalidInputError(
             f"{what} contains a lone surrogate at index {exc.start}: {text[:80]!r}"

@@ -1,0 +1,197 @@
+"""The populate protocol: how one computation of a missing key runs (layer 5).
+
+One attempt:
+
+1. **Stamp and re-read**, in one reading of the store (``Store.stamp_and_read``): the
+   stamp is no later than the read, so whatever the read did not see, the write below is
+   checked against. A usable entry found now is the answer (someone else stored it).
+2. **Candidates in order**: a candidate other than the key's own name is read first; then
+   ``produce(candidate key)``. ``MISSING`` moves on to the next candidate and stores
+   nothing; if all are missing the answer is None.
+3. **Guarded write** under the stamp. The store refuses it if anything the entry depends
+   on was invalidated after the stamp (its names, alias, deps, namespace, the store).
+
+A refused write means the result was computed from data an invalidation has since
+replaced, so it is thrown away and the attempt starts again with a fresh stamp: every
+caller sharing the computation — including one that joined after the invalidation
+returned — gets a result computed after it. At most :data:`MAX_ATTEMPTS` attempts; if every
+one is overtaken (invalidations faster than the computation), the answer is what the store
+holds then, possibly None, and it is logged.
+
+Not stored, but returned: an error when the caller asked not to persist errors, and a
+result its producer marked ``cacheable=False``.
+
+The whole populate is bounded by ``compute_timeout``: past it the computation is cancelled,
+nothing is stored and :class:`~fleetcache.errors.ComputationTimeoutError` is raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from fleetcache.errors import ComputationTimeoutError
+from fleetcache.logcontext import get_logger
+from fleetcache.lookup.codec import Codec
+from fleetcache.lookup.stats import LookupStats
+from fleetcache.stores.base import JSON, Entry, Key, Store
+
+logger = get_logger("fleetcache.lookup")
+
+V = TypeVar("V")
+
+#: How many times a computation whose result was refused as stale runs in all.
+MAX_ATTEMPTS = 3
+
+
+class Missing(enum.Enum):
+    """What a produce function returns when the thing does not exist (never cached)."""
+
+    MISSING = "missing"
+
+
+MISSING = Missing.MISSING
+
+
+@dataclass(frozen=True, slots=True)
+class Produced(Generic[V]):
+    """What a produce function returns for a name that exists: a value, the names it
+    depends on, an error document when producing it failed (cached for the error TTL),
+    optional diagnostics (JSON), and whether it may be stored at all (``cacheable=False``:
+    returned to the callers but never stored, e.g. an answer known to be incomplete)."""
+
+    value: V
+    deps: Sequence[str] = ()
+    error: JSON | None = None
+    diagnostics: JSON | None = None
+    cacheable: bool = True
+
+
+#: Produces the entry for one candidate: it receives the candidate's key.
+Produce = Callable[[Key], Awaitable[Produced[V] | Missing]]
+
+
+@dataclass(frozen=True, slots=True)
+class Request(Generic[V]):
+    """One computation's inputs, fixed by the caller that started it."""
+
+    key: Key
+    produce: Produce[V]
+    candidates: tuple[str, ...]
+    alias: str | None
+    persist_errors: bool
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name the computation is about (its stamp covers them)."""
+        alias = (self.alias,) if self.alias is not None else ()
+        return tuple(dict.fromkeys((self.key.name, *self.candidates, *alias)))
+
+
+class _Refused(enum.Enum):
+    REFUSED = "refused"
+
+
+class Populator(Generic[V]):
+    """Runs the populate protocol for a caching lookup (see the module docstring).
+
+    ``usable`` says whether a stored entry answers a caller (the lookup's error-TTL
+    policy); ``codec`` turns produced values into the JSON stored (None: they are JSON).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        usable: Callable[[Entry | None], bool],
+        codec: Codec[V] | None,
+        stats: LookupStats,
+        compute_timeout: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self._usable = usable
+        self._codec = codec
+        self._stats = stats
+        self.compute_timeout = compute_timeout
+        self._clock = clock
+
+    async def populate(self, request: Request[V]) -> Entry | None:
+        """The entry for ``request`` (stored, found, or returned unstored), or None when
+        every candidate is missing."""
+        timeout = asyncio.timeout(self.compute_timeout)
+        try:
+            async with timeout:
+                return await self._attempts(request)
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # the producer's own TimeoutError, not ours
+            self._stats.compute_timeouts += 1
+            raise ComputationTimeoutError(request.key.coalesce_key, self.compute_timeout) from None
+
+    async def _attempts(self, request: Request[V]) -> Entry | None:
+        key = request.key
+        by_alias = request.alias is not None
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            stamp, entry = await self.store.stamp_and_read(key, request.names, by_alias=by_alias)
+            if self._usable(entry):
+                return entry
+            outcome = await self._candidates(request, stamp)
+            if outcome is not _Refused.REFUSED:
+                return outcome
+            self._stats.stale_refused += 1
+            if attempt < MAX_ATTEMPTS:
+                self._stats.restarts += 1
+            logger.info(
+                "the result for key %s was refused by the store: something it depends on "
+                "was invalidated while it was computed (attempt %d of %d)",
+                key.coalesce_key,
+                attempt,
+                MAX_ATTEMPTS,
+            )
+        logger.warning(
+            "key %s was invalidated during each of %d computations; answering with what "
+            "the store holds now",
+            key.coalesce_key,
+            MAX_ATTEMPTS,
+        )
+        entry = await self.store.read(key, by_alias=by_alias)
+        return entry if self._usable(entry) else None
+
+    async def _candidates(self, request: Request[V], stamp: Any) -> Entry | _Refused | None:
+        key = request.key
+        for candidate in request.candidates:
+            candidate_key = key.with_name(candidate)
+            if candidate != key.name:
+                entry = await self.store.read(candidate_key)
+                if self._usable(entry):
+                    return entry
+            self._stats.computations += 1
+            produced = await request.produce(candidate_key)
+            if produced is MISSING:
+                self._stats.missing += 1
+                continue
+            value = produced.value if self._codec is None else self._codec.encode(produced.value)
+            entry = Entry(
+                key=candidate_key,
+                value=value,
+                deps=tuple(produced.deps),
+                error=produced.error,
+                created_at=int(self._clock() * 1000),
+                alias=request.alias,
+                diagnostics=produced.diagnostics,
+            )
+            if not produced.cacheable or (entry.error is not None and not request.persist_errors):
+                # Returned, never stored: joined callers filter errors by their own wish.
+                self._stats.not_persisted += 1
+                return entry
+            if not await self.store.write(entry, stamp=stamp):
+                return _Refused.REFUSED
+            if entry.error is not None:
+                self._stats.errors_cached += 1
+            return entry
+        return None
