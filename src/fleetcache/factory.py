@@ -43,6 +43,7 @@ from fleetcache.lookup.caching import (
     CachingLookup,
 )
 from fleetcache.lookup.codec import Codec
+from fleetcache.lookup.near import NearCache
 from fleetcache.lookup.populate import Produce
 from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, PostgresInvalidationPublisher
 from fleetcache.notifications.hub import NotificationHub
@@ -222,6 +223,8 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     url: str,
     *,
     coordinate: bool | None = None,
+    near: int | None = None,
+    near_max_bytes: int | None = None,
     codec: Codec[Any] | None = None,
     error_ttl: float = DEFAULT_ERROR_TTL,
     compute_timeout: float = DEFAULT_COMPUTE_TIMEOUT,
@@ -235,7 +238,10 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     """Open a cache for ``url`` and start what it needs; see the module docstring.
 
     ``coordinate``: cross-process populate coordination (None: on for Postgres, where it
-    exists). The other options are :class:`~fleetcache.lookup.caching.CachingLookup`'s,
+    exists). ``near``: keep up to that many entries in process memory and serve hits from
+    there while this process hears the fleet's invalidations (``near_max_bytes`` bounds
+    their size too); Postgres only, since only there invalidations are broadcast. The
+    other options are :class:`~fleetcache.lookup.caching.CachingLookup`'s,
     plus the Postgres pool size, the crash-probe interval and the channel names.
     """
 
@@ -243,11 +249,13 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
         store: Store,
         coordinator: PostgresCoordinator | None = None,
         publisher: PostgresInvalidationPublisher | None = None,
+        near_tier: NearCache | None = None,
     ) -> CachingLookup[Any]:
         return CachingLookup(
             store,
             coordinator=coordinator,
             publisher=publisher,
+            near=near_tier,
             codec=codec,
             error_ttl=error_ttl,
             compute_timeout=compute_timeout,
@@ -262,7 +270,7 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             await store.open()
             closers.append(("store", lambda _timeout: store.close()))
             if not isinstance(store, PostgresStore):
-                _log_ignored(url, coordinate)
+                _log_ignored(url, coordinate, near)
                 lookup = make_lookup(store)
                 closers.append(("lookup", lookup.close))
                 return Fleetcache(url, store, lookup, closers=closers[::-1])
@@ -281,7 +289,10 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
                 await coordinator.start()
                 closers.append(("coordinator", coordinator.close))
             publisher = PostgresInvalidationPublisher(store.pool, channel=invalidated_channel)
-            lookup = make_lookup(store, coordinator, publisher)
+            near_tier = (
+                None if near is None else NearCache(hub, max_entries=near, max_bytes=near_max_bytes)
+            )
+            lookup = make_lookup(store, coordinator, publisher, near_tier)
             listener = InvalidationListener(
                 hub, lookup, channel=invalidated_channel, origin=publisher.origin
             )
@@ -307,11 +318,13 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     return Opening(opener)
 
 
-def _log_ignored(url: str, coordinate: bool | None) -> None:
+def _log_ignored(url: str, coordinate: bool | None, near: int | None) -> None:
+    """One log line per process for options that need Postgres."""
     global _ignored_logged  # noqa: PLW0603 - one log line per process, by design
-    if coordinate and not _ignored_logged:
+    if (coordinate or near is not None) and not _ignored_logged:
         _ignored_logged = True
         logger.info(
-            "coordination across processes is ignored for %s: it needs Postgres",
+            "coordination across processes and the near tier are ignored for %s: they need "
+            "Postgres (its locks, and its broadcast of every invalidation to every process)",
             url.split("://", 1)[0],
         )

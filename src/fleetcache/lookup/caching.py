@@ -21,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeGuard, TypeVar
 
 from fleetcache.coordination.base import PopulateCoordinator
 from fleetcache.errors import CachedError, ComputationTimeoutError, ConfigurationError, NotOpenError
 from fleetcache.logcontext import get_logger, key_context
 from fleetcache.lookup.codec import Codec
 from fleetcache.lookup.coordinated import run_coordinated
+from fleetcache.lookup.near import NearCache
 from fleetcache.lookup.populate import Populator, Produce, Request
 from fleetcache.lookup.singleflight import SingleFlight
 from fleetcache.lookup.stats import LookupStats
@@ -65,7 +66,9 @@ class CachingLookup(Generic[V]):
 
     ``coordinator`` turns on fleet-wide single flight; ``publisher`` broadcasts
     invalidations to the fleet; ``codec`` turns values of type ``V`` into the JSON stored
-    (default: values are JSON). ``error_ttl``: seconds an error entry counts as a hit.
+    (default: values are JSON); ``near`` serves hits from process memory (see
+    :mod:`fleetcache.lookup.near`; it must hear the fleet's invalidations).
+    ``error_ttl``: seconds an error entry counts as a hit.
     ``compute_timeout``: seconds one computation (all its candidates and restarts) may
     take. ``wait_timeout`` and ``max_rounds``: a caller waits for another process's
     computation at most ``wait_timeout`` seconds at a time and ``max_rounds *
@@ -79,6 +82,7 @@ class CachingLookup(Generic[V]):
         coordinator: PopulateCoordinator | None = None,
         publisher: InvalidationPublisher | None = None,
         codec: Codec[V] | None = None,
+        near: NearCache | None = None,
         error_ttl: float = DEFAULT_ERROR_TTL,
         compute_timeout: float = DEFAULT_COMPUTE_TIMEOUT,
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
@@ -103,6 +107,7 @@ class CachingLookup(Generic[V]):
         self.wait_timeout = wait_timeout
         self.max_rounds = max_rounds
         self._codec = codec
+        self.near = near
         self._clock = clock
         self._stats = LookupStats()
         self._flights: SingleFlight[Key, Entry | None] = SingleFlight()
@@ -155,13 +160,22 @@ class CachingLookup(Generic[V]):
         if self._closed:
             raise NotOpenError("this CachingLookup is closed")
         validate_key(key)
+        by_alias = alias is not None
+        near = self.near
+        if near is not None:
+            kept = near.get(key, by_alias=by_alias)
+            if kept is not None and self._usable(kept):
+                return self._out(kept, persist_errors)
         flight = self._flights.running(key)
         if flight is not None:  # joined before any I/O
             self._stats.coalesced += 1
             return self._out(await self._wait(key, flight), persist_errors)
-        entry = await self.store.read(key, by_alias=alias is not None)
+        epoch = near.epoch() if near is not None else 0
+        entry = await self.store.read(key, by_alias=by_alias)
         if self._usable(entry):
             self._stats.hits += 1
+            if near is not None:
+                near.put(entry, epoch=epoch)
             return self._out(entry, persist_errors)
         self._stats.misses += 1
         if self._closed:  # closed while we read: start nothing close() would not see
@@ -219,7 +233,7 @@ class CachingLookup(Generic[V]):
             raise ComputationTimeoutError(key.coalesce_key, self._caller_budget) from None
         return result
 
-    def _usable(self, entry: Entry | None) -> bool:
+    def _usable(self, entry: Entry | None) -> TypeGuard[Entry]:
         """A hit: present, and not an error entry older than the error TTL."""
         if entry is None:
             return False
@@ -248,8 +262,13 @@ class CachingLookup(Generic[V]):
             by_alias = request.alias is not None
 
             async def read() -> Entry | None:
+                epoch = self.near.epoch() if self.near is not None else 0
                 entry = await self.store.read(key, by_alias=by_alias)
-                return entry if self._usable(entry) else None
+                if not self._usable(entry):
+                    return None
+                if self.near is not None:
+                    self.near.put(entry, epoch=epoch)
+                return entry
 
             # The lock is per alias family when there is an alias: "x" and "x.gts" may
             # produce the same entry, so they take turns and the loser re-reads its key.
@@ -270,8 +289,16 @@ class CachingLookup(Generic[V]):
         final), so a caller arriving from now on reads the store instead of joining. (A
         winner still has to release its lock; a caller joining in that window would get a
         result an invalidation committed meanwhile may already have deleted.)"""
+        near = self.near
+        on_stored = None
+        if near is not None:
+            epoch = near.epoch()  # before the populate's first store read
+
+            def on_stored(entry: Entry) -> None:
+                near.put(entry, epoch=epoch)
+
         try:
-            return await self._populator.populate(request)
+            return await self._populator.populate(request, on_stored=on_stored)
         finally:
             self._flights.detach(request.key)
 
@@ -291,6 +318,8 @@ class CachingLookup(Generic[V]):
         # invalidation) what the store has just deleted; those under way restart by
         # themselves if the store refuses them.
         self._flights.forget(lambda k: k.namespace == namespace and k.name in invalidated)
+        if self.near is not None:
+            self.near.evict_names(namespace, closure)
         if closure and self.publisher is not None:
             await self.publisher.names_invalidated(namespace, closure)
         return closure
@@ -299,6 +328,8 @@ class CachingLookup(Generic[V]):
         """Delete every entry of ``namespace``; computations under way there store nothing."""
         await self.store.clear_namespace(namespace)
         self._flights.forget(lambda k: k.namespace == namespace)
+        if self.near is not None:
+            self.near.evict_namespace(namespace)
         if self.publisher is not None:
             await self.publisher.namespace_cleared(namespace)
 
@@ -306,35 +337,48 @@ class CachingLookup(Generic[V]):
         """Delete every entry; no computation under way stores anything."""
         await self.store.clear_all()
         self._flights.forget(lambda k: True)
+        if self.near is not None:
+            self.near.clear()
         if self.publisher is not None:
             await self.publisher.all_cleared()
 
     # ------------------------------------------------- invalidations from the fleet
 
     def names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
-        """Another process invalidated ``names`` (the listener's target)."""
+        """Another process invalidated ``names`` (the listener's target): evict them here."""
         self._stats.remote_invalidations += 1
+        if self.near is not None:
+            self.near.evict_names(namespace, names)
 
     def namespace_cleared(self, namespace: str) -> None:
         """Another process cleared ``namespace``."""
         self._stats.remote_invalidations += 1
+        if self.near is not None:
+            self.near.evict_namespace(namespace)
 
     def all_cleared(self) -> None:
         """Another process cleared everything."""
         self._stats.remote_invalidations += 1
+        if self.near is not None:
+            self.near.clear()
 
     def notifications_lost(self) -> None:
         """Invalidation notices from other processes may have been missed."""
         self._stats.notification_gaps += 1
+        if self.near is not None:
+            self.near.clear()
 
     # -------------------------------------------------------------- lifecycle
 
     def stats(self) -> dict[str, int]:
-        """Counters: hits, misses, coalesced callers, computations, missing outcomes,
-        errors cached, results not persisted, stale results refused by the store and
-        restarts, computations timed out, locks won and lost, waits by wake reason,
-        give-ups, and invalidations heard from the fleet."""
-        return self._stats.as_dict()
+        """Counters: hits (from the store), misses, coalesced callers, computations,
+        missing outcomes, errors cached, results not persisted, stale results refused by
+        the store and restarts, computations timed out, locks won and lost, waits by wake
+        reason, give-ups, invalidations heard from the fleet, and the near tier's."""
+        stats = self._stats.as_dict()
+        if self.near is not None:
+            stats.update(self.near.stats())
+        return stats
 
     async def close(self, timeout: float = 10.0) -> None:
         """Cancel every computation still under way (waiting at most ``timeout`` seconds)

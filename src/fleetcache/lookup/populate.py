@@ -120,26 +120,33 @@ class Populator(Generic[V]):
         self.compute_timeout = compute_timeout
         self._clock = clock
 
-    async def populate(self, request: Request[V]) -> Entry | None:
+    async def populate(
+        self, request: Request[V], *, on_stored: Callable[[Entry], object] | None = None
+    ) -> Entry | None:
         """The entry for ``request`` (stored, found, or returned unstored), or None when
-        every candidate is missing."""
+        every candidate is missing. ``on_stored`` is called with an entry that is in the
+        store (found there, or written) — not with one returned unstored."""
         timeout = asyncio.timeout(self.compute_timeout)
         try:
             async with timeout:
-                return await self._attempts(request)
+                entry, stored = await self._attempts(request)
+                if stored and entry is not None and on_stored is not None:
+                    on_stored(entry)
+                return entry
         except TimeoutError:
             if not timeout.expired():
                 raise  # the producer's own TimeoutError, not ours
             self._stats.compute_timeouts += 1
             raise ComputationTimeoutError(request.key.coalesce_key, self.compute_timeout) from None
 
-    async def _attempts(self, request: Request[V]) -> Entry | None:
+    async def _attempts(self, request: Request[V]) -> tuple[Entry | None, bool]:
+        """The entry and whether it is in the store."""
         key = request.key
         by_alias = request.alias is not None
         for attempt in range(1, MAX_ATTEMPTS + 1):
             stamp, entry = await self.store.stamp_and_read(key, request.names, by_alias=by_alias)
             if self._usable(entry):
-                return entry
+                return entry, True
             outcome = await self._candidates(request, stamp)
             if outcome is not _Refused.REFUSED:
                 return outcome
@@ -160,16 +167,18 @@ class Populator(Generic[V]):
             MAX_ATTEMPTS,
         )
         entry = await self.store.read(key, by_alias=by_alias)
-        return entry if self._usable(entry) else None
+        return (entry, True) if self._usable(entry) else (None, False)
 
-    async def _candidates(self, request: Request[V], stamp: Any) -> Entry | _Refused | None:
+    async def _candidates(
+        self, request: Request[V], stamp: Any
+    ) -> tuple[Entry | None, bool] | _Refused:
         key = request.key
         for candidate in request.candidates:
             candidate_key = key.with_name(candidate)
             if candidate != key.name:
                 entry = await self.store.read(candidate_key)
                 if self._usable(entry):
-                    return entry
+                    return entry, True
             self._stats.computations += 1
             produced = await request.produce(candidate_key)
             if produced is MISSING:
@@ -188,10 +197,10 @@ class Populator(Generic[V]):
             if not produced.cacheable or (entry.error is not None and not request.persist_errors):
                 # Returned, never stored: joined callers filter errors by their own wish.
                 self._stats.not_persisted += 1
-                return entry
+                return entry, False
             if not await self.store.write(entry, stamp=stamp):
                 return _Refused.REFUSED
             if entry.error is not None:
                 self._stats.errors_cached += 1
-            return entry
-        return None
+            return entry, True
+        return None, False
