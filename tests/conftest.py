@@ -6,13 +6,15 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from fleetcache.stores import MemoryStore, PostgresStore, SqliteStore, Store
+if TYPE_CHECKING:
+    from fleetcache.stores import Store
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +60,10 @@ STORE_KINDS = ["memory", "sqlite", "postgres"]
 @pytest.fixture(params=STORE_KINDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """An open store of each kind, empty."""
+    # Imported here, not at the top: tests that need no store (hub, broadcast) must not
+    # depend on the stores importing.
+    from fleetcache.stores import MemoryStore, PostgresStore, SqliteStore
+
     kind: str = request.param
     made: Store
     if kind == "memory":

@@ -3,22 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from fleetcache.errors import NotificationError, NotOpenError
-from fleetcache.notifications import NotificationHub
-from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME
+from fleetcache.errors import (
+    ConfigurationError,
+    DatabaseConnectError,
+    NotificationError,
+    NotOpenError,
+)
+from fleetcache.notifications import DEFAULT_APPLICATION_NAME, NotificationHub
 
 pytestmark = pytest.mark.postgres
 
 WAIT = 10.0  # generous bound on any wait; never an assertion about speed
+
+AdminConn = psycopg.AsyncConnection[tuple[object, ...]]
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
@@ -30,19 +39,19 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> No
         await asyncio.sleep(0.01)
 
 
-async def hub_backends(admin: psycopg.AsyncConnection[tuple[object, ...]]) -> list[int]:
+async def hub_backends(
+    admin: AdminConn, application_name: str = DEFAULT_APPLICATION_NAME
+) -> list[int]:
     """Backend pids of hub connections to the admin connection's database."""
     cur = await admin.execute(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
         "AND application_name = %s AND pid <> pg_backend_pid()",
-        (DEFAULT_APPLICATION_NAME,),
+        (application_name,),
     )
-    return [int(row[0]) for row in await cur.fetchall()]  # type: ignore[call-overload]
+    return [int(str(row[0])) for row in await cur.fetchall()]
 
 
-async def wait_for_backends(
-    admin: psycopg.AsyncConnection[tuple[object, ...]], count: int
-) -> list[int]:
+async def wait_for_backends(admin: AdminConn, count: int) -> list[int]:
     """Wait until exactly ``count`` hub backends exist (exiting backends take a moment)."""
     deadline = time.monotonic() + WAIT
     while True:
@@ -55,7 +64,7 @@ async def wait_for_backends(
 
 
 @pytest.fixture
-async def admin(database_url: str) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+async def admin(database_url: str) -> AsyncIterator[AdminConn]:
     """An autocommit connection to the test database, to NOTIFY and inspect from."""
     conn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
     try:
@@ -64,9 +73,28 @@ async def admin(database_url: str) -> AsyncIterator[psycopg.AsyncConnection[tupl
         await conn.close()
 
 
-async def notify(
-    admin: psycopg.AsyncConnection[tuple[object, ...]], channel: str, payload: str
-) -> None:
+@contextlib.contextmanager
+def extra_database(server_url: str, suffix: str, options: str = "") -> Iterator[str]:
+    """The name of a database made for one test (created by the caller or here), always
+    dropped at the end."""
+    name = f"fleetcache_test_{uuid.uuid4().hex[:8]}_{suffix}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        if options:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE template0 " + options).format(
+                    sql.Identifier(name)
+                )
+            )
+    try:
+        yield name
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+async def notify(admin: AdminConn, channel: str, payload: str) -> None:
     """Send one notification from the admin connection."""
     await admin.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
@@ -76,17 +104,28 @@ def is_up(hub: NotificationHub) -> bool:
     return hub.connected
 
 
-def make_hub(url: str) -> NotificationHub:
+def make_hub(url: str, channels: list[str], liveness_interval: float = 0.25) -> NotificationHub:
     """A hub with short intervals, so failures are noticed quickly in tests."""
     return NotificationHub(
-        url, liveness_interval=0.25, reconnect_min_delay=0.05, reconnect_max_delay=0.5
+        url,
+        channels,
+        liveness_interval=liveness_interval,
+        reconnect_min_delay=0.05,
+        reconnect_max_delay=0.5,
     )
+
+
+def own_tasks() -> list[asyncio.Task[object]]:
+    """fleetcache's tasks still running (every one is named ``fleetcache ...``)."""
+    return [
+        t for t in asyncio.all_tasks() if t.get_name().startswith("fleetcache") and not t.done()
+    ]
 
 
 @pytest.fixture
 async def hub(database_url: str) -> AsyncIterator[NotificationHub]:
-    """A started hub on the test database, closed afterwards."""
-    made = make_hub(database_url)
+    """A started hub on channels a, b and c of the test database, closed afterwards."""
+    made = make_hub(database_url, ["a", "b", "c"])
     await made.start()
     try:
         yield made
@@ -94,124 +133,80 @@ async def hub(database_url: str) -> AsyncIterator[NotificationHub]:
         await made.close()
 
 
-async def test_callback_receives_payload_sent_from_another_connection(
-    hub: NotificationHub, admin: psycopg.AsyncConnection[tuple[object, ...]]
+# ------------------------------------------------------------------ construction
+
+
+@pytest.mark.parametrize(
+    "channels",
+    [
+        [],
+        [""],
+        ["x" * 64],
+        ["é" * 32],  # 64 bytes
+        ["nul\x00"],
+        ["lone \ud800"],
+        "abc",  # one string, not a list of channels
+        ["ok", 7],
+    ],
+)
+def test_constructor_refuses_channels_postgres_cannot_listen_on(channels: object) -> None:
+    """Empty, too long (in bytes), NUL, lone surrogate, non-string or no channels at all
+    are refused when the hub is built."""
+    with pytest.raises(ConfigurationError):
+        NotificationHub("dbname=x", channels)  # type: ignore[arg-type]
+
+
+def test_constructor_keeps_channels_in_order_once_and_does_no_io() -> None:
+    """Valid channels (up to 63 bytes) are kept in order without duplicates; building a
+    hub for an unreachable server does no I/O and starts nothing."""
+    hub = NotificationHub("host=/nonexistent port=1", ["b", "é" * 31 + "x", "a", "b"])
+    assert hub.channels == ("b", "é" * 31 + "x", "a")
+    assert not hub.connected
+    assert (hub.gaps, hub.reconnects, hub.backend_pid) == (0, 0, None)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"liveness_interval": 0},
+        {"reconnect_min_delay": 0},
+        {"reconnect_min_delay": 2.0, "reconnect_max_delay": 1.0},
+    ],
+)
+def test_constructor_refuses_bad_intervals(kwargs: dict[str, float]) -> None:
+    """Non-positive intervals and a minimum delay above the maximum are refused."""
+    with pytest.raises(ConfigurationError):
+        NotificationHub("dbname=x", ["c"], **kwargs)  # type: ignore[arg-type]
+
+
+def test_add_handler_refuses_a_channel_the_hub_does_not_listen_on() -> None:
+    """A handler for a channel that is not one of the hub's could never be called: refused."""
+    hub = NotificationHub("dbname=x", ["c"])
+    with pytest.raises(ConfigurationError):
+        hub.add_handler("other", print)
+
+
+# ------------------------------------------------------------------ delivery
+
+
+async def test_handler_receives_payload_sent_from_another_connection(
+    hub: NotificationHub, admin: AdminConn
 ) -> None:
-    """A NOTIFY sent after subscribe() returns reaches the callback with its payload."""
+    """A handler added after start() receives a NOTIFY sent afterwards, with its payload."""
     got: list[str] = []
-    await hub.subscribe("chan", got.append)
-    await notify(admin, "chan", "hello ✓")
+    hub.add_handler("a", got.append)
+    await notify(admin, "a", "hello ✓")
     await wait_until(lambda: got == ["hello ✓"])
 
 
-async def test_channel_names_are_quoted_identifiers(
-    hub: NotificationHub, admin: psycopg.AsyncConnection[tuple[object, ...]]
+async def test_handler_added_before_start_receives_once_started(
+    database_url: str, admin: AdminConn
 ) -> None:
-    """A channel name with capitals, spaces and quotes is LISTENed exactly as given."""
-    channel = 'Odd "Channel"; name'
+    """A handler registered before start() receives what is sent once start() returns."""
+    hub = make_hub(database_url, ["early"])
     got: list[str] = []
-    await hub.subscribe(channel, got.append)
-    await notify(admin, channel, "x")
-    await wait_until(lambda: got == ["x"])
-
-
-async def test_every_subscriber_on_a_channel_gets_the_payload(
-    hub: NotificationHub, admin: psycopg.AsyncConnection[tuple[object, ...]]
-) -> None:
-    """Several subscribers on one channel each receive every payload; other channels don't."""
-    first: list[str] = []
-    second: list[str] = []
-    other: list[str] = []
-    await hub.subscribe("shared", first.append)
-    await hub.subscribe("shared", second.append)
-    await hub.subscribe("other", other.append)
-    await notify(admin, "shared", "p")
-    await wait_until(lambda: first == ["p"] and second == ["p"])
-    await notify(admin, "other", "q")
-    await wait_until(lambda: other == ["q"])
-    assert first == ["p"]
-    assert second == ["p"]
-
-
-async def test_payloads_are_delivered_in_arrival_order(
-    hub: NotificationHub, admin: psycopg.AsyncConnection[tuple[object, ...]]
-) -> None:
-    """Notifications reach the callback in the order they were committed."""
-    got: list[str] = []
-    await hub.subscribe("ordered", got.append)
-    expected = [str(i) for i in range(300)]
-    for payload in expected:
-        await notify(admin, "ordered", payload)
-    await wait_until(lambda: len(got) >= len(expected))
-    assert got == expected
-
-
-async def test_raising_callback_is_logged_and_delivery_continues(
-    hub: NotificationHub,
-    admin: psycopg.AsyncConnection[tuple[object, ...]],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """A callback that raises is logged and neither the hub nor later deliveries suffer."""
-    got: list[str] = []
-
-    def explode(payload: str) -> None:
-        raise RuntimeError(f"boom on {payload}")
-
-    await hub.subscribe("c", explode)
-    await hub.subscribe("c", got.append)
-    with caplog.at_level(logging.ERROR, logger="fleetcache.notifications"):
-        await notify(admin, "c", "1")
-        await wait_until(lambda: got == ["1"])
-        await notify(admin, "c", "2")
-        await wait_until(lambda: got == ["1", "2"])
-    failures = [r for r in caplog.records if r.name == "fleetcache.notifications"]
-    assert len(failures) == 2
-    assert all(r.exc_info and "boom on" in str(r.exc_info[1]) for r in failures)
-    assert is_up(hub)
-    assert hub.reconnects == 0
-
-
-async def test_unsubscribe_stops_delivery(
-    hub: NotificationHub, admin: psycopg.AsyncConnection[tuple[object, ...]]
-) -> None:
-    """After unsubscribe() (twice: idempotent) a subscriber gets nothing more; others still do."""
-    gone: list[str] = []
-    stays: list[str] = []
-    sub = await hub.subscribe("u", gone.append)
-    await hub.subscribe("u", stays.append)
-    sub.unsubscribe()
-    sub.unsubscribe()
-    assert not sub.active
-    await notify(admin, "u", "after")
-    await wait_until(lambda: stays == ["after"])
-    assert gone == []
-
-
-async def test_last_unsubscribe_forgets_the_channel_and_resubscribe_works(
-    hub: NotificationHub, admin: psycopg.AsyncConnection[tuple[object, ...]]
-) -> None:
-    """When a channel's last subscriber leaves, the channel is dropped; subscribing again
-    delivers again."""
-    first: list[str] = []
-    sub = await hub.subscribe("again", first.append)
-    sub.unsubscribe()
-    assert "again" not in hub.channels
-    await notify(admin, "again", "lost")
-    second: list[str] = []
-    await hub.subscribe("again", second.append)
-    await notify(admin, "again", "kept")
-    await wait_until(lambda: "kept" in second)
-    assert first == []
-
-
-async def test_subscribe_before_start_listens_once_started(
-    database_url: str, admin: psycopg.AsyncConnection[tuple[object, ...]]
-) -> None:
-    """A subscription made before start() is LISTENed by start()."""
-    hub = make_hub(database_url)
-    got: list[str] = []
+    hub.add_handler("early", got.append)
     try:
-        await hub.subscribe("early", got.append)
         assert not is_up(hub)
         await hub.start()
         assert is_up(hub)
@@ -221,12 +216,105 @@ async def test_subscribe_before_start_listens_once_started(
         await hub.close()
 
 
-async def test_start_and_close_are_idempotent(
-    database_url: str, admin: psycopg.AsyncConnection[tuple[object, ...]]
+async def test_channel_names_are_quoted_identifiers(database_url: str, admin: AdminConn) -> None:
+    """A channel name with capitals, spaces and quotes is LISTENed exactly as given."""
+    channel = 'Odd "Channel"; name'
+    got: list[str] = []
+    async with make_hub(database_url, [channel]) as hub:
+        hub.add_handler(channel, got.append)
+        await notify(admin, channel, "x")
+        await wait_until(lambda: got == ["x"])
+
+
+async def test_every_handler_on_a_channel_gets_the_payload_and_only_its_own(
+    hub: NotificationHub, admin: AdminConn
 ) -> None:
+    """Several handlers on one channel each receive every payload of that channel, and
+    nothing sent on the hub's other channels."""
+    first: list[str] = []
+    second: list[str] = []
+    other: list[str] = []
+    hub.add_handler("a", first.append)
+    hub.add_handler("a", second.append)
+    hub.add_handler("b", other.append)
+    await notify(admin, "a", "p")
+    await wait_until(lambda: first == ["p"] and second == ["p"])
+    await notify(admin, "b", "q")
+    await notify(admin, "c", "nobody listens to c here")
+    await wait_until(lambda: other == ["q"])
+    assert first == ["p"]
+    assert second == ["p"]
+
+
+async def test_payloads_are_delivered_in_arrival_order(
+    hub: NotificationHub, admin: AdminConn
+) -> None:
+    """Notifications reach the handler in the order they were committed."""
+    got: list[str] = []
+    hub.add_handler("a", got.append)
+    expected = [str(i) for i in range(300)]
+    for payload in expected:
+        await notify(admin, "a", payload)
+    await wait_until(lambda: len(got) >= len(expected))
+    assert got == expected
+
+
+async def test_notifications_arriving_around_liveness_probes_are_not_lost(
+    database_url: str, admin: AdminConn
+) -> None:
+    """Notifications sent at intervals straddling the liveness interval (some arrive while
+    the SELECT 1 probe runs) are all delivered, in order."""
+    got: list[str] = []
+    async with make_hub(database_url, ["p"], liveness_interval=0.02) as hub:
+        hub.add_handler("p", got.append)
+        expected = [str(i) for i in range(80)]
+        for i, payload in enumerate(expected):
+            await notify(admin, "p", payload)
+            await asyncio.sleep((i % 7) * 0.006)
+        await wait_until(lambda: len(got) >= len(expected))
+        assert got == expected
+        assert hub.reconnects == 0
+
+
+async def test_raising_handler_is_logged_and_delivery_continues(
+    hub: NotificationHub, admin: AdminConn, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that raises is logged; the other handlers, the hub and later deliveries
+    do not suffer."""
+    got: list[str] = []
+
+    def explode(payload: str) -> None:
+        raise RuntimeError(f"boom on {payload}")
+
+    hub.add_handler("a", explode)
+    hub.add_handler("a", got.append)
+    with caplog.at_level(logging.ERROR, logger="fleetcache.notifications"):
+        await notify(admin, "a", "1")
+        await wait_until(lambda: got == ["1"])
+        await notify(admin, "a", "2")
+        await wait_until(lambda: got == ["1", "2"])
+    failures = [r for r in caplog.records if r.name == "fleetcache.notifications"]
+    assert len(failures) == 2
+    assert all(r.exc_info and "boom on" in str(r.exc_info[1]) for r in failures)
+    assert is_up(hub)
+    assert (hub.reconnects, hub.gaps) == (0, 0)
+
+
+async def test_connection_carries_the_application_name(database_url: str, admin: AdminConn) -> None:
+    """The hub's backend shows the configured application_name in pg_stat_activity."""
+    hub = NotificationHub(database_url, ["c"], application_name="my-app-listener")
+    async with hub:
+        pids = await hub_backends(admin, "my-app-listener")
+        assert pids == [hub.backend_pid]
+
+
+# ------------------------------------------------------------------ lifecycle
+
+
+async def test_start_and_close_are_idempotent(database_url: str, admin: AdminConn) -> None:
     """start() twice (also concurrently) opens one connection; close() twice is fine and
     leaves no connection and no task behind."""
-    hub = make_hub(database_url)
+    hub = make_hub(database_url, ["c"])
     await asyncio.gather(hub.start(), hub.start())
     await hub.start()
     assert is_up(hub)
@@ -234,40 +322,111 @@ async def test_start_and_close_are_idempotent(
     await hub.close()
     await hub.close()
     assert not is_up(hub)
+    assert hub.backend_pid is None
     await wait_for_backends(admin, 0)
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
-async def test_closed_hub_refuses_start_and_subscribe(database_url: str) -> None:
-    """A closed hub cannot be restarted or subscribed to, and says so."""
-    hub = make_hub(database_url)
+async def test_closed_hub_refuses_start_and_handlers(database_url: str) -> None:
+    """A closed hub cannot be restarted or given handlers, and says so."""
+    hub = make_hub(database_url, ["c"])
     await hub.close()
     with pytest.raises(NotOpenError):
         await hub.start()
     with pytest.raises(NotOpenError):
-        await hub.subscribe("c", print)
+        hub.add_handler("c", print)
+    with pytest.raises(NotOpenError):
+        hub.add_gap_handler(lambda: None)
 
 
-async def test_start_failure_raises_notification_error(database_url: str) -> None:
-    """A start() that cannot connect raises NotificationError (the driver error as cause)."""
-    hub = make_hub(make_conninfo(database_url, dbname="fleetcache_no_such_database"))
-    with pytest.raises(NotificationError) as info:
-        await hub.start()
-    assert isinstance(info.value.__cause__, psycopg.Error)
-    assert not is_up(hub)
+async def test_start_against_a_missing_database_is_typed_quick_and_retryable(
+    database_url: str, postgres_server_url: str
+) -> None:
+    """start() against a database that does not exist raises DatabaseConnectError with
+    cause 'database-missing' within seconds (not after a retry budget); once the database
+    exists, start() on the same hub succeeds."""
+    with extra_database(postgres_server_url, "later") as name:
+        hub = make_hub(make_conninfo(database_url, dbname=name), ["c"])
+        try:
+            async with asyncio.timeout(5.0):  # permanent causes are not retried for 10 s
+                with pytest.raises(DatabaseConnectError) as info:
+                    await hub.start()
+            assert info.value.cause == "database-missing"
+            assert name in str(info.value)
+            assert not is_up(hub)
+            assert own_tasks() == []
+            with psycopg.connect(postgres_server_url, autocommit=True) as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            await hub.start()
+            assert is_up(hub)
+        finally:
+            await hub.close()
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_failed_start_nobody_waited_for_does_not_fail_the_next_start(
+    database_url: str, postgres_server_url: str
+) -> None:
+    """A start() whose caller was cancelled and whose attempt then failed does not make
+    the next start() raise that old error: the next start() tries again."""
+    with extra_database(postgres_server_url, "later") as name:
+        hub = make_hub(make_conninfo(database_url, dbname=name), ["c"])
+        try:
+            caller = asyncio.create_task(hub.start())
+            await asyncio.sleep(0)  # the start is under way ...
+            caller.cancel()  # ... and its only caller gives up; the start goes on, fails
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            await wait_until(lambda: own_tasks() == [])
+            with psycopg.connect(postgres_server_url, autocommit=True) as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            await hub.start()
+            assert is_up(hub)
+        finally:
+            await hub.close()
+
+
+async def test_start_against_a_wrong_port_raises_refused(database_url: str) -> None:
+    """start() where no server listens raises DatabaseConnectError with cause 'refused'
+    within seconds."""
+    with socket.socket() as probe:  # a port nothing listens on: bound, never listened
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        hub = make_hub(make_conninfo(database_url, port=str(port)), ["c"])
+        async with asyncio.timeout(5.0):
+            with pytest.raises(DatabaseConnectError) as info:
+                await hub.start()
+    assert info.value.cause == "refused"
     await hub.close()
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
+async def test_failed_first_listen_raises_notification_error(
+    database_url: str, postgres_server_url: str
+) -> None:
+    """A LISTEN the server cannot run (a channel name a LATIN1 database cannot hold) makes
+    start() raise NotificationError and leaves no connection behind."""
+    options = "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'"
+    with extra_database(postgres_server_url, "latin1", options) as name:
+        url = make_conninfo(database_url, dbname=name)
+        hub = make_hub(url, ["plain", "日本"])
+        with pytest.raises(NotificationError) as info:
+            await hub.start()
+        assert "日本" in str(info.value)
+        assert not is_up(hub)
+        await hub.close()
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
+            await wait_for_backends(admin, 0)
+
+
 async def test_close_during_start_leaves_nothing_listening(
-    database_url: str, admin: psycopg.AsyncConnection[tuple[object, ...]]
+    database_url: str, admin: AdminConn
 ) -> None:
     """close() at any point while start() is still running leaves no hub connection, no
     LISTEN and no task; the interrupted start() raises NotOpenError or completes."""
     outcomes: set[str] = set()
     for step in range(40):
-        hub = make_hub(database_url)
-        await hub.subscribe("c", print)
+        hub = make_hub(database_url, ["c"])
         starting = asyncio.create_task(hub.start())
         # Spread the close over the whole start: the connect, the LISTEN, and after.
         await asyncio.sleep(step * 0.0005)
@@ -283,68 +442,74 @@ async def test_close_during_start_leaves_nothing_listening(
     assert "interrupted" in outcomes
 
 
-async def test_cancelled_subscribe_leaves_no_subscription(hub: NotificationHub) -> None:
-    """A subscribe() cancelled while waiting for its LISTEN does not stay subscribed."""
-    task = asyncio.create_task(hub.subscribe("cancelled", print))
-    await asyncio.sleep(0)  # let it register and start waiting
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert "cancelled" not in hub.channels
+async def test_a_second_close_returns_only_when_the_first_is_done(
+    database_url: str, admin: AdminConn
+) -> None:
+    """close() called while another close() is still cancelling start() waits for that
+    close: when it returns, no task of the hub runs any more."""
+    hub = make_hub(database_url, ["c"])
+    starting = asyncio.create_task(hub.start())
+    await asyncio.sleep(0)
+    first = asyncio.create_task(hub.close())
+    await asyncio.sleep(0)
+    await hub.close()
+    assert own_tasks() == []
+    await first
+    with pytest.raises(NotOpenError):
+        await starting
+    await wait_for_backends(admin, 0)
+
+
+# ------------------------------------------------------------------ losses and reconnects
 
 
 async def test_terminated_backend_reconnects_reports_gap_and_delivers_again(
-    database_url: str,
-    admin: psycopg.AsyncConnection[tuple[object, ...]],
-    caplog: pytest.LogCaptureFixture,
+    database_url: str, admin: AdminConn, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """pg_terminate_backend on the hub's connection (default settings): the hub
-    reconnects within seconds, re-LISTENs, calls on_gap, and a later NOTIFY is delivered."""
-    async with NotificationHub(database_url) as hub:
-        await _terminate_and_recover(hub, admin, caplog)
-
-
-async def _terminate_and_recover(
-    hub: NotificationHub,
-    admin: psycopg.AsyncConnection[tuple[object, ...]],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+    """pg_terminate_backend on the hub's connection (default settings): the hub counts a
+    gap, reconnects within seconds, re-LISTENs every channel, and only then calls the gap
+    handlers; later NOTIFYs are delivered on every channel."""
     got: list[str] = []
-    gaps: list[float] = []
-    await hub.subscribe("gap", got.append, on_gap=lambda: gaps.append(time.monotonic()))
-    (pid,) = await wait_for_backends(admin, 1)
-    assert hub.backend_pid == pid
+    seen_by_gap_handler: list[tuple[bool, int, int]] = []
+    async with NotificationHub(database_url, ["gap", "other"]) as hub:
+        hub.add_handler("gap", got.append)
+        hub.add_handler("other", got.append)
+        hub.add_gap_handler(
+            lambda: seen_by_gap_handler.append((hub.connected, hub.gaps, hub.reconnects))
+        )
+        (pid,) = await wait_for_backends(admin, 1)
+        assert hub.backend_pid == pid
 
-    with caplog.at_level(logging.INFO, logger="fleetcache.notifications"):
-        killed_at = time.monotonic()
-        await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        await wait_until(lambda: len(gaps) == 1)
-    reconnect_seconds = gaps[0] - killed_at
-    print(f"\nhub reconnected {reconnect_seconds:.3f} s after pg_terminate_backend")
+        with caplog.at_level(logging.INFO, logger="fleetcache.notifications"):
+            killed_at = time.monotonic()
+            await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            await wait_until(lambda: len(seen_by_gap_handler) == 1)
+        print(f"\nhub reconnected {time.monotonic() - killed_at:.3f} s after the termination")
 
-    assert is_up(hub)
-    assert hub.reconnects == 1
-    (new_pid,) = await wait_for_backends(admin, 1)
-    assert new_pid != pid
-    assert hub.backend_pid == new_pid
-    await notify(admin, "gap", "after the gap")
-    await wait_until(lambda: got == ["after the gap"])
-    assert any("connection lost" in r.getMessage() for r in caplog.records)
+        # When the handler ran, the channels were LISTENed again and the loss counted.
+        assert seen_by_gap_handler == [(True, 1, 1)]
+        assert is_up(hub)
+        (new_pid,) = await wait_for_backends(admin, 1)
+        assert new_pid != pid
+        assert hub.backend_pid == new_pid
+        await notify(admin, "gap", "after the gap")
+        await notify(admin, "other", "on the other channel")
+        await wait_until(lambda: got == ["after the gap", "on the other channel"])
+        assert any("connection lost" in r.getMessage() for r in caplog.records)
 
 
-async def test_reconnect_keeps_retrying_while_connections_are_refused(
-    database_url: str,
-    postgres_server_url: str,
-    admin: psycopg.AsyncConnection[tuple[object, ...]],
-    caplog: pytest.LogCaptureFixture,
+async def test_loss_is_counted_at_once_and_reconnect_retries_while_refused(
+    database_url: str, postgres_server_url: str, admin: AdminConn, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """While the database refuses connections the hub logs failed attempts and keeps
-    retrying; once connections are allowed again it reconnects and reports one gap."""
-    dbname = str(psycopg.conninfo.conninfo_to_dict(database_url)["dbname"])
-    hub = make_hub(database_url)
+    """While the database refuses connections the hub is disconnected with the gap already
+    counted, logs failed attempts and keeps retrying; gap handlers wait for the reconnect,
+    after which one gap is reported and delivery resumes."""
+    dbname = str(conninfo_to_dict(database_url)["dbname"])
+    hub = make_hub(database_url, ["retry"])
     got: list[str] = []
     gaps: list[None] = []
-    await hub.subscribe("retry", got.append, on_gap=lambda: gaps.append(None))
+    hub.add_handler("retry", got.append)
+    hub.add_gap_handler(lambda: gaps.append(None))
     await hub.start()
     try:
         (pid,) = await wait_for_backends(admin, 1)
@@ -360,46 +525,26 @@ async def test_reconnect_keeps_retrying_while_connections_are_refused(
                         lambda: sum("attempt" in r.getMessage() for r in caplog.records) >= 2
                     )
                 assert not is_up(hub)
+                assert hub.backend_pid is None
+                assert (hub.gaps, hub.reconnects) == (1, 0)
                 assert gaps == []
             finally:
                 await superuser.execute(allow.format(sql.Identifier(dbname), sql.SQL("true")))
         await wait_until(lambda: len(gaps) == 1)
         assert is_up(hub)
+        assert (hub.gaps, hub.reconnects) == (1, 1)
         await notify(admin, "retry", "back")
         await wait_until(lambda: got == ["back"])
     finally:
         await hub.close()
 
 
-async def test_subscribe_while_reconnecting_is_listened_after_the_reconnect(
-    hub: NotificationHub, admin: psycopg.AsyncConnection[tuple[object, ...]]
-) -> None:
-    """A channel subscribed while the hub is down is LISTENed by the reconnect and its
-    subscriber is told about the gap."""
-    gaps: list[str] = []
-    await hub.subscribe("first", print, on_gap=lambda: gaps.append("first"))
-    (pid,) = await wait_for_backends(admin, 1)
-    await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    await wait_until(lambda: not is_up(hub))
-    got: list[str] = []
-    await hub.subscribe("late", got.append, on_gap=lambda: gaps.append("late"))
-    await wait_until(lambda: len(gaps) == 2)
-    assert sorted(gaps) == ["first", "late"]
-    await notify(admin, "late", "x")
-    await wait_until(lambda: got == ["x"])
-
-
-async def test_idle_hub_probes_its_connection(
-    hub: NotificationHub, admin: psycopg.AsyncConnection[tuple[object, ...]]
-) -> None:
+async def test_idle_hub_probes_its_connection(hub: NotificationHub, admin: AdminConn) -> None:
     """An idle hub keeps checking its connection (its backend runs SELECT 1)."""
-    await hub.subscribe("idle", print)
     deadline = time.monotonic() + WAIT
     while True:
         cur = await admin.execute(
-            "SELECT query FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name = %s",
-            (DEFAULT_APPLICATION_NAME,),
+            "SELECT query FROM pg_stat_activity WHERE pid = %s", (hub.backend_pid,)
         )
         rows = await cur.fetchall()
         if rows and rows[0][0] == "SELECT 1":
@@ -408,14 +553,98 @@ async def test_idle_hub_probes_its_connection(
         await asyncio.sleep(0.05)
 
 
-async def test_repeated_terminations_each_reconnect_and_report_a_gap(
-    hub: NotificationHub, admin: psycopg.AsyncConnection[tuple[object, ...]]
+class FreezableProxy:
+    """A TCP proxy on 127.0.0.1 in front of the test server. ``freeze()`` stops forwarding
+    on every connection made so far without closing it: a half-open connection, as after
+    a network partition. Connections made later are forwarded normally."""
+
+    def __init__(self, upstream_url: str) -> None:
+        params = conninfo_to_dict(upstream_url)
+        self._host = str(params.get("host") or "localhost")
+        self._port = int(str(params.get("port") or 5432))
+        self._pumps: list[asyncio.Task[None]] = []
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        """Listen on an ephemeral loopback port and return it."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._host.startswith("/"):  # a Unix-socket directory, as libpq reads it
+            return await asyncio.open_unix_connection(f"{self._host}/.s.PGSQL.{self._port}")
+        return await asyncio.open_connection(self._host, self._port)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await self._open_upstream()
+        self._writers += [writer, up_writer]
+        self._pumps += [
+            asyncio.create_task(self._pump(reader, up_writer)),
+            asyncio.create_task(self._pump(up_reader, writer)),
+        ]
+
+    @staticmethod
+    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    def freeze(self) -> None:
+        """Stop forwarding on the connections made so far (they stay open)."""
+        for pump in self._pumps:
+            pump.cancel()
+        self._pumps = []
+
+    async def close(self) -> None:
+        """Close everything."""
+        self.freeze()
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def test_liveness_probe_detects_a_half_open_connection(
+    database_url: str, admin: AdminConn
 ) -> None:
-    """Every drop, even of a connection only just made, is followed by a reconnect and
-    one on_gap; delivery works after the last one."""
+    """A connection that silently stops answering (no FIN, no error) is noticed by the
+    liveness probe; the hub reconnects, reports the gap and delivers again."""
+    proxy = FreezableProxy(database_url)
+    port = await proxy.start()
     got: list[str] = []
     gaps: list[None] = []
-    await hub.subscribe("flap", got.append, on_gap=lambda: gaps.append(None))
+    hub = make_hub(make_conninfo(database_url, host="127.0.0.1", port=str(port)), ["half"])
+    hub.add_handler("half", got.append)
+    hub.add_gap_handler(lambda: gaps.append(None))
+    try:
+        await hub.start()
+        await notify(admin, "half", "before")
+        await wait_until(lambda: got == ["before"])
+        proxy.freeze()
+        # The probe times out after 5 s; psycopg then spends up to 10 s giving up on it.
+        await wait_until(lambda: len(gaps) == 1, timeout=40.0)
+        assert is_up(hub)
+        assert (hub.gaps, hub.reconnects) == (1, 1)
+        await notify(admin, "half", "after")
+        await wait_until(lambda: got[-1:] == ["after"])
+    finally:
+        await hub.close()
+        await proxy.close()
+
+
+async def test_repeated_terminations_each_reconnect_and_report_a_gap(
+    hub: NotificationHub, admin: AdminConn
+) -> None:
+    """Every drop, even of a connection only just made, is followed by a reconnect and
+    one gap report; delivery works after the last one."""
+    got: list[str] = []
+    gaps: list[None] = []
+    hub.add_handler("a", got.append)
+    hub.add_gap_handler(lambda: gaps.append(None))
 
     def recovered(count: int) -> Callable[[], bool]:
         return lambda: len(gaps) == count and is_up(hub)
@@ -424,6 +653,35 @@ async def test_repeated_terminations_each_reconnect_and_report_a_gap(
         (pid,) = await wait_for_backends(admin, 1)
         await admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         await wait_until(recovered(round_))
-    assert hub.reconnects == 3
-    await notify(admin, "flap", "steady")
+    assert (hub.reconnects, hub.gaps) == (3, 3)
+    await notify(admin, "a", "steady")
     await wait_until(lambda: got == ["steady"])
+
+
+async def test_undecodable_payload_is_a_gap_not_a_lost_connection(
+    database_url: str, postgres_server_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In a SQL_ASCII database (which takes any bytes) a payload the client cannot decode
+    is reported as a gap; the hub keeps its connection and delivers what comes next."""
+    options = "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'"
+    with extra_database(postgres_server_url, "ascii", options) as name:
+        url = make_conninfo(database_url, dbname=name)
+        got: list[str] = []
+        gaps: list[None] = []
+        # A long liveness interval: no probe runs while the bad payload arrives.
+        async with (
+            make_hub(url, ["raw"], liveness_interval=30.0) as hub,
+            await psycopg.AsyncConnection.connect(url, autocommit=True) as sender,
+        ):
+            hub.add_handler("raw", got.append)
+            hub.add_gap_handler(lambda: gaps.append(None))
+            pid = hub.backend_pid
+            with caplog.at_level(logging.WARNING, logger="fleetcache.notifications"):
+                await sender.execute(
+                    "SELECT pg_notify('raw', convert_from('\\xff41'::bytea, 'SQL_ASCII'))"
+                )
+                await wait_until(lambda: len(gaps) == 1)
+            assert any("undecodable" in r.getMessage() for r in caplog.records)
+            await sender.execute("SELECT pg_notify('raw', 'after')")
+            await wait_until(lambda: got == ["after"])
+            assert (hub.gaps, hub.reconnects, hub.backend_pid) == (1, 0, pid)

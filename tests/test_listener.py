@@ -1,52 +1,61 @@
-"""The invalidation listener: broadcasts and gaps replayed as generation bumps."""
+"""The invalidation listener: peers' broadcasts and hub gaps replayed on a target."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from fleetcache.errors import ConfigurationError, NotOpenError
 from fleetcache.notifications import (
     INVALIDATED_CHANNEL,
-    GenerationTarget,
+    SEED_INVALIDATED_CHANNEL,
     InvalidationListener,
+    InvalidationTarget,
     NotificationHub,
     PostgresInvalidationPublisher,
     encode_global_payload,
     encode_module_payloads,
     encode_realm_payload,
+    new_origin,
 )
-from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME
 
 pytestmark = pytest.mark.postgres
 
 WAIT = 10.0  # generous bound on any wait; never an assertion about speed
 
 Call = tuple[object, ...]
+Pool = AsyncConnectionPool[psycopg.AsyncConnection]
 
 
 class FakeTarget:
-    """Records every bump it is asked for (the real one is the generic caching lookup)."""
+    """Records every call it gets (the real target is the generic caching lookup)."""
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
 
-    def bump_names(self, namespace: str, names: Sequence[str]) -> None:
-        """Record a names bump."""
+    def names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
+        """Record a names invalidation."""
         self.calls.append(("names", namespace, tuple(names)))
 
-    def bump_namespace(self, namespace: str) -> None:
-        """Record a namespace bump."""
+    def namespace_cleared(self, namespace: str) -> None:
+        """Record a namespace invalidation."""
         self.calls.append(("namespace", namespace))
 
-    def bump_global(self) -> None:
-        """Record a global bump."""
-        self.calls.append(("global",))
+    def all_cleared(self) -> None:
+        """Record a global invalidation."""
+        self.calls.append(("all",))
+
+    def notifications_lost(self) -> None:
+        """Record a gap."""
+        self.calls.append(("lost",))
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
@@ -60,7 +69,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> No
 
 @pytest.fixture
 async def admin(database_url: str) -> AsyncIterator[psycopg.AsyncConnection]:
-    """An autocommit connection to the test database, to NOTIFY and inspect from."""
+    """An autocommit connection to the test database, to NOTIFY from."""
     conn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
     try:
         yield conn
@@ -70,9 +79,13 @@ async def admin(database_url: str) -> AsyncIterator[psycopg.AsyncConnection]:
 
 @pytest.fixture
 async def hub(database_url: str) -> AsyncIterator[NotificationHub]:
-    """A started hub with short intervals, closed afterwards."""
+    """A started hub on the invalidated channel, with short intervals, closed afterwards."""
     made = NotificationHub(
-        database_url, liveness_interval=0.25, reconnect_min_delay=0.05, reconnect_max_delay=0.5
+        database_url,
+        [INVALIDATED_CHANNEL],
+        liveness_interval=0.25,
+        reconnect_min_delay=0.05,
+        reconnect_max_delay=0.5,
     )
     await made.start()
     try:
@@ -82,17 +95,22 @@ async def hub(database_url: str) -> AsyncIterator[NotificationHub]:
 
 
 @pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[Pool]:
+    """A small pool of autocommit connections, for publishers."""
+    async with AsyncConnectionPool(
+        database_url, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False
+    ) as made:
+        yield made
+
+
+@pytest.fixture
 async def target_and_listener(
     hub: NotificationHub,
 ) -> AsyncIterator[tuple[FakeTarget, InvalidationListener]]:
-    """A fake target and a started listener replaying onto it."""
+    """A fake target and a started listener (no origin of its own) replaying onto it."""
     target = FakeTarget()
-    listener = InvalidationListener(hub, target)
-    await listener.start()
-    try:
+    async with InvalidationListener(hub, target) as listener:
         yield target, listener
-    finally:
-        await listener.close()
 
 
 async def send(admin: psycopg.AsyncConnection, payload: str) -> None:
@@ -100,48 +118,75 @@ async def send(admin: psycopg.AsyncConnection, payload: str) -> None:
     await admin.execute("SELECT pg_notify(%s, %s)", (INVALIDATED_CHANNEL, payload))
 
 
+def stats(**changes: int) -> dict[str, int]:
+    """A listener's stats: all zero but ``changes``."""
+    return {"applied": 0, "rejected": 0, "failed": 0, "own": 0, "gaps": 0, **changes}
+
+
 def test_fake_target_satisfies_the_protocol() -> None:
-    """A class with the three bump methods is a GenerationTarget (structural typing)."""
-    target: GenerationTarget = FakeTarget()
-    target.bump_global()
+    """A class with the four methods is an InvalidationTarget (structural typing)."""
+    target: InvalidationTarget = FakeTarget()
+    target.notifications_lost()
 
 
-async def test_each_payload_kind_calls_the_matching_bump(
+def test_listener_refuses_a_channel_the_hub_does_not_listen_on() -> None:
+    """A listener on a channel its hub does not LISTEN on would hear nothing: refused."""
+    hub = NotificationHub("dbname=x", [INVALIDATED_CHANNEL])
+    with pytest.raises(ConfigurationError):
+        InvalidationListener(hub, FakeTarget(), channel=SEED_INVALIDATED_CHANNEL)
+
+
+async def test_each_payload_kind_calls_the_matching_method(
     target_and_listener: tuple[FakeTarget, InvalidationListener],
     admin: psycopg.AsyncConnection,
 ) -> None:
-    """module → bump_names, realm → bump_namespace, global → bump_global, in order."""
+    """module → names_invalidated, realm → namespace_cleared, global → all_cleared, in
+    order, from peers with an origin and from older peers without one."""
     target, listener = target_and_listener
-    (module,) = encode_module_payloads("https://r/", ["a.gts", "b ü.gts"])
-    for payload in (module, encode_realm_payload("https://r/"), encode_global_payload()):
+    peer = new_origin()
+    (module,) = encode_module_payloads("https://r/", ["a.gts", "b ü.gts"], origin=peer)
+    payloads = [
+        module,
+        encode_realm_payload("https://r/", origin=peer),
+        encode_global_payload(origin=peer),
+        encode_realm_payload("https://old/"),
+    ]
+    for payload in payloads:
         await send(admin, payload)
-    await wait_until(lambda: len(target.calls) == 3)
+    await wait_until(lambda: len(target.calls) == 4)
     assert target.calls == [
         ("names", "https://r/", ("a.gts", "b ü.gts")),
         ("namespace", "https://r/"),
-        ("global",),
+        ("all",),
+        ("namespace", "https://old/"),
     ]
-    assert listener.stats() == {"applied": 3, "rejected": 0, "failed": 0, "echoes": 0, "gaps": 0}
+    assert listener.stats() == stats(applied=4)
 
 
-async def test_malformed_payloads_change_nothing(
+async def test_malformed_and_hostile_payloads_change_nothing(
     target_and_listener: tuple[FakeTarget, InvalidationListener],
+    hub: NotificationHub,
     admin: psycopg.AsyncConnection,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Malformed payloads sent with pg_notify are warned about, counted, and bump nothing."""
+    """Malformed and hostile payloads sent with pg_notify are warned about, counted, and
+    reach the target not at all; the hub stays up on the same connection."""
     target, listener = target_and_listener
+    pid = hub.backend_pid
     bad = [
         "",
         "not json",
         "[123]",
-        "[]",
         '{"k":"module","r":"ns"}',
         '{"k":"module","r":"","m":["a"]}',
-        '{"k":"module","r":"ns","m":[""]}',
         '{"k":"module","r":"ns","m":[7]}',
         '{"k":"realm","r":""}',
         '{"k":"everything"}',
+        '{"k":"global","o":""}',
+        '{"k":"realm","r":"\\ud800"}',
+        '{"k":"module","r":"ns","m":["a\\u0000b"]}',
+        "[" * 7900,
+        '{"k":"global","n":' + "7" * 6000 + "}",
     ]
     with caplog.at_level(logging.WARNING, logger="fleetcache.notifications"):
         for payload in bad:
@@ -150,127 +195,194 @@ async def test_malformed_payloads_change_nothing(
         await send(admin, encode_realm_payload("sentinel"))
         await wait_until(lambda: len(target.calls) == 1)
     assert target.calls == [("namespace", "sentinel")]
-    assert listener.stats() == {
-        "applied": 1,
-        "rejected": len(bad),
-        "failed": 0,
-        "echoes": 0,
-        "gaps": 0,
-    }
+    assert listener.stats() == stats(applied=1, rejected=len(bad))
     warnings = [r for r in caplog.records if "malformed" in r.getMessage()]
     assert len(warnings) == len(bad)
+    assert (hub.connected, hub.reconnects, hub.backend_pid) == (True, 0, pid)
 
 
-async def test_gap_after_terminated_connection_bumps_global(
+class CountingTarget:
+    """Counts calls and keeps nothing else (so memory measured is the listener's)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
+        """Count."""
+        self.count += 1
+
+    def namespace_cleared(self, namespace: str) -> None:
+        """Count."""
+        self.count += 1
+
+    def all_cleared(self) -> None:
+        """Count."""
+        self.count += 1
+
+    def notifications_lost(self) -> None:
+        """Count."""
+        self.count += 1
+
+
+async def test_flood_of_forged_payloads_keeps_nothing_per_payload(
+    hub: NotificationHub, admin: psycopg.AsyncConnection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tens of thousands of forged payloads, malformed and well-formed with made-up
+    origins, are each handled and leave the process's memory where it was."""
+    flood = 40_000  # half malformed, half forged global invalidations
+    # Warnings are not recorded during the flood: the test's own log capture would be
+    # what grows.
+    caplog.set_level(logging.ERROR, logger="fleetcache.notifications")
+    target = CountingTarget()
+    async with InvalidationListener(hub, target, origin=new_origin()) as listener:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            # One transaction: delivered as one burst at commit (distinct payloads, so the
+            # server does not fold duplicates).
+            await admin.execute(
+                "SELECT pg_notify(%s, CASE WHEN g %% 2 = 0 THEN 'junk ' || g "
+                "ELSE json_build_object('k', 'global', 'o', 'forged-' || g)::text END) "
+                "FROM generate_series(1, %s) AS g",
+                (INVALIDATED_CHANNEL, flood),
+            )
+            await wait_until(
+                lambda: listener.stats()["applied"] + listener.stats()["rejected"] == flood,
+                timeout=60.0,
+            )
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+    assert listener.stats() == stats(applied=flood // 2, rejected=flood // 2)
+    assert target.count == flood // 2
+    # Keeping even the payloads alone would take several megabytes.
+    assert grown < 1_000_000, f"memory grew by {grown} bytes over {flood} payloads"
+    assert (hub.connected, hub.reconnects) == (True, 0)
+
+
+async def test_hub_gap_is_reported_as_notifications_lost(
     target_and_listener: tuple[FakeTarget, InvalidationListener],
     hub: NotificationHub,
     admin: psycopg.AsyncConnection,
 ) -> None:
-    """When the hub's connection is terminated, the gap is replayed as bump_global and
-    broadcasts after the reconnect are replayed again."""
+    """When the hub's connection is terminated, the gap reaches the target as
+    notifications_lost(), and broadcasts after the reconnect are replayed again."""
     target, listener = target_and_listener
-    cur = await admin.execute(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-        "AND application_name = %s",
-        (DEFAULT_APPLICATION_NAME,),
-    )
-    (row,) = await cur.fetchall()
-    await admin.execute("SELECT pg_terminate_backend(%s)", (row[0],))
-    await wait_until(lambda: target.calls == [("global",)])
-    assert listener.stats()["gaps"] == 1
+    await admin.execute("SELECT pg_terminate_backend(%s)", (hub.backend_pid,))
+    await wait_until(lambda: target.calls == [("lost",)])
+    assert listener.stats() == stats(gaps=1)
     assert hub.reconnects == 1
     await send(admin, encode_realm_payload("later"))
     await wait_until(lambda: len(target.calls) == 2)
     assert target.calls[1] == ("namespace", "later")
 
 
-async def test_start_and_close_are_idempotent_and_close_stops_replay(
+async def test_start_and_close_are_idempotent_and_close_silences_the_handlers(
     hub: NotificationHub, admin: psycopg.AsyncConnection
 ) -> None:
-    """start() and close() may be repeated; after close() broadcasts are not replayed."""
+    """start() and close() may be repeated (a closed listener cannot restart); after
+    close() neither broadcasts nor gaps reach the target, while the hub goes on."""
     target = FakeTarget()
     listener = InvalidationListener(hub, target)
     await asyncio.gather(listener.start(), listener.start())
     await listener.start()
     await send(admin, encode_global_payload())
-    await wait_until(lambda: target.calls == [("global",)])  # replayed once, not 2x
+    await wait_until(lambda: target.calls == [("all",)])  # replayed once, not 2x
     await listener.close()
     await listener.close()
-    await send(admin, encode_global_payload())
-    # A second subscriber on the same channel shows when the payload has been delivered.
+    with pytest.raises(NotOpenError):
+        await listener.start()
+    # Another handler on the same channel shows when later payloads have been delivered.
     seen: list[str] = []
-    await hub.subscribe(INVALIDATED_CHANNEL, seen.append)
+    hub.add_handler(INVALIDATED_CHANNEL, seen.append)
+    await send(admin, encode_global_payload())
+    await wait_until(lambda: len(seen) == 1)  # delivered before the connection is cut
+    await admin.execute("SELECT pg_terminate_backend(%s)", (hub.backend_pid,))
+    await wait_until(lambda: hub.reconnects == 1)
     await send(admin, encode_realm_payload("marker"))
-    await wait_until(lambda: len(seen) >= 1)
-    assert target.calls == [("global",)]
-    assert listener.stats()["applied"] == 1
+    await wait_until(lambda: len(seen) == 2)
+    assert target.calls == [("all",)]
+    assert listener.stats() == stats(applied=1)
 
 
 async def test_a_target_that_raises_is_logged_and_counted(
     hub: NotificationHub, admin: psycopg.AsyncConnection, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A bump that raises is logged and counted as failed; later payloads still apply."""
+    """A target method that raises, on a payload or a gap, is logged and counted as
+    failed, never raised; later payloads still apply."""
 
     class Flaky(FakeTarget):
-        def bump_namespace(self, namespace: str) -> None:
-            raise RuntimeError(f"cannot bump {namespace}")
+        def namespace_cleared(self, namespace: str) -> None:
+            raise RuntimeError(f"cannot clear {namespace}")
+
+        def notifications_lost(self) -> None:
+            raise RuntimeError("cannot forget")
 
     target = Flaky()
     async with InvalidationListener(hub, target) as listener:
         with caplog.at_level(logging.ERROR, logger="fleetcache.notifications"):
             await send(admin, encode_realm_payload("ns"))
             await send(admin, encode_global_payload())
-            await wait_until(lambda: target.calls == [("global",)])
-        assert listener.stats() == {
-            "applied": 1,
-            "rejected": 0,
-            "failed": 1,
-            "echoes": 0,
-            "gaps": 0,
-        }
-    assert any("cannot bump ns" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+            await wait_until(lambda: target.calls == [("all",)])
+            await admin.execute("SELECT pg_terminate_backend(%s)", (hub.backend_pid,))
+            await wait_until(lambda: listener.stats()["gaps"] == 1)
+        assert listener.stats() == stats(applied=1, failed=2, gaps=1)
+        await send(admin, encode_global_payload())
+        await wait_until(lambda: target.calls == [("all",), ("all",)])
+    errors = [str(r.exc_info[1]) for r in caplog.records if r.exc_info]
+    assert "cannot clear ns" in errors
+    assert "cannot forget" in errors
 
 
-async def test_publisher_to_listener_end_to_end_including_self_echo(
-    hub: NotificationHub, database_url: str
-) -> None:
-    """What a publisher sends (chunked) is replayed by a listener in the same process:
-    the self-echo just bumps again."""
+async def test_publisher_to_listener_end_to_end(hub: NotificationHub, pool: Pool) -> None:
+    """What a peer's publisher sends (chunked) is replayed by the listener, in order."""
     target = FakeTarget()
     names = [f"https://r/m{i}.gts" for i in range(50)]
-    async with (
-        AsyncConnectionPool(
-            database_url, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False
-        ) as pool,
-        InvalidationListener(hub, target),
-    ):
-        publisher = PostgresInvalidationPublisher(pool, budget=300)
-        await publisher.names_invalidated("https://r/", names)
-        await publisher.all_cleared()
-        await wait_until(lambda: target.calls[-1:] == [("global",)])
+    async with InvalidationListener(hub, target, origin=new_origin()):
+        peer = PostgresInvalidationPublisher(pool, budget=300)
+        await peer.names_invalidated("https://r/", names)
+        await peer.all_cleared()
+        await wait_until(lambda: target.calls[-1:] == [("all",)])
     replayed = [name for call in target.calls[:-1] for name in call[2]]  # type: ignore[attr-defined]
     assert replayed == names
     assert len(target.calls) > 2  # the names came in several chunks
 
 
-async def test_own_echoes_are_skipped_and_peers_payloads_replayed(
-    hub: NotificationHub, database_url: str
-) -> None:
-    """Given its process's publisher, the listener skips the echoes of what that publisher
-    sent (this process already bumped) and still replays an identical payload from a peer."""
+async def test_own_broadcasts_are_skipped_by_origin(hub: NotificationHub, pool: Pool) -> None:
+    """Given its publisher's origin, the listener skips every echo of what that publisher
+    sent, and counts them as own."""
     target = FakeTarget()
-    async with AsyncConnectionPool(
-        database_url, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False
-    ) as pool:
-        publisher = PostgresInvalidationPublisher(pool)
-        async with InvalidationListener(hub, target, own=publisher) as listener:
-            await publisher.names_invalidated("https://r/", ["https://r/a.gts"])
-            await publisher.all_cleared()
-            await wait_until(lambda: listener.stats()["echoes"] == 2)
-            assert target.calls == []
-            async with pool.connection() as conn:  # a peer sends the very same payload
-                await conn.execute(
-                    "SELECT pg_notify(%s, %s)", (INVALIDATED_CHANNEL, encode_global_payload())
-                )
-            await wait_until(lambda: target.calls == [("global",)])
-            assert listener.stats()["applied"] == 1
+    publisher = PostgresInvalidationPublisher(pool, budget=300)
+    names = [f"https://r/m{i}.gts" for i in range(50)]
+    chunks = len(encode_module_payloads("https://r/", names, origin=publisher.origin, budget=300))
+    async with InvalidationListener(hub, target, origin=publisher.origin) as listener:
+        await publisher.names_invalidated("https://r/", names)
+        await publisher.namespace_cleared("https://r/")
+        await publisher.all_cleared()
+        await wait_until(lambda: listener.stats()["own"] == chunks + 2)
+    assert target.calls == []
+    assert listener.stats() == stats(own=chunks + 2)
+
+
+async def test_peer_payload_identical_to_ours_in_flight_is_applied(
+    hub: NotificationHub, pool: Pool, admin: psycopg.AsyncConnection
+) -> None:
+    """While this process's broadcast is still being sent, a peer's identical invalidation
+    (an older peer without origin, and a current one with its own) is applied at once;
+    this process's echo, when it comes, is skipped."""
+    target = FakeTarget()
+    publisher = PostgresInvalidationPublisher(pool)
+    async with InvalidationListener(hub, target, origin=publisher.origin) as listener:
+        async with pool.connection():  # the pool's only connection: our broadcast waits
+            ours = asyncio.create_task(publisher.all_cleared())
+            await asyncio.sleep(0.1)  # let it start waiting for the connection
+            await send(admin, encode_global_payload())
+            await send(admin, encode_global_payload(origin=new_origin()))
+            await wait_until(lambda: target.calls == [("all",), ("all",)])
+            assert not ours.done()
+        await ours
+        await wait_until(lambda: listener.stats()["own"] == 1)
+    assert target.calls == [("all",), ("all",)]
+    assert listener.stats() == stats(applied=2, own=1)

@@ -7,9 +7,11 @@ with``) and ended with ``await close()``:
   cancelled while waiting does not cancel it for the others, and a start that failed may
   be tried again. After ``close()`` it raises :class:`~fleetcache.errors.NotOpenError`.
 * ``close()`` is idempotent and bounded: it cancels a start still under way, runs the
-  subclass's ``_on_close``, then cancels every task started with :meth:`Service.spawn`
-  and waits for them at most ``timeout`` seconds. A task that ignores its cancellation is
-  logged and left behind, never waited for forever.
+  subclass's ``_on_close``, then (even if that raised) cancels every task started with
+  :meth:`Service.spawn` and waits for them at most ``timeout`` seconds. A task that
+  ignores its cancellation is logged and left behind, never waited for forever.
+  Concurrent callers share one close and all return when it is done; a caller cancelled
+  while waiting does not cancel it for the others.
 * Background tasks are started only through :meth:`Service.spawn`, so none is
   fire-and-forget: each is tracked until it ends, and a failure is logged.
 
@@ -42,6 +44,8 @@ class Service:
         # everyone. All on the event loop, never across an await: no lock.
         self._state: _State = "new"
         self._start_task: asyncio.Task[None] | None = None
+        # The close under way or done; created by the first close(), awaited by every one.
+        self._close_task: asyncio.Task[None] | None = None
         # Tracked background tasks; spawn() adds, each task's done callback removes.
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -71,6 +75,11 @@ class Service:
             raise NotOpenError(f"{type(self).__name__} is closed; it cannot be started again")
         if self._state == "started":
             return
+        if self._start_task is not None and self._start_task.done():
+            # A start that failed while every caller had been cancelled: retrieve its
+            # error (it was nobody's to raise) and try again rather than re-raise it.
+            self._start_task.exception()
+            self._start_task = None
         if self._start_task is None:
             self._start_task = asyncio.create_task(
                 self._run_start(), name=f"fleetcache {type(self).__name__} start"
@@ -92,20 +101,38 @@ class Service:
 
     async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         """Stop everything; see the module docstring. Idempotent."""
-        if self._state == "closed" and self._start_task is None and not self._tasks:
-            return
-        self._state = "closed"
+        closing = self._close_task
+        # Close again only if something was started after the last close finished.
+        if closing is None or (closing.done() and (self._start_task or self._tasks)):
+            self._state = "closed"
+            closing = self._close_task = asyncio.create_task(
+                self._run_close(timeout), name=f"fleetcache {type(self).__name__} close"
+            )
+        # Shielded: a second caller must not return before the first close is done, and
+        # a caller cancelled while waiting must not cancel the close for the others.
+        await asyncio.shield(closing)
+
+    async def _run_close(self, timeout: float) -> None:
         start, self._start_task = self._start_task, None
         if start is not None and not start.done():
             start.cancel()
             await asyncio.wait({start}, timeout=timeout)
+            if not start.done():
+                logger.error(
+                    "the start of %s ignored its cancellation for %.1f s; left behind",
+                    type(self).__name__,
+                    timeout,
+                )
+                start.add_done_callback(_retrieve)
         if start is not None and start.done() and not start.cancelled():
             start.exception()  # retrieved: it was raised to start()'s callers
         try:
             await asyncio.wait_for(self._on_close(), timeout)
         except TimeoutError:
             logger.error("%s did not close within %.1f s", type(self).__name__, timeout)
-        await self._cancel_tasks(timeout)
+        finally:
+            # Even when _on_close raised: no background task may outlive close().
+            await self._cancel_tasks(timeout)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` as a tracked background task (cancelled by ``close()``)."""
@@ -155,3 +182,9 @@ class Service:
                 type(self).__name__,
                 timeout,
             )
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Mark a left-behind task's outcome as retrieved (nobody is left to raise it to)."""
+    if not task.cancelled():
+        task.exception()

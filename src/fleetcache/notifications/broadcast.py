@@ -1,42 +1,60 @@
 """The invalidation broadcast (layer 4): payload format, strict parser, publisher.
 
 After an invalidation's delete commits, the process that ran it tells its peers on the
-``module_cache_invalidated`` channel, so they bump the same generations and discard work
-in flight. Payloads are compact JSON with keys in this order::
+invalidated channel, so they discard work in flight and near copies. Payloads are compact
+JSON with keys in this order::
 
-    {"k":"module","r":<namespace>,"m":[<name>, ...]}   names in one namespace
-    {"k":"realm","r":<namespace>}                        a whole namespace
-    {"k":"global"}                                       everything
+    {"k":"module","r":<namespace>,"m":[<name>, ...],"o":<origin>}   names in one namespace
+    {"k":"realm","r":<namespace>,"o":<origin>}                        a whole namespace
+    {"k":"global","o":<origin>}                                       everything
+
+``o`` is the publisher's *origin*, a short random id per publisher, so a listener can skip
+the echoes of its own process's broadcasts without mistaking a peer's identical payload
+for one (comparing payloads would). A payload without ``o`` comes from an older peer and
+counts as foreign.
 
 Postgres refuses a NOTIFY payload of 8000 bytes or more, so name lists are split into
-several payloads, each under a budget (7000 bytes by default). The broadcast is a hint on
-top of the store's own generation check: publishing is best effort, logs its failures and
-never fails the invalidation.
+several payloads, each under a byte budget (7000 by default; the origin counts). The
+broadcast is a hint on top of the store's own stale-write check: publishing is best
+effort, logs its failures and never fails the invalidation.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from collections import Counter
+import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 from psycopg_pool import AsyncConnectionPool
 
-logger = logging.getLogger("fleetcache.notifications")
+from fleetcache.errors import ConfigurationError
+from fleetcache.logcontext import get_logger
+from fleetcache.notifications.hub import check_channel
 
-#: The channel invalidations are broadcast on.
-INVALIDATED_CHANNEL = "module_cache_invalidated"
-# Bound on echoes awaited at once; past it they are forgotten (a replay is harmless).
-_MAX_PENDING_ECHOES = 10_000
+logger = get_logger("fleetcache.notifications")
+
+#: The generic core's invalidation channel.
+INVALIDATED_CHANNEL = "fleetcache_invalidated_v1"
+#: The seed's channel, for the definitions domain where the seed's system uses it.
+SEED_INVALIDATED_CHANNEL = "module_cache_invalidated"
 #: Default byte budget of one payload (Postgres refuses 8000 bytes and more).
 PAYLOAD_BUDGET = 7000
+# Postgres delivers at most 7999 bytes, hence characters: anything longer is not a NOTIFY
+# payload, and is refused before any parsing work.
+_MAX_PAYLOAD_CHARS = 8000
+# Origins are meant to be short: they are repeated in every payload.
+_MAX_ORIGIN_CHARS = 64
 
 # Sends one payload. pg_notify (not NOTIFY) because the channel and payload are values,
 # bound as parameters.
 _PUBLISH = "SELECT pg_notify(%s, %s)"
+
+# A NUL or a lone surrogate: no store holds a key with one, and no connection can send a
+# lone surrogate, so a string holding one is refused on both ends.
+_UNSENDABLE = re.compile("[\x00\ud800-\udfff]")
 
 #: The three kinds of invalidation.
 InvalidationKind: TypeAlias = Literal["module", "realm", "global"]
@@ -45,37 +63,59 @@ InvalidationKind: TypeAlias = Literal["module", "realm", "global"]
 @dataclass(frozen=True, slots=True)
 class Invalidation:
     """One parsed broadcast: ``names`` in ``namespace`` (kind ``module``), the whole
-    ``namespace`` (``realm``), or everything (``global``: namespace is None)."""
+    ``namespace`` (``realm``), or everything (``global``: namespace is None), sent by the
+    publisher ``origin`` (None: an older peer that sends none)."""
 
     kind: InvalidationKind
     namespace: str | None = None
     names: tuple[str, ...] = ()
+    origin: str | None = None
+
+
+def new_origin() -> str:
+    """A fresh publisher origin: 16 random hex digits."""
+    return secrets.token_hex(8)
 
 
 def _dumps(obj: object) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
+def _size(text: str) -> int:
+    # surrogatepass: a lone surrogate is measured (3 bytes), not raised; sending it fails
+    # later, where the publisher logs it.
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _tail(origin: str | None) -> str:
+    return "}" if origin is None else ',"o":' + _dumps(origin) + "}"
+
+
 def encode_module_payloads(
-    namespace: str, names: Sequence[str], *, budget: int = PAYLOAD_BUDGET
+    namespace: str,
+    names: Sequence[str],
+    *,
+    origin: str | None = None,
+    budget: int = PAYLOAD_BUDGET,
 ) -> list[str]:
     """Payloads invalidating ``names`` in ``namespace``, each smaller than ``budget``
-    UTF-8 bytes, names in order, each exactly once. No names: no payloads.
+    UTF-8 bytes (origin included), names in order, each exactly once. No names: no
+    payloads. Without ``origin`` the payloads carry no ``o`` (an older peer's form).
 
     A name too big to fit under the budget even alone gets a payload of its own, over
     budget; sending it may fail, and the publisher logs that.
     """
-    # Build each payload from pre-encoded pieces so sizes add up exactly:
-    # {"k":"module","r":<ns>,"m":[<n1>,<n2>]}
+    # Built from pre-encoded pieces so sizes add up exactly:
+    # {"k":"module","r":<ns>,"m":[<n1>,<n2>],"o":<origin>}
     head = '{"k":"module","r":' + _dumps(namespace) + ',"m":['
-    tail = "]}"
-    fixed = len(head.encode()) + len(tail.encode())
+    tail = "]" + _tail(origin)
+    fixed = _size(head) + _size(tail)
     payloads: list[str] = []
     chunk: list[str] = []
     size = fixed
     for name in names:
         piece = _dumps(name)
-        piece_size = len(piece.encode()) + (1 if chunk else 0)  # the comma before it
+        piece_size = _size(piece) + (1 if chunk else 0)  # the comma before it
         if chunk and size + piece_size >= budget:
             payloads.append(head + ",".join(chunk) + tail)
             chunk, size = [], fixed
@@ -87,18 +127,20 @@ def encode_module_payloads(
     return payloads
 
 
-def encode_realm_payload(namespace: str) -> str:
+def encode_realm_payload(namespace: str, *, origin: str | None = None) -> str:
     """The payload invalidating a whole namespace."""
-    return '{"k":"realm","r":' + _dumps(namespace) + "}"
+    return '{"k":"realm","r":' + _dumps(namespace) + _tail(origin)
 
 
-def encode_global_payload() -> str:
+def encode_global_payload(*, origin: str | None = None) -> str:
     """The payload invalidating everything."""
-    return '{"k":"global"}'
+    return '{"k":"global"' + _tail(origin)
 
 
-def _nonempty_str(value: Any) -> bool:
-    return isinstance(value, str) and value != ""
+def is_sendable(value: object) -> bool:
+    """Whether ``value`` may be a namespace, name or origin in a payload: a non-empty
+    string without NUL or lone surrogates (the parser refuses anything else)."""
+    return isinstance(value, str) and value != "" and not _UNSENDABLE.search(value)
 
 
 def _reject(payload: str, reason: str) -> None:
@@ -109,47 +151,57 @@ def _reject(payload: str, reason: str) -> None:
 def parse_invalidation(payload: str) -> Invalidation | None:
     """Parse a broadcast strictly; on anything malformed log a warning and return None.
 
-    ``module`` needs a non-empty string ``r`` and a non-empty list of non-empty strings
-    ``m``; ``realm`` needs a non-empty string ``r``; ``global`` needs nothing. Keys this
-    version does not know are ignored, so a newer peer's additions do not silence an
-    invalidation. Never raises.
+    ``module`` needs a string ``r`` and a non-empty list of strings ``m``; ``realm`` needs
+    a string ``r``; ``global`` needs nothing; ``o`` may be absent (an older peer). Each
+    string must be :func:`is_sendable`. Keys this version does not know are ignored, so a
+    newer peer's additions do not silence an invalidation. Never raises, whatever the
+    input: larger than any NOTIFY, nested too deep, huge numbers, escapes of NUL or lone
+    surrogates.
     """
+    if len(payload) > _MAX_PAYLOAD_CHARS:
+        _reject(payload, f"{len(payload)} characters, more than any NOTIFY payload")
+        return None
     try:
         data = json.loads(payload)
-    except (ValueError, TypeError, RecursionError) as exc:
-        _reject(str(payload), f"not JSON: {exc}")
+    except (ValueError, RecursionError) as exc:  # ValueError covers too many int digits
+        _reject(payload, f"not JSON: {exc}")
         return None
     if not isinstance(data, dict):
         _reject(payload, f"not a JSON object but {type(data).__name__}")
         return None
+    origin = data.get("o")
+    if "o" in data and not is_sendable(origin):
+        _reject(payload, "'o' is not a non-empty string")
+        return None
     kind = data.get("k")
     if kind == "global":
-        return Invalidation("global")
+        return Invalidation("global", origin=origin)
     if kind not in ("module", "realm"):
-        _reject(payload, f"unknown kind {kind!r}")
+        _reject(payload, f"unknown kind {kind!r:.50}")
         return None
     namespace = data.get("r")
-    if not _nonempty_str(namespace):
+    if not is_sendable(namespace):
         _reject(payload, "'r' is not a non-empty string")
         return None
     if kind == "realm":
-        return Invalidation("realm", namespace)
+        return Invalidation("realm", namespace, origin=origin)
     names = data.get("m")
     if not isinstance(names, list) or not names:
         _reject(payload, "'m' is not a non-empty list")
         return None
-    if not all(_nonempty_str(name) for name in names):
+    if not all(is_sendable(name) for name in names):
         _reject(payload, "'m' holds something other than non-empty strings")
         return None
-    return Invalidation("module", namespace, tuple(names))
+    return Invalidation("module", namespace, tuple(names), origin)
 
 
 class PostgresInvalidationPublisher:
-    """Broadcasts invalidations with ``pg_notify`` on a pooled connection.
+    """Broadcasts invalidations with ``pg_notify`` on a pooled connection, each payload
+    carrying this publisher's :attr:`origin`.
 
     The generic cache calls these methods after its delete has committed. Best effort:
     a failure is logged with the payload's size and never raised, because the store's
-    generation check, not this hint, is what keeps stale results out. The pool belongs to
+    stale-write check, not this hint, is what keeps stale results out. The pool belongs to
     the caller and is never closed here.
     """
 
@@ -158,60 +210,78 @@ class PostgresInvalidationPublisher:
         pool: AsyncConnectionPool[Any],
         *,
         channel: str = INVALIDATED_CHANNEL,
+        origin: str | None = None,
         budget: int = PAYLOAD_BUDGET,
     ) -> None:
+        if origin is not None and not (is_sendable(origin) and len(origin) <= _MAX_ORIGIN_CHARS):
+            raise ConfigurationError(
+                f"origin must be a string of 1 to {_MAX_ORIGIN_CHARS} characters without "
+                f"NUL or lone surrogates, got {origin!r:.100}"
+            )
+        if not 1 <= budget <= _MAX_PAYLOAD_CHARS:
+            raise ConfigurationError(
+                f"budget must be 1 to {_MAX_PAYLOAD_CHARS} bytes, got {budget}"
+            )
         self._pool = pool
-        self._channel = channel
+        self._channel = check_channel(channel)
+        self._origin = new_origin() if origin is None else origin
         self._budget = budget
-        # Payloads this process sent whose echo has not come back through LISTEN yet.
-        # Written by _publish (before sending, so the echo can never arrive first) and by
-        # take_echo/forget_echoes, all on the event loop; no lock needed.
-        self._echoes: Counter[str] = Counter()
+
+    @property
+    def origin(self) -> str:
+        """This publisher's id, sent as ``o`` in every payload; give it to this process's
+        :class:`~fleetcache.notifications.listener.InvalidationListener`."""
+        return self._origin
 
     async def names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
-        """Tell peers that ``names`` in ``namespace`` were invalidated (chunked)."""
-        for payload in encode_module_payloads(namespace, names, budget=self._budget):
+        """Tell peers that ``names`` in ``namespace`` were invalidated (chunked).
+
+        Names no store can hold (empty, NUL, lone surrogate) are left out with a warning:
+        peers would refuse the whole payload, and with it its valid names.
+        """
+        if not is_sendable(namespace):
+            self._log_unsendable(f"namespace {namespace!r:.200}")
+            return
+        sendable = [name for name in names if is_sendable(name)]
+        if len(sendable) < len(names):
+            self._log_unsendable(f"{len(names) - len(sendable)} name(s) in {namespace!r:.200}")
+        payloads = encode_module_payloads(
+            namespace, sendable, origin=self._origin, budget=self._budget
+        )
+        for payload in payloads:
             await self._publish(payload)
 
     async def namespace_cleared(self, namespace: str) -> None:
         """Tell peers that the whole ``namespace`` was invalidated."""
-        await self._publish(encode_realm_payload(namespace))
+        if not is_sendable(namespace):
+            self._log_unsendable(f"namespace {namespace!r:.200}")
+            return
+        await self._publish(encode_realm_payload(namespace, origin=self._origin))
 
     async def all_cleared(self) -> None:
         """Tell peers that everything was invalidated."""
-        await self._publish(encode_global_payload())
+        await self._publish(encode_global_payload(origin=self._origin))
 
-    def take_echo(self, payload: str) -> bool:
-        """Whether ``payload`` is the echo of one this publisher sent (consumes it), so a
-        listener in the same process can skip replaying what this process already did."""
-        if self._echoes[payload] <= 0:
-            return False
-        self._echoes[payload] -= 1
-        if not self._echoes[payload]:
-            del self._echoes[payload]
-        return True
-
-    def forget_echoes(self) -> None:
-        """Drop the echoes still expected (after a LISTEN gap they may never arrive)."""
-        self._echoes.clear()
+    def _log_unsendable(self, what: str) -> None:
+        logger.warning(
+            "not broadcasting the invalidation of %s: empty, or holding NUL or a lone "
+            "surrogate (no store holds such a key, and peers would refuse the payload)",
+            what,
+        )
 
     async def _publish(self, payload: str) -> None:
         # One connection checkout per payload: a payload Postgres refuses (too big) must
         # not take the other chunks down with it. The pool's context commits on exit, so
         # this also works on a pool whose connections are not autocommit.
-        if len(self._echoes) >= _MAX_PENDING_ECHOES:  # echoes that never came back
-            self._echoes.clear()
-        self._echoes[payload] += 1
         try:
             async with self._pool.connection() as conn:
                 await conn.execute(_PUBLISH, (self._channel, payload))
         except Exception as exc:  # noqa: BLE001 - best effort by contract: log, never raise
-            self.take_echo(payload)
             logger.warning(
                 "publishing an invalidation on channel %r failed (payload %d bytes, "
                 "budget %d): %s: %s",
                 self._channel,
-                len(payload.encode()),
+                _size(payload),
                 self._budget,
                 type(exc).__name__,
                 exc,

@@ -1,132 +1,114 @@
-"""Replays peers' invalidation broadcasts on this process's generations (layer 4).
+"""Replays peers' invalidation broadcasts on this process's cache (layer 4).
 
-Each payload on the invalidated channel becomes the same generation bump the publishing
-process made, so work in flight here that began before the invalidation is discarded
-instead of persisted. A gap (the LISTEN connection dropped, so broadcasts may have been
-missed) is treated as a global invalidation: the conservative answer costs some discarded
-work, the other one could let a stale computation persist. A process also hears its own
-broadcasts; given its publisher (``own``), the listener skips those echoes, since replaying
-them would drop in-flight work that began after the invalidation and so is fresh, making
-later callers compute the same key a second time.
+Each payload on the invalidated channel becomes the same invalidation the publishing
+process made, so work in flight here that began before it is discarded instead of
+persisted, and near copies are dropped. A hub gap (the LISTEN connection dropped, so
+broadcasts may have been missed) becomes ``notifications_lost()``: the target must act
+conservatively, since the other answer could let a stale copy live on.
+
+A process also hears its own broadcasts. Given its publisher's origin, the listener skips
+those echoes (the process already applied them; replaying them would drop in-flight work
+that began after the invalidation and so is fresh). The origin, not the payload, decides:
+a peer's payload identical to one of ours is still applied.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, parse_invalidation
-from fleetcache.notifications.hub import NotificationHub, Subscription
+from fleetcache._lifecycle import Service
+from fleetcache.errors import ConfigurationError
+from fleetcache.logcontext import get_logger
+from fleetcache.notifications.broadcast import (
+    INVALIDATED_CHANNEL,
+    Invalidation,
+    parse_invalidation,
+)
+from fleetcache.notifications.hub import NotificationHub
 
-logger = logging.getLogger("fleetcache.notifications")
-
-
-class GenerationTarget(Protocol):
-    """What an invalidation is replayed on (the generic caching lookup provides it).
-    The methods are synchronous and cheap: they run inside the hub's callback."""
-
-    def bump_names(self, namespace: str, names: Sequence[str]) -> None:
-        """Invalidate ``names`` in ``namespace``."""
-
-    def bump_namespace(self, namespace: str) -> None:
-        """Invalidate the whole ``namespace``."""
-
-    def bump_global(self) -> None:
-        """Invalidate everything."""
+logger = get_logger("fleetcache.notifications")
 
 
-class EchoSource(Protocol):
-    """The publisher of this process, which knows which payloads it sent."""
+class InvalidationTarget(Protocol):
+    """What invalidations are replayed on (the generic caching lookup provides it). The
+    methods are synchronous and cheap: they run inside the hub's dispatch."""
 
-    def take_echo(self, payload: str) -> bool:
-        """Whether ``payload`` is the echo of one this process sent (consumed once)."""
+    def names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
+        """A peer invalidated ``names`` in ``namespace``."""
 
-    def forget_echoes(self) -> None:
-        """Stop expecting echoes (after a gap they may never arrive)."""
+    def namespace_cleared(self, namespace: str) -> None:
+        """A peer invalidated the whole ``namespace``."""
+
+    def all_cleared(self) -> None:
+        """A peer invalidated everything."""
+
+    def notifications_lost(self) -> None:
+        """Broadcasts may have been missed (the hub reconnected): act conservatively."""
 
 
-class InvalidationListener:
-    """Subscribes to the invalidated channel on a hub and replays each broadcast on a
-    :class:`GenerationTarget`, skipping the echoes of ``own`` (this process's publisher)
-    when given. ``start()`` and ``close()`` are idempotent; the hub is the caller's and is
-    not started or closed here."""
+class InvalidationListener(Service):
+    """Replays every broadcast on ``channel`` whose origin is not ``origin`` (this
+    process's publisher's) on ``target``, and hub gaps as ``notifications_lost()``.
+
+    ``start()`` registers its handlers on the hub (the caller's: never started or closed
+    here); after ``close()`` they do nothing. A target exception is logged and counted in
+    :meth:`stats`, never raised.
+    """
 
     def __init__(
         self,
         hub: NotificationHub,
-        target: GenerationTarget,
+        target: InvalidationTarget,
         *,
         channel: str = INVALIDATED_CHANNEL,
-        own: EchoSource | None = None,
+        origin: str | None = None,
     ) -> None:
+        super().__init__()
+        if channel not in hub.channels:
+            raise ConfigurationError(
+                f"the hub does not LISTEN on {channel!r} (its channels: {list(hub.channels)})"
+            )
         self._hub = hub
         self._target = target
         self._channel = channel
-        self._own = own
-        # Written by start()/close(), which the lock serialises; read by nobody else.
-        self._subscription: Subscription | None = None
-        self._lock = asyncio.Lock()
-        # Counters: written only by the hub callbacks below (on the event loop, so no
-        # guard is needed); read by stats().
+        self._origin = origin
+        # Counters: written only by the hub's dispatch into the handlers below (on the
+        # event loop, one at a time: no guard needed); read by stats().
         self._applied = 0
         self._rejected = 0
         self._failed = 0
+        self._own = 0
         self._gaps = 0
-        self._echoes = 0
 
-    async def start(self) -> None:
-        """Subscribe to the channel (idempotent)."""
-        async with self._lock:
-            if self._subscription is None:
-                self._subscription = await self._hub.subscribe(
-                    self._channel, self._on_payload, on_gap=self._on_gap
-                )
-
-    async def close(self) -> None:
-        """Unsubscribe (idempotent); broadcasts arriving afterwards are not replayed."""
-        async with self._lock:
-            if self._subscription is not None:
-                self._subscription.unsubscribe()
-                self._subscription = None
-
-    async def __aenter__(self) -> InvalidationListener:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+    async def _on_start(self) -> None:
+        self._hub.add_handler(self._channel, self._on_payload)
+        self._hub.add_gap_handler(self._on_gap)
 
     def stats(self) -> dict[str, int]:
         """Counters since creation: payloads ``applied``, ``rejected`` as malformed,
-        ``failed`` (the target raised), ``echoes`` of this process's own broadcasts
-        skipped, and ``gaps`` (replayed as a global bump)."""
+        ``failed`` (the target raised, on a payload or a gap), ``own`` echoes skipped,
+        and ``gaps`` reported to the target."""
         return {
             "applied": self._applied,
             "rejected": self._rejected,
             "failed": self._failed,
-            "echoes": self._echoes,
+            "own": self._own,
             "gaps": self._gaps,
         }
 
     def _on_payload(self, payload: str) -> None:
-        if self._own is not None and self._own.take_echo(payload):
-            self._echoes += 1
+        if self.closed:  # the hub cannot unregister a handler: it goes quiet instead
             return
         invalidation = parse_invalidation(payload)  # logs what it rejects
         if invalidation is None:
             self._rejected += 1
             return
+        if self._origin is not None and invalidation.origin == self._origin:
+            self._own += 1
+            return
         try:
-            if invalidation.kind == "module":
-                assert invalidation.namespace is not None  # the parser guarantees it
-                self._target.bump_names(invalidation.namespace, invalidation.names)
-            elif invalidation.kind == "realm":
-                assert invalidation.namespace is not None
-                self._target.bump_namespace(invalidation.namespace)
-            else:
-                self._target.bump_global()
+            _replay(invalidation, self._target)
         except Exception:
             self._failed += 1
             logger.exception("replaying invalidation %r failed", invalidation)
@@ -134,10 +116,22 @@ class InvalidationListener:
         self._applied += 1
 
     def _on_gap(self) -> None:
+        if self.closed:
+            return
         self._gaps += 1
-        if self._own is not None:
-            self._own.forget_echoes()
         try:
-            self._target.bump_global()
+            self._target.notifications_lost()
         except Exception:
-            logger.exception("replaying a notification gap as a global invalidation failed")
+            self._failed += 1
+            logger.exception("reporting lost notifications to %r failed", self._target)
+
+
+def _replay(invalidation: Invalidation, target: InvalidationTarget) -> None:
+    if invalidation.kind == "global":
+        target.all_cleared()
+        return
+    assert invalidation.namespace is not None  # the parser guarantees it
+    if invalidation.kind == "realm":
+        target.namespace_cleared(invalidation.namespace)
+    else:
+        target.names_invalidated(invalidation.namespace, invalidation.names)
