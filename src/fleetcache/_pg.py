@@ -15,11 +15,12 @@ import contextlib
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from fleetcache.errors import ConnectCause, DatabaseConnectError, FleetcacheError, StoreError
@@ -213,3 +214,29 @@ async def pooled(
             await pool.check()
         except psycopg.Error as exc:  # the pool could not even be checked: report that
             raise error(f"{what} failed: checking the pool: {one_line(exc)}") from exc
+
+
+@contextlib.asynccontextmanager
+async def pipelined_transaction(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """A transaction whose ``BEGIN``, statements and ``COMMIT`` go to the server in one
+    pipeline, on an autocommit connection: one round trip in all unless a result is
+    fetched inside (each fetch costs one). psycopg's own ``conn.transaction()`` syncs after
+    ``BEGIN`` and again around ``COMMIT``, three round trips more.
+
+    Any exception inside (or a failed statement, raised when the pipeline syncs) rolls the
+    transaction back before it propagates; a connection that cannot even roll back is
+    closed, so the pool discards it instead of lending it out in a transaction.
+    """
+    try:
+        async with conn.pipeline():
+            await conn.execute("BEGIN")
+            yield
+            await conn.execute("COMMIT")
+    except BaseException:
+        if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+            try:
+                await conn.execute("ROLLBACK")
+            except BaseException:
+                await conn.close()
+                raise
+        raise

@@ -336,7 +336,7 @@ class PostgresStore:
         lock = {"ns_lock": namespace_lock(key.namespace)}
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> bool:
-            async with conn.pipeline(), conn.transaction():
+            async with _pg.pipelined_transaction(conn):
                 await conn.execute(q.PG_LOCK_FOR_WRITE, lock)
                 cursor = await conn.execute(query, params)
             return await cursor.fetchone() is not None
@@ -359,7 +359,7 @@ class PostgresStore:
         ns_params = {"ns": namespace, "ns_lock": namespace_lock(namespace)}
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> list[str]:
-            async with conn.pipeline(), conn.transaction():
+            async with _pg.pipelined_transaction(conn):
                 await conn.execute(q.PG_LOCK_NAMESPACE, ns_params)
                 await conn.execute(q.PG_BOUND_STATEMENTS, {"timeout": self._statement_timeout})
                 closure = Closure(given, expand)
@@ -386,7 +386,7 @@ class PostgresStore:
         ns_params = {"ns": namespace, "ns_lock": namespace_lock(namespace)}
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> None:
-            async with conn.pipeline(), conn.transaction():
+            async with _pg.pipelined_transaction(conn):
                 await conn.execute(q.PG_LOCK_NAMESPACE, ns_params)
                 await conn.execute(q.PG_BOUND_STATEMENTS, {"timeout": self._statement_timeout})
                 await self._prune(conn, 1)
@@ -400,7 +400,7 @@ class PostgresStore:
         """Mark the whole store invalidated and delete every entry, in one transaction."""
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> None:
-            async with conn.pipeline(), conn.transaction():
+            async with _pg.pipelined_transaction(conn):
                 await conn.execute(q.PG_LOCK_ALL)
                 await conn.execute(q.PG_BOUND_STATEMENTS, {"timeout": self._statement_timeout})
                 await self._prune(conn, 1)
