@@ -718,3 +718,32 @@ async def test_sqlite_driver_errors_are_translated(tmp_path: Path) -> None:
         await assert_no_transaction_left(store)
     finally:
         await store.close()
+
+
+async def test_sqlite_deps_rows_follow_their_entries(tmp_path: Path) -> None:
+    """sqlite lists each entry's deps in a table of their own: upserts, invalidations and
+    clears leave no deps row without its entry, and every entry's deps are listed."""
+    store = SqliteStore(tmp_path / "c.db")
+    await store.open()
+    try:
+        await store.write(entry("a.gts", alias="a", deps=("x", "y", "x")))
+        await store.write(entry("a.gts", scope="realm-auth", user="u", alias="a", deps=("x",)))
+        await store.write(entry("b", deps=("a",)))
+        await store.write(entry("c", deps=("z",)))
+        await store.write(entry("c", deps=("w",)))
+        await store.write(entry("d", ns=OTHER_NS, deps=("x",)))
+        await store.invalidate(NS, ["a"])
+        conn = sqlite3.connect(tmp_path / "c.db")
+        try:
+            listed = conn.execute(
+                "SELECT namespace, name, dep FROM fleetcache_entry_deps ORDER BY 1, 2, 3"
+            ).fetchall()
+            assert listed == [(OTHER_NS, "d", "x"), (NS, "c", "w")]
+            await store.clear_namespace(OTHER_NS)
+            assert conn.execute("SELECT count(*) FROM fleetcache_entry_deps").fetchone() == (1,)
+            await store.clear_all()
+            assert conn.execute("SELECT count(*) FROM fleetcache_entry_deps").fetchone() == (0,)
+        finally:
+            conn.close()
+    finally:
+        await store.close()

@@ -236,7 +236,9 @@ async def pipelined_transaction(conn: psycopg.AsyncConnection[Any]) -> AsyncIter
         if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
             try:
                 await conn.execute("ROLLBACK")
-            except BaseException:
+            except psycopg.Error:  # the original exception is the one to report
+                await conn.close()
+            except BaseException:  # e.g. cancelled while rolling back
                 await conn.close()
                 raise
         raise

@@ -561,16 +561,23 @@ SQLITE_MARK = """
         seq = excluded.seq, marked_at = excluded.marked_at
 """
 
-#: The deps rows, then the entries, of the namespace named or aliased by the names.
+#: The deps rows, then the entries, of the namespace named or aliased by the names. (The
+#: deps rows of an aliased entry are found through its name, an index probe, then matched
+#: on scope and user; a row-value IN over the four fields would scan the deps table.)
 SQLITE_DELETE_NAMES = [
     """
     DELETE FROM fleetcache_entry_deps
-    WHERE (namespace, name, scope, user_id) IN (
-        SELECT namespace, name, scope, user_id FROM fleetcache_entries
-        WHERE namespace = :ns AND name IN (SELECT value FROM json_each(:names))
-        UNION ALL
-        SELECT namespace, name, scope, user_id FROM fleetcache_entries
-        WHERE namespace = :ns AND alias IN (SELECT value FROM json_each(:names)))
+    WHERE namespace = :ns
+      AND (name IN (SELECT value FROM json_each(:names))
+           OR (name IN (SELECT name FROM fleetcache_entries
+                        WHERE namespace = :ns
+                          AND alias IN (SELECT value FROM json_each(:names)))
+               AND EXISTS (SELECT 1 FROM fleetcache_entries AS e
+                           WHERE e.namespace = fleetcache_entry_deps.namespace
+                             AND e.name = fleetcache_entry_deps.name
+                             AND e.scope = fleetcache_entry_deps.scope
+                             AND e.user_id = fleetcache_entry_deps.user_id
+                             AND e.alias IN (SELECT value FROM json_each(:names)))))
     """,
     """
     DELETE FROM fleetcache_entries
