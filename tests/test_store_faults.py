@@ -241,3 +241,55 @@ async def test_sqlite_file_stays_writable_for_other_processes_after_failures(
         assert await store.read(Key(NS, "a")) is not None
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("operation", ["invalidate", "write"])
+async def test_a_cancelled_postgres_operation_leaves_no_transaction(
+    operation: str, database_url: str
+) -> None:
+    """An invalidation or a stamped write cancelled while it waits for the namespace lock
+    leaves no transaction, lock or half-done change behind, and the store goes on."""
+    from fleetcache.stores import queries as q
+    from fleetcache.stores.postgres import namespace_lock
+
+    name = f"fleetcache-test-{uuid.uuid4().hex[:8]}"
+    store = PostgresStore(database_url, max_size=2, application_name=name)
+    await store.open()
+    try:
+        await store.write(Entry(Key(NS, "a"), {"v": 1}))
+        stamp, _ = await store.stamp_and_read(Key(NS, "b"), ["b"])
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
+            lock = (q.LOCK_NAMESPACE, namespace_lock(NS))
+            await admin.execute("SELECT pg_advisory_lock(%s, %s)", lock)
+            if operation == "invalidate":
+                task = asyncio.create_task(store.invalidate(NS, ["a"]))
+            else:
+                task = asyncio.create_task(store.write(Entry(Key(NS, "b"), 2), stamp=stamp))
+            await asyncio.sleep(0.3)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await admin.execute("SELECT pg_advisory_unlock(%s, %s)", lock)
+            busy = -1
+            for _ in range(500):  # a closed connection's backend exits a moment later
+                cursor = await admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                    " AND (state <> 'idle' OR wait_event_type = 'Lock')",
+                    (name,),
+                )
+                busy = (await cursor.fetchone() or (1,))[0]
+                if busy == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert busy == 0
+            cursor = await admin.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            )
+            assert await cursor.fetchone() == (0,)
+        assert await store.read(Key(NS, "a")) is not None
+        assert await store.read(Key(NS, "b")) is None
+        assert await store.write(Entry(Key(NS, "b"), 3), stamp=stamp)
+        assert await store.invalidate(NS, ["a"]) == ["a"]
+    finally:
+        await store.close()
