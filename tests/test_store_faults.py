@@ -152,7 +152,7 @@ async def test_a_server_restart_costs_no_request() -> None:
                 try:
                     results.append(await store.read(Key(NS, "a")) is not None)
                 except Exception as exc:
-                    results.append(repr(exc))  # type: ignore[arg-type]
+                    results.append(repr(exc))
             assert results == [True] * 10
             assert await postmaster_start(server.conninfo) > started_before
         finally:
@@ -261,6 +261,7 @@ async def test_a_cancelled_postgres_operation_leaves_no_transaction(
         async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
             lock = (q.LOCK_NAMESPACE, namespace_lock(NS))
             await admin.execute("SELECT pg_advisory_lock(%s, %s)", lock)
+            task: asyncio.Task[object]
             if operation == "invalidate":
                 task = asyncio.create_task(store.invalidate(NS, ["a"]))
             else:
