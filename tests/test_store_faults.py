@@ -147,7 +147,7 @@ async def test_a_server_restart_costs_no_request() -> None:
                 user=inner.system_user,
                 timeout=60,
             )
-            results = []
+            results: list[bool | str] = []
             for _ in range(10):
                 try:
                     results.append(await store.read(Key(NS, "a")) is not None)
