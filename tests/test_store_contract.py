@@ -636,6 +636,21 @@ async def test_postgres_injected_pool_is_used_and_left_open(database_url: str) -
         await pool.close()
 
 
+async def test_postgres_injected_pool_must_be_autocommit(database_url: str) -> None:
+    """A pool whose connections open transactions by themselves is refused with a message
+    saying what to pass, and is left open."""
+    pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+        database_url, min_size=1, max_size=1, open=False
+    )
+    await pool.open()
+    try:
+        with pytest.raises(ConfigurationError, match="autocommit"):
+            await PostgresStore(pool=pool).open()
+        assert not pool.closed
+    finally:
+        await pool.close()
+
+
 async def test_postgres_schema_is_v2_and_absent_json_is_sql_null(database_url: str) -> None:
     """Opening twice keeps one schema row (version 2) and creates no unprefixed table;
     absent error/diagnostics are SQL NULL, not JSON null."""

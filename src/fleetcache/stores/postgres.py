@@ -215,7 +215,7 @@ class PostgresStore:
             await _pg.pooled(
                 self._pool,
                 f"creating or upgrading the fleetcache schema in {self._where}",
-                lambda conn: migrate_postgres(conn, self._where),
+                self._migrate_on_injected,
             )
             self._opened = True
             return
@@ -254,6 +254,16 @@ class PostgresStore:
             ) from exc
         self._pool = pool
         self._opened = True
+
+    async def _migrate_on_injected(self, conn: psycopg.AsyncConnection[Any]) -> tuple[int, int]:
+        # Every transaction here is sent as BEGIN ... COMMIT on an autocommit connection;
+        # on a connection that opens transactions by itself they would nest wrongly.
+        if not conn.autocommit:
+            raise ConfigurationError(
+                "PostgresStore needs a pool of autocommit connections: "
+                'AsyncConnectionPool(..., kwargs={"autocommit": True})'
+            )
+        return await migrate_postgres(conn, self._where)
 
     async def close(self) -> None:
         """Close the pool if this store created it. Idempotent."""
