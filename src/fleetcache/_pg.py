@@ -15,13 +15,20 @@ import contextlib
 import random
 import re
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from fleetcache.errors import ConnectCause, DatabaseConnectError, FleetcacheError, StoreError
+from fleetcache.logcontext import get_logger
+
+T = TypeVar("T")
+
+logger = get_logger("fleetcache.pg")
 
 #: How long (seconds) one connection attempt may take before it counts as a timeout.
 CONNECT_TIMEOUT = 5
@@ -128,7 +135,12 @@ def connect_error(conninfo: str, exc: BaseException, cause: ConnectCause) -> Dat
 
 def is_connection_lost(exc: BaseException, conn: psycopg.AsyncConnection[Any] | None) -> bool:
     """Whether ``exc`` means the connection itself is gone (server restart, terminated
-    backend, network), so the same statement may succeed on a fresh connection."""
+    backend, network), so the same statement may succeed on a fresh connection.
+
+    A pool's own failures (no connection within its timeout, a closed pool) are not: a
+    second try would only wait as long again."""
+    if isinstance(exc, PoolTimeout | PoolClosed):
+        return False
     if conn is not None and (conn.closed or conn.broken):
         return True
     return isinstance(exc, psycopg.OperationalError) and getattr(exc, "sqlstate", None) in (
@@ -148,9 +160,85 @@ def translate(what: str, error: type[FleetcacheError] = StoreError) -> Iterator[
     try:
         yield
     except psycopg.Error as exc:
-        raise error(f"{what} failed: {_one_line(exc)}") from exc
+        raise error(f"{what} failed: {one_line(exc)}") from exc
 
 
-def _one_line(exc: BaseException) -> str:
+def log_lost_connection(what: str, exc: BaseException) -> None:
+    """Say that ``what`` lost its pooled connection and is tried once more."""
+    logger.warning(
+        "%s: the pooled connection was lost (%s); checking the pool and trying once more "
+        "on a fresh connection",
+        what,
+        one_line(exc),
+    )
+
+
+def one_line(exc: BaseException) -> str:
+    """A driver error's message on one line (what our errors quote)."""
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+async def pooled(
+    pool: AsyncConnectionPool[Any],
+    what: str,
+    fn: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]],
+    *,
+    error: type[FleetcacheError] = StoreError,
+    retry: bool = True,
+) -> T:
+    """Run ``fn`` on a connection of ``pool``; driver errors leave as ``error`` naming
+    ``what``.
+
+    If the connection turns out to be dead (a server restart or a terminated backend
+    leaves every idle pooled connection dead, and nothing notices until it is used),
+    ``pool.check()`` discards the pool's other dead connections and ``fn`` runs once more
+    on a fresh one, so a restart costs no caller a failure. Only pass ``retry=True``
+    (the default) for an ``fn`` that may safely run twice: one that only reads, or whose
+    second run leaves the database as one run would (the first may have committed before
+    its connection died). Any exception inside ``fn`` leaves the connection to the pool,
+    which rolls back whatever transaction it left open (or discards the connection).
+    """
+    attempt = 1
+    while True:
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            async with pool.connection() as conn:
+                return await fn(conn)
+        except psycopg.Error as exc:
+            if not (retry and attempt == 1 and conn is not None and is_connection_lost(exc, conn)):
+                raise error(f"{what} failed: {one_line(exc)}") from exc
+            log_lost_connection(what, exc)
+        attempt += 1
+        try:
+            await pool.check()
+        except psycopg.Error as exc:  # the pool could not even be checked: report that
+            raise error(f"{what} failed: checking the pool: {one_line(exc)}") from exc
+
+
+@contextlib.asynccontextmanager
+async def pipelined_transaction(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """A transaction whose ``BEGIN``, statements and ``COMMIT`` go to the server in one
+    pipeline, on an autocommit connection: one round trip in all unless a result is
+    fetched inside (each fetch costs one). psycopg's own ``conn.transaction()`` syncs after
+    ``BEGIN`` and again around ``COMMIT``, three round trips more.
+
+    Any exception inside (or a failed statement, raised when the pipeline syncs) rolls the
+    transaction back before it propagates; a connection that cannot even roll back is
+    closed, so the pool discards it instead of lending it out in a transaction.
+    """
+    try:
+        async with conn.pipeline():
+            await conn.execute("BEGIN")
+            yield
+            await conn.execute("COMMIT")
+    except BaseException:
+        if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+            try:
+                await conn.execute("ROLLBACK")
+            except psycopg.Error:  # the original exception is the one to report
+                await conn.close()
+            except BaseException:  # e.g. cancelled while rolling back
+                await conn.close()
+                raise
+        raise

@@ -1,123 +1,303 @@
-"""The in-memory store: one process, no persistence; passes the same contract as the others."""
+"""The in-memory store: one process, no persistence; passes the same contract as the others.
+
+Every method runs from its first line to its last without an ``await``, so on the event
+loop each is atomic: an invalidation's closure, marks and deletes happen with no write in
+between, and a stamped write checks the marks and stores in one step. (``expand`` is called
+inside that step and must not re-enter the store.)
+
+Every operation costs time in proportion to what it touches, not to the store's size:
+entries are indexed by key, by (namespace, scope, user, alias), by (namespace, name), by
+(namespace, alias), by namespace and by (namespace, dep); marks are kept in the order they
+were set, so pruning pops the oldest ones from the front.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import copy
-from collections.abc import Sequence
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+from fleetcache.errors import ConfigurationError, InvalidInputError
 from fleetcache.stores.base import (
+    MARK_RETENTION,
     Entry,
+    Expand,
     GenerationStamp,
     Key,
     guarded_names,
     stamp_names,
-    validate_entry,
 )
+from fleetcache.stores.closure import Closure
+from fleetcache.stores.validation import check_name, encode_entry, validate_key
 
-_GLOBAL = ("g", "", "")
+#: The most old marks one invalidation prunes, besides twice the marks it sets.
+PRUNE_BATCH = 10_000
+
+_Mark = tuple[str, str, str]  # (kind, namespace, name)
+_GLOBAL: _Mark = ("g", "", "")
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPoint:
+    """What a memory stamp holds: the invalidation clock's reading and the time then."""
+
+    seq: int
+    taken_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    # An entry as stored: JSON text, decoded on every read, so no caller ever shares a
+    # mutable value with the store (cheaper than a deep copy in and out).
+    key: Key
+    value: str
+    deps: tuple[str, ...]
+    error: str | None
+    created_at: int | None
+    alias: str | None
+    diagnostics: str | None
+    order: int  # when it was written (ties of created_at: the later write wins)
+
+    def entry(self) -> Entry:
+        return Entry(
+            key=self.key,
+            value=json.loads(self.value),
+            deps=self.deps,
+            error=None if self.error is None else json.loads(self.error),
+            created_at=self.created_at,
+            alias=self.alias,
+            diagnostics=None if self.diagnostics is None else json.loads(self.diagnostics),
+        )
+
+
+def _add(index: dict[Any, dict[Key, None]], at: Any, key: Key) -> None:
+    index.setdefault(at, {})[key] = None
+
+
+def _discard(index: dict[Any, dict[Key, None]], at: Any, key: Key) -> None:
+    keys = index.get(at)
+    if keys is not None:
+        keys.pop(key, None)
+        if not keys:
+            del index[at]
 
 
 class MemoryStore:
-    """A :class:`~fleetcache.stores.base.Store` kept in a dict.
+    """A :class:`~fleetcache.stores.base.Store` kept in dicts, for one process.
 
-    Values are deep-copied in and out, so callers never share mutable state with the store.
+    ``mark_retention`` (seconds) is how long marks are kept; stamps older than half of it
+    are refused. ``clock`` (monotonic seconds) may be replaced in tests.
     """
 
-    def __init__(self) -> None:
-        # Written and read only by this store's methods, on the event loop's thread; each
-        # method runs without awaiting, so no lock is needed.
-        self._entries: dict[Key, Entry] = {}
-        # The invalidation clock, and for each (kind, namespace, name) the clock reading of
-        # its last invalidation.
-        self._clock = 0
-        self._bumped: dict[tuple[str, str, str], int] = {}
+    def __init__(
+        self,
+        *,
+        mark_retention: float = MARK_RETENTION,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if mark_retention <= 0:
+            raise ConfigurationError(f"mark_retention must be positive, got {mark_retention}")
+        self._retention = float(mark_retention)
+        self._max_age = self._retention / 2
+        self._clock = clock
+        # All state below is written and read only by this store's methods, on the event
+        # loop's thread; no method awaits, so none can observe another half done.
+        self._entries: dict[Key, _Stored] = {}
+        self._by_alias: dict[tuple[str, str, str, str], dict[Key, None]] = {}
+        self._by_ns_name: dict[tuple[str, str], dict[Key, None]] = {}
+        self._by_ns_alias: dict[tuple[str, str], dict[Key, None]] = {}
+        self._by_ns: dict[str, dict[Key, None]] = {}
+        self._by_dep: dict[tuple[str, str], dict[Key, None]] = {}
+        self._written = 0
+        # The invalidation clock, and for each mark the reading and time it was last set,
+        # oldest first.
+        self._seq = 0
+        self._marks: OrderedDict[_Mark, tuple[int, float]] = OrderedDict()
+
+    @property
+    def mark_retention(self) -> float:
+        """How long (seconds) marks are kept."""
+        return self._retention
+
+    @property
+    def mark_count(self) -> int:
+        """How many marks are kept now."""
+        return len(self._marks)
 
     async def open(self) -> None:
         """Nothing to connect; present for the contract."""
 
     async def close(self) -> None:
-        """Nothing to release; present for the contract."""
+        """Nothing to release; present for the contract (the entries stay)."""
 
-    async def read(self, key: Key, *, session: object | None = None) -> Entry | None:
-        """The entry named or aliased ``key.name`` under the key's namespace, scope and user."""
-        await asyncio.sleep(0)
-        found = self._entries.get(key)
-        if found is None:
-            found = next(
-                (
-                    entry
-                    for stored_key, entry in self._entries.items()
-                    if entry.alias == key.name
-                    and (stored_key.namespace, stored_key.scope, stored_key.user)
-                    == (key.namespace, key.scope, key.user)
-                ),
-                None,
-            )
-        return copy.deepcopy(found)
+    # ------------------------------------------------------------------------- reads
 
-    async def stamp(
-        self, namespace: str, names: Sequence[str], *, session: object | None = None
-    ) -> GenerationStamp:
-        """Now, as a reading of the invalidation clock."""
-        await asyncio.sleep(0)
-        return GenerationStamp(namespace, stamp_names(names), self._clock)
+    def _find(self, key: Key, by_alias: bool) -> Entry | None:
+        stored = self._entries.get(key)
+        if stored is None and by_alias:
+            aliased = self._by_alias.get((key.namespace, key.scope, key.user, key.name))
+            if aliased:
+                stored = max(
+                    (self._entries[k] for k in aliased),
+                    key=lambda s: (s.created_at is not None, s.created_at or 0, s.order),
+                )
+        return None if stored is None else stored.entry()
 
-    async def write(
-        self,
-        entry: Entry,
-        *,
-        stamp: GenerationStamp | None = None,
-        session: object | None = None,
-    ) -> bool:
-        """Upsert ``entry`` unless ``stamp`` is given and something the entry depends on was
-        invalidated after it."""
-        validate_entry(entry)
-        await asyncio.sleep(0)
-        if stamp is not None:
-            ns = stamp.namespace
-            marks = [_GLOBAL, ("n", ns, ""), *(("k", ns, n) for n in guarded_names(entry, stamp))]
-            if any(self._bumped.get(mark, 0) > int(stamp.point) for mark in marks):
-                return False
-        self._entries[entry.key] = copy.deepcopy(entry)
+    async def read(self, key: Key, *, by_alias: bool = False) -> Entry | None:
+        """The entry under ``key``, else (with ``by_alias``) the most recently created one
+        aliased ``key.name`` in the key's namespace, scope and user."""
+        validate_key(key)
+        return self._find(key, by_alias)
+
+    async def stamp_and_read(
+        self, key: Key, names: Sequence[str], *, by_alias: bool = False
+    ) -> tuple[GenerationStamp, Entry | None]:
+        """A stamp (the clock's reading) and ``read(key, by_alias=...)``, in one step."""
+        validate_key(key)
+        stamped = stamp_names(names)
+        for name in stamped:
+            check_name(f"a stamped name of key {key.coalesce_key}", name)
+        point = MemoryPoint(self._seq, self._clock())
+        return GenerationStamp(key.namespace, stamped, point), self._find(key, by_alias)
+
+    # ------------------------------------------------------------------------ writes
+
+    async def write(self, entry: Entry, *, stamp: GenerationStamp | None = None) -> bool:
+        """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
+        since and the stamp is younger than half the retention."""
+        encoded = encode_entry(entry)
+        key = entry.key
+        if stamp is not None and not self._stamp_holds(stamp, entry):
+            return False
+        old = self._entries.get(key)
+        if old is not None:
+            self._unindex(old)
+        self._written += 1
+        stored = _Stored(
+            key=key,
+            value=encoded.value,
+            deps=encoded.deps,
+            error=encoded.error,
+            created_at=entry.created_at,
+            alias=entry.alias,
+            diagnostics=encoded.diagnostics,
+            order=self._written,
+        )
+        self._entries[key] = stored
+        ns = key.namespace
+        _add(self._by_ns, ns, key)
+        _add(self._by_ns_name, (ns, key.name), key)
+        if stored.alias is not None:
+            _add(self._by_alias, (ns, key.scope, key.user, stored.alias), key)
+            _add(self._by_ns_alias, (ns, stored.alias), key)
+        for dep in stored.deps:
+            _add(self._by_dep, (ns, dep), key)
         return True
 
-    async def delete_names(self, namespace: str, names: Sequence[str]) -> None:
-        """Delete entries of ``namespace`` named or aliased by ``names``; bump each name."""
-        await asyncio.sleep(0)
-        wanted = set(names)
-        self._clock += 1
-        for name in wanted:
-            self._bumped["k", namespace, name] = self._clock
-        for key, entry in list(self._entries.items()):
-            if key.namespace == namespace and (key.name in wanted or entry.alias in wanted):
-                del self._entries[key]
-
-    async def delete_namespace(self, namespace: str) -> None:
-        """Delete every entry of ``namespace``; bump its counter."""
-        await asyncio.sleep(0)
-        self._bump(("n", namespace, ""))
-        for key in [key for key in self._entries if key.namespace == namespace]:
-            del self._entries[key]
-
-    async def delete_all(self) -> None:
-        """Delete every entry; bump the global counter."""
-        await asyncio.sleep(0)
-        self._bump(_GLOBAL)
-        self._entries.clear()
-
-    async def find_dependents(self, namespace: str, names: Sequence[str]) -> list[str]:
-        """Names of entries of ``namespace`` whose deps meet ``names``."""
-        await asyncio.sleep(0)
-        wanted = set(names)
-        return sorted(
-            {
-                key.name
-                for key, entry in self._entries.items()
-                if key.namespace == namespace and wanted.intersection(entry.deps)
-            }
+    def _stamp_holds(self, stamp: GenerationStamp, entry: Entry) -> bool:
+        key = entry.key
+        if stamp.namespace != key.namespace:
+            raise InvalidInputError(
+                f"a stamp of namespace {stamp.namespace!r} cannot guard a write of "
+                f"{key.coalesce_key}"
+            )
+        point = stamp.point
+        if not isinstance(point, MemoryPoint):
+            raise InvalidInputError(
+                f"the stamp for {key.coalesce_key} was not made by a memory store"
+            )
+        if self._clock() - point.taken_at > self._max_age:
+            return False
+        ns = key.namespace
+        marks: Iterable[_Mark] = (
+            _GLOBAL,
+            ("n", ns, ""),
+            *(("k", ns, name) for name in guarded_names(entry, stamp)),
         )
+        for mark in marks:
+            set_at = self._marks.get(mark)
+            if set_at is not None and set_at[0] > point.seq:
+                return False
+        return True
 
-    def _bump(self, mark: tuple[str, str, str]) -> None:
-        self._clock += 1
-        self._bumped[mark] = self._clock
+    def _unindex(self, stored: _Stored) -> None:
+        key = stored.key
+        ns = key.namespace
+        _discard(self._by_ns, ns, key)
+        _discard(self._by_ns_name, (ns, key.name), key)
+        if stored.alias is not None:
+            _discard(self._by_alias, (ns, key.scope, key.user, stored.alias), key)
+            _discard(self._by_ns_alias, (ns, stored.alias), key)
+        for dep in stored.deps:
+            _discard(self._by_dep, (ns, dep), key)
+
+    def _delete(self, keys: Iterable[Key]) -> None:
+        for key in list(keys):
+            stored = self._entries.pop(key, None)
+            if stored is not None:
+                self._unindex(stored)
+
+    # ----------------------------------------------------------------- invalidations
+
+    async def invalidate(
+        self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
+    ) -> list[str]:
+        """Invalidate ``names`` and every entry depending on them, in one step."""
+        check_name("the namespace to invalidate", namespace, allow_empty=False)
+        for name in names:
+            check_name(f"a name to invalidate in namespace {namespace!r}", name)
+        if not names:
+            return []
+        # The closure first: expand may raise, and then nothing has changed.
+        closure = Closure(names, expand)
+        frontier = list(closure.names)
+        while frontier:
+            found: list[str | None] = []
+            for name in frontier:
+                for index in (self._by_ns_name, self._by_ns_alias, self._by_dep):
+                    for key in index.get((namespace, name), ()):
+                        found.append(key.name)
+                        found.append(self._entries[key].alias)
+            frontier = closure.add(found)
+        self._mark("k", namespace, closure.names)
+        self._delete(
+            key
+            for name in closure.names
+            for index in (self._by_ns_name, self._by_ns_alias)
+            for key in index.get((namespace, name), ())
+        )
+        return closure.names
+
+    async def clear_namespace(self, namespace: str) -> None:
+        """Mark the namespace invalidated and delete its entries."""
+        check_name("the namespace to clear", namespace, allow_empty=False)
+        self._mark("n", namespace, [""])
+        self._delete(self._by_ns.get(namespace, ()))
+
+    async def clear_all(self) -> None:
+        """Mark the whole store invalidated and delete every entry."""
+        self._mark("g", "", [""])
+        self._entries.clear()
+        for index in (self._by_alias, self._by_ns_name, self._by_ns_alias, self._by_dep):
+            index.clear()
+        self._by_ns.clear()
+
+    def _mark(self, kind: str, namespace: str, names: Sequence[str]) -> None:
+        now = self._clock()
+        # Prune first: at most a bounded batch, oldest first, all older than the retention.
+        cutoff = now - self._retention
+        for _ in range(PRUNE_BATCH + 2 * len(names)):
+            if not self._marks:
+                break
+            oldest = next(iter(self._marks.values()))
+            if oldest[1] >= cutoff:
+                break
+            self._marks.popitem(last=False)
+        self._seq += 1
+        for name in names:
+            mark = (kind, namespace, name)
+            self._marks.pop(mark, None)  # re-set marks move to the young end
+            self._marks[mark] = (self._seq, now)

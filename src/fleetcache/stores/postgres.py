@@ -1,56 +1,137 @@
-"""The Postgres store: the fleet's shared cache, on psycopg 3 and psycopg_pool."""
+"""The Postgres store: the fleet's shared cache, on psycopg 3 and psycopg_pool.
+
+Why an invalidation closes every window
+=======================================
+
+The guarantee: after ``invalidate(ns, [X])`` returns, no entry that depends (transitively)
+on X and was computed from X's old content exists. A populate computing such an entry D
+took its stamp S (a snapshot) before it read X; its write is a transaction that first
+share-locks the global and the namespace lock, then, in a *later* statement (so its
+snapshot is taken after the lock wait), runs the guarded INSERT that checks the marks
+against S. The invalidation is one transaction that takes the namespace lock
+*exclusively*, then computes the closure in rounds (each round a new statement, each
+seeing every write committed before it), marks every name of the closure with its own
+transaction id, deletes every entry named or aliased by one, and commits. Since the two
+locks conflict, D's write transaction either
+
+* committed before the invalidation got its lock: the closure rounds then see D (D's
+  deps meet the closure, or D is named by it) and delete it; or
+* started its guarded INSERT after the invalidation committed: that INSERT's snapshot sees
+  the marks, which S did not see (they were set after S was taken, by a transaction S
+  found in progress or had not yet begun), so the write is refused.
+
+There is no third case: a write cannot hold the shared lock while the invalidation holds
+the exclusive one. (The order "compute the closure, then lock and mark" would leave one:
+a D committed after the scan and before the marks.) Writes of the same namespace share
+their lock, so they do not wait for each other; a namespace clear takes the same locks as
+an invalidation of names, and ``clear_all`` takes the global lock exclusively.
+
+The first release retried invalidations that Postgres aborted as deadlocks (two
+invalidations reaching the same rows, one by name and one by alias, in opposite orders).
+There is no such retry any more because there is no such deadlock: invalidations of one
+namespace now run one at a time (the exclusive namespace lock), every transaction takes
+the advisory locks in one order (global, then namespace), marks of different namespaces
+are different rows, and the one statement that touches other namespaces' rows (pruning)
+skips any row another transaction holds instead of waiting for it.
+
+Pruning
+=======
+
+Marks would otherwise accumulate forever. A write whose stamp is older than
+``max_stamp_age`` (half the retention) is refused outright, and every invalidation deletes
+marks older than the retention. That never removes a mark M that could still refuse a
+write W under stamp S: M could refuse W only if M's transaction committed after S was
+taken, so M was set (``clock_timestamp()``) at most ``T`` before S, where ``T`` bounds the
+time from the marking statement to its transaction's commit; W is only accepted while S is
+younger than ``max_stamp_age``; so when W runs, M is younger than ``max_stamp_age + T``,
+which is less than the retention as long as ``T`` < retention - ``max_stamp_age``. ``T`` is
+kept short: the marking statement, the pruning statement and the COMMIT go to the server
+in one pipeline (no client pause between them), and each statement of an invalidation
+after its locks runs under ``statement_timeout`` = a quarter of that margin (450 s with
+the defaults; the margin is 1800 s). Every time here is the server's clock.
+
+The pool
+========
+
+An owned pool has a fixed size (``min_size`` = ``max_size``, default 10) and ``open()``
+returns only once every connection is connected: a burst right after start finds them all
+ready, instead of queueing while the pool grows one connection at a time. Connections are
+not checked on checkout (that costs a round trip per request); instead a connection found
+dead when used (after a server restart, or a terminated backend) makes the pool check all
+its idle connections and the operation run once more on a fresh one (``_pg.pooled``): each
+operation here may run twice (reads only read; a write is an upsert whose second run under
+the same stamp is refused or rewrites the same row; an invalidation marks and deletes
+again). The coordinator and the publisher share the pool (:attr:`PostgresStore.pool`).
+"""
 
 from __future__ import annotations
 
 import hashlib
-import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
-from fleetcache.errors import ConfigurationError, NotOpenError, SchemaVersionError, StoreError
+from fleetcache import _pg
+from fleetcache.errors import ConfigurationError, InvalidInputError, NotOpenError, StoreError
+from fleetcache.logcontext import get_logger
 from fleetcache.stores import queries as q
 from fleetcache.stores.base import (
+    MARK_RETENTION,
     Entry,
+    Expand,
     GenerationStamp,
     Key,
+    guarded_names,
     stamp_names,
-    validate_entry,
-    write_params,
 )
+from fleetcache.stores.closure import Closure
+from fleetcache.stores.migrations import migrate_postgres
+from fleetcache.stores.validation import check_name, encode_entry, validate_key
 
-# Advisory-lock classes (the two-int form, a key space apart from the coordinator's
-# one-bigint locks) for the generation counters: global, namespace, name.
-_LOCK_GLOBAL = 0x4643_0001
-_LOCK_NAMESPACE = 0x4643_0002
-_LOCK_NAME = 0x4643_0003
+logger = get_logger("fleetcache.stores")
+
+#: The application_name of the store's connections (what pg_stat_activity shows).
+APPLICATION_NAME = "fleetcache"
+#: The default (and fixed) number of pooled connections.
+POOL_SIZE = 10
+#: The most old marks one invalidation prunes, besides twice the marks it sets: enough to
+#: outpace any rate of invalidations, small enough to keep its transaction short.
+PRUNE_BATCH = 10_000
 
 
-logger = logging.getLogger("fleetcache.stores")
+def key_hash(key: Key) -> bytes:
+    """The primary key of ``key``'s row: sha256 over each field as
+    ``b"<UTF-8 byte length>:" + UTF-8 bytes`` (the migration computes the same in SQL)."""
+    digest = hashlib.sha256()
+    for field in (key.namespace, key.name, key.scope, key.user):
+        data = field.encode()
+        digest.update(b"%d:" % len(data))
+        digest.update(data)
+    return digest.digest()
 
-# How often an invalidation that Postgres aborted as a deadlock is tried in all.
-_DEADLOCK_ATTEMPTS = 3
 
-
-def _lock_id(*parts: str) -> int:
-    digest = hashlib.sha256("\x00".join(parts).encode()).digest()
+def namespace_lock(namespace: str) -> int:
+    """The second int of a namespace's advisory lock (a signed 32-bit hash)."""
+    digest = hashlib.sha256(namespace.encode()).digest()
     return int.from_bytes(digest[:4], "big", signed=True)
 
 
-def _locks(namespace: str, names: Sequence[str]) -> tuple[list[int], list[int]]:
-    """Advisory locks (classes, ids) for namespace and names in the one global order."""
-    name_ids = sorted({_lock_id(namespace, name) for name in names})
-    classes = [_LOCK_GLOBAL, _LOCK_NAMESPACE] + [_LOCK_NAME] * len(name_ids)
-    return classes, [0, _lock_id(namespace), *name_ids]
+@dataclass(frozen=True, slots=True)
+class PostgresPoint:
+    """What a Postgres stamp holds: the read's snapshot and the server's time then."""
+
+    snapshot: str
+    taken_at: float
 
 
-def _entry(row: tuple[Any, ...]) -> Entry:
-    url, scope, user, ns, value, deps, error, created_at, alias, diagnostics = row
+def _entry(key: Key, row: Sequence[Any]) -> Entry:
+    name, value, deps, error, created_at, alias, diagnostics = row
     return Entry(
-        key=Key(ns, url, scope, user),
+        key=key if name == key.name else key.with_name(name),
         value=value,
         deps=tuple(deps),
         error=error,
@@ -60,12 +141,26 @@ def _entry(row: tuple[Any, ...]) -> Entry:
     )
 
 
-class PostgresStore:
-    """A :class:`~fleetcache.stores.base.Store` on a Postgres ``modules`` table.
+def _key_params(key: Key) -> dict[str, Any]:
+    return {
+        "key_hash": key_hash(key),
+        "ns": key.namespace,
+        "name": key.name,
+        "scope": key.scope,
+        "user": key.user,
+    }
 
-    Give it a ``conninfo`` (it then owns and closes its pool) or an open ``pool`` of
-    autocommit connections (which it never closes). ``open()`` creates the schema once,
-    idempotently and safely when many processes start together.
+
+class PostgresStore:
+    """A :class:`~fleetcache.stores.base.Store` on Postgres (table ``fleetcache_entries``).
+
+    Give it a ``conninfo`` (it then owns its pool: ``pool_size`` connections, all opened
+    by ``open()``, closed by ``close()``) or an open ``pool`` of autocommit connections
+    (which it never closes). ``open()`` first makes one connection of its own, so a wrong
+    address, database or role raises :class:`~fleetcache.errors.DatabaseConnectError`
+    naming the cause within seconds, then creates or upgrades the schema under an advisory
+    lock. ``mark_retention`` (seconds) must be the same in every process sharing the
+    database; stamps older than half of it are refused.
     """
 
     def __init__(
@@ -73,223 +168,278 @@ class PostgresStore:
         conninfo: str | None = None,
         *,
         pool: AsyncConnectionPool[Any] | None = None,
-        min_size: int = 1,
-        max_size: int = 10,
+        max_size: int = POOL_SIZE,
+        min_size: int | None = None,
+        application_name: str = APPLICATION_NAME,
+        mark_retention: float = MARK_RETENTION,
+        connect_budget: float = _pg.CONNECT_BUDGET,
+        pool_timeout: float = 30.0,
     ) -> None:
         if (conninfo is None) == (pool is None):
             raise ConfigurationError("PostgresStore needs exactly one of conninfo or pool")
+        if mark_retention <= 0:
+            raise ConfigurationError(f"mark_retention must be positive, got {mark_retention}")
         self._conninfo = conninfo
         self._pool = pool
         self._owns_pool = pool is None
-        self._min_size = min_size
         self._max_size = max_size
+        self._min_size = max_size if min_size is None else min_size
+        self._application_name = application_name
+        self._retention = float(mark_retention)
+        self._max_age = self._retention / 2
+        # A quarter of the margin between retention and max stamp age (see "Pruning").
+        self._statement_timeout = f"{max(1, int((self._retention - self._max_age) * 250))}ms"
+        self._connect_budget = connect_budget
+        self._pool_timeout = pool_timeout
+        self._where = _pg.describe_target(conninfo) if conninfo else "the pool's database"
         self._opened = False
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:
-        """The connection pool (the coordinator may share it)."""
+        """The connection pool (the coordinator and the publisher share it)."""
         if self._pool is None or not self._opened:
             raise NotOpenError("PostgresStore is not open: call await store.open() first")
         return self._pool
 
+    @property
+    def mark_retention(self) -> float:
+        """How long (seconds) marks are kept."""
+        return self._retention
+
     async def open(self) -> None:
-        """Open the pool (if this store owns it) and create or check the schema."""
+        """Connect, create or upgrade the schema, and (if owned) open the pool. Idempotent."""
         if self._opened:
             return
-        try:
-            if self._pool is None:
-                self._pool = AsyncConnectionPool(
-                    self._conninfo or "",
-                    min_size=self._min_size,
-                    max_size=self._max_size,
-                    kwargs={"autocommit": True},
-                    open=False,
-                )
-            if self._owns_pool:
-                await self._pool.open(wait=True)
-            async with self._pool.connection() as conn, conn.transaction():
-                await conn.execute(q.PG_LOCK_SCHEMA, {"id": q.PG_SCHEMA_LOCK_ID})
-                for statement in q.PG_CREATE_SCHEMA:
-                    await conn.execute(statement)
-                await conn.execute(q.PG_SET_SCHEMA_VERSION, {"version": q.SCHEMA_VERSION})
-                row = await (await conn.execute(q.PG_GET_SCHEMA_VERSION)).fetchone()
-        except psycopg.Error as exc:
-            if self._owns_pool and self._pool is not None:
-                await self._pool.close()
-                self._pool = None
-            raise StoreError(f"opening the Postgres store failed: {exc}") from exc
-        version = row[0] if row else None
-        if version != q.SCHEMA_VERSION:
-            if self._owns_pool:
-                await self._pool.close()
-                self._pool = None
-            raise SchemaVersionError(
-                f"database schema version is {version}, this fleetcache knows "
-                f"{q.SCHEMA_VERSION}; upgrade fleetcache"
+        if not self._owns_pool:
+            assert self._pool is not None
+            await _pg.pooled(
+                self._pool,
+                f"creating or upgrading the fleetcache schema in {self._where}",
+                self._migrate_on_injected,
             )
+            self._opened = True
+            return
+        conninfo = self._conninfo or ""
+        # One connection of our own first: its failure is classified (a pool would retry
+        # a refused connection until its timeout and then say only that it timed out).
+        conn = await _pg.connect(
+            conninfo,
+            application_name=self._application_name,
+            budget=self._connect_budget,
+        )
+        try:
+            with _pg.translate(f"creating or upgrading the fleetcache schema in {self._where}"):
+                await migrate_postgres(conn, self._where)
+        finally:
+            await conn.close()
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if "application_name" not in conninfo_to_dict(conninfo):
+            kwargs["application_name"] = self._application_name
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            conninfo,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            kwargs=kwargs,
+            timeout=self._pool_timeout,
+            name=f"fleetcache-store-{self._application_name}",
+            open=False,
+        )
+        try:
+            # wait=True: every connection is made before open() returns (see "The pool").
+            await pool.open(wait=True, timeout=self._connect_budget + _pg.CONNECT_TIMEOUT)
+        except psycopg.Error as exc:
+            await pool.close()
+            raise StoreError(
+                f"opening {self._min_size} pooled connections to {self._where} failed: {exc}"
+            ) from exc
+        self._pool = pool
         self._opened = True
 
+    async def _migrate_on_injected(self, conn: psycopg.AsyncConnection[Any]) -> tuple[int, int]:
+        # Every transaction here is sent as BEGIN ... COMMIT on an autocommit connection;
+        # on a connection that opens transactions by itself they would nest wrongly.
+        if not conn.autocommit:
+            raise ConfigurationError(
+                "PostgresStore needs a pool of autocommit connections: "
+                'AsyncConnectionPool(..., kwargs={"autocommit": True})'
+            )
+        return await migrate_postgres(conn, self._where)
+
     async def close(self) -> None:
-        """Close the pool if this store created it."""
-        if self._owns_pool and self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        """Close the pool if this store created it. Idempotent."""
         self._opened = False
+        if self._owns_pool and self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close(timeout=5.0)
 
-    @asynccontextmanager
-    async def _transaction(
-        self, what: str, session: object | None = None
-    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A connection in a transaction; driver errors leave as :class:`StoreError`
-        naming ``what``. A ``session`` already in a transaction (a coordinator's lock
-        transaction) is used as it is: its statements join that transaction, whose commit
-        releases their locks, and a failure raises, so the holder rolls it all back."""
+    # ------------------------------------------------------------------------- reads
+
+    async def read(self, key: Key, *, by_alias: bool = False) -> Entry | None:
+        """The entry under ``key``, else (with ``by_alias``) the most recently created one
+        aliased ``key.name`` in the key's namespace, scope and user. One statement."""
+        validate_key(key)
+        pool = self.pool
+        query = q.PG_READ_BY_ALIAS if by_alias else q.PG_READ
+        params = _key_params(key)
+        # The hit path: one checkout, one statement, no closure or message built. A lost
+        # connection is retried once like everything else (see "The pool").
+        conn: psycopg.AsyncConnection[Any] | None = None
         try:
-            if isinstance(session, psycopg.AsyncConnection):
-                if session.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
-                    yield session
-                else:
-                    async with session.transaction():
-                        yield session
-            else:
-                async with self.pool.connection() as conn, conn.transaction():
-                    yield conn
+            async with pool.connection() as conn:
+                row = await (await conn.execute(query, params)).fetchone()
         except psycopg.Error as exc:
-            raise StoreError(f"{what} failed: {exc}") from exc
+            what = f"reading {key.coalesce_key}"
+            if conn is None or not _pg.is_connection_lost(exc, conn):
+                raise StoreError(f"{what} failed: {_pg.one_line(exc)}") from exc
+            _pg.log_lost_connection(what, exc)
+            await pool.check()
+            row = await _pg.pooled(
+                pool, what, lambda conn: _fetchone(conn, query, params), retry=False
+            )
+        return None if row is None else _entry(key, row)
 
-    @asynccontextmanager
-    async def _connection(
-        self, what: str, session: object | None = None
-    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A connection for one autocommit statement (``session`` when one is given)."""
-        try:
-            if isinstance(session, psycopg.AsyncConnection):
-                yield session
-            else:
-                async with self.pool.connection() as conn:
-                    yield conn
-        except psycopg.Error as exc:
-            raise StoreError(f"{what} failed: {exc}") from exc
+    async def stamp_and_read(
+        self, key: Key, names: Sequence[str], *, by_alias: bool = False
+    ) -> tuple[GenerationStamp, Entry | None]:
+        """A stamp and ``read(key, by_alias=...)`` in one statement, under one snapshot."""
+        validate_key(key)
+        stamped = stamp_names(names)
+        for name in stamped:
+            check_name(f"a stamped name of key {key.coalesce_key}", name)
+        query = q.PG_STAMP_AND_READ_BY_ALIAS if by_alias else q.PG_STAMP_AND_READ
+        params = _key_params(key)
+        row = await _pg.pooled(
+            self.pool,
+            f"stamping and reading {key.coalesce_key}",
+            lambda c: _fetchone(c, query, params),
+        )
+        assert row is not None  # the LEFT JOIN always answers one row
+        stamp = GenerationStamp(key.namespace, stamped, PostgresPoint(row[0], row[1]))
+        return stamp, (None if row[2] is None else _entry(key, row[2:]))
 
-    async def read(self, key: Key, *, session: object | None = None) -> Entry | None:
-        """The entry named or aliased ``key.name`` under the key's namespace, scope and user."""
-        params = {"ns": key.namespace, "scope": key.scope, "user": key.user, "name": key.name}
-        # The hot path of every hit: no helper context manager, one checkout, one query.
-        try:
-            if isinstance(session, psycopg.AsyncConnection):
-                row = await (await session.execute(q.PG_READ, params)).fetchone()
-            else:
-                async with self.pool.connection() as conn:
-                    row = await (await conn.execute(q.PG_READ, params)).fetchone()
-        except psycopg.Error as exc:
-            raise StoreError(f"reading {key.coalesce_key!r} failed: {exc}") from exc
-        return None if row is None else _entry(row)
+    # ------------------------------------------------------------------------ writes
 
-    async def stamp(
-        self, namespace: str, names: Sequence[str], *, session: object | None = None
-    ) -> GenerationStamp:
-        """Now, as a snapshot of which transactions have committed."""
-        async with self._connection(f"stamping {namespace!r}", session) as conn:
-            row = await (await conn.execute(q.PG_STAMP)).fetchone()
-        assert row is not None  # pg_current_snapshot() always answers
-        return GenerationStamp(namespace, stamp_names(names), str(row[0]))
-
-    async def write(
-        self,
-        entry: Entry,
-        *,
-        stamp: GenerationStamp | None = None,
-        session: object | None = None,
-    ) -> bool:
+    async def write(self, entry: Entry, *, stamp: GenerationStamp | None = None) -> bool:
         """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
-        since (one guarded INSERT after share-locking the marks, so a concurrent
-        invalidation is serialised with it)."""
-        validate_entry(entry)
+        since (one round trip: BEGIN, share-lock, guarded INSERT, COMMIT in a pipeline)."""
+        encoded = encode_entry(entry)
         key = entry.key
-        params = write_params(entry, stamp)
-        async with self._transaction(f"writing {key.coalesce_key!r}", session) as conn:
-            if stamp is not None:
-                classes, ids = _locks(stamp.namespace, params["names"])
-                await conn.execute(q.PG_LOCK_SHARED, {"classes": classes, "ids": ids})
-            row = await (await conn.execute(q.PG_WRITE, params)).fetchone()
-        return row is not None
-
-    async def _invalidate(
-        self,
-        what: str,
-        *,
-        shared: tuple[list[int], list[int]],
-        exclusive: tuple[list[int], list[int]],
-        bump: dict[str, list[str]],
-        delete: str,
-        params: dict[str, Any],
-    ) -> None:
-        """One invalidation transaction: take the locks, mark, delete. Two invalidations
-        whose names differ but reach the same rows (one by name, one by alias) can lock
-        those rows in opposite orders; Postgres then aborts one as a deadlock, which is
-        retried a few times."""
-        for attempt in range(1, _DEADLOCK_ATTEMPTS + 1):
-            try:
-                async with self._transaction(what) as conn:
-                    if shared[0]:
-                        await conn.execute(
-                            q.PG_LOCK_SHARED, {"classes": shared[0], "ids": shared[1]}
-                        )
-                    await conn.execute(
-                        q.PG_LOCK_EXCLUSIVE, {"classes": exclusive[0], "ids": exclusive[1]}
-                    )
-                    await conn.execute(q.PG_BUMP, bump)
-                    await conn.execute(delete, params)
-                return
-            except StoreError as exc:
-                deadlock = isinstance(exc.__cause__, psycopg.errors.DeadlockDetected)
-                if not deadlock or attempt == _DEADLOCK_ATTEMPTS:
-                    raise
-                logger.info("%s hit a deadlock (attempt %d); retrying", what, attempt)
-
-    async def delete_names(self, namespace: str, names: Sequence[str]) -> None:
-        """Mark each name invalidated and delete the entries named or aliased by ``names``."""
-        unique = sorted(set(names))
-        if not unique:
-            return
-        classes, ids = _locks(namespace, unique)
-        await self._invalidate(
-            f"invalidating names in {namespace!r}",
-            shared=(classes[:2], ids[:2]),
-            exclusive=(classes[2:], ids[2:]),
-            bump={"kinds": ["k"] * len(unique), "nss": [namespace] * len(unique), "names": unique},
-            delete=q.PG_DELETE_NAMES,
-            params={"ns": namespace, "names": unique},
+        params = _key_params(key)
+        params.update(
+            value=encoded.value,
+            deps=list(encoded.deps),
+            error=encoded.error,
+            created_at=entry.created_at,
+            alias=entry.alias,
+            diagnostics=encoded.diagnostics,
         )
+        query = q.PG_WRITE
+        if stamp is not None:
+            point = _check_stamp(stamp, key)
+            query = q.PG_GUARDED_WRITE
+            params.update(
+                names=guarded_names(entry, stamp),
+                snapshot=point.snapshot,
+                taken_at=point.taken_at,
+                max_age=self._max_age,
+            )
+        lock = {"ns_lock": namespace_lock(key.namespace)}
 
-    async def delete_namespace(self, namespace: str) -> None:
-        """Mark the namespace invalidated and delete its entries."""
-        classes, ids = _locks(namespace, [])
-        await self._invalidate(
-            f"clearing namespace {namespace!r}",
-            shared=(classes[:1], ids[:1]),
-            exclusive=(classes[1:], ids[1:]),
-            bump={"kinds": ["n"], "nss": [namespace], "names": [""]},
-            delete=q.PG_DELETE_NAMESPACE,
-            params={"ns": namespace},
-        )
+        async def run(conn: psycopg.AsyncConnection[Any]) -> bool:
+            async with _pg.pipelined_transaction(conn):
+                await conn.execute(q.PG_LOCK_FOR_WRITE, lock)
+                cursor = await conn.execute(query, params)
+            return await cursor.fetchone() is not None
 
-    async def delete_all(self) -> None:
-        """Mark the whole store invalidated and delete every entry."""
-        await self._invalidate(
-            "clearing the whole cache",
-            shared=([], []),
-            exclusive=([_LOCK_GLOBAL], [0]),
-            bump={"kinds": ["g"], "nss": [""], "names": [""]},
-            delete=q.PG_DELETE_ALL,
-            params={},
-        )
+        return await _pg.pooled(self.pool, f"writing {key.coalesce_key}", run)
 
-    async def find_dependents(self, namespace: str, names: Sequence[str]) -> list[str]:
-        """Names of entries of ``namespace`` whose deps meet ``names``."""
-        if not names:
+    # ----------------------------------------------------------------- invalidations
+
+    async def invalidate(
+        self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
+    ) -> list[str]:
+        """Invalidate ``names`` and every entry depending on them, in one transaction
+        serialised with every write of the namespace (see the module docstring)."""
+        check_name("the namespace to invalidate", namespace, allow_empty=False)
+        given = list(dict.fromkeys(names))
+        for name in given:
+            check_name(f"a name to invalidate in namespace {namespace!r}", name)
+        if not given:
             return []
-        params = {"ns": namespace, "names": sorted(set(names))}
-        async with self._connection(f"finding dependents in {namespace!r}") as conn:
-            rows = await (await conn.execute(q.PG_FIND_DEPENDENTS, params)).fetchall()
-        return [row[0] for row in rows]
+        ns_params = {"ns": namespace, "ns_lock": namespace_lock(namespace)}
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> list[str]:
+            async with _pg.pipelined_transaction(conn):
+                await conn.execute(q.PG_LOCK_NAMESPACE, ns_params)
+                await conn.execute(q.PG_BOUND_STATEMENTS, {"timeout": self._statement_timeout})
+                closure = Closure(given, expand)
+                frontier = list(closure.names)
+                while frontier:
+                    cursor = await conn.execute(
+                        q.PG_CLOSURE_ROUND, {"ns": namespace, "names": frontier}
+                    )
+                    frontier = closure.add(
+                        field for row in await cursor.fetchall() for field in row
+                    )
+                await self._prune(conn, len(closure.names))
+                await conn.execute(
+                    q.PG_MARK_AND_DELETE_NAMES,
+                    {"kind": "k", "ns": namespace, "names": closure.names},
+                )
+            return closure.names
+
+        return await _pg.pooled(self.pool, f"invalidating names in namespace {namespace!r}", run)
+
+    async def clear_namespace(self, namespace: str) -> None:
+        """Mark the namespace invalidated and delete its entries, in one transaction."""
+        check_name("the namespace to clear", namespace, allow_empty=False)
+        ns_params = {"ns": namespace, "ns_lock": namespace_lock(namespace)}
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with _pg.pipelined_transaction(conn):
+                await conn.execute(q.PG_LOCK_NAMESPACE, ns_params)
+                await conn.execute(q.PG_BOUND_STATEMENTS, {"timeout": self._statement_timeout})
+                await self._prune(conn, 1)
+                await conn.execute(
+                    q.PG_MARK_AND_DELETE_NAMESPACE, {"kind": "n", "ns": namespace, "names": [""]}
+                )
+
+        await _pg.pooled(self.pool, f"clearing namespace {namespace!r}", run)
+
+    async def clear_all(self) -> None:
+        """Mark the whole store invalidated and delete every entry, in one transaction."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with _pg.pipelined_transaction(conn):
+                await conn.execute(q.PG_LOCK_ALL)
+                await conn.execute(q.PG_BOUND_STATEMENTS, {"timeout": self._statement_timeout})
+                await self._prune(conn, 1)
+                await conn.execute(q.PG_MARK_AND_DELETE_ALL, {"kind": "g", "ns": "", "names": [""]})
+
+        await _pg.pooled(self.pool, "clearing the whole cache", run)
+
+    async def _prune(self, conn: psycopg.AsyncConnection[Any], marking: int) -> None:
+        # Before the marks are set, so it never meets a row this transaction marks (one
+        # statement may not modify a row twice; and pruning skips locked rows anyway).
+        await conn.execute(
+            q.PG_PRUNE_MARKS,
+            {"retention": self._retention, "limit": PRUNE_BATCH + 2 * marking},
+        )
+
+
+def _check_stamp(stamp: GenerationStamp, key: Key) -> PostgresPoint:
+    if stamp.namespace != key.namespace:
+        raise InvalidInputError(
+            f"a stamp of namespace {stamp.namespace!r} cannot guard a write of {key.coalesce_key}"
+        )
+    if not isinstance(stamp.point, PostgresPoint):
+        raise InvalidInputError(
+            f"the stamp for {key.coalesce_key} was not made by a Postgres store"
+        )
+    return stamp.point
+
+
+async def _fetchone(
+    conn: psycopg.AsyncConnection[Any], query: str, params: dict[str, Any]
+) -> tuple[Any, ...] | None:
+    return await (await conn.execute(query, params)).fetchone()

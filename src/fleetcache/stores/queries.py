@@ -1,276 +1,595 @@
 """Every SQL statement the stores run, named and commented, in one place.
 
 Values are always bound as parameters (``%(name)s`` for psycopg, ``:name`` for sqlite3);
-nothing here is ever formatted with a value.
+nothing here is ever formatted with a value. (The f-strings below only splice fixed column
+lists and the advisory-lock classes, which are constants of this module.)
 
-The entries table is the seed's ``modules`` table: ``resolved_realm_url`` is the namespace,
-``url`` the name, ``cache_scope`` the scope, ``auth_user_id`` the user, ``definitions`` the
-value, ``error_doc`` the error and ``file_alias`` the alias.
+Schema version 2 (this release)
+===============================
 
-Generation marks live in ``fleetcache_generations``: kind ``g`` (one global row), ``n``
-(one per namespace) and ``k`` (one per name within a namespace), each saying when it was
-last invalidated. On Postgres that is the invalidating transaction's id (``bumped_by``,
-``xid8``) and a populate's stamp is a snapshot (``pg_current_snapshot()``): a write is
-refused if any mark it depends on was set by a transaction that snapshot does not see as
-committed. On sqlite it is a reading of a one-row invalidation clock, and a write is
-refused if any mark it depends on is newer than the stamp's reading.
+``fleetcache_entries`` holds one row per key ``(namespace, name, scope, user_id)``:
+``value`` (JSON), ``deps`` (the names it depends on), ``error`` and ``diagnostics`` (JSON,
+SQL NULL when absent), ``created_at`` (ms since the epoch) and ``alias``. On Postgres the
+primary key is ``key_hash``, the sha256 of the four fields each written as
+``b"<utf-8 byte length>:" + utf-8 bytes`` (so no two splittings of the same characters
+share a hash, and a key of any length fits a btree); sqlite keys the row by the fields.
+Long texts are indexed through ``md5()`` on Postgres (a btree entry must stay under a third
+of a page), and every query that probes such an index also compares the text itself.
+
+``fleetcache_generations`` holds the *marks*: kind ``g`` (the one global mark, namespace
+and name ``''``), ``n`` (a namespace, name ``''``) and ``k`` (a name of a namespace), each
+saying which invalidation last set it and when (``marked_at``, for pruning). On Postgres
+``bumped_by`` is the invalidating transaction's id (``xid8``) and a stamp is the statement
+snapshot of a read (``pg_current_snapshot()``): a write is refused if a mark it depends on
+was set by a transaction that snapshot does not see as committed. On sqlite ``seq`` is a
+reading of the one-row invalidation clock ``fleetcache_clock``, and a write is refused if
+a mark it depends on is newer than the stamp's reading. sqlite has no GIN index, so
+``fleetcache_entry_deps`` lists each entry's deps, indexed by ``(namespace, dep)``.
+
+``fleetcache_schema`` holds the version (one row). Version 1 (the first release) kept the
+entries in a table named ``modules`` with the seed's column names; ``migrations`` upgrades
+it (see ``PG_UPGRADE_1_TO_2`` and ``SQLITE_UPGRADE_1_TO_2``) and leaves ``modules`` alone.
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+#: The schema version this release creates and understands.
+SCHEMA_VERSION = 2
 
-# --------------------------------------------------------------------------- Postgres
+# Advisory-lock classes (the two-int form, a key space apart from the coordinator's
+# one-bigint locks): schema changes, the global lock, a namespace's lock (second int: a
+# 32-bit hash of the namespace; two namespaces sharing one only take turns).
+LOCK_SCHEMA = 0x4643_0000
+LOCK_GLOBAL = 0x4643_0001
+LOCK_NAMESPACE = 0x4643_0002
 
-#: Serialises concurrent schema creation by several processes (an advisory lock id).
-PG_SCHEMA_LOCK_ID = 0x466C_6565_7443_6163  # "fleetCac"
+# =========================================================================== Postgres
 
-PG_CREATE_SCHEMA = [
+# ----------------------------------------------------------------- schema and migrations
+
+#: Serialises schema creation and upgrades between processes opening one database.
+PG_LOCK_SCHEMA = f"SELECT pg_advisory_xact_lock({LOCK_SCHEMA}, 0)"
+
+#: Whether the version table exists (in the schema unqualified names resolve to).
+PG_HAS_SCHEMA_TABLE = "SELECT to_regclass('fleetcache_schema') IS NOT NULL"
+#: The version this database holds.
+PG_GET_SCHEMA_VERSION = "SELECT version FROM fleetcache_schema"
+#: How many of the first release's columns a table ``modules`` has (10: it is ours to copy).
+PG_COUNT_V1_COLUMNS = """
+    SELECT count(*) FROM pg_attribute
+    WHERE attrelid = to_regclass('modules') AND NOT attisdropped
+      AND attname = ANY (ARRAY['url', 'cache_scope', 'auth_user_id', 'resolved_realm_url',
+                               'definitions', 'deps', 'error_doc', 'created_at', 'file_alias',
+                               'diagnostics'])
+"""
+#: Records the version reached.
+PG_SET_SCHEMA_VERSION = "UPDATE fleetcache_schema SET version = %(version)s"
+
+_PG_CREATE_ENTRIES = [
     """
-    CREATE TABLE IF NOT EXISTS fleetcache_schema (
-        singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-        version integer NOT NULL
-    )
-    """,
-    """
-    CREATE TABLE IF NOT EXISTS modules (
-        url text NOT NULL,
-        cache_scope text NOT NULL,
-        auth_user_id text NOT NULL DEFAULT '',
-        resolved_realm_url text NOT NULL,
-        definitions jsonb NOT NULL,
-        deps jsonb NOT NULL DEFAULT '[]'::jsonb,
-        error_doc jsonb,
+    CREATE TABLE fleetcache_entries (
+        key_hash bytea PRIMARY KEY,
+        namespace text NOT NULL,
+        name text NOT NULL,
+        scope text NOT NULL,
+        user_id text NOT NULL,
+        value jsonb NOT NULL,
+        deps text[] NOT NULL,
+        error jsonb,
         created_at bigint,
-        file_alias text,
+        alias text,
         diagnostics jsonb
     )
     """,
-    # The key. md5() keeps long URLs within btree limits. Unlike the seed it includes the
-    # namespace, so the generic cache may reuse a name in two namespaces.
+    # Deletes by (namespace, name), closure rounds by name, namespace deletes (prefix).
+    "CREATE INDEX fleetcache_entries_name ON fleetcache_entries (md5(namespace), md5(name))",
+    # Alias reads within (namespace, scope, user); deletes and closure rounds by alias.
     """
-    CREATE UNIQUE INDEX IF NOT EXISTS modules_key
-        ON modules (md5(resolved_realm_url), md5(url), cache_scope, auth_user_id)
+    CREATE INDEX fleetcache_entries_alias
+        ON fleetcache_entries (md5(namespace), md5(alias), md5(scope), md5(user_id))
     """,
-    "CREATE INDEX IF NOT EXISTS modules_resolved_realm_url ON modules (resolved_realm_url)",
-    "CREATE INDEX IF NOT EXISTS modules_file_alias ON modules (file_alias)",
-    "CREATE INDEX IF NOT EXISTS modules_deps ON modules USING gin (deps)",
-    """
-    CREATE TABLE IF NOT EXISTS fleetcache_generations (
-        kind "char" NOT NULL,
-        namespace text NOT NULL,
-        name text NOT NULL,
-        bumped_by xid8 NOT NULL
-    )
-    """,
+    # Dependents: entries whose deps meet a set of names.
+    "CREATE INDEX fleetcache_entries_deps ON fleetcache_entries USING gin (deps)",
+]
+
+_PG_MARKS_INDEXES = [
     """
     CREATE UNIQUE INDEX IF NOT EXISTS fleetcache_generations_key
         ON fleetcache_generations (kind, md5(namespace), md5(name))
     """,
+    # Pruning finds the old marks without reading the young ones.
+    "CREATE INDEX fleetcache_generations_marked_at ON fleetcache_generations (marked_at)",
 ]
 
-#: Taken around schema creation: concurrent CREATE ... IF NOT EXISTS can still collide.
-PG_LOCK_SCHEMA = "SELECT pg_advisory_xact_lock(%(id)s)"
-#: The schema version this database holds (one row).
-PG_GET_SCHEMA_VERSION = "SELECT version FROM fleetcache_schema"
-#: Records the schema version on a new database (an existing row is kept).
-PG_SET_SCHEMA_VERSION = (
-    "INSERT INTO fleetcache_schema (version) VALUES (%(version)s) ON CONFLICT DO NOTHING"
-)
+#: A new database: the latest schema directly.
+PG_CREATE_LATEST = [
+    """
+    CREATE TABLE fleetcache_schema (
+        singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+        version integer NOT NULL
+    )
+    """,
+    "INSERT INTO fleetcache_schema (version) VALUES (0)",
+    *_PG_CREATE_ENTRIES,
+    """
+    CREATE TABLE fleetcache_generations (
+        kind "char" NOT NULL,
+        namespace text NOT NULL,
+        name text NOT NULL,
+        bumped_by xid8 NOT NULL,
+        marked_at timestamptz NOT NULL
+    )
+    """,
+    *_PG_MARKS_INDEXES,
+]
 
-_PG_COLUMNS = (
-    "url, cache_scope, auth_user_id, resolved_realm_url, definitions, deps, "
-    "error_doc, created_at, file_alias, diagnostics"
-)
 
-#: One entry by name or alias within (namespace, scope, user); an exact name wins.
-PG_READ = f"""
-    SELECT {_PG_COLUMNS} FROM modules
-    WHERE md5(resolved_realm_url) = md5(%(ns)s) AND resolved_realm_url = %(ns)s
-      AND cache_scope = %(scope)s AND auth_user_id = %(user)s
-      AND ((md5(url) = md5(%(name)s) AND url = %(name)s) OR file_alias = %(name)s)
-    ORDER BY url = %(name)s DESC
+def _pg_field(column: str) -> str:
+    # One field of the key hash: b"<byte length>:" + UTF-8 bytes (see key_hash in
+    # postgres.py, which must agree byte for byte).
+    utf8 = f"convert_to({column}, 'UTF8')"
+    return f"convert_to(length({utf8})::text || ':', 'UTF8') || {utf8}"
+
+
+#: Version 1 -> 2: copy the rows of ``modules`` (when it has the first release's columns)
+#: into ``fleetcache_entries`` with their key hash computed in SQL, deps as text[], JSON
+#: null error/diagnostics as SQL NULL; ``modules`` itself is left as it is.
+PG_COPY_V1_ENTRIES = f"""
+    INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id, value, deps,
+                                    error, created_at, alias, diagnostics)
+    SELECT sha256({_pg_field("resolved_realm_url")} || {_pg_field("url")}
+                  || {_pg_field("cache_scope")} || {_pg_field("auth_user_id")}),
+           resolved_realm_url, url, cache_scope, auth_user_id, definitions,
+           CASE WHEN jsonb_typeof(deps) = 'array'
+                THEN ARRAY(SELECT d FROM jsonb_array_elements_text(deps) AS d)
+                ELSE '{{}}'::text[] END,
+           NULLIF(error_doc, 'null'::jsonb), created_at, file_alias,
+           NULLIF(diagnostics, 'null'::jsonb)
+    FROM modules
+    ON CONFLICT (key_hash) DO NOTHING
+"""
+
+#: Version 1 -> 2 (the rest): the entries table, and a time on every mark. A version 1
+#: mark gets the upgrade's time, so it is kept (and refuses what it refused) for the
+#: whole retention from now.
+PG_UPGRADE_1_TO_2 = [
+    *_PG_CREATE_ENTRIES,
+    """
+    ALTER TABLE fleetcache_generations
+        ADD COLUMN marked_at timestamptz NOT NULL DEFAULT statement_timestamp()
+    """,
+    "ALTER TABLE fleetcache_generations ALTER COLUMN marked_at DROP DEFAULT",
+    *_PG_MARKS_INDEXES,
+]
+
+# ------------------------------------------------------------------------------- reads
+
+# The row a read returns; namespace, scope and user are the key's own.
+_PG_ROW = "name, value, deps, error, created_at, alias, diagnostics"
+
+# The entry stored under exactly the key: one primary-key probe (the fields are compared
+# too, so even a hash collision could never hand out another key's row).
+_PG_EXACT = f"""
+    SELECT {_PG_ROW} FROM fleetcache_entries
+    WHERE key_hash = %(key_hash)s AND namespace = %(ns)s AND name = %(name)s
+      AND scope = %(scope)s AND user_id = %(user)s
+"""
+
+# The exact entry, else the most recently created one aliased by the name: Postgres runs
+# the branches of UNION ALL in order and LIMIT 1 stops at the first row, so the alias probe
+# runs only on an exact miss and an exact match wins without sorting.
+_PG_EXACT_OR_ALIAS = f"""
+    ({_PG_EXACT})
+    UNION ALL
+    (SELECT {_PG_ROW} FROM fleetcache_entries
+     WHERE md5(namespace) = md5(%(ns)s) AND md5(alias) = md5(%(name)s)
+       AND md5(scope) = md5(%(scope)s) AND md5(user_id) = md5(%(user)s)
+       AND namespace = %(ns)s AND alias = %(name)s AND scope = %(scope)s
+       AND user_id = %(user)s
+     ORDER BY created_at DESC NULLS LAST
+     LIMIT 1)
     LIMIT 1
 """
 
-#: The marks a write depends on: the global one, its namespace's, and its names'.
-_PG_MARKS = """
-    (kind = 'g' AND md5(namespace) = md5('') AND md5(name) = md5(''))
-    OR (kind = 'n' AND md5(namespace) = md5(%(ns)s) AND md5(name) = md5('')
-        AND namespace = %(ns)s)
-    OR (kind = 'k' AND md5(namespace) = md5(%(ns)s)
-        AND md5(name) = ANY (ARRAY(SELECT md5(n) FROM unnest(%(names)s::text[]) AS n))
-        AND namespace = %(ns)s AND name = ANY (%(names)s::text[]))
+#: ``read(key)``.
+PG_READ = _PG_EXACT
+#: ``read(key, by_alias=True)``.
+PG_READ_BY_ALIAS = _PG_EXACT_OR_ALIAS
+
+# A stamp and a read in one statement: pg_current_snapshot() is the statement's snapshot,
+# the one the read sees, so whatever the read missed was committed after the stamp and its
+# marks refuse a write under it. statement_timestamp() is the server's time for the stamp's
+# age (compared with the same server's clock when the write comes).
+_PG_STAMP = """
+    SELECT pg_current_snapshot()::text, extract(epoch FROM statement_timestamp())::float8, e.*
+    FROM (VALUES (1)) AS one (x) LEFT JOIN LATERAL ({read}) AS e ON true
+"""
+#: ``stamp_and_read(key, names)``.
+PG_STAMP_AND_READ = _PG_STAMP.format(read=_PG_EXACT)
+#: ``stamp_and_read(key, names, by_alias=True)``.
+PG_STAMP_AND_READ_BY_ALIAS = _PG_STAMP.format(read=_PG_EXACT_OR_ALIAS)
+
+# ------------------------------------------------------------------------------ writes
+
+#: Share-locks the global and the namespace lock, in that order (everyone takes them in
+#: that order, so they never deadlock), until the write's transaction ends. Its own
+#: statement: a statement's snapshot is taken when it starts, so the guarded INSERT must
+#: start after the wait for an invalidation has ended, to see that invalidation's marks.
+PG_LOCK_FOR_WRITE = f"""
+    SELECT pg_advisory_xact_lock_shared({LOCK_GLOBAL}, 0),
+           pg_advisory_xact_lock_shared({LOCK_NAMESPACE}, %(ns_lock)s)
 """
 
-#: The stamp a populate takes before it reads: a snapshot of which transactions committed.
-PG_STAMP = "SELECT pg_current_snapshot()::text"
-
-#: Share-locks the marks a write depends on (global, namespace, then names, in the
-#: caller's sorted order) until the transaction ends. Invalidations take the same locks
-#: in the same order, exclusively for what they bump, so a write and an invalidation of
-#: the same thing serialise: whichever commits second sees the first.
-PG_LOCK_SHARED = """
-    SELECT count(pg_advisory_xact_lock_shared(c, i))
-    FROM unnest(%(classes)s::int[], %(ids)s::int[]) AS l(c, i)
+_PG_INSERT = """
+    INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id, value, deps,
+                                    error, created_at, alias, diagnostics)
+    SELECT %(key_hash)s, %(ns)s, %(name)s, %(scope)s, %(user)s, %(value)s::jsonb,
+           %(deps)s::text[], %(error)s::jsonb, %(created_at)s, %(alias)s,
+           %(diagnostics)s::jsonb
 """
-PG_LOCK_EXCLUSIVE = """
-    SELECT count(pg_advisory_xact_lock(c, i))
-    FROM unnest(%(classes)s::int[], %(ids)s::int[]) AS l(c, i)
-"""
-
-#: Upsert an entry; with a stamp, only when no mark it depends on was set by a transaction
-#: the stamp's snapshot did not see committed (run after PG_LOCK_SHARED, so any such
-#: transaction has finished by now).
-PG_WRITE = f"""
-    INSERT INTO modules ({_PG_COLUMNS})
-    SELECT %(name)s, %(scope)s, %(user)s, %(ns)s, %(value)s::jsonb, %(deps)s::jsonb,
-           %(error)s::jsonb, %(created_at)s, %(alias)s, %(diagnostics)s::jsonb
-    WHERE %(unconditional)s
-       OR NOT EXISTS (
-           SELECT 1 FROM fleetcache_generations
-           WHERE ({_PG_MARKS})
-             AND NOT pg_visible_in_snapshot(bumped_by, %(point)s::pg_snapshot))
-    ON CONFLICT (md5(resolved_realm_url), md5(url), cache_scope, auth_user_id) DO UPDATE SET
-        definitions = EXCLUDED.definitions, deps = EXCLUDED.deps,
-        error_doc = EXCLUDED.error_doc, created_at = EXCLUDED.created_at,
-        file_alias = EXCLUDED.file_alias, diagnostics = EXCLUDED.diagnostics
+_PG_UPSERT = """
+    ON CONFLICT (key_hash) DO UPDATE SET
+        value = EXCLUDED.value, deps = EXCLUDED.deps, error = EXCLUDED.error,
+        created_at = EXCLUDED.created_at, alias = EXCLUDED.alias,
+        diagnostics = EXCLUDED.diagnostics
     RETURNING 1
 """
 
-#: Mark each (kind, namespace, name) given as invalidated by this transaction.
-PG_BUMP = """
-    INSERT INTO fleetcache_generations (kind, namespace, name, bumped_by)
-    SELECT k, n, m, pg_current_xact_id()
-    FROM unnest(%(kinds)s::"char"[], %(nss)s::text[], %(names)s::text[]) AS b(k, n, m)
+#: Upsert without a stamp.
+PG_WRITE = _PG_INSERT + _PG_UPSERT
+
+#: Upsert under a stamp: only if the stamp is younger than the maximum age (by the server's
+#: clock) and no mark the write depends on (the global one, the namespace's, its names')
+#: was set by a transaction the stamp's snapshot did not see committed. Runs after
+#: PG_LOCK_FOR_WRITE, so every invalidation of the namespace either committed before this
+#: statement's snapshot (its marks are seen) or waits for this transaction to end.
+PG_GUARDED_WRITE = f"""
+    {_PG_INSERT}
+    WHERE %(taken_at)s::float8 > extract(epoch FROM statement_timestamp()) - %(max_age)s::float8
+      AND NOT EXISTS (
+        SELECT 1 FROM fleetcache_generations
+        WHERE ((kind = 'g' AND md5(namespace) = md5('') AND md5(name) = md5(''))
+               OR (kind = 'n' AND md5(namespace) = md5(%(ns)s) AND md5(name) = md5('')
+                   AND namespace = %(ns)s)
+               OR (kind = 'k' AND md5(namespace) = md5(%(ns)s)
+                   AND md5(name) = ANY (ARRAY(SELECT md5(n)
+                                              FROM unnest(%(names)s::text[]) AS n))
+                   AND namespace = %(ns)s AND name = ANY (%(names)s::text[])))
+          AND NOT pg_visible_in_snapshot(bumped_by, %(snapshot)s::pg_snapshot))
+    {_PG_UPSERT}
+"""
+
+# ----------------------------------------------------------------------- invalidations
+
+#: An invalidation of names, or a namespace clear: the global lock shared (so a clear_all
+#: waits for it), the namespace lock exclusive (so every write of the namespace waits for
+#: it, and it waits for every write under way).
+PG_LOCK_NAMESPACE = f"""
+    SELECT pg_advisory_xact_lock_shared({LOCK_GLOBAL}, 0),
+           pg_advisory_xact_lock({LOCK_NAMESPACE}, %(ns_lock)s)
+"""
+#: ``clear_all``: the global lock exclusive (every write and invalidation waits for it).
+PG_LOCK_ALL = f"SELECT pg_advisory_xact_lock({LOCK_GLOBAL}, 0)"
+
+#: Bounds every later statement of the invalidation's transaction (taken after the locks,
+#: so waiting for them is not bounded): see "Pruning" in postgres.py for why it must be.
+PG_BOUND_STATEMENTS = "SELECT set_config('statement_timeout', %(timeout)s, true)"
+
+_PG_NAME_IN = """
+    md5(name) = ANY (ARRAY(SELECT md5(n) FROM unnest(%(names)s::text[]) AS n))
+    AND name = ANY (%(names)s::text[])
+"""
+_PG_ALIAS_IN = """
+    md5(alias) = ANY (ARRAY(SELECT md5(n) FROM unnest(%(names)s::text[]) AS n))
+    AND alias = ANY (%(names)s::text[])
+"""
+_PG_IN_NAMESPACE = "md5(namespace) = md5(%(ns)s) AND namespace = %(ns)s"
+
+#: One round of the closure: name and alias of every entry of the namespace (any scope or
+#: user) named or aliased by one of the names, or whose deps meet them.
+PG_CLOSURE_ROUND = f"""
+    SELECT DISTINCT name, alias FROM fleetcache_entries
+    WHERE {_PG_IN_NAMESPACE}
+      AND (({_PG_NAME_IN}) OR ({_PG_ALIAS_IN}) OR deps && %(names)s::text[])
+"""
+
+#: Deletes up to ``limit`` marks older than the retention, skipping any a concurrent
+#: transaction holds (so pruning never waits for anyone and so never joins a deadlock).
+PG_PRUNE_MARKS = """
+    DELETE FROM fleetcache_generations
+    WHERE ctid = ANY (ARRAY(
+        SELECT ctid FROM fleetcache_generations
+        WHERE marked_at < statement_timestamp() - make_interval(secs => %(retention)s)
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED))
+"""
+
+# Marks (kind, namespace, name) for each name as set by this transaction, now.
+_PG_MARK = """
+    INSERT INTO fleetcache_generations (kind, namespace, name, bumped_by, marked_at)
+    SELECT %(kind)s, %(ns)s, n, pg_current_xact_id(), clock_timestamp()
+    FROM unnest(%(names)s::text[]) AS n
     ON CONFLICT (kind, md5(namespace), md5(name))
-    DO UPDATE SET bumped_by = EXCLUDED.bumped_by
+    DO UPDATE SET bumped_by = EXCLUDED.bumped_by, marked_at = EXCLUDED.marked_at
 """
 
-#: The entries of a namespace named or aliased by any of the names (all scopes and users).
-PG_DELETE_NAMES = """
-    DELETE FROM modules
-    WHERE resolved_realm_url = %(ns)s
-      AND (url = ANY (%(names)s::text[]) OR file_alias = ANY (%(names)s::text[]))
+#: Marks every name of the closure and deletes every entry of the namespace named or
+#: aliased by one (all scopes and users). (Two tables, so one statement may do both.)
+PG_MARK_AND_DELETE_NAMES = f"""
+    WITH marked AS ({_PG_MARK})
+    DELETE FROM fleetcache_entries
+    WHERE {_PG_IN_NAMESPACE} AND (({_PG_NAME_IN}) OR ({_PG_ALIAS_IN}))
 """
-#: Every entry of a namespace.
-PG_DELETE_NAMESPACE = "DELETE FROM modules WHERE resolved_realm_url = %(ns)s"
-#: Every entry.
-PG_DELETE_ALL = "DELETE FROM modules"
-
-#: Names of the entries in a namespace whose deps array holds any of the names.
-PG_FIND_DEPENDENTS = """
-    SELECT DISTINCT url FROM modules
-    WHERE resolved_realm_url = %(ns)s AND deps ?| %(names)s::text[]
-    ORDER BY url
+#: Marks the namespace (kind 'n', names ['']) and deletes its entries.
+PG_MARK_AND_DELETE_NAMESPACE = f"""
+    WITH marked AS ({_PG_MARK})
+    DELETE FROM fleetcache_entries WHERE {_PG_IN_NAMESPACE}
+"""
+#: Marks the store (kind 'g', namespace '', names ['']) and deletes every entry.
+PG_MARK_AND_DELETE_ALL = f"""
+    WITH marked AS ({_PG_MARK})
+    DELETE FROM fleetcache_entries
 """
 
-# ----------------------------------------------------------------------------- sqlite
+# ============================================================================= sqlite
 
-SQLITE_CREATE_SCHEMA = [
+# ----------------------------------------------------------------- schema and migrations
+
+#: Whether the version table exists.
+SQLITE_HAS_SCHEMA_TABLE = (
+    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'fleetcache_schema'"
+)
+#: The version this file holds.
+SQLITE_GET_SCHEMA_VERSION = "SELECT version FROM fleetcache_schema"
+#: Whether a table ``modules`` with the first release's columns exists (1) or not (0).
+SQLITE_HAS_V1_ENTRIES = """
+    SELECT count(*) = 10 FROM pragma_table_info('modules')
+    WHERE name IN ('url', 'cache_scope', 'auth_user_id', 'resolved_realm_url', 'definitions',
+                   'deps', 'error_doc', 'created_at', 'file_alias', 'diagnostics')
+"""
+#: Records the version reached.
+SQLITE_SET_SCHEMA_VERSION = "UPDATE fleetcache_schema SET version = :version"
+
+_SQLITE_CREATE_ENTRIES = [
     """
-    CREATE TABLE IF NOT EXISTS fleetcache_schema (
+    CREATE TABLE fleetcache_entries (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        value TEXT NOT NULL,
+        deps TEXT NOT NULL,
+        error TEXT,
+        created_at INTEGER,
+        alias TEXT,
+        diagnostics TEXT,
+        PRIMARY KEY (namespace, name, scope, user_id)
+    )
+    """,
+    # Alias reads within (namespace, scope, user); deletes and closure rounds by alias.
+    """
+    CREATE INDEX fleetcache_entries_alias
+        ON fleetcache_entries (namespace, alias, scope, user_id)
+    """,
+    # Each entry's deps, one row each (sqlite has no GIN): dependents by (namespace, dep).
+    """
+    CREATE TABLE fleetcache_entry_deps (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        dep TEXT NOT NULL,
+        PRIMARY KEY (namespace, name, scope, user_id, dep)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX fleetcache_entry_deps_dep ON fleetcache_entry_deps (namespace, dep)",
+]
+
+#: A new file: the latest schema directly.
+SQLITE_CREATE_LATEST = [
+    """
+    CREATE TABLE fleetcache_schema (
         singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
         version INTEGER NOT NULL
     )
     """,
+    "INSERT INTO fleetcache_schema (singleton, version) VALUES (1, 0)",
+    *_SQLITE_CREATE_ENTRIES,
     """
-    CREATE TABLE IF NOT EXISTS modules (
-        url TEXT NOT NULL,
-        cache_scope TEXT NOT NULL,
-        auth_user_id TEXT NOT NULL DEFAULT '',
-        resolved_realm_url TEXT NOT NULL,
-        definitions TEXT NOT NULL,
-        deps TEXT NOT NULL DEFAULT '[]',
-        error_doc TEXT,
-        created_at INTEGER,
-        file_alias TEXT,
-        diagnostics TEXT,
-        PRIMARY KEY (resolved_realm_url, url, cache_scope, auth_user_id)
-    )
-    """,
-    "CREATE INDEX IF NOT EXISTS modules_file_alias ON modules (resolved_realm_url, file_alias)",
-    """
-    CREATE TABLE IF NOT EXISTS fleetcache_generations (
+    CREATE TABLE fleetcache_generations (
         kind TEXT NOT NULL,
         namespace TEXT NOT NULL,
         name TEXT NOT NULL,
         seq INTEGER NOT NULL,
+        marked_at REAL NOT NULL,
         PRIMARY KEY (kind, namespace, name)
     )
     """,
+    "CREATE INDEX fleetcache_generations_marked_at ON fleetcache_generations (marked_at)",
     # The invalidation clock: one row, advanced by every invalidation.
     """
-    CREATE TABLE IF NOT EXISTS fleetcache_clock (
+    CREATE TABLE fleetcache_clock (
         singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
         seq INTEGER NOT NULL
     )
     """,
-    "INSERT INTO fleetcache_clock (singleton, seq) VALUES (1, 0) ON CONFLICT DO NOTHING",
+    "INSERT INTO fleetcache_clock (singleton, seq) VALUES (1, 0)",
 ]
 
-#: The schema version this file holds (one row).
-SQLITE_GET_SCHEMA_VERSION = "SELECT version FROM fleetcache_schema"
-#: Records the schema version on a new file (an existing row is kept).
-SQLITE_SET_SCHEMA_VERSION = (
-    "INSERT INTO fleetcache_schema (singleton, version) VALUES (1, :version) ON CONFLICT DO NOTHING"
-)
+#: Version 1 -> 2: copy the rows of ``modules`` into ``fleetcache_entries`` (deps kept as
+#: a JSON array of their strings, JSON null error/diagnostics as SQL NULL).
+SQLITE_COPY_V1_ENTRIES = [
+    """
+    INSERT OR IGNORE INTO fleetcache_entries (namespace, name, scope, user_id, value, deps,
+                                              error, created_at, alias, diagnostics)
+    SELECT resolved_realm_url, url, cache_scope, auth_user_id, definitions,
+           CASE WHEN json_valid(deps) AND json_type(deps) = 'array'
+                THEN (SELECT json_group_array(d.value) FROM json_each(modules.deps) AS d
+                      WHERE d.type = 'text')
+                ELSE '[]' END,
+           NULLIF(error_doc, 'null'), created_at, file_alias, NULLIF(diagnostics, 'null')
+    FROM modules
+    """,
+    """
+    INSERT OR IGNORE INTO fleetcache_entry_deps (namespace, name, scope, user_id, dep)
+    SELECT e.namespace, e.name, e.scope, e.user_id, d.value
+    FROM fleetcache_entries AS e, json_each(e.deps) AS d
+    """,
+]
 
-#: One entry by name or alias within (namespace, scope, user); an exact name wins.
-SQLITE_READ = f"""
-    SELECT {_PG_COLUMNS} FROM modules
-    WHERE resolved_realm_url = :ns AND cache_scope = :scope AND auth_user_id = :user
-      AND (url = :name OR file_alias = :name)
-    ORDER BY url = :name DESC
+#: Version 1 -> 2 (the rest): the entries tables, and a time on every mark (the upgrade's,
+#: bound as ``:now``, so a version 1 mark is kept for the whole retention from now).
+SQLITE_UPGRADE_1_TO_2 = [
+    *_SQLITE_CREATE_ENTRIES,
+    "ALTER TABLE fleetcache_generations ADD COLUMN marked_at REAL NOT NULL DEFAULT 0",
+    "UPDATE fleetcache_generations SET marked_at = :now",
+    "CREATE INDEX fleetcache_generations_marked_at ON fleetcache_generations (marked_at)",
+]
+
+# ------------------------------------------------------------------------------- reads
+
+_SQLITE_ROW = "name, value, deps, error, created_at, alias, diagnostics"
+
+_SQLITE_EXACT = f"""
+    SELECT {_SQLITE_ROW} FROM fleetcache_entries
+    WHERE namespace = :ns AND name = :name AND scope = :scope AND user_id = :user
+"""
+# As on Postgres: the exact probe first; the alias probe only runs when it found nothing.
+_SQLITE_EXACT_OR_ALIAS = f"""
+    SELECT * FROM ({_SQLITE_EXACT})
+    UNION ALL
+    SELECT * FROM (
+        SELECT {_SQLITE_ROW} FROM fleetcache_entries
+        WHERE namespace = :ns AND alias = :name AND scope = :scope AND user_id = :user
+        ORDER BY created_at IS NULL, created_at DESC
+        LIMIT 1)
     LIMIT 1
 """
 
-#: The stamp a populate takes before it reads: the invalidation clock's reading.
-SQLITE_STAMP = "SELECT seq FROM fleetcache_clock"
+#: ``read(key)``.
+SQLITE_READ = _SQLITE_EXACT
+#: ``read(key, by_alias=True)``.
+SQLITE_READ_BY_ALIAS = _SQLITE_EXACT_OR_ALIAS
 
-#: Upsert an entry; with a stamp, only when no mark it depends on is newer than it. Run
-#: inside BEGIN IMMEDIATE, which serialises it with every invalidation of the file.
-SQLITE_WRITE = f"""
-    INSERT INTO modules ({_PG_COLUMNS})
-    SELECT :name, :scope, :user, :ns, :value, :deps, :error, :created_at, :alias, :diagnostics
-    WHERE :unconditional OR NOT EXISTS (
+# The clock's reading and the read in one statement, so one read transaction (one
+# snapshot of the file) answers both.
+_SQLITE_STAMP = """
+    SELECT c.seq, e.* FROM fleetcache_clock AS c LEFT JOIN ({read}) AS e ON 1
+"""
+#: ``stamp_and_read(key, names)``.
+SQLITE_STAMP_AND_READ = _SQLITE_STAMP.format(read=_SQLITE_EXACT)
+#: ``stamp_and_read(key, names, by_alias=True)``.
+SQLITE_STAMP_AND_READ_BY_ALIAS = _SQLITE_STAMP.format(read=_SQLITE_EXACT_OR_ALIAS)
+
+# ------------------------------------------------------------------------------ writes
+
+_SQLITE_INSERT = """
+    INSERT INTO fleetcache_entries (namespace, name, scope, user_id, value, deps, error,
+                                    created_at, alias, diagnostics)
+    SELECT :ns, :name, :scope, :user, :value, :deps, :error, :created_at, :alias,
+           :diagnostics
+"""
+_SQLITE_UPSERT = """
+    ON CONFLICT (namespace, name, scope, user_id) DO UPDATE SET
+        value = excluded.value, deps = excluded.deps, error = excluded.error,
+        created_at = excluded.created_at, alias = excluded.alias,
+        diagnostics = excluded.diagnostics
+"""
+
+#: Upsert without a stamp. (``WHERE true`` resolves sqlite's INSERT ... SELECT ... ON
+#: CONFLICT parsing ambiguity.)
+SQLITE_WRITE = _SQLITE_INSERT + " WHERE true " + _SQLITE_UPSERT
+
+#: Upsert under a stamp: only when no mark the write depends on is newer than the stamp's
+#: clock reading. Run inside BEGIN IMMEDIATE, which serialises it with every invalidation.
+SQLITE_GUARDED_WRITE = f"""
+    {_SQLITE_INSERT}
+    WHERE NOT EXISTS (
         SELECT 1 FROM fleetcache_generations
         WHERE ((kind = 'g' AND namespace = '' AND name = '')
                OR (kind = 'n' AND namespace = :ns AND name = '')
                OR (kind = 'k' AND namespace = :ns
                    AND name IN (SELECT value FROM json_each(:names))))
           AND seq > :point)
-    ON CONFLICT (resolved_realm_url, url, cache_scope, auth_user_id) DO UPDATE SET
-        definitions = excluded.definitions, deps = excluded.deps,
-        error_doc = excluded.error_doc, created_at = excluded.created_at,
-        file_alias = excluded.file_alias, diagnostics = excluded.diagnostics
+    {_SQLITE_UPSERT}
+"""
+
+#: The deps rows of one key go before its new deps are listed (after an upsert).
+SQLITE_FORGET_DEPS = """
+    DELETE FROM fleetcache_entry_deps
+    WHERE namespace = :ns AND name = :name AND scope = :scope AND user_id = :user
+"""
+#: Lists one key's deps.
+SQLITE_LIST_DEPS = """
+    INSERT OR IGNORE INTO fleetcache_entry_deps (namespace, name, scope, user_id, dep)
+    SELECT :ns, :name, :scope, :user, value FROM json_each(:deps)
+"""
+
+# ----------------------------------------------------------------------- invalidations
+
+#: One round of the closure: names and aliases of the entries of the namespace named or
+#: aliased by one of the names, and names of the entries whose deps meet them (their
+#: aliases come in the next round, as entries named by a name of the closure).
+SQLITE_CLOSURE_ROUND = """
+    SELECT name, alias FROM fleetcache_entries
+    WHERE namespace = :ns AND name IN (SELECT value FROM json_each(:names))
+    UNION
+    SELECT name, alias FROM fleetcache_entries
+    WHERE namespace = :ns AND alias IN (SELECT value FROM json_each(:names))
+    UNION
+    SELECT name, NULL FROM fleetcache_entry_deps
+    WHERE namespace = :ns AND dep IN (SELECT value FROM json_each(:names))
 """
 
 #: Advances the invalidation clock (once per invalidating transaction, before its marks).
 SQLITE_TICK = "UPDATE fleetcache_clock SET seq = seq + 1"
 
-#: Marks one (kind, namespace, name) as invalidated at the clock's current reading.
-SQLITE_BUMP = """
-    INSERT INTO fleetcache_generations (kind, namespace, name, seq)
-    VALUES (:kind, :ns, :name, (SELECT seq FROM fleetcache_clock))
-    ON CONFLICT (kind, namespace, name) DO UPDATE SET seq = excluded.seq
+#: Deletes up to ``limit`` marks older than ``cutoff`` (seconds since the epoch).
+SQLITE_PRUNE_MARKS = """
+    DELETE FROM fleetcache_generations
+    WHERE rowid IN (SELECT rowid FROM fleetcache_generations
+                    WHERE marked_at < :cutoff LIMIT :limit)
 """
 
-#: The entries of a namespace named or aliased by any of the names (all scopes and users).
-SQLITE_DELETE_NAMES = """
-    DELETE FROM modules
-    WHERE resolved_realm_url = :ns
-      AND (url IN (SELECT value FROM json_each(:names))
-           OR file_alias IN (SELECT value FROM json_each(:names)))
+#: Marks (kind, namespace, name) for each name of the JSON array ``names`` at the clock's
+#: current reading and ``now``.
+SQLITE_MARK = """
+    INSERT INTO fleetcache_generations (kind, namespace, name, seq, marked_at)
+    SELECT :kind, :ns, value, (SELECT seq FROM fleetcache_clock), :now
+    FROM json_each(:names) WHERE true
+    ON CONFLICT (kind, namespace, name) DO UPDATE SET
+        seq = excluded.seq, marked_at = excluded.marked_at
 """
-#: Every entry of a namespace.
-SQLITE_DELETE_NAMESPACE = "DELETE FROM modules WHERE resolved_realm_url = :ns"
+
+#: The deps rows, then the entries, of the namespace named or aliased by the names. (The
+#: deps rows of an aliased entry are found through its name, an index probe, then matched
+#: on scope and user; a row-value IN over the four fields would scan the deps table.)
+SQLITE_DELETE_NAMES = [
+    """
+    DELETE FROM fleetcache_entry_deps
+    WHERE namespace = :ns
+      AND (name IN (SELECT value FROM json_each(:names))
+           OR (name IN (SELECT name FROM fleetcache_entries
+                        WHERE namespace = :ns
+                          AND alias IN (SELECT value FROM json_each(:names)))
+               AND EXISTS (SELECT 1 FROM fleetcache_entries AS e
+                           WHERE e.namespace = fleetcache_entry_deps.namespace
+                             AND e.name = fleetcache_entry_deps.name
+                             AND e.scope = fleetcache_entry_deps.scope
+                             AND e.user_id = fleetcache_entry_deps.user_id
+                             AND e.alias IN (SELECT value FROM json_each(:names)))))
+    """,
+    """
+    DELETE FROM fleetcache_entries
+    WHERE namespace = :ns
+      AND (name IN (SELECT value FROM json_each(:names))
+           OR alias IN (SELECT value FROM json_each(:names)))
+    """,
+]
+#: Every entry of a namespace, with its deps rows.
+SQLITE_DELETE_NAMESPACE = [
+    "DELETE FROM fleetcache_entry_deps WHERE namespace = :ns",
+    "DELETE FROM fleetcache_entries WHERE namespace = :ns",
+]
 #: Every entry.
-SQLITE_DELETE_ALL = "DELETE FROM modules"
-
-#: Names of the entries in a namespace whose deps array holds any of the names.
-SQLITE_FIND_DEPENDENTS = """
-    SELECT DISTINCT m.url FROM modules AS m, json_each(m.deps) AS d
-    WHERE m.resolved_realm_url = :ns AND d.value IN (SELECT value FROM json_each(:names))
-    ORDER BY m.url
-"""
+SQLITE_DELETE_ALL = ["DELETE FROM fleetcache_entry_deps", "DELETE FROM fleetcache_entries"]

@@ -1,216 +1,354 @@
-"""The sqlite store: the embedded default; one file, WAL mode, shareable by processes."""
+"""The sqlite store: the embedded default; one file, WAL mode, shareable by processes.
+
+Every write and invalidation of the file runs under ``BEGIN IMMEDIATE``, which takes the
+file's one write lock: they are serialised across every process sharing the file. An
+invalidation computes its closure, advances the invalidation clock, marks, deletes and
+prunes inside that one transaction, so a write of a dependent D (whose stamp is a reading
+of the clock taken before D's computation read its dependency) either committed before the
+invalidation began (the closure finds D and deletes it) or runs after it committed (its
+guarded INSERT sees marks newer than its stamp, and is refused). Reads take no lock: in WAL
+mode they see the last committed state without waiting for a writer.
+
+Any exception on the worker thread — a driver error or anything else, a bad ``expand``
+included — rolls back the transaction it interrupted, so one failure never leaves the
+file locked for the other processes.
+
+Marks older than ``mark_retention`` are pruned by every invalidation; a write whose stamp
+is older than half of it is refused. A mark M refuses a write under stamp S only if M
+committed after S read the clock, so M was set (at its transaction's end, with the write
+lock held) no earlier than the moment S was taken, give or take one short transaction; the
+write is accepted only while S is younger than half the retention, so M is still there.
+The times are the machine's wall clock (``time.time()``), shared by the processes of one
+machine that share a file.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleetcache.errors import NotOpenError, SchemaVersionError, StoreError
+from fleetcache.errors import (
+    ConfigurationError,
+    InvalidInputError,
+    NotOpenError,
+    StoreError,
+)
 from fleetcache.stores import queries as q
 from fleetcache.stores.base import (
+    MARK_RETENTION,
     Entry,
+    Expand,
     GenerationStamp,
     Key,
+    guarded_names,
     stamp_names,
-    validate_entry,
-    write_params,
 )
+from fleetcache.stores.closure import Closure
+from fleetcache.stores.migrations import migrate_sqlite
+from fleetcache.stores.validation import check_name, encode_entry, validate_key
 
 T = TypeVar("T")
+
+#: The most old marks one invalidation prunes, besides twice the marks it sets.
+PRUNE_BATCH = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class SqlitePoint:
+    """What a sqlite stamp holds: the invalidation clock's reading and the time then."""
+
+    seq: int
+    taken_at: float
 
 
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+def _entry(key: Key, row: Sequence[Any]) -> Entry:
+    name, value, deps, error, created_at, alias, diagnostics = row
+    return Entry(
+        key=key if name == key.name else key.with_name(name),
+        value=json.loads(value),
+        deps=tuple(json.loads(deps)),
+        error=_loads(error),
+        created_at=created_at,
+        alias=alias,
+        diagnostics=_loads(diagnostics),
+    )
+
+
+def _key_params(key: Key) -> dict[str, Any]:
+    return {"ns": key.namespace, "name": key.name, "scope": key.scope, "user": key.user}
+
+
 class SqliteStore:
     """A :class:`~fleetcache.stores.base.Store` in a sqlite file.
 
     All sqlite calls run on one worker thread owned by the store, so the event loop never
-    blocks on disk. Writes and invalidations use ``BEGIN IMMEDIATE``, which serialises them
-    across every process sharing the file; that is what makes a stamped write exact.
+    blocks on disk. ``busy_timeout`` (seconds) is how long a write waits for another
+    process's transaction; ``mark_retention`` (seconds) must be the same in every process
+    sharing the file.
     """
 
-    def __init__(self, path: str | Path, *, busy_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        busy_timeout: float = 30.0,
+        mark_retention: float = MARK_RETENTION,
+    ) -> None:
+        if mark_retention <= 0:
+            raise ConfigurationError(f"mark_retention must be positive, got {mark_retention}")
         self._path = str(path)
         self._busy_timeout = busy_timeout
+        self._retention = float(mark_retention)
+        self._max_age = self._retention / 2
         # Touched only on the worker thread (opened there, used there, closed there).
         self._conn: sqlite3.Connection | None = None
+        # Set and cleared by open() and close() on the event loop.
         self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def mark_retention(self) -> float:
+        """How long (seconds) marks are kept."""
+        return self._retention
 
     async def _run(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
         executor = self._executor
         if executor is None:
             raise NotOpenError("SqliteStore is not open: call await store.open() first")
+        return await asyncio.get_running_loop().run_in_executor(executor, self._call, what, fn)
 
-        def call() -> T:
-            assert self._conn is not None
-            try:
-                return fn(self._conn)
-            except sqlite3.Error as exc:
-                if self._conn.in_transaction:
-                    self._conn.rollback()
-                raise StoreError(f"{what} failed: {exc}") from exc
-
-        return await asyncio.get_running_loop().run_in_executor(executor, call)
+    def _call(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        # On the worker thread. Whatever fn raises, no transaction survives it.
+        conn = self._conn
+        assert conn is not None
+        try:
+            return fn(conn)
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            raise StoreError(f"{what} in sqlite file {self._path!r} failed: {exc}") from exc
+        except BaseException:
+            _rollback(conn)
+            raise
 
     async def open(self) -> None:
-        """Open the file (creating it and the schema if needed) in WAL mode."""
+        """Open the file (creating it if needed) in WAL mode and create or upgrade the
+        schema. Idempotent."""
         if self._executor is not None:
             return
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleetcache-sqlite")
         self._executor = executor
+        where = f"sqlite file {self._path!r}"
 
-        def connect() -> int | None:
+        def connect() -> None:
             try:
-                conn = sqlite3.connect(self._path, timeout=self._busy_timeout, isolation_level=None)
-                self._conn = conn
+                conn = sqlite3.connect(
+                    self._path,
+                    timeout=self._busy_timeout,
+                    isolation_level=None,
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"opening {where} failed: {exc}") from exc
+            self._conn = conn
+            try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in q.SQLITE_CREATE_SCHEMA:
-                    conn.execute(statement)
-                conn.execute(q.SQLITE_SET_SCHEMA_VERSION, {"version": q.SCHEMA_VERSION})
-                row = conn.execute(q.SQLITE_GET_SCHEMA_VERSION).fetchone()
-                conn.execute("COMMIT")
+                migrate_sqlite(conn, where)
             except sqlite3.Error as exc:
-                raise StoreError(f"opening sqlite store {self._path!r} failed: {exc}") from exc
-            return None if row is None else int(row[0])
+                raise StoreError(f"opening {where} failed: {exc}") from exc
 
         try:
-            version = await asyncio.get_running_loop().run_in_executor(executor, connect)
-        except StoreError:
+            await asyncio.get_running_loop().run_in_executor(executor, connect)
+        except BaseException:
             await self.close()
             raise
-        if version != q.SCHEMA_VERSION:
-            await self.close()
-            raise SchemaVersionError(
-                f"{self._path}: schema version is {version}, this fleetcache knows "
-                f"{q.SCHEMA_VERSION}; upgrade fleetcache"
-            )
 
     async def close(self) -> None:
-        """Close the file and stop the worker thread."""
+        """Close the file and stop the worker thread. Idempotent."""
         executor, self._executor = self._executor, None
         if executor is None:
             return
 
         def disconnect() -> None:
             if self._conn is not None:
+                _rollback(self._conn)
                 self._conn.close()
                 self._conn = None
 
-        await asyncio.get_running_loop().run_in_executor(executor, disconnect)
-        executor.shutdown(wait=True)
+        try:
+            await asyncio.get_running_loop().run_in_executor(executor, disconnect)
+        finally:
+            executor.shutdown(wait=True)
 
-    async def read(self, key: Key, *, session: object | None = None) -> Entry | None:
-        """The entry named or aliased ``key.name`` under the key's namespace, scope and user."""
-        params = {"ns": key.namespace, "scope": key.scope, "user": key.user, "name": key.name}
+    # ------------------------------------------------------------------------- reads
+
+    async def read(self, key: Key, *, by_alias: bool = False) -> Entry | None:
+        """The entry under ``key``, else (with ``by_alias``) the most recently created one
+        aliased ``key.name`` in the key's namespace, scope and user. One statement, no
+        lock."""
+        validate_key(key)
+        query = q.SQLITE_READ_BY_ALIAS if by_alias else q.SQLITE_READ
+        params = _key_params(key)
 
         def read(conn: sqlite3.Connection) -> Entry | None:
-            row = conn.execute(q.SQLITE_READ, params).fetchone()
-            if row is None:
-                return None
-            url, scope, user, ns, value, deps, error, created_at, alias, diagnostics = row
-            return Entry(
-                key=Key(ns, url, scope, user),
-                value=json.loads(value),
-                deps=tuple(json.loads(deps)),
-                error=_loads(error),
-                created_at=created_at,
-                alias=alias,
-                diagnostics=_loads(diagnostics),
-            )
+            row = conn.execute(query, params).fetchone()
+            return None if row is None else _entry(key, row)
 
-        return await self._run(f"reading {key.coalesce_key!r}", read)
+        return await self._run(f"reading {key.coalesce_key}", read)
 
-    async def stamp(
-        self, namespace: str, names: Sequence[str], *, session: object | None = None
-    ) -> GenerationStamp:
-        """Now, as a reading of the file's invalidation clock."""
+    async def stamp_and_read(
+        self, key: Key, names: Sequence[str], *, by_alias: bool = False
+    ) -> tuple[GenerationStamp, Entry | None]:
+        """The clock's reading and ``read(key, by_alias=...)`` in one statement."""
+        validate_key(key)
+        stamped = stamp_names(names)
+        for name in stamped:
+            check_name(f"a stamped name of key {key.coalesce_key}", name)
+        query = q.SQLITE_STAMP_AND_READ_BY_ALIAS if by_alias else q.SQLITE_STAMP_AND_READ
+        params = _key_params(key)
 
-        def stamp(conn: sqlite3.Connection) -> int:
-            return int(conn.execute(q.SQLITE_STAMP).fetchone()[0])
+        def stamp_and_read(conn: sqlite3.Connection) -> tuple[GenerationStamp, Entry | None]:
+            # The time first: the stamp is then no younger than the clock reading it holds.
+            taken_at = time.time()
+            row = conn.execute(query, params).fetchone()
+            stamp = GenerationStamp(key.namespace, stamped, SqlitePoint(int(row[0]), taken_at))
+            return stamp, (None if row[1] is None else _entry(key, row[1:]))
 
-        point = await self._run(f"stamping {namespace!r}", stamp)
-        return GenerationStamp(namespace, stamp_names(names), point)
+        return await self._run(f"stamping and reading {key.coalesce_key}", stamp_and_read)
 
-    async def write(
-        self,
-        entry: Entry,
-        *,
-        stamp: GenerationStamp | None = None,
-        session: object | None = None,
-    ) -> bool:
+    # ------------------------------------------------------------------------ writes
+
+    async def write(self, entry: Entry, *, stamp: GenerationStamp | None = None) -> bool:
         """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
-        since."""
-        validate_entry(entry)
+        since (under ``BEGIN IMMEDIATE``)."""
+        encoded = encode_entry(entry)
         key = entry.key
-        params = write_params(entry, stamp)
-        params["names"] = json.dumps(params["names"])
+        params = _key_params(key)
+        params.update(
+            value=encoded.value,
+            deps=json.dumps(encoded.deps, ensure_ascii=False),
+            error=encoded.error,
+            created_at=entry.created_at,
+            alias=entry.alias,
+            diagnostics=encoded.diagnostics,
+        )
+        query = q.SQLITE_WRITE
+        taken_at = 0.0
+        if stamp is not None:
+            point = _check_stamp(stamp, key)
+            query = q.SQLITE_GUARDED_WRITE
+            taken_at = point.taken_at
+            params.update(
+                names=json.dumps(guarded_names(entry, stamp), ensure_ascii=False),
+                point=point.seq,
+            )
 
         def write(conn: sqlite3.Connection) -> bool:
             conn.execute("BEGIN IMMEDIATE")
-            written = conn.execute(q.SQLITE_WRITE, params).rowcount > 0
+            if stamp is not None and time.time() - taken_at > self._max_age:
+                conn.execute("ROLLBACK")
+                return False
+            written = conn.execute(query, params).rowcount > 0
+            if written:
+                conn.execute(q.SQLITE_FORGET_DEPS, params)
+                conn.execute(q.SQLITE_LIST_DEPS, params)
             conn.execute("COMMIT")
             return written
 
-        return await self._run(f"writing {key.coalesce_key!r}", write)
+        return await self._run(f"writing {key.coalesce_key}", write)
 
-    async def _bump_and_delete(
-        self, what: str, bumps: list[dict[str, str]], delete: str, params: dict[str, str]
-    ) -> None:
-        def run(conn: sqlite3.Connection) -> None:
+    # ----------------------------------------------------------------- invalidations
+
+    async def invalidate(
+        self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
+    ) -> list[str]:
+        """Invalidate ``names`` and every entry depending on them, in one ``BEGIN
+        IMMEDIATE`` transaction (see the module docstring)."""
+        check_name("the namespace to invalidate", namespace, allow_empty=False)
+        given = list(dict.fromkeys(names))
+        for name in given:
+            check_name(f"a name to invalidate in namespace {namespace!r}", name)
+        if not given:
+            return []
+
+        def invalidate(conn: sqlite3.Connection) -> list[str]:
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(q.SQLITE_TICK)
-            conn.executemany(q.SQLITE_BUMP, bumps)
-            conn.execute(delete, params)
+            closure = Closure(given, expand)
+            frontier = list(closure.names)
+            while frontier:
+                rows = conn.execute(
+                    q.SQLITE_CLOSURE_ROUND,
+                    {"ns": namespace, "names": json.dumps(frontier, ensure_ascii=False)},
+                ).fetchall()
+                frontier = closure.add(field for row in rows for field in row)
+            all_names = json.dumps(closure.names, ensure_ascii=False)
+            params = {"ns": namespace, "names": all_names}
+            for statement in q.SQLITE_DELETE_NAMES:
+                conn.execute(statement, params)
+            self._mark_and_prune(conn, "k", namespace, all_names, len(closure.names))
+            conn.execute("COMMIT")
+            return closure.names
+
+        return await self._run(f"invalidating names in namespace {namespace!r}", invalidate)
+
+    async def clear_namespace(self, namespace: str) -> None:
+        """Mark the namespace invalidated and delete its entries, in one transaction."""
+        check_name("the namespace to clear", namespace, allow_empty=False)
+
+        def clear(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in q.SQLITE_DELETE_NAMESPACE:
+                conn.execute(statement, {"ns": namespace})
+            self._mark_and_prune(conn, "n", namespace, '[""]', 1)
             conn.execute("COMMIT")
 
-        await self._run(what, run)
+        await self._run(f"clearing namespace {namespace!r}", clear)
 
-    async def delete_names(self, namespace: str, names: Sequence[str]) -> None:
-        """Bump each name's counter and delete the entries named or aliased by ``names``."""
-        unique = sorted(set(names))
-        if not unique:
-            return
-        await self._bump_and_delete(
-            f"invalidating names in {namespace!r}",
-            [{"kind": "k", "ns": namespace, "name": name} for name in unique],
-            q.SQLITE_DELETE_NAMES,
-            {"ns": namespace, "names": json.dumps(unique)},
+    async def clear_all(self) -> None:
+        """Mark the whole store invalidated and delete every entry, in one transaction."""
+
+        def clear(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in q.SQLITE_DELETE_ALL:
+                conn.execute(statement)
+            self._mark_and_prune(conn, "g", "", '[""]', 1)
+            conn.execute("COMMIT")
+
+        await self._run("clearing the whole cache", clear)
+
+    def _mark_and_prune(
+        self, conn: sqlite3.Connection, kind: str, namespace: str, names: str, count: int
+    ) -> None:
+        # The last statements before COMMIT, so a mark's time is its commit's, give or take
+        # microseconds (see the module docstring on pruning).
+        now = time.time()
+        conn.execute(
+            q.SQLITE_PRUNE_MARKS,
+            {"cutoff": now - self._retention, "limit": PRUNE_BATCH + 2 * count},
         )
+        conn.execute(q.SQLITE_TICK)
+        conn.execute(q.SQLITE_MARK, {"kind": kind, "ns": namespace, "names": names, "now": now})
 
-    async def delete_namespace(self, namespace: str) -> None:
-        """Bump the namespace's counter and delete its entries."""
-        await self._bump_and_delete(
-            f"clearing namespace {namespace!r}",
-            [{"kind": "n", "ns": namespace, "name": ""}],
-            q.SQLITE_DELETE_NAMESPACE,
-            {"ns": namespace},
+
+def _check_stamp(stamp: GenerationStamp, key: Key) -> SqlitePoint:
+    if stamp.namespace != key.namespace:
+        raise InvalidInputError(
+            f"a stamp of namespace {stamp.namespace!r} cannot guard a write of {key.coalesce_key}"
         )
+    if not isinstance(stamp.point, SqlitePoint):
+        raise InvalidInputError(f"the stamp for {key.coalesce_key} was not made by a sqlite store")
+    return stamp.point
 
-    async def delete_all(self) -> None:
-        """Bump the global counter and delete every entry."""
-        await self._bump_and_delete(
-            "clearing the whole cache",
-            [{"kind": "g", "ns": "", "name": ""}],
-            q.SQLITE_DELETE_ALL,
-            {},
-        )
 
-    async def find_dependents(self, namespace: str, names: Sequence[str]) -> list[str]:
-        """Names of entries of ``namespace`` whose deps meet ``names``."""
-        if not names:
-            return []
-        params = {"ns": namespace, "names": json.dumps(sorted(set(names)))}
-
-        def find(conn: sqlite3.Connection) -> list[str]:
-            return [row[0] for row in conn.execute(q.SQLITE_FIND_DEPENDENTS, params)]
-
-        return await self._run(f"finding dependents in {namespace!r}", find)
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.rollback()

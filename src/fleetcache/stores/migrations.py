@@ -1,0 +1,201 @@
+"""Numbered schema migrations for the sqlite and Postgres stores.
+
+A store applies them when it opens; :func:`migrate` applies them at deploy time (the
+``fleetcache migrate`` command). Either way:
+
+* a new database gets the latest schema directly (``*_CREATE_LATEST``);
+* an older one is upgraded step by step (``MIGRATIONS``), with its rows kept;
+* one whose version is newer than this release raises
+  :class:`~fleetcache.errors.SchemaVersionError` naming both numbers, and is left alone;
+* it all happens in one transaction, under a lock that makes every other process opening
+  the same database wait (Postgres: an advisory lock; sqlite: ``BEGIN IMMEDIATE``), so the
+  first process upgrades and the others find the work done.
+
+Version 1 (the first release) kept entries in a table named ``modules``. Version 2 copies
+its rows into ``fleetcache_entries`` and leaves ``modules`` where it is: that name may be
+an application's own table, and a process of the first release may still be reading it.
+(Processes of the two releases do not share a cache: stop the old ones before the new ones
+start, or they keep writing rows the new ones never read.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from fleetcache import _pg
+from fleetcache.errors import SchemaVersionError, StoreError
+from fleetcache.logcontext import get_logger
+from fleetcache.stores import queries as q
+
+logger = get_logger("fleetcache.stores.migrations")
+
+#: The version this release creates, upgrades to, and understands.
+LATEST = q.SCHEMA_VERSION
+
+_MODULES_NOTE = (
+    "%s: fleetcache schema upgraded from version 1 to %d; %s rows were copied from the "
+    "table 'modules' into 'fleetcache_entries'. fleetcache no longer uses 'modules' and "
+    "leaves it in place: drop it yourself once no process of the first release runs."
+)
+
+
+# ----------------------------------------------------------------------------- Postgres
+
+
+async def _pg_upgrade_1_to_2(conn: psycopg.AsyncConnection[Any], where: str) -> None:
+    for statement in q.PG_UPGRADE_1_TO_2:
+        await conn.execute(statement)
+    row = await (await conn.execute(q.PG_COUNT_V1_COLUMNS)).fetchone()
+    if row is not None and row[0] == 10:
+        copied = (await conn.execute(q.PG_COPY_V1_ENTRIES)).rowcount
+        logger.warning(_MODULES_NOTE, where, 2, copied)
+    else:
+        logger.warning(
+            "%s: fleetcache schema upgraded from version 1 to 2; no table 'modules' with the "
+            "first release's columns was found, so no entries were copied",
+            where,
+        )
+
+
+#: Postgres upgrades: ``PG_MIGRATIONS[n]`` takes a database from version n-1 to n.
+PG_MIGRATIONS: dict[int, Callable[[psycopg.AsyncConnection[Any], str], Any]] = {
+    2: _pg_upgrade_1_to_2,
+}
+
+
+async def migrate_postgres(conn: psycopg.AsyncConnection[Any], where: str) -> tuple[int, int]:
+    """Bring the database of ``conn`` (an autocommit connection) to :data:`LATEST`; return
+    the versions (before, after). ``where`` names the database in messages."""
+    async with conn.transaction():
+        await conn.execute(q.PG_LOCK_SCHEMA)
+        exists = await (await conn.execute(q.PG_HAS_SCHEMA_TABLE)).fetchone()
+        if exists is not None and exists[0]:
+            row = await (await conn.execute(q.PG_GET_SCHEMA_VERSION)).fetchone()
+            if row is None:
+                raise StoreError(f"{where}: fleetcache_schema exists but holds no version")
+            before = int(row[0])
+        else:
+            before = 0
+        if before > LATEST:
+            raise SchemaVersionError(where, before, LATEST)
+        if before == LATEST:
+            return before, before
+        if before == 0:
+            for statement in q.PG_CREATE_LATEST:
+                await conn.execute(statement)
+        else:
+            for version in range(before + 1, LATEST + 1):
+                await PG_MIGRATIONS[version](conn, where)
+        await conn.execute(q.PG_SET_SCHEMA_VERSION, {"version": LATEST})
+    if before == 0:
+        logger.info("%s: created the fleetcache schema, version %d", where, LATEST)
+    return before, LATEST
+
+
+# ------------------------------------------------------------------------------- sqlite
+
+
+def _sqlite_upgrade_1_to_2(conn: sqlite3.Connection, where: str) -> None:
+    for statement in q.SQLITE_UPGRADE_1_TO_2:
+        conn.execute(statement, {"now": time.time()} if ":now" in statement else {})
+    if conn.execute(q.SQLITE_HAS_V1_ENTRIES).fetchone()[0]:
+        copied = conn.execute(q.SQLITE_COPY_V1_ENTRIES[0]).rowcount
+        conn.execute(q.SQLITE_COPY_V1_ENTRIES[1])
+        logger.warning(_MODULES_NOTE, where, 2, copied)
+    else:
+        logger.warning(
+            "%s: fleetcache schema upgraded from version 1 to 2; no table 'modules' with the "
+            "first release's columns was found, so no entries were copied",
+            where,
+        )
+
+
+#: sqlite upgrades: ``SQLITE_MIGRATIONS[n]`` takes a file from version n-1 to n.
+SQLITE_MIGRATIONS: dict[int, Callable[[sqlite3.Connection, str], None]] = {
+    2: _sqlite_upgrade_1_to_2,
+}
+
+
+def migrate_sqlite(conn: sqlite3.Connection, where: str) -> tuple[int, int]:
+    """Bring the file of ``conn`` (opened with ``isolation_level=None``) to :data:`LATEST`
+    in one ``BEGIN IMMEDIATE`` transaction; return the versions (before, after). Any
+    exception rolls the transaction back."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute(q.SQLITE_HAS_SCHEMA_TABLE).fetchone()[0]:
+            row = conn.execute(q.SQLITE_GET_SCHEMA_VERSION).fetchone()
+            if row is None:
+                raise StoreError(f"{where}: fleetcache_schema exists but holds no version")
+            before = int(row[0])
+        else:
+            before = 0
+        if before > LATEST:
+            raise SchemaVersionError(where, before, LATEST)
+        if before < LATEST:
+            if before == 0:
+                for statement in q.SQLITE_CREATE_LATEST:
+                    conn.execute(statement)
+            else:
+                for version in range(before + 1, LATEST + 1):
+                    SQLITE_MIGRATIONS[version](conn, where)
+            conn.execute(q.SQLITE_SET_SCHEMA_VERSION, {"version": LATEST})
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.rollback()
+        raise
+    if before == 0:
+        logger.info("%s: created the fleetcache schema, version %d", where, LATEST)
+    return before, LATEST
+
+
+# ---------------------------------------------------------------------- deploy-time use
+
+
+def _is_postgres(target: str) -> bool:
+    return target.startswith(("postgresql://", "postgres://")) or (
+        "=" in target and not target.startswith("sqlite:")
+    )
+
+
+async def migrate(target: str | Path) -> tuple[int, int]:
+    """Bring a database to the latest schema version; return the versions (before, after).
+
+    ``target`` is a Postgres URL or connection string, or a sqlite path (optionally
+    ``sqlite:///path``). Raises :class:`~fleetcache.errors.SchemaVersionError` if the
+    database is newer than this release, :class:`~fleetcache.errors.DatabaseConnectError`
+    if it cannot be reached, :class:`~fleetcache.errors.StoreError` if a statement fails.
+    """
+    text = str(target)
+    if _is_postgres(text):
+        where = _pg.describe_target(text)
+        conn = await _pg.connect(text, application_name="fleetcache-migrate")
+        try:
+            with _pg.translate(f"migrating {where}"):
+                return await migrate_postgres(conn, where)
+        finally:
+            await conn.close()
+    # sqlite:///relative/path, sqlite:////absolute/path (SQLAlchemy's form), or a bare path.
+    path = text.removeprefix("sqlite:///")
+    return await asyncio.to_thread(_migrate_sqlite_file, path)
+
+
+def _migrate_sqlite_file(path: str) -> tuple[int, int]:
+    try:
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"opening sqlite file {path!r} failed: {exc}") from exc
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        return migrate_sqlite(conn, f"sqlite file {path!r}")
+    except sqlite3.Error as exc:
+        raise StoreError(f"migrating sqlite file {path!r} failed: {exc}") from exc
+    finally:
+        conn.close()

@@ -1,0 +1,136 @@
+"""The closure guarantee under random races between real OS processes (Postgres, sqlite).
+
+Each trial: the test writes X (value "old", aliased, so the closure has a second round).
+Process P1 takes a stamp for D, reads X and, after a random pause, writes D (deps [X])
+computed from what it read. Process P2, after its own random pause, invalidates X, with
+``expand`` lingering a random moment inside the transaction. Afterwards no D computed
+from the old X may exist. The test also counts the trials where the two really raced (D's
+write overlapped the invalidation in time) and fails if too few did: a test whose races
+never overlap could not fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetcache.stores import Entry, Key, PostgresStore, SqliteStore, Store
+
+pytestmark = pytest.mark.processes
+
+WORKER = Path(__file__).with_name("store_race_worker.py")
+NS = "https://race.example/"
+TRIALS = 200
+
+
+class RaceWorker:
+    """A ``store_race_worker.py`` process."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, kind: str, target: str) -> RaceWorker:
+        """Start a worker on the store and wait until it is ready."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(WORKER),
+            kind,
+            target,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        worker = cls(process)
+        assert (await worker.receive(60))["ready"]
+        return worker
+
+    async def send(self, **command: Any) -> None:
+        """Send one command."""
+        assert self.process.stdin is not None
+        self.process.stdin.write((json.dumps(command) + "\n").encode())
+        await self.process.stdin.drain()
+
+    async def receive(self, timeout: float = 30) -> dict[str, Any]:
+        """The next answer."""
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
+        assert line, f"worker {self.process.pid} exited"
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    async def stop(self) -> None:
+        """Ask it to exit; kill it if it does not."""
+        if self.process.returncode is None:
+            try:
+                await self.send(op="exit")
+                await asyncio.wait_for(self.process.wait(), 20)
+            except (TimeoutError, ConnectionError):
+                self.process.kill()
+                await self.process.wait()
+
+
+@asynccontextmanager
+async def workers(kind: str, target: str) -> AsyncIterator[tuple[RaceWorker, RaceWorker]]:
+    """P1 and P2, stopped on exit."""
+    started = await asyncio.gather(RaceWorker.start(kind, target), RaceWorker.start(kind, target))
+    try:
+        yield started[0], started[1]
+    finally:
+        await asyncio.gather(*(worker.stop() for worker in started))
+
+
+@pytest.mark.parametrize("kind", ["postgres", "sqlite"])
+async def test_random_races_leave_no_dependent_computed_from_old_data(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """200 random races between a populate of D (another process) and an invalidation of
+    its dependency X (a third process): no D computed from the old X survives, and enough
+    races really overlapped for that to mean something."""
+    target = (
+        str(request.getfixturevalue("database_url"))
+        if kind == "postgres"
+        else str(tmp_path / "race.sqlite3")
+    )
+    store: Store = PostgresStore(target, max_size=2) if kind == "postgres" else SqliteStore(target)
+    await store.open()
+    rng = random.Random(4645)
+    survivors: list[str] = []
+    overlapped = refused = found = 0
+    try:
+        async with workers(kind, target) as (p1, p2):
+            for trial in range(TRIALS):
+                x, d = f"x{trial}", f"d{trial}"
+                await store.write(Entry(Key(NS, x), {"v": "old"}, alias=f"{x}~"))
+                await p1.send(op="populate", x=x, d=d, delay=rng.uniform(0, 0.012))
+                await p2.send(
+                    op="invalidate", x=x, delay=rng.uniform(0, 0.012), hold=rng.uniform(0, 0.004)
+                )
+                pop, inv = await p1.receive(), await p2.receive()
+                row = await store.read(Key(NS, d))
+                if row is not None and row.value == {"from": "old"}:
+                    survivors.append(d)
+                if pop["saw_old"]:
+                    refused += not pop["wrote"]
+                    found += pop["wrote"] and d in inv["names"]
+                    overlapped += (
+                        pop["t_write"] < inv["t_end"] and pop["t_written"] > inv["t_start"]
+                    )
+    finally:
+        await store.close()
+    print(
+        f"{kind}: {overlapped} of {TRIALS} writes overlapped the invalidation; "
+        f"{refused} stale writes refused, {found} found by the closure; "
+        f"{len(survivors)} stale rows survived"
+    )
+    assert survivors == []
+    assert overlapped >= 20, f"only {overlapped} races overlapped: the test proves little"
+    assert refused >= 20
+    assert found >= 20
