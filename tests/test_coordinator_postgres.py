@@ -368,8 +368,12 @@ async def test_a_try_cancelled_during_its_statement_leaves_no_lock_behind(
         task = asyncio.create_task(a.coordinator.try_acquire_and_run(key, must_not_run))
         await asyncio.sleep(0)
         task.cancel()
-        with pytest.raises((asyncio.CancelledError, AssertionError)):
-            await task
+        try:
+            outcome = await task
+        except (asyncio.CancelledError, AssertionError):  # cancelled, or won and ran fn
+            continue
+        assert isinstance(outcome, Waiter)  # lost to an earlier try still finishing
+        outcome.cancel()
 
     async def ok() -> str:
         return "b won"

@@ -30,7 +30,7 @@ from fleetcache.lookup.codec import Codec
 from fleetcache.lookup.coordinated import run_coordinated
 from fleetcache.lookup.near import NearCache
 from fleetcache.lookup.populate import Populator, Produce, Request
-from fleetcache.lookup.singleflight import SingleFlight
+from fleetcache.lookup.singleflight import SingleFlight, WaitTimeout
 from fleetcache.lookup.stats import LookupStats
 from fleetcache.stores.base import MAX_STAMP_AGE, Entry, Expand, Key, Store
 from fleetcache.stores.validation import check_name, validate_key
@@ -196,7 +196,7 @@ class CachingLookup(Generic[V]):
             result = await self._flights.do(
                 key, lambda: self._load(request), timeout=self._caller_budget
             )
-        except TimeoutError:
+        except WaitTimeout:
             raise ComputationTimeoutError(key.coalesce_key, self._caller_budget) from None
         return self._out(result, persist_errors)
 
@@ -229,7 +229,7 @@ class CachingLookup(Generic[V]):
     async def _wait(self, key: Key, flight: Any) -> Entry | None:
         try:
             result: Entry | None = await self._flights.wait(flight, self._caller_budget)
-        except TimeoutError:
+        except WaitTimeout:
             raise ComputationTimeoutError(key.coalesce_key, self._caller_budget) from None
         return result
 

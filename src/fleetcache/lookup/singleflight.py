@@ -21,6 +21,11 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
+class WaitTimeout(Exception):  # noqa: N818 - a signal, not a failure of the flight
+    """A caller's own bound on waiting ran out; the flight goes on. (Not a TimeoutError,
+    so it is never mistaken for a TimeoutError the flight itself raised.)"""
+
+
 class SingleFlight(Generic[K, V]):
     """One computation per key among concurrent callers."""
 
@@ -50,7 +55,7 @@ class SingleFlight(Generic[K, V]):
     ) -> V:
         """``fn()``'s result, computed once for the callers of ``key`` that overlap; its
         exception reaches each of them. ``timeout`` bounds this caller's wait
-        (:class:`TimeoutError`); the flight itself goes on."""
+        (:class:`WaitTimeout`); the flight itself goes on."""
         if self._closed:
             raise NotOpenError("this SingleFlight is closed")
         task = self._flights.get(key)
@@ -69,6 +74,10 @@ class SingleFlight(Generic[K, V]):
         try:
             # shield: this caller's cancellation must not cancel what the others share.
             return await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            if task.done():
+                raise  # the flight's own TimeoutError
+            raise WaitTimeout from None
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if task.cancelled() and current is not None and not current.cancelling():
