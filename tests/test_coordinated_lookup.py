@@ -37,7 +37,7 @@ async def definitions_over(
     cache: Fleetcache, server: SimulatedPrerenderServer
 ) -> tuple[CachingDefinitionLookup, HttpPrerenderer]:
     """A definitions lookup over ``cache`` with the test realm registered."""
-    prerenderer = HttpPrerenderer(server.base_url)
+    prerenderer = HttpPrerenderer(server.base_url, auth="test-token")
     lookup = CachingDefinitionLookup.over(cache.lookup, prerenderer)
     lookup.register_realm(REALM)
     return lookup, prerenderer

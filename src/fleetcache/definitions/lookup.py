@@ -6,12 +6,19 @@ realm's visibility, alias = the URL without its executable extension. Everything
 single flight, generations, error TTL and fleet coordination comes from
 :class:`~fleetcache.lookup.caching.CachingLookup`; this layer adds URLs, realms, candidates,
 "missing module" and dependency-error aggregation.
+
+What is stored is the render as the prerenderer sent it: ``definitions`` exactly as
+received (keyed by internal key, camelCase entries, unknown fields kept); ``error`` as
+received, with its ``deps`` made absolute and the failing dependencies' errors appended to
+``additionalErrors`` (in the same form, de-duplicated by id, message and status, as the
+seed's system does).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -27,13 +34,16 @@ from fleetcache.definitions.models import (
     ModuleErrorEntry,
     ModuleRenderResponse,
     Realm,
-    module_error,
+    SerializedError,
+    error_deps,
+    is_error_entry,
 )
 from fleetcache.definitions.prerenderer import Prerenderer
 from fleetcache.definitions.urls import (
     absolute_deps,
     candidates,
     canonicalize,
+    internal_key_for,
     invalidation_variants,
     is_missing_module,
     trim_executable_extension,
@@ -67,7 +77,10 @@ _gathering: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
 
 @dataclass(frozen=True, slots=True)
 class ModuleDefinitions:
-    """A module's cached render: its definitions (or error), deps and where it is stored."""
+    """A module's cached render: its definitions (or error), deps and where it is stored.
+
+    ``definitions`` is keyed by internal key (``<module URL without extension>/<export>``).
+    """
 
     module_url: str
     resolved_realm_url: str
@@ -103,13 +116,13 @@ def cache_scope_for(realm: Realm) -> tuple[CacheScope, str]:
 
 
 def flatten_meta(response: ModuleRenderResponse) -> dict[str, Any] | None:
-    """``meta`` as one JSON object (``request_id`` plus the diagnostics' keys), or None."""
+    """``meta`` as one JSON object, as the seed's ``flattenPrerenderMeta`` makes it: the
+    diagnostics' keys plus ``requestId``; None when there is nothing."""
     if response.meta is None:
         return None
-    flat: dict[str, Any] = {}
-    if "request_id" in response.meta:
-        flat["request_id"] = response.meta["request_id"]
-    flat.update(response.meta.get("diagnostics", {}))
+    flat: dict[str, Any] = copy.deepcopy(response.meta.get("diagnostics") or {})
+    if response.meta.get("requestId") is not None:
+        flat["requestId"] = response.meta["requestId"]
     return flat or None
 
 
@@ -308,9 +321,8 @@ class CachingDefinitionLookup:
             )
             if is_missing_module(response, candidate):
                 return MISSING
+            deps = absolute_deps([*response.deps, *error_deps(response.error)], candidate)
             error = response.error
-            error_deps = error["error"]["deps"] if error else []
-            deps = absolute_deps([*response.deps, *error_deps], candidate)
             if error is not None:
                 error = await self._with_dependency_errors(error, candidate, priority)
             return Produced(
@@ -325,12 +337,16 @@ class CachingDefinitionLookup:
     async def _with_dependency_errors(
         self, error: ModuleErrorEntry, module_url: str, priority: int | None
     ) -> ModuleErrorEntry:
-        """``error`` with absolute deps and, in ``additional_errors``, the errors of the
-        failing dependencies, breadth-first and de-duplicated."""
+        """``error`` with absolute deps and, appended to ``additionalErrors``, the errors of
+        the failing dependencies (each as stored), breadth-first and de-duplicated."""
         detail = error["error"]
-        deps = absolute_deps(detail["deps"], module_url)
+        deps = absolute_deps(error_deps(error), module_url)
         chain = _gathering.get() | {trim_executable_extension(module_url)}
-        additional: list[Any] = list(detail["additional_errors"])
+        received = detail.get("additionalErrors")
+        additional: list[Any] = list(received) if isinstance(received, list) else []
+        seen_errors = {_error_key(e) for e in additional if isinstance(e, dict)}
+        seen_errors.add(_error_key(detail))
+        added = False
         seen = set(chain)
         queue = [dep for dep in deps if dep not in seen]
         token = _gathering.set(chain)
@@ -344,13 +360,22 @@ class CachingDefinitionLookup:
                 if dep_module is None or dep_module.error is None:
                     continue
                 dep_detail = dep_module.error["error"]
-                additional.append(
-                    module_error(dep_detail["message"], dep_detail["status"], dep_detail["deps"])
-                )
-                queue.extend(d for d in dep_detail["deps"] if d not in seen)
+                if _error_key(dep_detail) not in seen_errors:
+                    seen_errors.add(_error_key(dep_detail))
+                    dep_error = copy.deepcopy(dep_detail)
+                    dep_error["additionalErrors"] = dep_detail.get("additionalErrors")
+                    additional.append(dep_error)
+                    added = True
+                queue.extend(d for d in error_deps(dep_module.error) if d not in seen)
         finally:
             _gathering.reset(token)
-        return module_error(detail["message"], detail["status"], deps, additional)
+        merged: SerializedError = {
+            **detail,
+            "deps": deps,
+            # As received (null when absent) unless dependency errors were added.
+            "additionalErrors": additional if added else received,
+        }
+        return {**error, "error": merged}
 
     async def _dependency(self, dep_url: str, priority: int | None) -> ModuleDefinitions | None:
         """A dependency's render through the cache (bounded; on timeout what is cached)."""
@@ -413,14 +438,21 @@ def _definition_in(code_ref: CodeRef, module: ModuleDefinitions | None) -> Defin
         raise FilterRefersToNonexistentTypeError(
             code_ref, f"the module failed to render: {module.error['error']['message']}"
         )
-    found = module.definitions.get(code_ref.name)
+    # Definitions are filed by internal key, so x and x.gts name the same definition.
+    found = module.definitions.get(internal_key_for(code_ref))
     if found is None:
         raise FilterRefersToNonexistentTypeError(code_ref, "the module has no such export")
-    if found["type"] != "definition":
+    if is_error_entry(found):
+        message = cast(ModuleErrorEntry, found)["error"]["message"]
         raise FilterRefersToNonexistentTypeError(
-            code_ref, f"the export failed to render: {found['error']['message']}"
+            code_ref, f"the export failed to render: {message}"
         )
-    return found
+    return cast(DefinitionEntry, found)
+
+
+def _error_key(detail: Any) -> tuple[object, object, object]:
+    """How the seed's system tells two errors apart when aggregating: id, message, status."""
+    return (detail.get("id"), detail.get("message"), detail.get("status"))
 
 
 __all__ = [
