@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from fleetcache.definitions.models import (
     module_error,
 )
 from fleetcache.definitions.urls import trim_executable_extension
+from fleetcache.factory import open_cache
 from fleetcache.stores import Key, PostgresStore, Store
 
 PUBLIC = Realm("https://pub.example/", "public", "owner-pub")
@@ -44,6 +46,8 @@ class GraphPrerenderer:
     graph: dict[str, Spec] = field(default_factory=dict)
     calls: list[dict[str, Any]] = field(default_factory=list)
     versions: Counter[str] = field(default_factory=Counter)
+    # A render of a URL with a gate waits until the gate is set.
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def renders(self, url: str) -> int:
         """How many times ``url`` was rendered."""
@@ -68,6 +72,8 @@ class GraphPrerenderer:
         self.calls.append(
             {"url": url, "realm_url": realm_url, "user_id": user_id, "priority": priority}
         )
+        if url in self.gates:
+            await self.gates[url].wait()
         spec = self.graph.get(url)
         if spec is None:
             return ModuleRenderResponse("error", error=module_error(f"{url} not found", 404))
@@ -568,3 +574,77 @@ async def test_dependency_errors_are_appended_in_the_serialized_error_form(store
     assert appended == [
         {"message": "bad is broken", "status": 500, "deps": [], "additionalErrors": None}
     ]
+
+
+async def test_incomplete_error_aggregation_is_answered_but_never_cached(store: Store) -> None:
+    """When a dependency's outcome cannot be had within aggregation_timeout, the module's
+    error is returned (cached=False) but not stored, so the next lookup renders again; once
+    the dependency is known, the complete error is cached."""
+    top, slow = url(PUBLIC, "top"), url(PUBLIC, "slow")
+    pre = GraphPrerenderer(
+        {top + ".gts": Spec(imports=[slow + ".gts"]), slow + ".gts": Spec(fail="slow broke")}
+    )
+    gate = pre.gates[slow + ".gts"] = asyncio.Event()
+    lookup = make_lookup(store, pre, aggregation_timeout=0.05)
+    for attempt in (1, 2):
+        module = await lookup.get_cached_definitions(top)
+        assert module is not None
+        assert module.cached is False
+        assert module.error is not None
+        assert module.error["error"]["additionalErrors"] is None
+        assert module.created_at is None
+        assert await store.read(Key(PUBLIC.url, top + ".gts")) is None
+        assert pre.renders(top + ".gts") == attempt
+    with pytest.raises(FilterRefersToNonexistentTypeError, match="failed to render"):
+        await lookup.lookup_definition(CodeRef(top, "Card"))
+    warmed = await lookup.populate_definition_cache_entry(
+        module_url=top,
+        realm_url=PUBLIC.url,
+        resolved_realm_url=PUBLIC.url,
+        cache_scope="public",
+        cache_user_id="",
+        prerender_user_id="indexer",
+    )
+    assert warmed is None
+    gate.set()
+    slow_module = await lookup.get_cached_definitions(slow)
+    assert slow_module is not None
+    assert slow_module.error is not None
+    complete = await lookup.get_cached_definitions(top)
+    assert complete is not None
+    assert complete.cached is True
+    assert complete.error is not None
+    assert [e["message"] for e in complete.error["error"]["additionalErrors"] or []] == [
+        "slow broke"
+    ]
+    row = await store.read(Key(PUBLIC.url, top + ".gts"))
+    assert row is not None
+    assert row.error == complete.error
+
+
+async def test_incomplete_aggregation_is_not_persisted_under_fleet_coordination(
+    database_url: str,
+) -> None:
+    """With the Postgres coordinator on, an incomplete error still reaches the caller
+    uncached (the winner's transaction stores nothing), and the complete one is stored."""
+    top, slow = url(PUBLIC, "top"), url(PUBLIC, "slow")
+    pre = GraphPrerenderer(
+        {top + ".gts": Spec(imports=[slow + ".gts"]), slow + ".gts": Spec(fail="slow broke")}
+    )
+    gate = pre.gates[slow + ".gts"] = asyncio.Event()
+    cache = await open_cache(database_url, coordinate=True)
+    try:
+        lookup = CachingDefinitionLookup.over(cache.lookup, pre, aggregation_timeout=0.05)
+        lookup.register_realm(PUBLIC)
+        module = await lookup.get_cached_definitions(top)
+        assert module is not None
+        assert module.cached is False
+        assert await cache.lookup.peek(Key(PUBLIC.url, top + ".gts")) is None
+        gate.set()
+        await lookup.get_cached_definitions(slow)
+        complete = await lookup.get_cached_definitions(top)
+        assert complete is not None
+        assert complete.cached is True
+        assert await cache.lookup.peek(Key(PUBLIC.url, top + ".gts")) is not None
+    finally:
+        await cache.close()
