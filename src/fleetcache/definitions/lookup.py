@@ -426,7 +426,7 @@ class CachingDefinitionLookup:
                 if _error_key(dep_detail) not in seen_errors:
                     seen_errors.add(_error_key(dep_detail))
                     dep_error = copy.deepcopy(dep_detail)
-                    dep_error["additionalErrors"] = dep_detail.get("additionalErrors")
+                    dep_error.setdefault("additionalErrors", None)  # absent is null, as the seed
                     additional.append(dep_error)
                     added = True
                 queue.extend(d for d in error_deps(dep_module.error) if d not in seen)
