@@ -41,7 +41,11 @@ async def serve(args: argparse.Namespace) -> None:
     )
     if args.no_listen and cache.listener is not None:
         await cache.listener.close()
-    prerenderer = HttpPrerenderer(args.prerender) if args.prerender else None
+    prerenderer = (
+        HttpPrerenderer(args.prerender, auth=lambda realm_url, user_id: f"token:{user_id}")
+        if args.prerender
+        else None
+    )
     definitions = CachingDefinitionLookup.over(cache.lookup, prerenderer) if prerenderer else None
     for realm in args.realm:
         url, visibility, owner = realm.split(",")

@@ -98,7 +98,8 @@ async def test_failing_winner_wakes_its_peers_at_once(
     """The winner's prerender raises: its peers are woken by the NOTIFY sent after the
     rollback and answered (with the error) long before the 60 s wait."""
     url = f"{REALM}broken.gts"
-    server.set_module(url, ModuleSpec(["Card"], http_status=503))
+    # A status the protocol does not retry, so the winner fails at once after the render.
+    server.set_module(url, ModuleSpec(["Card"], http_status=422))
     server.latency = 2.0
     async with fleet() as workers:
         winner, *peers = await start_fleet(workers, 3, database_url, server)

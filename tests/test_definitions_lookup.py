@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from fleetcache.definitions.models import (
     definition_entry,
     module_error,
 )
+from fleetcache.definitions.urls import trim_executable_extension
+from fleetcache.factory import open_cache
 from fleetcache.stores import Key, PostgresStore, Store
 
 PUBLIC = Realm("https://pub.example/", "public", "owner-pub")
@@ -43,6 +46,8 @@ class GraphPrerenderer:
     graph: dict[str, Spec] = field(default_factory=dict)
     calls: list[dict[str, Any]] = field(default_factory=list)
     versions: Counter[str] = field(default_factory=Counter)
+    # A render of a URL with a gate waits until the gate is set.
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
 
     def renders(self, url: str) -> int:
         """How many times ``url`` was rendered."""
@@ -67,6 +72,8 @@ class GraphPrerenderer:
         self.calls.append(
             {"url": url, "realm_url": realm_url, "user_id": user_id, "priority": priority}
         )
+        if url in self.gates:
+            await self.gates[url].wait()
         spec = self.graph.get(url)
         if spec is None:
             return ModuleRenderResponse("error", error=module_error(f"{url} not found", 404))
@@ -82,10 +89,12 @@ class GraphPrerenderer:
                 error=module_error(f"{url}: a dependency failed", 500, failing),
             )
         version = self.versions[url]
+        alias = trim_executable_extension(url)
         definitions: dict[str, Any] = {
-            name: definition_entry(url, {"name": name, "version": version}) for name in spec.exports
+            f"{alias}/{name}": definition_entry(alias, {"name": name, "version": version})
+            for name in spec.exports
         }
-        meta: Any = {"request_id": f"req-{len(self.calls)}", "diagnostics": {"render_ms": 5}}
+        meta: Any = {"requestId": f"req-{len(self.calls)}", "diagnostics": {"renderMs": 5}}
         return ModuleRenderResponse(
             "ready", definitions=definitions, deps=spec.imports, meta=meta if spec.meta else None
         )
@@ -293,7 +302,7 @@ async def test_dependency_errors_are_aggregated_and_recover_after_fixes(store: S
     assert module.error is not None
     detail = module.error["error"]
     assert detail["deps"] == [mid, bad2]
-    messages = [e["error"]["message"] for e in detail["additional_errors"]]
+    messages = [e["message"] for e in detail["additionalErrors"]]
     assert messages == [f"{mid}.gts: a dependency failed", "bad2 is broken", "bad1 is broken"]
     assert set(module.deps) == {mid, bad2}
     with pytest.raises(FilterRefersToNonexistentTypeError, match="failed to render"):
@@ -325,7 +334,7 @@ async def test_import_cycle_of_failures_does_not_hang(store: Store) -> None:
     module = await lookup.get_cached_definitions(a)
     assert module is not None
     assert module.error is not None
-    messages = [e["error"]["message"] for e in module.error["error"]["additional_errors"]]
+    messages = [e["message"] for e in module.error["error"]["additionalErrors"]]
     assert messages == [f"{b}.gts: a dependency failed", "c broke"]
     assert pre.renders(c + ".gts") == 1
 
@@ -444,7 +453,7 @@ async def test_diagnostics_column_is_flattened_meta_or_sql_null(database_url: st
         module = await lookup.get_cached_definitions(url(PUBLIC, "a"))
         await lookup.get_cached_definitions(url(PUBLIC, "b"))
         assert module is not None
-        assert module.diagnostics == {"request_id": "req-1", "render_ms": 5}
+        assert module.diagnostics == {"requestId": "req-1", "renderMs": 5}
     finally:
         await store.close()
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
@@ -454,3 +463,188 @@ async def test_diagnostics_column_is_flattened_meta_or_sql_null(database_url: st
             )
         ).fetchall()
     assert rows == [(url(PUBLIC, "a.gts"), False, True), (url(PUBLIC, "b.gts"), True, True)]
+
+
+async def test_definitions_are_found_by_internal_key_with_or_without_extension(
+    store: Store,
+) -> None:
+    """A code ref with a bare module URL, one with the extension and one with a query all
+    read definitions["<module without extension>/<name>"], the seed's internal key."""
+    pre = GraphPrerenderer({url(PUBLIC, "person.gts"): Spec(exports=["Person", "Pet"])})
+    lookup = make_lookup(store, pre)
+    bare = await lookup.lookup_definition(CodeRef(url(PUBLIC, "person"), "Person"))
+    with_extension = await lookup.lookup_definition(CodeRef(url(PUBLIC, "person.gts"), "Person"))
+    with_query = await lookup.lookup_definition(CodeRef(url(PUBLIC, "person.gts?v=1"), "Pet"))
+    assert bare == with_extension
+    assert bare["moduleURL"] == url(PUBLIC, "person")
+    assert with_query["definition"]["name"] == "Pet"
+    module = await lookup.get_cached_definitions(url(PUBLIC, "person"))
+    assert module is not None
+    assert sorted(module.definitions) == [url(PUBLIC, "person/Person"), url(PUBLIC, "person/Pet")]
+    assert await lookup.lookup_cached_definition(CodeRef(url(PUBLIC, "person"), "Pet")) is not None
+    assert pre.renders(url(PUBLIC, "person.gts")) == 1
+
+
+class ByNamePrerenderer(GraphPrerenderer):
+    """A prerenderer that files definitions under the bare export name (not the protocol)."""
+
+    async def prerender_module(self, **kwargs: Any) -> ModuleRenderResponse:
+        """The graph's render with each definition re-keyed by its export name."""
+        response = await super().prerender_module(**kwargs)
+        renamed = {key.rsplit("/", 1)[1]: entry for key, entry in response.definitions.items()}
+        return dataclasses.replace(response, definitions=renamed)
+
+
+class FixedPrerenderer:
+    """A prerenderer answering one fixed response, whatever it is asked."""
+
+    def __init__(self, response: ModuleRenderResponse) -> None:
+        self.response = response
+
+    async def prerender_module(self, **_: Any) -> ModuleRenderResponse:
+        """The fixed response."""
+        return self.response
+
+
+async def test_a_definition_filed_under_its_bare_name_is_not_found(store: Store) -> None:
+    """A response keyed by export name instead of internal key has no definition for the
+    code ref: the lookup reads the internal key only, as the seed's system does."""
+    lookup = make_lookup(store, ByNamePrerenderer({url(PUBLIC, "a.gts"): Spec()}))
+    with pytest.raises(FilterRefersToNonexistentTypeError, match="no such export"):
+        await lookup.lookup_definition(CodeRef(url(PUBLIC, "a"), "Card"))
+
+
+async def test_stored_definitions_and_errors_are_the_documents_as_received(store: Store) -> None:
+    """What the cache stores is the definitions document as received (unknown fields kept),
+    and the error as received with absolute deps; additionalErrors stays null when no
+    dependency error was added."""
+    module_url = url(PUBLIC, "odd.gts")
+    definitions: dict[str, Any] = {
+        f"{url(PUBLIC, 'odd')}/Odd": {
+            "type": "definition",
+            "moduleURL": url(PUBLIC, "odd"),
+            "definition": {"name": "Odd", "fields": {"n": {"type": "number"}}},
+            "types": [f"{url(PUBLIC, 'odd')}/Odd"],
+            "addedByANewerServer": {"x": 1},
+        }
+    }
+    error: Any = {
+        "type": "module-error",
+        "error": {"message": "odd", "status": 500, "additionalErrors": None, "stack": "at 1"},
+    }
+
+    ready = ModuleRenderResponse("ready", definitions=definitions)
+    lookup = make_lookup(store, FixedPrerenderer(ready))
+    module = await lookup.get_cached_definitions(module_url)
+    row = await store.read(Key(PUBLIC.url, module_url))
+    assert module is not None
+    assert row is not None
+    assert row.value == definitions == module.definitions
+    await lookup.invalidate(module_url)
+    lookup.prerenderer = FixedPrerenderer(
+        ModuleRenderResponse("error", definitions=definitions, deps=["./dep.gts"], error=error)
+    )
+    failed = await lookup.get_cached_definitions(module_url)
+    assert failed is not None
+    assert failed.error == {
+        "type": "module-error",
+        "error": {
+            "message": "odd",
+            "status": 500,
+            "additionalErrors": None,
+            "stack": "at 1",
+            "deps": [],
+        },
+    }
+    assert failed.deps == [url(PUBLIC, "dep")]
+
+
+async def test_dependency_errors_are_appended_in_the_serialized_error_form(store: Store) -> None:
+    """Each failing dependency's error is appended to additionalErrors as its whole
+    SerializedError (with its own additionalErrors), once per (id, message, status)."""
+    top, bad = url(PUBLIC, "top"), url(PUBLIC, "bad")
+    pre = GraphPrerenderer(
+        {top + ".gts": Spec(imports=[bad + ".gts"]), bad + ".gts": Spec(fail="bad is broken")}
+    )
+    lookup = make_lookup(store, pre)
+    module = await lookup.get_cached_definitions(top)
+    assert module is not None
+    assert module.error is not None
+    appended = module.error["error"]["additionalErrors"]
+    assert appended == [
+        {"message": "bad is broken", "status": 500, "deps": [], "additionalErrors": None}
+    ]
+
+
+async def test_incomplete_error_aggregation_is_answered_but_never_cached(store: Store) -> None:
+    """When a dependency's outcome cannot be had within aggregation_timeout, the module's
+    error is returned (cached=False) but not stored, so the next lookup renders again; once
+    the dependency is known, the complete error is cached."""
+    top, slow = url(PUBLIC, "top"), url(PUBLIC, "slow")
+    pre = GraphPrerenderer(
+        {top + ".gts": Spec(imports=[slow + ".gts"]), slow + ".gts": Spec(fail="slow broke")}
+    )
+    gate = pre.gates[slow + ".gts"] = asyncio.Event()
+    lookup = make_lookup(store, pre, aggregation_timeout=0.05)
+    for attempt in (1, 2):
+        module = await lookup.get_cached_definitions(top)
+        assert module is not None
+        assert module.cached is False
+        assert module.error is not None
+        assert module.error["error"]["additionalErrors"] is None
+        assert module.created_at is None
+        assert await store.read(Key(PUBLIC.url, top + ".gts")) is None
+        assert pre.renders(top + ".gts") == attempt
+    with pytest.raises(FilterRefersToNonexistentTypeError, match="failed to render"):
+        await lookup.lookup_definition(CodeRef(top, "Card"))
+    warmed = await lookup.populate_definition_cache_entry(
+        module_url=top,
+        realm_url=PUBLIC.url,
+        resolved_realm_url=PUBLIC.url,
+        cache_scope="public",
+        cache_user_id="",
+        prerender_user_id="indexer",
+    )
+    assert warmed is None
+    gate.set()
+    slow_module = await lookup.get_cached_definitions(slow)
+    assert slow_module is not None
+    assert slow_module.error is not None
+    complete = await lookup.get_cached_definitions(top)
+    assert complete is not None
+    assert complete.cached is True
+    assert complete.error is not None
+    assert [e["message"] for e in complete.error["error"]["additionalErrors"] or []] == [
+        "slow broke"
+    ]
+    row = await store.read(Key(PUBLIC.url, top + ".gts"))
+    assert row is not None
+    assert row.error == complete.error
+
+
+async def test_incomplete_aggregation_is_not_persisted_under_fleet_coordination(
+    database_url: str,
+) -> None:
+    """With the Postgres coordinator on, an incomplete error still reaches the caller
+    uncached (the winner's transaction stores nothing), and the complete one is stored."""
+    top, slow = url(PUBLIC, "top"), url(PUBLIC, "slow")
+    pre = GraphPrerenderer(
+        {top + ".gts": Spec(imports=[slow + ".gts"]), slow + ".gts": Spec(fail="slow broke")}
+    )
+    gate = pre.gates[slow + ".gts"] = asyncio.Event()
+    cache = await open_cache(database_url, coordinate=True)
+    try:
+        lookup = CachingDefinitionLookup.over(cache.lookup, pre, aggregation_timeout=0.05)
+        lookup.register_realm(PUBLIC)
+        module = await lookup.get_cached_definitions(top)
+        assert module is not None
+        assert module.cached is False
+        assert await cache.lookup.peek(Key(PUBLIC.url, top + ".gts")) is None
+        gate.set()
+        await lookup.get_cached_definitions(slow)
+        complete = await lookup.get_cached_definitions(top)
+        assert complete is not None
+        assert complete.cached is True
+        assert await cache.lookup.peek(Key(PUBLIC.url, top + ".gts")) is not None
+    finally:
+        await cache.close()

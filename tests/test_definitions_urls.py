@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from fleetcache.definitions.models import ModuleRenderResponse, definition_entry, module_error
+from fleetcache.definitions.models import (
+    CodeRef,
+    ModuleRenderResponse,
+    definition_entry,
+    module_error,
+)
 from fleetcache.definitions.urls import (
     EXECUTABLE_EXTENSIONS,
     absolute_deps,
     candidates,
     canonicalize,
     has_executable_extension,
+    internal_key_for,
     invalidation_variants,
     is_missing_module,
     trim_executable_extension,
@@ -144,8 +152,35 @@ def test_404_naming_another_module_is_not_missing() -> None:
 def test_other_statuses_and_ready_are_not_missing() -> None:
     """A 500 with no deps, or a ready response, is not a missing module."""
     assert not is_missing_module(_error(500, []), f"{R}x.gts")
-    ready = ModuleRenderResponse("ready", {"X": definition_entry(f"{R}x.gts", {"name": "X"})})
+    ready = ModuleRenderResponse("ready", {f"{R}x/X": definition_entry(f"{R}x", {"name": "X"})})
     assert not is_missing_module(ready, f"{R}x.gts")
+
+
+def test_missing_module_needs_a_module_error_entry() -> None:
+    """As in the seed's system, only an entry of type "module-error" can mean missing; a 404
+    entry of type "error" (or without a type) is an ordinary error."""
+    for kind in ("error", None):
+        entry: Any = {"error": {"message": "nope", "status": 404}}
+        if kind is not None:
+            entry["type"] = kind
+        assert not is_missing_module(entry, f"{R}x.gts")
+    assert is_missing_module(
+        {"type": "module-error", "error": {"message": "x", "status": 404}}, f"{R}x"
+    )
+
+
+@pytest.mark.parametrize(
+    ("module", "key"),
+    [
+        (f"{R}person.gts", f"{R}person/Person"),
+        (f"{R}person", f"{R}person/Person"),
+        (f"{R}person.ts?v=2#top", f"{R}person/Person"),
+        (f"{R}person.d.ts", f"{R}person.d.ts/Person"),
+    ],
+)
+def test_internal_key_is_the_module_without_extension_slash_name(module: str, key: str) -> None:
+    """The internal key of a code ref is trimExecutableExtension(module) + "/" + name."""
+    assert internal_key_for(CodeRef(module, "Person")) == key
 
 
 def test_missing_module_accepts_a_bare_error_entry() -> None:

@@ -177,9 +177,15 @@ class Job:
     pool_size: int = 16
 
 
+def demo_auth(realm_url: str, user_id: str) -> str:
+    """The prerender auth token the demo sends (the simulated server only checks that one
+    is there; the seed's system mints a signed token for the user here)."""
+    return f"demo-token:{user_id}"
+
+
 async def _open(job: Job) -> tuple[Any, CachingDefinitionLookup, HttpPrerenderer]:
     cache = await open_cache(job.database_url, coordinate=job.coordinate, pool_size=job.pool_size)
-    prerenderer = HttpPrerenderer(job.prerender_url)
+    prerenderer = HttpPrerenderer(job.prerender_url, auth=demo_auth)
     lookup = CachingDefinitionLookup.over(cache.lookup, prerenderer)
     for realm in job.realms:
         lookup.register_realm(realm)
@@ -299,7 +305,9 @@ async def run_demo(args: argparse.Namespace, url: str, console: Console) -> Outc
     outcome = Outcome()
     server = SimulatedPrerenderServer(graph.files, latency=args.latency_ms / 1000)
     async with server, await open_cache(url, coordinate=False) as admin:
-        definitions = CachingDefinitionLookup.over(admin.lookup, HttpPrerenderer(server.base_url))
+        definitions = CachingDefinitionLookup.over(
+            admin.lookup, HttpPrerenderer(server.base_url, auth=demo_auth)
+        )
         fleet: Fleet[Job, dict[str, Any]] = Fleet(args.processes, name="fleetcache-demo")
         with (
             fleet,

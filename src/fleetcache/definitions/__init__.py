@@ -9,6 +9,8 @@ from fleetcache.definitions.errors import (
     FilterRefersToNonexistentTypeError,
     MalformedRenderResponseError,
     PrerenderError,
+    PrerenderRequestInvalidError,
+    PrerenderTimeoutError,
 )
 from fleetcache.definitions.lookup import (
     CachingDefinitionLookup,
@@ -16,7 +18,12 @@ from fleetcache.definitions.lookup import (
     RealmDefinitionLookup,
 )
 from fleetcache.definitions.models import CodeRef, ModuleRenderResponse, Realm
-from fleetcache.definitions.prerenderer import HttpPrerenderer, Prerenderer
+from fleetcache.definitions.prerenderer import (
+    AuthProvider,
+    HttpPrerenderer,
+    Prerenderer,
+    RetryPolicy,
+)
 
 if TYPE_CHECKING:
     from fleetcache.definitions.simulated import ModuleSpec, SimulatedPrerenderServer
@@ -33,6 +40,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AuthProvider",
     "CachingDefinitionLookup",
     "CodeRef",
     "FilterRefersToNonexistentTypeError",
@@ -42,8 +50,11 @@ __all__ = [
     "ModuleRenderResponse",
     "ModuleSpec",
     "PrerenderError",
+    "PrerenderRequestInvalidError",
+    "PrerenderTimeoutError",
     "Prerenderer",
     "Realm",
     "RealmDefinitionLookup",
+    "RetryPolicy",
     "SimulatedPrerenderServer",
 ]

@@ -6,12 +6,19 @@ realm's visibility, alias = the URL without its executable extension. Everything
 single flight, generations, error TTL and fleet coordination comes from
 :class:`~fleetcache.lookup.caching.CachingLookup`; this layer adds URLs, realms, candidates,
 "missing module" and dependency-error aggregation.
+
+What is stored is the render as the prerenderer sent it: ``definitions`` exactly as
+received (keyed by internal key, camelCase entries, unknown fields kept); ``error`` as
+received, with its ``deps`` made absolute and the failing dependencies' errors appended to
+``additionalErrors`` (in the same form, de-duplicated by id, message and status, as the
+seed's system does).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -27,17 +34,21 @@ from fleetcache.definitions.models import (
     ModuleErrorEntry,
     ModuleRenderResponse,
     Realm,
-    module_error,
+    SerializedError,
+    error_deps,
+    is_error_entry,
 )
 from fleetcache.definitions.prerenderer import Prerenderer
 from fleetcache.definitions.urls import (
     absolute_deps,
     candidates,
     canonicalize,
+    internal_key_for,
     invalidation_variants,
     is_missing_module,
     trim_executable_extension,
 )
+from fleetcache.errors import DefinitionsError
 from fleetcache.lookup.caching import (
     DEFAULT_ERROR_TTL,
     DEFAULT_MAX_ROUNDS,
@@ -59,7 +70,7 @@ CacheScope = Literal["public", "realm-auth"]
 # already in it is not looked up again, so a chain never waits on itself. Copied into every
 # task a computation starts, so it follows the chain across flights. Two chains started
 # independently can still wait on each other (M gathering D while D gathers M); that wait
-# is bounded by aggregation_timeout, after which only the cached errors are listed.
+# is bounded by aggregation_timeout, after which M's error is answered but not cached.
 _gathering: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
     "fleetcache_gathering", default=frozenset()
 )
@@ -67,7 +78,13 @@ _gathering: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
 
 @dataclass(frozen=True, slots=True)
 class ModuleDefinitions:
-    """A module's cached render: its definitions (or error), deps and where it is stored."""
+    """A module's cached render: its definitions (or error), deps and where it is stored.
+
+    ``definitions`` is keyed by internal key (``<module URL without extension>/<export>``).
+    ``cached`` is False for an answer that was not stored: an error whose dependencies'
+    errors could not all be gathered within the aggregation timeout (asked again, the
+    module is rendered again).
+    """
 
     module_url: str
     resolved_realm_url: str
@@ -78,6 +95,7 @@ class ModuleDefinitions:
     error: ModuleErrorEntry | None
     created_at: int | None
     diagnostics: dict[str, Any] | None
+    cached: bool = True
 
     @classmethod
     def from_entry(cls, entry: Entry) -> ModuleDefinitions:
@@ -103,14 +121,50 @@ def cache_scope_for(realm: Realm) -> tuple[CacheScope, str]:
 
 
 def flatten_meta(response: ModuleRenderResponse) -> dict[str, Any] | None:
-    """``meta`` as one JSON object (``request_id`` plus the diagnostics' keys), or None."""
+    """``meta`` as one JSON object, as the seed's ``flattenPrerenderMeta`` makes it: the
+    diagnostics' keys plus ``requestId``; None when there is nothing."""
     if response.meta is None:
         return None
-    flat: dict[str, Any] = {}
-    if "request_id" in response.meta:
-        flat["request_id"] = response.meta["request_id"]
-    flat.update(response.meta.get("diagnostics", {}))
+    flat: dict[str, Any] = copy.deepcopy(response.meta.get("diagnostics") or {})
+    if response.meta.get("requestId") is not None:
+        flat["requestId"] = response.meta["requestId"]
     return flat or None
+
+
+class _IncompleteAggregationError(DefinitionsError):
+    """A module's error whose dependencies' errors could not all be gathered in time.
+
+    Raised by the producer so that the generic lookup stores nothing (today's
+    ``CachingLookup`` persists every ``Produced`` error it is returned; an exception is the
+    one outcome it never stores) and caught again by this layer, which hands the caller
+    ``produced`` as an uncached answer. Every caller of the shared computation goes
+    through this layer's ``_get``/``populate_definition_cache_entry``, so it never reaches
+    a user (a generic ``get`` of the same key with another producer would see it).
+    """
+
+    def __init__(self, name: str, produced: Produced, unknown: list[str], timeout: float) -> None:
+        super().__init__(
+            f"the error of {name!r} is not cached: the errors of {len(unknown)} "
+            f"dependencies ({', '.join(unknown)}) could not be gathered within {timeout:g} s"
+        )
+        self.name = name
+        self.produced = produced
+
+    def module(self, key: Key) -> ModuleDefinitions:
+        """The uncached answer, as the lookup of ``key`` sees it."""
+        produced = self.produced
+        return ModuleDefinitions(
+            module_url=self.name,
+            resolved_realm_url=key.namespace,
+            cache_scope=key.scope,
+            cache_user_id=key.user,
+            definitions=cast(dict[str, DefinitionResult], produced.value),
+            deps=list(produced.deps),
+            error=cast(ModuleErrorEntry | None, produced.error),
+            created_at=None,
+            diagnostics=cast(dict[str, Any] | None, produced.diagnostics),
+            cached=False,
+        )
 
 
 class CachingDefinitionLookup:
@@ -119,8 +173,9 @@ class CachingDefinitionLookup:
     Register the realms whose modules it may look up (``register_realm``). With a
     ``coordinator`` one process of the fleet renders a module while the others wait;
     with a ``publisher`` invalidations reach the other processes.
-    ``aggregation_timeout`` bounds how long a failing module waits for its dependencies'
-    errors (beyond it, only the errors already cached are listed).
+    ``aggregation_timeout`` bounds how long a failing module waits, in all, for its
+    dependencies' errors; beyond it the errors already cached are listed and, if some
+    dependency's outcome is still unknown, the error is answered but not cached.
     """
 
     def __init__(
@@ -238,13 +293,16 @@ class CachingDefinitionLookup:
         stored (the answer is then None)."""
         url = canonicalize(module_url)
         key = Key(resolved_realm_url, url, cache_scope, cache_user_id)
-        entry = await self.lookup.get(
-            key,
-            self._producer(realm_url, prerender_user_id, priority),
-            candidates=candidates(url),
-            alias=trim_executable_extension(url),
-            persist_errors=False,
-        )
+        try:
+            entry = await self.lookup.get(
+                key,
+                self._producer(realm_url, prerender_user_id, priority),
+                candidates=candidates(url),
+                alias=trim_executable_extension(url),
+                persist_errors=False,
+            )
+        except _IncompleteAggregationError:
+            return None  # an error, which a pre-warm never stores nor returns
         return (
             None
             if entry is None or entry.error is not None
@@ -286,12 +344,16 @@ class CachingDefinitionLookup:
         self, module_url: str, realm: Realm, priority: int | None
     ) -> ModuleDefinitions | None:
         url = canonicalize(module_url)
-        entry = await self.lookup.get(
-            self._key(url, realm),
-            self._producer(realm.url, realm.owner_user_id, priority),
-            candidates=candidates(url),
-            alias=trim_executable_extension(url),
-        )
+        key = self._key(url, realm)
+        try:
+            entry = await self.lookup.get(
+                key,
+                self._producer(realm.url, realm.owner_user_id, priority),
+                candidates=candidates(url),
+                alias=trim_executable_extension(url),
+            )
+        except _IncompleteAggregationError as incomplete:
+            return incomplete.module(key)
         return None if entry is None else ModuleDefinitions.from_entry(entry)
 
     async def _peek(self, module_url: str) -> ModuleDefinitions | None:
@@ -308,31 +370,46 @@ class CachingDefinitionLookup:
             )
             if is_missing_module(response, candidate):
                 return MISSING
+            deps = absolute_deps([*response.deps, *error_deps(response.error)], candidate)
             error = response.error
-            error_deps = error["error"]["deps"] if error else []
-            deps = absolute_deps([*response.deps, *error_deps], candidate)
+            unknown: list[str] = []
             if error is not None:
-                error = await self._with_dependency_errors(error, candidate, priority)
-            return Produced(
+                error, unknown = await self._with_dependency_errors(error, candidate, priority)
+            produced = Produced(
                 value=response.definitions,
                 deps=deps,
                 error=error,
                 diagnostics=flatten_meta(response),
             )
+            if unknown:
+                incomplete = _IncompleteAggregationError(
+                    candidate, produced, unknown, self.aggregation_timeout
+                )
+                logger.warning("%s; answering it uncached", incomplete)
+                raise incomplete
+            return produced
 
         return produce
 
     async def _with_dependency_errors(
         self, error: ModuleErrorEntry, module_url: str, priority: int | None
-    ) -> ModuleErrorEntry:
-        """``error`` with absolute deps and, in ``additional_errors``, the errors of the
-        failing dependencies, breadth-first and de-duplicated."""
+    ) -> tuple[ModuleErrorEntry, list[str]]:
+        """``error`` with absolute deps and, appended to ``additionalErrors``, the errors of
+        the failing dependencies (each as stored), breadth-first and de-duplicated; and
+        the dependencies whose outcome could not be had within the aggregation timeout
+        (when there are any, the error is incomplete)."""
         detail = error["error"]
-        deps = absolute_deps(detail["deps"], module_url)
+        deps = absolute_deps(error_deps(error), module_url)
         chain = _gathering.get() | {trim_executable_extension(module_url)}
-        additional: list[Any] = list(detail["additional_errors"])
+        received = detail.get("additionalErrors")
+        additional: list[Any] = list(received) if isinstance(received, list) else []
+        seen_errors = {_error_key(e) for e in additional if isinstance(e, dict)}
+        seen_errors.add(_error_key(detail))
+        added = False
+        unknown: list[str] = []
         seen = set(chain)
         queue = [dep for dep in deps if dep not in seen]
+        deadline = asyncio.get_running_loop().time() + self.aggregation_timeout
         token = _gathering.set(chain)
         try:
             while queue:
@@ -340,34 +417,50 @@ class CachingDefinitionLookup:
                 if dep in seen:
                     continue
                 seen.add(dep)
-                dep_module = await self._dependency(dep, priority)
+                dep_module, known = await self._dependency(dep, priority, deadline)
+                if not known:
+                    unknown.append(dep)
                 if dep_module is None or dep_module.error is None:
                     continue
                 dep_detail = dep_module.error["error"]
-                additional.append(
-                    module_error(dep_detail["message"], dep_detail["status"], dep_detail["deps"])
-                )
-                queue.extend(d for d in dep_detail["deps"] if d not in seen)
+                if _error_key(dep_detail) not in seen_errors:
+                    seen_errors.add(_error_key(dep_detail))
+                    dep_error = copy.deepcopy(dep_detail)
+                    dep_error.setdefault("additionalErrors", None)  # absent is null, as the seed
+                    additional.append(dep_error)
+                    added = True
+                queue.extend(d for d in error_deps(dep_module.error) if d not in seen)
         finally:
             _gathering.reset(token)
-        return module_error(detail["message"], detail["status"], deps, additional)
+        merged: SerializedError = {
+            **detail,
+            "deps": deps,
+            # As received (null when absent) unless dependency errors were added.
+            "additionalErrors": additional if added else received,
+        }
+        return {**error, "error": merged}, unknown
 
-    async def _dependency(self, dep_url: str, priority: int | None) -> ModuleDefinitions | None:
-        """A dependency's render through the cache (bounded; on timeout what is cached)."""
+    async def _dependency(
+        self, dep_url: str, priority: int | None, deadline: float
+    ) -> tuple[ModuleDefinitions | None, bool]:
+        """A dependency's render through the cache, waiting until ``deadline`` (loop time)
+        at most, then only reading what is cached; and whether its outcome is known (an
+        answer, or "it does not exist"), which it is not when neither gave one."""
         realm = self.realm_of(dep_url)
         if realm is None:
-            return None
-        try:
-            return await asyncio.wait_for(
-                self._get(dep_url, realm, priority), self.aggregation_timeout
-            )
-        except TimeoutError:
-            logger.warning(
-                "gave up waiting %.1f s for the errors of dependency %r",
-                self.aggregation_timeout,
-                dep_url,
-            )
-            return await self._peek(dep_url)
+            return None, True  # outside every registered realm: nothing to gather
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining > 0:
+            try:
+                return await asyncio.wait_for(self._get(dep_url, realm, priority), remaining), True
+            except TimeoutError:
+                logger.warning(
+                    "gave up waiting for the errors of dependency %r (aggregation timeout %.1f s)",
+                    dep_url,
+                    self.aggregation_timeout,
+                )
+        cached = await self._peek(dep_url)
+        return cached, cached is not None
 
 
 class RealmDefinitionLookup:
@@ -413,14 +506,21 @@ def _definition_in(code_ref: CodeRef, module: ModuleDefinitions | None) -> Defin
         raise FilterRefersToNonexistentTypeError(
             code_ref, f"the module failed to render: {module.error['error']['message']}"
         )
-    found = module.definitions.get(code_ref.name)
+    # Definitions are filed by internal key, so x and x.gts name the same definition.
+    found = module.definitions.get(internal_key_for(code_ref))
     if found is None:
         raise FilterRefersToNonexistentTypeError(code_ref, "the module has no such export")
-    if found["type"] != "definition":
+    if is_error_entry(found):
+        message = cast(ModuleErrorEntry, found)["error"]["message"]
         raise FilterRefersToNonexistentTypeError(
-            code_ref, f"the export failed to render: {found['error']['message']}"
+            code_ref, f"the export failed to render: {message}"
         )
-    return found
+    return cast(DefinitionEntry, found)
+
+
+def _error_key(detail: Any) -> tuple[object, object, object]:
+    """How the seed's system tells two errors apart when aggregating: id, message, status."""
+    return (detail.get("id"), detail.get("message"), detail.get("status"))
 
 
 __all__ = [

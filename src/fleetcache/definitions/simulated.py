@@ -1,13 +1,18 @@
-"""A simulated prerender service: a real HTTP server that renders a module graph given as data.
+"""A simulated prerender service speaking the seed system's protocol, over a module graph
+given as data.
 
-It stands in for the real (slow, external) prerenderer in tests, the demo and the
-benchmark. It counts every render, so a test can check that a fleet rendered each module
-exactly once, and its graph can be edited while it runs, so a demo can "edit" a module.
+It stands in for the real (slow, external) prerender service in tests, the demo and the
+benchmark: a real HTTP server (aiohttp.web) that answers ``POST /prerender-module`` as the
+seed's prerender manager does (see :mod:`fleetcache.definitions.prerenderer`). It counts
+every attempt and every render, so a test can check that a fleet rendered each module
+exactly once; its graph can be edited while it runs, so a demo can "edit" a module; and it
+can be told to answer a module with failures first (``draining``, 503, ...), so a test can
+watch the client retry.
 
 Run it in this process::
 
     async with SimulatedPrerenderServer({"https://r.example/a/x.gts": ModuleSpec(["X"])}) as s:
-        prerenderer = HttpPrerenderer(s.base_url)
+        prerenderer = HttpPrerenderer(s.base_url, auth="token")
 
 or in another OS process (it prints its base URL as the first line of stdout)::
 
@@ -15,9 +20,12 @@ or in another OS process (it prints its base URL as the first line of stdout)::
 
 Endpoints::
 
-    POST   /prerender/module   {url, realm_url, user_id, priority} -> a render response
-    GET    /renders            {url: count}            POST /renders/reset  forget renders
+    POST   /prerender-module   JSON:API prerender-module-request -> 201 prerender-module-result
+    GET    /renders            {url: renders}       POST /renders/reset  forget renders
+    GET    /attempts           {url: requests}      GET  /requests       every request, in order
     GET    /priorities         {url: last priority}
+    POST   /faults             {url, times, status, drainingHeader}: answer the next ``times``
+                               requests for url with that status (and the draining header)
     GET    /modules            {"modules": {url: spec}, "versions": {url: version}}
     PUT    /modules            {url, spec}  -> {url, version}
     DELETE /modules?url=...    -> {url, removed, version}
@@ -26,9 +34,11 @@ Rendering module ``U``: not in the graph (exact key; no extension guessing, that
 caching layer's job) → a module-error with status 404 and no deps; ``fail`` set → a
 module-error with that message (status ``status`` or 500); an import that fails, however
 deep → a module-error whose deps list every import on a path to the failure; otherwise
-``ready`` with one definition per export. The graph is read when a render starts, before
-the simulated latency, as a real renderer reads the source first: an edit during a render
-does not change that render's answer.
+``ready`` with one definition per export, filed under its internal key
+(``<U without extension>/<export>``). The graph is read when a render starts, before the
+simulated latency, as a real renderer reads the source first: an edit during a render does
+not change that render's answer. A request answered by an injected fault is an attempt but
+not a render.
 """
 
 from __future__ import annotations
@@ -43,15 +53,18 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import httpx
+from aiohttp import web
 
 from fleetcache.definitions.models import (
     DefinitionResult,
@@ -60,11 +73,21 @@ from fleetcache.definitions.models import (
     definition_entry,
     module_error,
 )
-from fleetcache.definitions.urls import EXECUTABLE_EXTENSIONS, canonicalize
+from fleetcache.definitions.prerenderer import (
+    JOB_PRIORITY_HEADER,
+    REQUEST_ID_HEADER,
+    SERVER_STATUS_HEADER,
+)
+from fleetcache.definitions.urls import (
+    EXECUTABLE_EXTENSIONS,
+    canonicalize,
+    trim_executable_extension,
+)
 from fleetcache.errors import ConfigurationError, DefinitionsError, NotOpenError
 
 __all__ = [
     "ModuleSpec",
+    "RecordedRequest",
     "SimulatedPrerenderControl",
     "SimulatedPrerenderServer",
     "SimulatedServerError",
@@ -77,15 +100,28 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
-
 _DEFAULT_FAIL_STATUS = 500
 _MISSING_STATUS = 404
-# Fleet fan-out opens many connections at once; the asyncio default backlog (100) is small.
+_DRAINING_STATUS = 410
+_JSON_API = "application/vnd.api+json"
+_REQUEST_TYPE = "prerender-module-request"
+_RESULT_TYPE = "prerender-module-result"
+# Fleet fan-out opens many connections at once; the default backlog (128) is small.
 _LISTEN_BACKLOG = 1024
-# A request head larger than this is refused (asyncio's StreamReader limit).
-_MAX_HEAD_BYTES = 64 * 1024
+# close() gives a request still being answered this long before cancelling it.
+_SHUTDOWN_GRACE = 0.25
 _SPEC_KEYS = frozenset({"exports", "imports", "fail", "status", "http_status", "raw_body"})
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _title(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 class SimulatedServerError(DefinitionsError):
@@ -201,6 +237,8 @@ class _ModuleGraph:
         self.specs: dict[str, ModuleSpec] = {}
         # A module's version survives its removal, so a re-added module gets a new one.
         self.versions: dict[str, int] = {}
+        # When each module last changed (ms), for the response's lastModified.
+        self.modified: dict[str, int] = {}
         for url, spec in graph.items():
             self.set(url, spec)
 
@@ -210,12 +248,14 @@ class _ModuleGraph:
             raise ConfigurationError(f"spec for {url!r} must be a ModuleSpec, got {spec!r}")
         self.specs[url] = spec
         self.versions[url] = self.versions.get(url, 0) + 1
+        self.modified[url] = _now_ms()
         return self.versions[url]
 
     def remove(self, url: str) -> bool:
         if self.specs.pop(url, None) is None:
             return False
         self.versions[url] += 1
+        self.modified[url] = _now_ms()
         return True
 
     def resolve_import(self, url: str) -> str | None:
@@ -224,17 +264,31 @@ class _ModuleGraph:
         return next((url + ext for ext in EXECUTABLE_EXTENSIONS if url + ext in self.specs), None)
 
     def render(self, url: str) -> ModuleRenderResponse:
+        """The module's render response, with the facts every answer carries."""
+        return dataclasses.replace(
+            self._render(url),
+            id=url,
+            nonce=uuid.uuid4().hex,
+            created_at=_now_ms(),
+            last_modified=self.modified.get(url),
+        )
+
+    def _render(self, url: str) -> ModuleRenderResponse:
         spec = self.specs.get(url)
         if spec is None:
             return ModuleRenderResponse(
-                "error", error=module_error(f"module not found: {url}", _MISSING_STATUS)
+                "error",
+                error=module_error(
+                    f"module not found: {url}", _MISSING_STATUS, title=_title(_MISSING_STATUS)
+                ),
             )
         imports = list(spec.imports)
         if spec.fail is not None:
+            status = spec.status or _DEFAULT_FAIL_STATUS
             return ModuleRenderResponse(
                 "error",
                 deps=imports,
-                error=module_error(spec.fail, spec.status or _DEFAULT_FAIL_STATUS),
+                error=module_error(spec.fail, status, title=_title(status)),
             )
         bad, roots = self._failing_imports(url)
         if roots:
@@ -244,17 +298,22 @@ class _ModuleGraph:
                 "error",
                 deps=imports,
                 error=module_error(
-                    f"a dependency failed to render: {root}: {reason}{more}", status, bad
+                    f"a dependency failed to render: {root}: {reason}{more}",
+                    status,
+                    bad,
+                    title=_title(status),
                 ),
             )
         version = self.versions[url]
+        # Filed by internal key, as the seed's prerenderer files them.
+        alias = trim_executable_extension(url)
         definitions: dict[str, DefinitionResult] = {
-            name: definition_entry(
-                url, {"name": name, "kind": "card", "version": version}, [f"{url}/{name}"]
+            f"{alias}/{name}": definition_entry(
+                alias, {"name": name, "kind": "card", "version": version}, [f"{alias}/{name}"]
             )
             for name in spec.exports
         }
-        return ModuleRenderResponse("ready", definitions, deps=imports)
+        return ModuleRenderResponse("ready", definitions, deps=imports, exports=list(spec.exports))
 
     def _failing_imports(self, url: str) -> tuple[list[str], list[tuple[str, str, int]]]:
         """Every module reachable from ``url`` that leads to a failure (``bad``), and the
@@ -295,24 +354,37 @@ class _ModuleGraph:
         )
 
 
-@dataclass(slots=True)
-class _Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    body: bytes
-    keep_alive: bool
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """One ``POST /prerender-module`` the server received (an attempt), as it came in.
 
+    ``priority`` is the body's, ``priority_header`` the ``x-boxel-job-priority`` header
+    (None when absent); ``status`` is the HTTP status it was answered with.
+    """
 
-@dataclass(slots=True)
-class _Response:
+    url: str
+    realm: str
+    auth: str
+    request_id: str | None
+    priority: int | None
+    priority_header: str | None
+    content_type: str | None
+    accept: str | None
     status: int
-    body: bytes
-    content_type: str = "application/json"
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form served by ``GET /requests``."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class _Fault:
+    status: int
+    draining_header: bool
 
 
 class _HttpError(Exception):
-    """Answer the request with this status and message (JSON ``{"error": message}``)."""
+    """Answer the request with this status and message (a JSON:API errors document)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -320,8 +392,21 @@ class _HttpError(Exception):
         self.message = message
 
 
-def _json_response(doc: object, status: int = 200) -> _Response:
-    return _Response(status, json.dumps(doc).encode())
+def _errors_response(status: int, message: str) -> web.Response:
+    doc = {"errors": [{"status": status, "title": _title(status), "message": message}]}
+    return web.json_response(doc, status=status, content_type=_JSON_API)
+
+
+@web.middleware
+async def _answer_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _HttpError as exc:
+        return _errors_response(exc.status, exc.message)
+    except ConfigurationError as exc:
+        return _errors_response(400, str(exc))
 
 
 class SimulatedPrerenderServer:
@@ -347,52 +432,62 @@ class SimulatedPrerenderServer:
         self._host = host
         self._port = port
         self._graph = _ModuleGraph(graph or {})
-        # Render bookkeeping: written by render handlers and reset_renders(), read by
-        # render_counts()/priorities(); all run on the server's loop, so no lock is needed.
-        self._counts: dict[str, int] = {}
+        # Bookkeeping, all written by request handlers (and reset_renders/fail_next) and
+        # read by the accessors below; everything runs on the server's loop, so no lock.
+        self._counts: Counter[str] = Counter()
         self._priorities: dict[str, int | None] = {}
-        # Connection handler tasks, so close() can end keep-alive connections a client
-        # left open (asyncio.Server.close() only stops listening).
-        self._connections: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
+        self._requests: list[RecordedRequest] = []
+        self._faults: dict[str, deque[_Fault]] = {}
+        self._runner: web.AppRunner | None = None
         self._base_url: str | None = None
 
     @property
     def base_url(self) -> str:
         """``http://127.0.0.1:<port>``; raises :class:`NotOpenError` before :meth:`start`."""
-        if self._base_url is None or self._server is None:
+        if self._base_url is None or self._runner is None:
             raise NotOpenError("SimulatedPrerenderServer is not started")
         return self._base_url
 
     async def start(self) -> str:
         """Listen, and return the base URL."""
-        if self._server is not None:
+        if self._runner is not None:
             return self.base_url
-        self._server = await asyncio.start_server(
-            self._serve_connection,
-            self._host,
-            self._port,
-            backlog=_LISTEN_BACKLOG,
-            limit=_MAX_HEAD_BYTES,
+        app = web.Application(middlewares=[_answer_errors])
+        app.add_routes(
+            [
+                web.post("/prerender-module", self._handle_render),
+                web.get("/renders", self._handle_get_renders),
+                web.post("/renders/reset", self._handle_reset_renders),
+                web.get("/attempts", self._handle_get_attempts),
+                web.get("/requests", self._handle_get_requests),
+                web.get("/priorities", self._handle_get_priorities),
+                web.post("/faults", self._handle_post_fault),
+                web.get("/modules", self._handle_get_modules),
+                web.put("/modules", self._handle_put_module),
+                web.delete("/modules", self._handle_delete_module),
+            ]
         )
-        port = self._server.sockets[0].getsockname()[1]
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_GRACE)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._host, self._port, backlog=_LISTEN_BACKLOG)
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise SimulatedServerError(
+                f"could not listen on {self._host}:{self._port}: {exc}"
+            ) from exc
+        port = runner.addresses[0][1]
+        self._runner = runner
         self._base_url = f"http://{self._host}:{port}"
         return self._base_url
 
     async def close(self) -> None:
-        """Stop listening and end every open connection; safe to call twice."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        # A connection accepted just before close() registers itself on its first step.
-        await asyncio.sleep(0)
-        while self._connections:
-            connections = list(self._connections)
-            for task in connections:
-                task.cancel()
-            await asyncio.gather(*connections, return_exceptions=True)
-        await server.wait_closed()
+        """Stop listening and end every open connection (a request still being answered
+        gets a moment, then is cancelled); safe to call twice."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
     async def __aenter__(self) -> SimulatedPrerenderServer:
         await self.start()
@@ -424,97 +519,98 @@ class SimulatedPrerenderServer:
         """A copy of the current graph."""
         return dict(self._graph.specs)
 
-    # --- what was rendered ---------------------------------------------------------------
+    # --- faults ----------------------------------------------------------------------------
+
+    def fail_next(
+        self, url: str, times: int = 1, *, status: int = 503, draining_header: bool = False
+    ) -> None:
+        """Answer the next ``times`` requests for ``url`` with ``status`` (and the
+        ``X-Boxel-Prerender-Server-Status: draining`` header if asked) instead of rendering."""
+        if isinstance(times, bool) or not isinstance(times, int) or times < 0:
+            raise ConfigurationError(f"times must be an integer >= 0, got {times!r}")
+        _check_status(status, "status", 200)
+        queue = self._faults.setdefault(url, deque())
+        queue.extend([_Fault(status, draining_header)] * times)
+
+    def drain(
+        self, url: str, times: int = 1, *, via: Literal["status", "header"] = "status"
+    ) -> None:
+        """Answer the next ``times`` requests for ``url`` as a draining server does: status
+        410 (``via="status"``), or a 200 carrying the draining status header
+        (``via="header"``; the header alone must make a client retry)."""
+        if via == "status":
+            self.fail_next(url, times, status=_DRAINING_STATUS)
+        else:
+            self.fail_next(url, times, status=200, draining_header=True)
+
+    # --- what was asked and rendered -------------------------------------------------------
 
     def render_counts(self) -> dict[str, int]:
-        """How many render requests each URL received since the start or the last reset."""
+        """How many renders of each URL were done (requests not answered by a fault) since
+        the start or the last reset."""
         return dict(self._counts)
 
+    def attempt_counts(self) -> dict[str, int]:
+        """How many render requests each URL received, faults and retries included."""
+        return dict(Counter(r.url for r in self._requests))
+
+    def request_ids(self) -> dict[str, list[str | None]]:
+        """The ``x-boxel-prerender-request-id`` of every request, per URL, in order."""
+        ids: dict[str, list[str | None]] = {}
+        for recorded in self._requests:
+            ids.setdefault(recorded.url, []).append(recorded.request_id)
+        return ids
+
+    def requests(self) -> list[RecordedRequest]:
+        """Every render request received, in order."""
+        return list(self._requests)
+
     def priorities(self) -> dict[str, int | None]:
-        """The last priority each URL was requested with."""
+        """The last priority (from the request body) each URL was requested with."""
         return dict(self._priorities)
 
     def reset_renders(self) -> None:
-        """Forget the render counts and priorities."""
+        """Forget the render counts, requests and priorities (pending faults stay)."""
         self._counts.clear()
         self._priorities.clear()
+        self._requests.clear()
 
     # --- HTTP ----------------------------------------------------------------------------
 
-    async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        try:
-            while True:
-                try:
-                    request = await _read_request(reader)
-                except _HttpError as exc:
-                    # The stream is out of sync after a bad head; answer and hang up.
-                    await _write_response(
-                        writer, _json_response({"error": exc.message}, exc.status), False
-                    )
-                    return
-                if request is None:
-                    return
-                response = await self._dispatch(request)
-                await _write_response(writer, response, request.keep_alive)
-                if not request.keep_alive:
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return  # the client went away mid-request; nothing to answer
-        except asyncio.CancelledError:
-            # Only close() cancels this task, which it owns. Ending normally rather than
-            # cancelled avoids Python 3.11's streams callback logging the CancelledError.
-            return
-        finally:
-            if task is not None:
-                self._connections.discard(task)
-            writer.close()
-            # A close() that lands while we wait here must not end the task cancelled either.
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await writer.wait_closed()
-
-    async def _dispatch(self, request: _Request) -> _Response:
-        routes = {
-            ("POST", "/prerender/module"): self._handle_render,
-            ("GET", "/renders"): self._handle_get_renders,
-            ("POST", "/renders/reset"): self._handle_reset_renders,
-            ("GET", "/priorities"): self._handle_get_priorities,
-            ("GET", "/modules"): self._handle_get_modules,
-            ("PUT", "/modules"): self._handle_put_module,
-            ("DELETE", "/modules"): self._handle_delete_module,
-        }
-        handler = routes.get((request.method, request.path))
-        try:
-            if handler is None:
-                if any(path == request.path for _, path in routes):
-                    raise _HttpError(405, f"{request.method} is not allowed on {request.path}")
-                raise _HttpError(404, f"no such endpoint: {request.path}")
-            return await handler(request)
-        except _HttpError as exc:
-            return _json_response({"error": exc.message}, exc.status)
-        except ConfigurationError as exc:
-            return _json_response({"error": str(exc)}, 400)
-        except Exception:
-            # A bug here must not kill the connection silently; log it and answer 500.
-            logger.exception(
-                "simulated prerender server failed on %s %s", request.method, request.path
+    async def _handle_render(self, request: web.Request) -> web.StreamResponse:
+        content_type = request.headers.get("Content-Type")
+        if content_type is None or not content_type.startswith(_JSON_API):
+            raise _HttpError(415, f"Content-Type must be {_JSON_API}, got {content_type!r}")
+        attributes = _render_attributes(await _json_body(request))
+        url: str = attributes["url"]
+        priority = attributes.get("priority")
+        request_id = request.headers.get(REQUEST_ID_HEADER)
+        queue = self._faults.get(url)
+        fault = queue.popleft() if queue else None
+        self._requests.append(
+            RecordedRequest(
+                url=url,
+                realm=attributes["realm"],
+                auth=attributes["auth"],
+                request_id=request_id,
+                priority=priority,
+                priority_header=request.headers.get(JOB_PRIORITY_HEADER),
+                content_type=content_type,
+                accept=request.headers.get("Accept"),
+                status=fault.status if fault else 201,
             )
-            return _json_response({"error": "internal error"}, 500)
-
-    async def _handle_render(self, request: _Request) -> _Response:
-        doc = _json_body(request)
-        url = _field(doc, "url", str)
-        _field(doc, "realm_url", str)
-        _field(doc, "user_id", str)
-        priority = doc.get("priority")
-        if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
-            raise _HttpError(400, f"'priority' must be an integer or null, got {priority!r}")
-        self._counts[url] = self._counts.get(url, 0) + 1
+        )
         self._priorities[url] = priority
+        echo = {REQUEST_ID_HEADER: request_id} if request_id else {}
+        if fault is not None:
+            headers = {
+                **echo,
+                **({SERVER_STATUS_HEADER: "draining"} if fault.draining_header else {}),
+            }
+            return web.Response(
+                status=fault.status, text=f"simulated {_title(fault.status)}", headers=headers
+            )
+        self._counts[url] += 1
         loop = asyncio.get_running_loop()
         started = loop.time()
         # Read the graph before the latency, as a real renderer reads the source first.
@@ -524,48 +620,68 @@ class SimulatedPrerenderServer:
             await asyncio.sleep(self.latency)
         if spec is not None and (spec.http_status is not None or spec.raw_body is not None):
             body = spec.raw_body if spec.raw_body is not None else "simulated prerender failure"
-            status = spec.http_status or 200
-            return _Response(status, body.encode(), "text/plain; charset=utf-8")
+            return web.Response(status=spec.http_status or 201, text=body, headers=echo)
         meta: RenderMeta = {
-            "request_id": str(uuid.uuid4()),
-            "diagnostics": {"render_ms": round((loop.time() - started) * 1000, 3)},
+            "requestId": request_id,
+            "diagnostics": {"renderElapsedMs": round((loop.time() - started) * 1000, 3)},
         }
-        return _json_response(dataclasses.replace(rendered, meta=meta).to_json())
+        document = {
+            "data": {
+                "type": _RESULT_TYPE,
+                "id": url,
+                "attributes": dataclasses.replace(rendered, meta=meta).to_json(),
+            }
+        }
+        return web.json_response(document, status=201, content_type=_JSON_API, headers=echo)
 
-    async def _handle_get_renders(self, request: _Request) -> _Response:
-        return _json_response(self.render_counts())
+    async def _handle_get_renders(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.render_counts())
 
-    async def _handle_reset_renders(self, request: _Request) -> _Response:
+    async def _handle_reset_renders(self, request: web.Request) -> web.StreamResponse:
         self.reset_renders()
-        return _json_response({"reset": True})
+        return web.json_response({"reset": True})
 
-    async def _handle_get_priorities(self, request: _Request) -> _Response:
-        return _json_response(self.priorities())
+    async def _handle_get_attempts(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.attempt_counts())
 
-    async def _handle_get_modules(self, request: _Request) -> _Response:
-        return _json_response(
+    async def _handle_get_requests(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response([r.to_json() for r in self._requests])
+
+    async def _handle_get_priorities(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(self.priorities())
+
+    async def _handle_post_fault(self, request: web.Request) -> web.StreamResponse:
+        doc = await _json_body(request)
+        url = _field(doc, "url", str)
+        times = doc.get("times", 1)
+        status = doc.get("status", 503)
+        self.fail_next(url, times, status=status, draining_header=bool(doc.get("drainingHeader")))
+        return web.json_response({"url": url, "pending": len(self._faults.get(url, ()))})
+
+    async def _handle_get_modules(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(
             {"modules": graph_to_json(self._graph.specs), "versions": dict(self._graph.versions)}
         )
 
-    async def _handle_put_module(self, request: _Request) -> _Response:
-        doc = _json_body(request)
+    async def _handle_put_module(self, request: web.Request) -> web.StreamResponse:
+        doc = await _json_body(request)
         url = _field(doc, "url", str)
         version = self.set_module(url, ModuleSpec.from_json(doc.get("spec")))
-        return _json_response({"url": url, "version": version})
+        return web.json_response({"url": url, "version": version})
 
-    async def _handle_delete_module(self, request: _Request) -> _Response:
-        urls = request.query.get("url")
-        if not urls:
+    async def _handle_delete_module(self, request: web.Request) -> web.StreamResponse:
+        url = request.query.get("url")
+        if not url:
             raise _HttpError(400, "DELETE /modules needs ?url=")
-        removed = self.remove_module(urls[0])
-        return _json_response(
-            {"url": urls[0], "removed": removed, "version": self.module_version(urls[0])}
+        removed = self.remove_module(url)
+        return web.json_response(
+            {"url": url, "removed": removed, "version": self.module_version(url)}
         )
 
 
-def _json_body(request: _Request) -> dict[str, Any]:
+async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
-        doc = json.loads(request.body)
+        doc = json.loads(await request.read())
     except ValueError as exc:
         raise _HttpError(400, f"body is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
@@ -573,62 +689,38 @@ def _json_body(request: _Request) -> dict[str, Any]:
     return doc
 
 
-def _field(doc: Mapping[str, Any], name: str, kind: type[_T]) -> _T:
+def _field(doc: Mapping[str, Any], name: str, kind: type[str]) -> str:
     value = doc.get(name)
     if not isinstance(value, kind):
         raise _HttpError(400, f"{name!r} must be a {kind.__name__}, got {value!r}")
     return value
 
 
-async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
-    """Read one HTTP/1.1 request; None when the client closed between requests."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial.strip():
-            raise _HttpError(400, "incomplete request head") from exc
-        return None
-    except asyncio.LimitOverrunError as exc:
-        raise _HttpError(431, "request head too large") from exc
-    request_line, *header_lines = head.decode("latin-1").split("\r\n")
-    parts = request_line.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-        raise _HttpError(400, f"bad request line: {request_line!r}")
-    method, target, version = parts
-    headers: dict[str, str] = {}
-    for line in header_lines:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    if "transfer-encoding" in headers:
-        raise _HttpError(501, "chunked request bodies are not supported; send Content-Length")
-    try:
-        length = int(headers.get("content-length", "0"))
-    except ValueError as exc:
-        raise _HttpError(400, "bad Content-Length") from exc
-    body = await reader.readexactly(length) if length > 0 else b""
-    connection = headers.get("connection", "").lower()
-    # HTTP/1.1 keeps the connection unless told otherwise; HTTP/1.0 only when asked.
-    keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
-    split = urlsplit(target)
-    return _Request(method, split.path, parse_qs(split.query), body, keep_alive)
-
-
-async def _write_response(
-    writer: asyncio.StreamWriter, response: _Response, keep_alive: bool
-) -> None:
-    try:
-        phrase = HTTPStatus(response.status).phrase
-    except ValueError:
-        phrase = "Unknown"
-    head = (
-        f"HTTP/1.1 {response.status} {phrase}\r\n"
-        f"Content-Type: {response.content_type}\r\n"
-        f"Content-Length: {len(response.body)}\r\n"
-        f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
-    )
-    writer.write(head.encode("latin-1") + response.body)
-    await writer.drain()
+def _render_attributes(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The attributes of a prerender-module request, checked as the seed's client checks
+    them before sending (so a request our client would not send is refused here too)."""
+    data = doc.get("data")
+    if not isinstance(data, dict) or data.get("type") != _REQUEST_TYPE:
+        raise _HttpError(400, f"body must be a JSON:API document of type {_REQUEST_TYPE!r}")
+    attributes = data.get("attributes")
+    if not isinstance(attributes, dict):
+        raise _HttpError(400, "data.attributes must be an object")
+    missing = [
+        name
+        for name in ("affinityValue", "realm", "url", "auth")
+        if not isinstance(attributes.get(name), str) or not attributes[name].strip()
+    ]
+    if attributes.get("affinityType") != "realm":
+        missing.append("affinityType")
+    if missing:
+        raise _HttpError(400, f"Missing prerender {_REQUEST_TYPE} attributes: {', '.join(missing)}")
+    priority = attributes.get("priority")
+    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
+        raise _HttpError(400, f"'priority' must be an integer, got {priority!r}")
+    options = attributes.get("renderOptions")
+    if options is not None and not isinstance(options, dict):
+        raise _HttpError(400, f"'renderOptions' must be an object, got {options!r}")
+    return attributes
 
 
 class SimulatedPrerenderControl:
@@ -666,6 +758,26 @@ class SimulatedPrerenderControl:
     async def reset_renders(self) -> None:
         """``POST /renders/reset``."""
         await self._call("POST", "/renders/reset")
+
+    async def attempt_counts(self) -> dict[str, int]:
+        """``GET /attempts``."""
+        counts: dict[str, int] = await self._call("GET", "/attempts")
+        return counts
+
+    async def requests(self) -> list[dict[str, Any]]:
+        """``GET /requests``: every render request, as :meth:`RecordedRequest.to_json`."""
+        recorded: list[dict[str, Any]] = await self._call("GET", "/requests")
+        return recorded
+
+    async def fail_next(
+        self, url: str, times: int = 1, *, status: int = 503, draining_header: bool = False
+    ) -> None:
+        """``POST /faults``: see :meth:`SimulatedPrerenderServer.fail_next`."""
+        await self._call(
+            "POST",
+            "/faults",
+            json={"url": url, "times": times, "status": status, "drainingHeader": draining_header},
+        )
 
     async def set_module(self, url: str, spec: ModuleSpec) -> int:
         """``PUT /modules``; returns the module's new version."""

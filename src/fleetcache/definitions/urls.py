@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-from fleetcache.definitions.models import ModuleErrorEntry, ModuleRenderResponse
+from fleetcache.definitions.models import (
+    CodeRef,
+    ModuleErrorEntry,
+    ModuleRenderResponse,
+    error_deps,
+)
 
 __all__ = [
     "EXECUTABLE_EXTENSIONS",
@@ -17,6 +22,7 @@ __all__ = [
     "candidates",
     "canonicalize",
     "has_executable_extension",
+    "internal_key_for",
     "invalidation_variants",
     "is_missing_module",
     "trim_executable_extension",
@@ -58,6 +64,14 @@ def trim_executable_extension(url: str) -> str:
     return canonical[: -len(ext)] if ext else canonical
 
 
+def internal_key_for(code_ref: CodeRef) -> str:
+    """The key the seed's system files a definition under in a module's ``definitions``:
+    the module's canonical URL without its executable extension, ``/``, the export name
+    (``https://r/a/person.gts`` + ``Person`` -> ``https://r/a/person/Person``), so a bare
+    module URL and one with an extension name the same definition."""
+    return f"{trim_executable_extension(code_ref.module)}/{code_ref.name}"
+
+
 def candidates(url: str) -> list[str]:
     """The URLs a module may be produced under, in the order to try them.
 
@@ -89,13 +103,13 @@ def is_missing_module(response: ModuleRenderResponse | ModuleErrorEntry | None, 
     this one an ordinary error. Accepts a render response or a bare error entry.
     """
     entry = response.error if isinstance(response, ModuleRenderResponse) else response
+    # As the seed's system decides it: only a "module-error" entry can mean "missing".
     if entry is None or entry.get("type") != "module-error":
         return False
-    detail = entry["error"]
-    if detail.get("status") != _MISSING_STATUS:
+    if entry["error"].get("status") != _MISSING_STATUS:
         return False
     own = trim_executable_extension(url)
-    return all(trim_executable_extension(urljoin(url, dep)) == own for dep in detail["deps"])
+    return all(trim_executable_extension(urljoin(url, dep)) == own for dep in error_deps(entry))
 
 
 def absolute_deps(deps: Iterable[str], base_url: str) -> list[str]:
