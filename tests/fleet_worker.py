@@ -5,12 +5,12 @@ one JSON line on stdout. Commands:
 
 - ``{"op": "invalidate", "ns": ..., "names": [...]}`` (generic lookup)
 - ``{"op": "clear_namespace", "ns": ...}`` / ``{"op": "clear_all"}``
-- ``{"op": "get", "ns": ..., "name": ..., "compute_ms": N}`` (generic lookup, produces
-  ``{"pid": ..., "name": ...}`` after N ms)
+- ``{"op": "get", "ns": ..., "name": ..., "compute_ms": N, "version": V}`` (generic
+  lookup; produces ``{"pid", "name", "version", "began"}`` after N ms, ``began`` being
+  the ``time.time()`` at which the computation began)
 - ``{"op": "definitions", "urls": [...]}`` (definitions lookup over the prerender server,
   all URLs concurrently; answers per URL ``ok``/``error``/``none``/``raised``)
 - ``{"op": "invalidate_module", "url": ...}`` (definitions lookup)
-- ``{"op": "generations", "ns": ..., "name": ...}``: the in-memory counters
 - ``{"op": "stats"}``; ``{"op": "exit"}``
 Every answer carries ``t_start``/``t_end`` (``time.time()``; one clock on one machine).
 """
@@ -25,17 +25,17 @@ import sys
 import time
 from typing import Any
 
+import fleetcache
+from fleetcache import Key, Produced
 from fleetcache.definitions import CachingDefinitionLookup, HttpPrerenderer, Realm
-from fleetcache.factory import open_cache
-from fleetcache.lookup import Produced
-from fleetcache.stores import Key
 
 
 async def serve(args: argparse.Namespace) -> None:
     """Open the cache, say ready, then answer commands until exit or EOF."""
-    cache = await open_cache(
+    cache = await fleetcache.open(
         args.url,
         coordinate=args.coordinate,
+        near=args.near,
         wait_timeout=args.wait_timeout,
         probe_interval=args.probe_interval,
     )
@@ -91,18 +91,14 @@ async def run(
     if op == "get":
         delay = command.get("compute_ms", 0) / 1000
 
-        async def produce(name: str) -> Produced:
+        async def produce(key: Key) -> Produced[Any]:
+            began = time.time()
             await asyncio.sleep(delay)
-            return Produced(value={"pid": os.getpid(), "name": name})
+            value = {"pid": os.getpid(), "name": key.name, "version": command.get("version")}
+            return Produced(value={**value, "began": began})
 
         entry = await lookup.get(Key(command["ns"], command["name"]), produce)
         return {"value": None if entry is None else entry.value}
-    if op == "generations":
-        return {
-            "global": lookup.generation(),
-            "namespace": lookup.generation(command["ns"]),
-            "name": lookup.generation(command["ns"], command["name"]),
-        }
     if op == "stats":
         return {"stats": cache.stats()}
     assert definitions is not None, "start the worker with --prerender for definitions"
@@ -139,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
     parser.add_argument("--coordinate", action="store_true")
+    parser.add_argument("--near", type=int)
     parser.add_argument("--no-listen", action="store_true")
     parser.add_argument("--prerender")
     parser.add_argument("--realm", action="append", default=[])

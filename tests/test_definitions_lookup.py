@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
+import fleetcache
 from fleetcache.definitions.errors import FilterRefersToNonexistentTypeError
 from fleetcache.definitions.lookup import CachingDefinitionLookup
 from fleetcache.definitions.models import (
@@ -21,7 +22,6 @@ from fleetcache.definitions.models import (
     module_error,
 )
 from fleetcache.definitions.urls import trim_executable_extension
-from fleetcache.factory import open_cache
 from fleetcache.stores import Key, PostgresStore, Store
 
 PUBLIC = Realm("https://pub.example/", "public", "owner-pub")
@@ -133,7 +133,7 @@ async def test_bare_url_tries_candidates_and_stores_under_the_extension(store: S
     assert module is not None
     assert module.module_url == url(PUBLIC, "a.ts")
     assert [c["url"] for c in pre.calls] == [url(PUBLIC, "a.gts"), url(PUBLIC, "a.ts")]
-    row = await store.read(Key(PUBLIC.url, url(PUBLIC, "a")))
+    row = await store.read(Key(PUBLIC.url, url(PUBLIC, "a")), by_alias=True)
     assert row is not None
     assert row.alias == url(PUBLIC, "a")
     assert await lookup.get_cached_definitions(url(PUBLIC, "a.ts?x=1#frag")) == module
@@ -156,7 +156,7 @@ async def test_module_outside_every_realm(store: Store) -> None:
         await lookup.lookup_definition(CodeRef(OTHER + "a", "Card"))
     assert await lookup.get_cached_definitions(OTHER + "a") is None
     assert pre.calls == []
-    assert await store.read(Key(OTHER, OTHER + "a.gts")) is None
+    assert await store.read(Key(OTHER, OTHER + "a.gts"), by_alias=True) is None
 
 
 async def test_invalidating_a_url_of_another_realm_is_a_no_op(store: Store) -> None:
@@ -250,15 +250,15 @@ async def test_dependency_fan_out_chain(store: Store) -> None:
     lookup = make_lookup(store, pre)
     for module in (leaf, middle, deep, other):
         await lookup.get_cached_definitions(module)
-    deep_row = await store.read(Key(PUBLIC.url, deep))
+    deep_row = await store.read(Key(PUBLIC.url, deep), by_alias=True)
     assert deep_row is not None
     assert deep_row.deps == (middle,)
     invalidated = await lookup.invalidate(leaf + ".gts")
     assert {leaf + ".gts", middle + ".gts", deep + ".gts"} <= set(invalidated)
     assert other + ".gts" not in invalidated
     for module in (leaf, middle, deep):
-        assert await store.read(Key(PUBLIC.url, module)) is None
-    assert await store.read(Key(PUBLIC.url, other)) is not None
+        assert await store.read(Key(PUBLIC.url, module), by_alias=True) is None
+    assert await store.read(Key(PUBLIC.url, other), by_alias=True) is not None
 
 
 async def test_dependency_fan_out_diamond(store: Store) -> None:
@@ -280,8 +280,8 @@ async def test_dependency_fan_out_diamond(store: Store) -> None:
     invalidated = await lookup.invalidate(leaf)
     assert len(invalidated) == len(set(invalidated))
     for module in (leaf, left, right, top):
-        assert await store.read(Key(PUBLIC.url, module)) is None
-    assert await store.read(Key(PUBLIC.url, side)) is not None
+        assert await store.read(Key(PUBLIC.url, module), by_alias=True) is None
+    assert await store.read(Key(PUBLIC.url, side), by_alias=True) is not None
 
 
 async def test_dependency_errors_are_aggregated_and_recover_after_fixes(store: Store) -> None:
@@ -314,7 +314,7 @@ async def test_dependency_errors_are_aggregated_and_recover_after_fixes(store: S
     fixed = await lookup.get_cached_definitions(top)
     assert fixed is not None
     assert fixed.error is None
-    row = await store.read(Key(PUBLIC.url, top))
+    row = await store.read(Key(PUBLIC.url, top), by_alias=True)
     assert row is not None
     assert row.error is None
 
@@ -364,8 +364,10 @@ async def test_public_and_private_scope_columns(store: Store) -> None:
     assert private is not None
     assert (public.cache_scope, public.cache_user_id) == ("public", "")
     assert (private.cache_scope, private.cache_user_id) == ("realm-auth", "owner-priv")
-    assert await store.read(Key(PRIVATE.url, url(PRIVATE, "a"), "realm-auth", "owner-priv"))
-    assert await store.read(Key(PRIVATE.url, url(PRIVATE, "a"))) is None
+    assert await store.read(
+        Key(PRIVATE.url, url(PRIVATE, "a"), "realm-auth", "owner-priv"), by_alias=True
+    )
+    assert await store.read(Key(PRIVATE.url, url(PRIVATE, "a")), by_alias=True) is None
     assert [c["user_id"] for c in pre.calls] == ["owner-pub", "owner-priv"]
     await lookup.get_cached_definitions(url(PRIVATE, "a"))
     assert len(pre.calls) == 2
@@ -416,7 +418,7 @@ async def test_clear_realm_and_clear_all(store: Store) -> None:
     await lookup.get_cached_definitions(url(PRIVATE, "a"))
     unregistered = CachingDefinitionLookup(store, pre)
     await unregistered.clear_realm_definitions(PUBLIC.url)
-    assert await store.read(Key(PUBLIC.url, url(PUBLIC, "a"))) is None
+    assert await store.read(Key(PUBLIC.url, url(PUBLIC, "a")), by_alias=True) is None
     assert await lookup.lookup_cached_definition(CodeRef(url(PRIVATE, "a"), "Card")) is not None
     await lookup.clear_all_definitions()
     assert await lookup.lookup_cached_definition(CodeRef(url(PRIVATE, "a"), "Card")) is None
@@ -459,7 +461,8 @@ async def test_diagnostics_column_is_flattened_meta_or_sql_null(database_url: st
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         rows = await (
             await conn.execute(
-                "SELECT url, diagnostics IS NULL, error_doc IS NULL FROM modules ORDER BY url"
+                "SELECT name, diagnostics IS NULL, error IS NULL"
+                " FROM fleetcache_entries ORDER BY name"
             )
         ).fetchall()
     assert rows == [(url(PUBLIC, "a.gts"), False, True), (url(PUBLIC, "b.gts"), True, True)]
@@ -536,7 +539,7 @@ async def test_stored_definitions_and_errors_are_the_documents_as_received(store
     ready = ModuleRenderResponse("ready", definitions=definitions)
     lookup = make_lookup(store, FixedPrerenderer(ready))
     module = await lookup.get_cached_definitions(module_url)
-    row = await store.read(Key(PUBLIC.url, module_url))
+    row = await store.read(Key(PUBLIC.url, module_url), by_alias=True)
     assert module is not None
     assert row is not None
     assert row.value == definitions == module.definitions
@@ -593,7 +596,7 @@ async def test_incomplete_error_aggregation_is_answered_but_never_cached(store: 
         assert module.error is not None
         assert module.error["error"]["additionalErrors"] is None
         assert module.created_at is None
-        assert await store.read(Key(PUBLIC.url, top + ".gts")) is None
+        assert await store.read(Key(PUBLIC.url, top + ".gts"), by_alias=True) is None
         assert pre.renders(top + ".gts") == attempt
     with pytest.raises(FilterRefersToNonexistentTypeError, match="failed to render"):
         await lookup.lookup_definition(CodeRef(top, "Card"))
@@ -617,7 +620,7 @@ async def test_incomplete_error_aggregation_is_answered_but_never_cached(store: 
     assert [e["message"] for e in complete.error["error"]["additionalErrors"] or []] == [
         "slow broke"
     ]
-    row = await store.read(Key(PUBLIC.url, top + ".gts"))
+    row = await store.read(Key(PUBLIC.url, top + ".gts"), by_alias=True)
     assert row is not None
     assert row.error == complete.error
 
@@ -626,13 +629,13 @@ async def test_incomplete_aggregation_is_not_persisted_under_fleet_coordination(
     database_url: str,
 ) -> None:
     """With the Postgres coordinator on, an incomplete error still reaches the caller
-    uncached (the winner's transaction stores nothing), and the complete one is stored."""
+    uncached (the winner stores nothing), and the complete one is stored."""
     top, slow = url(PUBLIC, "top"), url(PUBLIC, "slow")
     pre = GraphPrerenderer(
         {top + ".gts": Spec(imports=[slow + ".gts"]), slow + ".gts": Spec(fail="slow broke")}
     )
     gate = pre.gates[slow + ".gts"] = asyncio.Event()
-    cache = await open_cache(database_url, coordinate=True)
+    cache = await fleetcache.open(database_url, coordinate=True)
     try:
         lookup = CachingDefinitionLookup.over(cache.lookup, pre, aggregation_timeout=0.05)
         lookup.register_realm(PUBLIC)

@@ -1,141 +1,189 @@
-"""The invalidation broadcast between real OS processes on one Postgres database."""
+"""The invalidation broadcast and the near tier between real OS processes on one Postgres
+database: what process B invalidates, process A hears, evicts and never serves again."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
 
+import fleetcache
 from fleet import Worker, fleet
-from fleetcache.factory import Fleetcache, open_cache
-from fleetcache.lookup import Produced
+from fleetcache import MISSING, Fleetcache, Key, Missing, Produced
 from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, encode_module_payloads
-from fleetcache.stores import Key
+from waiting import eventually
 
 pytestmark = pytest.mark.processes
 
 NS = "https://realm.example/"
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> float:
-    """Poll ``condition`` until true; return the seconds it took (fail after ``timeout``)."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
-
-
 @pytest.fixture
 async def cache(database_url: str) -> AsyncIterator[Fleetcache]:
-    """Process A's cache: store, hub and invalidation listener, no coordination."""
-    opened = await open_cache(database_url, coordinate=False)
+    """Process A's cache: store, hub, listener and a near tier, no coordination."""
+    opened = await fleetcache.open(database_url, coordinate=False, near=1000)
     try:
         yield opened
     finally:
         await opened.close()
 
 
-async def test_another_process_invalidating_moves_our_generations(
+def versioned(version: int, calls: list[int] | None = None) -> Any:
+    """A produce function producing ``version`` (and counting its calls)."""
+
+    async def produce(key: Key) -> Produced[Any]:
+        if calls is not None:
+            calls.append(version)
+        return Produced(value={"name": key.name, "version": version})
+
+    return produce
+
+
+async def never(key: Key) -> Missing:
+    """A produce function for a reader that must only read what B stored."""
+    return MISSING
+
+
+def applied(cache: Fleetcache) -> int:
+    """How many broadcasts A's listener has replayed."""
+    assert cache.listener is not None
+    return cache.listener.stats()["applied"]
+
+
+async def test_another_process_invalidating_reaches_us(
     cache: Fleetcache, database_url: str
 ) -> None:
-    """Process B invalidates a module, clears a realm, clears all: process A's
-    generations for each move within seconds."""
-    lookup = cache.lookup
+    """Process B invalidates names, clears a namespace, clears everything: A's listener
+    replays each on A's lookup within seconds."""
     async with fleet() as workers:
         other = await Worker.start("--url", database_url)
         workers.append(other)
         await other.call("invalidate", ns=NS, names=["mod.gts"])
-        await wait_until(lambda: lookup.generation(NS, "mod.gts") == 1)
-        assert lookup.generation(NS) == 0
+        await eventually(lambda: applied(cache) == 1)
         await other.call("clear_namespace", ns=NS)
-        await wait_until(lambda: lookup.generation(NS) == 1)
-        assert lookup.generation() == 0
+        await eventually(lambda: applied(cache) == 2)
         await other.call("clear_all")
-        await wait_until(lambda: lookup.generation() == 1)
+        await eventually(lambda: applied(cache) == 3)
+    assert cache.lookup.stats()["remote_invalidations"] == 3
 
 
-async def test_broadcast_discards_our_computation_before_the_store_must_refuse(
+async def test_after_the_broadcast_arrives_our_next_read_is_fresh(
     cache: Fleetcache, database_url: str
 ) -> None:
-    """With the broadcast heard in time, A discards its doomed result itself."""
-    started = asyncio.Event()
-
-    async def slow(name: str) -> Produced:
-        started.set()
-        await asyncio.sleep(1.0)
-        return Produced(value={"stale": True})
-
+    """A serves a key from its near tier; B changes it (invalidate, then its own fresh
+    computation); once A has heard B's broadcast, A's next read returns B's version."""
+    key = Key(NS, "mod")
+    assert (await cache.get_value(key, versioned(1)))["version"] == 1
+    assert (await cache.get_value(key, versioned(1)))["version"] == 1
+    assert cache.lookup.stats()["near_hits"] == 1
     async with fleet() as workers:
         other = await Worker.start("--url", database_url)
         workers.append(other)
-        pending = asyncio.create_task(cache.lookup.get(Key(NS, "mod"), slow))
-        await started.wait()
+        heard = applied(cache)
         await other.call("invalidate", ns=NS, names=["mod"])
-        await wait_until(lambda: cache.lookup.generation(NS, "mod") == 1)
-        assert await pending is None
+        await other.call("get", ns=NS, name="mod", version=2)
+        await eventually(lambda: applied(cache) > heard)
+        assert (await cache.get_value(key, versioned(3)))["version"] == 2
+
+
+async def test_many_fills_racing_a_peers_invalidations_leave_nothing_stale(
+    cache: Fleetcache, database_url: str
+) -> None:
+    """100 rounds of: A reads a key (filling its near tier; A never computes it) at a
+    random moment while B invalidates and recomputes it; after A has heard B's broadcast,
+    A's read must return B's version, never an older one (counted)."""
+    rng = random.Random(12)
+    stale: list[int] = []
+    async with fleet() as workers:
+        other = await Worker.start("--url", database_url)
+        workers.append(other)
+        for version in range(1, 101):
+            key = Key(NS, f"race-{version % 5}")
+            heard = applied(cache)
+            reader = asyncio.create_task(cache.get(key, never))
+            await asyncio.sleep(rng.uniform(0, 0.004))
+            await other.call("invalidate", ns=NS, names=[key.name])
+            await other.call("get", ns=NS, name=key.name, version=version)
+            await reader
+            await eventually(lambda heard=heard: applied(cache) > heard)  # type: ignore[misc]
+            got = await cache.get_value(key, never)
+            if got is None or got["version"] != version:
+                stale.append(version)
     stats = cache.lookup.stats()
-    assert stats["stale_discarded"] == 1
-    assert stats["stale_refused"] == 0
-    assert await cache.store.read(Key(NS, "mod")) is None
+    print(
+        f"near hits {stats['near_hits']}, fills {stats['near_fills']}, "
+        f"dropped fills {stats['near_fills_dropped']}"
+    )
+    assert stale == []
 
 
 async def test_malformed_payloads_change_nothing(cache: Fleetcache, database_url: str) -> None:
     """Hand-sent malformed payloads are rejected; the valid one after them still applies."""
     bad = ["not json", "[123]", '""', "[]", '{"k":"module","r":"x"}', '{"k":"realm"}', '{"k":1}']
+    await cache.get(Key(NS, "sentinel"), versioned(1))
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         for payload in bad:
             await conn.execute("SELECT pg_notify(%s, %s)", (INVALIDATED_CHANNEL, payload))
         good = encode_module_payloads(NS, ["sentinel"])[0]
         await conn.execute("SELECT pg_notify(%s, %s)", (INVALIDATED_CHANNEL, good))
-    await wait_until(lambda: cache.lookup.generation(NS, "sentinel") == 1)
-    assert cache.lookup.generation() == 0
-    assert cache.lookup.generation(NS) == 0
-    assert cache.lookup.generation("x") == 0
+    await eventually(lambda: applied(cache) == 1)
     assert cache.listener is not None
     assert cache.listener.stats()["rejected"] == len(bad)
+    assert cache.lookup.near is not None
+    assert cache.lookup.near.get(Key(NS, "sentinel")) is None
 
 
-async def test_terminated_listen_connection_reconnects_and_hears_again(
+async def test_a_terminated_listen_connection_empties_the_near_tier_and_hears_again(
     cache: Fleetcache, database_url: str
 ) -> None:
-    """pg_terminate_backend on A's LISTEN connection: the hub reconnects, the gap bumps the
-    global generation, and a later invalidation from process B still arrives."""
+    """pg_terminate_backend on A's LISTEN connection: A's near tier serves nothing from the
+    moment the loss is noticed, is empty before its next near hit, and after the reconnect a
+    later invalidation from B still arrives."""
     assert cache.hub is not None
-    hub = cache.hub
+    assert cache.lookup.near is not None
+    hub, tier = cache.hub, cache.lookup.near
+    await cache.get(Key(NS, "kept"), versioned(1))
+    assert len(tier) == 1
     pid = hub.backend_pid
     assert pid is not None
+    killed_at = time.monotonic()
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         await conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-    took = await wait_until(lambda: hub.reconnects >= 1 and cache.lookup.generation() >= 1)
-    print(f"reconnected and bumped the global generation {took * 1000:.0f} ms after the kill")
+    await eventually(lambda: hub.gaps >= 1)
+    assert tier.get(Key(NS, "kept")) is None  # the drop was noticed: nothing from memory
+    assert len(tier) == 0
+    await eventually(lambda: hub.reconnects >= 1 and hub.connected)
+    print(f"reconnected {(time.monotonic() - killed_at) * 1000:.0f} ms after the kill")
     assert hub.backend_pid not in (None, pid)
     async with fleet() as workers:
         other = await Worker.start("--url", database_url)
         workers.append(other)
+        heard = applied(cache)
         await other.call("invalidate", ns=NS, names=["after"])
-        await wait_until(lambda: cache.lookup.generation(NS, "after") == 1)
+        await eventually(lambda: applied(cache) > heard)
 
 
-async def test_our_own_broadcast_does_not_split_a_fresh_computation(cache: Fleetcache) -> None:
-    """A computation started after this process's own invalidation is not dropped when the
-    broadcast's echo comes back, so a later caller joins it instead of computing again."""
-    calls: list[str] = []
+async def test_our_own_broadcast_is_skipped_and_splits_no_computation(cache: Fleetcache) -> None:
+    """This process's own broadcast comes back through LISTEN and is skipped by origin; a
+    computation started after the invalidation is joined, not computed twice."""
+    calls: list[int] = []
 
-    async def slow(name: str) -> Produced:
-        calls.append(name)
+    async def slow(key: Key) -> Produced[Any]:
+        calls.append(1)
         await asyncio.sleep(0.5)
         return Produced(value={"fresh": True})
 
-    await cache.lookup.invalidate(NS, ["mod"])
-    first = asyncio.create_task(cache.lookup.get(Key(NS, "mod"), slow))
+    await cache.invalidate(NS, ["mod"])
+    first = asyncio.create_task(cache.get(Key(NS, "mod"), slow))
     assert cache.listener is not None
     listener = cache.listener
-    await wait_until(lambda: listener.stats()["echoes"] == 1)
-    second = await cache.lookup.get(Key(NS, "mod"), slow)
+    await eventually(lambda: listener.stats()["own"] == 1)
+    second = await cache.get(Key(NS, "mod"), slow)
     assert await first == second
-    assert calls == ["mod"]
+    assert calls == [1]
+    assert listener.stats()["applied"] == 0

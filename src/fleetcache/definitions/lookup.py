@@ -1,9 +1,9 @@
 """``CachingDefinitionLookup``: the seed's module-definitions cache, on the generic cache.
 
-A module's definitions are one cache entry in the ``modules`` table: namespace = the
-realm's (resolved) URL, name = the module URL it was rendered under, scope/user from the
-realm's visibility, alias = the URL without its executable extension. Everything about
-single flight, generations, error TTL and fleet coordination comes from
+A module's definitions are one cache entry: namespace = the realm's (resolved) URL, name =
+the module URL it was rendered under, scope/user from the realm's visibility, alias = the
+URL without its executable extension. Everything about single flight, staleness, error TTL
+and fleet coordination comes from
 :class:`~fleetcache.lookup.caching.CachingLookup`; this layer adds URLs, realms, candidates,
 "missing module" and dependency-error aggregation.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,21 +47,19 @@ from fleetcache.definitions.urls import (
     is_missing_module,
     trim_executable_extension,
 )
-from fleetcache.errors import DefinitionsError
+from fleetcache.logcontext import get_logger
 from fleetcache.lookup.caching import (
+    DEFAULT_COMPUTE_TIMEOUT,
     DEFAULT_ERROR_TTL,
     DEFAULT_MAX_ROUNDS,
     DEFAULT_WAIT_TIMEOUT,
-    MISSING,
     CachingLookup,
     InvalidationPublisher,
-    Missing,
-    Produce,
-    Produced,
 )
+from fleetcache.lookup.populate import MISSING, Missing, Produce, Produced
 from fleetcache.stores.base import Entry, Key, Store
 
-logger = logging.getLogger("fleetcache.definitions")
+logger = get_logger("fleetcache.definitions")
 
 CacheScope = Literal["public", "realm-auth"]
 
@@ -108,8 +105,9 @@ class ModuleDefinitions:
             definitions=cast(dict[str, DefinitionResult], entry.value),
             deps=list(entry.deps),
             error=cast(ModuleErrorEntry | None, entry.error),
-            created_at=entry.created_at,
+            created_at=entry.created_at if entry.stored else None,
             diagnostics=cast(dict[str, Any] | None, entry.diagnostics),
+            cached=entry.stored,
         )
 
 
@@ -129,42 +127,6 @@ def flatten_meta(response: ModuleRenderResponse) -> dict[str, Any] | None:
     if response.meta.get("requestId") is not None:
         flat["requestId"] = response.meta["requestId"]
     return flat or None
-
-
-class _IncompleteAggregationError(DefinitionsError):
-    """A module's error whose dependencies' errors could not all be gathered in time.
-
-    Raised by the producer so that the generic lookup stores nothing (today's
-    ``CachingLookup`` persists every ``Produced`` error it is returned; an exception is the
-    one outcome it never stores) and caught again by this layer, which hands the caller
-    ``produced`` as an uncached answer. Every caller of the shared computation goes
-    through this layer's ``_get``/``populate_definition_cache_entry``, so it never reaches
-    a user (a generic ``get`` of the same key with another producer would see it).
-    """
-
-    def __init__(self, name: str, produced: Produced, unknown: list[str], timeout: float) -> None:
-        super().__init__(
-            f"the error of {name!r} is not cached: the errors of {len(unknown)} "
-            f"dependencies ({', '.join(unknown)}) could not be gathered within {timeout:g} s"
-        )
-        self.name = name
-        self.produced = produced
-
-    def module(self, key: Key) -> ModuleDefinitions:
-        """The uncached answer, as the lookup of ``key`` sees it."""
-        produced = self.produced
-        return ModuleDefinitions(
-            module_url=self.name,
-            resolved_realm_url=key.namespace,
-            cache_scope=key.scope,
-            cache_user_id=key.user,
-            definitions=cast(dict[str, DefinitionResult], produced.value),
-            deps=list(produced.deps),
-            error=cast(ModuleErrorEntry | None, produced.error),
-            created_at=None,
-            diagnostics=cast(dict[str, Any] | None, produced.diagnostics),
-            cached=False,
-        )
 
 
 class CachingDefinitionLookup:
@@ -187,16 +149,18 @@ class CachingDefinitionLookup:
         publisher: InvalidationPublisher | None = None,
         error_ttl: float = DEFAULT_ERROR_TTL,
         clock: Callable[[], float] = time.time,
+        compute_timeout: float = DEFAULT_COMPUTE_TIMEOUT,
         max_rounds: int = DEFAULT_MAX_ROUNDS,
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
         aggregation_timeout: float = 30.0,
     ) -> None:
-        lookup = CachingLookup(
+        lookup: CachingLookup[Any] = CachingLookup(
             store,
             coordinator=coordinator,
             publisher=publisher,
             error_ttl=error_ttl,
             clock=clock,
+            compute_timeout=compute_timeout,
             max_rounds=max_rounds,
             wait_timeout=wait_timeout,
         )
@@ -204,16 +168,20 @@ class CachingDefinitionLookup:
 
     @classmethod
     def over(
-        cls, lookup: CachingLookup, prerenderer: Prerenderer, *, aggregation_timeout: float = 30.0
+        cls,
+        lookup: CachingLookup[Any],
+        prerenderer: Prerenderer,
+        *,
+        aggregation_timeout: float = 30.0,
     ) -> CachingDefinitionLookup:
         """A definitions lookup sharing an existing generic lookup (its store, coordinator,
-        publisher, in-flight map and generations), e.g. ``fleetcache.open(url).lookup``."""
+        publisher, in-flight map and near tier), e.g. ``(await fleetcache.open(url)).lookup``."""
         self = cls.__new__(cls)
         self._init(lookup, prerenderer, aggregation_timeout)
         return self
 
     def _init(
-        self, lookup: CachingLookup, prerenderer: Prerenderer, aggregation_timeout: float
+        self, lookup: CachingLookup[Any], prerenderer: Prerenderer, aggregation_timeout: float
     ) -> None:
         self.lookup = lookup
         self.prerenderer = prerenderer
@@ -293,16 +261,13 @@ class CachingDefinitionLookup:
         stored (the answer is then None)."""
         url = canonicalize(module_url)
         key = Key(resolved_realm_url, url, cache_scope, cache_user_id)
-        try:
-            entry = await self.lookup.get(
-                key,
-                self._producer(realm_url, prerender_user_id, priority),
-                candidates=candidates(url),
-                alias=trim_executable_extension(url),
-                persist_errors=False,
-            )
-        except _IncompleteAggregationError:
-            return None  # an error, which a pre-warm never stores nor returns
+        entry = await self.lookup.get(
+            key,
+            self._producer(realm_url, prerender_user_id, priority),
+            candidates=candidates(url),
+            alias=trim_executable_extension(url),
+            persist_errors=False,
+        )
         return (
             None
             if entry is None or entry.error is not None
@@ -319,7 +284,7 @@ class CachingDefinitionLookup:
         if realm is None:
             return []
         return await self.lookup.invalidate(
-            realm.url, [canonicalize(module_url)], variants=invalidation_variants
+            realm.url, [canonicalize(module_url)], expand=invalidation_variants
         )
 
     async def clear_realm_definitions(self, resolved_realm_url: str) -> None:
@@ -344,27 +309,24 @@ class CachingDefinitionLookup:
         self, module_url: str, realm: Realm, priority: int | None
     ) -> ModuleDefinitions | None:
         url = canonicalize(module_url)
-        key = self._key(url, realm)
-        try:
-            entry = await self.lookup.get(
-                key,
-                self._producer(realm.url, realm.owner_user_id, priority),
-                candidates=candidates(url),
-                alias=trim_executable_extension(url),
-            )
-        except _IncompleteAggregationError as incomplete:
-            return incomplete.module(key)
+        entry = await self.lookup.get(
+            self._key(url, realm),
+            self._producer(realm.url, realm.owner_user_id, priority),
+            candidates=candidates(url),
+            alias=trim_executable_extension(url),
+        )
         return None if entry is None else ModuleDefinitions.from_entry(entry)
 
     async def _peek(self, module_url: str) -> ModuleDefinitions | None:
         realm = self.realm_of(module_url)
         if realm is None:
             return None
-        entry = await self.lookup.peek(self._key(module_url, realm))
+        entry = await self.lookup.peek(self._key(module_url, realm), by_alias=True)
         return None if entry is None else ModuleDefinitions.from_entry(entry)
 
-    def _producer(self, realm_url: str, user_id: str, priority: int | None) -> Produce:
-        async def produce(candidate: str) -> Produced | Missing:
+    def _producer(self, realm_url: str, user_id: str, priority: int | None) -> Produce[Any]:
+        async def produce(key: Key) -> Produced[Any] | Missing:
+            candidate = key.name
             response = await self.prerenderer.prerender_module(
                 url=candidate, realm_url=realm_url, user_id=user_id, priority=priority
             )
@@ -375,19 +337,22 @@ class CachingDefinitionLookup:
             unknown: list[str] = []
             if error is not None:
                 error, unknown = await self._with_dependency_errors(error, candidate, priority)
-            produced = Produced(
+            if unknown:
+                logger.warning(
+                    "the error of %r is answered but not cached: the errors of %d "
+                    "dependencies (%s) could not be gathered within %g s",
+                    candidate,
+                    len(unknown),
+                    ", ".join(unknown),
+                    self.aggregation_timeout,
+                )
+            return Produced(
                 value=response.definitions,
                 deps=deps,
                 error=error,
                 diagnostics=flatten_meta(response),
+                cacheable=not unknown,  # an incomplete aggregation is never cached
             )
-            if unknown:
-                incomplete = _IncompleteAggregationError(
-                    candidate, produced, unknown, self.aggregation_timeout
-                )
-                logger.warning("%s; answering it uncached", incomplete)
-                raise incomplete
-            return produced
 
         return produce
 

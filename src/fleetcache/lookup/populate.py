@@ -28,6 +28,7 @@ nothing is stored and :class:`~fleetcache.errors.ComputationTimeoutError` is rai
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -197,7 +198,7 @@ class Populator(Generic[V]):
             if not produced.cacheable or (entry.error is not None and not request.persist_errors):
                 # Returned, never stored: joined callers filter errors by their own wish.
                 self._stats.not_persisted += 1
-                return entry, False
+                return dataclasses.replace(entry, stored=False), False
             if not await self.store.write(entry, stamp=stamp):
                 return _Refused.REFUSED
             if entry.error is not None:

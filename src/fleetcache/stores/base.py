@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 #: A JSON document as Python sees it (dict, list, str, int, float, bool or None).
@@ -74,7 +74,9 @@ class Key:
 class Entry:
     """One cached artifact. ``error`` is a JSON error document, or None for a success;
     ``created_at`` is milliseconds since the epoch; ``alias`` is another name the entry
-    answers to (in the seed: the URL without its extension)."""
+    answers to (in the seed: the URL without its extension). ``stored`` is False only for
+    an answer a lookup returned without storing it (a result its producer marked not
+    cacheable, or an error its caller asked not to persist); it is not compared."""
 
     key: Key
     value: JSON
@@ -83,6 +85,7 @@ class Entry:
     created_at: int | None = None
     alias: str | None = None
     diagnostics: JSON | None = None
+    stored: bool = field(default=True, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
