@@ -651,3 +651,35 @@ async def test_incomplete_aggregation_is_not_persisted_under_fleet_coordination(
         assert await cache.lookup.peek(Key(PUBLIC.url, top + ".gts")) is not None
     finally:
         await cache.close()
+
+
+async def test_ten_failing_modules_at_once_on_a_pool_of_ten_aggregate_completely(
+    database_url: str,
+) -> None:
+    """Ten modules failing through ten failing dependencies, looked up at once with the
+    fleet coordinator on and a pool of ten: every error is cached complete (it lists its
+    dependency's error), because a computation holds no pooled connection while its nested
+    lookups of the dependencies need one."""
+    graph = {url(PUBLIC, f"dep{i}.gts"): Spec(fail=f"dep{i} broke") for i in range(10)}
+    graph |= {
+        url(PUBLIC, f"m{i}.gts"): Spec(imports=[url(PUBLIC, f"dep{i}.gts")]) for i in range(10)
+    }
+    pre = GraphPrerenderer(graph)
+    async with fleetcache.open(database_url, pool_size=10) as cache:
+        lookup = CachingDefinitionLookup.over(cache.lookup, pre, aggregation_timeout=30)
+        lookup.register_realm(PUBLIC)
+        modules = await asyncio.wait_for(
+            asyncio.gather(
+                *(lookup.get_cached_definitions(url(PUBLIC, f"m{i}.gts")) for i in range(10))
+            ),
+            60,
+        )
+        for i, module in enumerate(modules):
+            assert module is not None
+            assert module.cached
+            assert module.error is not None
+            additional = module.error["error"]["additionalErrors"]
+            assert [e["message"] for e in additional] == [f"dep{i} broke"]
+            stored = await cache.peek(Key(PUBLIC.url, url(PUBLIC, f"m{i}.gts")))
+            assert stored is not None
+            assert stored.error == module.error

@@ -42,7 +42,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from fleetcache._lifecycle import Service
-from fleetcache._pg import connect, is_connection_lost, translate
+from fleetcache._pg import connect, is_connection_lost, pooled
 from fleetcache.coordination.base import Acquired, WakeReason, lock_id
 from fleetcache.coordination.waiters import Waiter, WaiterRegistry
 from fleetcache.errors import CoordinationError
@@ -371,9 +371,13 @@ class PostgresCoordinator(Service):
         if not tags:
             return set()
         params = {"classids": [c for c, _ in tags], "objids": [o for _, o in tags]}
-        with translate(f"probing pg_locks for {len(tags)} lock(s)", CoordinationError):
-            async with self._pool.connection() as conn:
-                rows = await (await conn.execute(_HELD_LOCKS, params)).fetchall()
+
+        async def probe(conn: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+            return await (await conn.execute(_HELD_LOCKS, params)).fetchall()
+
+        rows = await pooled(
+            self._pool, f"probing pg_locks for {len(tags)} lock(s)", probe, error=CoordinationError
+        )
         return {_lock_id_of_tag(classid, objid) for classid, objid in rows}
 
     async def _probe_loop(self) -> None:

@@ -28,9 +28,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from fleetcache.errors import ConfigurationError
+from fleetcache._pg import pooled
+from fleetcache.errors import ConfigurationError, NotificationError
 from fleetcache.logcontext import get_logger
 from fleetcache.notifications.hub import check_channel
 
@@ -273,9 +275,13 @@ class PostgresInvalidationPublisher:
         # One connection checkout per payload: a payload Postgres refuses (too big) must
         # not take the other chunks down with it. The pool's context commits on exit, so
         # this also works on a pool whose connections are not autocommit.
+        async def publish(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.execute(_PUBLISH, (self._channel, payload))
+
         try:
-            async with self._pool.connection() as conn:
-                await conn.execute(_PUBLISH, (self._channel, payload))
+            # A dead pooled connection (server restart) is replaced and the NOTIFY sent
+            # once more; a duplicate notice is harmless, a lost one only delays a peer.
+            await pooled(self._pool, "publishing an invalidation", publish, error=NotificationError)
         except Exception as exc:  # noqa: BLE001 - best effort by contract: log, never raise
             logger.warning(
                 "publishing an invalidation on channel %r failed (payload %d bytes, "
