@@ -5,9 +5,10 @@ one JSON line on stdout. Commands:
 
 - ``{"op": "invalidate", "ns": ..., "names": [...]}`` (generic lookup)
 - ``{"op": "clear_namespace", "ns": ...}`` / ``{"op": "clear_all"}``
-- ``{"op": "get", "ns": ..., "name": ..., "compute_ms": N, "version": V}`` (generic
-  lookup; produces ``{"pid", "name", "version", "began"}`` after N ms, ``began`` being
-  the ``time.time()`` at which the computation began)
+- ``{"op": "get", "ns": ..., "name": ..., "compute_ms": N, "version": V, "ttl": T,
+  "stale_ttl": S}`` (generic lookup, expiry optional; produces ``{"pid", "name",
+  "version", "began"}`` after N ms, ``began`` being the ``time.time()`` at which the
+  computation began)
 - ``{"op": "definitions", "urls": [...]}`` (definitions lookup over the prerender server,
   all URLs concurrently; answers per URL ``ok``/``error``/``none``/``raised``)
 - ``{"op": "invalidate_module", "url": ...}`` (definitions lookup)
@@ -97,7 +98,8 @@ async def run(
             value = {"pid": os.getpid(), "name": key.name, "version": command.get("version")}
             return Produced(value={**value, "began": began})
 
-        entry = await lookup.get(Key(command["ns"], command["name"]), produce)
+        expiry = {k: command[k] for k in ("ttl", "stale_ttl") if k in command}
+        entry = await lookup.get(Key(command["ns"], command["name"]), produce, **expiry)
         return {"value": None if entry is None else entry.value}
     if op == "stats":
         return {"stats": cache.stats()}

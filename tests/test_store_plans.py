@@ -70,6 +70,9 @@ async def test_postgres_statements_probe_indexes(database_url: str) -> None:
             "created_at": None,
             "alias": None,
             "diagnostics": None,
+            "expires_at": None,
+            "stale_until": None,
+            "compute_ms": None,
             "names": names,
             "snapshot": stamp.point.snapshot,
             "taken_at": stamp.point.taken_at,
@@ -86,6 +89,7 @@ async def test_postgres_statements_probe_indexes(database_url: str) -> None:
                 {"kind": "k", "ns": NS, "names": names},
             ),
             "prune": (q.PG_PRUNE_MARKS, {"retention": 3600.0, "limit": 10_000}),
+            "purge expired": (q.PG_PURGE_EXPIRED, {"before": 0, "limit": 1000}),
         }
         async with store.pool.connection() as conn:
             for label, (statement, bound) in statements.items():

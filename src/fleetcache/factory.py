@@ -36,13 +36,16 @@ from fleetcache.coordination.postgres import POPULATED_CHANNEL, PostgresCoordina
 from fleetcache.errors import ConfigurationError
 from fleetcache.logcontext import get_logger
 from fleetcache.lookup.caching import (
+    DEFAULT,
     DEFAULT_COMPUTE_TIMEOUT,
     DEFAULT_ERROR_TTL,
     DEFAULT_MAX_ROUNDS,
     DEFAULT_WAIT_TIMEOUT,
     CachingLookup,
+    Setting,
 )
 from fleetcache.lookup.codec import Codec
+from fleetcache.lookup.decorator import CachedFunction, cached
 from fleetcache.lookup.near import NearCache
 from fleetcache.lookup.populate import Produce
 from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, PostgresInvalidationPublisher
@@ -119,10 +122,20 @@ class Fleetcache:
         candidates: Sequence[str] | None = None,
         alias: str | None = None,
         persist_errors: bool = True,
+        ttl: Setting = DEFAULT,
+        stale_ttl: Setting = DEFAULT,
+        early_refresh: Setting = DEFAULT,
     ) -> Entry | None:
         """See :meth:`CachingLookup.get`."""
         return await self.lookup.get(
-            key, produce, candidates=candidates, alias=alias, persist_errors=persist_errors
+            key,
+            produce,
+            candidates=candidates,
+            alias=alias,
+            persist_errors=persist_errors,
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            early_refresh=early_refresh,
         )
 
     async def get_value(
@@ -132,9 +145,59 @@ class Fleetcache:
         *,
         candidates: Sequence[str] | None = None,
         alias: str | None = None,
+        ttl: Setting = DEFAULT,
+        stale_ttl: Setting = DEFAULT,
+        early_refresh: Setting = DEFAULT,
     ) -> Any:
         """See :meth:`CachingLookup.get_value`."""
-        return await self.lookup.get_value(key, produce, candidates=candidates, alias=alias)
+        return await self.lookup.get_value(
+            key,
+            produce,
+            candidates=candidates,
+            alias=alias,
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            early_refresh=early_refresh,
+        )
+
+    async def set(
+        self,
+        key: Key,
+        value: Any,
+        *,
+        ttl: Setting = DEFAULT,
+        stale_ttl: Setting = DEFAULT,
+        deps: Sequence[str] = (),
+        alias: str | None = None,
+    ) -> list[str]:
+        """See :meth:`CachingLookup.set`."""
+        return await self.lookup.set(
+            key, value, ttl=ttl, stale_ttl=stale_ttl, deps=deps, alias=alias
+        )
+
+    async def delete(self, key: Key) -> list[str]:
+        """See :meth:`CachingLookup.delete`."""
+        return await self.lookup.delete(key)
+
+    def cached(
+        self,
+        *,
+        namespace: str | None = None,
+        key: Callable[..., str] | None = None,
+        ttl: Setting = DEFAULT,
+        stale_ttl: Setting = DEFAULT,
+        early_refresh: Setting = DEFAULT,
+    ) -> Callable[[Callable[..., Awaitable[Any]]], CachedFunction[..., Any]]:
+        """A decorator caching an async function's results here; see
+        :mod:`fleetcache.lookup.decorator`."""
+        return cached(
+            self.lookup,
+            namespace=namespace,
+            key=key,
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            early_refresh=early_refresh,
+        )
 
     async def peek(self, key: Key, *, by_alias: bool = False) -> Entry | None:
         """See :meth:`CachingLookup.peek`."""
@@ -226,6 +289,9 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     near: int | None = None,
     near_max_bytes: int | None = None,
     codec: Codec[Any] | None = None,
+    ttl: float | None = None,
+    stale_ttl: float | None = None,
+    early_refresh: float | None = None,
     error_ttl: float = DEFAULT_ERROR_TTL,
     compute_timeout: float = DEFAULT_COMPUTE_TIMEOUT,
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
@@ -240,9 +306,11 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     ``coordinate``: cross-process populate coordination (None: on for Postgres, where it
     exists). ``near``: keep up to that many entries in process memory and serve hits from
     there while this process hears the fleet's invalidations (``near_max_bytes`` bounds
-    their size too); Postgres only, since only there invalidations are broadcast. The
-    other options are :class:`~fleetcache.lookup.caching.CachingLookup`'s,
-    plus the Postgres pool size, the crash-probe interval and the channel names.
+    their size too); Postgres only, since only there invalidations are broadcast.
+    ``ttl``/``stale_ttl``/``early_refresh``: how values age by default (see
+    :mod:`fleetcache.lookup.expiry`; None: they never expire). The other options are
+    :class:`~fleetcache.lookup.caching.CachingLookup`'s, plus the Postgres pool size, the
+    crash-probe interval and the channel names.
     """
 
     def make_lookup(
@@ -257,6 +325,9 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             publisher=publisher,
             near=near_tier,
             codec=codec,
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            early_refresh=early_refresh,
             error_ttl=error_ttl,
             compute_timeout=compute_timeout,
             wait_timeout=wait_timeout,

@@ -1,33 +1,37 @@
 """``CachingLookup``: the generic async read-through cache (layer 5) — its policy.
 
-A ``get`` joins the key's computation if one is under way in this process (before any
-I/O), else reads the store; on a miss it starts the key's one computation
-(:class:`~fleetcache.lookup.singleflight.SingleFlight`), which, with a coordinator, also
-takes the key's fleet-wide lock (:func:`~fleetcache.lookup.coordinated.run_coordinated`)
-and runs the populate protocol (:class:`~fleetcache.lookup.populate.Populator`).
+A ``get`` first asks the near tier (when there is one), then joins the key's computation
+if one is under way in this process (before any I/O), else reads the store; on a miss it
+starts the key's one computation (:class:`~fleetcache.lookup.singleflight.SingleFlight`),
+which, with a coordinator, also takes the key's fleet-wide lock
+(:func:`~fleetcache.lookup.coordinated.run_coordinated`) and runs the populate protocol
+(:class:`~fleetcache.lookup.populate.Populator`).
 
 The store decides staleness: a computation's write is checked, in the store's own
 transaction, against every invalidation since the computation's stamp, whichever process
 made it. Invalidation notices from other processes are hints for what this process keeps in
-memory; they never decide whether a result is stored.
+memory (the near tier); they never decide whether a result is stored.
 
-What is policy here: the error TTL (an error entry older than it is a miss), the bounds on
-computing and waiting, what a caller sees (``persist_errors``, the codec), invalidation
-(through the store's closure, then the broadcast), and the counters.
+What is policy here: the error TTL (an error entry older than it is a miss); expiry (see
+:mod:`fleetcache.lookup.expiry`: a stale entry is served while one background refresh
+runs); the bounds on computing and waiting; what a caller sees (``persist_errors``, the
+codec); invalidation (through the store's closure, then the broadcast); and the counters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, Protocol, TypeGuard, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeAlias, TypeGuard, TypeVar
 
-from fleetcache.coordination.base import PopulateCoordinator
+from fleetcache.coordination.base import Acquired, PopulateCoordinator
 from fleetcache.errors import CachedError, ComputationTimeoutError, ConfigurationError, NotOpenError
 from fleetcache.logcontext import get_logger, key_context
 from fleetcache.lookup.codec import Codec
 from fleetcache.lookup.coordinated import run_coordinated
+from fleetcache.lookup.expiry import Freshness, check_expiry, deadlines, freshness, refresh_early
 from fleetcache.lookup.near import NearCache
 from fleetcache.lookup.populate import Populator, Produce, Request
 from fleetcache.lookup.singleflight import SingleFlight, WaitTimeout
@@ -43,9 +47,27 @@ DEFAULT_ERROR_TTL = 30.0
 DEFAULT_COMPUTE_TIMEOUT = 300.0
 DEFAULT_WAIT_TIMEOUT = 180.0
 DEFAULT_MAX_ROUNDS = 4
+#: How often (seconds) a lookup deletes, in passing, entries past their stale window.
+PURGE_INTERVAL = 60.0
+#: How long (ms) past its stale window an entry is kept before it is purged: the fleet's
+#: clocks may disagree a little, and a purge must never beat a reader to a live entry.
+PURGE_MARGIN_MS = 60_000
 #: How much longer than its computation may take a caller waits before giving up on it
 #: (only reached when a producer ignores its cancellation).
-_CALLER_GRACE = 5.0
+_CALLER_GRACE = 1.0
+
+
+class _Default:
+    """The type of :data:`DEFAULT`: "use the lookup's setting" (None means "none")."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: Passed for ``ttl``/``stale_ttl``/``early_refresh``: the lookup's own setting.
+DEFAULT: Final = _Default()
+#: An expiry option of one call: seconds (or beta), None (none), or DEFAULT.
+Setting: TypeAlias = float | _Default | None
 
 
 class InvalidationPublisher(Protocol):
@@ -68,11 +90,13 @@ class CachingLookup(Generic[V]):
     invalidations to the fleet; ``codec`` turns values of type ``V`` into the JSON stored
     (default: values are JSON); ``near`` serves hits from process memory (see
     :mod:`fleetcache.lookup.near`; it must hear the fleet's invalidations).
-    ``error_ttl``: seconds an error entry counts as a hit.
+    ``error_ttl``: seconds an error entry counts as a hit. ``ttl``, ``stale_ttl`` and
+    ``early_refresh``: the defaults of ``get``'s expiry options (None: values never expire).
     ``compute_timeout``: seconds one computation (all its candidates and restarts) may
     take. ``wait_timeout`` and ``max_rounds``: a caller waits for another process's
     computation at most ``wait_timeout`` seconds at a time and ``max_rounds *
-    wait_timeout`` in all. ``clock`` returns seconds since the epoch (for the error TTL).
+    wait_timeout`` in all. ``clock`` returns seconds since the epoch (error TTL, expiry);
+    ``rng`` draws the early-refresh coin (seed it in tests).
     """
 
     def __init__(
@@ -84,10 +108,14 @@ class CachingLookup(Generic[V]):
         codec: Codec[V] | None = None,
         near: NearCache | None = None,
         error_ttl: float = DEFAULT_ERROR_TTL,
+        ttl: float | None = None,
+        stale_ttl: float | None = None,
+        early_refresh: float | None = None,
         compute_timeout: float = DEFAULT_COMPUTE_TIMEOUT,
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
         max_rounds: int = DEFAULT_MAX_ROUNDS,
         clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
         if error_ttl < 0:
             raise ConfigurationError(f"error_ttl must be >= 0 seconds, got {error_ttl}")
@@ -100,23 +128,34 @@ class CachingLookup(Generic[V]):
             raise ConfigurationError(f"wait_timeout must be > 0 seconds, got {wait_timeout}")
         if max_rounds < 1:
             raise ConfigurationError(f"max_rounds must be >= 1, got {max_rounds}")
+        check_expiry(ttl, stale_ttl, early_refresh)
         self.store = store
         self.coordinator = coordinator
         self.publisher = publisher
+        self.near = near
         self.error_ttl = error_ttl
+        self.ttl = ttl
+        self.stale_ttl = stale_ttl
+        self.early_refresh = early_refresh
         self.wait_timeout = wait_timeout
         self.max_rounds = max_rounds
         self._codec = codec
-        self.near = near
         self._clock = clock
+        self._rng = rng or random.Random()
         self._stats = LookupStats()
+        # Computations callers wait for, and refreshes nobody waits for (kept apart: a
+        # caller that finds a dead entry must wait, one that finds a stale one must not).
         self._flights: SingleFlight[Key, Entry | None] = SingleFlight()
+        self._refreshes: SingleFlight[Key, Entry | None] = SingleFlight()
+        self._purges: SingleFlight[str, None] = SingleFlight()
+        self._purged_at = time.monotonic()
         self._populator: Populator[V] = Populator(
             store,
             usable=self._usable,
             codec=codec,
             stats=self._stats,
             compute_timeout=compute_timeout,
+            error_ttl=error_ttl,
             clock=clock,
         )
         # How long a caller waits for a computation at most: its own wait for another
@@ -140,6 +179,9 @@ class CachingLookup(Generic[V]):
         candidates: Sequence[str] | None = None,
         alias: str | None = None,
         persist_errors: bool = True,
+        ttl: Setting = DEFAULT,
+        stale_ttl: Setting = DEFAULT,
+        early_refresh: Setting = DEFAULT,
     ) -> Entry | None:
         """The entry for ``key``, computing it with ``produce`` on a miss.
 
@@ -151,8 +193,13 @@ class CachingLookup(Generic[V]):
         cached for the error TTL) like any other; with ``persist_errors=False`` an error is
         neither stored nor returned (the answer is None). Exceptions from ``produce`` reach
         every caller sharing the computation and nothing is stored. Callers of one key
-        share the computation the first of them started (its ``produce``, ``candidates``
-        and ``alias``); each gets the result filtered by its own ``persist_errors``.
+        share the computation the first of them started (its ``produce``, ``candidates``,
+        ``alias`` and expiry); each gets the result filtered by its own ``persist_errors``.
+
+        ``ttl`` (seconds, None: never) is how long a computed value stays fresh;
+        ``stale_ttl`` how long after that it is still served, at once, while one refresh
+        runs; ``early_refresh`` (beta) lets a hit refresh a value shortly before it expires
+        (see :mod:`fleetcache.lookup.expiry`). Left out, the lookup's settings apply.
 
         With a coordinator, the fleet-wide lock is taken on the alias's key when there is
         an alias (so "x" and "x.gts" take turns), else on ``key`` itself.
@@ -164,40 +211,44 @@ class CachingLookup(Generic[V]):
         near = self.near
         if near is not None:
             kept = near.get(key, by_alias=by_alias)
-            if kept is not None and self._usable(kept):
-                return self._out(kept, persist_errors)
+            if kept is not None:
+                verdict = self._freshness(kept)
+                if verdict is not Freshness.DEAD:
+                    return self._serve(kept, verdict, persist_errors, produce, early_refresh)
         flight = self._flights.running(key)
         if flight is not None:  # joined before any I/O
             self._stats.coalesced += 1
             return self._out(await self._wait(key, flight), persist_errors)
         epoch = near.epoch() if near is not None else 0
         entry = await self.store.read(key, by_alias=by_alias)
-        if self._usable(entry):
-            self._stats.hits += 1
-            if near is not None:
-                near.put(entry, epoch=epoch)
-            return self._out(entry, persist_errors)
+        if entry is not None:
+            verdict = self._freshness(entry)
+            if verdict is not Freshness.DEAD:
+                self._stats.hits += 1
+                if near is not None:
+                    near.put(entry, epoch=epoch)
+                return self._serve(entry, verdict, persist_errors, produce, early_refresh)
         self._stats.misses += 1
         if self._closed:  # closed while we read: start nothing close() would not see
             raise NotOpenError("this CachingLookup is closed")
-        if self._flights.running(key) is not None:
-            self._stats.coalesced += 1
-        else:
-            for name in (*(candidates or ()), *((alias,) if alias is not None else ())):
-                check_name(f"a candidate or alias of key {key.coalesce_key}", name)
-        request = Request(
+        request = self._request(
             key=key,
             produce=produce,
-            candidates=tuple(candidates) if candidates else (key.name,),
+            candidates=candidates,
             alias=alias,
             persist_errors=persist_errors,
+            ttl=ttl,
+            stale_ttl=stale_ttl,
         )
+        if self._flights.running(key) is not None:
+            self._stats.coalesced += 1
         try:
             result = await self._flights.do(
                 key, lambda: self._load(request), timeout=self._caller_budget
             )
         except WaitTimeout:
             raise ComputationTimeoutError(key.coalesce_key, self._caller_budget) from None
+        self._maybe_purge()
         return self._out(result, persist_errors)
 
     async def get_value(
@@ -207,11 +258,22 @@ class CachingLookup(Generic[V]):
         *,
         candidates: Sequence[str] | None = None,
         alias: str | None = None,
+        ttl: Setting = DEFAULT,
+        stale_ttl: Setting = DEFAULT,
+        early_refresh: Setting = DEFAULT,
     ) -> V | None:
         """The value for ``key`` (computing it on a miss, as :meth:`get`), None when it is
         missing; raises :class:`~fleetcache.errors.CachedError` carrying the error document
         when the entry is an error."""
-        entry = await self.get(key, produce, candidates=candidates, alias=alias)
+        entry = await self.get(
+            key,
+            produce,
+            candidates=candidates,
+            alias=alias,
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            early_refresh=early_refresh,
+        )
         if entry is None:
             return None
         if entry.error is not None:
@@ -221,10 +283,69 @@ class CachingLookup(Generic[V]):
 
     async def peek(self, key: Key, *, by_alias: bool = False) -> Entry | None:
         """The stored entry for ``key`` (or, with ``by_alias``, the one aliased by its
-        name), never computing; an expired error entry counts as absent."""
+        name), never computing; an expired error entry and a dead value count as absent
+        (a stale value is returned)."""
         validate_key(key)
         entry = await self.store.read(key, by_alias=by_alias)
-        return self._out(entry, True) if self._usable(entry) else None
+        if entry is None or self._freshness(entry) is Freshness.DEAD:
+            return None
+        return self._out(entry, True)
+
+    def _request(
+        self,
+        *,
+        key: Key,
+        produce: Produce[V],
+        candidates: Sequence[str] | None,
+        alias: str | None,
+        persist_errors: bool,
+        ttl: Setting,
+        stale_ttl: Setting,
+    ) -> Request[V]:
+        """A computation's inputs, checked (they are about to be stored)."""
+        for name in (*(candidates or ()), *((alias,) if alias is not None else ())):
+            check_name(f"a candidate or alias of key {key.coalesce_key}", name)
+        ttl_, stale_ = self._expiry(ttl, stale_ttl)
+        return Request(
+            key=key,
+            produce=produce,
+            candidates=tuple(candidates) if candidates else (key.name,),
+            alias=alias,
+            persist_errors=persist_errors,
+            ttl=ttl_,
+            stale_ttl=stale_,
+        )
+
+    def _expiry(self, ttl: Setting, stale_ttl: Setting) -> tuple[float | None, float | None]:
+        """A call's ``(ttl, stale_ttl)``, the lookup's where left out; checked."""
+        ttl_ = self.ttl if isinstance(ttl, _Default) else ttl
+        stale_ = self.stale_ttl if isinstance(stale_ttl, _Default) else stale_ttl
+        if ttl_ is None:
+            return None, None  # never expires, so never stale
+        check_expiry(ttl_, stale_, None)
+        return ttl_, stale_
+
+    def _serve(
+        self,
+        entry: Entry,
+        verdict: Freshness,
+        persist_errors: bool,
+        produce: Produce[V],
+        early_refresh: Setting,
+    ) -> Entry | None:
+        """A hit: what the caller gets now, and a refresh in the background when the
+        entry is stale or (XFetch) about to be."""
+        if entry.error is None:
+            beta = self.early_refresh if isinstance(early_refresh, _Default) else early_refresh
+            if beta is not None and beta <= 0:
+                raise ConfigurationError(f"early_refresh (beta) must be > 0, got {beta}")
+            if verdict is Freshness.STALE:
+                self._stats.stale_served += 1
+                self._refresh_soon(entry, produce)
+            elif refresh_early(entry, self._clock() * 1000, beta, self._rng.random):
+                self._stats.early_refreshes += 1
+                self._refresh_soon(entry, produce)
+        return self._out(entry, persist_errors)
 
     async def _wait(self, key: Key, flight: Any) -> Entry | None:
         try:
@@ -233,15 +354,19 @@ class CachingLookup(Generic[V]):
             raise ComputationTimeoutError(key.coalesce_key, self._caller_budget) from None
         return result
 
+    def _freshness(self, entry: Entry) -> Freshness:
+        """Where a stored entry is in its life; an error entry lives for the error TTL."""
+        now_ms = self._clock() * 1000
+        if entry.error is not None:
+            created = entry.created_at
+            alive = created is not None and now_ms - created <= self.error_ttl * 1000
+            return Freshness.FRESH if alive else Freshness.DEAD
+        return freshness(entry, now_ms)
+
     def _usable(self, entry: Entry | None) -> TypeGuard[Entry]:
-        """A hit: present, and not an error entry older than the error TTL."""
-        if entry is None:
-            return False
-        if entry.error is None:
-            return True
-        if entry.created_at is None:
-            return False
-        return self._clock() * 1000 - entry.created_at <= self.error_ttl * 1000
+        """Whether a stored entry answers a caller waiting for a computation: present
+        and fresh (a stale one is what that computation is replacing)."""
+        return entry is not None and self._freshness(entry) is Freshness.FRESH
 
     def _out(self, entry: Entry | None, persist_errors: bool) -> Entry | None:
         """What a caller gets: no error entry if it asked not to persist errors, and the
@@ -270,19 +395,23 @@ class CachingLookup(Generic[V]):
                     self.near.put(entry, epoch=epoch)
                 return entry
 
-            # The lock is per alias family when there is an alias: "x" and "x.gts" may
-            # produce the same entry, so they take turns and the loser re-reads its key.
-            lock_key = key.with_name(request.alias) if request.alias is not None else key
             return await run_coordinated(
                 self.coordinator,
                 coalesce_key=key.coalesce_key,
-                lock_key=lock_key.coalesce_key,
+                lock_key=self._lock_key(request),
                 read=read,
                 compute=lambda: self._settle(request),
                 wait_timeout=self.wait_timeout,
                 max_rounds=self.max_rounds,
                 stats=self._stats,
             )
+
+    @staticmethod
+    def _lock_key(request: Request[V]) -> str:
+        # The lock is per alias family when there is an alias: "x" and "x.gts" may produce
+        # the same entry, so they take turns and the loser re-reads its own key.
+        key = request.key
+        return (key.with_name(request.alias) if request.alias is not None else key).coalesce_key
 
     async def _settle(self, request: Request[V]) -> Entry | None:
         """Populate, then leave the in-flight map at once: the result is in the store (or
@@ -301,6 +430,131 @@ class CachingLookup(Generic[V]):
             return await self._populator.populate(request, on_stored=on_stored)
         finally:
             self._flights.detach(request.key)
+
+    # -------------------------------------------------------------- refreshing
+
+    def _refresh_soon(self, entry: Entry, produce: Produce[V]) -> None:
+        """Start refreshing a stale (or nearly expired) entry in the background, unless a
+        refresh or a computation of it is under way here. Nobody waits for it."""
+        key = entry.key
+        if self._closed or self._flights.running(key) or self._refreshes.running(key):
+            return
+        # The refreshed value ages as the one it replaces did.
+        ttl = stale = None
+        if entry.expires_at is not None:
+            ttl = (entry.expires_at - (entry.created_at or 0)) / 1000
+            stale = ((entry.stale_until or entry.expires_at) - entry.expires_at) / 1000
+        request = Request(
+            key=key,
+            produce=produce,
+            candidates=(key.name,),
+            alias=entry.alias,
+            persist_errors=False,  # an error never replaces the value being refreshed
+            ttl=ttl,
+            stale_ttl=stale,
+            newer_than=entry.created_at or 0,
+        )
+        self._refreshes.start(key, lambda: self._refresh(request))
+
+    async def _refresh(self, request: Request[V]) -> Entry | None:
+        """One refresh: in the fleet, only by the process that wins the key's lock (a
+        loser returns at once: its callers keep getting the stale value). A refresh that
+        stores nothing (it failed, or produced an error or nothing) is counted and logged;
+        the stale value stays until its window ends."""
+        key = request.key
+        with key_context(key.coalesce_key):
+            self._stats.refreshes += 1
+            try:
+                if self.coordinator is None:
+                    entry = await self._settle(request)
+                else:
+                    outcome = await self.coordinator.try_acquire_and_run(
+                        self._lock_key(request), lambda: self._settle(request)
+                    )
+                    if not isinstance(outcome, Acquired):
+                        outcome.cancel()  # another process refreshes it
+                        return None
+                    entry = outcome.value
+            except Exception as exc:  # noqa: BLE001 - a refresh's failure is counted and logged
+                self._stats.refresh_failures += 1
+                logger.warning(
+                    "refreshing key %s failed (%s: %s); its stale value stays until its "
+                    "window ends",
+                    key.coalesce_key,
+                    type(exc).__name__,
+                    exc,
+                )
+                return None
+            if entry is None or not entry.stored or entry.error is not None:
+                self._stats.refresh_failures += 1
+                logger.warning(
+                    "refreshing key %s stored nothing (%s); its stale value stays until its "
+                    "window ends",
+                    key.coalesce_key,
+                    "missing" if entry is None else "an error",
+                )
+            return entry
+
+    def _maybe_purge(self) -> None:
+        """Now and then, after a computation, delete entries past their stale window (in
+        the background: a flight nobody waits for)."""
+        now = time.monotonic()
+        if now - self._purged_at < PURGE_INTERVAL or self._closed:
+            return
+        self._purged_at = now
+        before = int(self._clock() * 1000) - PURGE_MARGIN_MS
+        self._purges.start(_PURGE, lambda: self._purge(before))
+
+    async def _purge(self, before_ms: int) -> None:
+        try:
+            purged = await self.store.purge_expired(before_ms)
+        except Exception as exc:  # noqa: BLE001 - logged; the next purge tries again
+            logger.warning("purging expired entries failed: %s", exc)
+            return
+        self._stats.purged += purged
+
+    # ---------------------------------------------------------- direct writes
+
+    async def set(
+        self,
+        key: Key,
+        value: V,
+        *,
+        ttl: Setting = DEFAULT,
+        stale_ttl: Setting = DEFAULT,
+        deps: Sequence[str] = (),
+        alias: str | None = None,
+    ) -> list[str]:
+        """Store ``value`` under ``key`` now, as if just computed. It first invalidates the
+        key (and its dependents, which were computed from its old value), so a computation
+        of it that began before cannot overwrite it; returns the names invalidated."""
+        validate_key(key)
+        ttl_, stale_ = self._expiry(ttl, stale_ttl)
+        invalidated = await self.invalidate(key.namespace, [key.name])
+        names = [key.name, *((alias,) if alias is not None else ())]
+        stamp, _ = await self.store.stamp_and_read(key, names)
+        created_at = int(self._clock() * 1000)
+        expires_at, stale_until = deadlines(created_at, ttl_, stale_)
+        encoded = value if self._codec is None else self._codec.encode(value)
+        entry = Entry(
+            key,
+            encoded,
+            deps=tuple(deps),
+            created_at=created_at,
+            alias=alias,
+            expires_at=expires_at,
+            stale_until=stale_until,
+            compute_ms=0,
+        )
+        # Refused only if yet another invalidation came in between: then that one wins.
+        if await self.store.write(entry, stamp=stamp) and self.near is not None:
+            self.near.put(entry, epoch=self.near.epoch())
+        return invalidated
+
+    async def delete(self, key: Key) -> list[str]:
+        """Invalidate ``key``'s name in its namespace (see :meth:`invalidate`)."""
+        validate_key(key)
+        return await self.invalidate(key.namespace, [key.name])
 
     # ------------------------------------------------------------ invalidating
 
@@ -374,14 +628,22 @@ class CachingLookup(Generic[V]):
         """Counters: hits (from the store), misses, coalesced callers, computations,
         missing outcomes, errors cached, results not persisted, stale results refused by
         the store and restarts, computations timed out, locks won and lost, waits by wake
-        reason, give-ups, invalidations heard from the fleet, and the near tier's."""
+        reason, give-ups, stale values served, refreshes (early ones too) and refreshes
+        that failed, entries purged, invalidations heard from the fleet, and the near
+        tier's."""
         stats = self._stats.as_dict()
         if self.near is not None:
             stats.update(self.near.stats())
         return stats
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Cancel every computation still under way (waiting at most ``timeout`` seconds)
-        and refuse further calls. Idempotent."""
+        """Cancel every computation and refresh still under way (waiting at most
+        ``timeout`` seconds) and refuse further calls. Idempotent."""
         self._closed = True
         await self._flights.close(timeout)
+        await self._refreshes.close(timeout)
+        await self._purges.close(timeout)
+
+
+#: The one key of the purge's single flight (at most one purge at a time).
+_PURGE = "purge"

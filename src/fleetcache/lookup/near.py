@@ -33,6 +33,7 @@ tier exists only there; see ``fleetcache.open``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -64,8 +65,7 @@ class _Kept:
 
     def copy(self) -> Entry:
         value, error, diagnostics = json.loads(self.text)
-        e = self.entry
-        return Entry(e.key, value, e.deps, error, e.created_at, e.alias, diagnostics)
+        return dataclasses.replace(self.entry, value=value, error=error, diagnostics=diagnostics)
 
 
 class NearCache:
@@ -160,7 +160,7 @@ class NearCache:
         key = entry.key
         if key in self._entries:
             self._remove(key)
-        kept = _Kept(Entry(key, None, entry.deps, None, entry.created_at, entry.alias, None), text)
+        kept = _Kept(dataclasses.replace(entry, value=None, error=None, diagnostics=None), text)
         self._entries[key] = kept
         self._bytes += len(text)
         ns = key.namespace

@@ -38,6 +38,7 @@ from typing import Any, Generic, TypeVar
 from fleetcache.errors import ComputationTimeoutError
 from fleetcache.logcontext import get_logger
 from fleetcache.lookup.codec import Codec
+from fleetcache.lookup.expiry import deadlines
 from fleetcache.lookup.stats import LookupStats
 from fleetcache.stores.base import JSON, Entry, Key, Store
 
@@ -85,6 +86,11 @@ class Request(Generic[V]):
     candidates: tuple[str, ...]
     alias: str | None
     persist_errors: bool
+    ttl: float | None = None
+    stale_ttl: float | None = None
+    # A refresh replaces the entry created at this time (ms): a stored entry answers it
+    # only if it is newer (someone else refreshed it meanwhile), not the same one.
+    newer_than: int | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -112,6 +118,7 @@ class Populator(Generic[V]):
         codec: Codec[V] | None,
         stats: LookupStats,
         compute_timeout: float,
+        error_ttl: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -119,6 +126,7 @@ class Populator(Generic[V]):
         self._codec = codec
         self._stats = stats
         self.compute_timeout = compute_timeout
+        self._error_ttl = error_ttl
         self._clock = clock
 
     async def populate(
@@ -146,7 +154,9 @@ class Populator(Generic[V]):
         by_alias = request.alias is not None
         for attempt in range(1, MAX_ATTEMPTS + 1):
             stamp, entry = await self.store.stamp_and_read(key, request.names, by_alias=by_alias)
-            if self._usable(entry):
+            if self._usable(entry) and (
+                request.newer_than is None or (entry.created_at or 0) > request.newer_than
+            ):
                 return entry, True
             outcome = await self._candidates(request, stamp)
             if outcome is not _Refused.REFUSED:
@@ -181,19 +191,29 @@ class Populator(Generic[V]):
                 if self._usable(entry):
                     return entry, True
             self._stats.computations += 1
+            started = self._clock()  # the lookup's clock (a test's too), never below zero
             produced = await request.produce(candidate_key)
+            compute_ms = max(0, round((self._clock() - started) * 1000))
             if produced is MISSING:
                 self._stats.missing += 1
                 continue
             value = produced.value if self._codec is None else self._codec.encode(produced.value)
+            created_at = int(self._clock() * 1000)
+            if produced.error is None:
+                expires_at, stale_until = deadlines(created_at, request.ttl, request.stale_ttl)
+            else:  # an error lives for the error TTL (so it can be purged after)
+                expires_at, stale_until = deadlines(created_at, self._error_ttl, None)
             entry = Entry(
                 key=candidate_key,
                 value=value,
                 deps=tuple(produced.deps),
                 error=produced.error,
-                created_at=int(self._clock() * 1000),
+                created_at=created_at,
                 alias=request.alias,
                 diagnostics=produced.diagnostics,
+                expires_at=expires_at,
+                stale_until=stale_until,
+                compute_ms=compute_ms,
             )
             if not produced.cacheable or (entry.error is not None and not request.persist_errors):
                 # Returned, never stored: joined callers filter errors by their own wish.

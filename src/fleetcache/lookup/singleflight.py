@@ -56,18 +56,23 @@ class SingleFlight(Generic[K, V]):
         """``fn()``'s result, computed once for the callers of ``key`` that overlap; its
         exception reaches each of them. ``timeout`` bounds this caller's wait
         (:class:`WaitTimeout`); the flight itself goes on."""
+        return await self.wait(self.start(key, fn), timeout)
+
+    def start(self, key: K, fn: Callable[[], Coroutine[Any, Any, V]]) -> asyncio.Task[V]:
+        """The flight of ``key``: the one running, or ``fn()`` started now (not awaited:
+        for work nobody waits for, like a refresh in the background)."""
         if self._closed:
             raise NotOpenError("this SingleFlight is closed")
         task = self._flights.get(key)
-        if task is None:
-            task = asyncio.create_task(fn(), name=f"fleetcache flight {key!r:.200}")
-            self._flights[key] = task
-            self._running.add(task)
-            task.add_done_callback(partial(self._finished, key))
-            self.started += 1
-        else:
+        if task is not None:
             self.joined += 1
-        return await self.wait(task, timeout)
+            return task
+        task = asyncio.create_task(fn(), name=f"fleetcache flight {key!r:.200}")
+        self._flights[key] = task
+        self._running.add(task)
+        task.add_done_callback(partial(self._finished, key))
+        self.started += 1
+        return task
 
     async def wait(self, task: asyncio.Task[V], timeout: float | None = None) -> V:
         """Join a flight (see :meth:`running`); as :meth:`do`, without starting one."""

@@ -26,6 +26,11 @@ class LookupStats:
     lock_lost: int = 0
     waits: dict[str, int] = field(default_factory=dict)
     gave_up: int = 0
+    stale_served: int = 0
+    refreshes: int = 0
+    early_refreshes: int = 0
+    refresh_failures: int = 0
+    purged: int = 0
     remote_invalidations: int = 0
     notification_gaps: int = 0
 

@@ -74,9 +74,12 @@ class Key:
 class Entry:
     """One cached artifact. ``error`` is a JSON error document, or None for a success;
     ``created_at`` is milliseconds since the epoch; ``alias`` is another name the entry
-    answers to (in the seed: the URL without its extension). ``stored`` is False only for
-    an answer a lookup returned without storing it (a result its producer marked not
-    cacheable, or an error its caller asked not to persist); it is not compared."""
+    answers to (in the seed: the URL without its extension). ``expires_at`` (ms since the
+    epoch) is when the value stops being fresh, ``stale_until`` when it stops being
+    servable at all (the end of its stale window; None: never), and ``compute_ms`` how long
+    computing it took. ``stored`` is False only for an answer a lookup returned without
+    storing it (a result its producer marked not cacheable, or an error its caller asked
+    not to persist); it is not compared."""
 
     key: Key
     value: JSON
@@ -85,6 +88,9 @@ class Entry:
     created_at: int | None = None
     alias: str | None = None
     diagnostics: JSON | None = None
+    expires_at: int | None = None
+    stale_until: int | None = None
+    compute_ms: int | None = None
     stored: bool = field(default=True, compare=False)
 
 
@@ -156,6 +162,11 @@ class Store(Protocol):
 
     async def clear_all(self) -> None:
         """Mark the whole store invalidated and delete every entry, in one transaction."""
+
+    async def purge_expired(self, before_ms: int, limit: int = 1000) -> int:
+        """Delete up to ``limit`` entries whose ``stale_until`` is before ``before_ms`` (ms
+        since the epoch): dead entries nobody may be served any more. Not an
+        invalidation (nothing is marked). Return how many went."""
 
 
 def stamp_names(names: Iterable[str]) -> tuple[str, ...]:

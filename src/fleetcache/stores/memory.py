@@ -59,6 +59,9 @@ class _Stored:
     created_at: int | None
     alias: str | None
     diagnostics: str | None
+    expires_at: int | None
+    stale_until: int | None
+    compute_ms: int | None
     order: int  # when it was written (ties of created_at: the later write wins)
 
     def entry(self) -> Entry:
@@ -70,6 +73,9 @@ class _Stored:
             created_at=self.created_at,
             alias=self.alias,
             diagnostics=None if self.diagnostics is None else json.loads(self.diagnostics),
+            expires_at=self.expires_at,
+            stale_until=self.stale_until,
+            compute_ms=self.compute_ms,
         )
 
 
@@ -184,6 +190,9 @@ class MemoryStore:
             created_at=entry.created_at,
             alias=entry.alias,
             diagnostics=encoded.diagnostics,
+            expires_at=entry.expires_at,
+            stale_until=entry.stale_until,
+            compute_ms=entry.compute_ms,
             order=self._written,
         )
         self._entries[key] = stored
@@ -239,6 +248,18 @@ class MemoryStore:
             stored = self._entries.pop(key, None)
             if stored is not None:
                 self._unindex(stored)
+
+    async def purge_expired(self, before_ms: int, limit: int = 1000) -> int:
+        """Delete up to ``limit`` entries whose stale window ended before ``before_ms``
+        (ms since the epoch); return how many went. (A scan: the memory store is for one
+        process and tests; purging is rare.) Not an invalidation: nothing is marked."""
+        dead = [
+            key
+            for key, stored in self._entries.items()
+            if stored.stale_until is not None and stored.stale_until < before_ms
+        ][:limit]
+        self._delete(dead)
+        return len(dead)
 
     # ----------------------------------------------------------------- invalidations
 

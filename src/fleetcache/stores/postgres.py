@@ -129,7 +129,7 @@ class PostgresPoint:
 
 
 def _entry(key: Key, row: Sequence[Any]) -> Entry:
-    name, value, deps, error, created_at, alias, diagnostics = row
+    name, value, deps, error, created_at, alias, diagnostics, expires, stale, compute = row
     return Entry(
         key=key if name == key.name else key.with_name(name),
         value=value,
@@ -138,6 +138,9 @@ def _entry(key: Key, row: Sequence[Any]) -> Entry:
         created_at=created_at,
         alias=alias,
         diagnostics=diagnostics,
+        expires_at=expires,
+        stale_until=stale,
+        compute_ms=compute,
     )
 
 
@@ -332,6 +335,9 @@ class PostgresStore:
             created_at=entry.created_at,
             alias=entry.alias,
             diagnostics=encoded.diagnostics,
+            expires_at=entry.expires_at,
+            stale_until=entry.stale_until,
+            compute_ms=entry.compute_ms,
         )
         query = q.PG_WRITE
         if stamp is not None:
@@ -352,6 +358,16 @@ class PostgresStore:
             return await cursor.fetchone() is not None
 
         return await _pg.pooled(self.pool, f"writing {key.coalesce_key}", run)
+
+    async def purge_expired(self, before_ms: int, limit: int = 1000) -> int:
+        """Delete up to ``limit`` entries whose stale window ended before ``before_ms``
+        (ms since the epoch); return how many went. Not an invalidation: nothing is marked."""
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> int:
+            cursor = await conn.execute(q.PG_PURGE_EXPIRED, {"before": before_ms, "limit": limit})
+            return cursor.rowcount
+
+        return await _pg.pooled(self.pool, "purging expired entries", run)
 
     # ----------------------------------------------------------------- invalidations
 

@@ -78,8 +78,16 @@ _PG_CREATE_ENTRIES = [
         error jsonb,
         created_at bigint,
         alias text,
-        diagnostics jsonb
+        diagnostics jsonb,
+        expires_at bigint,
+        stale_until bigint,
+        compute_ms integer
     )
+    """,
+    # Purging entries past their stale window, oldest first.
+    """
+    CREATE INDEX fleetcache_entries_stale_until ON fleetcache_entries (stale_until)
+        WHERE stale_until IS NOT NULL
     """,
     # Deletes by (namespace, name), closure rounds by name, namespace deletes (prefix).
     "CREATE INDEX fleetcache_entries_name ON fleetcache_entries (md5(namespace), md5(name))",
@@ -165,7 +173,9 @@ PG_UPGRADE_1_TO_2 = [
 # ------------------------------------------------------------------------------- reads
 
 # The row a read returns; namespace, scope and user are the key's own.
-_PG_ROW = "name, value, deps, error, created_at, alias, diagnostics"
+_PG_ROW = (
+    "name, value, deps, error, created_at, alias, diagnostics, expires_at, stale_until, compute_ms"
+)
 
 # The entry stored under exactly the key: one primary-key probe (the fields are compared
 # too, so even a hash collision could never hand out another key's row).
@@ -222,16 +232,18 @@ PG_LOCK_FOR_WRITE = f"""
 
 _PG_INSERT = """
     INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id, value, deps,
-                                    error, created_at, alias, diagnostics)
+                                    error, created_at, alias, diagnostics, expires_at,
+                                    stale_until, compute_ms)
     SELECT %(key_hash)s, %(ns)s, %(name)s, %(scope)s, %(user)s, %(value)s::jsonb,
            %(deps)s::text[], %(error)s::jsonb, %(created_at)s, %(alias)s,
-           %(diagnostics)s::jsonb
+           %(diagnostics)s::jsonb, %(expires_at)s, %(stale_until)s, %(compute_ms)s
 """
 _PG_UPSERT = """
     ON CONFLICT (key_hash) DO UPDATE SET
         value = EXCLUDED.value, deps = EXCLUDED.deps, error = EXCLUDED.error,
         created_at = EXCLUDED.created_at, alias = EXCLUDED.alias,
-        diagnostics = EXCLUDED.diagnostics
+        diagnostics = EXCLUDED.diagnostics, expires_at = EXCLUDED.expires_at,
+        stale_until = EXCLUDED.stale_until, compute_ms = EXCLUDED.compute_ms
     RETURNING 1
 """
 
@@ -257,6 +269,19 @@ PG_GUARDED_WRITE = f"""
                    AND namespace = %(ns)s AND name = ANY (%(names)s::text[])))
           AND NOT pg_visible_in_snapshot(bumped_by, %(snapshot)s::pg_snapshot))
     {_PG_UPSERT}
+"""
+
+#: Deletes up to ``limit`` entries whose stale window ended before ``before`` (ms since the
+#: epoch), skipping rows another transaction holds. Not an invalidation (nothing is marked):
+#: such an entry is dead already, and a computation storing its key afresh is welcome. A
+#: row rewritten meanwhile is re-checked by FOR UPDATE and kept.
+PG_PURGE_EXPIRED = """
+    DELETE FROM fleetcache_entries
+    WHERE ctid = ANY (ARRAY(
+        SELECT ctid FROM fleetcache_entries
+        WHERE stale_until < %(before)s
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED))
 """
 
 # ----------------------------------------------------------------------- invalidations
@@ -363,8 +388,15 @@ _SQLITE_CREATE_ENTRIES = [
         created_at INTEGER,
         alias TEXT,
         diagnostics TEXT,
+        expires_at INTEGER,
+        stale_until INTEGER,
+        compute_ms INTEGER,
         PRIMARY KEY (namespace, name, scope, user_id)
     )
+    """,
+    """
+    CREATE INDEX fleetcache_entries_stale_until ON fleetcache_entries (stale_until)
+        WHERE stale_until IS NOT NULL
     """,
     # Alias reads within (namespace, scope, user); deletes and closure rounds by alias.
     """
@@ -448,7 +480,9 @@ SQLITE_UPGRADE_1_TO_2 = [
 
 # ------------------------------------------------------------------------------- reads
 
-_SQLITE_ROW = "name, value, deps, error, created_at, alias, diagnostics"
+_SQLITE_ROW = (
+    "name, value, deps, error, created_at, alias, diagnostics, expires_at, stale_until, compute_ms"
+)
 
 _SQLITE_EXACT = f"""
     SELECT {_SQLITE_ROW} FROM fleetcache_entries
@@ -485,15 +519,17 @@ SQLITE_STAMP_AND_READ_BY_ALIAS = _SQLITE_STAMP.format(read=_SQLITE_EXACT_OR_ALIA
 
 _SQLITE_INSERT = """
     INSERT INTO fleetcache_entries (namespace, name, scope, user_id, value, deps, error,
-                                    created_at, alias, diagnostics)
+                                    created_at, alias, diagnostics, expires_at, stale_until,
+                                    compute_ms)
     SELECT :ns, :name, :scope, :user, :value, :deps, :error, :created_at, :alias,
-           :diagnostics
+           :diagnostics, :expires_at, :stale_until, :compute_ms
 """
 _SQLITE_UPSERT = """
     ON CONFLICT (namespace, name, scope, user_id) DO UPDATE SET
         value = excluded.value, deps = excluded.deps, error = excluded.error,
         created_at = excluded.created_at, alias = excluded.alias,
-        diagnostics = excluded.diagnostics
+        diagnostics = excluded.diagnostics, expires_at = excluded.expires_at,
+        stale_until = excluded.stale_until, compute_ms = excluded.compute_ms
 """
 
 #: Upsert without a stamp. (``WHERE true`` resolves sqlite's INSERT ... SELECT ... ON
@@ -524,6 +560,23 @@ SQLITE_LIST_DEPS = """
     INSERT OR IGNORE INTO fleetcache_entry_deps (namespace, name, scope, user_id, dep)
     SELECT :ns, :name, :scope, :user, value FROM json_each(:deps)
 """
+
+#: The keys of up to ``limit`` entries whose stale window ended before ``before`` (ms).
+SQLITE_EXPIRED = """
+    SELECT namespace, name, scope, user_id FROM fleetcache_entries
+    WHERE stale_until < :before LIMIT :limit
+"""
+#: Deletes one key's entry and its deps rows (a purge of a dead entry, not an invalidation).
+SQLITE_DELETE_KEY = [
+    """
+    DELETE FROM fleetcache_entry_deps
+    WHERE namespace = :ns AND name = :name AND scope = :scope AND user_id = :user
+    """,
+    """
+    DELETE FROM fleetcache_entries
+    WHERE namespace = :ns AND name = :name AND scope = :scope AND user_id = :user
+    """,
+]
 
 # ----------------------------------------------------------------------- invalidations
 

@@ -73,7 +73,7 @@ def _loads(text: str | None) -> Any:
 
 
 def _entry(key: Key, row: Sequence[Any]) -> Entry:
-    name, value, deps, error, created_at, alias, diagnostics = row
+    name, value, deps, error, created_at, alias, diagnostics, expires, stale, compute = row
     return Entry(
         key=key if name == key.name else key.with_name(name),
         value=json.loads(value),
@@ -82,6 +82,9 @@ def _entry(key: Key, row: Sequence[Any]) -> Entry:
         created_at=created_at,
         alias=alias,
         diagnostics=_loads(diagnostics),
+        expires_at=expires,
+        stale_until=stale,
+        compute_ms=compute,
     )
 
 
@@ -240,6 +243,9 @@ class SqliteStore:
             created_at=entry.created_at,
             alias=entry.alias,
             diagnostics=encoded.diagnostics,
+            expires_at=entry.expires_at,
+            stale_until=entry.stale_until,
+            compute_ms=entry.compute_ms,
         )
         query = q.SQLITE_WRITE
         taken_at = 0.0
@@ -265,6 +271,24 @@ class SqliteStore:
             return written
 
         return await self._run(f"writing {key.coalesce_key}", write)
+
+    async def purge_expired(self, before_ms: int, limit: int = 1000) -> int:
+        """Delete up to ``limit`` entries whose stale window ended before ``before_ms``
+        (ms since the epoch); return how many went. Not an invalidation: nothing is marked."""
+
+        def purge(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            rows = conn.execute(q.SQLITE_EXPIRED, {"before": before_ms, "limit": limit}).fetchall()
+            keys = [
+                {"ns": ns, "name": name, "scope": scope, "user": user}
+                for ns, name, scope, user in rows
+            ]
+            for statement in q.SQLITE_DELETE_KEY:
+                conn.executemany(statement, keys)
+            conn.execute("COMMIT")
+            return len(keys)
+
+        return await self._run("purging expired entries", purge)
 
     # ----------------------------------------------------------------- invalidations
 

@@ -88,6 +88,10 @@ def encode_entry(entry: Entry) -> EncodedEntry:
         raise InvalidInputError(f"key {where} has {len(entry.deps)} deps; the limit is {MAX_DEPS}")
     for dep in entry.deps:
         check_name(f"a dep of key {where}", dep)
+    for what in ("created_at", "expires_at", "stale_until", "compute_ms"):
+        moment = getattr(entry, what)
+        if moment is not None and (isinstance(moment, bool) or not isinstance(moment, int)):
+            raise InvalidInputError(f"the {what} of key {where} must be an int or None")
     return EncodedEntry(
         value=encode_json(f"the value of key {where}", entry.value),
         deps=tuple(entry.deps),
