@@ -14,10 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from psycopg_pool import AsyncConnectionPool
 
+from fleetcache.definitions.setup import SEED_INVALIDATED_CHANNEL
 from fleetcache.errors import ConfigurationError
 from fleetcache.notifications import (
     INVALIDATED_CHANNEL,
-    SEED_INVALIDATED_CHANNEL,
     Invalidation,
     PostgresInvalidationPublisher,
     encode_global_payload,

@@ -21,6 +21,7 @@ from fleetcache.definitions.models import (
     definition_entry,
     module_error,
 )
+from fleetcache.definitions.setup import coalesce_flag_enabled, seed_open_options
 from fleetcache.definitions.urls import trim_executable_extension
 from fleetcache.stores import Key, PostgresStore, Store
 
@@ -683,3 +684,49 @@ async def test_ten_failing_modules_at_once_on_a_pool_of_ten_aggregate_completely
             stored = await cache.peek(Key(PUBLIC.url, url(PUBLIC, f"m{i}.gts")))
             assert stored is not None
             assert stored.error == module.error
+
+
+def test_the_seeds_flag_and_names_are_the_definitions_domains_own() -> None:
+    """PRERENDER_COALESCE_ACROSS_PROCESSES=true turns coordination on (default off), and
+    the seed's options name the seed's channels; the generic core uses none of them."""
+    assert coalesce_flag_enabled({"PRERENDER_COALESCE_ACROSS_PROCESSES": "true"})
+    assert not coalesce_flag_enabled({})
+    assert not coalesce_flag_enabled({"PRERENDER_COALESCE_ACROSS_PROCESSES": "false"})
+    options = seed_open_options({})
+    assert options == {
+        "coordinate": False,
+        "populated_channel": "module_cache_populated",
+        "invalidated_channel": "module_cache_invalidated",
+    }
+    assert seed_open_options({"PRERENDER_COALESCE_ACROSS_PROCESSES": "1"})["coordinate"]
+
+
+async def test_a_definitions_fleet_on_the_seeds_names_renders_a_module_once(
+    database_url: str,
+) -> None:
+    """Two caches opened as the seed's system opens them (its flag on, its channels) share
+    one render of a module, and both get it."""
+    pre = GraphPrerenderer({url(PUBLIC, "card.gts"): Spec()})
+    gate = pre.gates[url(PUBLIC, "card.gts")] = asyncio.Event()
+    options = seed_open_options({"PRERENDER_COALESCE_ACROSS_PROCESSES": "true"})
+    async with (
+        fleetcache.open(database_url, **options) as first,
+        fleetcache.open(database_url, **options) as second,
+    ):
+        assert first.coordinator is not None
+        lookups = []
+        for cache in (first, second):
+            lookup = CachingDefinitionLookup.over(cache.lookup, pre)
+            lookup.register_realm(PUBLIC)
+            lookups.append(lookup)
+        pending = [
+            asyncio.create_task(lookup.get_cached_definitions(url(PUBLIC, "card.gts")))
+            for lookup in lookups
+        ]
+        await asyncio.sleep(0.3)
+        gate.set()
+        a, b = await asyncio.gather(*pending)
+        assert a is not None
+        assert b is not None
+        assert a.definitions == b.definitions
+        assert pre.renders(url(PUBLIC, "card.gts")) == 1

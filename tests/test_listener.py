@@ -13,10 +13,10 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
+from fleetcache.definitions.setup import SEED_INVALIDATED_CHANNEL
 from fleetcache.errors import ConfigurationError, NotOpenError
 from fleetcache.notifications import (
     INVALIDATED_CHANNEL,
-    SEED_INVALIDATED_CHANNEL,
     InvalidationListener,
     InvalidationTarget,
     NotificationHub,

@@ -24,6 +24,13 @@ from fleetcache.definitions.prerenderer import (
     Prerenderer,
     RetryPolicy,
 )
+from fleetcache.definitions.setup import (
+    COALESCE_FLAG,
+    SEED_INVALIDATED_CHANNEL,
+    SEED_POPULATED_CHANNEL,
+    coalesce_flag_enabled,
+    seed_open_options,
+)
 
 if TYPE_CHECKING:
     from fleetcache.definitions.simulated import ModuleSpec, SimulatedPrerenderServer
@@ -40,6 +47,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "COALESCE_FLAG",
+    "SEED_INVALIDATED_CHANNEL",
+    "SEED_POPULATED_CHANNEL",
     "AuthProvider",
     "CachingDefinitionLookup",
     "CodeRef",
@@ -57,4 +67,6 @@ __all__ = [
     "RealmDefinitionLookup",
     "RetryPolicy",
     "SimulatedPrerenderServer",
+    "coalesce_flag_enabled",
+    "seed_open_options",
 ]

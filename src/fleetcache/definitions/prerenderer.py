@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import logging
 import math
 import os
 import time
@@ -59,6 +58,7 @@ from fleetcache.definitions.errors import (
 )
 from fleetcache.definitions.models import ModuleRenderResponse
 from fleetcache.errors import ConfigurationError, NotOpenError
+from fleetcache.logcontext import get_logger
 
 __all__ = [
     "DEFAULT_REQUEST_TIMEOUT",
@@ -72,7 +72,7 @@ __all__ = [
     "request_timeout_from_env",
 ]
 
-logger = logging.getLogger("fleetcache.definitions.prerenderer")
+logger = get_logger("fleetcache.definitions.prerenderer")
 
 #: The seed's ``PRERENDER_REQUEST_ID_HEADER``: one id per logical call, reused on retries.
 REQUEST_ID_HEADER = "x-boxel-prerender-request-id"

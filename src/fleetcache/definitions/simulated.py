@@ -48,7 +48,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import logging
 import signal
 import subprocess
 import sys
@@ -84,6 +83,7 @@ from fleetcache.definitions.urls import (
     trim_executable_extension,
 )
 from fleetcache.errors import ConfigurationError, DefinitionsError, NotOpenError
+from fleetcache.logcontext import get_logger
 
 __all__ = [
     "ModuleSpec",
@@ -98,7 +98,7 @@ __all__ = [
     "stop_subprocess",
 ]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 _DEFAULT_FAIL_STATUS = 500
 _MISSING_STATUS = 404

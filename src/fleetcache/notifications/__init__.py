@@ -12,7 +12,6 @@
 from fleetcache.notifications.broadcast import (
     INVALIDATED_CHANNEL,
     PAYLOAD_BUDGET,
-    SEED_INVALIDATED_CHANNEL,
     Invalidation,
     InvalidationKind,
     PostgresInvalidationPublisher,
@@ -30,7 +29,6 @@ __all__ = [
     "DEFAULT_APPLICATION_NAME",
     "INVALIDATED_CHANNEL",
     "PAYLOAD_BUDGET",
-    "SEED_INVALIDATED_CHANNEL",
     "Invalidation",
     "InvalidationKind",
     "InvalidationListener",

@@ -40,8 +40,6 @@ logger = get_logger("fleetcache.notifications")
 
 #: The generic core's invalidation channel.
 INVALIDATED_CHANNEL = "fleetcache_invalidated_v1"
-#: The seed's channel, for the definitions domain where the seed's system uses it.
-SEED_INVALIDATED_CHANNEL = "module_cache_invalidated"
 #: Default byte budget of one payload (Postgres refuses 8000 bytes and more).
 PAYLOAD_BUDGET = 7000
 # Postgres delivers at most 7999 bytes, hence characters: anything longer is not a NOTIFY
