@@ -1,4 +1,4 @@
-"""The README's generic example runs as written."""
+"""The README's examples run as written."""
 
 from __future__ import annotations
 
@@ -8,15 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_the_generic_example_runs(tmp_path: Path) -> None:
-    """The first Python block of the README runs to completion (its asserts included)."""
+@pytest.mark.parametrize("block", [0, 1], ids=["generic example", "decorator example"])
+def test_the_examples_run(tmp_path: Path, block: int) -> None:
+    """The README's first two Python blocks (the generic cache, and values that age with
+    the decorator) run to completion, their asserts included."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "the README has no Python example"
+    assert len(blocks) > block, "the README lost an example"
     script = tmp_path / "example.py"
-    script.write_text(blocks[0])
+    script.write_text(blocks[block])
     done = subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
@@ -27,4 +31,5 @@ def test_the_generic_example_runs(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "cache.db").exists()
+    if block == 0:
+        assert (tmp_path / "cache.db").exists()
