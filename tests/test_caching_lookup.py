@@ -120,7 +120,7 @@ async def test_different_keys_do_not_share(store: Store) -> None:
     ("first", "second"),
     [
         (Key("https://r/a|b", "c"), Key("https://r/a", "b|c")),
-        (Key(NS, "m", "realm-auth", "team|bob"), Key(NS, "m|realm-auth|team", "bob")),
+        (Key(NS, "m", "realm-auth", "team|bob"), Key(NS, "m|realm-auth", "team", "bob")),
         (Key(NS, "m", "realm-auth|team", "bob"), Key(NS, "m", "realm-auth", "team|bob")),
         (Key(NS, 'a","b'), Key(NS + '","a', "b")),
     ],
