@@ -30,7 +30,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from fleetcache.coordination.postgres import POPULATED_CHANNEL, PostgresCoordinator
 from fleetcache.errors import ConfigurationError
@@ -47,16 +47,18 @@ from fleetcache.lookup.caching import (
 from fleetcache.lookup.codec import Codec
 from fleetcache.lookup.decorator import CachedFunction, cached
 from fleetcache.lookup.near import NearCache
-from fleetcache.lookup.populate import Produce
 from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, PostgresInvalidationPublisher
 from fleetcache.notifications.hub import NotificationHub
 from fleetcache.notifications.listener import InvalidationListener
-from fleetcache.stores.base import Entry, Expand, Key, Store
+from fleetcache.stores.base import Store
 from fleetcache.stores.memory import MemoryStore
 from fleetcache.stores.postgres import PostgresStore
 from fleetcache.stores.sqlite import SqliteStore
 
 logger = get_logger("fleetcache.factory")
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: How long ``close()`` gives each component by default (seconds).
 DEFAULT_CLOSE_TIMEOUT = 10.0
@@ -86,8 +88,9 @@ def store_for_url(url: str, *, pool_size: int = 10) -> Store:
 
 
 class Fleetcache:
-    """An open cache: the lookup's verbs, the parts ``open`` built, ``stats()`` and
-    ``close()``. Made by :func:`open`."""
+    """An open cache: the lookup's verbs (``get``, ``get_value``, ``peek``, ``set``,
+    ``delete``, ``invalidate``, ``clear_namespace``, ``clear_all``, ``cached``), the parts
+    ``open`` built, ``stats()`` and ``close()``. Made by :func:`open`."""
 
     def __init__(
         self,
@@ -111,73 +114,16 @@ class Fleetcache:
         # What close() runs, in order (the reverse of the start order).
         self._closers = list(closers)
         self._closed = False
-
-    # The lookup's verbs, so that ``cache.get(...)`` reads as the README says.
-
-    async def get(
-        self,
-        key: Key,
-        produce: Produce[Any],
-        *,
-        candidates: Sequence[str] | None = None,
-        alias: str | None = None,
-        persist_errors: bool = True,
-        ttl: Setting = DEFAULT,
-        stale_ttl: Setting = DEFAULT,
-        early_refresh: Setting = DEFAULT,
-    ) -> Entry | None:
-        """See :meth:`CachingLookup.get`."""
-        return await self.lookup.get(
-            key,
-            produce,
-            candidates=candidates,
-            alias=alias,
-            persist_errors=persist_errors,
-            ttl=ttl,
-            stale_ttl=stale_ttl,
-            early_refresh=early_refresh,
-        )
-
-    async def get_value(
-        self,
-        key: Key,
-        produce: Produce[Any],
-        *,
-        candidates: Sequence[str] | None = None,
-        alias: str | None = None,
-        ttl: Setting = DEFAULT,
-        stale_ttl: Setting = DEFAULT,
-        early_refresh: Setting = DEFAULT,
-    ) -> Any:
-        """See :meth:`CachingLookup.get_value`."""
-        return await self.lookup.get_value(
-            key,
-            produce,
-            candidates=candidates,
-            alias=alias,
-            ttl=ttl,
-            stale_ttl=stale_ttl,
-            early_refresh=early_refresh,
-        )
-
-    async def set(
-        self,
-        key: Key,
-        value: Any,
-        *,
-        ttl: Setting = DEFAULT,
-        stale_ttl: Setting = DEFAULT,
-        deps: Sequence[str] = (),
-        alias: str | None = None,
-    ) -> list[str]:
-        """See :meth:`CachingLookup.set`."""
-        return await self.lookup.set(
-            key, value, ttl=ttl, stale_ttl=stale_ttl, deps=deps, alias=alias
-        )
-
-    async def delete(self, key: Key) -> list[str]:
-        """See :meth:`CachingLookup.delete`."""
-        return await self.lookup.delete(key)
+        # The lookup's verbs, so that ``cache.get(...)`` reads as the README says (see
+        # CachingLookup for each): bound methods, so their signatures are the lookup's.
+        self.get = lookup.get
+        self.get_value = lookup.get_value
+        self.peek = lookup.peek
+        self.set = lookup.set
+        self.delete = lookup.delete
+        self.invalidate = lookup.invalidate
+        self.clear_namespace = lookup.clear_namespace
+        self.clear_all = lookup.clear_all
 
     def cached(
         self,
@@ -187,7 +133,7 @@ class Fleetcache:
         ttl: Setting = DEFAULT,
         stale_ttl: Setting = DEFAULT,
         early_refresh: Setting = DEFAULT,
-    ) -> Callable[[Callable[..., Awaitable[Any]]], CachedFunction[..., Any]]:
+    ) -> Callable[[Callable[P, Awaitable[R]]], CachedFunction[P, R]]:
         """A decorator caching an async function's results here; see
         :mod:`fleetcache.lookup.decorator`."""
         return cached(
@@ -198,24 +144,6 @@ class Fleetcache:
             stale_ttl=stale_ttl,
             early_refresh=early_refresh,
         )
-
-    async def peek(self, key: Key, *, by_alias: bool = False) -> Entry | None:
-        """See :meth:`CachingLookup.peek`."""
-        return await self.lookup.peek(key, by_alias=by_alias)
-
-    async def invalidate(
-        self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
-    ) -> list[str]:
-        """See :meth:`CachingLookup.invalidate`."""
-        return await self.lookup.invalidate(namespace, names, expand=expand)
-
-    async def clear_namespace(self, namespace: str) -> None:
-        """See :meth:`CachingLookup.clear_namespace`."""
-        await self.lookup.clear_namespace(namespace)
-
-    async def clear_all(self) -> None:
-        """See :meth:`CachingLookup.clear_all`."""
-        await self.lookup.clear_all()
 
     def stats(self) -> dict[str, Any]:
         """The lookup's counters, and the coordinator's and listener's when present."""

@@ -33,7 +33,7 @@ import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeGuard, TypeVar
 
 from fleetcache.errors import ComputationTimeoutError
 from fleetcache.logcontext import get_logger
@@ -114,7 +114,7 @@ class Populator(Generic[V]):
         self,
         store: Store,
         *,
-        usable: Callable[[Entry | None], bool],
+        usable: Callable[[Entry | None], TypeGuard[Entry]],
         codec: Codec[V] | None,
         stats: LookupStats,
         compute_timeout: float,

@@ -169,11 +169,6 @@ class Store(Protocol):
         invalidation (nothing is marked). Return how many went."""
 
 
-def stamp_names(names: Iterable[str]) -> tuple[str, ...]:
-    """The canonical (sorted, unique) form of a stamp's names."""
-    return tuple(sorted(set(names)))
-
-
 def guarded_names(entry: Entry, stamp: GenerationStamp) -> list[str]:
     """The names whose invalidation after ``stamp`` refuses writing ``entry``."""
     names = {*stamp.names, entry.key.name, *entry.deps}

@@ -28,10 +28,9 @@ from fleetcache.stores.base import (
     GenerationStamp,
     Key,
     guarded_names,
-    stamp_names,
 )
 from fleetcache.stores.closure import Closure
-from fleetcache.stores.validation import check_name, encode_entry, validate_key
+from fleetcache.stores.validation import check_name, encode_entry, stamped_names, validate_key
 
 #: The most old marks one invalidation prunes, besides twice the marks it sets.
 PRUNE_BATCH = 10_000
@@ -162,10 +161,7 @@ class MemoryStore:
         self, key: Key, names: Sequence[str], *, by_alias: bool = False
     ) -> tuple[GenerationStamp, Entry | None]:
         """A stamp (the clock's reading) and ``read(key, by_alias=...)``, in one step."""
-        validate_key(key)
-        stamped = stamp_names(names)
-        for name in stamped:
-            check_name(f"a stamped name of key {key.coalesce_key}", name)
+        stamped = stamped_names(key, names)
         point = MemoryPoint(self._seq, self._clock())
         return GenerationStamp(key.namespace, stamped, point), self._find(key, by_alias)
 

@@ -86,11 +86,10 @@ from fleetcache.stores.base import (
     GenerationStamp,
     Key,
     guarded_names,
-    stamp_names,
 )
 from fleetcache.stores.closure import Closure
 from fleetcache.stores.migrations import migrate_postgres
-from fleetcache.stores.validation import check_name, encode_entry, validate_key
+from fleetcache.stores.validation import check_name, encode_entry, stamped_names, validate_key
 
 logger = get_logger("fleetcache.stores")
 
@@ -305,10 +304,7 @@ class PostgresStore:
         self, key: Key, names: Sequence[str], *, by_alias: bool = False
     ) -> tuple[GenerationStamp, Entry | None]:
         """A stamp and ``read(key, by_alias=...)`` in one statement, under one snapshot."""
-        validate_key(key)
-        stamped = stamp_names(names)
-        for name in stamped:
-            check_name(f"a stamped name of key {key.coalesce_key}", name)
+        stamped = stamped_names(key, names)
         query = q.PG_STAMP_AND_READ_BY_ALIAS if by_alias else q.PG_STAMP_AND_READ
         params = _key_params(key)
         row = await _pg.pooled(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,15 @@ def check_name(what: str, text: object, *, allow_empty: bool = True) -> None:
         raise InvalidInputError(
             f"{what} is {size} bytes long; the limit is {MAX_NAME_BYTES} bytes (UTF-8)"
         )
+
+
+def stamped_names(key: Key, names: Iterable[str]) -> tuple[str, ...]:
+    """The canonical (sorted, unique) names a stamp for ``key`` covers, each checked."""
+    validate_key(key)
+    stamped = tuple(sorted(set(names)))
+    for name in stamped:
+        check_name(f"a stamped name of key {key.coalesce_key}", name)
+    return stamped
 
 
 def validate_key(key: Key) -> None:
