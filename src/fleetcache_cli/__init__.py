@@ -1,17 +1,22 @@
-"""The ``fleetcache`` command line (layer 7): ``demo`` (the main job) and ``bench``."""
+"""The ``fleetcache`` command line: ``demo`` (the main job), ``bench`` and ``migrate``.
+
+A package of its own beside :mod:`fleetcache` (in the same wheel), so the library never
+imports it: nothing under ``fleetcache`` knows the command line exists. The demo and the
+bench share only :mod:`fleetcache_cli.shared`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
-import sys
 from collections.abc import Sequence
 
-#: Subcommand -> module with ``add_arguments(parser)`` and ``run(args) -> int``.
+#: Subcommand -> (module with ``add_arguments(parser)`` and ``run(args) -> int``, summary).
 _COMMANDS = {
-    "demo": ("fleetcache.cli.demo", "a fleet of processes coalescing on a real Postgres"),
-    "bench": ("fleetcache.cli.bench", "measure coordination against the uncoordinated path"),
+    "demo": ("fleetcache_cli.demo", "a fleet of processes coalescing on a real Postgres"),
+    "bench": ("fleetcache_cli.bench", "fleetcache measured side by side with the minimal design"),
+    "migrate": ("fleetcache_cli.migrate", "bring a database to the latest fleetcache schema"),
 }
 
 
@@ -39,7 +44,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module(_COMMANDS[args.command][0])
     status: int = module.run(args)
     return status
-
-
-if __name__ == "__main__":  # pragma: no cover - exercised through the console script
-    sys.exit(main())
