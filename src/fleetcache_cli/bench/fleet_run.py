@@ -77,10 +77,11 @@ async def fleet_worker(ctx: WorkerContext, spec: WorkerSpec) -> dict[str, Any]:
 
     if spec.design == "fleetcache":
         cache = await fleetcache.open(spec.url, pool_size=spec.pool_size)
+        if cache.lookup.coordinator is None:
+            await cache.close()
+            raise FleetcacheError(f"the bench needs a Postgres URL, got {spec.url!r}")
         pool = cache.store.pool  # type: ignore[attr-defined]
         ledger = ConnectionLedger(pool)
-        if cache.lookup.coordinator is None:
-            raise FleetcacheError(f"the bench needs a Postgres URL, got {spec.url!r}")
         keys = [fleetcache.Key(spec.namespace, name) for name in names]
         recorder = RecordingCoordinator(
             cache.lookup.coordinator, {k.coalesce_key: i for i, k in enumerate(keys)}, ledger
