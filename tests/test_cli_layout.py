@@ -1,4 +1,5 @@
-"""The command line lives beside the library, never inside its import path."""
+"""The command line lives beside the library, never inside its import path, and its
+migrate command needs no extra."""
 
 from __future__ import annotations
 
@@ -24,3 +25,24 @@ def test_the_library_never_imports_the_command_line() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_migrate_needs_no_extra_and_the_others_say_which(database_url: str) -> None:
+    """Without rich (the ``cli`` extra) ``fleetcache migrate`` still works, and ``demo``
+    exits 2 naming the missing module and the extras to install."""
+    code = (
+        "import sys; sys.modules['rich'] = None\n"
+        "from fleetcache_cli import main\n"
+        "print(main(['migrate', '--database-url', sys.argv[1]]))\n"
+        "print(main(['demo', '--processes', '2']))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, database_url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert done.stdout.splitlines()[-2:] == ["0", "2"]
+    assert "needs the module 'rich'" in done.stderr
+    assert "fleetcache[embedded,definitions,cli]" in done.stderr

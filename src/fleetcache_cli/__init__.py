@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import sys
 from collections.abc import Sequence
 
 #: Subcommand -> (module with ``add_arguments(parser)`` and ``run(args) -> int``, summary).
@@ -30,13 +31,31 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, summary) in _COMMANDS.items():
         sub = commands.add_parser(name, help=summary, description=summary)
-        importlib.import_module(module_name).add_arguments(sub)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            # The demo and the bench need extras (rich, the definitions layer); migrate does
+            # not, so a missing extra must not take the whole command line down with it.
+            sub.set_defaults(missing_module=(exc.name or "?").split(".")[0])
+            continue
+        module.add_arguments(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    missing = getattr(args, "missing_module", None)
+    if missing is None and unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if missing is not None:
+        print(
+            f"fleetcache {args.command} needs the module {missing!r}: "
+            "pip install 'fleetcache[embedded,definitions,cli]'",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

@@ -560,7 +560,7 @@ def render(outcome: Outcome, args: argparse.Namespace, console: Console) -> None
     table.add_row(
         "act: reads served from memory (near tier) / stale reads",
         "-",
-        f"{act['near_hits']} of {act['reads']} / {act['stale_reads']}",
+        f"{act['near_hits']:,} of {act['reads']:,} / {act['stale_reads']} stale",
     )
     console.print(table)
     console.print(
