@@ -33,12 +33,9 @@ import uuid
 from typing import Any
 
 import psycopg
-from rich.console import Console
 
 from fleetcache.errors import FleetcacheError
 from fleetcache_cli.bench.config import add_arguments, resolve_config
-from fleetcache_cli.bench.report import render
-from fleetcache_cli.bench.runner import Bench
 from fleetcache_cli.shared import command_database, redacted
 
 __all__ = ["add_arguments", "run"]
@@ -52,6 +49,12 @@ def _progress(message: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the bench described by ``args``; 0 unless something failed."""
+    # Imported here: worker processes import this package to reach their job, and need
+    # neither rich nor the driver of the whole run.
+    from rich.console import Console  # noqa: PLC0415
+
+    from fleetcache_cli.bench.report import render  # noqa: PLC0415
+
     try:
         report = _run_report(args)
     except (FleetcacheError, psycopg.Error) as exc:
@@ -70,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_report(args: argparse.Namespace) -> dict[str, Any]:
+    from fleetcache_cli.bench.runner import Bench  # noqa: PLC0415 - see run()
+
     config = resolve_config(args)
     if args.database_url is None:
         _progress("starting an embedded PostgreSQL")

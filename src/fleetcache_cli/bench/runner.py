@@ -295,18 +295,23 @@ class Bench:
             }
         }
         for mode, mode_runs in runs.items():
+            # Counts stay integers (a median of an even number of runs is rounded down).
+            counts = {
+                metric: int(percentile([r[metric] for r in mode_runs], 50) or 0)
+                for metric in ("near_hits", "invalidations")
+            }
             summary[mode] = {
                 **{
                     metric: percentile([r[metric] for r in mode_runs if r[metric] is not None], 50)
                     for metric in (
                         "reads_per_s",
-                        "near_hits",
-                        "invalidations",
                         "window_ms_p50",
                         "window_ms_p99",
                     )
                 },
+                **counts,
                 "stale_reads_total": sum(r["stale_reads"] for r in mode_runs),
+                "stale_reads_each_run": [r["stale_reads"] for r in mode_runs],
                 "runs": mode_runs,
             }
         return summary
