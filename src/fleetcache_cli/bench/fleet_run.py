@@ -1,0 +1,279 @@
+"""One fleet scenario run: the worker job (either design) and the run's metrics.
+
+Every worker opens its design's cache, warms its pool, waits for the common release, then
+runs C tasks that each request every one of the K keys once, in a seeded random order. A
+miss computes for D ms (``asyncio.sleep``). Both designs get the same processes, keys,
+orders and timing; only the cache differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import fleetcache
+from fleetcache.errors import FleetcacheError
+from fleetcache_cli.bench.minimal import MinimalCache
+from fleetcache_cli.bench.probes import (
+    ConnectionLedger,
+    RecordingCoordinator,
+    StatementCounter,
+    Wait,
+)
+from fleetcache_cli.shared import WorkerContext, percentile
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What one worker runs in one scenario run (pickled to the worker)."""
+
+    design: str  # "fleetcache" or "minimal"
+    url: str
+    pool_size: int
+    tasks: int
+    keys: int
+    compute_ms: float
+    namespace: str
+    seed: str
+    timeout: float
+
+
+async def _warm_pool(pool: Any, connections: int) -> None:
+    """Check out ``connections`` pooled connections at once, so every one is made and
+    used before the release (both designs alike)."""
+
+    async def hold() -> None:
+        async with pool.connection(timeout=30.0) as conn:
+            await conn.execute("SELECT 1")
+            await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(hold() for _ in range(connections)))
+
+
+async def fleet_worker(ctx: WorkerContext, spec: WorkerSpec) -> dict[str, Any]:
+    """One worker's part of a run (a :class:`~fleetcache_cli.shared.Fleet` job). Returns
+    raw records for the parent: requests ``(key, start, end, ok)``, computations ``(key,
+    start, end)``, waits ``(key, start, end, reason, connections held)``, won locks'
+    commits ``(key, time)``, process CPU seconds, statements and error texts."""
+    names = [f"key-{i}" for i in range(spec.keys)]
+    index = {name: i for i, name in enumerate(names)}
+    spans: list[tuple[int, float, float]] = []
+    waits: list[Wait] = []
+    commits: list[tuple[int, float]] = []
+    counter = StatementCounter(labels=False)
+    counter.install()
+
+    async def compute(name: str) -> dict[str, Any]:
+        started = time.time()
+        await asyncio.sleep(spec.compute_ms / 1000)
+        spans.append((index[name], started, time.time()))
+        return {"key": name, "worker": ctx.index}
+
+    if spec.design == "fleetcache":
+        cache = await fleetcache.open(spec.url, pool_size=spec.pool_size)
+        if cache.lookup.coordinator is None:
+            await cache.close()
+            raise FleetcacheError(f"the bench needs a Postgres URL, got {spec.url!r}")
+        pool = cache.store.pool  # type: ignore[attr-defined]
+        ledger = ConnectionLedger(pool)
+        keys = [fleetcache.Key(spec.namespace, name) for name in names]
+        recorder = RecordingCoordinator(
+            cache.lookup.coordinator, {k.coalesce_key: i for i, k in enumerate(keys)}, ledger
+        )
+        cache.lookup.coordinator = cast(Any, recorder)
+
+        async def produce(key: fleetcache.Key) -> fleetcache.Produced[Any]:
+            return fleetcache.Produced(await compute(key.name))
+
+        async def get(i: int) -> Any:
+            entry = await cache.get(keys[i], produce)
+            return None if entry is None else entry.value
+
+        async def close() -> None:
+            await cache.close()
+
+    else:
+        ledger_box: list[ConnectionLedger] = []
+
+        def on_wait(key: tuple[str, str], started: float, ended: float, reason: str) -> None:
+            held = ledger_box[0].held_by(asyncio.current_task())
+            waits.append((index[key[1]], started, ended, reason, held))
+
+        minimal = MinimalCache(
+            spec.url,
+            pool_size=spec.pool_size,
+            on_commit=lambda key: commits.append((index[key[1]], time.time())),
+            on_wait=on_wait,
+        )
+        await minimal.open()
+        pool = minimal.pool
+        ledger_box.append(ConnectionLedger(pool))
+
+        async def produce_minimal(key: tuple[str, str]) -> Any:
+            return await compute(key[1])
+
+        async def get(i: int) -> Any:
+            return await minimal.get((spec.namespace, names[i]), produce_minimal)
+
+        close = minimal.close
+    records: list[tuple[int, float, float, bool]] = []
+    errors: list[str] = []
+
+    async def requester(task: int) -> None:
+        order = list(range(spec.keys))
+        random.Random(f"{spec.seed}:{task}").shuffle(order)
+        for i in order:
+            started = time.time()
+            try:
+                value = await get(i)
+                ok = isinstance(value, dict) and value.get("key") == names[i]
+                if not ok:
+                    errors.append(f"{names[i]}: unexpected value {value!r}")
+            except (FleetcacheError, TimeoutError) as exc:
+                ok = False
+                errors.append(f"{names[i]}: {type(exc).__name__}: {exc}")
+            records.append((i, started, time.time(), ok))
+
+    try:
+        await _warm_pool(pool, min(spec.pool_size, spec.tasks + 1))
+        release_at = await ctx.ready()
+        cpu = time.process_time()
+        counter.enabled = True
+        async with asyncio.timeout(spec.timeout):
+            await asyncio.gather(*(requester(t) for t in range(spec.tasks)))
+        counter.enabled = False
+        cpu = time.process_time() - cpu
+    finally:
+        await close()
+        counter.uninstall()
+    if spec.design == "fleetcache":
+        waits, commits = recorder.waits, recorder.commits
+    return {
+        "worker": ctx.index,
+        "pid": os.getpid(),
+        "release_at": release_at,
+        "cpu_s": cpu,
+        "statements": counter.total,
+        "records": records,
+        "spans": spans,
+        "waits": waits,
+        "commits": commits,
+        "errors": errors,
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def analyse_run(results: Sequence[dict[str, Any]], *, keys: int) -> dict[str, Any]:
+    """One run's metrics from the workers' raw records."""
+    release_at = min(r["release_at"] for r in results)
+    per_key: Counter[int] = Counter()
+    commit: dict[int, float] = {}  # the key's first winner's commit (NOTIFY) time
+    computed_end: dict[int, float] = {}  # the end of the key's first computation
+    for result in results:
+        for index, _, ended in result["spans"]:
+            per_key[index] += 1
+            computed_end[index] = min(computed_end.get(index, ended), ended)
+        for index, committed in result["commits"]:
+            commit[index] = min(commit.get(index, committed), committed)
+    latencies: list[float] = []
+    wakes: list[float] = []
+    wakes_from_compute: list[float] = []
+    hits: list[float] = []
+    failed = 0
+    reasons: Counter[str] = Counter()
+    held_by_waiters = 0
+    for result in results:
+        spans, waits = result["spans"], result["waits"]
+        for _, _, _, reason, held in waits:
+            reasons[reason] += 1
+            held_by_waiters = max(held_by_waiters, held)
+        for index, started, ended, ok in result["records"]:
+            latencies.append(ended - started)
+            failed += not ok
+            computed = any(k == index and started <= s and e <= ended for k, s, e in spans)
+            waited = any(k == index and started <= we <= ended for k, _, we, _, _ in waits)
+            if waited and not computed and index in commit:
+                wakes.append(ended - commit[index])
+                wakes_from_compute.append(ended - computed_end[index])
+            elif not computed and not waited and index in commit and started >= commit[index]:
+                hits.append(ended - started)
+    requests = len(latencies)
+    cpu = sum(r["cpu_s"] for r in results)
+    ends = [end for r in results for _, _, end, _ in r["records"]]
+    return {
+        "computations_total": sum(per_key.values()),
+        "computations_max_per_key": max(per_key.values(), default=0),
+        "keys_computed": len(per_key),
+        "keys": keys,
+        "requests": requests,
+        "failed_requests": failed,
+        "wall_ms": _ms(max(ends) - release_at) if ends else None,
+        "cpu_s": round(cpu, 4),
+        "cpu_per_request_ms": _ms(cpu / requests) if requests else None,
+        "statements_per_request": round(sum(r["statements"] for r in results) / requests, 3)
+        if requests
+        else None,
+        "request_ms_p50": _ms(percentile(latencies, 50)),
+        "request_ms_p99": _ms(percentile(latencies, 99)),
+        "waiters": len(wakes),
+        "wake_ms_p50": _ms(percentile(wakes, 50)),
+        "wake_ms_p99": _ms(percentile(wakes, 99)),
+        "wake_from_compute_ms_p50": _ms(percentile(wakes_from_compute, 50)),
+        "wake_from_compute_ms_p99": _ms(percentile(wakes_from_compute, 99)),
+        "wake_reasons": dict(sorted(reasons.items())),
+        "hits": len(hits),
+        "hit_ms_p50": _ms(percentile(hits, 50)),
+        "waiter_connections_max": held_by_waiters,
+        "errors": [e for r in results for e in r["errors"]][:20],
+    }
+
+
+_MEDIAN_METRICS = (
+    "computations_total",
+    "wall_ms",
+    "cpu_per_request_ms",
+    "statements_per_request",
+    "request_ms_p50",
+    "request_ms_p99",
+    "wake_ms_p50",
+    "wake_ms_p99",
+    "wake_from_compute_ms_p50",
+    "wake_from_compute_ms_p99",
+    "hit_ms_p50",
+)
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return percentile(present, 50)
+
+
+def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the repetitions of one scenario and design, and the worst case of the
+    correctness metrics (they must hold in every run, not in the median one)."""
+    good = [r for r in runs if "error" not in r]
+    summary: dict[str, Any] = {m: _median(r[m] for r in good) for m in _MEDIAN_METRICS}
+    summary["computations_each_run"] = [r["computations_total"] for r in good]
+    summary["computations_max_per_key_worst"] = max(
+        (r["computations_max_per_key"] for r in good), default=None
+    )
+    summary["waiter_connections_max"] = max(
+        (r["waiter_connections_max"] for r in good), default=None
+    )
+    reasons: Counter[str] = Counter()
+    for run in good:
+        reasons.update(run["wake_reasons"])
+    summary["wake_reasons"] = dict(sorted(reasons.items()))
+    summary["failed_requests"] = sum(r["failed_requests"] for r in good)
+    summary["failed_runs"] = len(runs) - len(good)
+    summary["runs"] = list(runs)
+    return summary

@@ -1,0 +1,181 @@
+"""The bench's tables, drawn with rich from the JSON report (nothing is computed here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+_ROWS = (
+    ("wall ms", "wall_ms"),
+    ("CPU per request ms (process)", "cpu_per_request_ms"),
+    ("warm-hit p50 ms under load", "hit_ms_p50"),
+    ("wake p50 ms (commit -> return)", "wake_ms_p50"),
+    ("wake p99 ms", "wake_ms_p99"),
+    ("wake p50 ms from compute end", "wake_from_compute_ms_p50"),
+    ("request p50 ms", "request_ms_p50"),
+    ("request p99 ms", "request_ms_p99"),
+    ("statements per request", "statements_per_request"),
+    ("computations (each run)", "computations_each_run"),
+    ("computations max per key", "computations_max_per_key_worst"),
+    ("waiter connections held (max)", "waiter_connections_max"),
+    ("wake reasons (all runs)", "wake_reasons"),
+    ("failed requests", "failed_requests"),
+)
+
+
+def fmt(value: Any) -> str:
+    """A cell."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3g}"
+    if isinstance(value, dict):
+        return " ".join(f"{k} {v}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return "/".join(str(v) for v in value)
+    return str(value)
+
+
+def _ratio(ours: Any, theirs: Any) -> str:
+    if not isinstance(ours, int | float) or not isinstance(theirs, int | float) or theirs <= 0:
+        return ""
+    return f"{ours / theirs:.2f}x"
+
+
+def render(report: dict[str, Any], console: Console) -> None:
+    """Print every table of ``report``."""
+    if not console.is_terminal:
+        console.width = 160  # a file or a pipe: don't wrap the wide tables
+    options = report["options"]
+    scenarios: dict[str, Any] = report.get("scenarios", {})
+    if scenarios:
+        table = Table(
+            title=f"fleet scenarios: medians of {options['repetitions']} run(s); "
+            f"M = minimal design, F = fleetcache, F/M = ratio",
+            title_justify="left",
+        )
+        table.add_column("metric", no_wrap=True)
+        for name, scenario in scenarios.items():
+            p = scenario["params"]
+            head = f"{name}\nP={p['processes']} C={p['tasks']} K={p['keys']} D={p['compute_ms']:g}"
+            table.add_column(f"{head}\nM", justify="right")
+            table.add_column("\nF", justify="right")
+            table.add_column("\nF/M", justify="right")
+        for label, metric in _ROWS:
+            cells = []
+            for scenario in scenarios.values():
+                ours, theirs = scenario["fleetcache"].get(metric), scenario["minimal"].get(metric)
+                cells += [fmt(theirs), fmt(ours), _ratio(ours, theirs)]
+            table.add_row(label, *cells)
+        console.print(table)
+    _render_micro(report.get("micro", {}), console)
+    _render_near(report.get("near"), console)
+    _render_xmin(report.get("xmin"), console)
+    targets = Table(title="targets", title_justify="left")
+    for column in ("target", "value", "threshold", "met", "missed by"):
+        targets.add_column(column)
+    for target in report["targets"]:
+        met = target["met"]
+        mark = "[green]met[/]" if met else ("[red]MISSED[/]" if met is False else "-")
+        targets.add_row(
+            target["name"], fmt(target["value"]), target["threshold"], mark,
+            target["missed_by"] or "",
+        )  # fmt: skip
+    console.print(targets)
+    for failure in report["failures"]:
+        console.print(f"[red]failure:[/] {failure}")
+
+
+def _render_micro(micro: dict[str, Any], console: Console) -> None:
+    if not micro or "error" in micro:
+        return
+    table = Table(title="one process (medians, ms)", title_justify="left")
+    for column in ("measure", "fleetcache", "raw SELECT", "minimal", "fleetcache / raw"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    for rows in (50, 20_000):
+        hit = micro[f"warm_hit_{rows}"]
+        table.add_row(
+            f"warm hit, {rows} rows in the namespace",
+            fmt(hit["fleetcache_ms_p50"]),
+            fmt(hit["raw_select_ms_p50"]),
+            fmt(hit["minimal_ms_p50"]),
+            f"{hit['ratio']:.2f}x",
+        )
+    miss = micro["uncontended_miss"]
+    table.add_row(
+        "uncontended miss (uncoordinated in the raw column)",
+        fmt(miss["coordinated_ms_p50"]),
+        fmt(miss["uncoordinated_ms_p50"]),
+        fmt(miss["minimal_ms_p50"]),
+        f"+{fmt(miss['extra_ms'])} ms",
+    )
+    statements = miss["statements"]
+    table.add_row(
+        "statements per miss (uncoordinated in the raw column)",
+        fmt(statements["fleetcache"]["per_miss"]),
+        fmt(statements["fleetcache_uncoordinated"]["per_miss"]),
+        fmt(statements["minimal"]["per_miss"]),
+        "",
+    )
+    near = micro["near_hit"]
+    table.add_row(
+        "near hit p50 / p99",
+        f"{fmt(near['near_hit_ms_p50'])} / {fmt(near['near_hit_ms_p99'])}",
+        "",
+        "",
+        "",
+    )
+    console.print(table)
+
+
+def _render_near(near: dict[str, Any] | None, console: Console) -> None:
+    if near is None:
+        return
+    p = near["params"]
+    table = Table(
+        title=f"read-heavy (P={p['processes']} C={p['tasks']}, {p['keys']} warm keys, Zipf-like, "
+        f"{p['invalidations_per_s']:g} invalidations/s, {p['seconds']:g} s; medians)",
+        title_justify="left",
+    )
+    for column in ("near tier", "reads/s", "near hits", "invalidations", "stale reads (all runs)",
+                   "window p50 ms", "window p99 ms"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "near tier" else "right")
+    for mode in ("off", "on"):
+        row = near[mode]
+        table.add_row(
+            mode,
+            fmt(row["reads_per_s"]),
+            fmt(row["near_hits"]),
+            fmt(row["invalidations"]),
+            fmt(row["stale_reads_total"]),
+            fmt(row["window_ms_p50"]),
+            fmt(row["window_ms_p99"]),
+        )
+    console.print(table)
+
+
+def _render_xmin(xmin: dict[str, Any] | None, console: Console) -> None:
+    if xmin is None:
+        return
+    table = Table(
+        title=f"during one {xmin['fleetcache']['computation_s']:g} s computation "
+        f"(pg_stat_activity, every 50 ms)",
+        title_justify="left",
+    )
+    for column in ("design", "xmin holders max", "age(backend_xmin) max", "idle in xact max",
+                   "idle in xact s max", "xid holders max", "samples"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "design" else "right")
+    for design in ("minimal", "fleetcache"):
+        row = xmin[design]
+        table.add_row(
+            design,
+            fmt(row["xmin_holders_max"]),
+            fmt(row["xmin_age_max"]),
+            fmt(row["idle_in_transaction_max"]),
+            fmt(row["idle_in_transaction_s_max"]),
+            fmt(row["xid_holders_max"]),
+            fmt(row["samples"]),
+        )
+    console.print(table)

@@ -1,0 +1,317 @@
+"""One bench invocation: the fleet scenarios, the near scenario, the xmin probe and the
+micro-benchmarks, in that order, into one JSON report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+
+from fleetcache.stores.migrations import migrate
+from fleetcache_cli.bench import minimal, near
+from fleetcache_cli.bench.config import DESIGNS, BenchConfig, Scenario
+from fleetcache_cli.bench.fleet_run import WorkerSpec, analyse_run, fleet_worker, summarise
+from fleetcache_cli.bench.micro import fill_entries, micro_benchmarks
+from fleetcache_cli.bench.targets import evaluate_targets
+from fleetcache_cli.bench.xmin import probe_xmin
+from fleetcache_cli.shared import Fleet, WorkerError, percentile
+
+_FACTS = (
+    "SELECT current_setting('server_version'), current_setting('max_connections')::int,"
+    " current_setting('superuser_reserved_connections')::int"
+)
+_DELETE = {
+    "fleetcache": "DELETE FROM fleetcache_entries WHERE namespace = %(ns)s",
+    "minimal": "DELETE FROM bench_minimal_entries WHERE namespace = %(ns)s",
+    "versions": "DELETE FROM bench_near_versions WHERE namespace = %(ns)s",
+}
+
+NOTES = {
+    "machine": "2 shared, noisy cores (the workplace's machine): every process of the fleet "
+    "and the Postgres server share them, so absolute times are high and vary run to run; "
+    "ratios inside one run are what the targets judge",
+    "fresh_cache": "every run uses its own namespace, empty when it starts and deleted after",
+    "release": "workers open their caches and warm their pools (tasks + 1 connections), say "
+    "ready, and are released at one wall-clock instant chosen by the parent",
+    "wall_ms": "from the release to the last request's return",
+    "cpu_per_request": "time.process_time() of each worker from the release to its last "
+    "request, summed over the workers, / requests (the Postgres server's CPU is not in it)",
+    "hit_latency": "requests that began after their key's commit and neither computed nor "
+    "waited: a warm hit while the rest of the fleet is still busy",
+    "wake_latency": "per waiter: its request's return minus the key's commit. fleetcache's "
+    "commit time is when the winner's try_acquire_and_run returned (right after its "
+    "NOTIFY-and-unlock statement; its row was committed one statement earlier); the minimal "
+    "design's is when its COMMIT (which delivers the NOTIFY) returned. Includes the waiter's "
+    "re-read. wake_from_compute: the same from the end of the key's computation (so it "
+    "includes the winner's write and NOTIFY)",
+    "statements": "client side: psycopg.AsyncCursor.execute wrapped in the process, BEGIN "
+    "and COMMIT included (both designs send them as statements); a statement in a pipeline "
+    "counts as one though it shares a round trip. Per coordinated miss: one process, fresh "
+    "keys, nothing contended; the LISTEN connection's liveness probe left out",
+    "waiter_connections": "exact, client side: each worker wraps its pool's getconn/putconn "
+    "to know which task holds which connection, and records it for the waiting task at "
+    "each wait's start and end (fleetcache) or end (minimal); the max over all waits",
+    "near": "see fleetcache_cli/bench/near.py: stale = began after the n-th invalidation "
+    "returned and after this process applied it, yet returned a version < n",
+    "xmin": "see fleetcache_cli/bench/xmin.py: every backend of the database sampled while "
+    "one winner computes; the minimal design's winner is idle in its transaction for the "
+    "whole computation (what idle_in_transaction_session_timeout kills); fleetcache's "
+    "holds a session lock on an idle connection, outside any transaction",
+}
+
+
+@dataclass(slots=True)
+class Bench:
+    """One bench invocation on ``url``."""
+
+    config: BenchConfig
+    url: str
+    run_id: str
+    progress: Callable[[str], None]
+    failures: list[str] = field(default_factory=list)
+
+    async def run(self) -> dict[str, Any]:
+        """Everything selected; the report."""
+        started = time.time()
+        facts = await self._facts()
+        await self._tables()
+        report: dict[str, Any] = {
+            "command_line": shlex.join(sys.argv),
+            "started_at": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
+            "run_id": self.run_id,
+            "machine": facts,
+            "options": asdict(self.config),
+        }
+        report["scenarios"] = await self._scenarios(facts)
+        if self.config.near:
+            report["near"] = await self._near()
+        if self.config.xmin:
+            self.progress(f"xmin probe ({self.config.xmin_compute_s:g} s computation)")
+            report["xmin"] = await probe_xmin(
+                self.url, f"bench:{self.run_id}:xmin", self.config.xmin_compute_s
+            )
+            await self._delete(f"bench:{self.run_id}:xmin", "fleetcache", "minimal")
+        if self.config.micro:
+            self.progress("micro-benchmarks")
+            report["micro"] = await micro_benchmarks(
+                self.url, self.run_id, self.config.micro_iterations
+            )
+        report["duration_s"] = round(time.time() - started, 1)
+        report["targets"] = evaluate_targets(report)
+        report["failures"] = self.failures
+        report["ok"] = not self.failures
+        report["notes"] = NOTES
+        return report
+
+    async def _facts(self) -> dict[str, Any]:
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            row = await (await conn.execute(_FACTS)).fetchone()
+        assert row is not None  # a SELECT without FROM returns one row
+        version, max_connections, reserved = row
+        return {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "psycopg": psycopg.__version__,
+            "postgres": version,
+            "max_connections": max_connections,
+            "usable_connections": max_connections - reserved,
+        }
+
+    async def _tables(self) -> None:
+        """The fleetcache schema (as a deploy would migrate it) and the bench's own tables."""
+        await migrate(self.url)
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            await conn.execute(minimal.CREATE_TABLE)
+            await conn.execute(near.CREATE_TABLE)
+
+    async def _delete(self, namespace: str, *tables: str) -> None:
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            for table in tables:
+                await conn.execute(_DELETE[table], {"ns": namespace})
+
+    # -------------------------------------------------------------- fleet scenarios
+
+    async def _scenarios(self, facts: dict[str, Any]) -> dict[str, Any]:
+        config = self.config
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        by_size: dict[int, list[Scenario]] = {}
+        for scenario in config.scenario_list():
+            need = scenario.processes * (config.pool_size + 2) + 5
+            if need > facts["usable_connections"]:
+                self.failures.append(
+                    f"{scenario.name} skipped: it needs about {need} connections "
+                    f"({scenario.processes} processes x (pool {config.pool_size} + 2)) and "
+                    f"the server allows {facts['usable_connections']}"
+                )
+                continue
+            by_size.setdefault(scenario.processes, []).append(scenario)
+        for size, scenarios in by_size.items():
+            fleet: Fleet[WorkerSpec, dict[str, Any]] = Fleet(size, name="fleetcache-bench")
+            try:
+                for rep in range(config.repetitions):
+                    for number, scenario in enumerate(scenarios):
+                        # Alternate which design goes first, so neither always runs on a
+                        # warmer (or more tired) server.
+                        order = DESIGNS if (rep + number) % 2 == 0 else DESIGNS[::-1]
+                        for design in order:
+                            run = await self._one_run(fleet, scenario, design, rep)
+                            runs.setdefault((scenario.name, design), []).append(run)
+            finally:
+                fleet.close()
+        report: dict[str, Any] = {}
+        for scenario in config.scenario_list():
+            if (scenario.name, "fleetcache") not in runs:
+                continue
+            report[scenario.name] = {
+                "params": {
+                    "processes": scenario.processes,
+                    "tasks": scenario.tasks,
+                    "keys": scenario.keys,
+                    "compute_ms": scenario.compute_ms,
+                    "repetitions": config.repetitions,
+                    "pool_size": config.pool_size,
+                },
+                **{d: summarise(runs.get((scenario.name, d), [])) for d in DESIGNS},
+            }
+        return report
+
+    async def _one_run(
+        self,
+        fleet: Fleet[WorkerSpec, dict[str, Any]],
+        scenario: Scenario,
+        design: str,
+        rep: int,
+    ) -> dict[str, Any]:
+        config = self.config
+        label = f"{scenario.name} {design} {rep + 1}/{config.repetitions}"
+        namespace = f"bench:{self.run_id}:{scenario.name}:{design}:{rep}"
+        specs = [
+            WorkerSpec(
+                design=design,
+                url=self.url,
+                pool_size=config.pool_size,
+                tasks=scenario.tasks,
+                keys=scenario.keys,
+                compute_ms=scenario.compute_ms,
+                namespace=namespace,
+                seed=f"{config.seed}:{rep}:{worker}",
+                timeout=config.run_timeout,
+            )
+            for worker in range(scenario.processes)
+        ]
+        started = time.monotonic()
+        try:
+            results = await fleet.run(fleet_worker, specs, run_timeout=config.run_timeout + 15)
+        except WorkerError as exc:
+            self.failures.append(f"{label}: {exc}")
+            self.progress(f"{label}: FAILED (workers killed): {str(exc).splitlines()[0]}")
+            return {"error": str(exc)}
+        finally:
+            await self._delete(namespace, design)
+        run = analyse_run(results, keys=scenario.keys)
+        if run["failed_requests"]:
+            self.failures.append(f"{label}: {run['failed_requests']} request(s) failed")
+        self.progress(
+            f"{label}: {run['computations_total']} computations, wall {run['wall_ms']:.0f} ms"
+            f" ({time.monotonic() - started:.1f} s)"
+        )
+        return run
+
+    # ----------------------------------------------------------------- near tier
+
+    async def _near(self) -> dict[str, Any]:
+        config = self.config
+        processes = config.processes
+        interval = 1 / config.near_invalidations_per_s
+        count = int(config.near_seconds / interval) + 1
+        runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+        fleet: Fleet[near.NearSpec, dict[str, Any]] = Fleet(processes, name="fleetcache-near")
+        try:
+            for rep in range(config.repetitions):
+                for mode in ("off", "on") if rep % 2 == 0 else ("on", "off"):
+                    namespace = f"bench:{self.run_id}:near:{mode}:{rep}"
+                    seed = f"{config.seed}:{rep}"
+                    await fill_entries(
+                        self.url, namespace, config.near_keys, {"v": 0}, minimal=False
+                    )
+                    async with await psycopg.AsyncConnection.connect(
+                        self.url, autocommit=True
+                    ) as conn:
+                        await conn.execute(
+                            near.FILL_VERSIONS, {"ns": namespace, "keys": config.near_keys}
+                        )
+                    specs = [
+                        near.NearSpec(
+                            url=self.url,
+                            near=2 * config.near_keys if mode == "on" else None,
+                            pool_size=config.pool_size,
+                            tasks=config.tasks,
+                            keys=config.near_keys,
+                            seconds=config.near_seconds,
+                            namespace=namespace,
+                            seed=f"{seed}:{worker}",
+                            invalidations=near.invalidation_plan(seed, config.near_keys, count),
+                            invalidation_interval=interval,
+                            invalidator=worker == 0,
+                        )
+                        for worker in range(processes)
+                    ]
+                    label = f"near tier {mode} {rep + 1}/{config.repetitions}"
+                    try:
+                        results = await fleet.run(
+                            near.near_worker, specs, run_timeout=config.run_timeout + 15
+                        )
+                    except WorkerError as exc:
+                        self.failures.append(f"{label}: {exc}")
+                        self.progress(f"{label}: FAILED: {str(exc).splitlines()[0]}")
+                        continue
+                    finally:
+                        await self._delete(namespace, "fleetcache", "versions")
+                    run = near.analyse_near(results)
+                    runs[mode].append(run)
+                    self.progress(
+                        f"{label}: {run['reads_per_s']:.0f} reads/s, "
+                        f"{run['stale_reads']} stale, {run['invalidations']} invalidations"
+                    )
+        finally:
+            fleet.close()
+        summary: dict[str, Any] = {
+            "params": {
+                "processes": processes,
+                "tasks": config.tasks,
+                "keys": config.near_keys,
+                "seconds": config.near_seconds,
+                "invalidations_per_s": config.near_invalidations_per_s,
+                "near_entries": 2 * config.near_keys,
+            }
+        }
+        for mode, mode_runs in runs.items():
+            # Counts stay integers (a median of an even number of runs is rounded down).
+            counts = {
+                metric: int(percentile([r[metric] for r in mode_runs], 50) or 0)
+                for metric in ("near_hits", "invalidations")
+            }
+            summary[mode] = {
+                **{
+                    metric: percentile([r[metric] for r in mode_runs if r[metric] is not None], 50)
+                    for metric in (
+                        "reads_per_s",
+                        "window_ms_p50",
+                        "window_ms_p99",
+                    )
+                },
+                **counts,
+                "stale_reads_total": sum(r["stale_reads"] for r in mode_runs),
+                "stale_reads_each_run": [r["stale_reads"] for r in mode_runs],
+                "runs": mode_runs,
+            }
+        return summary

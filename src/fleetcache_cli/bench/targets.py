@@ -1,0 +1,177 @@
+"""The targets of issues 9, 11 and 12, judged on one report.
+
+Each target is a ratio fleetcache / minimal (or an absolute figure) from the same run,
+with its threshold, whether it was met, and by how much it was missed. A target whose
+figure was not measured (scenario not selected, a run failed) has ``met`` None.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+WALL_RATIO = 1.05
+CPU_RATIO = 1.2
+HIT_UNDER_LOAD_RATIO = 1.1
+ONE_PROCESS_HIT_RATIO = 1.1
+NEAR_HIT_MS = 0.01
+NEAR_THROUGHPUT_RATIO = 10.0
+EXTRA_STATEMENTS = 1
+
+
+def _ratio(ours: Any, theirs: Any) -> float | None:
+    if ours is None or theirs is None or theirs <= 0:
+        return None
+    return round(float(ours) / float(theirs), 3)
+
+
+class _Targets:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def at_most(self, name: str, what: str, value: float | None, limit: float, unit: str) -> None:
+        """A figure that must not exceed ``limit``."""
+        met = None if value is None else value <= limit
+        missed_by = None
+        if met is False and value is not None:
+            missed_by = (
+                f"{(value / limit - 1) * 100:.0f}% over"
+                if unit == "x"
+                else f"{value - limit:g} over"
+            )
+        self.rows.append(
+            {
+                "name": name,
+                "description": what,
+                "value": value,
+                "threshold": f"<= {limit:g}{unit}",
+                "met": met,
+                "missed_by": missed_by,
+            }
+        )
+
+    def at_least(self, name: str, what: str, value: float | None, limit: float, unit: str) -> None:
+        """A figure that must reach ``limit``."""
+        met = None if value is None else value >= limit
+        missed_by = None
+        if met is False and value is not None:
+            missed_by = f"{(1 - value / limit) * 100:.0f}% short"
+        self.rows.append(
+            {
+                "name": name,
+                "description": what,
+                "value": value,
+                "threshold": f">= {limit:g}{unit}",
+                "met": met,
+                "missed_by": missed_by,
+            }
+        )
+
+
+def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target with its value, threshold and verdict."""
+    t = _Targets()
+    scenarios: dict[str, Any] = report.get("scenarios", {})
+    for name, scenario in scenarios.items():
+        ours, theirs = scenario["fleetcache"], scenario["minimal"]
+        t.at_most(
+            f"{name}: wall",
+            "fleetcache / minimal wall time (medians)",
+            _ratio(ours["wall_ms"], theirs["wall_ms"]),
+            WALL_RATIO,
+            "x",
+        )
+        t.at_most(
+            f"{name}: CPU per request",
+            "fleetcache / minimal process CPU per request (medians)",
+            _ratio(ours["cpu_per_request_ms"], theirs["cpu_per_request_ms"]),
+            CPU_RATIO,
+            "x",
+        )
+        if name != "hotkey":  # one key: hardly any request starts after its commit
+            t.at_most(
+                f"{name}: warm-hit p50 under load",
+                "fleetcache / minimal p50 of requests that found the row",
+                _ratio(ours["hit_ms_p50"], theirs["hit_ms_p50"]),
+                HIT_UNDER_LOAD_RATIO,
+                "x",
+            )
+        t.at_most(
+            f"{name}: wake p99",
+            "fleetcache / minimal p99 of commit -> waiter returns",
+            _ratio(ours["wake_ms_p99"], theirs["wake_ms_p99"]),
+            1.0,
+            "x",
+        )
+        keys = scenario["params"]["keys"]
+        for design in ("minimal", "fleetcache"):
+            each = scenario[design]["computations_each_run"]
+            t.at_most(
+                f"{name}: {design} computations - K",
+                "computations in the worst run minus keys (every key computed once)",
+                None if not each else max(each) - keys,
+                0,
+                "",
+            )
+            t.at_most(
+                f"{name}: {design} waiter connections",
+                "pooled connections held by a waiting task, max over all waits",
+                scenario[design]["waiter_connections_max"],
+                0,
+                "",
+            )
+    micro = report.get("micro", {})
+    for rows in (50, 20_000):
+        hit = micro.get(f"warm_hit_{rows}")
+        t.at_most(
+            f"one process: warm hit, {rows} rows",
+            "fleetcache get / the same SELECT sent raw (medians)",
+            None if hit is None else hit["ratio"],
+            ONE_PROCESS_HIT_RATIO,
+            "x",
+        )
+    miss = micro.get("uncontended_miss")
+    if miss is not None:
+        ours = miss["statements"]["fleetcache"]["per_miss"]
+        theirs = miss["statements"]["minimal"]["per_miss"]
+        t.at_most(
+            "statements per coordinated miss",
+            f"fleetcache minus minimal ({ours:g} - {theirs:g})",
+            round(ours - theirs, 2),
+            EXTRA_STATEMENTS,
+            "",
+        )
+    near_hit = micro.get("near_hit")
+    t.at_most(
+        "one process: near hit p50",
+        "get served by the near tier, ms",
+        None if near_hit is None else near_hit["near_hit_ms_p50"],
+        NEAR_HIT_MS,
+        " ms",
+    )
+    near = report.get("near")
+    if near is not None:
+        t.at_least(
+            "near: throughput on / off",
+            "reads per second, near tier on / off (medians)",
+            _ratio(near["on"]["reads_per_s"], near["off"]["reads_per_s"]),
+            NEAR_THROUGHPUT_RATIO,
+            "x",
+        )
+        t.at_most(
+            "near: stale reads (tier on)",
+            "reads after the invalidation returned and was applied here, old value",
+            near["on"]["stale_reads_total"],
+            0,
+            "",
+        )
+    xmin = report.get("xmin")
+    if xmin is not None:
+        held = xmin["fleetcache"]
+        t.at_most(
+            "xmin during a long computation",
+            "fleetcache: backends holding an xmin or idle in transaction while it computes",
+            held["xmin_holders_max"] + held["idle_in_transaction_max"],
+            0,
+            "",
+        )
+    return t.rows
