@@ -400,8 +400,14 @@ class HeldWriteStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def write(self, entry: Entry, *, stamp: GenerationStamp | None = None) -> bool:
-        written = await self.inner.write(entry, stamp=stamp)
+    async def write(
+        self,
+        entry: Entry,
+        *,
+        stamp: GenerationStamp | None = None,
+        notify: tuple[str, str] | None = None,
+    ) -> bool:
+        written = await self.inner.write(entry, stamp=stamp, notify=notify)
         self.written.set()
         await self.gate.wait()
         return written

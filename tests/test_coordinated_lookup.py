@@ -281,3 +281,39 @@ async def test_many_waiters_for_a_missing_key_all_get_none(tmp_path: Path) -> No
             await lookup.close()
         await coordinator.close()
         await store.close()
+
+
+@pytest.mark.postgres
+async def test_waiters_wake_as_the_winners_write_commits_before_its_release(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The winner's NOTIFY travels in its write's own transaction: a waiter in another
+    process wakes, and finds the row, while the winner has not even released its lock."""
+    async with fleetcache.open(database_url) as winner, fleetcache.open(database_url) as peer:
+        assert winner.coordinator is not None
+        released = asyncio.Event()
+        hold_release = asyncio.Event()
+        real_release = winner.coordinator._release
+
+        async def held_release(*args: Any) -> None:
+            await hold_release.wait()
+            await real_release(*args)
+            released.set()
+
+        monkeypatch.setattr(winner.coordinator, "_release", held_release)
+        computing = asyncio.Event()
+
+        async def produce(key: Key) -> Produced[Any]:
+            computing.set()
+            await asyncio.sleep(0.3)
+            return Produced(value="done")
+
+        first = asyncio.create_task(winner.get(Key(NS, "k"), produce))
+        await computing.wait()
+        second = await asyncio.wait_for(peer.get(Key(NS, "k"), produce), 20)
+        assert second is not None
+        assert second.value == "done"
+        assert not released.is_set()
+        assert peer.lookup.stats()["waits_notify"] >= 1
+        hold_release.set()
+        assert await first == second

@@ -60,3 +60,9 @@ class PopulateCoordinator(Protocol):
     async def wait_for_key(self, coalesce_key: str, timeout: float) -> WakeReason:
         """Wait until the key's holder is done or ``timeout`` seconds pass (the seed's
         contract; prefer the waiter ``try_acquire_and_run`` returns). Never raises."""
+
+    def announcement(self, coalesce_key: str) -> tuple[str, str] | None:
+        """The ``(channel, payload)`` NOTIFY that wakes the key's waiters, for a winner to
+        send in its write's own transaction (``Store.write(..., notify=...)``), so they
+        wake as the result commits rather than a round trip later; None when waiters are
+        not woken by a NOTIFY. The release still wakes them on every outcome."""

@@ -60,6 +60,9 @@ class LocalCoordinator(Service):
             self._held.discard(lid)
             self._registry.wake(lid, WakeReason.NOTIFY)
 
+    def announcement(self, coalesce_key: str) -> None:
+        """None: this process's waiters are woken by the release itself."""
+
     async def wait_for_key(self, coalesce_key: str, timeout: float) -> WakeReason:
         """Wait until the key is released (NOTIFY), ``timeout`` passes, or close; PROBE at
         once if nobody holds it (there is nothing to wait for). Never raises."""

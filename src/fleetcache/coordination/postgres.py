@@ -213,6 +213,11 @@ class PostgresCoordinator(Service):
             await asyncio.shield(self._release(coalesce_key, lid, gen))
         return Acquired(result)
 
+    def announcement(self, coalesce_key: str) -> tuple[str, str]:
+        """The NOTIFY (channel, lock id) a winner may send as its write commits, so its
+        waiters in every process wake then; the release notifies again, harmlessly."""
+        return self._channel, str(lock_id(coalesce_key))
+
     def _lost(self, waiter: Waiter) -> Waiter:
         self._registry.stats["lock_lost"] += 1
         self._registry.arm(waiter)  # from now on the probe may judge it

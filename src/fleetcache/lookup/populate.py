@@ -130,15 +130,20 @@ class Populator(Generic[V]):
         self._clock = clock
 
     async def populate(
-        self, request: Request[V], *, on_stored: Callable[[Entry], object] | None = None
+        self,
+        request: Request[V],
+        *,
+        on_stored: Callable[[Entry], object] | None = None,
+        announce: tuple[str, str] | None = None,
     ) -> Entry | None:
         """The entry for ``request`` (stored, found, or returned unstored), or None when
         every candidate is missing. ``on_stored`` is called with an entry that is in the
-        store (found there, or written) — not with one returned unstored."""
+        store (found there, or written) — not with one returned unstored. ``announce`` is
+        a NOTIFY sent in the write's transaction (see ``Store.write``)."""
         timeout = asyncio.timeout(self.compute_timeout)
         try:
             async with timeout:
-                entry, stored = await self._attempts(request)
+                entry, stored = await self._attempts(request, announce)
                 if stored and entry is not None and on_stored is not None:
                     on_stored(entry)
                 return entry
@@ -148,7 +153,9 @@ class Populator(Generic[V]):
             self._stats.compute_timeouts += 1
             raise ComputationTimeoutError(request.key.coalesce_key, self.compute_timeout) from None
 
-    async def _attempts(self, request: Request[V]) -> tuple[Entry | None, bool]:
+    async def _attempts(
+        self, request: Request[V], announce: tuple[str, str] | None
+    ) -> tuple[Entry | None, bool]:
         """The entry and whether it is in the store."""
         key = request.key
         by_alias = request.alias is not None
@@ -158,7 +165,7 @@ class Populator(Generic[V]):
                 request.newer_than is None or (entry.created_at or 0) > request.newer_than
             ):
                 return entry, True
-            outcome = await self._candidates(request, stamp)
+            outcome = await self._candidates(request, stamp, announce)
             if outcome is not _Refused.REFUSED:
                 return outcome
             self._stats.stale_refused += 1
@@ -181,7 +188,7 @@ class Populator(Generic[V]):
         return (entry, True) if self._usable(entry) else (None, False)
 
     async def _candidates(
-        self, request: Request[V], stamp: Any
+        self, request: Request[V], stamp: Any, announce: tuple[str, str] | None
     ) -> tuple[Entry | None, bool] | _Refused:
         key = request.key
         for candidate in request.candidates:
@@ -219,7 +226,7 @@ class Populator(Generic[V]):
                 # Returned, never stored: joined callers filter errors by their own wish.
                 self._stats.not_persisted += 1
                 return dataclasses.replace(entry, stored=False), False
-            if not await self.store.write(entry, stamp=stamp):
+            if not await self.store.write(entry, stamp=stamp, notify=announce):
                 return _Refused.REFUSED
             if entry.error is not None:
                 self._stats.errors_cached += 1

@@ -138,11 +138,20 @@ class Store(Protocol):
         that the stamp is no later than the read: whatever the read did not see, a write
         under the stamp is checked against."""
 
-    async def write(self, entry: Entry, *, stamp: GenerationStamp | None = None) -> bool:
+    async def write(
+        self,
+        entry: Entry,
+        *,
+        stamp: GenerationStamp | None = None,
+        notify: tuple[str, str] | None = None,
+    ) -> bool:
         """Upsert ``entry``. With a ``stamp``, write only if nothing it depends on (the
         stamp's names, the entry's name, alias and deps, the namespace, the store) was
         invalidated since the stamp and the stamp is not too old; return False (and write
-        nothing) otherwise."""
+        nothing) otherwise. ``notify`` is a ``(channel, payload)`` NOTIFY to send in the
+        write's own transaction when, and only when, the entry is written: it is delivered
+        as the write commits, so whoever hears it finds the entry (stores without NOTIFY
+        ignore it)."""
 
     async def invalidate(
         self, namespace: str, names: Sequence[str], *, expand: Expand | None = None

@@ -167,7 +167,13 @@ class MemoryStore:
 
     # ------------------------------------------------------------------------ writes
 
-    async def write(self, entry: Entry, *, stamp: GenerationStamp | None = None) -> bool:
+    async def write(
+        self,
+        entry: Entry,
+        *,
+        stamp: GenerationStamp | None = None,
+        notify: tuple[str, str] | None = None,
+    ) -> bool:
         """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
         since and the stamp is younger than half the retention."""
         encoded = encode_entry(entry)

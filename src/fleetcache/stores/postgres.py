@@ -66,6 +66,7 @@ again). The coordinator and the publisher share the pool (:attr:`PostgresStore.p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,6 +103,7 @@ POOL_SIZE = 10
 PRUNE_BATCH = 10_000
 
 
+@functools.lru_cache(maxsize=8192)  # hot keys are hashed once, not on every hit
 def key_hash(key: Key) -> bytes:
     """The primary key of ``key``'s row: sha256 over each field as
     ``b"<UTF-8 byte length>:" + UTF-8 bytes`` (the migration computes the same in SQL)."""
@@ -287,8 +289,12 @@ class PostgresStore:
         # connection is retried once like everything else (see "The pool").
         conn: psycopg.AsyncConnection[Any] | None = None
         try:
-            async with pool.connection() as conn:
+            # getconn/putconn rather than pool.connection(): no context manager per hit.
+            conn = await pool.getconn()
+            try:
                 row = await (await conn.execute(query, params)).fetchone()
+            finally:
+                await pool.putconn(conn)
         except psycopg.Error as exc:
             what = f"reading {key.coalesce_key}"
             if conn is None or not _pg.is_connection_lost(exc, conn):
@@ -318,7 +324,13 @@ class PostgresStore:
 
     # ------------------------------------------------------------------------ writes
 
-    async def write(self, entry: Entry, *, stamp: GenerationStamp | None = None) -> bool:
+    async def write(
+        self,
+        entry: Entry,
+        *,
+        stamp: GenerationStamp | None = None,
+        notify: tuple[str, str] | None = None,
+    ) -> bool:
         """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
         since (one round trip: BEGIN, share-lock, guarded INSERT, COMMIT in a pipeline)."""
         encoded = encode_entry(entry)
@@ -335,16 +347,18 @@ class PostgresStore:
             stale_until=entry.stale_until,
             compute_ms=entry.compute_ms,
         )
-        query = q.PG_WRITE
+        query = q.PG_WRITE if notify is None else q.PG_WRITE_AND_NOTIFY
         if stamp is not None:
             point = _check_stamp(stamp, key)
-            query = q.PG_GUARDED_WRITE
+            query = q.PG_GUARDED_WRITE if notify is None else q.PG_GUARDED_WRITE_AND_NOTIFY
             params.update(
                 names=guarded_names(entry, stamp),
                 snapshot=point.snapshot,
                 taken_at=point.taken_at,
                 max_age=self._max_age,
             )
+        if notify is not None:
+            params.update(channel=notify[0], payload=notify[1])
         lock = {"ns_lock": namespace_lock(key.namespace)}
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> bool:

@@ -284,6 +284,18 @@ PG_PURGE_EXPIRED = """
         FOR UPDATE SKIP LOCKED))
 """
 
+# A write that also sends a NOTIFY in its own transaction when (and only when) it wrote: the
+# NOTIFY is delivered as the transaction commits, when the row is visible to whoever hears.
+# (The LATERAL side runs once per row written: zero times for a refused write.)
+_PG_AND_NOTIFY = """
+    WITH written AS ({write})
+    SELECT 1 FROM written, LATERAL (SELECT pg_notify(%(channel)s, %(payload)s)) AS announced
+"""
+#: PG_WRITE, announced.
+PG_WRITE_AND_NOTIFY = _PG_AND_NOTIFY.format(write=PG_WRITE)
+#: PG_GUARDED_WRITE, announced.
+PG_GUARDED_WRITE_AND_NOTIFY = _PG_AND_NOTIFY.format(write=PG_GUARDED_WRITE)
+
 # ----------------------------------------------------------------------- invalidations
 
 #: An invalidation of names, or a namespace clear: the global lock shared (so a clear_all

@@ -226,7 +226,13 @@ class SqliteStore:
 
     # ------------------------------------------------------------------------ writes
 
-    async def write(self, entry: Entry, *, stamp: GenerationStamp | None = None) -> bool:
+    async def write(
+        self,
+        entry: Entry,
+        *,
+        stamp: GenerationStamp | None = None,
+        notify: tuple[str, str] | None = None,
+    ) -> bool:
         """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
         since (under ``BEGIN IMMEDIATE``)."""
         encoded = encode_entry(entry)

@@ -70,6 +70,21 @@ def stamped_names(key: Key, names: Iterable[str]) -> tuple[str, ...]:
 
 def validate_key(key: Key) -> None:
     """Refuse a key whose fields a store could not hold (see the module docstring)."""
+    # The hit path's check: plain ASCII strings of a storable size pass without a message
+    # being built; anything else goes through the checks that say what is wrong.
+    fields = (key.namespace, key.name, key.scope, key.user)
+    if (
+        key.namespace
+        and key.name
+        and all(
+            type(field) is str
+            and field.isascii()
+            and len(field) <= MAX_NAME_BYTES
+            and "\x00" not in field
+            for field in fields
+        )
+    ):
+        return
     check_name("the namespace of a key", key.namespace, allow_empty=False)
     check_name(f"the name of a key in namespace {key.namespace!r}", key.name, allow_empty=False)
     check_name(f"the scope of key {key.coalesce_key}", key.scope)
