@@ -338,7 +338,7 @@ async def test_a_lost_lock_connection_still_notifies_and_the_next_try_reconnects
     peer: list[object] = []
 
     async def fn() -> str:
-        conn = a.coordinator._lock_conn
+        conn = a.coordinator._line(lock_id(key)).conn
         assert conn is not None
         await admin.execute("SELECT pg_terminate_backend(%s, 10000)", (conn.info.backend_pid,))
         waiter = asyncio.create_task(b.coordinator.wait_for_key(key, 60))
@@ -492,7 +492,7 @@ async def test_close_wakes_parked_waiters_and_refuses_new_work(make_node: MakeNo
     await a.coordinator.close()
     assert a.coordinator.stats()["woken_close"] == 4
     assert not a.coordinator._tasks
-    assert a.coordinator._lock_conn is None
+    assert all(line.conn is None for line in a.coordinator._lines)
     async with a.pool.connection() as conn:
         await conn.execute("SELECT 1")
 
@@ -568,7 +568,7 @@ async def test_close_during_start_leaves_nothing_behind(
     with pytest.raises(NotOpenError):
         await starting
     assert not a.coordinator._tasks
-    assert a.coordinator._lock_conn is None
+    assert all(line.conn is None for line in a.coordinator._lines)
     with pytest.raises(NotOpenError):
         await a.coordinator.start()
 
@@ -683,13 +683,14 @@ async def test_probe_does_not_judge_a_waiter_before_it_lost_the_try_lock(
     b = await make_node()
     key = '["realm","early.gts","public",""]'
     release, started, go = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    real_statement = a.coordinator._statement
+    line = a.coordinator._line(lock_id(key))
+    real_statement = line.statement
 
     async def held_up(*args: Any, **kwargs: Any) -> Any:
         await go.wait()
         return await real_statement(*args, **kwargs)
 
-    monkeypatch.setattr(a.coordinator, "_statement", held_up)
+    monkeypatch.setattr(line, "statement", held_up)
 
     async def try_then_wait() -> WakeReason:
         lost = await a.coordinator.try_acquire_and_run(key, must_not_run)

@@ -3,23 +3,25 @@
 How a key is coordinated (the seed's ``ModuleCacheCoordinator``, with a different lock
 discipline and what the seed left open):
 
-* **One lock connection per process.** Each process keeps one dedicated, autocommit,
-  non-pooled connection and takes *session* advisory locks on it:
-  ``pg_try_advisory_lock(lock_id)``. No transaction is open while a winner computes, so it
-  pins no snapshot (the server's xmin horizon and vacuum are not held back, whatever the
+* **A few lock connections per process.** Each process keeps ``lock_connections``
+  (default 2) dedicated, autocommit, non-pooled connections and takes *session* advisory
+  locks on them: ``pg_try_advisory_lock(lock_id)``, a lock id always on the same one
+  (``lock_id mod n``). No transaction is open while a winner computes, so it pins no
+  snapshot (the server's xmin horizon and vacuum are not held back, whatever the
   computation's length) and ``idle_in_transaction_session_timeout`` cannot kill it; and no
   pooled connection is held either, so hits and a computation's own nested lookups never
-  queue behind computations. Many keys' locks live on that one connection at once; its
+  queue behind computations. Many keys' locks live on one connection at once; its
   statements are short and psycopg runs them one after another.
 * **Single flight.** A key's lock is held by at most one session, and within a process by
   at most one task: the ``_held`` map answers a second local try for the same lock id
   ("lost") without asking the server, since a session lock is re-entrant for its own
   session. So at most one task of the fleet computes a key at a time.
-* **NOTIFY after visible.** The winner's computation writes its row in the store's own
-  transaction, committed before ``fn`` returns; only then does the winner run
-  ``pg_notify(channel, lock_id)`` and ``pg_advisory_unlock(lock_id)`` in one statement.
-  A waiter woken by that NOTIFY (or by the free lock) therefore finds the row. A winner
-  whose computation fails or is cancelled notifies too, so its waiters re-read at once.
+* **NOTIFY after visible.** The winner's write carries the NOTIFY in its own transaction
+  (``announcement`` and ``Store.write(notify=...)``): it is delivered as the row commits,
+  so a waiter woken by it finds the row. Then the winner runs ``pg_notify(channel,
+  lock_id)`` and ``pg_advisory_unlock(lock_id)`` in one statement, which wakes the waiters
+  on every other outcome too (a failed or cancelled computation, a missing key, a result
+  not stored); a waiter woken by it, or by the free lock, re-reads and tries again.
 * **Losers** get a :class:`~fleetcache.coordination.waiters.Waiter` registered before the
   try-lock, holding no connection. They wake on the NOTIFY (delivered by the process's
   :class:`~fleetcache.notifications.hub.NotificationHub`), on a LISTEN gap, on close, on
@@ -45,7 +47,7 @@ from fleetcache._lifecycle import Service
 from fleetcache._pg import connect, is_connection_lost, pooled
 from fleetcache.coordination.base import Acquired, WakeReason, lock_id
 from fleetcache.coordination.waiters import Waiter, WaiterRegistry
-from fleetcache.errors import CoordinationError
+from fleetcache.errors import ConfigurationError, CoordinationError
 from fleetcache.logcontext import get_logger
 from fleetcache.notifications.hub import NotificationHub
 
@@ -57,8 +59,11 @@ logger = get_logger("fleetcache.coordination")
 
 #: The channel winners notify on; the payload is the key's lock id in decimal.
 POPULATED_CHANNEL = "fleetcache_populated_v1"
-#: Shown in ``pg_stat_activity`` for the lock connection.
+#: Shown in ``pg_stat_activity`` for the lock connections.
 LOCK_APPLICATION_NAME = "fleetcache-locks"
+#: How many lock connections a process keeps by default (lock ids are spread over them, so
+#: one process's try-locks and releases do not all queue on one connection).
+LOCK_CONNECTIONS = 2
 
 # --------------------------------------------------------------------------- SQL
 # Every statement the coordinator runs. Values are always bound as parameters.
@@ -108,11 +113,78 @@ def _lock_id_of_tag(classid: int, objid: int) -> int:
     return unsigned - (1 << 64) if unsigned >= 1 << 63 else unsigned
 
 
+class _LockLine:
+    """One lock connection: a dedicated, autocommit, non-pooled connection holding session
+    advisory locks, replaced when it is lost. ``gen`` counts its connections: locks taken
+    on an older one died with it. Its statements run one after another (psycopg
+    serialises them), which is why a coordinator keeps a few lines and spreads the lock
+    ids over them.
+
+    Shared state: ``conn`` and ``gen`` are replaced only under ``_connecting`` (one
+    reconnect at a time); read by every statement. Event loop only."""
+
+    def __init__(self, conninfo: str, index: int) -> None:
+        self._conninfo = conninfo
+        self.index = index
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+        self.gen = 0
+        self._connecting = asyncio.Lock()
+
+    def is_current(self, gen: int) -> bool:
+        """Whether locks taken on this line's connection ``gen`` are still held."""
+        return self.conn is not None and gen == self.gen
+
+    async def connection(self) -> tuple[psycopg.AsyncConnection[Any], int]:
+        """The live connection (made now if there is none) and its generation."""
+        conn = self.conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn, self.gen
+        async with self._connecting:
+            conn = self.conn
+            if conn is None or conn.closed or conn.broken:
+                conn = await connect(self._conninfo, application_name=LOCK_APPLICATION_NAME)
+                self.conn = conn
+                self.gen += 1
+            return conn, self.gen
+
+    async def statement(
+        self, what: str, query: str, params: dict[str, Any], *, retry: bool = True
+    ) -> tuple[tuple[Any, ...] | None, int]:
+        """Run one statement; return its row and the connection's generation. A lost
+        connection is replaced and (with ``retry``) the statement run once more: whatever
+        the lost one held died with it."""
+        for attempt in (1, 2):
+            conn, gen = await self.connection()
+            try:
+                cursor = await conn.execute(query, params)
+                return await cursor.fetchone(), gen
+            except psycopg.Error as exc:
+                lost = is_connection_lost(exc, conn)
+                if lost and self.conn is conn:
+                    self.conn = None
+                    logger.warning(
+                        "lock connection %d was lost (%s); the server released the locks it "
+                        "held: peers may compute those keys too (their results are still "
+                        "checked by the store)",
+                        self.index,
+                        exc,
+                    )
+                if not (lost and retry and attempt == 1):
+                    raise CoordinationError(f"{what} failed: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def close(self) -> None:
+        """Close the connection (its locks go with it)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await conn.close()
+
+
 class PostgresCoordinator(Service):
     """A :class:`~fleetcache.coordination.base.PopulateCoordinator` for a fleet sharing one
     Postgres database.
 
-    ``conninfo`` is where the lock connection goes; ``pool`` (autocommit connections)
+    ``conninfo`` is where the lock connections go; ``pool`` (autocommit connections)
     serves the crash probe; ``hub`` delivers this process's notifications and must listen
     on ``channel``. The pool and the hub belong to the caller, who starts them before and
     closes them after this coordinator. Use it between ``await start()`` and
@@ -127,40 +199,39 @@ class PostgresCoordinator(Service):
         *,
         channel: str = POPULATED_CHANNEL,
         probe_interval: float = 1.0,
+        lock_connections: int = LOCK_CONNECTIONS,
     ) -> None:
         super().__init__()
+        if lock_connections < 1:
+            raise ConfigurationError(f"lock_connections must be >= 1, got {lock_connections}")
         self._conninfo = conninfo
         self._pool = pool
         self._hub = hub
         self._channel = channel
         self._probe_interval = probe_interval
         self._registry = WaiterRegistry()
-        # Lock ids held by a task of this process, each with the generation of the lock
+        # Lock ids held by a task of this process, each with the generation of its line's
         # connection it was taken on. Written by try_acquire_and_run (insert before its
         # try-lock, remove after the unlock or a lost try); read by the same. Event loop
         # only, never mutated across an await by two tasks for one id: no lock.
         self._held: dict[int, int] = {}
-        # The lock connection and its generation (bumped on every new connection: locks
-        # taken on an older one died with it). Replaced only under _connecting.
-        self._lock_conn: psycopg.AsyncConnection[Any] | None = None
-        self._lock_gen = 0
-        self._connecting = asyncio.Lock()
+        # The lock connections; a lock id always goes to the same line (lid mod n), so its
+        # lock, its release and the local re-entrancy check all meet on one session.
+        self._lines = [_LockLine(conninfo, i) for i in range(lock_connections)]
 
     # ------------------------------------------------------------------ lifecycle
 
     async def _on_start(self) -> None:
         self._hub.add_handler(self._channel, self._on_notify)
         self._hub.add_gap_handler(self._on_gap)
-        await self._connection()
+        await asyncio.gather(*(line.connection() for line in self._lines))
         self.spawn(self._probe_loop(), "coordinator probe")
 
     async def _on_close(self) -> None:
         woken = self._registry.wake_all(WakeReason.CLOSE)
         if woken:
             logger.info("coordinator closing: woke %d waiter(s)", woken)
-        conn, self._lock_conn = self._lock_conn, None
-        if conn is not None:
-            await conn.close()
+        await asyncio.gather(*(line.close() for line in self._lines))
 
     def stats(self) -> dict[str, int]:
         """A copy of the counters: lock_won, lock_lost, woken_notify, woken_timeout,
@@ -229,7 +300,7 @@ class PostgresCoordinator(Service):
         statement runs in its own task: a caller cancelled mid-statement must not leave a
         lock taken for nobody, so the task finishes and gives such a lock back."""
         task = asyncio.ensure_future(
-            self._statement(f"the try-lock of key {coalesce_key}", _TRY_LOCK, {"id": lid})
+            self._line(lid).statement(f"the try-lock of key {coalesce_key}", _TRY_LOCK, {"id": lid})
         )
         try:
             row, gen = await asyncio.shield(task)
@@ -258,10 +329,11 @@ class PostgresCoordinator(Service):
         """Notify the key's waiters and give its lock back; never raises (a failure is
         logged: the lock then died with its connection, and the probe wakes the peers)."""
         params = {"channel": self._channel, "payload": str(lid), "id": lid}
+        line = self._line(lid)
         try:
-            if self._is_current(gen):
+            if line.is_current(gen):
                 try:
-                    await self._statement(
+                    await line.statement(
                         f"the release of key {coalesce_key}",
                         _NOTIFY_AND_UNLOCK,
                         params,
@@ -269,10 +341,10 @@ class PostgresCoordinator(Service):
                     )
                     return
                 except CoordinationError:
-                    if self._is_current(gen):
+                    if line.is_current(gen):
                         raise  # the connection is fine: the statement itself failed
             # The lock died with the connection it was taken on; the waiters still wait.
-            await self._statement(f"the NOTIFY of key {coalesce_key}", _NOTIFY, params)
+            await line.statement(f"the NOTIFY of key {coalesce_key}", _NOTIFY, params)
         except Exception as exc:  # noqa: BLE001 - logged; the probe is the safety net
             self._registry.stats["notify_failures"] += 1
             logger.warning(
@@ -284,54 +356,8 @@ class PostgresCoordinator(Service):
             self._held.pop(lid, None)
             self._registry.wake(lid, WakeReason.NOTIFY)  # this process's own waiters
 
-    def _is_current(self, gen: int) -> bool:
-        """Whether locks taken on lock connection ``gen`` are still held."""
-        return self._lock_conn is not None and gen == self._lock_gen
-
-    # ------------------------------------------------------------------ lock connection
-
-    async def _connection(self) -> tuple[psycopg.AsyncConnection[Any], int]:
-        conn = self._lock_conn
-        if conn is not None and not conn.closed and not conn.broken:
-            return conn, self._lock_gen
-        async with self._connecting:
-            conn = self._lock_conn
-            if conn is None or conn.closed or conn.broken:
-                conn = await connect(self._conninfo, application_name=LOCK_APPLICATION_NAME)
-                self._lock_conn = conn
-                self._lock_gen += 1
-            return conn, self._lock_gen
-
-    def _connection_lost(self, conn: psycopg.AsyncConnection[Any], exc: BaseException) -> None:
-        if self._lock_conn is not conn:
-            return
-        self._lock_conn = None
-        held = sum(1 for gen in self._held.values() if gen == self._lock_gen)
-        logger.warning(
-            "the lock connection was lost (%s); the server released the %d lock(s) it held: "
-            "peers may compute those keys too (their results are still checked by the store)",
-            exc,
-            held,
-        )
-
-    async def _statement(
-        self, what: str, query: str, params: dict[str, Any], *, retry: bool = True
-    ) -> tuple[tuple[Any, ...] | None, int]:
-        """Run one statement on the lock connection; return its row and the connection's
-        generation. A lost connection is replaced and (with ``retry``) the statement run
-        once more: whatever the lost one held died with it."""
-        for attempt in (1, 2):
-            conn, gen = await self._connection()
-            try:
-                cursor = await conn.execute(query, params)
-                return await cursor.fetchone(), gen
-            except psycopg.Error as exc:
-                lost = is_connection_lost(exc, conn)
-                if lost:
-                    self._connection_lost(conn, exc)
-                if not (lost and retry and attempt == 1):
-                    raise CoordinationError(f"{what} failed: {exc}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+    def _line(self, lid: int) -> _LockLine:
+        return self._lines[lid % len(self._lines)]
 
     # ------------------------------------------------------------------ losers
 

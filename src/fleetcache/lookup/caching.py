@@ -206,7 +206,8 @@ class CachingLookup(Generic[V]):
         """
         if self._closed:
             raise NotOpenError("this CachingLookup is closed")
-        validate_key(key)
+        # The key is checked by the store before its first I/O (the near tier and the
+        # in-flight map only ever hold keys the store accepted), so not twice per hit here.
         by_alias = alias is not None
         near = self.near
         if near is not None:
@@ -395,12 +396,14 @@ class CachingLookup(Generic[V]):
                     self.near.put(entry, epoch=epoch)
                 return entry
 
+            lock_key = self._lock_key(request)
+            announce = self.coordinator.announcement(lock_key)
             return await run_coordinated(
                 self.coordinator,
                 coalesce_key=key.coalesce_key,
-                lock_key=self._lock_key(request),
+                lock_key=lock_key,
                 read=read,
-                compute=lambda: self._settle(request),
+                compute=lambda: self._settle(request, announce),
                 wait_timeout=self.wait_timeout,
                 max_rounds=self.max_rounds,
                 stats=self._stats,
@@ -413,7 +416,9 @@ class CachingLookup(Generic[V]):
         key = request.key
         return (key.with_name(request.alias) if request.alias is not None else key).coalesce_key
 
-    async def _settle(self, request: Request[V]) -> Entry | None:
+    async def _settle(
+        self, request: Request[V], announce: tuple[str, str] | None = None
+    ) -> Entry | None:
         """Populate, then leave the in-flight map at once: the result is in the store (or
         final), so a caller arriving from now on reads the store instead of joining. (A
         winner still has to release its lock; a caller joining in that window would get a
@@ -427,7 +432,7 @@ class CachingLookup(Generic[V]):
                 near.put(entry, epoch=epoch)
 
         try:
-            return await self._populator.populate(request, on_stored=on_stored)
+            return await self._populator.populate(request, on_stored=on_stored, announce=announce)
         finally:
             self._flights.detach(request.key)
 
@@ -468,8 +473,10 @@ class CachingLookup(Generic[V]):
                 if self.coordinator is None:
                     entry = await self._settle(request)
                 else:
+                    lock_key = self._lock_key(request)
+                    announce = self.coordinator.announcement(lock_key)
                     outcome = await self.coordinator.try_acquire_and_run(
-                        self._lock_key(request), lambda: self._settle(request)
+                        lock_key, lambda: self._settle(request, announce)
                     )
                     if not isinstance(outcome, Acquired):
                         outcome.cancel()  # another process refreshes it
