@@ -73,6 +73,7 @@ async def test_postgres_statements_probe_indexes(database_url: str) -> None:
             "expires_at": None,
             "stale_until": None,
             "compute_ms": None,
+            "guarded": True,
             "names": names,
             "snapshot": stamp.point.snapshot,
             "taken_at": stamp.point.taken_at,
@@ -82,7 +83,7 @@ async def test_postgres_statements_probe_indexes(database_url: str) -> None:
             "read": (q.PG_READ, params),
             "read by alias": (q.PG_READ_BY_ALIAS, params),
             "stamp and read": (q.PG_STAMP_AND_READ_BY_ALIAS, params),
-            "guarded write": (q.PG_GUARDED_WRITE, write),
+            "guarded write": (q.PG_UPSERT_FOR_PLAN, write),
             "closure round": (q.PG_CLOSURE_ROUND, {"ns": NS, "names": names}),
             "mark and delete": (
                 q.PG_MARK_AND_DELETE_NAMES,

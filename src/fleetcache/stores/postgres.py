@@ -5,10 +5,11 @@ Why an invalidation closes every window
 
 The guarantee: after ``invalidate(ns, [X])`` returns, no entry that depends (transitively)
 on X and was computed from X's old content exists. A populate computing such an entry D
-took its stamp S (a snapshot) before it read X; its write is a transaction that first
-share-locks the global and the namespace lock, then, in a *later* statement (so its
-snapshot is taken after the lock wait), runs the guarded INSERT that checks the marks
-against S. The invalidation is one transaction that takes the namespace lock
+took its stamp S (a snapshot) before it read X; its write is one statement, the function
+``fleetcache_write_v2``, whose transaction first share-locks the global and the namespace
+lock, then, in the function's *next* statement (a VOLATILE PL/pgSQL function takes a fresh
+snapshot per statement in READ COMMITTED, so this one is taken after the lock wait), runs
+the guarded INSERT that checks the marks against S. The invalidation is one transaction that takes the namespace lock
 *exclusively*, then computes the closure in rounds (each round a new statement, each
 seeing every write committed before it), marks every name of the closure with its own
 transaction id, deletes every entry named or aliased by one, and commits. Since the two
@@ -332,7 +333,8 @@ class PostgresStore:
         notify: tuple[str, str] | None = None,
     ) -> bool:
         """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
-        since (one round trip: BEGIN, share-lock, guarded INSERT, COMMIT in a pipeline)."""
+        since; with ``notify``, announce it as it commits. One statement, one round trip
+        (``fleetcache_write_v2``: share-locks, then the guarded upsert; see queries.py)."""
         encoded = encode_entry(entry)
         key = entry.key
         params = _key_params(key)
@@ -346,26 +348,26 @@ class PostgresStore:
             expires_at=entry.expires_at,
             stale_until=entry.stale_until,
             compute_ms=entry.compute_ms,
+            ns_lock=namespace_lock(key.namespace),
+            guarded=stamp is not None,
+            names=None,
+            snapshot=None,
+            taken_at=None,
+            max_age=self._max_age,
+            channel=None if notify is None else notify[0],
+            payload=None if notify is None else notify[1],
         )
-        query = q.PG_WRITE if notify is None else q.PG_WRITE_AND_NOTIFY
         if stamp is not None:
             point = _check_stamp(stamp, key)
-            query = q.PG_GUARDED_WRITE if notify is None else q.PG_GUARDED_WRITE_AND_NOTIFY
             params.update(
                 names=guarded_names(entry, stamp),
                 snapshot=point.snapshot,
                 taken_at=point.taken_at,
-                max_age=self._max_age,
             )
-        if notify is not None:
-            params.update(channel=notify[0], payload=notify[1])
-        lock = {"ns_lock": namespace_lock(key.namespace)}
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> bool:
-            async with _pg.pipelined_transaction(conn):
-                await conn.execute(q.PG_LOCK_FOR_WRITE, lock)
-                cursor = await conn.execute(query, params)
-            return await cursor.fetchone() is not None
+            row = await (await conn.execute(q.PG_WRITE, params)).fetchone()
+            return bool(row and row[0])
 
         return await _pg.pooled(self.pool, f"writing {key.coalesce_key}", run)
 

@@ -109,6 +109,98 @@ _PG_MARKS_INDEXES = [
     "CREATE INDEX fleetcache_generations_marked_at ON fleetcache_generations (marked_at)",
 ]
 
+# A write is one statement, ``SELECT fleetcache_write_v2(...)``, so it costs one round
+# trip and no client-side transaction: the function share-locks the global and the
+# namespace lock, in that order (everyone takes them in that order, so they never
+# deadlock), and then, in its *next* statement, runs the guarded upsert. In READ COMMITTED
+# a VOLATILE PL/pgSQL function takes a fresh snapshot for each statement, so the upsert's
+# snapshot is taken after any wait for an invalidation has ended, and it sees that
+# invalidation's marks (see "Why an invalidation closes every window" in postgres.py).
+# The locks are held until the statement's transaction ends, so an invalidation either
+# committed before the upsert's snapshot or waits for the write to commit.
+
+# The write's arguments: name and SQL type, in the function's order.
+_WRITE_ARGS = (
+    ("key_hash", "bytea"),
+    ("ns", "text"),
+    ("name", "text"),
+    ("scope", "text"),
+    ("user", "text"),
+    ("value", "jsonb"),
+    ("deps", "text[]"),
+    ("error", "jsonb"),
+    ("created_at", "bigint"),
+    ("alias", "text"),
+    ("diagnostics", "jsonb"),
+    ("expires_at", "bigint"),
+    ("stale_until", "bigint"),
+    ("compute_ms", "integer"),
+    ("ns_lock", "integer"),
+    ("guarded", "boolean"),
+    ("names", "text[]"),
+    ("snapshot", "pg_snapshot"),
+    ("taken_at", "float8"),
+    ("max_age", "float8"),
+    ("channel", "text"),
+    ("payload", "text"),
+)
+
+# The upsert, written once with {placeholders}: bound as %(name)s parameters for EXPLAIN
+# (tests look at its plan), and as the function's p_name arguments inside it. Unguarded, it
+# always writes; guarded, only if the stamp is younger than the maximum age (by the
+# server's clock) and no mark the write depends on (the global one, the namespace's, its
+# names') was set by a transaction the stamp's snapshot did not see committed.
+_UPSERT = """
+    INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id, value, deps,
+                                    error, created_at, alias, diagnostics, expires_at,
+                                    stale_until, compute_ms)
+    SELECT {key_hash}, {ns}, {name}, {scope}, {user}, {value}::jsonb, {deps}::text[],
+           {error}::jsonb, {created_at}, {alias}, {diagnostics}::jsonb, {expires_at},
+           {stale_until}, {compute_ms}
+    WHERE NOT {guarded}
+       OR ({taken_at}::float8 > extract(epoch FROM statement_timestamp()) - {max_age}::float8
+           AND NOT EXISTS (
+             SELECT 1 FROM fleetcache_generations
+             WHERE ((kind = 'g' AND md5(namespace) = md5('') AND md5(name) = md5(''))
+                    OR (kind = 'n' AND md5(namespace) = md5({ns}) AND md5(name) = md5('')
+                        AND namespace = {ns})
+                    OR (kind = 'k' AND md5(namespace) = md5({ns})
+                        AND md5(name) = ANY (ARRAY(SELECT md5(n)
+                                                   FROM unnest({names}::text[]) AS n))
+                        AND namespace = {ns} AND name = ANY ({names}::text[])))
+               AND NOT pg_visible_in_snapshot(bumped_by, {snapshot}::pg_snapshot)))
+    ON CONFLICT (key_hash) DO UPDATE SET
+        value = EXCLUDED.value, deps = EXCLUDED.deps, error = EXCLUDED.error,
+        created_at = EXCLUDED.created_at, alias = EXCLUDED.alias,
+        diagnostics = EXCLUDED.diagnostics, expires_at = EXCLUDED.expires_at,
+        stale_until = EXCLUDED.stale_until, compute_ms = EXCLUDED.compute_ms
+"""
+
+#: The upsert alone, with %(name)s parameters (for EXPLAIN; writes go through the function).
+PG_UPSERT_FOR_PLAN = _UPSERT.format(**{name: f"%({name})s" for name, _ in _WRITE_ARGS})
+
+#: The write function: locks, then the upsert, then (only if it wrote) the NOTIFY to send
+#: with the write's commit, when the row is visible to whoever hears it. Returns whether it
+#: wrote. (Created and replaced by the migrations.)
+PG_CREATE_WRITE_FUNCTION = f"""
+    CREATE OR REPLACE FUNCTION fleetcache_write_v2(
+        {", ".join(f"p_{name} {kind}" for name, kind in _WRITE_ARGS)}
+    ) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fleetcache$
+    BEGIN
+        PERFORM pg_advisory_xact_lock_shared({LOCK_GLOBAL}, 0),
+                pg_advisory_xact_lock_shared({LOCK_NAMESPACE}, p_ns_lock);
+        {_UPSERT.format(**{name: f"p_{name}" for name, _ in _WRITE_ARGS})};
+        IF NOT FOUND THEN
+            RETURN false;
+        END IF;
+        IF p_channel IS NOT NULL THEN
+            PERFORM pg_notify(p_channel, p_payload);
+        END IF;
+        RETURN true;
+    END
+    $fleetcache$
+"""
+
 #: A new database: the latest schema directly.
 PG_CREATE_LATEST = [
     """
@@ -129,6 +221,7 @@ PG_CREATE_LATEST = [
     )
     """,
     *_PG_MARKS_INDEXES,
+    PG_CREATE_WRITE_FUNCTION,
 ]
 
 
@@ -168,6 +261,7 @@ PG_UPGRADE_1_TO_2 = [
     """,
     "ALTER TABLE fleetcache_generations ALTER COLUMN marked_at DROP DEFAULT",
     *_PG_MARKS_INDEXES,
+    PG_CREATE_WRITE_FUNCTION,
 ]
 
 # ------------------------------------------------------------------------------- reads
@@ -221,55 +315,11 @@ PG_STAMP_AND_READ_BY_ALIAS = _PG_STAMP.format(read=_PG_EXACT_OR_ALIAS)
 
 # ------------------------------------------------------------------------------ writes
 
-#: Share-locks the global and the namespace lock, in that order (everyone takes them in
-#: that order, so they never deadlock), until the write's transaction ends. Its own
-#: statement: a statement's snapshot is taken when it starts, so the guarded INSERT must
-#: start after the wait for an invalidation has ended, to see that invalidation's marks.
-PG_LOCK_FOR_WRITE = f"""
-    SELECT pg_advisory_xact_lock_shared({LOCK_GLOBAL}, 0),
-           pg_advisory_xact_lock_shared({LOCK_NAMESPACE}, %(ns_lock)s)
-"""
-
-_PG_INSERT = """
-    INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id, value, deps,
-                                    error, created_at, alias, diagnostics, expires_at,
-                                    stale_until, compute_ms)
-    SELECT %(key_hash)s, %(ns)s, %(name)s, %(scope)s, %(user)s, %(value)s::jsonb,
-           %(deps)s::text[], %(error)s::jsonb, %(created_at)s, %(alias)s,
-           %(diagnostics)s::jsonb, %(expires_at)s, %(stale_until)s, %(compute_ms)s
-"""
-_PG_UPSERT = """
-    ON CONFLICT (key_hash) DO UPDATE SET
-        value = EXCLUDED.value, deps = EXCLUDED.deps, error = EXCLUDED.error,
-        created_at = EXCLUDED.created_at, alias = EXCLUDED.alias,
-        diagnostics = EXCLUDED.diagnostics, expires_at = EXCLUDED.expires_at,
-        stale_until = EXCLUDED.stale_until, compute_ms = EXCLUDED.compute_ms
-    RETURNING 1
-"""
-
-#: Upsert without a stamp.
-PG_WRITE = _PG_INSERT + _PG_UPSERT
-
-#: Upsert under a stamp: only if the stamp is younger than the maximum age (by the server's
-#: clock) and no mark the write depends on (the global one, the namespace's, its names')
-#: was set by a transaction the stamp's snapshot did not see committed. Runs after
-#: PG_LOCK_FOR_WRITE, so every invalidation of the namespace either committed before this
-#: statement's snapshot (its marks are seen) or waits for this transaction to end.
-PG_GUARDED_WRITE = f"""
-    {_PG_INSERT}
-    WHERE %(taken_at)s::float8 > extract(epoch FROM statement_timestamp()) - %(max_age)s::float8
-      AND NOT EXISTS (
-        SELECT 1 FROM fleetcache_generations
-        WHERE ((kind = 'g' AND md5(namespace) = md5('') AND md5(name) = md5(''))
-               OR (kind = 'n' AND md5(namespace) = md5(%(ns)s) AND md5(name) = md5('')
-                   AND namespace = %(ns)s)
-               OR (kind = 'k' AND md5(namespace) = md5(%(ns)s)
-                   AND md5(name) = ANY (ARRAY(SELECT md5(n)
-                                              FROM unnest(%(names)s::text[]) AS n))
-                   AND namespace = %(ns)s AND name = ANY (%(names)s::text[])))
-          AND NOT pg_visible_in_snapshot(bumped_by, %(snapshot)s::pg_snapshot))
-    {_PG_UPSERT}
-"""
+#: A write: one statement (every argument cast, so the call resolves whatever psycopg
+#: chose for a value's type).
+PG_WRITE = "SELECT fleetcache_write_v2({})".format(
+    ", ".join(f"%({name})s::{kind}" for name, kind in _WRITE_ARGS)
+)
 
 #: Deletes up to ``limit`` entries whose stale window ended before ``before`` (ms since the
 #: epoch), skipping rows another transaction holds. Not an invalidation (nothing is marked):
@@ -283,18 +333,6 @@ PG_PURGE_EXPIRED = """
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED))
 """
-
-# A write that also sends a NOTIFY in its own transaction when (and only when) it wrote: the
-# NOTIFY is delivered as the transaction commits, when the row is visible to whoever hears.
-# (The LATERAL side runs once per row written: zero times for a refused write.)
-_PG_AND_NOTIFY = """
-    WITH written AS ({write})
-    SELECT 1 FROM written, LATERAL (SELECT pg_notify(%(channel)s, %(payload)s)) AS announced
-"""
-#: PG_WRITE, announced.
-PG_WRITE_AND_NOTIFY = _PG_AND_NOTIFY.format(write=PG_WRITE)
-#: PG_GUARDED_WRITE, announced.
-PG_GUARDED_WRITE_AND_NOTIFY = _PG_AND_NOTIFY.format(write=PG_GUARDED_WRITE)
 
 # ----------------------------------------------------------------------- invalidations
 

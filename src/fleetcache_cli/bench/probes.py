@@ -148,13 +148,23 @@ class RecordingCoordinator:
         self.commits: list[tuple[int, float]] = []
 
     async def try_acquire_and_run(self, coalesce_key: str, fn: Callable[[], Awaitable[T]]) -> Any:
-        """Forward; a won lock returns right after its NOTIFY-and-unlock statement."""
+        """Forward; a winner's commit is when its computation (whose write carries the
+        NOTIFY, see ``announcement``) returned, before the lock's release."""
         index = self._key_index.get(coalesce_key, -1)
-        outcome = await self._inner.try_acquire_and_run(coalesce_key, fn)
-        if isinstance(outcome, Acquired):
+
+        async def timed() -> T:
+            result = await fn()
             self.commits.append((index, time.time()))
+            return result
+
+        outcome = await self._inner.try_acquire_and_run(coalesce_key, timed)
+        if isinstance(outcome, Acquired):
             return outcome
         return RecordingWaiter(outcome, self, index)
+
+    def announcement(self, coalesce_key: str) -> tuple[str, str] | None:
+        """Forward."""
+        return self._inner.announcement(coalesce_key)
 
     async def wait_for_key(self, coalesce_key: str, timeout: float) -> WakeReason:
         """Forward."""

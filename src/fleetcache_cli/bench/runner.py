@@ -47,10 +47,10 @@ NOTES = {
     "hit_latency": "requests that began after their key's commit and neither computed nor "
     "waited: a warm hit while the rest of the fleet is still busy",
     "wake_latency": "per waiter: its request's return minus the key's commit. fleetcache's "
-    "commit time is when the winner's try_acquire_and_run returned (right after its "
-    "NOTIFY-and-unlock statement; its row was committed one statement earlier); the minimal "
-    "design's is when its COMMIT (which delivers the NOTIFY) returned. Includes the waiter's "
-    "re-read. wake_from_compute: the same from the end of the key's computation (so it "
+    "commit time is when the winner's computation returned, its write committed (the write "
+    "carries the NOTIFY, delivered at that commit; the lock's release comes after); the "
+    "minimal design's is when its COMMIT (which delivers the NOTIFY) returned. Includes the "
+    "waiter's re-read. wake_from_compute: the same from the end of the key's computation (so it "
     "includes the winner's write and NOTIFY)",
     "statements": "client side: psycopg.AsyncCursor.execute wrapped in the process, BEGIN "
     "and COMMIT included (both designs send them as statements); a statement in a pipeline "
