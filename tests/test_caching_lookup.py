@@ -26,6 +26,7 @@ from fleetcache.errors import (
 from fleetcache.lookup import MISSING, CachingLookup, Missing, Produced
 from fleetcache.stores import Entry, Key, Store
 from fleetcache.stores.base import GenerationStamp
+from waiting import eventually
 
 NS = "https://realm.example/"
 T = TypeVar("T")
@@ -83,6 +84,11 @@ class Clock:
         return self.now
 
 
+async def all_joined(lookup: CachingLookup[Any], callers: int) -> None:
+    """Wait until ``callers`` callers share the computation (the first started it)."""
+    await eventually(lambda: lookup.stats()["coalesced"] >= callers - 1)
+
+
 def key(name: str, ns: str = NS) -> Key:
     """A public key in the test namespace."""
     return Key(ns, name)
@@ -101,6 +107,7 @@ async def test_same_key_callers_share_one_computation(store: Store) -> None:
     produce = Producer(gate=asyncio.Event())
     callers = [asyncio.create_task(lookup.get(key("a"), produce)) for _ in range(5)]
     await produce.started.wait()
+    await all_joined(lookup, 5)
     produce.release()
     results = await asyncio.gather(*callers)
     assert produce.calls["a"] == 1
@@ -192,6 +199,7 @@ async def test_shared_exception_reaches_every_caller_and_frees_the_entry(store: 
     produce = Producer(gate=asyncio.Event(), raises=RuntimeError("prerender exploded"))
     callers = [asyncio.create_task(lookup.get(key("a"), produce)) for _ in range(3)]
     await produce.started.wait()
+    await all_joined(lookup, 3)
     produce.release()
     results = await asyncio.gather(*callers, return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
@@ -209,6 +217,7 @@ async def test_shared_error_is_cached_until_its_ttl(store: Store) -> None:
     produce = Producer(gate=asyncio.Event(), errors={"a": {"message": "boom"}})
     callers = [asyncio.create_task(lookup.get(key("a"), produce)) for _ in range(3)]
     await produce.started.wait()
+    await all_joined(lookup, 3)
     produce.release()
     results = await asyncio.gather(*callers)
     assert all(r is not None and r.error == {"message": "boom"} for r in results)
@@ -326,6 +335,7 @@ async def test_a_refused_result_restarts_once_for_every_caller_that_shared_it(
     produce = Producer(gate=asyncio.Event())
     callers = [asyncio.create_task(lookup.get(key("a"), produce)) for _ in range(4)]
     await produce.started.wait()
+    await all_joined(lookup, 4)
     produce.source["version"] = 2
     await store.invalidate(NS, ["a"])  # as another process would: behind the lookup's back
     produce.release()

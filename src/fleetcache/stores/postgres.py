@@ -9,10 +9,11 @@ took its stamp S (a snapshot) before it read X; its write is one statement, the 
 ``fleetcache_write_v2``, whose transaction first share-locks the global and the namespace
 lock, then, in the function's *next* statement (a VOLATILE PL/pgSQL function takes a fresh
 snapshot per statement in READ COMMITTED, so this one is taken after the lock wait), runs
-the guarded INSERT that checks the marks against S. The invalidation is one transaction that takes the namespace lock
-*exclusively*, then computes the closure in rounds (each round a new statement, each
-seeing every write committed before it), marks every name of the closure with its own
-transaction id, deletes every entry named or aliased by one, and commits. Since the two
+the guarded INSERT that checks the marks against S. The invalidation is one transaction
+that takes the namespace lock *exclusively*, then computes the closure in rounds (each
+round a new statement, each seeing every write committed before it), marks every name of
+the closure with its own transaction id, deletes every entry named or aliased by one, and
+commits. Since the two
 locks conflict, D's write transaction either
 
 * committed before the invalidation got its lock: the closure rounds then see D (D's
