@@ -61,7 +61,8 @@ def _spec(url: str, **overrides: Any) -> WorkerSpec:
 
 def _assert_correct(report: dict[str, Any]) -> None:
     """Both designs computed each key once and no waiter held a connection, the near tier
-    served no stale read, and fleetcache held no transaction while computing."""
+    served no stale read, each expiry was refreshed once across the fleet (nobody waited
+    for a computation), and fleetcache held no transaction while computing."""
     for name, scenario in report["scenarios"].items():
         keys = scenario["params"]["keys"]
         for design in ("minimal", "fleetcache"):
@@ -73,6 +74,12 @@ def _assert_correct(report: dict[str, Any]) -> None:
     for mode in ("off", "on"):
         assert report["near"][mode]["stale_reads_total"] == 0, mode
     assert report["near"]["on"]["near_hits"] > 0
+    expiring = report["expiry"]
+    assert expiring["expiries_total"] > 0
+    assert expiring["refreshes_per_expiry_worst"] == 1.0
+    assert expiring["computations_total"] == expiring["expiries_total"]
+    assert expiring["stale_served_total"] > 0
+    assert expiring["waited_total"] == 0
     fleet_xmin = report["xmin"]["fleetcache"]
     assert fleet_xmin["samples"] > 0
     assert fleet_xmin["xmin_holders_max"] == 0
@@ -83,15 +90,15 @@ def test_smallest_bench_reports_every_metric_and_both_designs_are_correct(
     database_url: str, tmp_path: Path
 ) -> None:
     """A tiny bench run exits 0 and writes a complete report: every scenario with both
-    designs, the near tier off and on, the xmin probe, the micro-benchmarks with statements
+    designs, the near tier off and on, expiry, the xmin probe, the micro-benchmarks with statements
     counted per miss, and a target table in which the correctness targets are met."""
     out = tmp_path / "bench.json"
     # fmt: off
     status = main([
         "bench", "--processes", "2", "--tasks", "2", "--keys", "3", "--compute-ms", "10",
         "--repetitions", "1", "--micro-iterations", "20", "--near-keys", "20",
-        "--near-seconds", "0.6", "--xmin-compute-s", "0.3",
-        "--database-url", database_url, "--json", str(out),
+        "--near-seconds", "0.6", "--xmin-compute-s", "0.3", "--expiry-keys", "2",
+        "--expiry-seconds", "1.5", "--database-url", database_url, "--json", str(out),
     ])
     # fmt: on
     assert status == 0
@@ -122,6 +129,7 @@ def test_smallest_bench_reports_every_metric_and_both_designs_are_correct(
             assert targets[f"{name}: {design} waiter connections"]["met"] is True
         assert isinstance(targets[f"{name}: wall"]["met"], bool)
     assert targets["near: stale reads (tier on)"]["met"] is True
+    assert targets["expiry: refreshes per expiry"]["met"] is True
     assert targets["xmin during a long computation"]["met"] is True
     assert {"one process: warm hit, 50 rows", "statements per coordinated miss"} <= set(targets)
     assert multiprocessing.active_children() == []
@@ -186,7 +194,7 @@ def test_quick_flag_yields_to_explicit_sizes() -> None:
     assert (full.processes, full.tasks, full.keys, full.compute_ms) == (8, 4, 50, 200.0)
     assert full.repetitions == 3
     assert [s.name for s in full.scenario_list()] == list(SCENARIOS)
-    assert (full.near, full.xmin, full.micro) == (True, True, True)
+    assert (full.near, full.expiry, full.xmin, full.micro) == (True, True, True, True)
 
 
 def test_percentile_interpolates() -> None:

@@ -271,6 +271,9 @@ class PostgresCoordinator(Service):
         logger.debug("won the lock of key %s (id %d)", coalesce_key, lid)
         try:
             result = await fn()
+        except asyncio.CancelledError:
+            logger.info("the computation of key %s was cancelled; waking its waiters", coalesce_key)
+            raise
         except BaseException as exc:
             logger.warning(
                 "the computation of key %s failed (%s: %s); waking its waiters",

@@ -44,7 +44,14 @@ class BenchConfig:
     near_seconds: float
     near_invalidations_per_s: float
     xmin_compute_s: float
+    expiry_keys: int
+    expiry_seconds: float
     quick: bool
+    # The expiry scenario's shape: a value lives EXPIRY_TTL s, then is served stale for
+    # EXPIRY_STALE_TTL s while one process refreshes it (its computation EXPIRY_COMPUTE_MS).
+    expiry_ttl: float = 0.5
+    expiry_stale_ttl: float = 5.0
+    expiry_compute_ms: float = 50.0
 
     def scenario_list(self) -> list[Scenario]:
         """The selected fleet scenarios, in order."""
@@ -63,6 +70,11 @@ class BenchConfig:
         return "near" in self.scenarios
 
     @property
+    def expiry(self) -> bool:
+        """Whether the expiry (stale-while-revalidate) scenario runs."""
+        return "expiry" in self.scenarios
+
+    @property
     def xmin(self) -> bool:
         """Whether the long-computation xmin probe runs."""
         return "xmin" in self.scenarios
@@ -73,7 +85,7 @@ class BenchConfig:
         return "micro" in self.scenarios
 
 
-_ALL = (*SCENARIOS, "near", "xmin", "micro")
+_ALL = (*SCENARIOS, "near", "expiry", "xmin", "micro")
 _FULL: dict[str, Any] = {
     "processes": 8,
     "tasks": 4,
@@ -84,6 +96,8 @@ _FULL: dict[str, Any] = {
     "near_keys": 1000,
     "near_seconds": 5.0,
     "xmin_compute_s": 2.0,
+    "expiry_keys": 5,
+    "expiry_seconds": 4.0,
 }
 _QUICK: dict[str, Any] = {
     "processes": 4,
@@ -95,6 +109,8 @@ _QUICK: dict[str, Any] = {
     "near_keys": 200,
     "near_seconds": 1.5,
     "xmin_compute_s": 1.0,
+    "expiry_keys": 3,
+    "expiry_seconds": 2.0,
 }
 
 
@@ -144,6 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="invalidations per second in the near scenario (5)",
     )
     runs.add_argument("--xmin-compute-s", type=_positive, help="the xmin probe's computation")
+    runs.add_argument("--expiry-keys", type=_positive_int, help="hot keys of the expiry scenario")
+    runs.add_argument("--expiry-seconds", type=_positive, help="how long the expiry scenario reads")
     runs.add_argument(
         "--json", metavar="PATH", help="write the JSON report here ('-' or unset: stdout)"
     )
@@ -204,5 +222,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         near_seconds=float(pick("near_seconds")),
         near_invalidations_per_s=args.near_invalidations_per_s,
         xmin_compute_s=float(pick("xmin_compute_s")),
+        expiry_keys=int(pick("expiry_keys")),
+        expiry_seconds=float(pick("expiry_seconds")),
         quick=args.quick,
     )

@@ -72,6 +72,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         console.print(table)
     _render_micro(report.get("micro", {}), console)
     _render_near(report.get("near"), console)
+    _render_expiry(report.get("expiry"), console)
     _render_xmin(report.get("xmin"), console)
     targets = Table(title="targets", title_justify="left")
     for column in ("target", "value", "threshold", "met", "missed by"):
@@ -153,6 +154,32 @@ def _render_near(near: dict[str, Any] | None, console: Console) -> None:
             fmt(row["window_ms_p50"]),
             fmt(row["window_ms_p99"]),
         )
+    console.print(table)
+
+
+def _render_expiry(expiring: dict[str, Any] | None, console: Console) -> None:
+    if expiring is None:
+        return
+    p = expiring["params"]
+    table = Table(
+        title=f"expiry (P={p['processes']} C={p['tasks']}, {p['keys']} hot keys, ttl "
+        f"{p['ttl']:g} s, stale window {p['stale_ttl']:g} s, computation {p['compute_ms']:g} ms, "
+        f"{p['seconds']:g} s; medians, totals over runs)",
+        title_justify="left",
+    )
+    columns = ("refreshes per expiry (worst)", "computations / expiries", "stale served",
+               "waited", "refresh failures", "warm-hit p99 ms", "stale p50 / p99 ms")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="right")
+    table.add_row(
+        fmt(expiring["refreshes_per_expiry_worst"]),
+        f"{expiring['computations_total']} / {expiring['expiries_total']}",
+        fmt(expiring["stale_served_total"]),
+        fmt(expiring["waited_total"]),
+        fmt(expiring["refresh_failures_total"]),
+        fmt(expiring["warm_hit_ms_p99"]),
+        f"{fmt(expiring['stale_ms_p50'])} / {fmt(expiring['stale_ms_p99'])}",
+    )
     console.print(table)
 
 

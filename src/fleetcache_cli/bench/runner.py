@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from fleetcache.stores.migrations import migrate
-from fleetcache_cli.bench import minimal, near
+from fleetcache_cli.bench import expiry, minimal, near
 from fleetcache_cli.bench.config import DESIGNS, BenchConfig, Scenario
 from fleetcache_cli.bench.fleet_run import WorkerSpec, analyse_run, fleet_worker, summarise
 from fleetcache_cli.bench.micro import fill_entries, micro_benchmarks
@@ -93,6 +93,8 @@ class Bench:
         report["scenarios"] = await self._scenarios(facts)
         if self.config.near:
             report["near"] = await self._near()
+        if self.config.expiry:
+            report["expiry"] = await self._expiry()
         if self.config.xmin:
             self.progress(f"xmin probe ({self.config.xmin_compute_s:g} s computation)")
             report["xmin"] = await probe_xmin(
@@ -225,6 +227,80 @@ class Bench:
             f" ({time.monotonic() - started:.1f} s)"
         )
         return run
+
+    # ---------------------------------------------------------------------- expiry
+
+    async def _expiry(self) -> dict[str, Any]:
+        config = self.config
+        runs: list[dict[str, Any]] = []
+        fleet: Fleet[expiry.ExpirySpec, dict[str, Any]] = Fleet(
+            config.processes, name="fleetcache-expiry"
+        )
+        try:
+            for rep in range(config.repetitions):
+                namespace = f"bench:{self.run_id}:expiry:{rep}"
+                specs = [
+                    expiry.ExpirySpec(
+                        url=self.url,
+                        pool_size=config.pool_size,
+                        tasks=config.tasks,
+                        keys=config.expiry_keys,
+                        compute_ms=config.expiry_compute_ms,
+                        ttl=config.expiry_ttl,
+                        stale_ttl=config.expiry_stale_ttl,
+                        warm_seconds=config.expiry_seconds / 2,
+                        seconds=config.expiry_seconds,
+                        namespace=namespace,
+                        seed=f"{config.seed}:{rep}:{worker}",
+                    )
+                    for worker in range(config.processes)
+                ]
+                label = f"expiry {rep + 1}/{config.repetitions}"
+                try:
+                    results = await fleet.run(
+                        expiry.expiry_worker, specs, run_timeout=config.run_timeout + 15
+                    )
+                except WorkerError as exc:
+                    self.failures.append(f"{label}: {exc}")
+                    self.progress(f"{label}: FAILED: {str(exc).splitlines()[0]}")
+                    continue
+                finally:
+                    await self._delete(namespace, "fleetcache")
+                    await self._delete(f"{namespace}:warm", "fleetcache")
+                run = expiry.analyse_expiry(results, config.expiry_ttl)
+                runs.append(run)
+                self.progress(
+                    f"{label}: {run['refreshes_per_expiry']} refreshes per expiry, "
+                    f"{run['stale_served']} stale values served"
+                )
+        finally:
+            fleet.close()
+        medians = {
+            metric: percentile([r[metric] for r in runs if r[metric] is not None], 50)
+            for metric in ("warm_hit_ms_p99", "stale_ms_p50", "stale_ms_p99", "request_ms_p99")
+        }
+        return {
+            "params": {
+                "processes": config.processes,
+                "tasks": config.tasks,
+                "keys": config.expiry_keys,
+                "ttl": config.expiry_ttl,
+                "stale_ttl": config.expiry_stale_ttl,
+                "compute_ms": config.expiry_compute_ms,
+                "seconds": config.expiry_seconds,
+            },
+            **medians,
+            "refreshes_per_expiry_worst": max(
+                (r["refreshes_per_expiry"] for r in runs if r["refreshes_per_expiry"]),
+                default=None,
+            ),
+            "computations_total": sum(r["computations"] for r in runs),
+            "expiries_total": sum(r["expiries"] for r in runs),
+            "stale_served_total": sum(r["stale_served"] for r in runs),
+            "waited_total": sum(r["waited_for_a_computation"] for r in runs),
+            "refresh_failures_total": sum(r["refresh_failures"] for r in runs),
+            "runs": runs,
+        }
 
     # ----------------------------------------------------------------- near tier
 

@@ -1,4 +1,4 @@
-"""The targets of issues 9, 11 and 12, judged on one report.
+"""The targets of issues 9, 11, 12 and 13, judged on one report.
 
 Each target is a ratio fleetcache / minimal (or an absolute figure) from the same run,
 with its threshold, whether it was met, and by how much it was missed. A target whose
@@ -16,6 +16,7 @@ ONE_PROCESS_HIT_RATIO = 1.1
 NEAR_HIT_MS = 0.01
 NEAR_THROUGHPUT_RATIO = 10.0
 EXTRA_STATEMENTS = 1
+EXPIRY_P99_RATIO = 2.0
 
 
 def _ratio(ours: Any, theirs: Any) -> float | None:
@@ -163,6 +164,22 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             near["on"]["stale_reads_total"],
             0,
             "",
+        )
+    expiring = report.get("expiry")
+    if expiring is not None:
+        t.at_most(
+            "expiry: refreshes per expiry",
+            "computations / expiries across the fleet, worst run (exactly 1.0 is the goal)",
+            expiring["refreshes_per_expiry_worst"],
+            1.0,
+            "",
+        )
+        t.at_most(
+            "expiry: caller p99 in refresh windows / warm-hit p99",
+            "requests answered with a stale value vs the same load without expiry (medians)",
+            _ratio(expiring["stale_ms_p99"], expiring["warm_hit_ms_p99"]),
+            EXPIRY_P99_RATIO,
+            "x",
         )
     xmin = report.get("xmin")
     if xmin is not None:
