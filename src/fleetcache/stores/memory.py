@@ -184,19 +184,7 @@ class MemoryStore:
         if old is not None:
             self._unindex(old)
         self._written += 1
-        stored = _Stored(
-            key=key,
-            value=encoded.value,
-            deps=encoded.deps,
-            error=encoded.error,
-            created_at=entry.created_at,
-            alias=entry.alias,
-            diagnostics=encoded.diagnostics,
-            expires_at=entry.expires_at,
-            stale_until=entry.stale_until,
-            compute_ms=entry.compute_ms,
-            order=self._written,
-        )
+        stored = _Stored(key=key, order=self._written, **encoded.columns())
         self._entries[key] = stored
         ns = key.namespace
         _add(self._by_ns, ns, key)

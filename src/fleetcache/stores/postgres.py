@@ -340,15 +340,8 @@ class PostgresStore:
         key = entry.key
         params = _key_params(key)
         params.update(
-            value=encoded.value,
+            encoded.columns(),
             deps=list(encoded.deps),
-            error=encoded.error,
-            created_at=entry.created_at,
-            alias=entry.alias,
-            diagnostics=encoded.diagnostics,
-            expires_at=entry.expires_at,
-            stale_until=entry.stale_until,
-            compute_ms=entry.compute_ms,
             ns_lock=namespace_lock(key.namespace),
             guarded=stamp is not None,
             names=None,

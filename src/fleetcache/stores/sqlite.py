@@ -238,17 +238,8 @@ class SqliteStore:
         encoded = encode_entry(entry)
         key = entry.key
         params = _key_params(key)
-        params.update(
-            value=encoded.value,
-            deps=json.dumps(encoded.deps, ensure_ascii=False),
-            error=encoded.error,
-            created_at=entry.created_at,
-            alias=entry.alias,
-            diagnostics=encoded.diagnostics,
-            expires_at=entry.expires_at,
-            stale_until=entry.stale_until,
-            compute_ms=entry.compute_ms,
-        )
+        params.update(encoded.columns())
+        params["deps"] = json.dumps(encoded.deps, ensure_ascii=False)
         query = q.SQLITE_WRITE
         taken_at = 0.0
         if stamp is not None:

@@ -93,12 +93,21 @@ def validate_key(key: Key) -> None:
 
 @dataclass(frozen=True, slots=True)
 class EncodedEntry:
-    """An entry's JSON parts as the text a store writes."""
+    """An entry's columns as a store writes them: its JSON parts as text."""
 
     value: str
     deps: tuple[str, ...]
     error: str | None
     diagnostics: str | None
+    created_at: int | None
+    alias: str | None
+    expires_at: int | None
+    stale_until: int | None
+    compute_ms: int | None
+
+    def columns(self) -> dict[str, Any]:
+        """The columns by name (what every store binds; deps as a tuple)."""
+        return {field: getattr(self, field) for field in self.__slots__}
 
 
 def encode_entry(entry: Entry) -> EncodedEntry:
@@ -128,6 +137,11 @@ def encode_entry(entry: Entry) -> EncodedEntry:
             if entry.diagnostics is None
             else encode_json(f"the diagnostics of key {where}", entry.diagnostics)
         ),
+        created_at=entry.created_at,
+        alias=entry.alias,
+        expires_at=entry.expires_at,
+        stale_until=entry.stale_until,
+        compute_ms=entry.compute_ms,
     )
 
 
