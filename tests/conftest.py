@@ -14,6 +14,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 if TYPE_CHECKING:
+    from fleetcache.embedded import PgBouncer
     from fleetcache.stores import Store
 
 
@@ -77,3 +78,16 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield made
     finally:
         await made.close()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgres_server_url: str) -> Iterator[PgBouncer]:
+    """A PgBouncer in transaction mode in front of the test server (installed by `make
+    test`; a missing one fails the test with the install command, never skips it)."""
+    from fleetcache.embedded import start_pgbouncer
+
+    bouncer = start_pgbouncer(postgres_server_url)
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
