@@ -1,6 +1,6 @@
 """The error of the simulated prerender service and its clients."""
 
-from fleetcache.errors import DefinitionsError
+from fleetcache.definitions.errors import DefinitionsError
 
 
 class SimulatedServerError(DefinitionsError):
