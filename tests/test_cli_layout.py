@@ -18,7 +18,7 @@ def test_the_library_never_imports_the_command_line() -> None:
     offenders = [p for p in root.rglob("*.py") if "fleetcache_cli" in p.read_text()]
     assert offenders == []
     code = (
-        "import sys, fleetcache, fleetcache.definitions, fleetcache.definitions.simulated;"
+        "import sys, fleetcache, fleetcache.definitions, fleetcache.definitions.testing;"
         "print(sorted(m for m in sys.modules if m.startswith(('fleetcache_cli', 'rich'))))"
     )
     done = subprocess.run(

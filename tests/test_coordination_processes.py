@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from fleet import Worker, fleet
-from fleetcache.definitions import ModuleSpec, SimulatedPrerenderServer
+from fleetcache.definitions.testing import ModuleSpec, SimulatedPrerenderServer
 
 pytestmark = pytest.mark.processes
 

@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import fleetcache.errors
 from fleetcache.definitions.errors import (
+    DefinitionsError,
     FilterRefersToNonexistentTypeError,
     MalformedRenderResponseError,
     PrerenderError,
@@ -23,7 +25,7 @@ from fleetcache.definitions.models import (
     is_error_entry,
     module_error,
 )
-from fleetcache.errors import ConfigurationError, DefinitionsError, FleetcacheError
+from fleetcache.errors import ConfigurationError, FleetcacheError
 
 MODULE = "https://r.example/a/person.gts"
 ALIAS = "https://r.example/a/person"
@@ -460,6 +462,14 @@ def test_nonexistent_type_error_names_the_code_ref_and_cause() -> None:
     )
     assert isinstance(error, DefinitionsError)
     assert isinstance(error, FleetcacheError)
+
+
+def test_the_definitions_error_root_is_the_domains_own() -> None:
+    """DefinitionsError lives in the definitions package, under the one root; the core's
+    error module does not name the domain."""
+    assert DefinitionsError.__module__ == "fleetcache.definitions.errors"
+    assert issubclass(DefinitionsError, FleetcacheError)
+    assert not hasattr(fleetcache.errors, "DefinitionsError")
 
 
 def test_prerender_error_names_url_endpoint_and_status() -> None:

@@ -8,6 +8,8 @@ import asyncio
 import json
 import logging
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -28,7 +30,7 @@ from fleetcache.definitions.prerenderer import (
     RetryPolicy,
     request_timeout_from_env,
 )
-from fleetcache.definitions.simulated import (
+from fleetcache.definitions.testing import (
     ModuleSpec,
     SimulatedPrerenderControl,
     SimulatedPrerenderServer,
@@ -551,6 +553,25 @@ async def test_server_in_a_subprocess_serves_renders_and_stops() -> None:
         exit_code = await asyncio.to_thread(stop_subprocess, process)
     assert process.poll() is not None
     assert exit_code == 0  # SIGTERM is handled: the server closed itself and exited
+
+
+@pytest.mark.processes
+def test_the_definitions_package_never_loads_the_simulated_server() -> None:
+    """In a fresh interpreter, ``import fleetcache.definitions`` with a star import and every
+    public name looked up loads neither aiohttp nor ``fleetcache.definitions.testing``."""
+    code = (
+        "import sys\n"
+        "import fleetcache.definitions as definitions\n"
+        "from fleetcache.definitions import *\n"
+        "for name in definitions.__all__: getattr(definitions, name)\n"
+        "loaded = [m for m in sys.modules if m.partition('.')[0] == 'aiohttp'\n"
+        "          or m.startswith('fleetcache.definitions.testing')]\n"
+        "print(sorted(loaded))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"
 
 
 # --- against httpx.MockTransport ---------------------------------------------------------------

@@ -15,9 +15,9 @@
     ├── CachedError                 ``get_value`` met a cached error entry (``error`` holds it)
     ├── CoordinationError           cross-process populate coordination failed
     │   └── CoordinationGaveUpError another process held the key past the waiting budget
-    ├── NotificationError           LISTEN/NOTIFY failed (publishing is best effort and logs)
-    └── DefinitionsError            the definitions domain (its subclasses live in
-                                    ``fleetcache.definitions.errors``)
+    └── NotificationError           LISTEN/NOTIFY failed (publishing is best effort and logs)
+
+A domain built on the cache adds its own branch under the root.
 
 Callers never need to import a driver to catch a fleetcache failure: every driver
 exception is translated at the boundary (``fleetcache._pg.translate``) with
@@ -128,7 +128,3 @@ class CoordinationGaveUpError(CoordinationError):
 
 class NotificationError(FleetcacheError):
     """LISTEN/NOTIFY failed."""
-
-
-class DefinitionsError(FleetcacheError):
-    """Root of the definitions domain's errors."""

@@ -43,11 +43,13 @@ from fleetcache.definitions import (
     CachingDefinitionLookup,
     HttpPrerenderer,
     ModuleDefinitions,
-    ModuleSpec,
     Realm,
+)
+from fleetcache.definitions.testing import (
+    ModuleSpec,
+    SimulatedPrerenderControl,
     SimulatedPrerenderServer,
 )
-from fleetcache.definitions.simulated import SimulatedPrerenderControl
 from fleetcache.definitions.urls import trim_executable_extension
 from fleetcache.errors import FleetcacheError
 from fleetcache_cli.shared import Fleet, WorkerContext, command_database, percentile

@@ -1,9 +1,8 @@
 """Layer 6: the seed's domain — module definitions cached over a prerenderer.
 
-The public names below are part of the contract.
+The public names below are part of the contract; a simulated prerender server to test
+against is in :mod:`fleetcache.definitions.testing`.
 """
-
-from typing import TYPE_CHECKING, Any
 
 from fleetcache.definitions.errors import (
     FilterRefersToNonexistentTypeError,
@@ -32,20 +31,6 @@ from fleetcache.definitions.setup import (
     seed_open_options,
 )
 
-if TYPE_CHECKING:
-    from fleetcache.definitions.simulated import ModuleSpec, SimulatedPrerenderServer
-
-
-def __getattr__(name: str) -> Any:
-    # The simulated server is imported on first use, so that running it as a module
-    # (python -m fleetcache.definitions.simulated) does not import it twice.
-    if name in {"ModuleSpec", "SimulatedPrerenderServer"}:
-        from fleetcache.definitions import simulated  # noqa: PLC0415
-
-        return getattr(simulated, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "COALESCE_FLAG",
     "SEED_INVALIDATED_CHANNEL",
@@ -58,7 +43,6 @@ __all__ = [
     "MalformedRenderResponseError",
     "ModuleDefinitions",
     "ModuleRenderResponse",
-    "ModuleSpec",
     "PrerenderError",
     "PrerenderRequestInvalidError",
     "PrerenderTimeoutError",
@@ -66,7 +50,6 @@ __all__ = [
     "Realm",
     "RealmDefinitionLookup",
     "RetryPolicy",
-    "SimulatedPrerenderServer",
     "coalesce_flag_enabled",
     "seed_open_options",
 ]

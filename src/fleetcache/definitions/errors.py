@@ -1,15 +1,10 @@
-"""The definitions domain's errors, all under :class:`fleetcache.errors.DefinitionsError`.
+"""The definitions domain's errors (each class says when it is raised).
 
 ::
 
-    DefinitionsError                          (fleetcache.errors)
-    ├── FilterRefersToNonexistentTypeError    a code ref names a type that does not exist
-    ├── PrerenderError                        the prerenderer could not be reached or refused
-    │   ├── PrerenderRequestInvalidError      required request attributes are missing (no
-    │   │                                     request was sent)
-    │   └── PrerenderTimeoutError             one attempt outlasted the request timeout (not
-    │                                         retried)
-    └── MalformedRenderResponseError          the prerenderer answered, but not a render response
+    DefinitionsError (a FleetcacheError)
+    ├── FilterRefersToNonexistentTypeError, MalformedRenderResponseError
+    └── PrerenderError ── PrerenderRequestInvalidError, PrerenderTimeoutError
 """
 
 from __future__ import annotations
@@ -17,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from fleetcache.errors import DefinitionsError
+from fleetcache.errors import FleetcacheError
 
 if TYPE_CHECKING:
     # Only for annotations: models imports this module, so a runtime import would be a cycle.
@@ -31,6 +26,10 @@ __all__ = [
     "PrerenderRequestInvalidError",
     "PrerenderTimeoutError",
 ]
+
+
+class DefinitionsError(FleetcacheError):
+    """Root of the definitions domain's errors."""
 
 
 class FilterRefersToNonexistentTypeError(DefinitionsError):

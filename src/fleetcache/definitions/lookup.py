@@ -1,17 +1,8 @@
 """``CachingDefinitionLookup``: the seed's module-definitions cache, on the generic cache.
 
-A module's definitions are one cache entry: namespace = the realm's (resolved) URL, name =
-the module URL it was rendered under, scope/user from the realm's visibility, alias = the
-URL without its executable extension. Everything about single flight, staleness, error TTL
-and fleet coordination comes from
-:class:`~fleetcache.lookup.caching.CachingLookup`; this layer adds URLs, realms, candidates,
-"missing module" and dependency-error aggregation.
-
-What is stored is the render as the prerenderer sent it: ``definitions`` exactly as
-received (keyed by internal key, camelCase entries, unknown fields kept); ``error`` as
-received, with its ``deps`` made absolute and the failing dependencies' errors appended to
-``additionalErrors`` (in the same form, de-duplicated by id, message and status, as the
-seed's system does).
+One entry per module, stored as the prerenderer sent it. Single flight, staleness, error TTL
+and fleet coordination come from :class:`~fleetcache.lookup.caching.CachingLookup`; this
+layer adds URLs, realms, candidates, "missing module" and dependency-error aggregation.
 """
 
 from __future__ import annotations

@@ -1,36 +1,8 @@
 """The definitions domain's data: realms, code refs and the prerenderer's render response.
 
-The render response is the seed system's ``ModuleRenderResponse``, camelCase on the wire.
-Its parts (definition entries, error entries, meta) stay plain JSON dicts exactly as
-received, because that is what the cache stores; the TypedDicts below describe them, and
-:meth:`ModuleRenderResponse.from_json` is the one place that checks their shape.
-
-The JSON form of a render response (the ``data.attributes`` of a ``prerender-module``
-answer)::
-
-    {
-      "id": <module URL>,                    "status": "ready" | "error",
-      "nonce": str,  "isShimmed": bool,      "lastModified": ms,  "createdAt": ms,
-      "deps": [<module URL>, ...],
-      "definitions": {<internal key>: <definition entry> | <error entry>, ...},
-      "exports": [<export name>, ...],       (optional)
-      "error": <error entry>,                (optional; set when status is "error")
-      "meta": {"requestId": str, "diagnostics": {...}}      (optional)
-    }
-
-    internal key:     trimExecutableExtension(module URL) + "/" + export name
-    definition entry: {"type": "definition", "moduleURL": <URL without extension>,
-                       "definition": {...}, "types": [<internal key>, ...]}
-    error entry:      {"type": "module-error" (or "error"),
-                       "error": {"message": str, "status": int, "title"?: str,
-                                 "id"?: str | null, "deps"?: [str, ...],
-                                 "additionalErrors": [...] | null, ...}}
-
-Parsing is tolerant where the seed's system may leave things out: every field but
-``status`` (and, in entries, ``definition``, ``error.message`` and ``error.status``) may be
-absent or null and takes its default; fields this release does not know are kept. A field
-that is present with the wrong type is refused with :class:`MalformedRenderResponseError`
-naming its path.
+A response's parts stay plain JSON dicts exactly as received (that is what the cache
+stores); the TypedDicts describe them, and :meth:`ModuleRenderResponse.from_json` is the
+one place that checks their shape.
 """
 
 from __future__ import annotations
@@ -205,6 +177,29 @@ class ModuleRenderResponse:
     ``last_modified`` and ``created_at`` (ms) and ``exports`` (every export name; None
     when the server did not say) are informational. ``extra`` keeps top-level fields this
     release does not know, so :meth:`to_json` gives them back.
+
+    Its JSON form (camelCase; the ``data.attributes`` of a ``prerender-module`` answer)::
+
+        {
+          "id": <module URL>,                    "status": "ready" | "error",
+          "nonce": str,  "isShimmed": bool,      "lastModified": ms,  "createdAt": ms,
+          "deps": [<module URL>, ...],
+          "definitions": {<internal key>: <definition entry> | <error entry>, ...},
+          "exports": [<export name>, ...],       (optional)
+          "error": <error entry>,                (optional; set when status is "error")
+          "meta": {"requestId": str, "diagnostics": {...}}      (optional)
+        }
+
+        internal key:     trimExecutableExtension(module URL) + "/" + export name
+        definition entry: {"type": "definition", "moduleURL": <URL without extension>,
+                           "definition": {...}, "types": [<internal key>, ...]}
+        error entry:      {"type": "module-error" (or "error"),
+                           "error": {"message": str, "status": int, "title"?: str,
+                                     "id"?: str | null, "deps"?: [str, ...],
+                                     "additionalErrors": [...] | null, ...}}
+
+    Every field but ``status`` (and, in entries, ``definition``, ``error.message`` and
+    ``error.status``) may be absent or null and takes its default.
     """
 
     status: RenderStatus

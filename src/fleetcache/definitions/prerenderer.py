@@ -1,29 +1,7 @@
 """The prerenderer contract, and its HTTP client speaking the seed system's protocol.
 
-A prerenderer turns a module URL into its definitions (a :class:`ModuleRenderResponse`).
-It is slow (seconds to minutes), which is why the caching lookup exists. A module that
-fails to render is a normal answer (``status: "error"``); only failing to get an answer at
-all raises.
-
-:class:`HttpPrerenderer` is a client of the seed system's prerender service (its manager
-or a prerender server), as its own ``remote-prerenderer`` speaks to it::
-
-    POST {base}/prerender-module
-    Content-Type: application/vnd.api+json          Accept: application/vnd.api+json
-    x-boxel-prerender-request-id: <uuid4, one per call, the same on every retry>
-    x-boxel-job-priority: <priority>                 (only a non-negative integer)
-
-    {"data": {"type": "prerender-module-request", "attributes": {
-        "affinityType": "realm", "affinityValue": <realm>, "realm": <realm>,
-        "url": <module URL>, "auth": <token>, "renderOptions": {}, "priority"?: int}}}
-
-    -> 201 {"data": {"type": "prerender-module-result", "id": <module URL>,
-                     "attributes": <ModuleRenderResponse>}}
-
-Retried with exponential backoff: 410 or the ``X-Boxel-Prerender-Server-Status: draining``
-header (a server going away), 503 and every other 5xx, and a connection that could not be
-made or was reset. Not retried: any other status, and an attempt that outlasted the
-request timeout (the server may still be rendering it).
+A module that fails to render is a normal answer (``status: "error"``); only failing to get
+an answer at all raises.
 """
 
 from __future__ import annotations
@@ -209,6 +187,26 @@ class HttpPrerenderer:
     :func:`request_timeout_from_env`. ``transport`` (an ``httpx`` transport, e.g.
     ``httpx.MockTransport``) and ``sleep`` (how backoff waits) are for tests. Creating
     one does no I/O; close it with :meth:`aclose` or use ``async with``.
+
+    It speaks to the seed system's prerender service (its manager or a prerender server)
+    as that system's own ``remote-prerenderer`` does::
+
+        POST {base}/prerender-module
+        Content-Type: application/vnd.api+json          Accept: application/vnd.api+json
+        x-boxel-prerender-request-id: <uuid4, one per call, the same on every retry>
+        x-boxel-job-priority: <priority>                 (only a non-negative integer)
+
+        {"data": {"type": "prerender-module-request", "attributes": {
+            "affinityType": "realm", "affinityValue": <realm>, "realm": <realm>,
+            "url": <module URL>, "auth": <token>, "renderOptions": {}, "priority"?: int}}}
+
+        -> 201 {"data": {"type": "prerender-module-result", "id": <module URL>,
+                         "attributes": <ModuleRenderResponse>}}
+
+    Retried with exponential backoff: 410 or the ``X-Boxel-Prerender-Server-Status:
+    draining`` header (a server going away), 503 and every other 5xx, and a connection that
+    could not be made or was reset. Not retried: any other status, and an attempt that
+    outlasted the request timeout (the server may still be rendering it).
     """
 
     def __init__(

@@ -1,12 +1,8 @@
 """How the seed's system sets fleetcache up: its flag and its channel names.
 
-The generic core names everything ``fleetcache_*`` and turns coordination on by default
-on Postgres. The seed's system (the realm server of PR 4645) has its own names and its own
-switch, off by default; a deployment of the definitions domain next to the seed's servers
-uses them, so the two sides hear each other::
+A deployment beside the seed's servers uses them, so the two sides hear each other::
 
     cache = await fleetcache.open(database_url, **seed_open_options())
-    definitions = CachingDefinitionLookup.over(cache.lookup, prerenderer)
 """
 
 from __future__ import annotations
