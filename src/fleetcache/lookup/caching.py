@@ -37,7 +37,13 @@ from fleetcache.lookup.populate import Populator, Produce, Request
 from fleetcache.lookup.singleflight import SingleFlight, WaitTimeout
 from fleetcache.lookup.stats import LookupStats
 from fleetcache.stores.base import MAX_STAMP_AGE, Entry, Expand, Key, Store
-from fleetcache.stores.validation import check_name, validate_key
+from fleetcache.stores.validation import (
+    check_name,
+    check_names,
+    encode_entry,
+    is_plain_name,
+    validate_key,
+)
 
 logger = get_logger("fleetcache.lookup")
 
@@ -207,7 +213,37 @@ class CachingLookup(Generic[V]):
         if self._closed:
             raise NotOpenError("this CachingLookup is closed")
         # The key is checked by the store before its first I/O (the near tier and the
-        # in-flight map only ever hold keys the store accepted), so not twice per hit here.
+        # in-flight map only ever hold keys the store accepted), so not twice per hit here;
+        # only a field that is not a str (it may not even hash) is refused first.
+        if not (
+            type(key.namespace) is str
+            and type(key.name) is str
+            and type(key.scope) is str
+            and type(key.user) is str
+        ):
+            validate_key(key)
+        # The call's own options, before any I/O and whether it hits or not (the hit path
+        # with none given checks nothing: the lookup's settings were checked when made).
+        if not callable(produce):
+            raise ConfigurationError(
+                f"produce for key {key.coalesce_key} must be an async function of a Key, "
+                f"not a {type(produce).__name__}"
+            )
+        if not (
+            candidates is None
+            and alias is None
+            and ttl is DEFAULT
+            and stale_ttl is DEFAULT
+            and early_refresh is DEFAULT
+        ):
+            self._check_call(
+                key,
+                candidates=candidates,
+                alias=alias,
+                ttl=ttl,
+                stale_ttl=stale_ttl,
+                early_refresh=early_refresh,
+            )
         by_alias = alias is not None
         near = self.near
         if near is not None:
@@ -304,27 +340,62 @@ class CachingLookup(Generic[V]):
         stale_ttl: Setting,
     ) -> Request[V]:
         """A computation's inputs, checked (they are about to be stored)."""
-        for name in (*(candidates or ()), *((alias,) if alias is not None else ())):
-            check_name(f"a candidate or alias of key {key.coalesce_key}", name)
-        ttl_, stale_ = self._expiry(ttl, stale_ttl)
+        names, ttl_, stale_ = self._check_call(
+            key,
+            candidates=candidates,
+            alias=alias,
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            early_refresh=DEFAULT,
+        )
         return Request(
             key=key,
             produce=produce,
-            candidates=tuple(candidates) if candidates else (key.name,),
+            candidates=names or (key.name,),
             alias=alias,
             persist_errors=persist_errors,
             ttl=ttl_,
             stale_ttl=stale_,
         )
 
-    def _expiry(self, ttl: Setting, stale_ttl: Setting) -> tuple[float | None, float | None]:
-        """A call's ``(ttl, stale_ttl)``, the lookup's where left out; checked."""
+    def _check_call(
+        self,
+        key: Key,
+        *,
+        candidates: object,
+        alias: object,
+        ttl: Setting,
+        stale_ttl: Setting,
+        early_refresh: Setting,
+    ) -> tuple[tuple[str, ...], float | None, float | None]:
+        """A call's candidates (checked names; a str is refused, not taken apart into its
+        characters), after checking its alias and expiry; and its ``(ttl, stale_ttl)``."""
+        names: tuple[str, ...] = ()
+        if candidates is not None:
+            if isinstance(candidates, list | tuple) and all(map(is_plain_name, candidates)):
+                names = tuple(candidates)
+            else:
+                names = check_names(f"the candidates of key {key.coalesce_key}", candidates)
+        if alias is not None and not is_plain_name(alias):
+            check_name(f"the alias of key {key.coalesce_key}", alias)
+        return (names, *self._expiry(ttl, stale_ttl, early_refresh))
+
+    def _expiry(
+        self, ttl: Setting, stale_ttl: Setting, early_refresh: Setting = DEFAULT
+    ) -> tuple[float | None, float | None]:
+        """A call's ``(ttl, stale_ttl)``, the lookup's where left out; checked, with the
+        call's ``early_refresh``."""
         ttl_ = self.ttl if isinstance(ttl, _Default) else ttl
-        stale_ = self.stale_ttl if isinstance(stale_ttl, _Default) else stale_ttl
         if ttl_ is None:
-            return None, None  # never expires, so never stale
-        check_expiry(ttl_, stale_, None)
-        return ttl_, stale_
+            # Never expires, so never stale: only options given in this call can contradict
+            # that (the lookup's own were checked together when it was made).
+            check_expiry(None, _given(stale_ttl), _given(early_refresh))
+            return None, None
+        stale_ = self.stale_ttl if isinstance(stale_ttl, _Default) else stale_ttl
+        beta = self.early_refresh if isinstance(early_refresh, _Default) else early_refresh
+        check_expiry(ttl_, stale_, beta)
+        # As floats: a Fraction or a numpy number would otherwise reach the stored times.
+        return float(ttl_), (None if stale_ is None else float(stale_))
 
     def _serve(
         self,
@@ -534,25 +605,33 @@ class CachingLookup(Generic[V]):
     ) -> list[str]:
         """Store ``value`` under ``key`` now, as if just computed. It first invalidates the
         key (and its dependents, which were computed from its old value), so a computation
-        of it that began before cannot overwrite it; returns the names invalidated."""
+        of it that began before cannot overwrite it; returns the names invalidated.
+
+        Everything the store would refuse (the key, the value, ``deps``, ``alias``, the
+        expiry) is refused before that invalidation, so a bad ``set`` changes nothing."""
         validate_key(key)
         ttl_, stale_ = self._expiry(ttl, stale_ttl)
+        deps_ = check_names(f"the deps of key {key.coalesce_key}", deps)
+        encoded = value if self._codec is None else self._codec.encode(value)
+
+        def entry_at(created_at: int) -> Entry:
+            expires_at, stale_until = deadlines(created_at, ttl_, stale_)
+            return Entry(
+                key,
+                encoded,
+                deps=deps_,
+                created_at=created_at,
+                alias=alias,
+                expires_at=expires_at,
+                stale_until=stale_until,
+                compute_ms=0,
+            )
+
+        encode_entry(entry_at(int(self._clock() * 1000)))  # raises what the write would
         invalidated = await self.invalidate(key.namespace, [key.name])
         names = [key.name, *((alias,) if alias is not None else ())]
         stamp, _ = await self.store.stamp_and_read(key, names)
-        created_at = int(self._clock() * 1000)
-        expires_at, stale_until = deadlines(created_at, ttl_, stale_)
-        encoded = value if self._codec is None else self._codec.encode(value)
-        entry = Entry(
-            key,
-            encoded,
-            deps=tuple(deps),
-            created_at=created_at,
-            alias=alias,
-            expires_at=expires_at,
-            stale_until=stale_until,
-            compute_ms=0,
-        )
+        entry = entry_at(int(self._clock() * 1000))
         # Refused only if yet another invalidation came in between: then that one wins.
         if await self.store.write(entry, stamp=stamp) and self.near is not None:
             self.near.put(entry, epoch=self.near.epoch())
@@ -654,3 +733,8 @@ class CachingLookup(Generic[V]):
 
 #: The one key of the purge's single flight (at most one purge at a time).
 _PURGE = "purge"
+
+
+def _given(setting: Setting) -> float | None:
+    """An expiry option as given in a call (None where left out)."""
+    return None if isinstance(setting, _Default) else setting

@@ -14,10 +14,12 @@
 The function's return value is the cached value (JSON; a tuple comes back as a list). The
 entry's name is made from the arguments, bound to the function's signature with defaults
 applied, as canonical JSON (``{"currency":"EUR","symbol":"ACME"}``), so ``price("ACME")``
-and ``price(symbol="ACME")`` share an entry; an argument that is not JSON raises
-:class:`~fleetcache.errors.InvalidInputError` naming it (give ``key=`` to build names
-yourself: ``key=lambda symbol, currency="EUR": symbol``). The namespace defaults to the
-function's module and qualified name.
+and ``price(symbol="ACME")`` share an entry. Arguments are told apart by their JSON form:
+an argument that a value could not be (not JSON, NaN, a dict with a key that is not a
+str, too deep, an int of more than 4300 digits) raises
+:class:`~fleetcache.errors.InvalidInputError` naming it, before anything is read or
+computed (give ``key=`` to build names yourself: ``key=lambda symbol, currency="EUR":
+symbol``). The namespace defaults to the function's module and qualified name.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from fleetcache.errors import ConfigurationError, InvalidInputError
 from fleetcache.lookup.caching import DEFAULT
 from fleetcache.lookup.populate import Produced
 from fleetcache.stores.base import Key
+from fleetcache.stores.validation import check_json, check_name
 
 if TYPE_CHECKING:
     from fleetcache.lookup.caching import CachingLookup, Setting
@@ -58,6 +61,15 @@ class CachedFunction(Generic[P, R]):
             raise ConfigurationError(
                 f"cached() decorates async functions; {fn.__qualname__} is not one"
             )
+        if namespace is not None:
+            check_name(f"the namespace of cached({fn.__qualname__})", namespace, allow_empty=False)
+        if key is not None and not callable(key):
+            raise ConfigurationError(
+                f"cached(key=...) of {fn.__qualname__} must be a function returning the "
+                f"entry's name, not a {type(key).__name__}"
+            )
+        # Refused when decorating, not at the first call (nor after a refresh computed).
+        lookup._expiry(ttl, stale_ttl, early_refresh)
         self._lookup = lookup
         self._fn = fn
         self._signature = inspect.signature(fn)
@@ -86,13 +98,18 @@ class CachedFunction(Generic[P, R]):
             raise InvalidInputError(f"{self._fn.__qualname__}: {exc}") from None
         bound.apply_defaults()
         for argument, value in bound.arguments.items():
+            # The rule of values, for the same reasons. A dict key that is not a str is
+            # refused rather than encoded: JSON turns {1: "x"}, {True: "x"}, {None: "x"} and
+            # {1.5: "x"} into {"1": "x"}, {"true": "x"}, ..., which would share an entry with
+            # the str-keyed dict; and a type tag would have to escape every str-keyed dict
+            # too to stay unambiguous, renaming every existing entry and hiding the
+            # readable JSON name. key= is there for arguments that are not JSON.
             try:
-                json.dumps(value, allow_nan=False)
-            except (TypeError, ValueError):
-                raise InvalidInputError(
-                    f"argument {argument!r} of {self._fn.__qualname__} "
-                    f"({type(value).__name__}) cannot be part of a cache key: it is not JSON; "
-                    "pass cached(key=...) to build the key yourself"
+                check_json(f"argument {argument!r} of {self._fn.__qualname__}", value)
+            except InvalidInputError as exc:
+                raise type(exc)(
+                    f"{exc}; it cannot be part of a cache key (pass cached(key=...) to build "
+                    "the key yourself)"
                 ) from None
         name = json.dumps(
             bound.arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False

@@ -30,6 +30,9 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
+import reprlib
+import sys
 from collections.abc import Callable
 
 from fleetcache.errors import ConfigurationError
@@ -74,21 +77,56 @@ def refresh_early(
     return now_ms - entry.compute_ms * beta * math.log(u) >= entry.expires_at
 
 
+#: The longest ttl or stale_ttl, in seconds (100 years): far past any useful expiry, and
+#: far inside the 64-bit milliseconds a store keeps. ``None`` is "never expires".
+MAX_SECONDS = 100 * 365 * 86_400
+#: The shortest ttl, in seconds: expiry is kept in whole milliseconds, so a shorter one
+#: would expire as it is written.
+MIN_TTL = 0.001
+
+
 def check_expiry(ttl: float | None, stale_ttl: float | None, early_refresh: float | None) -> None:
-    """Refuse expiry options that make no sense, naming them."""
-    if ttl is not None and ttl <= 0:
-        raise ConfigurationError(f"ttl must be > 0 seconds (or None: never), got {ttl}")
+    """Refuse expiry options that make no sense, naming them: anything but a real number
+    (a bool or a str included), NaN, an infinity, a ttl outside [:data:`MIN_TTL`,
+    :data:`MAX_SECONDS`], a stale_ttl outside [0, :data:`MAX_SECONDS`], a beta that is
+    not > 0 and finite; and a stale window or early refresh without a ttl."""
+    # Each check is written so that NaN fails it (every comparison with NaN is False).
+    if ttl is not None:
+        _check_number("ttl", ttl)
+        if not MIN_TTL <= ttl <= MAX_SECONDS:
+            raise ConfigurationError(
+                f"ttl must be between {MIN_TTL} s (expiry is kept in milliseconds) and "
+                f"{MAX_SECONDS} s (100 years), or None (never expires); got {ttl!r}"
+            )
     if stale_ttl is not None:
-        if stale_ttl < 0:
-            raise ConfigurationError(f"stale_ttl must be >= 0 seconds, got {stale_ttl}")
+        _check_number("stale_ttl", stale_ttl)
+        if not 0 <= stale_ttl <= MAX_SECONDS:
+            raise ConfigurationError(
+                f"stale_ttl must be between 0 and {MAX_SECONDS} s (100 years), or None; "
+                f"got {stale_ttl!r}"
+            )
         if ttl is None:
             raise ConfigurationError(
                 "stale_ttl needs a ttl: a value that never expires is never stale"
             )
     if early_refresh is not None:
-        if early_refresh <= 0:
-            raise ConfigurationError(f"early_refresh (beta) must be > 0, got {early_refresh}")
+        _check_number("early_refresh (beta)", early_refresh)
+        if not 0 < early_refresh <= sys.float_info.max:
+            raise ConfigurationError(
+                f"early_refresh (beta) must be > 0 and finite, got {early_refresh!r}"
+            )
         if ttl is None:
             raise ConfigurationError(
                 "early_refresh needs a ttl: there is no expiry to refresh before"
             )
+
+
+def _check_number(what: str, value: object) -> None:
+    # bool is an int, but True is not "1 second"; a str is never a duration. (A plain int
+    # or float, the common case, skips the slower check against the numbers ABC.)
+    if type(value) not in (int, float) and (
+        isinstance(value, bool) or not isinstance(value, numbers.Real)
+    ):
+        raise ConfigurationError(
+            f"{what} must be a number or None, got {type(value).__name__} {reprlib.repr(value)}"
+        )

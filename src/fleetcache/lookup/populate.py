@@ -35,12 +35,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeGuard, TypeVar
 
-from fleetcache.errors import ComputationTimeoutError
+from fleetcache.errors import ComputationTimeoutError, InvalidInputError
 from fleetcache.logcontext import get_logger
 from fleetcache.lookup.codec import Codec
 from fleetcache.lookup.expiry import deadlines
 from fleetcache.lookup.stats import LookupStats
 from fleetcache.stores.base import JSON, Entry, Key, Store
+from fleetcache.stores.validation import check_names
 
 logger = get_logger("fleetcache.lookup")
 
@@ -204,6 +205,11 @@ class Populator(Generic[V]):
             if produced is MISSING:
                 self._stats.missing += 1
                 continue
+            if not isinstance(produced, Produced):  # a bare value would fail untyped below
+                raise InvalidInputError(
+                    f"produce for key {candidate_key.coalesce_key} returned a "
+                    f"{type(produced).__name__}; it must return Produced(value=...) or MISSING"
+                )
             value = produced.value if self._codec is None else self._codec.encode(produced.value)
             created_at = int(self._clock() * 1000)
             if produced.error is None:
@@ -213,7 +219,10 @@ class Populator(Generic[V]):
             entry = Entry(
                 key=candidate_key,
                 value=value,
-                deps=tuple(produced.deps),
+                # A str would otherwise become one dep per character.
+                deps=check_names(
+                    f"the deps produced for key {candidate_key.coalesce_key}", produced.deps
+                ),
                 error=produced.error,
                 created_at=created_at,
                 alias=request.alias,

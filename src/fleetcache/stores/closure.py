@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from fleetcache.stores.base import Expand
-from fleetcache.stores.validation import check_name
+from fleetcache.stores.validation import check_names, is_plain_name
 
 
 class Closure:
@@ -28,10 +28,16 @@ class Closure:
         for name in found:
             if name is None:
                 continue
-            for variant in (name,) if self._expand is None else self._expand(name):
+            variants: Iterable[str] = (name,)
+            if self._expand is not None:
+                variants = self._expand(name)
+                # expand is the caller's code: what it returns is input like any other (a
+                # str is refused, not taken apart into its characters). The message is
+                # built only when the common case (a list or tuple of plain names) fails.
+                if type(variants) not in (list, tuple) or not all(map(is_plain_name, variants)):
+                    variants = check_names(f"what expand returned for {name!r}", variants)
+            for variant in variants:
                 if variant not in self._seen:
-                    # expand is the caller's code: what it returns is input like any other.
-                    check_name(f"a name that {name!r} expanded to", variant)
                     self._seen.add(variant)
                     new.append(variant)
         return new

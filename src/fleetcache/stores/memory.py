@@ -30,7 +30,13 @@ from fleetcache.stores.base import (
     guarded_names,
 )
 from fleetcache.stores.closure import Closure
-from fleetcache.stores.validation import check_name, encode_entry, stamped_names, validate_key
+from fleetcache.stores.validation import (
+    check_name,
+    encode_entry,
+    names_to_invalidate,
+    stamped_names,
+    validate_key,
+)
 
 #: The most old marks one invalidation prunes, besides twice the marks it sets.
 PRUNE_BATCH = 10_000
@@ -257,13 +263,11 @@ class MemoryStore:
         self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
     ) -> list[str]:
         """Invalidate ``names`` and every entry depending on them, in one step."""
-        check_name("the namespace to invalidate", namespace, allow_empty=False)
-        for name in names:
-            check_name(f"a name to invalidate in namespace {namespace!r}", name)
-        if not names:
+        given = names_to_invalidate(namespace, names, expand)
+        if not given:
             return []
         # The closure first: expand may raise, and then nothing has changed.
-        closure = Closure(names, expand)
+        closure = Closure(given, expand)
         frontier = list(closure.names)
         while frontier:
             found: list[str | None] = []

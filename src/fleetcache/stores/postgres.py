@@ -92,7 +92,13 @@ from fleetcache.stores.base import (
 )
 from fleetcache.stores.closure import Closure
 from fleetcache.stores.migrations import migrate_postgres
-from fleetcache.stores.validation import check_name, encode_entry, stamped_names, validate_key
+from fleetcache.stores.validation import (
+    check_name,
+    encode_entry,
+    names_to_invalidate,
+    stamped_names,
+    validate_key,
+)
 
 logger = get_logger("fleetcache.stores")
 
@@ -382,10 +388,7 @@ class PostgresStore:
     ) -> list[str]:
         """Invalidate ``names`` and every entry depending on them, in one transaction
         serialised with every write of the namespace (see the module docstring)."""
-        check_name("the namespace to invalidate", namespace, allow_empty=False)
-        given = list(dict.fromkeys(names))
-        for name in given:
-            check_name(f"a name to invalidate in namespace {namespace!r}", name)
+        given = names_to_invalidate(namespace, names, expand)
         if not given:
             return []
         ns_params = {"ns": namespace, "ns_lock": namespace_lock(namespace)}

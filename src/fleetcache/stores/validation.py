@@ -6,10 +6,14 @@ half-written row behind:
 
 * key fields, aliases and deps: strings without NUL (Postgres ``text`` cannot hold it)
   and without lone surrogates (they have no UTF-8 form), at most :data:`MAX_NAME_BYTES`
-  UTF-8 bytes each; namespace and name non-empty;
+  UTF-8 bytes each; namespace and name non-empty; a list of names (deps, names to
+  invalidate, what ``expand`` returns) is never a single ``str`` or ``bytes``, which would
+  otherwise be taken apart into its characters;
 * values, error documents and diagnostics: JSON made of dicts with string keys, lists
-  (tuples come back as lists), strings, finite numbers, booleans and None, nested at most
-  :data:`MAX_JSON_DEPTH` deep, with the same rules for every string.
+  (tuples come back as lists), strings, finite numbers, integers of at most
+  :data:`MAX_INT_DIGITS` digits, booleans and None, nested at most :data:`MAX_JSON_DEPTH`
+  deep, with the same rules for every string;
+* times (created_at, expires_at, stale_until, compute_ms): ints that fit in 64 bits.
 
 :class:`~fleetcache.errors.InvalidInputError` (or its subclass
 :class:`~fleetcache.errors.SerializationError` for what is not JSON at all) names the key
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,6 +41,17 @@ MAX_NAME_BYTES = 2048
 MAX_JSON_DEPTH = 100
 #: The most deps one entry may have.
 MAX_DEPS = 10_000
+#: The most decimal digits an integer in a value may have: Python's default limit on
+#: converting an int to and from text, so every process of a fleet can read it back.
+MAX_INT_DIGITS = 4300
+_INT_LIMIT = 10**MAX_INT_DIGITS
+#: Below this many bits an int has fewer than MAX_INT_DIGITS digits (10**4300 > 2**14284):
+#: the common case is decided without comparing against the limit.
+_INT_SAFE_BITS = 14_000
+#: Times (ms) are stored as 64-bit integers (Postgres ``bigint``, sqlite ``INTEGER``).
+_INT64 = range(-(2**63), 2**63)
+#: What iterates as characters or bytes: never a list of names.
+_NOT_NAMES = (str, bytes, bytearray, memoryview)
 
 
 def check_name(what: str, text: object, *, allow_empty: bool = True) -> None:
@@ -59,13 +75,51 @@ def check_name(what: str, text: object, *, allow_empty: bool = True) -> None:
         )
 
 
+def is_plain_name(text: object) -> bool:
+    """Whether ``text`` is a storable name of the common kind (ASCII, no NUL, short): the
+    hit path's check, which builds no message; anything else goes to :func:`check_name`."""
+    return (
+        type(text) is str and text.isascii() and len(text) <= MAX_NAME_BYTES and "\x00" not in text
+    )
+
+
+def check_names(what: str, names: object) -> tuple[str, ...]:
+    """``names`` (any iterable of names) as a tuple, in order, each checked with
+    :func:`check_name`. A ``str`` or ``bytes`` is refused rather than taken apart into
+    its characters (``invalidate(ns, "abc")`` would otherwise invalidate ``a``, ``b`` and
+    ``c``), and so is anything that is not iterable (None included)."""
+    if isinstance(names, _NOT_NAMES):
+        raise InvalidInputError(
+            f"{what} must be a list of names, not a {type(names).__name__}: {reprlib.repr(names)} "
+            "(a single name goes in a list: [name])"
+        )
+    if not isinstance(names, Iterable):
+        raise InvalidInputError(f"{what} must be a list of names, not a {type(names).__name__}")
+    given = tuple(names)
+    for i, name in enumerate(given):
+        if not is_plain_name(name):
+            check_name(f"item {i} of {what}", name)
+    return given
+
+
 def stamped_names(key: Key, names: Iterable[str]) -> tuple[str, ...]:
     """The canonical (sorted, unique) names a stamp for ``key`` covers, each checked."""
     validate_key(key)
-    stamped = tuple(sorted(set(names)))
-    for name in stamped:
-        check_name(f"a stamped name of key {key.coalesce_key}", name)
-    return stamped
+    return tuple(sorted(set(check_names(f"the stamped names of key {key.coalesce_key}", names))))
+
+
+def names_to_invalidate(namespace: str, names: object, expand: object) -> list[str]:
+    """The names an invalidation of ``namespace`` starts from (each once, in order), after
+    checking the namespace, every name and that ``expand`` is callable (or None): what
+    every store's ``invalidate`` checks before any I/O."""
+    check_name("the namespace to invalidate", namespace, allow_empty=False)
+    given = check_names(f"the names to invalidate in namespace {namespace!r}", names)
+    if expand is not None and not callable(expand):
+        raise InvalidInputError(
+            f"expand (invalidating names in namespace {namespace!r}) must be a function of "
+            f"a name or None, not a {type(expand).__name__}"
+        )
+    return list(dict.fromkeys(given))
 
 
 def validate_key(key: Key) -> None:
@@ -118,17 +172,20 @@ def encode_entry(entry: Entry) -> EncodedEntry:
     where = key.coalesce_key
     if entry.alias is not None:
         check_name(f"the alias of key {where}", entry.alias)
-    if len(entry.deps) > MAX_DEPS:
-        raise InvalidInputError(f"key {where} has {len(entry.deps)} deps; the limit is {MAX_DEPS}")
-    for dep in entry.deps:
-        check_name(f"a dep of key {where}", dep)
+    deps = check_names(f"the deps of key {where}", entry.deps)
+    if len(deps) > MAX_DEPS:
+        raise InvalidInputError(f"key {where} has {len(deps)} deps; the limit is {MAX_DEPS}")
     for what in ("created_at", "expires_at", "stale_until", "compute_ms"):
         moment = getattr(entry, what)
         if moment is not None and (isinstance(moment, bool) or not isinstance(moment, int)):
             raise InvalidInputError(f"the {what} of key {where} must be an int or None")
+        if moment is not None and moment not in _INT64:
+            raise InvalidInputError(
+                f"the {what} of key {where} is {moment}: out of the 64-bit range a store keeps"
+            )
     return EncodedEntry(
         value=encode_json(f"the value of key {where}", entry.value),
-        deps=tuple(entry.deps),
+        deps=deps,
         error=None
         if entry.error is None
         else encode_json(f"the error of key {where}", entry.error),
@@ -147,11 +204,16 @@ def encode_entry(entry: Entry) -> EncodedEntry:
 
 def encode_json(what: str, value: Any) -> str:
     """``value`` as compact JSON text, after checking it is storable JSON."""
-    _check_json(what, value)
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    check_json(what, value)
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:  # an int past a limit this process set lower than ours
+        raise SerializationError(f"{what} cannot be written as JSON: {exc}") from None
 
 
-def _check_json(what: str, value: Any) -> None:
+def check_json(what: str, value: Any) -> None:
+    """Refuse ``value`` unless it is storable JSON (see the module docstring), with an
+    :class:`InvalidInputError` naming ``what`` and the path of the offending part."""
     # Iterative, so a hostile depth fails with our error and not a RecursionError. Each
     # stack item is (node, depth, parent item, step) so a path is built only on failure.
     stack: list[tuple[Any, int, Any, str]] = [(value, 0, None, "")]
@@ -160,8 +222,14 @@ def _check_json(what: str, value: Any) -> None:
         node, depth, _, _ = item
         if isinstance(node, str):
             _check_string(what, node, item)
-        elif node is None or isinstance(node, bool | int):
+        elif node is None or isinstance(node, bool):
             continue
+        elif isinstance(node, int):
+            if node.bit_length() > _INT_SAFE_BITS and abs(node) >= _INT_LIMIT:
+                raise SerializationError(
+                    f"{what} holds an integer of more than {MAX_INT_DIGITS} digits at "
+                    f"{_path(item)}: too large to be read back as JSON"
+                )
         elif isinstance(node, float):
             if not math.isfinite(node):
                 raise SerializationError(f"{what} holds {node!r} at {_path(item)}: not JSON")
