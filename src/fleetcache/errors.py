@@ -10,7 +10,8 @@
     │   └── SerializationError      a value, deps, error or diagnostics is not JSON
     ├── StoreError                  a store operation failed (driver errors are wrapped here)
     │   ├── DatabaseConnectError    the database cannot be reached or refuses us (``cause``)
-    │   └── SchemaVersionError      the database holds a newer schema than this release knows
+    │   ├── SchemaVersionError      the database holds a newer schema than this release knows
+    │   └── SchemaMissingError      the database holds no schema of this release (inspection)
     ├── ComputationTimeoutError     a computation outlived its ``compute_timeout``
     ├── CachedError                 ``get_value`` met a cached error entry (``error`` holds it)
     ├── CoordinationError           cross-process populate coordination failed
@@ -84,6 +85,24 @@ class SchemaVersionError(StoreError):
             f"{where} holds fleetcache schema version {found}, but this release of "
             f"fleetcache knows versions up to {known}: upgrade fleetcache"
         )
+        self.found = found
+        self.known = known
+
+
+class SchemaMissingError(StoreError):
+    """The database holds no fleetcache schema (``found`` 0), or an older version not yet
+    migrated: raised by what only reads a database (inspection), never creates one.
+    ``detail`` replaces the default wording after ``where``."""
+
+    def __init__(self, where: str, found: int, known: int, *, detail: str | None = None) -> None:
+        if detail is None and found == 0:
+            detail = "holds no fleetcache schema (no table fleetcache_schema)"
+        elif detail is None:
+            detail = (
+                f"holds fleetcache schema version {found}, older than this release's "
+                f"{known}: run `fleetcache migrate` first"
+            )
+        super().__init__(f"{where} {detail}")
         self.found = found
         self.known = known
 

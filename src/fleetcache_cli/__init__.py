@@ -1,4 +1,5 @@
-"""The ``fleetcache`` command line: ``demo`` (the main job), ``bench`` and ``migrate``.
+"""The ``fleetcache`` command line: ``demo`` (the main job), ``bench``, ``migrate``,
+``inspect`` and ``purge``.
 
 A package of its own beside :mod:`fleetcache` (in the same wheel), so the library never
 imports it: nothing under ``fleetcache`` knows the command line exists. The demo and the
@@ -18,6 +19,8 @@ _COMMANDS = {
     "demo": ("fleetcache_cli.demo", "a fleet of processes coalescing on a real Postgres"),
     "bench": ("fleetcache_cli.bench", "fleetcache measured side by side with the minimal design"),
     "migrate": ("fleetcache_cli.migrate", "bring a database to the latest fleetcache schema"),
+    "inspect": ("fleetcache_cli.inspect", "what a cache's database holds right now (read-only)"),
+    "purge": ("fleetcache_cli.purge", "delete now the entries past their stale window"),
 }
 
 

@@ -696,3 +696,161 @@ SQLITE_DELETE_NAMESPACE = [
 ]
 #: Every entry.
 SQLITE_DELETE_ALL = ["DELETE FROM fleetcache_entry_deps", "DELETE FROM fleetcache_entries"]
+
+# =========================================================== inspection (read-only)
+# What ``fleetcache.inspection`` reads: the table's shape, the marks, and on Postgres the
+# advisory locks and backends right now. Every statement here only reads (inspection runs
+# them in a READ ONLY transaction); ``purge`` goes through the stores' own purge_expired.
+# States of an entry at ``now`` (ms, the inspecting process's clock, as the fleet's own
+# readers judge it; see fleetcache.lookup.expiry): fresh (no expiry, or now < expires_at),
+# stale (expires_at <= now < stale_until: served while one refresh runs) and dead (past its
+# stale window: a miss, purged in passing).
+
+_INSPECT_STATES = """
+    count(*) FILTER (WHERE expires_at IS NULL),
+    count(*) FILTER (WHERE expires_at > {now}),
+    count(*) FILTER (WHERE expires_at <= {now} AND stale_until > {now}),
+    count(*) FILTER (WHERE expires_at <= {now} AND (stale_until IS NULL OR stale_until <= {now})),
+    count(*) FILTER (WHERE error IS NOT NULL)
+"""
+
+# ---------------------------------------------------------------------------- Postgres
+
+#: The type of ``fleetcache_entries.value`` (``jsonb`` in schema version 2), which decides
+#: how a value's size is read.
+PG_INSPECT_VALUE_TYPE = """
+    SELECT format_type(atttypid, NULL) FROM pg_attribute
+    WHERE attrelid = to_regclass('fleetcache_entries') AND attname = 'value'
+      AND NOT attisdropped
+"""
+# A value's size in bytes: octet_length of a text or bytea column as stored; a jsonb value
+# is measured as its text (the server's rendering of it). Keyed by PG_INSPECT_VALUE_TYPE's
+# answer ("jsonb", anything else "octets").
+_PG_VALUE_BYTES = {"jsonb": "octet_length(value::text)", "octets": "octet_length(value)"}
+
+_PG_INSPECT_TOTALS = f"""
+    SELECT count(*), coalesce(sum({{value_bytes}}), 0)::bigint, count(DISTINCT namespace),
+           min(created_at), max(created_at),
+           {_INSPECT_STATES.format(now="%(now)s")},
+           pg_total_relation_size('fleetcache_entries'),
+           current_setting('server_version')
+    FROM fleetcache_entries
+"""
+#: Entries, value bytes, namespaces, oldest and newest created_at, the states at
+#: ``now`` (no expiry, fresh with an expiry, stale, dead, errors), the table's size on
+#: disk (heap, TOAST and indexes) and the server's version.
+PG_INSPECT_TOTALS = {
+    kind: _PG_INSPECT_TOTALS.format(value_bytes=size) for kind, size in _PG_VALUE_BYTES.items()
+}
+
+_PG_INSPECT_NAMESPACES = """
+    SELECT namespace, count(*), coalesce(sum({value_bytes}), 0)::bigint,
+           count(*) FILTER (WHERE expires_at <= %(now)s AND stale_until > %(now)s),
+           count(*) FILTER (WHERE expires_at <= %(now)s
+                            AND (stale_until IS NULL OR stale_until <= %(now)s))
+    FROM fleetcache_entries
+    GROUP BY namespace
+    ORDER BY 2 DESC, 3 DESC, namespace COLLATE "C"
+    LIMIT %(top)s
+"""
+#: The ``top`` namespaces by entries (then bytes): entries, value bytes, stale, dead.
+PG_INSPECT_NAMESPACES = {
+    kind: _PG_INSPECT_NAMESPACES.format(value_bytes=size) for kind, size in _PG_VALUE_BYTES.items()
+}
+
+#: Marks by kind ('g' global, 'n' namespace, 'k' name): how many, and the ages (seconds,
+#: by the server's clock, which set them) of the oldest and the newest.
+PG_INSPECT_MARKS = """
+    SELECT kind::text, count(*),
+           extract(epoch FROM statement_timestamp() - min(marked_at))::float8,
+           extract(epoch FROM statement_timestamp() - max(marked_at))::float8
+    FROM fleetcache_generations
+    GROUP BY kind
+    ORDER BY kind
+"""
+
+#: Every namespace an entry or a mark names (to name the namespace of a namespace lock).
+PG_INSPECT_KNOWN_NAMESPACES = """
+    SELECT DISTINCT namespace FROM fleetcache_entries
+    UNION
+    SELECT namespace FROM fleetcache_generations WHERE kind <> 'g'
+"""
+
+#: fleetcache's advisory locks in this database, held or awaited: the store's two-int
+#: locks (objsubid 2, first int one of ``classes``: schema, global, namespace) and the
+#: coordinator's one-bigint key locks (objsubid 1) of sessions whose application_name
+#: starts with ``prefix`` (the key space is shared with any application's bigint locks, so
+#: the holder tells whose a lock is). With each: the backend, its state, how long its
+#: current statement has run (a waiter: how long it has waited), and a waiter's blockers.
+PG_INSPECT_LOCKS = """
+    SELECT l.objsubid::int, l.classid::bigint, l.objid::bigint, l.mode, l.granted, l.pid,
+           a.application_name, a.state, a.client_addr::text,
+           extract(epoch FROM statement_timestamp() - a.query_start)::float8,
+           CASE WHEN l.granted THEN NULL ELSE pg_blocking_pids(l.pid) END
+    FROM pg_locks AS l
+    LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory'
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND ((l.objsubid = 2 AND l.classid::bigint = ANY (%(classes)s::bigint[]))
+           OR (l.objsubid = 1 AND starts_with(a.application_name, %(prefix)s)))
+    ORDER BY l.granted DESC, l.objsubid DESC, l.classid::bigint, l.objid::bigint, l.pid
+"""
+
+#: The client backends of this database but this one, by application_name: how many, how
+#: many active, idle, idle in a transaction, and waiting for a lock (of any kind).
+PG_INSPECT_CONNECTIONS = """
+    SELECT coalesce(application_name, ''), count(*),
+           count(*) FILTER (WHERE state = 'active'),
+           count(*) FILTER (WHERE state = 'idle'),
+           count(*) FILTER (WHERE state IN ('idle in transaction',
+                                            'idle in transaction (aborted)')),
+           count(*) FILTER (WHERE wait_event_type = 'Lock')
+    FROM pg_stat_activity
+    WHERE datname = current_database() AND pid <> pg_backend_pid()
+      AND backend_type = 'client backend'
+    GROUP BY 1
+    ORDER BY 2 DESC, 1
+"""
+
+#: The server's connection budget: client backends of every database, and max_connections.
+PG_INSPECT_SERVER_CONNECTIONS = """
+    SELECT count(*) FILTER (WHERE backend_type = 'client backend'),
+           current_setting('max_connections')::int
+    FROM pg_stat_activity
+"""
+
+# ------------------------------------------------------------------------------ sqlite
+
+# A value's size in bytes: a TEXT value as its UTF-8 bytes, a BLOB as it is.
+_SQLITE_VALUE_BYTES = "length(CAST(value AS BLOB))"
+
+#: As PG_INSPECT_TOTALS, with the file's size (every table: page_count * page_size) and
+#: sqlite's version.
+SQLITE_INSPECT_TOTALS = f"""
+    SELECT count(*), coalesce(sum({_SQLITE_VALUE_BYTES}), 0), count(DISTINCT namespace),
+           min(created_at), max(created_at),
+           {_INSPECT_STATES.format(now=":now")},
+           (SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()),
+           sqlite_version()
+    FROM fleetcache_entries
+"""
+
+#: As PG_INSPECT_NAMESPACES.
+SQLITE_INSPECT_NAMESPACES = f"""
+    SELECT namespace, count(*), coalesce(sum({_SQLITE_VALUE_BYTES}), 0),
+           count(*) FILTER (WHERE expires_at <= :now AND stale_until > :now),
+           count(*) FILTER (WHERE expires_at <= :now
+                            AND (stale_until IS NULL OR stale_until <= :now))
+    FROM fleetcache_entries
+    GROUP BY namespace
+    ORDER BY 2 DESC, 3 DESC, namespace
+    LIMIT :top
+"""
+
+#: As PG_INSPECT_MARKS, with ages by ``now_s`` (seconds; the marking processes' clocks).
+SQLITE_INSPECT_MARKS = """
+    SELECT kind, count(*), :now_s - min(marked_at), :now_s - max(marked_at)
+    FROM fleetcache_generations
+    GROUP BY kind
+    ORDER BY kind
+"""
