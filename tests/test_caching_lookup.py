@@ -377,7 +377,8 @@ async def test_invalidating_one_key_spares_a_bystander(store: Store) -> None:
 
 async def test_identity_checked_cleanup(store: Store) -> None:
     """An old computation finishing after a new one started under the same key does not
-    remove the new one's in-flight entry: later callers still join the new one."""
+    remove the new one's in-flight entry: later callers still join the new one (as the
+    old one's callers do, their result refused)."""
     lookup: CachingLookup[Any] = CachingLookup(store)
     old = Producer(gate=asyncio.Event())
     old_call = asyncio.create_task(lookup.get(key("a"), old))
@@ -386,15 +387,14 @@ async def test_identity_checked_cleanup(store: Store) -> None:
     new = Producer(gate=asyncio.Event(), source={"version": 2})
     new_call = asyncio.create_task(lookup.get(key("a"), new))
     await new.started.wait()
-    old.source["version"] = 2
     old.release()
-    await old_call
+    await eventually(lambda: lookup.stats()["overtaken"] == 1)  # the old one has finished
     joiner = asyncio.create_task(lookup.get(key("a"), new))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: lookup.stats()["coalesced"] == 1)
     new.release()
-    results = await asyncio.gather(new_call, joiner)
-    assert new.calls["a"] == 1
-    assert results[0] == results[1]
+    results = await asyncio.gather(new_call, joiner, old_call)
+    assert (old.calls["a"], new.calls["a"]) == (1, 1)
+    assert results[0] == results[1] == results[2]
     assert version(results[0]) == 2
 
 

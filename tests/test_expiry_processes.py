@@ -73,3 +73,34 @@ async def test_in_the_stale_window_everyone_gets_the_stale_value_and_one_refresh
             assert time.monotonic() < deadline, again
             await asyncio.sleep(0.2)
         assert await computations(members) == 2  # the first, and one refresh
+
+
+async def test_a_refresh_keeps_the_ttl_of_the_calls_that_asked_for_it(database_url: str) -> None:
+    """A key written with ttl=1, then read in its stale window by four processes asking
+    ttl=30: one refresh stores the new value for 30 s, so reads after the old ttl has passed
+    again are fresh hits in every process and no second refresh runs."""
+    async with fleet() as workers:
+        members = await start_workers(workers, database_url)
+        await members[0].call("get", ns=NS, name="hot", ttl=1.0, stale_ttl=60.0, version=1)
+        await asyncio.sleep(1.2)  # past the ttl the key was written with
+        answers = await get_all(members, ttl=30.0, stale_ttl=60.0, version=2, compute_ms=300)
+        assert {a["value"]["version"] for a in answers} == {1}
+        deadline = time.monotonic() + 30
+        while True:
+            again = await get_all(members, ttl=30.0, stale_ttl=60.0, version=3)
+            if {a["value"]["version"] for a in again} == {2}:
+                break
+            assert time.monotonic() < deadline, again
+            await asyncio.sleep(0.2)
+        served_stale = await stale_served(members)
+        await asyncio.sleep(1.2)  # past 1 s again: the refreshed value must still be fresh
+        later = await get_all(members, ttl=30.0, stale_ttl=60.0, version=4)
+        assert {a["value"]["version"] for a in later} == {2}
+        assert await stale_served(members) == served_stale  # fresh hits, no refresh started
+        assert await computations(members) == 2  # the first, and one refresh
+
+
+async def stale_served(members: list[Worker]) -> int:
+    """How many stale values the fleet served in all."""
+    answers = await asyncio.gather(*(m.call("stats") for m in members))
+    return sum(int(a["stats"]["lookup"]["stale_served"]) for a in answers)

@@ -108,15 +108,34 @@ class SchemaMissingError(StoreError):
 
 
 class ComputationTimeoutError(FleetcacheError, TimeoutError):
-    """A computation ran past its ``compute_timeout``; it was cancelled and nothing stored."""
+    """A computation ran past its ``compute_timeout`` (``seconds``); it was cancelled and
+    nothing stored. Or, with ``waited`` set, a caller's own bound ran out first: it waited
+    ``waited`` seconds, ``bound`` saying what that bound is made of, and the computation
+    goes on without it."""
 
-    def __init__(self, coalesce_key: str, seconds: float) -> None:
-        super().__init__(
-            f"the computation of key {coalesce_key} did not finish within "
-            f"compute_timeout={seconds:g} s; it was cancelled and nothing was stored"
-        )
+    def __init__(
+        self,
+        coalesce_key: str,
+        seconds: float,
+        *,
+        waited: float | None = None,
+        bound: str | None = None,
+    ) -> None:
+        if waited is None:
+            message = (
+                f"the computation of key {coalesce_key} did not finish within "
+                f"compute_timeout={seconds:g} s; it was cancelled and nothing was stored"
+            )
+        else:
+            message = (
+                f"gave up on key {coalesce_key} after waiting {waited:.1f} s for its "
+                f"computation, which had not answered within this caller's bound ({bound}); "
+                f"it goes on without this caller"
+            )
+        super().__init__(message)
         self.coalesce_key = coalesce_key
         self.seconds = seconds
+        self.waited = waited
 
 
 class CachedError(FleetcacheError):

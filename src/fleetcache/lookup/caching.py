@@ -20,6 +20,7 @@ codec); invalidation (through the store's closure, then the broadcast); and the 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 import time
@@ -29,11 +30,12 @@ from typing import Any, Final, Generic, Protocol, TypeAlias, TypeGuard, TypeVar
 from fleetcache.coordination.base import Acquired, PopulateCoordinator
 from fleetcache.errors import CachedError, ComputationTimeoutError, ConfigurationError, NotOpenError
 from fleetcache.logcontext import get_logger, key_context
+from fleetcache.lookup.backoff import Backoff
 from fleetcache.lookup.codec import Codec
 from fleetcache.lookup.coordinated import run_coordinated
 from fleetcache.lookup.expiry import Freshness, check_expiry, deadlines, freshness, refresh_early
 from fleetcache.lookup.near import NearCache
-from fleetcache.lookup.populate import Populator, Produce, Request
+from fleetcache.lookup.populate import Overtaken, Populator, Produce, Request
 from fleetcache.lookup.singleflight import SingleFlight, WaitTimeout
 from fleetcache.lookup.stats import LookupStats
 from fleetcache.stores.base import MAX_STAMP_AGE, Entry, Expand, Key, Store
@@ -99,9 +101,10 @@ class CachingLookup(Generic[V]):
     ``error_ttl``: seconds an error entry counts as a hit. ``ttl``, ``stale_ttl`` and
     ``early_refresh``: the defaults of ``get``'s expiry options (None: values never expire).
     ``compute_timeout``: seconds one computation (all its candidates and restarts) may
-    take. ``wait_timeout`` and ``max_rounds``: a caller waits for another process's
-    computation at most ``wait_timeout`` seconds at a time and ``max_rounds *
-    wait_timeout`` in all. ``clock`` returns seconds since the epoch (error TTL, expiry);
+    take; its callers are answered then even if ``produce`` ignores its cancellation.
+    ``wait_timeout`` and ``max_rounds``: a caller waits for another process's computation
+    at most ``wait_timeout`` seconds at a time and ``max_rounds * wait_timeout`` in all.
+    ``clock`` returns seconds since the epoch (error TTL, expiry, refresh backoff);
     ``rng`` draws the early-refresh coin (seed it in tests).
     """
 
@@ -155,6 +158,8 @@ class CachingLookup(Generic[V]):
         self._refreshes: SingleFlight[Key, Entry | None] = SingleFlight()
         self._purges: SingleFlight[str, None] = SingleFlight()
         self._purged_at = time.monotonic()
+        # Keys whose last refresh failed, left alone for a while (bounded: see Backoff).
+        self._refresh_backoff: Backoff[Key] = Backoff(clock)
         self._populator: Populator[V] = Populator(
             store,
             usable=self._usable,
@@ -165,9 +170,17 @@ class CachingLookup(Generic[V]):
             clock=clock,
         )
         # How long a caller waits for a computation at most: its own wait for another
-        # process, then the computation's bound, plus a grace.
+        # process, then the computation's bound, plus a grace. The flight itself ends by
+        # then (a populate answers at its compute timeout even if produce ignores its
+        # cancellation), so this only catches a store or lock statement that hangs.
         waiting = max_rounds * wait_timeout if coordinator is not None else 0.0
         self._caller_budget = waiting + compute_timeout + _CALLER_GRACE
+        self._caller_bound = f"compute_timeout={compute_timeout:g} s + {_CALLER_GRACE:g} s"
+        if coordinator is not None:
+            self._caller_bound = (
+                f"max_rounds={max_rounds} x wait_timeout={wait_timeout:g} s for another "
+                f"process's computation, then {self._caller_bound}"
+            )
         self._closed = False
 
     @property
@@ -205,7 +218,8 @@ class CachingLookup(Generic[V]):
         ``ttl`` (seconds, None: never) is how long a computed value stays fresh;
         ``stale_ttl`` how long after that it is still served, at once, while one refresh
         runs; ``early_refresh`` (beta) lets a hit refresh a value shortly before it expires
-        (see :mod:`fleetcache.lookup.expiry`). Left out, the lookup's settings apply.
+        (see :mod:`fleetcache.lookup.expiry`). Left out, the lookup's settings apply. A
+        refresh stores its value with the expiry of the call that started it.
 
         With a coordinator, the fleet-wide lock is taken on the alias's key when there is
         an alias (so "x" and "x.gts" take turns), else on ``key`` itself.
@@ -251,7 +265,9 @@ class CachingLookup(Generic[V]):
             if kept is not None:
                 verdict = self._freshness(kept)
                 if verdict is not Freshness.DEAD:
-                    return self._serve(kept, verdict, persist_errors, produce, early_refresh)
+                    return self._serve(
+                        kept, verdict, persist_errors, produce, (ttl, stale_ttl, early_refresh)
+                    )
         flight = self._flights.running(key)
         if flight is not None:  # joined before any I/O
             self._stats.coalesced += 1
@@ -264,7 +280,9 @@ class CachingLookup(Generic[V]):
                 self._stats.hits += 1
                 if near is not None:
                     near.put(entry, epoch=epoch)
-                return self._serve(entry, verdict, persist_errors, produce, early_refresh)
+                return self._serve(
+                    entry, verdict, persist_errors, produce, (ttl, stale_ttl, early_refresh)
+                )
         self._stats.misses += 1
         if self._closed:  # closed while we read: start nothing close() would not see
             raise NotOpenError("this CachingLookup is closed")
@@ -279,12 +297,13 @@ class CachingLookup(Generic[V]):
         )
         if self._flights.running(key) is not None:
             self._stats.coalesced += 1
+        started = time.monotonic()
         try:
             result = await self._flights.do(
                 key, lambda: self._load(request), timeout=self._caller_budget
             )
         except WaitTimeout:
-            raise ComputationTimeoutError(key.coalesce_key, self._caller_budget) from None
+            raise self._no_answer(key, started) from None
         self._maybe_purge()
         return self._out(result, persist_errors)
 
@@ -403,28 +422,40 @@ class CachingLookup(Generic[V]):
         verdict: Freshness,
         persist_errors: bool,
         produce: Produce[V],
-        early_refresh: Setting,
+        expiry: tuple[Setting, Setting, Setting],
     ) -> Entry | None:
         """A hit: what the caller gets now, and a refresh in the background when the
-        entry is stale or (XFetch) about to be."""
+        entry is stale or (XFetch) about to be. ``expiry`` is the call's ``(ttl,
+        stale_ttl, early_refresh)``; a refresh stores its value with the call's expiry."""
         if entry.error is None:
+            ttl, stale_ttl, early_refresh = expiry
             beta = self.early_refresh if isinstance(early_refresh, _Default) else early_refresh
             if beta is not None and beta <= 0:
                 raise ConfigurationError(f"early_refresh (beta) must be > 0, got {beta}")
             if verdict is Freshness.STALE:
                 self._stats.stale_served += 1
-                self._refresh_soon(entry, produce)
+                self._refresh_soon(entry, produce, ttl, stale_ttl)
             elif refresh_early(entry, self._clock() * 1000, beta, self._rng.random):
                 self._stats.early_refreshes += 1
-                self._refresh_soon(entry, produce)
+                self._refresh_soon(entry, produce, ttl, stale_ttl)
         return self._out(entry, persist_errors)
 
     async def _wait(self, key: Key, flight: Any) -> Entry | None:
+        started = time.monotonic()
         try:
             result: Entry | None = await self._flights.wait(flight, self._caller_budget)
         except WaitTimeout:
-            raise ComputationTimeoutError(key.coalesce_key, self._caller_budget) from None
+            raise self._no_answer(key, started) from None
         return result
+
+    def _no_answer(self, key: Key, started: float) -> ComputationTimeoutError:
+        """The error of a caller whose own bound ran out before its computation answered."""
+        return ComputationTimeoutError(
+            key.coalesce_key,
+            self.compute_timeout,
+            waited=time.monotonic() - started,
+            bound=self._caller_bound,
+        )
 
     def _freshness(self, entry: Entry) -> Freshness:
         """Where a stored entry is in its life; an error entry lives for the error TTL."""
@@ -452,6 +483,21 @@ class CachingLookup(Generic[V]):
     # -------------------------------------------------------------- computing
 
     async def _load(self, request: Request[V]) -> Entry | None:
+        outcome = await self._compute(request)
+        if isinstance(outcome, Overtaken):
+            # Our result was refused, and callers who came after the invalidation have
+            # started a newer computation here: join it rather than compute a third time.
+            # Joined only now, after _compute returned, so our lock on the key (if we held
+            # it) is released: the newer flight may be parked waiting for that very lock,
+            # and waiting for it while holding the lock would wait on ourselves. Released,
+            # it wakes the newer flight, which then wins the lock or finds what a peer
+            # process stored. No cycle: a flight only ever joins one started after it (ours
+            # had left the in-flight map before that one began).
+            return await self._flights.wait(outcome.flight)
+        return outcome
+
+    async def _compute(self, request: Request[V]) -> Entry | Overtaken | None:
+        """Populate ``request``, under the key's fleet-wide lock when coordinated."""
         key = request.key
         with key_context(key.coalesce_key):
             if self.coordinator is None:
@@ -489,11 +535,12 @@ class CachingLookup(Generic[V]):
 
     async def _settle(
         self, request: Request[V], announce: tuple[str, str] | None = None
-    ) -> Entry | None:
+    ) -> Entry | Overtaken | None:
         """Populate, then leave the in-flight map at once: the result is in the store (or
         final), so a caller arriving from now on reads the store instead of joining. (A
         winner still has to release its lock; a caller joining in that window would get a
-        result an invalidation committed meanwhile may already have deleted.)"""
+        result an invalidation committed meanwhile may already have deleted.) A result
+        refused while a newer computation of the key runs here is :class:`Overtaken`."""
         near = self.near
         on_stored = None
         if near is not None:
@@ -503,31 +550,46 @@ class CachingLookup(Generic[V]):
                 near.put(entry, epoch=epoch)
 
         try:
-            return await self._populator.populate(request, on_stored=on_stored, announce=announce)
+            return await self._populator.populate(
+                request,
+                on_stored=on_stored,
+                announce=announce,
+                newer=lambda: self._newer_flight(request.key),
+            )
         finally:
             self._flights.detach(request.key)
 
+    def _newer_flight(self, key: Key) -> asyncio.Task[Entry | None] | None:
+        """The computation of ``key`` callers would join now, unless it is the one asking
+        (a refused computation still in the map was overtaken by another process's
+        invalidation: nobody here started a newer one)."""
+        flight = self._flights.running(key)
+        return flight if flight is not asyncio.current_task() else None
+
     # -------------------------------------------------------------- refreshing
 
-    def _refresh_soon(self, entry: Entry, produce: Produce[V]) -> None:
+    def _refresh_soon(
+        self, entry: Entry, produce: Produce[V], ttl: Setting, stale_ttl: Setting
+    ) -> None:
         """Start refreshing a stale (or nearly expired) entry in the background, unless a
-        refresh or a computation of it is under way here. Nobody waits for it."""
+        refresh or a computation of it is under way here, or its last refresh here failed
+        too recently (see Backoff). Nobody waits for it. The refreshed value is stored with
+        the expiry of the call that started the refresh (``ttl``, ``stale_ttl``)."""
         key = entry.key
         if self._closed or self._flights.running(key) or self._refreshes.running(key):
             return
-        # The refreshed value ages as the one it replaces did.
-        ttl = stale = None
-        if entry.expires_at is not None:
-            ttl = (entry.expires_at - (entry.created_at or 0)) / 1000
-            stale = ((entry.stale_until or entry.expires_at) - entry.expires_at) / 1000
+        if self._refresh_backoff.blocked(key):
+            self._stats.refreshes_backed_off += 1
+            return
+        ttl_, stale_ = self._expiry(ttl, stale_ttl)
         request = Request(
             key=key,
             produce=produce,
             candidates=(key.name,),
             alias=entry.alias,
             persist_errors=False,  # an error never replaces the value being refreshed
-            ttl=ttl,
-            stale_ttl=stale,
+            ttl=ttl_,
+            stale_ttl=stale_,
             newer_than=entry.created_at or 0,
         )
         self._refreshes.start(key, lambda: self._refresh(request))
@@ -535,43 +597,48 @@ class CachingLookup(Generic[V]):
     async def _refresh(self, request: Request[V]) -> Entry | None:
         """One refresh: in the fleet, only by the process that wins the key's lock (a
         loser returns at once: its callers keep getting the stale value). A refresh that
-        stores nothing (it failed, or produced an error or nothing) is counted and logged;
+        stores nothing (it failed, or produced an error or nothing) is counted and logged,
+        and the key is not refreshed again here for a while (doubling after each failure);
         the stale value stays until its window ends."""
         key = request.key
         with key_context(key.coalesce_key):
             self._stats.refreshes += 1
             try:
                 if self.coordinator is None:
-                    entry = await self._settle(request)
+                    outcome = await self._settle(request)
                 else:
                     lock_key = self._lock_key(request)
                     announce = self.coordinator.announcement(lock_key)
-                    outcome = await self.coordinator.try_acquire_and_run(
+                    won = await self.coordinator.try_acquire_and_run(
                         lock_key, lambda: self._settle(request, announce)
                     )
-                    if not isinstance(outcome, Acquired):
-                        outcome.cancel()  # another process refreshes it
+                    if not isinstance(won, Acquired):
+                        won.cancel()  # another process refreshes it
                         return None
-                    entry = outcome.value
+                    outcome = won.value
             except Exception as exc:  # noqa: BLE001 - a refresh's failure is counted and logged
-                self._stats.refresh_failures += 1
-                logger.warning(
-                    "refreshing key %s failed (%s: %s); its stale value stays until its "
-                    "window ends",
-                    key.coalesce_key,
-                    type(exc).__name__,
-                    exc,
-                )
+                self._refresh_failed(key, f"failed ({type(exc).__name__}: {exc})")
                 return None
-            if entry is None or not entry.stored or entry.error is not None:
-                self._stats.refresh_failures += 1
-                logger.warning(
-                    "refreshing key %s stored nothing (%s); its stale value stays until its "
-                    "window ends",
-                    key.coalesce_key,
-                    "missing" if entry is None else "an error",
+            if isinstance(outcome, Overtaken):
+                return None  # invalidated meanwhile; the newer computation replaces it
+            if outcome is None or not outcome.stored or outcome.error is not None:
+                self._refresh_failed(
+                    key, f"stored nothing ({'missing' if outcome is None else 'an error'})"
                 )
-            return entry
+            else:
+                self._refresh_backoff.succeeded(key)
+            return outcome
+
+    def _refresh_failed(self, key: Key, what: str) -> None:
+        self._stats.refresh_failures += 1
+        delay = self._refresh_backoff.failed(key)
+        logger.warning(
+            "refreshing key %s %s; its stale value stays until its window ends, and this "
+            "process does not refresh it again for %g s",
+            key.coalesce_key,
+            what,
+            delay,
+        )
 
     def _maybe_purge(self) -> None:
         """Now and then, after a computation, delete entries past their stale window (in
@@ -713,22 +780,27 @@ class CachingLookup(Generic[V]):
     def stats(self) -> dict[str, int]:
         """Counters: hits (from the store), misses, coalesced callers, computations,
         missing outcomes, errors cached, results not persisted, stale results refused by
-        the store and restarts, computations timed out, locks won and lost, waits by wake
-        reason, give-ups, stale values served, refreshes (early ones too) and refreshes
-        that failed, entries purged, invalidations heard from the fleet, and the near
-        tier's."""
+        the store, restarts and refused computations whose callers joined a newer one
+        (``overtaken``), computations timed out, locks won and lost, waits by wake reason,
+        give-ups, stale values served, refreshes (early ones too), refreshes that failed
+        and stale hits that started none because the key's last refresh failed recently
+        (``refreshes_backed_off``), entries purged, invalidations heard from the fleet,
+        and the near tier's."""
         stats = self._stats.as_dict()
         if self.near is not None:
             stats.update(self.near.stats())
         return stats
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Cancel every computation and refresh still under way (waiting at most
-        ``timeout`` seconds) and refuse further calls. Idempotent."""
+        """Cancel every computation and refresh still under way, and every ``produce``
+        abandoned at its compute timeout (waiting at most ``timeout`` seconds in all), and
+        refuse further calls. Idempotent."""
         self._closed = True
+        deadline = time.monotonic() + timeout
         await self._flights.close(timeout)
-        await self._refreshes.close(timeout)
-        await self._purges.close(timeout)
+        await self._refreshes.close(max(0.0, deadline - time.monotonic()))
+        await self._purges.close(max(0.0, deadline - time.monotonic()))
+        await self._populator.close(max(0.0, deadline - time.monotonic()))
 
 
 #: The one key of the purge's single flight (at most one purge at a time).

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from fleetcache.coordination.base import Acquired, PopulateCoordinator, WakeReason
 from fleetcache.errors import CoordinationGaveUpError
 from fleetcache.logcontext import get_logger
+from fleetcache.lookup.populate import Overtaken
 from fleetcache.lookup.stats import LookupStats
 from fleetcache.stores.base import Entry
 
@@ -32,13 +33,14 @@ async def run_coordinated(
     coalesce_key: str,
     lock_key: str,
     read: Callable[[], Awaitable[Entry | None]],
-    compute: Callable[[], Awaitable[Entry | None]],
+    compute: Callable[[], Awaitable[Entry | Overtaken | None]],
     wait_timeout: float,
     max_rounds: int,
     stats: LookupStats,
-) -> Entry | None:
+) -> Entry | Overtaken | None:
     """The entry for ``coalesce_key``: read (a usable entry or None), else computed under
-    the fleet-wide lock of ``lock_key``, else what the lock's holder stored."""
+    the fleet-wide lock of ``lock_key`` (or :class:`Overtaken`, returned once the lock is
+    released), else what the lock's holder stored."""
     started = time.monotonic()
     deadline = started + max_rounds * wait_timeout
     reasons: list[WakeReason] = []

@@ -12,17 +12,20 @@ One attempt:
    on was invalidated after the stamp (its names, alias, deps, namespace, the store).
 
 A refused write means the result was computed from data an invalidation has since
-replaced, so it is thrown away and the attempt starts again with a fresh stamp: every
-caller sharing the computation — including one that joined after the invalidation
-returned — gets a result computed after it. At most :data:`MAX_ATTEMPTS` attempts; if every
-one is overtaken (invalidations faster than the computation), the answer is what the store
-holds then, possibly None, and it is logged.
+replaced, so it is thrown away. If a newer computation of the key is already under way in
+this process (callers who came after the invalidation started it), the populate stops with
+:class:`Overtaken` and its callers join that one; otherwise the attempt starts again with a
+fresh stamp. Either way every caller sharing the computation — including one that joined
+after the invalidation returned — gets a result computed after it. At most
+:data:`MAX_ATTEMPTS` attempts; if every one is overtaken (invalidations faster than the
+computation), the answer is what the store holds then, possibly None, and it is logged.
 
 Not stored, but returned: an error when the caller asked not to persist errors, and a
 result its producer marked ``cacheable=False``.
 
 The whole populate is bounded by ``compute_timeout``: past it the computation is cancelled,
-nothing is stored and :class:`~fleetcache.errors.ComputationTimeoutError` is raised.
+nothing is stored and :class:`~fleetcache.errors.ComputationTimeoutError` is raised at once,
+even if ``produce`` ignores its cancellation (it runs in a task of its own, then abandoned).
 """
 
 from __future__ import annotations
@@ -104,6 +107,19 @@ class _Refused(enum.Enum):
     REFUSED = "refused"
 
 
+@dataclass(frozen=True, slots=True)
+class Overtaken:
+    """A populate whose result the store refused while a newer computation of its key was
+    already under way in this process: its callers are to join ``flight``, that newer
+    computation, instead of computing once more beside it."""
+
+    flight: asyncio.Task[Entry | None]
+
+
+#: Finds the newer computation of a key that a refused populate's callers should join.
+NewerFlight = Callable[[], asyncio.Task[Entry | None] | None]
+
+
 class Populator(Generic[V]):
     """Runs the populate protocol for a caching lookup (see the module docstring).
 
@@ -129,6 +145,10 @@ class Populator(Generic[V]):
         self.compute_timeout = compute_timeout
         self._error_ttl = error_ttl
         self._clock = clock
+        # produce() calls under way, each in its own task (see _produce). Added by
+        # _produce, removed by each task's done callback, cancelled by close(). Event
+        # loop only: no lock.
+        self._producing: set[asyncio.Future[Any]] = set()
 
     async def populate(
         self,
@@ -136,15 +156,21 @@ class Populator(Generic[V]):
         *,
         on_stored: Callable[[Entry], object] | None = None,
         announce: tuple[str, str] | None = None,
-    ) -> Entry | None:
+        newer: NewerFlight | None = None,
+    ) -> Entry | Overtaken | None:
         """The entry for ``request`` (stored, found, or returned unstored), or None when
         every candidate is missing. ``on_stored`` is called with an entry that is in the
         store (found there, or written) — not with one returned unstored. ``announce`` is
-        a NOTIFY sent in the write's transaction (see ``Store.write``)."""
+        a NOTIFY sent in the write's transaction (see ``Store.write``). ``newer`` is asked
+        after a refused write for a newer computation of the key to join: if it names
+        one, the answer is :class:`Overtaken` (no further attempt runs)."""
         timeout = asyncio.timeout(self.compute_timeout)
         try:
             async with timeout:
-                entry, stored = await self._attempts(request, announce)
+                outcome = await self._attempts(request, announce, newer)
+                if isinstance(outcome, Overtaken):
+                    return outcome
+                entry, stored = outcome
                 if stored and entry is not None and on_stored is not None:
                     on_stored(entry)
                 return entry
@@ -154,10 +180,19 @@ class Populator(Generic[V]):
             self._stats.compute_timeouts += 1
             raise ComputationTimeoutError(request.key.coalesce_key, self.compute_timeout) from None
 
+    async def close(self, timeout: float) -> None:
+        """Cancel the ``produce`` calls still running (those abandoned at their compute
+        timeout included) and wait for them at most ``timeout`` seconds."""
+        tasks = list(self._producing)
+        for task in tasks:
+            task.cancel()
+        if tasks and timeout > 0:
+            await asyncio.wait(tasks, timeout=timeout)
+
     async def _attempts(
-        self, request: Request[V], announce: tuple[str, str] | None
-    ) -> tuple[Entry | None, bool]:
-        """The entry and whether it is in the store."""
+        self, request: Request[V], announce: tuple[str, str] | None, newer: NewerFlight | None
+    ) -> tuple[Entry | None, bool] | Overtaken:
+        """The entry and whether it is in the store, or :class:`Overtaken`."""
         key = request.key
         by_alias = request.alias is not None
         for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -170,6 +205,16 @@ class Populator(Generic[V]):
             if outcome is not _Refused.REFUSED:
                 return outcome
             self._stats.stale_refused += 1
+            flight = newer() if newer is not None else None
+            if flight is not None:
+                self._stats.overtaken += 1
+                logger.info(
+                    "the result for key %s was refused by the store (something it depends on "
+                    "was invalidated while it was computed); its callers join the newer "
+                    "computation already under way",
+                    key.coalesce_key,
+                )
+                return Overtaken(flight)
             if attempt < MAX_ATTEMPTS:
                 self._stats.restarts += 1
             logger.info(
@@ -200,7 +245,7 @@ class Populator(Generic[V]):
                     return entry, True
             self._stats.computations += 1
             started = self._clock()  # the lookup's clock (a test's too), never below zero
-            produced = await request.produce(candidate_key)
+            produced = await self._produce(request.produce, candidate_key)
             compute_ms = max(0, round((self._clock() - started) * 1000))
             if produced is MISSING:
                 self._stats.missing += 1
@@ -241,3 +286,18 @@ class Populator(Generic[V]):
                 self._stats.errors_cached += 1
             return entry, True
         return None, False
+
+    async def _produce(self, produce: Produce[V], key: Key) -> Produced[V] | Missing:
+        """``produce(key)`` in a task of its own, so that the compute timeout (or close)
+        answers this computation's callers at once even if ``produce`` ignores its
+        cancellation: the task is cancelled and left behind, tracked until it ends (close()
+        cancels it again and waits for it), and its late result goes nowhere."""
+        task = asyncio.ensure_future(produce(key))
+        self._producing.add(task)
+        task.add_done_callback(self._producing.discard)
+        try:
+            # shield: our cancellation must not wait for produce to acknowledge its own.
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise

@@ -21,6 +21,7 @@ class LookupStats:
     not_persisted: int = 0
     stale_refused: int = 0
     restarts: int = 0
+    overtaken: int = 0
     compute_timeouts: int = 0
     lock_won: int = 0
     lock_lost: int = 0
@@ -30,6 +31,7 @@ class LookupStats:
     refreshes: int = 0
     early_refreshes: int = 0
     refresh_failures: int = 0
+    refreshes_backed_off: int = 0
     purged: int = 0
     remote_invalidations: int = 0
     notification_gaps: int = 0
