@@ -30,7 +30,13 @@ from fleetcache.stores.base import (
     guarded_names,
 )
 from fleetcache.stores.closure import Closure
-from fleetcache.stores.validation import check_name, encode_entry, stamped_names, validate_key
+from fleetcache.stores.validation import (
+    check_name,
+    decode_value,
+    encode_entry,
+    stamped_names,
+    validate_key,
+)
 
 #: The most old marks one invalidation prunes, besides twice the marks it sets.
 PRUNE_BATCH = 10_000
@@ -49,10 +55,12 @@ class MemoryPoint:
 
 @dataclass(frozen=True, slots=True)
 class _Stored:
-    # An entry as stored: JSON text, decoded on every read, so no caller ever shares a
-    # mutable value with the store (cheaper than a deep copy in and out).
+    # An entry as stored: the encoded bytes and JSON text, decoded on every read, so no
+    # caller ever shares a mutable value with the store (cheaper than a deep copy in and
+    # out) and a read returns exactly what was written, as the other stores do.
     key: Key
-    value: str
+    value: bytes
+    codec: str
     deps: tuple[str, ...]
     error: str | None
     created_at: int | None
@@ -66,7 +74,7 @@ class _Stored:
     def entry(self) -> Entry:
         return Entry(
             key=self.key,
-            value=json.loads(self.value),
+            value=decode_value(self.key, self.codec, self.value),
             deps=self.deps,
             error=None if self.error is None else json.loads(self.error),
             created_at=self.created_at,

@@ -6,7 +6,7 @@ Why an invalidation closes every window
 The guarantee: after ``invalidate(ns, [X])`` returns, no entry that depends (transitively)
 on X and was computed from X's old content exists. A populate computing such an entry D
 took its stamp S (a snapshot) before it read X; its write is one statement, the function
-``fleetcache_write_v2``, whose transaction first share-locks the global and the namespace
+``fleetcache_write_v3``, whose transaction first share-locks the global and the namespace
 lock, then, in the function's *next* statement (a VOLATILE PL/pgSQL function takes a fresh
 snapshot per statement in READ COMMITTED, so this one is taken after the lock wait), runs
 the guarded INSERT that checks the marks against S. The invalidation is one transaction
@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -92,7 +93,13 @@ from fleetcache.stores.base import (
 )
 from fleetcache.stores.closure import Closure
 from fleetcache.stores.migrations import migrate_postgres
-from fleetcache.stores.validation import check_name, encode_entry, stamped_names, validate_key
+from fleetcache.stores.validation import (
+    check_name,
+    decode_value,
+    encode_entry,
+    stamped_names,
+    validate_key,
+)
 
 logger = get_logger("fleetcache.stores")
 
@@ -132,15 +139,17 @@ class PostgresPoint:
 
 
 def _entry(key: Key, row: Sequence[Any]) -> Entry:
-    name, value, deps, error, created_at, alias, diagnostics, expires, stale, compute = row
+    name, value, codec, deps, error, created_at, alias, diagnostics, expires, stale, compute = row
+    if name != key.name:
+        key = key.with_name(name)
     return Entry(
-        key=key if name == key.name else key.with_name(name),
-        value=value,
+        key=key,
+        value=decode_value(key, codec, value),
         deps=tuple(deps),
-        error=error,
+        error=None if error is None else json.loads(error),
         created_at=created_at,
         alias=alias,
-        diagnostics=diagnostics,
+        diagnostics=None if diagnostics is None else json.loads(diagnostics),
         expires_at=expires,
         stale_until=stale,
         compute_ms=compute,
@@ -335,7 +344,7 @@ class PostgresStore:
     ) -> bool:
         """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
         since; with ``notify``, announce it as it commits. One statement, one round trip
-        (``fleetcache_write_v2``: share-locks, then the guarded upsert; see queries.py)."""
+        (``fleetcache_write_v3``: share-locks, then the guarded upsert; see queries.py)."""
         encoded = encode_entry(entry)
         key = entry.key
         params = _key_params(key)

@@ -51,7 +51,13 @@ from fleetcache.stores.base import (
 )
 from fleetcache.stores.closure import Closure
 from fleetcache.stores.migrations import migrate_sqlite
-from fleetcache.stores.validation import check_name, encode_entry, stamped_names, validate_key
+from fleetcache.stores.validation import (
+    check_name,
+    decode_value,
+    encode_entry,
+    stamped_names,
+    validate_key,
+)
 
 T = TypeVar("T")
 
@@ -72,10 +78,12 @@ def _loads(text: str | None) -> Any:
 
 
 def _entry(key: Key, row: Sequence[Any]) -> Entry:
-    name, value, deps, error, created_at, alias, diagnostics, expires, stale, compute = row
+    name, value, codec, deps, error, created_at, alias, diagnostics, expires, stale, compute = row
+    if name != key.name:
+        key = key.with_name(name)
     return Entry(
-        key=key if name == key.name else key.with_name(name),
-        value=json.loads(value),
+        key=key,
+        value=decode_value(key, codec, value),
         deps=tuple(json.loads(deps)),
         error=_loads(error),
         created_at=created_at,

@@ -1,4 +1,4 @@
-"""What a store accepts, checked before any I/O, and the JSON text it stores.
+"""What a store accepts, checked before any I/O, and the bytes and text it stores.
 
 Every store refuses the same inputs with the same typed errors, before it touches a file,
 a connection or a transaction, so one bad value can never leave a transaction open or a
@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fleetcache.errors import InvalidInputError, SerializationError
+from fleetcache.errors import InvalidInputError, SerializationError, StoreError
 
 if TYPE_CHECKING:
     from fleetcache.stores.base import Entry, Key
@@ -91,11 +91,20 @@ def validate_key(key: Key) -> None:
     check_name(f"the user of key {key.coalesce_key}", key.user)
 
 
+#: The codec of every value this release writes: compact JSON text, UTF-8. A row's codec
+#: says how its value's bytes decode, so another codec (pickle, a compressed form) can be
+#: added without a schema change; a codec a release does not know is refused on read.
+JSON_CODEC = "json"
+
+
 @dataclass(frozen=True, slots=True)
 class EncodedEntry:
-    """An entry's columns as a store writes them: its JSON parts as text."""
+    """An entry's columns as a store writes them: the value as the bytes ``codec`` made
+    (kept verbatim, so a read decodes exactly what was written: key order, number forms),
+    error and diagnostics as JSON text (verbatim too)."""
 
-    value: str
+    value: bytes
+    codec: str
     deps: tuple[str, ...]
     error: str | None
     diagnostics: str | None
@@ -111,7 +120,7 @@ class EncodedEntry:
 
 
 def encode_entry(entry: Entry) -> EncodedEntry:
-    """Validate every part of ``entry`` and return its JSON text; raises
+    """Validate every part of ``entry`` and return its columns; raises
     :class:`InvalidInputError` / :class:`SerializationError` naming the key and the part."""
     key = entry.key
     validate_key(key)
@@ -127,7 +136,8 @@ def encode_entry(entry: Entry) -> EncodedEntry:
         if moment is not None and (isinstance(moment, bool) or not isinstance(moment, int)):
             raise InvalidInputError(f"the {what} of key {where} must be an int or None")
     return EncodedEntry(
-        value=encode_json(f"the value of key {where}", entry.value),
+        value=encode_json(f"the value of key {where}", entry.value).encode(),
+        codec=JSON_CODEC,
         deps=tuple(entry.deps),
         error=None
         if entry.error is None
@@ -149,6 +159,24 @@ def encode_json(what: str, value: Any) -> str:
     """``value`` as compact JSON text, after checking it is storable JSON."""
     _check_json(what, value)
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def decode_value(key: Key, codec: str, data: bytes) -> Any:
+    """The value a row of ``key`` holds: ``data`` decoded by ``codec``. Raises
+    :class:`~fleetcache.errors.StoreError` naming the key for a codec this release does not
+    know (a row written by a newer one) or bytes that do not decode."""
+    try:
+        if codec == JSON_CODEC:
+            return json.loads(data)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise StoreError(
+            f"the value stored for key {key.coalesce_key} ({len(data)} bytes) is not "
+            f"{codec!r} data: {exc}"
+        ) from exc
+    raise StoreError(
+        f"the value stored for key {key.coalesce_key} has codec {codec!r}, which this release "
+        f"cannot decode (it reads {JSON_CODEC!r}): was it written by a newer fleetcache?"
+    )
 
 
 def _check_json(what: str, value: Any) -> None:
