@@ -303,7 +303,8 @@ class PostgresStore:
             # getconn/putconn rather than pool.connection(): no context manager per hit.
             conn = await pool.getconn()
             try:
-                row = await (await conn.execute(query, params)).fetchone()
+                # Binary rows, as in _fetchone.
+                row = await (await conn.execute(query, params, binary=True)).fetchone()
             finally:
                 await pool.putconn(conn)
         except psycopg.Error as exc:
@@ -473,4 +474,6 @@ def _check_stamp(stamp: GenerationStamp, key: Key) -> PostgresPoint:
 async def _fetchone(
     conn: psycopg.AsyncConnection[Any], query: str, params: dict[str, Any]
 ) -> tuple[Any, ...] | None:
-    return await (await conn.execute(query, params)).fetchone()
+    # Rows come in binary format: a value's bytes arrive as they are, where the text format
+    # would send them hex-encoded (twice the bytes, and a parse).
+    return await (await conn.execute(query, params, binary=True)).fetchone()

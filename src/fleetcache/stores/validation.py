@@ -167,7 +167,8 @@ def decode_value(key: Key, codec: str, data: bytes) -> Any:
     know (a row written by a newer one) or bytes that do not decode."""
     try:
         if codec == JSON_CODEC:
-            return json.loads(data)
+            # UTF-8 by construction: decoding first skips json's encoding detection.
+            return json.loads(data.decode())
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise StoreError(
             f"the value stored for key {key.coalesce_key} ({len(data)} bytes) is not "

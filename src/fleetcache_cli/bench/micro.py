@@ -127,7 +127,8 @@ async def warm_hits(
     async def raw() -> float:
         started = time.perf_counter()
         async with pool.connection() as conn:
-            await (await conn.execute(queries.PG_READ, params)).fetchone()
+            # As the store sends it: results in binary format.
+            await (await conn.execute(queries.PG_READ, params, binary=True)).fetchone()
         return time.perf_counter() - started
 
     async def minimal_hit() -> float:
