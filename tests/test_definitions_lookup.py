@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -730,3 +731,25 @@ async def test_a_definitions_fleet_on_the_seeds_names_renders_a_module_once(
         assert b is not None
         assert a.definitions == b.definitions
         assert pre.renders(url(PUBLIC, "card.gts")) == 1
+
+
+async def test_a_hit_gives_the_definitions_in_the_order_the_render_produced(
+    store: Store,
+) -> None:
+    """A module's definitions (and diagnostics) read from the store by a fresh lookup have
+    the same keys in the same order as the render that the miss returned (the seed's
+    documents: type, moduleURL, definition, types), so their JSON text is identical."""
+    pre = GraphPrerenderer({url(PUBLIC, "card.gts"): Spec(exports=["Card", "Pet"])})
+    missed = await make_lookup(store, pre).get_cached_definitions(url(PUBLIC, "card"))
+    hit = await make_lookup(store, pre).get_cached_definitions(url(PUBLIC, "card"))
+    assert missed is not None
+    assert hit is not None
+    assert pre.renders(url(PUBLIC, "card.gts")) == 1
+    for part in ("definitions", "diagnostics"):
+        assert json.dumps(getattr(hit, part)) == json.dumps(getattr(missed, part)), part
+    assert list(hit.definitions[url(PUBLIC, "card/Card")]) == [
+        "type",
+        "moduleURL",
+        "definition",
+        "types",
+    ]

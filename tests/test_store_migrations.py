@@ -1,6 +1,7 @@
-"""Schema versions: a new database gets version 2, a version 1 database (built from the
-first release's DDL, ``tests/fixtures/v1_*.sql``) is upgraded in place with its rows and
-marks kept, and a database newer than the code is refused naming both versions."""
+"""Schema versions: a new database gets the latest version, a version 1 or 2 database
+(built from that release's DDL, ``tests/fixtures/v1_*.sql`` and ``v2_*.sql``) is upgraded
+in place with its rows and marks kept, and a database newer than the code is refused
+naming both versions."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import pytest
 
 from fleetcache.errors import SchemaVersionError
 from fleetcache.stores import Entry, GenerationStamp, Key, PostgresStore, SqliteStore
-from fleetcache.stores.migrations import LATEST, migrate
-from fleetcache.stores.postgres import PostgresPoint
+from fleetcache.stores.migrations import LATEST, migrate, migrate_postgres
+from fleetcache.stores.postgres import PostgresPoint, key_hash
 from fleetcache.stores.sqlite import SqlitePoint
+from fleetcache.stores.validation import encode_json
 
 FIXTURES = Path(__file__).with_name("fixtures")
 NS = "https://realm.example/"
@@ -93,7 +95,7 @@ async def make_v1_postgres(url: str) -> str:
 async def test_postgres_v1_database_is_upgraded_with_rows_and_marks_kept(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Opening a version 1 database upgrades it to version 2 in place: every row reads
+    """Opening a version 1 database upgrades it to the latest version in place: every row reads
     back (hostile keys included, deps usable for invalidation, JSON null as SQL NULL), a
     version 1 mark still refuses a write stamped before it, 'modules' is left as it was,
     and one log line says fleetcache no longer uses it."""
@@ -136,7 +138,7 @@ async def test_postgres_v1_database_is_upgraded_with_rows_and_marks_kept(
         async with store.pool.connection() as conn:
             version = await (await conn.execute("SELECT version FROM fleetcache_schema")).fetchall()
             left = await (await conn.execute("SELECT count(*) FROM modules")).fetchone()
-        assert version == [(2,)]
+        assert version == [(LATEST,)]
         assert left == (len(V1_ROWS),)
     finally:
         await store.close()
@@ -146,7 +148,7 @@ async def test_postgres_upgrade_happens_once_when_many_processes_open_together(
     database_url: str,
 ) -> None:
     """Several stores opening one version 1 database at once: one upgrades, the others
-    wait for it and find version 2; the rows are copied once."""
+    wait for it and find the latest version; the rows are copied once."""
     await make_v1_postgres(database_url)
     stores = [PostgresStore(database_url, max_size=1) for _ in range(4)]
     await asyncio.gather(*(store.open() for store in stores))
@@ -160,15 +162,15 @@ async def test_postgres_upgrade_happens_once_when_many_processes_open_together(
 
 
 async def test_postgres_migrate_reports_versions(database_url: str) -> None:
-    """migrate() (for deploy time) upgrades a version 1 database and says (1, 2); run
-    again it says (2, 2); on a new database (0, 2)."""
+    """migrate() (for deploy time) upgrades a version 1 database and says (1, latest); run
+    again it says (latest, latest)."""
     await make_v1_postgres(database_url)
     assert await migrate(database_url) == (1, LATEST)
     assert await migrate(database_url) == (LATEST, LATEST)
 
 
 async def test_postgres_migrate_creates_a_new_schema(database_url: str) -> None:
-    """On an empty database migrate() creates the latest schema: (0, 2)."""
+    """On an empty database migrate() creates the latest schema: (0, latest)."""
     assert await migrate(database_url) == (0, LATEST)
 
 
@@ -262,7 +264,7 @@ def make_v1_sqlite(path: Path) -> None:
 async def test_sqlite_v1_file_is_upgraded_with_rows_and_marks_kept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Opening a version 1 file upgrades it to version 2 in place: every row reads back,
+    """Opening a version 1 file upgrades it to the latest version in place: every row reads back,
     deps are usable for invalidation, a version 1 mark still refuses a write stamped
     before it (and not one stamped after), and 'modules' is left as it was."""
     path = tmp_path / "v1.sqlite3"
@@ -307,15 +309,15 @@ async def test_sqlite_v1_file_is_upgraded_with_rows_and_marks_kept(
         await store.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("SELECT version FROM fleetcache_schema").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM fleetcache_schema").fetchall() == [(LATEST,)]
         assert conn.execute("SELECT count(*) FROM modules").fetchone() == (len(V1_ROWS),)
     finally:
         conn.close()
 
 
 async def test_sqlite_migrate_reports_versions(tmp_path: Path) -> None:
-    """migrate() on sqlite: (1, 2) for a version 1 file (path or sqlite:/// URL), then
-    (2, 2); (0, 2) for a new file."""
+    """migrate() on sqlite: (1, latest) for a version 1 file (path or sqlite:/// URL), then
+    (latest, latest); (0, latest) for a new file."""
     path = tmp_path / "v1.sqlite3"
     make_v1_sqlite(path)
     assert await migrate(path) == (1, LATEST)
@@ -345,5 +347,168 @@ async def test_sqlite_newer_schema_is_refused_naming_both_versions(tmp_path: Pat
         conn.execute("BEGIN IMMEDIATE")
         assert conn.execute("SELECT version FROM fleetcache_schema").fetchone() == (7,)
         conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------ version 2 -> 3 (values)
+
+# (key, value, deps, error, created_at, alias, diagnostics): documents whose keys jsonb
+# reorders, numbers it rewrites, hostile and non-ASCII keys, absent error and diagnostics.
+V2_ROWS: list[tuple[Any, ...]] = [
+    (Key(NS, NS + "card.gts"),
+     {"moduleURL": NS + "card", "type": "definition",
+      "definition": {"note": "é", "name": "Card", "displayName": "Card"}},
+     [NS + "base"], None, 1000, NS + "card", {"requestId": "r-1", "renderMs": 5}),
+    (Key(NS, NS + "base.gts"), {}, [], {"status": 500, "message": "boom"}, 2000, NS + "base",
+     None),
+    (Key("ns|x", "a|b", "s:1", "2:u"), [1.5, 10**30, "x", {"b": 1, "a": 2}], [], None, 3000,
+     None, None),
+    (Key("ns", "é😀", "realm-auth", "bob"), "text", ["d"], None, None, None, {"z": 0, "y": 1}),
+]  # fmt: skip
+
+
+def _jsonb(document: Any) -> str | None:
+    return None if document is None else json.dumps(document)
+
+
+async def make_v2_postgres(url: str) -> dict[str, tuple[str, str | None, str | None]]:
+    """A version 2 database holding :data:`V2_ROWS` as that release wrote them (jsonb);
+    returns, by name, the text of value, error and diagnostics as version 2 read them."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        for statement in v1_statements("v2_postgres.sql"):
+            await conn.execute(statement)
+        for key, value, deps, error, created_at, alias, diagnostics in V2_ROWS:
+            await conn.execute(
+                "INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id,"
+                " value, deps, error, created_at, alias, diagnostics)"
+                " VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s::jsonb, %s, %s, %s::jsonb)",
+                [key_hash(key), key.namespace, key.name, key.scope, key.user, json.dumps(value),
+                 deps, _jsonb(error), created_at, alias, _jsonb(diagnostics)],
+            )  # fmt: skip
+        cursor = await conn.execute(
+            "SELECT name, value::text, error::text, diagnostics::text FROM fleetcache_entries"
+        )
+        return {name: (value, error, diagnostics) for name, value, error, diagnostics in
+                await cursor.fetchall()}  # fmt: skip
+
+
+async def entries_columns(conn: psycopg.AsyncConnection[Any], schema: str) -> list[Any]:
+    """Name, type, nullability and default of each column of ``schema``'s entries table."""
+    cursor = await conn.execute(
+        "SELECT column_name, data_type, is_nullable, column_default"
+        " FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name = 'fleetcache_entries'"
+        " ORDER BY ordinal_position",
+        [schema],
+    )
+    return await cursor.fetchall()
+
+
+async def test_postgres_v2_database_is_upgraded_with_values_kept(database_url: str) -> None:
+    """Opening a version 2 database (values as jsonb) converts every row in place: each
+    reads back as version 2 read it (jsonb's key order, equal documents), errors and
+    diagnostics too (absent ones still SQL NULL), deps still reach dependents; a new write
+    keeps its own key order; the table matches a new database's; the old write function is
+    gone."""
+    before = await make_v2_postgres(database_url)
+    assert await migrate(database_url) == (2, LATEST)
+    store = PostgresStore(database_url, max_size=2)
+    await store.open()
+    try:
+        for key, value, deps, error, created_at, alias, diagnostics in V2_ROWS:
+            got = await store.read(key)
+            assert got == Entry(key, value, tuple(deps), error, created_at, alias, diagnostics)
+            as_v2_read = [None if text is None else json.loads(text) for text in before[key.name]]
+            assert [json.dumps(p) for p in (got.value, got.error, got.diagnostics)] == [
+                json.dumps(p) for p in as_v2_read
+            ]
+        # jsonb had reordered the first row's document; this check has teeth.
+        assert list(json.loads(before[NS + "card.gts"][0])) != list(V2_ROWS[0][1])
+        written = Entry(Key(NS, NS + "card.gts"), V2_ROWS[0][1], (NS + "base",), alias=NS + "card")
+        assert await store.write(written)
+        again = await store.read(written.key)
+        assert again is not None
+        assert json.dumps(again.value) == json.dumps(V2_ROWS[0][1])
+        names = await store.invalidate(NS, [NS + "base"])
+        assert set(names) >= {NS + "base", NS + "base.gts", NS + "card.gts", NS + "card"}
+        assert await store.read(written.key) is None
+        async with store.pool.connection() as conn:
+            await conn.execute("CREATE SCHEMA fresh")
+            await conn.execute("SET search_path = fresh")
+            await migrate_postgres(conn, "a new schema")
+            await conn.execute("RESET search_path")
+            upgraded = await entries_columns(conn, "public")
+            assert upgraded == await entries_columns(conn, "fresh")
+            old_function = await conn.execute(
+                "SELECT count(*) FROM pg_proc WHERE proname = 'fleetcache_write_v2'"
+            )
+            assert await old_function.fetchone() == (0,)
+    finally:
+        await store.close()
+    kinds = {name: kind for name, kind, *_ in upgraded}
+    assert [kinds[c] for c in ("value", "codec", "error", "diagnostics", "deps")] == [
+        "bytea",
+        "text",
+        "text",
+        "text",
+        "ARRAY",
+    ]
+
+
+def make_v2_sqlite(path: Path) -> None:
+    """A version 2 file holding :data:`V2_ROWS` as that release wrote them (compact JSON
+    text, deps listed in their own table)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for statement in v1_statements("v2_sqlite.sql"):
+            conn.execute(statement)
+        for key, value, deps, error, created_at, alias, diagnostics in V2_ROWS:
+            fields = (key.namespace, key.name, key.scope, key.user)
+            conn.execute(
+                "INSERT INTO fleetcache_entries (namespace, name, scope, user_id, value, deps,"
+                " error, created_at, alias, diagnostics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [*fields, encode_json("v", value), json.dumps(deps),
+                 None if error is None else encode_json("e", error), created_at, alias,
+                 None if diagnostics is None else encode_json("d", diagnostics)],
+            )  # fmt: skip
+            conn.executemany(
+                "INSERT INTO fleetcache_entry_deps VALUES (?, ?, ?, ?, ?)",
+                [(*fields, dep) for dep in deps],
+            )
+    finally:
+        conn.close()
+
+
+async def test_sqlite_v2_file_is_upgraded_with_values_kept(tmp_path: Path) -> None:
+    """Opening a version 2 file keeps every row byte for byte (version 2 already stored
+    the JSON text verbatim, so even key order survives), as codec 'json' bytes; deps still
+    reach dependents; a new write on the upgraded file is stored as bytes too."""
+    path = tmp_path / "v2.sqlite3"
+    make_v2_sqlite(path)
+    assert await migrate(path) == (2, LATEST)
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        for key, value, deps, error, created_at, alias, diagnostics in V2_ROWS:
+            got = await store.read(key)
+            assert got == Entry(key, value, tuple(deps), error, created_at, alias, diagnostics)
+            assert [json.dumps(p) for p in (got.value, got.error, got.diagnostics)] == [
+                json.dumps(p) for p in (value, error, diagnostics)
+            ]
+        assert await store.write(Entry(Key(NS, "new"), {"b": 1, "a": 2}))
+        names = await store.invalidate(NS, [NS + "base"])
+        assert set(names) >= {NS + "base.gts", NS + "card.gts", NS + "card"}
+        assert await store.read(Key(NS, NS + "card.gts")) is None
+    finally:
+        await store.close()
+    conn = sqlite3.connect(path)
+    try:
+        kinds = conn.execute(
+            "SELECT DISTINCT typeof(value), codec FROM fleetcache_entries"
+        ).fetchall()
+        assert kinds == [("blob", "json")]
+        new = conn.execute("SELECT value FROM fleetcache_entries WHERE name = 'new'").fetchone()
+        assert new == (b'{"b":1,"a":2}',)
     finally:
         conn.close()

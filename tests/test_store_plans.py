@@ -39,9 +39,10 @@ async def test_postgres_statements_probe_indexes(database_url: str) -> None:
         async with store.pool.connection() as conn:
             await conn.execute(
                 "INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id,"
-                " value, deps, alias)"
+                " value, codec, deps, alias)"
                 " SELECT sha256(('k' || i)::bytea), %(ns)s, %(ns)s || 'm' || i || '.gts',"
-                " 'public', '', '{}'::jsonb, ARRAY[%(ns)s || 'm' || (i + 1)], %(ns)s || 'm' || i"
+                " 'public', '', '{}'::bytea, 'json', ARRAY[%(ns)s || 'm' || (i + 1)],"
+                " %(ns)s || 'm' || i"
                 " FROM generate_series(1, %(rows)s) AS i",
                 {"ns": NS, "rows": ROWS},
             )
@@ -64,7 +65,8 @@ async def test_postgres_statements_probe_indexes(database_url: str) -> None:
         stamp, _ = await store.stamp_and_read(key, ["m5"])
         write = {
             **params,
-            "value": "1",
+            "value": b"1",
+            "codec": "json",
             "deps": [],
             "error": None,
             "created_at": None,
@@ -120,8 +122,9 @@ def test_sqlite_statements_probe_indexes(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         conn.executemany(
-            "INSERT INTO fleetcache_entries (namespace, name, scope, user_id, value, deps, alias)"
-            " VALUES (?, ?, 'public', '', '{}', '[]', ?)",
+            "INSERT INTO fleetcache_entries"
+            " (namespace, name, scope, user_id, value, codec, deps, alias)"
+            " VALUES (?, ?, 'public', '', X'7b7d', 'json', '[]', ?)",
             [(NS, f"{NS}m{i}.gts", f"{NS}m{i}") for i in range(ROWS)],
         )
         conn.executemany(

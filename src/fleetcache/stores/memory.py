@@ -32,6 +32,7 @@ from fleetcache.stores.base import (
 from fleetcache.stores.closure import Closure
 from fleetcache.stores.validation import (
     check_name,
+    decode_value,
     encode_entry,
     names_to_invalidate,
     stamped_names,
@@ -55,10 +56,12 @@ class MemoryPoint:
 
 @dataclass(frozen=True, slots=True)
 class _Stored:
-    # An entry as stored: JSON text, decoded on every read, so no caller ever shares a
-    # mutable value with the store (cheaper than a deep copy in and out).
+    # An entry as stored: the encoded bytes and JSON text, decoded on every read, so no
+    # caller ever shares a mutable value with the store (cheaper than a deep copy in and
+    # out) and a read returns exactly what was written, as the other stores do.
     key: Key
-    value: str
+    value: bytes
+    codec: str
     deps: tuple[str, ...]
     error: str | None
     created_at: int | None
@@ -72,7 +75,7 @@ class _Stored:
     def entry(self) -> Entry:
         return Entry(
             key=self.key,
-            value=json.loads(self.value),
+            value=decode_value(self.key, self.codec, self.value),
             deps=self.deps,
             error=None if self.error is None else json.loads(self.error),
             created_at=self.created_at,

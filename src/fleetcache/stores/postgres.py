@@ -6,7 +6,7 @@ Why an invalidation closes every window
 The guarantee: after ``invalidate(ns, [X])`` returns, no entry that depends (transitively)
 on X and was computed from X's old content exists. A populate computing such an entry D
 took its stamp S (a snapshot) before it read X; its write is one statement, the function
-``fleetcache_write_v2``, whose transaction first share-locks the global and the namespace
+``fleetcache_write_v3``, whose transaction first share-locks the global and the namespace
 lock, then, in the function's *next* statement (a VOLATILE PL/pgSQL function takes a fresh
 snapshot per statement in READ COMMITTED, so this one is taken after the lock wait), runs
 the guarded INSERT that checks the marks against S. The invalidation is one transaction
@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,7 @@ from fleetcache.stores.closure import Closure
 from fleetcache.stores.migrations import migrate_postgres
 from fleetcache.stores.validation import (
     check_name,
+    decode_value,
     encode_entry,
     names_to_invalidate,
     stamped_names,
@@ -138,15 +140,17 @@ class PostgresPoint:
 
 
 def _entry(key: Key, row: Sequence[Any]) -> Entry:
-    name, value, deps, error, created_at, alias, diagnostics, expires, stale, compute = row
+    name, value, codec, deps, error, created_at, alias, diagnostics, expires, stale, compute = row
+    if name != key.name:
+        key = key.with_name(name)
     return Entry(
-        key=key if name == key.name else key.with_name(name),
-        value=value,
+        key=key,
+        value=decode_value(key, codec, value),
         deps=tuple(deps),
-        error=error,
+        error=None if error is None else json.loads(error),
         created_at=created_at,
         alias=alias,
-        diagnostics=diagnostics,
+        diagnostics=None if diagnostics is None else json.loads(diagnostics),
         expires_at=expires,
         stale_until=stale,
         compute_ms=compute,
@@ -300,7 +304,8 @@ class PostgresStore:
             # getconn/putconn rather than pool.connection(): no context manager per hit.
             conn = await pool.getconn()
             try:
-                row = await (await conn.execute(query, params)).fetchone()
+                # Binary rows, as in _fetchone.
+                row = await (await conn.execute(query, params, binary=True)).fetchone()
             finally:
                 await pool.putconn(conn)
         except psycopg.Error as exc:
@@ -341,7 +346,7 @@ class PostgresStore:
     ) -> bool:
         """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
         since; with ``notify``, announce it as it commits. One statement, one round trip
-        (``fleetcache_write_v2``: share-locks, then the guarded upsert; see queries.py)."""
+        (``fleetcache_write_v3``: share-locks, then the guarded upsert; see queries.py)."""
         encoded = encode_entry(entry)
         key = entry.key
         params = _key_params(key)
@@ -467,4 +472,6 @@ def _check_stamp(stamp: GenerationStamp, key: Key) -> PostgresPoint:
 async def _fetchone(
     conn: psycopg.AsyncConnection[Any], query: str, params: dict[str, Any]
 ) -> tuple[Any, ...] | None:
-    return await (await conn.execute(query, params)).fetchone()
+    # Rows come in binary format: a value's bytes arrive as they are, where the text format
+    # would send them hex-encoded (twice the bytes, and a parse).
+    return await (await conn.execute(query, params, binary=True)).fetchone()

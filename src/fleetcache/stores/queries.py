@@ -4,12 +4,16 @@ Values are always bound as parameters (``%(name)s`` for psycopg, ``:name`` for s
 nothing here is ever formatted with a value. (The f-strings below only splice fixed column
 lists and the advisory-lock classes, which are constants of this module.)
 
-Schema version 2 (this release)
+Schema version 3 (this release)
 ===============================
 
 ``fleetcache_entries`` holds one row per key ``(namespace, name, scope, user_id)``:
-``value`` (JSON), ``deps`` (the names it depends on), ``error`` and ``diagnostics`` (JSON,
-SQL NULL when absent), ``created_at`` (ms since the epoch) and ``alias``. On Postgres the
+``value`` (the bytes its ``codec`` made: ``json`` is UTF-8 JSON text), ``deps`` (the names
+it depends on), ``error`` and ``diagnostics`` (JSON text, SQL NULL when absent),
+``created_at`` (ms since the epoch) and ``alias``. Values, errors and diagnostics are kept
+exactly as encoded (``bytea``/``text``, never ``jsonb``, which reorders keys and rewrites
+numbers), so a read decodes to what was written; ``deps`` stay a ``text[]`` on Postgres
+because the closure queries match them through a GIN index. On Postgres the
 primary key is ``key_hash``, the sha256 of the four fields each written as
 ``b"<utf-8 byte length>:" + utf-8 bytes`` (so no two splittings of the same characters
 share a hash, and a key of any length fits a btree); sqlite keys the row by the fields.
@@ -29,12 +33,14 @@ a mark it depends on is newer than the stamp's reading. sqlite has no GIN index,
 ``fleetcache_schema`` holds the version (one row). Version 1 (the first release) kept the
 entries in a table named ``modules`` with the seed's column names; ``migrations`` upgrades
 it (see ``PG_UPGRADE_1_TO_2`` and ``SQLITE_UPGRADE_1_TO_2``) and leaves ``modules`` alone.
+Version 2 kept values, errors and diagnostics as ``jsonb`` on Postgres; version 3 converts
+them in place (``PG_UPGRADE_2_TO_3``, ``SQLITE_UPGRADE_2_TO_3``).
 """
 
 from __future__ import annotations
 
 #: The schema version this release creates and understands.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Advisory-lock classes (the two-int form, a key space apart from the coordinator's
 # one-bigint locks): schema changes, the global lock, a namespace's lock (second int: a
@@ -65,8 +71,8 @@ PG_COUNT_V1_COLUMNS = """
 #: Records the version reached.
 PG_SET_SCHEMA_VERSION = "UPDATE fleetcache_schema SET version = %(version)s"
 
-_PG_CREATE_ENTRIES = [
-    """
+# The entries table as version 2 created it (the upgrade from version 1 makes it so).
+_PG_CREATE_ENTRIES_TABLE_V2 = """
     CREATE TABLE fleetcache_entries (
         key_hash bytea PRIMARY KEY,
         namespace text NOT NULL,
@@ -83,7 +89,30 @@ _PG_CREATE_ENTRIES = [
         stale_until bigint,
         compute_ms integer
     )
-    """,
+"""
+
+# The entries table now. (``codec`` comes last, where the upgrade from version 2 adds it.)
+_PG_CREATE_ENTRIES_TABLE = """
+    CREATE TABLE fleetcache_entries (
+        key_hash bytea PRIMARY KEY,
+        namespace text NOT NULL,
+        name text NOT NULL,
+        scope text NOT NULL,
+        user_id text NOT NULL,
+        value bytea NOT NULL,
+        deps text[] NOT NULL,
+        error text,
+        created_at bigint,
+        alias text,
+        diagnostics text,
+        expires_at bigint,
+        stale_until bigint,
+        compute_ms integer,
+        codec text NOT NULL
+    )
+"""
+
+_PG_ENTRIES_INDEXES = [
     # Purging entries past their stale window, oldest first.
     """
     CREATE INDEX fleetcache_entries_stale_until ON fleetcache_entries (stale_until)
@@ -109,7 +138,7 @@ _PG_MARKS_INDEXES = [
     "CREATE INDEX fleetcache_generations_marked_at ON fleetcache_generations (marked_at)",
 ]
 
-# A write is one statement, ``SELECT fleetcache_write_v2(...)``, so it costs one round
+# A write is one statement, ``SELECT fleetcache_write_v3(...)``, so it costs one round
 # trip and no client-side transaction: the function share-locks the global and the
 # namespace lock, in that order (everyone takes them in that order, so they never
 # deadlock), and then, in its *next* statement, runs the guarded upsert. In READ COMMITTED
@@ -126,12 +155,13 @@ _WRITE_ARGS = (
     ("name", "text"),
     ("scope", "text"),
     ("user", "text"),
-    ("value", "jsonb"),
+    ("value", "bytea"),
+    ("codec", "text"),
     ("deps", "text[]"),
-    ("error", "jsonb"),
+    ("error", "text"),
     ("created_at", "bigint"),
     ("alias", "text"),
-    ("diagnostics", "jsonb"),
+    ("diagnostics", "text"),
     ("expires_at", "bigint"),
     ("stale_until", "bigint"),
     ("compute_ms", "integer"),
@@ -151,12 +181,12 @@ _WRITE_ARGS = (
 # server's clock) and no mark the write depends on (the global one, the namespace's, its
 # names') was set by a transaction the stamp's snapshot did not see committed.
 _UPSERT = """
-    INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id, value, deps,
-                                    error, created_at, alias, diagnostics, expires_at,
+    INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id, value, codec,
+                                    deps, error, created_at, alias, diagnostics, expires_at,
                                     stale_until, compute_ms)
-    SELECT {key_hash}, {ns}, {name}, {scope}, {user}, {value}::jsonb, {deps}::text[],
-           {error}::jsonb, {created_at}, {alias}, {diagnostics}::jsonb, {expires_at},
-           {stale_until}, {compute_ms}
+    SELECT {key_hash}, {ns}, {name}, {scope}, {user}, {value}::bytea, {codec}::text,
+           {deps}::text[], {error}::text, {created_at}, {alias}, {diagnostics}::text,
+           {expires_at}, {stale_until}, {compute_ms}
     WHERE NOT {guarded}
        OR ({taken_at}::float8 > extract(epoch FROM statement_timestamp()) - {max_age}::float8
            AND NOT EXISTS (
@@ -170,8 +200,8 @@ _UPSERT = """
                         AND namespace = {ns} AND name = ANY ({names}::text[])))
                AND NOT pg_visible_in_snapshot(bumped_by, {snapshot}::pg_snapshot)))
     ON CONFLICT (key_hash) DO UPDATE SET
-        value = EXCLUDED.value, deps = EXCLUDED.deps, error = EXCLUDED.error,
-        created_at = EXCLUDED.created_at, alias = EXCLUDED.alias,
+        value = EXCLUDED.value, codec = EXCLUDED.codec, deps = EXCLUDED.deps,
+        error = EXCLUDED.error, created_at = EXCLUDED.created_at, alias = EXCLUDED.alias,
         diagnostics = EXCLUDED.diagnostics, expires_at = EXCLUDED.expires_at,
         stale_until = EXCLUDED.stale_until, compute_ms = EXCLUDED.compute_ms
 """
@@ -181,9 +211,10 @@ PG_UPSERT_FOR_PLAN = _UPSERT.format(**{name: f"%({name})s" for name, _ in _WRITE
 
 #: The write function: locks, then the upsert, then (only if it wrote) the NOTIFY to send
 #: with the write's commit, when the row is visible to whoever hears it. Returns whether it
-#: wrote. (Created and replaced by the migrations.)
+#: wrote. (Created by the migrations; version 3 replaced ``fleetcache_write_v2``, whose
+#: value, error and diagnostics were ``jsonb``.)
 PG_CREATE_WRITE_FUNCTION = f"""
-    CREATE OR REPLACE FUNCTION fleetcache_write_v2(
+    CREATE OR REPLACE FUNCTION fleetcache_write_v3(
         {", ".join(f"p_{name} {kind}" for name, kind in _WRITE_ARGS)}
     ) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $fleetcache$
     BEGIN
@@ -210,7 +241,8 @@ PG_CREATE_LATEST = [
     )
     """,
     "INSERT INTO fleetcache_schema (version) VALUES (0)",
-    *_PG_CREATE_ENTRIES,
+    _PG_CREATE_ENTRIES_TABLE,
+    *_PG_ENTRIES_INDEXES,
     """
     CREATE TABLE fleetcache_generations (
         kind "char" NOT NULL,
@@ -252,15 +284,34 @@ PG_COPY_V1_ENTRIES = f"""
 
 #: Version 1 -> 2 (the rest): the entries table, and a time on every mark. A version 1
 #: mark gets the upgrade's time, so it is kept (and refuses what it refused) for the
-#: whole retention from now.
+#: whole retention from now. (No write function: an upgrade always goes on to version 3,
+#: in the same transaction, and that step creates it.)
 PG_UPGRADE_1_TO_2 = [
-    *_PG_CREATE_ENTRIES,
+    _PG_CREATE_ENTRIES_TABLE_V2,
+    *_PG_ENTRIES_INDEXES,
     """
     ALTER TABLE fleetcache_generations
         ADD COLUMN marked_at timestamptz NOT NULL DEFAULT statement_timestamp()
     """,
     "ALTER TABLE fleetcache_generations ALTER COLUMN marked_at DROP DEFAULT",
     *_PG_MARKS_INDEXES,
+]
+
+#: Version 2 -> 3: values become the bytes of their JSON text (codec ``json``), errors and
+#: diagnostics JSON text, every row kept. A converted row holds ``jsonb``'s rendering of
+#: its document, so it reads back as version 2 read it (keys in ``jsonb``'s order); rows
+#: written from now on keep the text they were written with. Then the write function of
+#: version 3 replaces version 2's (whose arguments were ``jsonb``).
+PG_UPGRADE_2_TO_3 = [
+    """
+    ALTER TABLE fleetcache_entries
+        ALTER COLUMN value TYPE bytea USING convert_to(value::text, 'UTF8'),
+        ALTER COLUMN error TYPE text USING error::text,
+        ALTER COLUMN diagnostics TYPE text USING diagnostics::text,
+        ADD COLUMN codec text NOT NULL DEFAULT 'json'
+    """,
+    "ALTER TABLE fleetcache_entries ALTER COLUMN codec DROP DEFAULT",
+    "DROP FUNCTION IF EXISTS fleetcache_write_v2",
     PG_CREATE_WRITE_FUNCTION,
 ]
 
@@ -268,7 +319,8 @@ PG_UPGRADE_1_TO_2 = [
 
 # The row a read returns; namespace, scope and user are the key's own.
 _PG_ROW = (
-    "name, value, deps, error, created_at, alias, diagnostics, expires_at, stale_until, compute_ms"
+    "name, value, codec, deps, error, created_at, alias, diagnostics, expires_at, stale_until,"
+    " compute_ms"
 )
 
 # The entry stored under exactly the key: one primary-key probe (the fields are compared
@@ -317,7 +369,7 @@ PG_STAMP_AND_READ_BY_ALIAS = _PG_STAMP.format(read=_PG_EXACT_OR_ALIAS)
 
 #: A write: one statement (every argument cast, so the call resolves whatever psycopg
 #: chose for a value's type).
-PG_WRITE = "SELECT fleetcache_write_v2({})".format(
+PG_WRITE = "SELECT fleetcache_write_v3({})".format(
     ", ".join(f"%({name})s::{kind}" for name, kind in _WRITE_ARGS)
 )
 
@@ -425,8 +477,8 @@ SQLITE_HAS_V1_ENTRIES = """
 #: Records the version reached.
 SQLITE_SET_SCHEMA_VERSION = "UPDATE fleetcache_schema SET version = :version"
 
-_SQLITE_CREATE_ENTRIES = [
-    """
+# The entries table as version 2 created it (the upgrade from version 1 makes it so).
+_SQLITE_CREATE_ENTRIES_TABLE_V2 = """
     CREATE TABLE fleetcache_entries (
         namespace TEXT NOT NULL,
         name TEXT NOT NULL,
@@ -443,7 +495,31 @@ _SQLITE_CREATE_ENTRIES = [
         compute_ms INTEGER,
         PRIMARY KEY (namespace, name, scope, user_id)
     )
-    """,
+"""
+
+# The entries table now: ``value`` holds the codec's bytes (a BLOB), ``deps`` a JSON array.
+# (An upgraded file keeps ``value TEXT`` as declared; a TEXT column stores a BLOB as given.)
+_SQLITE_CREATE_ENTRIES_TABLE = """
+    CREATE TABLE fleetcache_entries (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        value BLOB NOT NULL,
+        deps TEXT NOT NULL,
+        error TEXT,
+        created_at INTEGER,
+        alias TEXT,
+        diagnostics TEXT,
+        expires_at INTEGER,
+        stale_until INTEGER,
+        compute_ms INTEGER,
+        codec TEXT NOT NULL,
+        PRIMARY KEY (namespace, name, scope, user_id)
+    )
+"""
+
+_SQLITE_ENTRIES_INDEXES = [
     """
     CREATE INDEX fleetcache_entries_stale_until ON fleetcache_entries (stale_until)
         WHERE stale_until IS NOT NULL
@@ -476,7 +552,8 @@ SQLITE_CREATE_LATEST = [
     )
     """,
     "INSERT INTO fleetcache_schema (singleton, version) VALUES (1, 0)",
-    *_SQLITE_CREATE_ENTRIES,
+    _SQLITE_CREATE_ENTRIES_TABLE,
+    *_SQLITE_ENTRIES_INDEXES,
     """
     CREATE TABLE fleetcache_generations (
         kind TEXT NOT NULL,
@@ -522,16 +599,26 @@ SQLITE_COPY_V1_ENTRIES = [
 #: Version 1 -> 2 (the rest): the entries tables, and a time on every mark (the upgrade's,
 #: bound as ``:now``, so a version 1 mark is kept for the whole retention from now).
 SQLITE_UPGRADE_1_TO_2 = [
-    *_SQLITE_CREATE_ENTRIES,
+    _SQLITE_CREATE_ENTRIES_TABLE_V2,
+    *_SQLITE_ENTRIES_INDEXES,
     "ALTER TABLE fleetcache_generations ADD COLUMN marked_at REAL NOT NULL DEFAULT 0",
     "UPDATE fleetcache_generations SET marked_at = :now",
     "CREATE INDEX fleetcache_generations_marked_at ON fleetcache_generations (marked_at)",
 ]
 
+#: Version 2 -> 3: every value (already the JSON text it was written as) becomes the
+#: bytes of that text, with codec ``json``. (sqlite cannot drop a column default; writers
+#: always give the codec.)
+SQLITE_UPGRADE_2_TO_3 = [
+    "ALTER TABLE fleetcache_entries ADD COLUMN codec TEXT NOT NULL DEFAULT 'json'",
+    "UPDATE fleetcache_entries SET value = CAST(value AS BLOB) WHERE typeof(value) = 'text'",
+]
+
 # ------------------------------------------------------------------------------- reads
 
 _SQLITE_ROW = (
-    "name, value, deps, error, created_at, alias, diagnostics, expires_at, stale_until, compute_ms"
+    "name, value, codec, deps, error, created_at, alias, diagnostics, expires_at, stale_until,"
+    " compute_ms"
 )
 
 _SQLITE_EXACT = f"""
@@ -568,16 +655,16 @@ SQLITE_STAMP_AND_READ_BY_ALIAS = _SQLITE_STAMP.format(read=_SQLITE_EXACT_OR_ALIA
 # ------------------------------------------------------------------------------ writes
 
 _SQLITE_INSERT = """
-    INSERT INTO fleetcache_entries (namespace, name, scope, user_id, value, deps, error,
-                                    created_at, alias, diagnostics, expires_at, stale_until,
-                                    compute_ms)
-    SELECT :ns, :name, :scope, :user, :value, :deps, :error, :created_at, :alias,
+    INSERT INTO fleetcache_entries (namespace, name, scope, user_id, value, codec, deps,
+                                    error, created_at, alias, diagnostics, expires_at,
+                                    stale_until, compute_ms)
+    SELECT :ns, :name, :scope, :user, :value, :codec, :deps, :error, :created_at, :alias,
            :diagnostics, :expires_at, :stale_until, :compute_ms
 """
 _SQLITE_UPSERT = """
     ON CONFLICT (namespace, name, scope, user_id) DO UPDATE SET
-        value = excluded.value, deps = excluded.deps, error = excluded.error,
-        created_at = excluded.created_at, alias = excluded.alias,
+        value = excluded.value, codec = excluded.codec, deps = excluded.deps,
+        error = excluded.error, created_at = excluded.created_at, alias = excluded.alias,
         diagnostics = excluded.diagnostics, expires_at = excluded.expires_at,
         stale_until = excluded.stale_until, compute_ms = excluded.compute_ms
 """

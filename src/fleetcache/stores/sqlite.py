@@ -53,6 +53,7 @@ from fleetcache.stores.closure import Closure
 from fleetcache.stores.migrations import migrate_sqlite
 from fleetcache.stores.validation import (
     check_name,
+    decode_value,
     encode_entry,
     names_to_invalidate,
     stamped_names,
@@ -78,10 +79,12 @@ def _loads(text: str | None) -> Any:
 
 
 def _entry(key: Key, row: Sequence[Any]) -> Entry:
-    name, value, deps, error, created_at, alias, diagnostics, expires, stale, compute = row
+    name, value, codec, deps, error, created_at, alias, diagnostics, expires, stale, compute = row
+    if name != key.name:
+        key = key.with_name(name)
     return Entry(
-        key=key if name == key.name else key.with_name(name),
-        value=json.loads(value),
+        key=key,
+        value=decode_value(key, codec, value),
         deps=tuple(json.loads(deps)),
         error=_loads(error),
         created_at=created_at,

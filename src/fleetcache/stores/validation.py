@@ -1,4 +1,4 @@
-"""What a store accepts, checked before any I/O, and the JSON text it stores.
+"""What a store accepts, checked before any I/O, and the bytes and text it stores.
 
 Every store refuses the same inputs with the same typed errors, before it touches a file,
 a connection or a transaction, so one bad value can never leave a transaction open or a
@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fleetcache.errors import InvalidInputError, SerializationError
+from fleetcache.errors import InvalidInputError, SerializationError, StoreError
 
 if TYPE_CHECKING:
     from fleetcache.stores.base import Entry, Key
@@ -145,11 +145,20 @@ def validate_key(key: Key) -> None:
     check_name(f"the user of key {key.coalesce_key}", key.user)
 
 
+#: The codec of every value this release writes: compact JSON text, UTF-8. A row's codec
+#: says how its value's bytes decode, so another codec (pickle, a compressed form) can be
+#: added without a schema change; a codec a release does not know is refused on read.
+JSON_CODEC = "json"
+
+
 @dataclass(frozen=True, slots=True)
 class EncodedEntry:
-    """An entry's columns as a store writes them: its JSON parts as text."""
+    """An entry's columns as a store writes them: the value as the bytes ``codec`` made
+    (kept verbatim, so a read decodes exactly what was written: key order, number forms),
+    error and diagnostics as JSON text (verbatim too)."""
 
-    value: str
+    value: bytes
+    codec: str
     deps: tuple[str, ...]
     error: str | None
     diagnostics: str | None
@@ -165,7 +174,7 @@ class EncodedEntry:
 
 
 def encode_entry(entry: Entry) -> EncodedEntry:
-    """Validate every part of ``entry`` and return its JSON text; raises
+    """Validate every part of ``entry`` and return its columns; raises
     :class:`InvalidInputError` / :class:`SerializationError` naming the key and the part."""
     key = entry.key
     validate_key(key)
@@ -184,7 +193,8 @@ def encode_entry(entry: Entry) -> EncodedEntry:
                 f"the {what} of key {where} is {moment}: out of the 64-bit range a store keeps"
             )
     return EncodedEntry(
-        value=encode_json(f"the value of key {where}", entry.value),
+        value=encode_json(f"the value of key {where}", entry.value).encode(),
+        codec=JSON_CODEC,
         deps=deps,
         error=None
         if entry.error is None
@@ -209,6 +219,25 @@ def encode_json(what: str, value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError as exc:  # an int past a limit this process set lower than ours
         raise SerializationError(f"{what} cannot be written as JSON: {exc}") from None
+
+
+def decode_value(key: Key, codec: str, data: bytes) -> Any:
+    """The value a row of ``key`` holds: ``data`` decoded by ``codec``. Raises
+    :class:`~fleetcache.errors.StoreError` naming the key for a codec this release does not
+    know (a row written by a newer one) or bytes that do not decode."""
+    try:
+        if codec == JSON_CODEC:
+            # UTF-8 by construction: decoding first skips json's encoding detection.
+            return json.loads(data.decode())
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise StoreError(
+            f"the value stored for key {key.coalesce_key} ({len(data)} bytes) is not "
+            f"{codec!r} data: {exc}"
+        ) from exc
+    raise StoreError(
+        f"the value stored for key {key.coalesce_key} has codec {codec!r}, which this release "
+        f"cannot decode (it reads {JSON_CODEC!r}): was it written by a newer fleetcache?"
+    )
 
 
 def check_json(what: str, value: Any) -> None:

@@ -24,6 +24,7 @@ from psycopg.types.json import Jsonb
 import fleetcache
 from fleetcache.stores import queries
 from fleetcache.stores.postgres import key_hash
+from fleetcache.stores.validation import encode_entry
 from fleetcache_cli.bench.minimal import MinimalCache
 from fleetcache_cli.bench.probes import StatementCounter
 from fleetcache_cli.shared import percentile
@@ -31,7 +32,8 @@ from fleetcache_cli.shared import percentile
 Timed = Callable[[], Awaitable[float]]
 
 _COPY_ENTRIES = (
-    "COPY fleetcache_entries (key_hash, namespace, name, scope, user_id, value, deps) FROM STDIN"
+    "COPY fleetcache_entries (key_hash, namespace, name, scope, user_id, value, codec, deps)"
+    " FROM STDIN"
 )
 _COPY_MINIMAL = "COPY bench_minimal_entries (namespace, name, value) FROM STDIN"
 
@@ -64,13 +66,16 @@ async def fill_entries(url: str, namespace: str, rows: int, value: Any, *, minim
         async with conn.cursor() as cursor, cursor.copy(_COPY_ENTRIES) as copy:
             for i in range(rows):
                 key = fleetcache.Key(namespace, f"row-{i}")
+                # Encoded as the store encodes it, so a hit decodes what a write would hold.
+                encoded = encode_entry(fleetcache.Entry(key, value))
                 row: tuple[Any, ...] = (
                     key_hash(key),
                     namespace,
                     key.name,
                     "public",
                     "",
-                    Jsonb(value),
+                    encoded.value,
+                    encoded.codec,
                     [],
                 )
                 await copy.write_row(row)
@@ -122,7 +127,8 @@ async def warm_hits(
     async def raw() -> float:
         started = time.perf_counter()
         async with pool.connection() as conn:
-            await (await conn.execute(queries.PG_READ, params)).fetchone()
+            # As the store sends it: results in binary format.
+            await (await conn.execute(queries.PG_READ, params, binary=True)).fetchone()
         return time.perf_counter() - started
 
     async def minimal_hit() -> float:
