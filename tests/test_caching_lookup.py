@@ -26,7 +26,7 @@ from fleetcache.errors import (
 from fleetcache.lookup import MISSING, CachingLookup, Missing, Produced
 from fleetcache.stores import Entry, Key, Store
 from fleetcache.stores.base import GenerationStamp
-from waiting import eventually
+from waiting import PROMPT, eventually
 
 NS = "https://realm.example/"
 T = TypeVar("T")
@@ -589,6 +589,7 @@ async def test_a_computation_that_never_returns_is_bounded_for_every_caller(
     assert lookup.stats()["compute_timeouts"] == 1
 
 
+@pytest.mark.slow
 async def test_a_computation_that_ignores_cancellation_still_frees_its_callers(
     store: Store,
 ) -> None:
@@ -607,9 +608,8 @@ async def test_a_computation_that_ignores_cancellation_still_frees_its_callers(
 
     with pytest.raises(ComputationTimeoutError):
         await asyncio.wait_for(lookup.get(key("a"), stubborn), 10)
-    started = time.monotonic()
-    await lookup.close(timeout=0.3)
-    assert time.monotonic() - started < 5
+    # The bound only keeps a hang (close waiting for the stubborn computation) from stalling.
+    await asyncio.wait_for(lookup.close(timeout=0.3), PROMPT)
     stop.set()
     await asyncio.sleep(0.1)
 
@@ -626,6 +626,7 @@ async def test_a_producers_own_timeout_error_is_not_taken_for_ours(store: Store)
     assert not isinstance(caught.value, ComputationTimeoutError)
 
 
+@pytest.mark.slow
 async def test_invalidation_notices_from_the_fleet_never_multiply_computations(
     store: Store,
 ) -> None:
