@@ -66,21 +66,20 @@ async def terminate_backends(database_url: str, application_name: str) -> int:
     are gone; return how many there were."""
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
         cursor = await admin.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE application_name = %s",
             (application_name,),
         )
-        killed = (await cursor.fetchone() or (0,))[0]
+        killed = [pid for pid, _ in await cursor.fetchall()]
 
-        async def all_gone() -> bool:
+        async def all_gone() -> bool:  # the pool may already be making new ones: not counted
             cursor = await admin.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                (application_name,),
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (killed,)
             )
             return await cursor.fetchone() == (0,)
 
         await eventually(all_gone)
-    return int(killed)
+    return len(killed)
 
 
 async def test_terminated_backends_cost_no_request(database_url: str) -> None:
