@@ -139,13 +139,16 @@ async def test_keys_that_join_alike_never_share_a_computation_or_a_value(
     computations, each its own value, and each its own row."""
     lookup: CachingLookup[Any] = CachingLookup(store)
     gate = asyncio.Event()
+    started: list[Key] = []
 
     async def produce(k: Key) -> Produced[Any]:
+        started.append(k)
         await gate.wait()
         return Produced(value={"for": [k.namespace, k.name, k.scope, k.user]})
 
     tasks = [asyncio.create_task(lookup.get(k, produce)) for k in (first, second)]
-    await asyncio.sleep(0.05)
+    # Both callers are in: each computing its own key, or (wrongly) one joined the other.
+    await eventually(lambda: len(started) + lookup.stats()["coalesced"] == 2)
     gate.set()
     got_first, got_second = await asyncio.gather(*tasks)
     assert got_first is not None
@@ -390,7 +393,7 @@ async def test_identity_checked_cleanup(store: Store) -> None:
     old.release()
     await old_call
     joiner = asyncio.create_task(lookup.get(key("a"), new))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: lookup.stats()["coalesced"] == 1)
     new.release()
     results = await asyncio.gather(new_call, joiner)
     assert new.calls["a"] == 1
@@ -491,7 +494,7 @@ async def test_cancelling_a_follower_leaves_the_others_their_result(store: Store
     first = asyncio.create_task(lookup.get(key("a"), produce))
     await produce.started.wait()
     others = [asyncio.create_task(lookup.get(key("a"), produce)) for _ in range(2)]
-    await asyncio.sleep(0.01)
+    await eventually(lambda: lookup.stats()["coalesced"] == 2)
     first.cancel()
     others[0].cancel()
     produce.release()
@@ -674,7 +677,7 @@ async def test_joined_callers_each_get_errors_as_they_asked(store: Store) -> Non
     prewarm = asyncio.create_task(lookup.get(key("a"), produce, persist_errors=False))
     await produce.started.wait()
     wants_errors = asyncio.create_task(lookup.get(key("a"), produce))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: lookup.stats()["coalesced"] == 1)
     produce.release()
     assert await prewarm is None
     joined = await wants_errors

@@ -368,7 +368,7 @@ async def test_peer_payload_identical_to_ours_in_flight_is_applied(
     async with InvalidationListener(hub, target, origin=publisher.origin) as listener:
         async with pool.connection():  # the pool's only connection: our broadcast waits
             ours = asyncio.create_task(publisher.all_cleared())
-            await asyncio.sleep(0.1)  # let it start waiting for the connection
+            await wait_until(lambda: pool.get_stats().get("requests_waiting") == 1)
             await send(admin, encode_global_payload())
             await send(admin, encode_global_payload(origin=new_origin()))
             await wait_until(lambda: target.calls == [("all",), ("all",)])
