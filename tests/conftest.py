@@ -27,7 +27,7 @@ POSTGRES_FIXTURES = frozenset({"postgres_server_url", "database_url", "empty_dat
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that uses Postgres ``postgres`` (through a fixture, or a parameter
-    named "postgres" such as the ``store`` fixture's), and every ``processes`` test
+    whose value is "postgres", as the ``store`` fixture's), and every ``processes`` test
     ``slow``: ``-m "not slow"`` is the fast tier, ``-m "not postgres"`` needs no server."""
     for item in items:
         callspec = getattr(item, "callspec", None)
