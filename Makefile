@@ -1,10 +1,11 @@
 # The two commands: `make demo` and `make test`. Each creates .venv on first use and
-# reinstalls the project whenever pyproject.toml changes.
+# reinstalls the project whenever pyproject.toml changes. `make check` is the inner loop:
+# lint and the fast tier (every test not marked slow); `make test` (CI) runs them all.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint clean pgbouncer
+.PHONY: demo test check bench lint clean pgbouncer
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,9 @@ pgbouncer:
 
 test: lint pgbouncer
 	$(BIN)/pytest
+
+check: lint
+	$(BIN)/pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

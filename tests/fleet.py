@@ -1,4 +1,5 @@
-"""Drive fleet members (``fleet_worker.py``) as real OS processes from async tests."""
+"""Drive worker scripts (``fleet_worker.py``, ``store_race_worker.py``) as real OS processes
+from async tests: one JSON command per stdin line, one JSON answer per stdout line."""
 
 from __future__ import annotations
 
@@ -24,14 +25,15 @@ class Worker:
         self.pid = process.pid
 
     @classmethod
-    async def start(cls, *args: str, ready_timeout: float = 60.0) -> Worker:
-        """Start a worker with ``args`` and wait until it says it is ready."""
+    async def start(cls, *args: str, script: Path = WORKER, ready_timeout: float = 60.0) -> Worker:
+        """Start ``script`` (a fleet member by default) with ``args`` and wait until it says
+        it is ready."""
         stderr_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the worker
             prefix="fleet-worker-", suffix=".log", delete=False
         )
         process = await asyncio.create_subprocess_exec(
             sys.executable,
-            str(WORKER),
+            str(script),
             *args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,

@@ -26,7 +26,7 @@ from fleetcache.errors import (
 from fleetcache.lookup import MISSING, CachingLookup, Missing, Produced
 from fleetcache.stores import Entry, Key, Store
 from fleetcache.stores.base import GenerationStamp
-from waiting import eventually
+from waiting import PROMPT, eventually
 
 NS = "https://realm.example/"
 T = TypeVar("T")
@@ -139,13 +139,16 @@ async def test_keys_that_join_alike_never_share_a_computation_or_a_value(
     computations, each its own value, and each its own row."""
     lookup: CachingLookup[Any] = CachingLookup(store)
     gate = asyncio.Event()
+    started: list[Key] = []
 
     async def produce(k: Key) -> Produced[Any]:
+        started.append(k)
         await gate.wait()
         return Produced(value={"for": [k.namespace, k.name, k.scope, k.user]})
 
     tasks = [asyncio.create_task(lookup.get(k, produce)) for k in (first, second)]
-    await asyncio.sleep(0.05)
+    # Both callers are in: each computing its own key, or (wrongly) one joined the other.
+    await eventually(lambda: len(started) + lookup.stats()["coalesced"] == 2)
     gate.set()
     got_first, got_second = await asyncio.gather(*tasks)
     assert got_first is not None
@@ -491,7 +494,7 @@ async def test_cancelling_a_follower_leaves_the_others_their_result(store: Store
     first = asyncio.create_task(lookup.get(key("a"), produce))
     await produce.started.wait()
     others = [asyncio.create_task(lookup.get(key("a"), produce)) for _ in range(2)]
-    await asyncio.sleep(0.01)
+    await eventually(lambda: lookup.stats()["coalesced"] == 2)
     first.cancel()
     others[0].cancel()
     produce.release()
@@ -589,6 +592,7 @@ async def test_a_computation_that_never_returns_is_bounded_for_every_caller(
     assert lookup.stats()["compute_timeouts"] == 1
 
 
+@pytest.mark.slow
 async def test_a_computation_that_ignores_cancellation_still_frees_its_callers(
     store: Store,
 ) -> None:
@@ -607,9 +611,8 @@ async def test_a_computation_that_ignores_cancellation_still_frees_its_callers(
 
     with pytest.raises(ComputationTimeoutError):
         await asyncio.wait_for(lookup.get(key("a"), stubborn), 10)
-    started = time.monotonic()
-    await lookup.close(timeout=0.3)
-    assert time.monotonic() - started < 5
+    # The bound only keeps a hang (close waiting for the stubborn computation) from stalling.
+    await asyncio.wait_for(lookup.close(timeout=0.3), PROMPT)
     stop.set()
     await asyncio.sleep(0.1)
 
@@ -626,6 +629,7 @@ async def test_a_producers_own_timeout_error_is_not_taken_for_ours(store: Store)
     assert not isinstance(caught.value, ComputationTimeoutError)
 
 
+@pytest.mark.slow
 async def test_invalidation_notices_from_the_fleet_never_multiply_computations(
     store: Store,
 ) -> None:
@@ -673,7 +677,7 @@ async def test_joined_callers_each_get_errors_as_they_asked(store: Store) -> Non
     prewarm = asyncio.create_task(lookup.get(key("a"), produce, persist_errors=False))
     await produce.started.wait()
     wants_errors = asyncio.create_task(lookup.get(key("a"), produce))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: lookup.stats()["coalesced"] == 1)
     produce.release()
     assert await prewarm is None
     joined = await wants_errors

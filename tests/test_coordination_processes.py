@@ -11,6 +11,7 @@ import pytest
 
 from fleet import Worker, fleet
 from fleetcache.definitions.testing import ModuleSpec, SimulatedPrerenderServer
+from waiting import eventually
 
 pytestmark = pytest.mark.processes
 
@@ -38,10 +39,7 @@ async def start_fleet(
 
 async def wait_for_render(server: SimulatedPrerenderServer, url: str, timeout: float = 20) -> None:
     """Wait until the server has received a render request for ``url``."""
-    deadline = time.monotonic() + timeout
-    while server.render_counts().get(url, 0) == 0:
-        assert time.monotonic() < deadline, f"{url} was never rendered"
-        await asyncio.sleep(0.02)
+    await eventually(lambda: server.render_counts().get(url, 0) > 0, timeout)
 
 
 async def test_cold_fan_out_renders_each_module_once(

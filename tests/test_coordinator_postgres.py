@@ -240,6 +240,7 @@ async def test_no_transaction_and_no_snapshot_is_held_while_a_winner_computes(
     assert LOCK_APPLICATION_NAME in {name for name, _, _ in seen}
 
 
+@pytest.mark.slow
 async def test_a_winner_outlives_idle_in_transaction_session_timeout_and_keeps_its_lock(
     make_node: MakeNode, raw: Callable[..., Awaitable[Conn]], database_url: str
 ) -> None:

@@ -22,21 +22,12 @@ from fleetcache.errors import (
     NotOpenError,
 )
 from fleetcache.notifications import DEFAULT_APPLICATION_NAME, NotificationHub
+from waiting import eventually as wait_until
 
 pytestmark = pytest.mark.postgres
 
-WAIT = 10.0  # generous bound on any wait; never an assertion about speed
 
 AdminConn = psycopg.AsyncConnection[tuple[object, ...]]
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Poll ``predicate`` until it holds; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 async def hub_backends(
@@ -53,14 +44,14 @@ async def hub_backends(
 
 async def wait_for_backends(admin: AdminConn, count: int) -> list[int]:
     """Wait until exactly ``count`` hub backends exist (exiting backends take a moment)."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        pids = await hub_backends(admin)
-        if len(pids) == count:
-            return pids
-        if time.monotonic() > deadline:
-            pytest.fail(f"expected {count} hub backend(s), found {pids}")
-        await asyncio.sleep(0.02)
+    pids: list[int] = []
+
+    async def counted() -> bool:
+        pids[:] = await hub_backends(admin)
+        return len(pids) == count
+
+    await wait_until(counted)
+    return pids
 
 
 @pytest.fixture
@@ -259,6 +250,7 @@ async def test_payloads_are_delivered_in_arrival_order(
     assert got == expected
 
 
+@pytest.mark.slow
 async def test_notifications_arriving_around_liveness_probes_are_not_lost(
     database_url: str, admin: AdminConn
 ) -> None:
@@ -541,16 +533,14 @@ async def test_loss_is_counted_at_once_and_reconnect_retries_while_refused(
 
 async def test_idle_hub_probes_its_connection(hub: NotificationHub, admin: AdminConn) -> None:
     """An idle hub keeps checking its connection (its backend runs SELECT 1)."""
-    deadline = time.monotonic() + WAIT
-    while True:
+
+    async def probed() -> bool:
         cur = await admin.execute(
             "SELECT query FROM pg_stat_activity WHERE pid = %s", (hub.backend_pid,)
         )
-        rows = await cur.fetchall()
-        if rows and rows[0][0] == "SELECT 1":
-            break
-        assert time.monotonic() < deadline, f"no liveness probe seen: {rows}"
-        await asyncio.sleep(0.05)
+        return await cur.fetchall() == [("SELECT 1",)]
+
+    await wait_until(probed)
 
 
 class FreezableProxy:
@@ -608,6 +598,7 @@ class FreezableProxy:
             await self._server.wait_closed()
 
 
+@pytest.mark.slow
 async def test_liveness_probe_detects_a_half_open_connection(
     database_url: str, admin: AdminConn
 ) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import psycopg
 import pytest
@@ -26,10 +25,10 @@ from fleetcache.notifications import (
     encode_realm_payload,
     new_origin,
 )
+from waiting import eventually as wait_until
 
 pytestmark = pytest.mark.postgres
 
-WAIT = 10.0  # generous bound on any wait; never an assertion about speed
 
 Call = tuple[object, ...]
 Pool = AsyncConnectionPool[psycopg.AsyncConnection]
@@ -56,15 +55,6 @@ class FakeTarget:
     def notifications_lost(self) -> None:
         """Record a gap."""
         self.calls.append(("lost",))
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    """Poll ``predicate`` until it holds; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -224,6 +214,7 @@ class CountingTarget:
         self.count += 1
 
 
+@pytest.mark.slow
 async def test_flood_of_forged_payloads_keeps_nothing_per_payload(
     hub: NotificationHub, admin: psycopg.AsyncConnection, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -377,7 +368,7 @@ async def test_peer_payload_identical_to_ours_in_flight_is_applied(
     async with InvalidationListener(hub, target, origin=publisher.origin) as listener:
         async with pool.connection():  # the pool's only connection: our broadcast waits
             ours = asyncio.create_task(publisher.all_cleared())
-            await asyncio.sleep(0.1)  # let it start waiting for the connection
+            await wait_until(lambda: pool.get_stats().get("requests_waiting") == 1)
             await send(admin, encode_global_payload())
             await send(admin, encode_global_payload(origin=new_origin()))
             await wait_until(lambda: target.calls == [("all",), ("all",)])

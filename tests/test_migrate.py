@@ -12,6 +12,13 @@ from fleetcache_cli import main
 pytestmark = pytest.mark.postgres
 
 
+@pytest.fixture
+def database_url(empty_database_url: str) -> str:
+    """In this module a database with no fleetcache schema (not the migrated copy the other
+    tests get): these tests create and upgrade the schema themselves."""
+    return empty_database_url
+
+
 def test_migrate_creates_then_finds_the_latest_schema(
     database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -144,6 +144,7 @@ def test_bad_bounds_are_refused() -> None:
         near(max_bytes=0)
 
 
+@pytest.mark.slow
 def test_the_bound_holds_under_100000_distinct_keys() -> None:
     """100,000 distinct keys through a tier of 1,000 entries: it keeps 1,000, its indexes
     shrink with it, and the memory it holds stays bounded (printed: run with -s)."""

@@ -652,9 +652,12 @@ async def test_postgres_injected_pool_must_be_autocommit(database_url: str) -> N
         await pool.close()
 
 
-async def test_postgres_schema_is_latest_and_absent_json_is_sql_null(database_url: str) -> None:
+async def test_postgres_schema_is_latest_and_absent_json_is_sql_null(
+    empty_database_url: str,
+) -> None:
     """Opening twice keeps one schema row (the latest version) and creates no unprefixed table;
     absent error/diagnostics are SQL NULL, not JSON null."""
+    database_url = empty_database_url  # the schema is created by these opens, not given
     for _ in range(2):
         store = PostgresStore(database_url, max_size=1)
         await store.open()

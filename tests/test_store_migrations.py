@@ -26,6 +26,14 @@ from fleetcache.stores.validation import encode_json
 FIXTURES = Path(__file__).with_name("fixtures")
 NS = "https://realm.example/"
 
+
+@pytest.fixture
+def database_url(empty_database_url: str) -> str:
+    """In this module a database with no fleetcache schema (not the migrated copy the other
+    tests get): these tests create and upgrade the schema themselves."""
+    return empty_database_url
+
+
 # (url, scope, user, realm, definitions, deps, error_doc, created_at, alias, diagnostics)
 V1_ROWS: list[tuple[Any, ...]] = [
     (NS + "card.gts", "public", "", NS, {"kind": "card"}, [NS + "base"], None, 1000, NS + "card",

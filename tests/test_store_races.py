@@ -11,17 +11,14 @@ never overlap could not fail.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import random
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from fleet import Worker, fleet
 from fleetcache.stores import Entry, Key, PostgresStore, SqliteStore, Store
 
 pytestmark = pytest.mark.processes
@@ -31,60 +28,13 @@ NS = "https://race.example/"
 TRIALS = 200
 
 
-class RaceWorker:
-    """A ``store_race_worker.py`` process."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-
-    @classmethod
-    async def start(cls, kind: str, target: str) -> RaceWorker:
-        """Start a worker on the store and wait until it is ready."""
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(WORKER),
-            kind,
-            target,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        worker = cls(process)
-        assert (await worker.receive(60))["ready"]
-        return worker
-
-    async def send(self, **command: Any) -> None:
-        """Send one command."""
-        assert self.process.stdin is not None
-        self.process.stdin.write((json.dumps(command) + "\n").encode())
-        await self.process.stdin.drain()
-
-    async def receive(self, timeout: float = 30) -> dict[str, Any]:
-        """The next answer."""
-        assert self.process.stdout is not None
-        line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
-        assert line, f"worker {self.process.pid} exited"
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    async def stop(self) -> None:
-        """Ask it to exit; kill it if it does not."""
-        if self.process.returncode is None:
-            try:
-                await self.send(op="exit")
-                await asyncio.wait_for(self.process.wait(), 20)
-            except (TimeoutError, ConnectionError):
-                self.process.kill()
-                await self.process.wait()
-
-
 @asynccontextmanager
-async def workers(kind: str, target: str) -> AsyncIterator[tuple[RaceWorker, RaceWorker]]:
-    """P1 and P2, stopped on exit."""
-    started = await asyncio.gather(RaceWorker.start(kind, target), RaceWorker.start(kind, target))
-    try:
+async def workers(kind: str, target: str) -> AsyncIterator[tuple[Worker, Worker]]:
+    """P1 and P2 (``store_race_worker.py`` processes), stopped on exit."""
+    async with fleet() as started:
+        for _ in range(2):
+            started.append(await Worker.start(kind, target, script=WORKER))
         yield started[0], started[1]
-    finally:
-        await asyncio.gather(*(worker.stop() for worker in started))
 
 
 @pytest.mark.parametrize("kind", ["postgres", "sqlite"])
@@ -109,9 +59,9 @@ async def test_random_races_leave_no_dependent_computed_from_old_data(
             for trial in range(TRIALS):
                 x, d = f"x{trial}", f"d{trial}"
                 await store.write(Entry(Key(NS, x), {"v": "old"}, alias=f"{x}~"))
-                await p1.send(op="populate", x=x, d=d, delay=rng.uniform(0, 0.012))
+                await p1.send("populate", x=x, d=d, delay=rng.uniform(0, 0.012))
                 await p2.send(
-                    op="invalidate", x=x, delay=rng.uniform(0, 0.012), hold=rng.uniform(0, 0.004)
+                    "invalidate", x=x, delay=rng.uniform(0, 0.012), hold=rng.uniform(0, 0.004)
                 )
                 pop, inv = await p1.receive(), await p2.receive()
                 row = await store.read(Key(NS, d))
