@@ -103,7 +103,8 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'cache.db'}"
     request.applymarker(pytest.mark.postgres)
-    database_url: str = request.getfixturevalue("database_url")
+    # Empty: some tests need a database without the schema (and seeding migrates anyway).
+    database_url: str = request.getfixturevalue("empty_database_url")
     return database_url
 
 
@@ -323,9 +324,10 @@ def _pg_fleetcache_objects(url: str) -> list[str]:
 
 
 @pytest.mark.postgres
-async def test_inspecting_an_empty_database_creates_nothing(database_url: str) -> None:
+async def test_inspecting_an_empty_database_creates_nothing(empty_database_url: str) -> None:
     """An empty database: SchemaMissingError naming it, and afterwards it still holds no
     fleetcache table, index or function (neither inspect nor purge created or migrated)."""
+    database_url = empty_database_url
     with pytest.raises(SchemaMissingError, match="holds no fleetcache schema"):
         await inspect(database_url)
     with pytest.raises(SchemaMissingError):
