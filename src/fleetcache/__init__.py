@@ -27,6 +27,7 @@ from fleetcache.factory import Fleetcache
 from fleetcache.factory import open as open  # re-exported; kept out of __all__ on purpose
 from fleetcache.lookup import MISSING, CachingLookup, Codec, Missing, Produce, Produced
 from fleetcache.stores import Entry, Key, MemoryStore, PostgresStore, SqliteStore, Store
+from fleetcache.stores.codecs import ValueCodec
 
 __all__ = [
     "MISSING",
@@ -55,4 +56,5 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoreError",
+    "ValueCodec",
 ]
