@@ -580,7 +580,7 @@ def _stampede(url: str, tmp_path: Path, processes: int, threads: int) -> tuple[i
 def test_get_or_set_computes_once_across_processes_on_postgres(
     database_url: str, tmp_path: Path
 ) -> None:
-    """4 OS processes × 8 threads calling get_or_set on one cold key with a slow callable
+    """4 OS processes x 8 threads calling get_or_set on one cold key with a slow callable
     run it exactly once on Postgres, and every caller gets that one value."""
     computations, got = _stampede(database_url, tmp_path, processes=4, threads=8)
     assert computations == 1
@@ -590,7 +590,7 @@ def test_get_or_set_computes_once_across_processes_on_postgres(
 
 @pytest.mark.processes
 def test_get_or_set_on_sqlite_computes_at_most_once_per_process(tmp_path: Path) -> None:
-    """On sqlite, today, processes do not coordinate: 4 processes × 8 threads run the
+    """On sqlite, today, processes do not coordinate: 4 processes x 8 threads run the
     callable at most once per process (single flight among each one's threads), and a
     process that finds a stored value uses it."""
     url = f"sqlite:///{tmp_path / 'shared.db'}"
