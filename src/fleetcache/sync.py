@@ -15,7 +15,7 @@ import functools
 import inspect
 import queue
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, cast
@@ -264,17 +264,27 @@ class SyncFleetcache:
         """The core's store (see :attr:`async_cache`)."""
         return self._cache.store
 
-    def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    def submit(
+        self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        """Start ``fn(*args, **kwargs)`` (a coroutine function) on the core's loop; cancelling
+        the future cancels it there."""
+        self._check_open()
+        # The portal owns the loop thread; calls go straight to the loop (the portal's own
+        # call wraps each in a task of its task group with a cancel scope: about 60 us a
+        # call here against 24 us, on a hit path of about 90 us).
+        return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._loop)
+
+    def call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` (a coroutine function) on the core's loop, and return
         its result here."""
-        self._check_open()
-        return self._portal.call(functools.partial(fn, *args, **kwargs))
+        return self.submit(fn, *args, **kwargs).result()
 
-    async def acall(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    async def acall(
+        self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any
+    ) -> T:
         """:meth:`call` for a caller on another event loop: awaits without blocking it."""
-        self._check_open()
-        future = self._portal.start_task_soon(functools.partial(fn, *args, **kwargs))
-        return cast(T, await asyncio.wrap_future(future))
+        return await asyncio.wrap_future(self.submit(fn, *args, **kwargs))
 
     def call_soon(self, fn: Callable[..., object], *args: Any) -> None:
         """Schedule ``fn(*args)`` on the core's loop and return at once."""
@@ -317,10 +327,8 @@ class SyncFleetcache:
             if hit is not None:
                 return hit
         inbox = ThreadInbox()
-        future = self._portal.start_task_soon(
-            functools.partial(
-                self._lookup.get, key, adapt(produce, inbox), candidates=candidates, **options
-            )
+        future = self.submit(
+            self._lookup.get, key, adapt(produce, inbox), candidates=candidates, **options
         )
         return inbox.serve(future)
 
@@ -435,7 +443,7 @@ class SyncFleetcache:
                 return
             self._closed = True
         try:
-            self._portal.call(self._cache.close, timeout)
+            asyncio.run_coroutine_threadsafe(self._cache.close(timeout), self._loop).result()
         finally:
             self._portal_cm.__exit__(None, None, None)
 
