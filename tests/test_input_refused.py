@@ -17,6 +17,7 @@ from fleetcache.errors import ConfigurationError, InvalidInputError, Serializati
 from fleetcache.lookup.decorator import cached
 from fleetcache.stores import Entry, GenerationStamp, Store
 from fleetcache.stores.base import Expand
+from fleetcache.stores.codecs import ValueCodec
 from fleetcache.stores.validation import MAX_JSON_DEPTH
 from test_store_contract import assert_no_transaction_left
 
@@ -89,6 +90,11 @@ class RecordingStore:
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.calls: list[str] = []
+
+    @property
+    def values(self) -> ValueCodec:
+        """The inner store's codec (no I/O)."""
+        return self.inner.values
 
     async def open(self) -> None:
         """Open the inner store."""

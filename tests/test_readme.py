@@ -13,10 +13,15 @@ import pytest
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.mark.parametrize("block", [0, 1], ids=["generic example", "decorator example"])
+@pytest.mark.parametrize(
+    "block",
+    [0, 1, 2, 3, 4],
+    ids=["generic example", "decorator example", "sync example", "starlette", "flask"],
+)
 def test_the_examples_run(tmp_path: Path, block: int) -> None:
-    """The README's first two Python blocks (the generic cache, and values that age with
-    the decorator) run to completion, their asserts included."""
+    """The README's first five Python blocks (the generic cache, values that age with the
+    decorator, the sync API with the decorator on a sync function, a Starlette app and a
+    Flask app) run to completion, their asserts included."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) > block, "the README lost an example"
     script = tmp_path / "example.py"

@@ -184,9 +184,10 @@ async def _set_codec_postgres(url: str, codec: str, value: bytes) -> None:
 async def test_a_value_that_cannot_be_decoded_is_a_store_error_naming_key_and_codec(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """A row whose codec this release does not know (a newer writer's), or whose bytes do
-    not decode, makes the read raise StoreError naming the key and the codec — never a
-    wrong value, never an untyped error."""
+    """A row whose codec this release does not know (a newer writer's), a pickle row in a
+    process that does not unpickle, or bytes that do not decode make the read raise
+    StoreError naming the key and the codec — never a wrong value, never an untyped
+    error."""
     store: SqliteStore | PostgresStore
     if kind == "sqlite":
         store = SqliteStore(tmp_path / "c.db")
@@ -197,7 +198,8 @@ async def test_a_value_that_cannot_be_decoded_is_a_store_error_naming_key_and_co
     try:
         await store.write(entry_of("x", {"a": 1}))
         for codec, data, says in (
-            ("pickle+zlib", b"\x80\x04K\x01.", "has codec 'pickle+zlib'"),
+            ("msgpack", b"\x81", "has codec 'msgpack'"),
+            ("pickle+zlib", b"\x80\x04K\x01.", "has codec 'pickle+zlib', and this process does"),
             ("json", b'{"a": ', "is not 'json' data"),
             ("json", b"\xff\xfe\x00", "is not 'json' data"),
         ):

@@ -7,12 +7,14 @@
     ├── NotOpenError                an object used before ``open()`` / after ``close()``
     ├── InvalidInputError           a key or value refused before any I/O (NUL, lone
     │   │                           surrogate, too deep, too large)
-    │   └── SerializationError      a value, deps, error or diagnostics is not JSON
+    │   └── SerializationError      a value, error or diagnostics cannot be serialized
+    │                               (not JSON; for the pickle codec, not picklable)
     ├── StoreError                  a store operation failed (driver errors are wrapped here)
     │   ├── DatabaseConnectError    the database cannot be reached or refuses us (``cause``)
     │   ├── SchemaVersionError      the database holds a newer schema than this release knows
     │   └── SchemaMissingError      the database holds no schema of this release (inspection)
     ├── ComputationTimeoutError     a computation outlived its ``compute_timeout``
+    ├── ComputationInterruptedError the sync API's thread computing a key was interrupted
     ├── CachedError                 ``get_value`` met a cached error entry (``error`` holds it)
     ├── CoordinationError           cross-process populate coordination failed
     │   └── CoordinationGaveUpError another process held the key past the waiting budget
@@ -136,6 +138,20 @@ class ComputationTimeoutError(FleetcacheError, TimeoutError):
         self.coalesce_key = coalesce_key
         self.seconds = seconds
         self.waited = waited
+
+
+class ComputationInterruptedError(FleetcacheError):
+    """The thread running a sync ``produce`` for a computation (the sync API's caller that
+    started it) was interrupted (``KeyboardInterrupt``, ``SystemExit``) before it answered:
+    the callers sharing that computation get this error; the interrupt itself goes on in
+    the interrupted thread."""
+
+    def __init__(self, coalesce_key: str, interrupt: BaseException) -> None:
+        super().__init__(
+            f"the thread computing key {coalesce_key} was interrupted "
+            f"({type(interrupt).__name__}) before it answered"
+        )
+        self.coalesce_key = coalesce_key
 
 
 class CachedError(FleetcacheError):

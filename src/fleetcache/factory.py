@@ -51,6 +51,7 @@ from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, PostgresInva
 from fleetcache.notifications.hub import NotificationHub
 from fleetcache.notifications.listener import InvalidationListener
 from fleetcache.stores.base import Store
+from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 from fleetcache.stores.memory import MemoryStore
 from fleetcache.stores.postgres import PostgresStore
 from fleetcache.stores.sqlite import SqliteStore
@@ -71,17 +72,17 @@ def is_postgres_url(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://")) or ("://" not in url and "=" in url)
 
 
-def store_for_url(url: str, *, pool_size: int = 10) -> Store:
-    """An unopened store for ``url``."""
+def store_for_url(url: str, *, pool_size: int = 10, values: ValueCodec = JSON_VALUES) -> Store:
+    """An unopened store for ``url``, encoding values with ``values``."""
     if url == "memory://":
-        return MemoryStore()
+        return MemoryStore(values=values)
     if url.startswith("sqlite://"):
         path = url.removeprefix("sqlite://").removeprefix("/")
         if not path:
             raise ConfigurationError(f"a sqlite URL needs a path, like sqlite:///cache.db: {url!r}")
-        return SqliteStore(Path(path))
+        return SqliteStore(Path(path), values=values)
     if is_postgres_url(url):
-        return PostgresStore(url, max_size=pool_size)
+        return PostgresStore(url, max_size=pool_size, values=values)
     raise ConfigurationError(
         f"unsupported cache URL {url!r}: use memory://, sqlite:///path or postgresql://..."
     )
@@ -217,6 +218,7 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     near: int | None = None,
     near_max_bytes: int | None = None,
     codec: Codec[Any] | None = None,
+    values: ValueCodec = JSON_VALUES,
     ttl: float | None = None,
     stale_ttl: float | None = None,
     early_refresh: float | None = None,
@@ -236,7 +238,9 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     there while this process hears the fleet's invalidations (``near_max_bytes`` bounds
     their size too); Postgres only, since only there invalidations are broadcast.
     ``ttl``/``stale_ttl``/``early_refresh``: how values age by default (see
-    :mod:`fleetcache.lookup.expiry`; None: they never expire). The other options are
+    :mod:`fleetcache.lookup.expiry`; None: they never expire). ``values``: how values are
+    stored (:class:`~fleetcache.stores.codecs.ValueCodec`: JSON by default; pickle, for a
+    trusted database only; compression above a size). The other options are
     :class:`~fleetcache.lookup.caching.CachingLookup`'s, plus the Postgres pool size, the
     crash-probe interval and the channel names.
     """
@@ -263,7 +267,11 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
         )
 
     async def opener() -> Fleetcache:
-        store = store_for_url(url, pool_size=pool_size)
+        if not isinstance(values, ValueCodec):
+            raise ConfigurationError(
+                f"values must be a fleetcache.ValueCodec, not a {type(values).__name__}"
+            )
+        store = store_for_url(url, pool_size=pool_size, values=values)
         closers: list[tuple[str, Callable[[float], Awaitable[None]]]] = []
         try:
             await store.open()
@@ -289,7 +297,9 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
                 closers.append(("coordinator", coordinator.close))
             publisher = PostgresInvalidationPublisher(store.pool, channel=invalidated_channel)
             near_tier = (
-                None if near is None else NearCache(hub, max_entries=near, max_bytes=near_max_bytes)
+                None
+                if near is None
+                else NearCache(hub, max_entries=near, max_bytes=near_max_bytes, values=values)
             )
             lookup = make_lookup(store, coordinator, publisher, near_tier)
             listener = InvalidationListener(

@@ -224,40 +224,15 @@ class CachingLookup(Generic[V]):
         With a coordinator, the fleet-wide lock is taken on the alias's key when there is
         an alias (so "x" and "x.gts" take turns), else on ``key`` itself.
         """
-        if self._closed:
-            raise NotOpenError("this CachingLookup is closed")
-        # The key is checked by the store before its first I/O (the near tier and the
-        # in-flight map only ever hold keys the store accepted), so not twice per hit here;
-        # only a field that is not a str (it may not even hash) is refused first.
-        if not (
-            type(key.namespace) is str
-            and type(key.name) is str
-            and type(key.scope) is str
-            and type(key.user) is str
-        ):
-            validate_key(key)
-        # The call's own options, before any I/O and whether it hits or not (the hit path
-        # with none given checks nothing: the lookup's settings were checked when made).
-        if not callable(produce):
-            raise ConfigurationError(
-                f"produce for key {key.coalesce_key} must be an async function of a Key, "
-                f"not a {type(produce).__name__}"
-            )
-        if not (
-            candidates is None
-            and alias is None
-            and ttl is DEFAULT
-            and stale_ttl is DEFAULT
-            and early_refresh is DEFAULT
-        ):
-            self._check_call(
-                key,
-                candidates=candidates,
-                alias=alias,
-                ttl=ttl,
-                stale_ttl=stale_ttl,
-                early_refresh=early_refresh,
-            )
+        self._check_get(
+            key,
+            produce,
+            candidates=candidates,
+            alias=alias,
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            early_refresh=early_refresh,
+        )
         by_alias = alias is not None
         near = self.near
         if near is not None:
@@ -306,6 +281,93 @@ class CachingLookup(Generic[V]):
             raise self._no_answer(key, started) from None
         self._maybe_purge()
         return self._out(result, persist_errors)
+
+    def _check_get(
+        self,
+        key: Key,
+        produce: object,
+        *,
+        candidates: Sequence[str] | None,
+        alias: str | None,
+        ttl: Setting,
+        stale_ttl: Setting,
+        early_refresh: Setting,
+    ) -> None:
+        """What ``get`` refuses before any I/O, on a hit too."""
+        if self._closed:
+            raise NotOpenError("this CachingLookup is closed")
+        # The key is checked by the store before its first I/O (the near tier and the
+        # in-flight map only ever hold keys the store accepted), so not twice per hit here;
+        # only a field that is not a str (it may not even hash) is refused first.
+        if not (
+            type(key.namespace) is str
+            and type(key.name) is str
+            and type(key.scope) is str
+            and type(key.user) is str
+        ):
+            validate_key(key)
+        # The call's own options, before any I/O and whether it hits or not (the hit path
+        # with none given checks nothing: the lookup's settings were checked when made).
+        if not callable(produce):
+            raise ConfigurationError(
+                f"produce for key {key.coalesce_key} must be an async function of a Key, "
+                f"not a {type(produce).__name__}"
+            )
+        if not (
+            candidates is None
+            and alias is None
+            and ttl is DEFAULT
+            and stale_ttl is DEFAULT
+            and early_refresh is DEFAULT
+        ):
+            self._check_call(
+                key,
+                candidates=candidates,
+                alias=alias,
+                ttl=ttl,
+                stale_ttl=stale_ttl,
+                early_refresh=early_refresh,
+            )
+
+    def near_hit(
+        self,
+        key: Key,
+        produce: Produce[V],
+        *,
+        alias: str | None = None,
+        persist_errors: bool = True,
+        ttl: Setting = DEFAULT,
+        stale_ttl: Setting = DEFAULT,
+        early_refresh: Setting = DEFAULT,
+        call_soon: Callable[..., object],
+    ) -> Entry | None:
+        """What :meth:`get` answers from the near tier, from any thread and without waiting
+        for the event loop, or None when only :meth:`get` can answer (no near tier, nothing
+        servable there, or an error entry this caller does not want). A refresh the hit
+        calls for (stale, or early) is started through ``call_soon`` (the loop's
+        ``call_soon_threadsafe``): the caller gets the entry at once, as from ``get``."""
+        self._check_get(
+            key,
+            produce,
+            candidates=None,
+            alias=alias,
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            early_refresh=early_refresh,
+        )
+        near = self.near
+        if near is None:
+            return None
+        kept = near.get(key, by_alias=alias is not None, count_miss=False)
+        if kept is None:
+            return None
+        verdict = self._freshness(kept)
+        if verdict is Freshness.DEAD:
+            return None
+        refresh = self._refresh_due(kept, verdict, early_refresh)
+        if refresh is not None:
+            call_soon(self._start_refresh, refresh, kept, produce, ttl, stale_ttl)
+        return self._out(kept, persist_errors)
 
     async def get_value(
         self,
@@ -427,18 +489,43 @@ class CachingLookup(Generic[V]):
         """A hit: what the caller gets now, and a refresh in the background when the
         entry is stale or (XFetch) about to be. ``expiry`` is the call's ``(ttl,
         stale_ttl, early_refresh)``; a refresh stores its value with the call's expiry."""
-        if entry.error is None:
-            ttl, stale_ttl, early_refresh = expiry
-            beta = self.early_refresh if isinstance(early_refresh, _Default) else early_refresh
-            if beta is not None and beta <= 0:
-                raise ConfigurationError(f"early_refresh (beta) must be > 0, got {beta}")
-            if verdict is Freshness.STALE:
-                self._stats.stale_served += 1
-                self._refresh_soon(entry, produce, ttl, stale_ttl)
-            elif refresh_early(entry, self._clock() * 1000, beta, self._rng.random):
-                self._stats.early_refreshes += 1
-                self._refresh_soon(entry, produce, ttl, stale_ttl)
+        ttl, stale_ttl, early_refresh = expiry
+        refresh = self._refresh_due(entry, verdict, early_refresh)
+        if refresh is not None:
+            self._start_refresh(refresh, entry, produce, ttl, stale_ttl)
         return self._out(entry, persist_errors)
+
+    def _refresh_due(
+        self, entry: Entry, verdict: Freshness, early_refresh: Setting
+    ) -> Freshness | None:
+        """Whether a hit on ``entry`` calls for a refresh: ``STALE`` (it is stale),
+        ``FRESH`` (XFetch says refresh early) or None. Pure apart from the coin: safe from
+        any thread."""
+        if entry.error is not None:
+            return None
+        beta = self.early_refresh if isinstance(early_refresh, _Default) else early_refresh
+        if beta is not None and beta <= 0:
+            raise ConfigurationError(f"early_refresh (beta) must be > 0, got {beta}")
+        if verdict is Freshness.STALE:
+            return verdict
+        if refresh_early(entry, self._clock() * 1000, beta, self._rng.random):
+            return Freshness.FRESH
+        return None
+
+    def _start_refresh(
+        self,
+        why: Freshness,
+        entry: Entry,
+        produce: Produce[V],
+        ttl: Setting,
+        stale_ttl: Setting,
+    ) -> None:
+        """Count a stale or early-refresh hit and start its refresh (on the loop only)."""
+        if why is Freshness.STALE:
+            self._stats.stale_served += 1
+        else:
+            self._stats.early_refreshes += 1
+        self._refresh_soon(entry, produce, ttl, stale_ttl)
 
     async def _wait(self, key: Key, flight: Any) -> Entry | None:
         started = time.monotonic()
@@ -694,7 +781,8 @@ class CachingLookup(Generic[V]):
                 compute_ms=0,
             )
 
-        encode_entry(entry_at(int(self._clock() * 1000)))  # raises what the write would
+        # Raises what the write would.
+        encode_entry(entry_at(int(self._clock() * 1000)), self.store.values)
         invalidated = await self.invalidate(key.namespace, [key.name])
         names = [key.name, *((alias,) if alias is not None else ())]
         stamp, _ = await self.store.stamp_and_read(key, names)

@@ -43,24 +43,13 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-class CachedFunction(Generic[P, R]):
-    """An async function whose results live in a cache; see the module docstring."""
+class KeyMaker:
+    """The entry keys of a decorated function's calls (see the module docstring); shared by
+    the async decorator and the sync one (:mod:`fleetcache.sync`)."""
 
     def __init__(
-        self,
-        lookup: CachingLookup[Any],
-        fn: Callable[P, Awaitable[R]],
-        *,
-        namespace: str | None,
-        key: Callable[P, str] | None,
-        ttl: Setting,
-        stale_ttl: Setting,
-        early_refresh: Setting,
+        self, fn: Callable[..., Any], *, namespace: str | None, key: Callable[..., str] | None
     ) -> None:
-        if not inspect.iscoroutinefunction(fn):
-            raise ConfigurationError(
-                f"cached() decorates async functions; {fn.__qualname__} is not one"
-            )
         if namespace is not None:
             check_name(f"the namespace of cached({fn.__qualname__})", namespace, allow_empty=False)
         if key is not None and not callable(key):
@@ -68,21 +57,12 @@ class CachedFunction(Generic[P, R]):
                 f"cached(key=...) of {fn.__qualname__} must be a function returning the "
                 f"entry's name, not a {type(key).__name__}"
             )
-        # Refused when decorating, not at the first call (nor after a refresh computed).
-        lookup._expiry(ttl, stale_ttl, early_refresh)
-        self._lookup = lookup
         self._fn = fn
         self._signature = inspect.signature(fn)
         self._key = key
         self.namespace = namespace or f"{fn.__module__}.{fn.__qualname__}"
-        self._options: dict[str, Any] = {
-            "ttl": ttl,
-            "stale_ttl": stale_ttl,
-            "early_refresh": early_refresh,
-        }
-        functools.update_wrapper(self, fn)
 
-    def key_for(self, *args: P.args, **kwargs: P.kwargs) -> Key:
+    def key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Key:
         """The cache key of a call with these arguments."""
         if self._key is not None:
             name = self._key(*args, **kwargs)
@@ -115,6 +95,42 @@ class CachedFunction(Generic[P, R]):
             bound.arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False
         )
         return Key(self.namespace, name)
+
+
+class CachedFunction(Generic[P, R]):
+    """An async function whose results live in a cache; see the module docstring."""
+
+    def __init__(
+        self,
+        lookup: CachingLookup[Any],
+        fn: Callable[P, Awaitable[R]],
+        *,
+        namespace: str | None,
+        key: Callable[P, str] | None,
+        ttl: Setting,
+        stale_ttl: Setting,
+        early_refresh: Setting,
+    ) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise ConfigurationError(
+                f"cached() decorates async functions; {fn.__qualname__} is not one"
+            )
+        self._keys = KeyMaker(fn, namespace=namespace, key=key)
+        # Refused when decorating, not at the first call (nor after a refresh computed).
+        lookup._expiry(ttl, stale_ttl, early_refresh)
+        self._lookup = lookup
+        self._fn = fn
+        self.namespace = self._keys.namespace
+        self._options: dict[str, Any] = {
+            "ttl": ttl,
+            "stale_ttl": stale_ttl,
+            "early_refresh": early_refresh,
+        }
+        functools.update_wrapper(self, fn)
+
+    def key_for(self, *args: P.args, **kwargs: P.kwargs) -> Key:
+        """The cache key of a call with these arguments."""
+        return self._keys.key_for(args, kwargs)
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """The cached result for these arguments, computed on a miss."""

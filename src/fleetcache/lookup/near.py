@@ -2,9 +2,11 @@
 
 A bounded, least-recently-used map from key to entry in front of the store. Every entry a
 ``get`` obtains from the store or from a computation is kept (errors too, still subject to
-their TTL). What a caller receives is a fresh copy: the tier keeps each entry's JSON parts
-as text and decodes them on every hit, so no caller can change what the next one gets (and
-the text's size is what the optional byte bound counts).
+their TTL). What a caller receives is a fresh copy: the tier keeps each value as the bytes
+of the store's serializer (JSON or pickle, uncompressed) and error and diagnostics as JSON
+text, and decodes them on every hit, so no caller can change what the next one gets (their
+size is what the optional byte bound counts). It is safe from any thread (one lock), so the
+sync API serves near hits on its caller's thread.
 
 Coherence — when may a near hit be served, and why is it never stale beyond the broadcast?
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ from typing import Any, Protocol
 
 from fleetcache.errors import ConfigurationError
 from fleetcache.stores.base import Entry, Key
+from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 
 
 class Liveness(Protocol):
@@ -58,34 +62,54 @@ class Liveness(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class _Kept:
-    """One entry as the tier keeps it: the immutable parts, and the JSON parts as text."""
+    """One entry as the tier keeps it: the immutable parts, the value's bytes, and error
+    and diagnostics as JSON text (None when both are None, the common case)."""
 
-    entry: Entry  # value, error and diagnostics replaced by None; see `text`
-    text: str  # json of [value, error, diagnostics]
+    entry: Entry  # value, error and diagnostics replaced by None; see below
+    value: bytes  # the value as the store's serializer made it
+    rest: str | None  # json of [error, diagnostics]
 
-    def copy(self) -> Entry:
-        value, error, diagnostics = json.loads(self.text)
-        return dataclasses.replace(self.entry, value=value, error=error, diagnostics=diagnostics)
+    @property
+    def size(self) -> int:
+        return len(self.value) + (0 if self.rest is None else len(self.rest))
+
+    def copy(self, values: ValueCodec) -> Entry:
+        if self.rest is None:
+            return dataclasses.replace(self.entry, value=values.loads(self.value))
+        error, diagnostics = json.loads(self.rest)
+        return dataclasses.replace(
+            self.entry, value=values.loads(self.value), error=error, diagnostics=diagnostics
+        )
 
 
 class NearCache:
     """The near tier (see the module docstring). ``max_entries`` bounds it by count and
-    ``max_bytes`` (optional) by the size of the kept JSON text; the least recently used
-    entries go first."""
+    ``max_bytes`` (optional) by the size of what it keeps; the least recently used entries
+    go first. ``values`` serializes the kept values: the store's codec (its compression
+    step aside)."""
 
     def __init__(
-        self, liveness: Liveness, *, max_entries: int, max_bytes: int | None = None
+        self,
+        liveness: Liveness,
+        *,
+        max_entries: int,
+        max_bytes: int | None = None,
+        values: ValueCodec = JSON_VALUES,
     ) -> None:
         if max_entries < 1:
             raise ConfigurationError(f"the near tier needs max_entries >= 1, got {max_entries}")
         if max_bytes is not None and max_bytes < 1:
             raise ConfigurationError(f"near max_bytes must be >= 1, got {max_bytes}")
         self._liveness = liveness
+        self._values = values
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        # Everything below is written and read only on the event loop, never across an
-        # await (every method is synchronous): no lock. _entries is the LRU order; the
-        # indexes map what invalidations name to the keys they must evict.
+        # Everything below is written by the event loop (fills, evictions) and read and
+        # reordered by every thread that serves a hit (the loop, and the sync API's
+        # callers): each method holds _lock from start to end (never across an await, never
+        # while decoding a copy). _entries is the LRU order; the indexes map what
+        # invalidations name to the keys they must evict.
+        self._lock = threading.Lock()
         self._entries: OrderedDict[Key, _Kept] = OrderedDict()
         self._by_name: dict[tuple[str, str], set[Key]] = {}
         self._by_alias: dict[tuple[str, str], set[Key]] = {}
@@ -113,21 +137,23 @@ class NearCache:
         """Read before a store read whose result may be :meth:`put` here."""
         return self._epoch
 
-    def get(self, key: Key, *, by_alias: bool = False) -> Entry | None:
+    def get(self, key: Key, *, by_alias: bool = False, count_miss: bool = True) -> Entry | None:
         """A copy of the kept entry for ``key`` (or, with ``by_alias``, of one aliased by
-        its name), or None; never while notifications may have been missed."""
-        if not self._live():
-            self._stats["near_misses"] += 1
-            return None
-        kept = self._entries.get(key)
-        if kept is None and by_alias:
-            kept = self._aliased(key)
-        if kept is None:
-            self._stats["near_misses"] += 1
-            return None
-        self._entries.move_to_end(kept.entry.key)
-        self._stats["near_hits"] += 1
-        return kept.copy()
+        its name), or None; never while notifications may have been missed. A miss is not
+        counted with ``count_miss=False`` (a probe whose caller asks again)."""
+        with self._lock:
+            kept = None
+            if self._live():
+                kept = self._entries.get(key)
+                if kept is None and by_alias:
+                    kept = self._aliased(key)
+            if kept is None:
+                if count_miss:
+                    self._stats["near_misses"] += 1
+                return None
+            self._entries.move_to_end(kept.entry.key)
+            self._stats["near_hits"] += 1
+        return kept.copy(self._values)
 
     def _aliased(self, key: Key) -> _Kept | None:
         for candidate in self._by_alias.get((key.namespace, key.name), ()):
@@ -149,20 +175,32 @@ class NearCache:
     def put(self, entry: Entry, *, epoch: int) -> bool:
         """Keep ``entry`` (as stored) unless an eviction happened since ``epoch`` was read
         or notifications may have been missed; return whether it was kept."""
+        # Serialized before the lock: the value is the caller's, and this may take a while.
+        try:
+            value = self._values.dumps(entry.value)
+            rest = None
+            if entry.error is not None or entry.diagnostics is not None:
+                rest = json.dumps([entry.error, entry.diagnostics], separators=(",", ":"))
+        except Exception:  # noqa: BLE001 - a value that does not serialize is just not kept
+            with self._lock:
+                self._stats["near_fills_dropped"] += 1
+            return False
+        kept = _Kept(
+            dataclasses.replace(entry, value=None, error=None, diagnostics=None), value, rest
+        )
+        with self._lock:
+            return self._put(kept, epoch)
+
+    def _put(self, kept: _Kept, epoch: int) -> bool:
         if not self._live() or epoch != self._epoch:
             self._stats["near_fills_dropped"] += 1
             return False
-        try:
-            text = json.dumps([entry.value, entry.error, entry.diagnostics], separators=(",", ":"))
-        except (TypeError, ValueError):  # a value a codec would not let through the store
-            self._stats["near_fills_dropped"] += 1
-            return False
+        entry = kept.entry
         key = entry.key
         if key in self._entries:
             self._remove(key)
-        kept = _Kept(dataclasses.replace(entry, value=None, error=None, diagnostics=None), text)
         self._entries[key] = kept
-        self._bytes += len(text)
+        self._bytes += kept.size
         ns = key.namespace
         self._by_name.setdefault((ns, key.name), set()).add(key)
         if entry.alias is not None:
@@ -184,6 +222,10 @@ class NearCache:
     def evict_names(self, namespace: str, names: Iterable[str]) -> int:
         """Evict the entries of ``namespace`` named or aliased by ``names``, and those whose
         deps meet them, transitively; return how many went."""
+        with self._lock:
+            return self._evict_names(namespace, names)
+
+    def _evict_names(self, namespace: str, names: Iterable[str]) -> int:
         self._epoch += 1
         frontier = list(dict.fromkeys(names))
         seen = set(frontier)
@@ -210,19 +252,21 @@ class NearCache:
 
     def evict_namespace(self, namespace: str) -> int:
         """Evict every entry of ``namespace``; return how many went."""
-        self._epoch += 1
-        keys = list(self._by_namespace.get(namespace, ()))
-        for key in keys:
-            self._remove(key)
-        self._stats["near_evicted_invalidation"] += len(keys)
-        return len(keys)
+        with self._lock:
+            self._epoch += 1
+            keys = list(self._by_namespace.get(namespace, ()))
+            for key in keys:
+                self._remove(key)
+            self._stats["near_evicted_invalidation"] += len(keys)
+            return len(keys)
 
     def clear(self) -> int:
         """Evict everything (every entry may be stale); return how many went."""
-        count = len(self._entries)
-        self._stats["near_evicted_invalidation"] += count
-        self._clear()
-        return count
+        with self._lock:
+            count = len(self._entries)
+            self._stats["near_evicted_invalidation"] += count
+            self._clear()
+            return count
 
     def _clear(self) -> None:
         self._epoch += 1
@@ -235,7 +279,7 @@ class NearCache:
 
     def _remove(self, key: Key) -> None:
         kept = self._entries.pop(key)
-        self._bytes -= len(kept.text)
+        self._bytes -= kept.size
         ns = key.namespace
         _discard(self._by_name, (ns, key.name), key)
         if kept.entry.alias is not None:
@@ -251,13 +295,14 @@ class NearCache:
 
     @property
     def size_bytes(self) -> int:
-        """The size of the JSON text kept, in characters."""
+        """The size of what is kept: the values' bytes and the other parts' JSON text."""
         return self._bytes
 
     def stats(self) -> dict[str, int]:
         """Counters: near hits and misses, fills kept and dropped (raced an eviction),
         evictions by cause (lru, invalidation, gap), and the current entries and bytes."""
-        return {**self._stats, "near_entries": len(self._entries), "near_bytes": self._bytes}
+        with self._lock:
+            return {**self._stats, "near_entries": len(self._entries), "near_bytes": self._bytes}
 
 
 def _discard(index: dict[Any, set[Key]], where: Any, key: Key) -> None:

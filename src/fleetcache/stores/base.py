@@ -24,7 +24,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from fleetcache.stores.codecs import ValueCodec
 
 #: A JSON document as Python sees it (dict, list, str, int, float, bool or None).
 JSON = Any
@@ -72,7 +75,8 @@ class Key:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One cached artifact. ``error`` is a JSON error document, or None for a success;
+    """One cached artifact: ``value`` (JSON, or any picklable value in a store whose codec
+    is pickle). ``error`` is a JSON error document, or None for a success;
     ``created_at`` is milliseconds since the epoch; ``alias`` is another name the entry
     answers to (in the seed: the URL without its extension). ``expires_at`` (ms since the
     epoch) is when the value stops being fresh, ``stale_until`` when it stops being
@@ -119,6 +123,11 @@ class Store(Protocol):
     and leaves nothing open when it fails: any exception inside a transaction rolls it
     back. Driver errors leave as :class:`~fleetcache.errors.StoreError`.
     """
+
+    @property
+    def values(self) -> ValueCodec:
+        """How this store encodes values, and which stored codecs it decodes (every row by
+        its own codec's name)."""
 
     async def open(self) -> None:
         """Connect, and create or migrate the schema if needed. Idempotent."""

@@ -30,9 +30,9 @@ from fleetcache.stores.base import (
     guarded_names,
 )
 from fleetcache.stores.closure import Closure
+from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 from fleetcache.stores.validation import (
     check_name,
-    decode_value,
     encode_entry,
     names_to_invalidate,
     stamped_names,
@@ -72,10 +72,10 @@ class _Stored:
     compute_ms: int | None
     order: int  # when it was written (ties of created_at: the later write wins)
 
-    def entry(self) -> Entry:
+    def entry(self, values: ValueCodec) -> Entry:
         return Entry(
             key=self.key,
-            value=decode_value(self.key, self.codec, self.value),
+            value=values.decode(self.key, self.codec, self.value),
             deps=self.deps,
             error=None if self.error is None else json.loads(self.error),
             created_at=self.created_at,
@@ -103,7 +103,8 @@ class MemoryStore:
     """A :class:`~fleetcache.stores.base.Store` kept in dicts, for one process.
 
     ``mark_retention`` (seconds) is how long marks are kept; stamps older than half of it
-    are refused. ``clock`` (monotonic seconds) may be replaced in tests.
+    are refused. ``clock`` (monotonic seconds) may be replaced in tests. ``values``: how
+    values are encoded (see :class:`~fleetcache.stores.codecs.ValueCodec`; JSON by default).
     """
 
     def __init__(
@@ -111,9 +112,11 @@ class MemoryStore:
         *,
         mark_retention: float = MARK_RETENTION,
         clock: Callable[[], float] = time.monotonic,
+        values: ValueCodec = JSON_VALUES,
     ) -> None:
         if mark_retention <= 0:
             raise ConfigurationError(f"mark_retention must be positive, got {mark_retention}")
+        self.values = values
         self._retention = float(mark_retention)
         self._max_age = self._retention / 2
         self._clock = clock
@@ -158,7 +161,7 @@ class MemoryStore:
                     (self._entries[k] for k in aliased),
                     key=lambda s: (s.created_at is not None, s.created_at or 0, s.order),
                 )
-        return None if stored is None else stored.entry()
+        return None if stored is None else stored.entry(self.values)
 
     async def read(self, key: Key, *, by_alias: bool = False) -> Entry | None:
         """The entry under ``key``, else (with ``by_alias``) the most recently created one
@@ -185,7 +188,7 @@ class MemoryStore:
     ) -> bool:
         """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
         since and the stamp is younger than half the retention."""
-        encoded = encode_entry(entry)
+        encoded = encode_entry(entry, self.values)
         key = entry.key
         if stamp is not None and not self._stamp_holds(stamp, entry):
             return False

@@ -92,10 +92,10 @@ from fleetcache.stores.base import (
     guarded_names,
 )
 from fleetcache.stores.closure import Closure
+from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 from fleetcache.stores.migrations import migrate_postgres
 from fleetcache.stores.validation import (
     check_name,
-    decode_value,
     encode_entry,
     names_to_invalidate,
     stamped_names,
@@ -139,13 +139,13 @@ class PostgresPoint:
     taken_at: float
 
 
-def _entry(key: Key, row: Sequence[Any]) -> Entry:
+def _entry(key: Key, row: Sequence[Any], values: ValueCodec) -> Entry:
     name, value, codec, deps, error, created_at, alias, diagnostics, expires, stale, compute = row
     if name != key.name:
         key = key.with_name(name)
     return Entry(
         key=key,
-        value=decode_value(key, codec, value),
+        value=values.decode(key, codec, value),
         deps=tuple(deps),
         error=None if error is None else json.loads(error),
         created_at=created_at,
@@ -176,7 +176,8 @@ class PostgresStore:
     address, database or role raises :class:`~fleetcache.errors.DatabaseConnectError`
     naming the cause within seconds, then creates or upgrades the schema under an advisory
     lock. ``mark_retention`` (seconds) must be the same in every process sharing the
-    database; stamps older than half of it are refused.
+    database; stamps older than half of it are refused. ``values``: how values are encoded
+    (see :class:`~fleetcache.stores.codecs.ValueCodec`; JSON by default).
     """
 
     def __init__(
@@ -190,11 +191,13 @@ class PostgresStore:
         mark_retention: float = MARK_RETENTION,
         connect_budget: float = _pg.CONNECT_BUDGET,
         pool_timeout: float = 30.0,
+        values: ValueCodec = JSON_VALUES,
     ) -> None:
         if (conninfo is None) == (pool is None):
             raise ConfigurationError("PostgresStore needs exactly one of conninfo or pool")
         if mark_retention <= 0:
             raise ConfigurationError(f"mark_retention must be positive, got {mark_retention}")
+        self.values = values
         self._conninfo = conninfo
         self._pool = pool
         self._owns_pool = pool is None
@@ -317,7 +320,7 @@ class PostgresStore:
             row = await _pg.pooled(
                 pool, what, lambda conn: _fetchone(conn, query, params), retry=False
             )
-        return None if row is None else _entry(key, row)
+        return None if row is None else _entry(key, row, self.values)
 
     async def stamp_and_read(
         self, key: Key, names: Sequence[str], *, by_alias: bool = False
@@ -333,7 +336,7 @@ class PostgresStore:
         )
         assert row is not None  # the LEFT JOIN always answers one row
         stamp = GenerationStamp(key.namespace, stamped, PostgresPoint(row[0], row[1]))
-        return stamp, (None if row[2] is None else _entry(key, row[2:]))
+        return stamp, (None if row[2] is None else _entry(key, row[2:], self.values))
 
     # ------------------------------------------------------------------------ writes
 
@@ -347,7 +350,7 @@ class PostgresStore:
         """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
         since; with ``notify``, announce it as it commits. One statement, one round trip
         (``fleetcache_write_v3``: share-locks, then the guarded upsert; see queries.py)."""
-        encoded = encode_entry(entry)
+        encoded = encode_entry(entry, self.values)
         key = entry.key
         params = _key_params(key)
         params.update(

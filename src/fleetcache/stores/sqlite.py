@@ -50,10 +50,10 @@ from fleetcache.stores.base import (
     guarded_names,
 )
 from fleetcache.stores.closure import Closure
+from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 from fleetcache.stores.migrations import migrate_sqlite
 from fleetcache.stores.validation import (
     check_name,
-    decode_value,
     encode_entry,
     names_to_invalidate,
     stamped_names,
@@ -78,13 +78,13 @@ def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-def _entry(key: Key, row: Sequence[Any]) -> Entry:
+def _entry(key: Key, row: Sequence[Any], values: ValueCodec) -> Entry:
     name, value, codec, deps, error, created_at, alias, diagnostics, expires, stale, compute = row
     if name != key.name:
         key = key.with_name(name)
     return Entry(
         key=key,
-        value=decode_value(key, codec, value),
+        value=values.decode(key, codec, value),
         deps=tuple(json.loads(deps)),
         error=_loads(error),
         created_at=created_at,
@@ -106,7 +106,8 @@ class SqliteStore:
     All sqlite calls run on one worker thread owned by the store, so the event loop never
     blocks on disk. ``busy_timeout`` (seconds) is how long a write waits for another
     process's transaction; ``mark_retention`` (seconds) must be the same in every process
-    sharing the file.
+    sharing the file. ``values``: how values are encoded (see
+    :class:`~fleetcache.stores.codecs.ValueCodec`; JSON by default).
     """
 
     def __init__(
@@ -115,9 +116,11 @@ class SqliteStore:
         *,
         busy_timeout: float = 30.0,
         mark_retention: float = MARK_RETENTION,
+        values: ValueCodec = JSON_VALUES,
     ) -> None:
         if mark_retention <= 0:
             raise ConfigurationError(f"mark_retention must be positive, got {mark_retention}")
+        self.values = values
         self._path = str(path)
         self._busy_timeout = busy_timeout
         self._retention = float(mark_retention)
@@ -212,7 +215,7 @@ class SqliteStore:
 
         def read(conn: sqlite3.Connection) -> Entry | None:
             row = conn.execute(query, params).fetchone()
-            return None if row is None else _entry(key, row)
+            return None if row is None else _entry(key, row, self.values)
 
         return await self._run(f"reading {key.coalesce_key}", read)
 
@@ -229,7 +232,7 @@ class SqliteStore:
             taken_at = time.time()
             row = conn.execute(query, params).fetchone()
             stamp = GenerationStamp(key.namespace, stamped, SqlitePoint(int(row[0]), taken_at))
-            return stamp, (None if row[1] is None else _entry(key, row[1:]))
+            return stamp, (None if row[1] is None else _entry(key, row[1:], self.values))
 
         return await self._run(f"stamping and reading {key.coalesce_key}", stamp_and_read)
 
@@ -244,7 +247,7 @@ class SqliteStore:
     ) -> bool:
         """Upsert ``entry``; with ``stamp``, only if nothing it depends on was invalidated
         since (under ``BEGIN IMMEDIATE``)."""
-        encoded = encode_entry(entry)
+        encoded = encode_entry(entry, self.values)
         key = entry.key
         params = _key_params(key)
         params.update(encoded.columns())

@@ -9,10 +9,11 @@ half-written row behind:
   UTF-8 bytes each; namespace and name non-empty; a list of names (deps, names to
   invalidate, what ``expand`` returns) is never a single ``str`` or ``bytes``, which would
   otherwise be taken apart into its characters;
-* values, error documents and diagnostics: JSON made of dicts with string keys, lists
-  (tuples come back as lists), strings, finite numbers, integers of at most
-  :data:`MAX_INT_DIGITS` digits, booleans and None, nested at most :data:`MAX_JSON_DEPTH`
-  deep, with the same rules for every string;
+* error documents and diagnostics, and values under the default ``json`` codec (see
+  :mod:`fleetcache.stores.codecs`; ``pickle`` takes any picklable value): JSON made of
+  dicts with string keys, lists (tuples come back as lists), strings, finite numbers,
+  integers of at most :data:`MAX_INT_DIGITS` digits, booleans and None, nested at most
+  :data:`MAX_JSON_DEPTH` deep, with the same rules for every string;
 * times (created_at, expires_at, stale_until, compute_ms): ints that fit in 64 bits.
 
 :class:`~fleetcache.errors.InvalidInputError` (or its subclass
@@ -29,10 +30,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fleetcache.errors import InvalidInputError, SerializationError, StoreError
+from fleetcache.errors import InvalidInputError, SerializationError
 
 if TYPE_CHECKING:
     from fleetcache.stores.base import Entry, Key
+    from fleetcache.stores.codecs import ValueCodec
 
 #: The longest namespace, name, scope, user, alias or dep, in UTF-8 bytes. (Postgres
 #: indexes a dep in a GIN index, whose entries must stay under a third of a page.)
@@ -145,12 +147,6 @@ def validate_key(key: Key) -> None:
     check_name(f"the user of key {key.coalesce_key}", key.user)
 
 
-#: The codec of every value this release writes: compact JSON text, UTF-8. A row's codec
-#: says how its value's bytes decode, so another codec (pickle, a compressed form) can be
-#: added without a schema change; a codec a release does not know is refused on read.
-JSON_CODEC = "json"
-
-
 @dataclass(frozen=True, slots=True)
 class EncodedEntry:
     """An entry's columns as a store writes them: the value as the bytes ``codec`` made
@@ -173,9 +169,10 @@ class EncodedEntry:
         return {field: getattr(self, field) for field in self.__slots__}
 
 
-def encode_entry(entry: Entry) -> EncodedEntry:
-    """Validate every part of ``entry`` and return its columns; raises
-    :class:`InvalidInputError` / :class:`SerializationError` naming the key and the part."""
+def encode_entry(entry: Entry, values: ValueCodec) -> EncodedEntry:
+    """Validate every part of ``entry`` and return its columns, the value encoded by
+    ``values`` (the store's codec); raises :class:`InvalidInputError` /
+    :class:`SerializationError` naming the key and the part."""
     key = entry.key
     validate_key(key)
     where = key.coalesce_key
@@ -192,9 +189,10 @@ def encode_entry(entry: Entry) -> EncodedEntry:
             raise InvalidInputError(
                 f"the {what} of key {where} is {moment}: out of the 64-bit range a store keeps"
             )
+    value, codec = values.encode(f"the value of key {where}", entry.value)
     return EncodedEntry(
-        value=encode_json(f"the value of key {where}", entry.value).encode(),
-        codec=JSON_CODEC,
+        value=value,
+        codec=codec,
         deps=deps,
         error=None
         if entry.error is None
@@ -219,25 +217,6 @@ def encode_json(what: str, value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError as exc:  # an int past a limit this process set lower than ours
         raise SerializationError(f"{what} cannot be written as JSON: {exc}") from None
-
-
-def decode_value(key: Key, codec: str, data: bytes) -> Any:
-    """The value a row of ``key`` holds: ``data`` decoded by ``codec``. Raises
-    :class:`~fleetcache.errors.StoreError` naming the key for a codec this release does not
-    know (a row written by a newer one) or bytes that do not decode."""
-    try:
-        if codec == JSON_CODEC:
-            # UTF-8 by construction: decoding first skips json's encoding detection.
-            return json.loads(data.decode())
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise StoreError(
-            f"the value stored for key {key.coalesce_key} ({len(data)} bytes) is not "
-            f"{codec!r} data: {exc}"
-        ) from exc
-    raise StoreError(
-        f"the value stored for key {key.coalesce_key} has codec {codec!r}, which this release "
-        f"cannot decode (it reads {JSON_CODEC!r}): was it written by a newer fleetcache?"
-    )
 
 
 def check_json(what: str, value: Any) -> None:

@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 
 import fleetcache
 from fleetcache.stores import queries
+from fleetcache.stores.codecs import JSON_VALUES
 from fleetcache.stores.postgres import key_hash
 from fleetcache.stores.validation import encode_entry
 from fleetcache_cli.bench.minimal import MinimalCache
@@ -67,7 +68,7 @@ async def fill_entries(url: str, namespace: str, rows: int, value: Any, *, minim
             for i in range(rows):
                 key = fleetcache.Key(namespace, f"row-{i}")
                 # Encoded as the store encodes it, so a hit decodes what a write would hold.
-                encoded = encode_entry(fleetcache.Entry(key, value))
+                encoded = encode_entry(fleetcache.Entry(key, value), JSON_VALUES)
                 row: tuple[Any, ...] = (
                     key_hash(key),
                     namespace,
