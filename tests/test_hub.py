@@ -577,9 +577,9 @@ async def test_a_frozen_connection_is_declared_dead_within_the_stated_bound(
             await wait_until(lambda: not is_up(hub), timeout=30.0)
             detected = time.monotonic() - frozen_at
             assert hub.gaps == 1
-            # The stated bound is 1.5 s; 4 s leaves room for a loaded machine, and the
+            # The stated bound is 1.5 s; 5 s leaves room for a loaded machine, and the
             # first release needed 7 s at the very least (a 2 s wait, then a 5 s probe).
-            assert detected < 4.0, f"a frozen LISTEN connection took {detected:.2f} s to notice"
+            assert detected < 5.0, f"a frozen LISTEN connection took {detected:.2f} s to notice"
             proxy.thaw()
             await wait_until(lambda: len(gaps) == 1 and is_up(hub))
             assert (hub.gaps, hub.reconnects) == (1, 1)
@@ -613,7 +613,7 @@ async def test_a_connection_frozen_while_notifications_flow_is_noticed_as_fast(
             finally:
                 sender.cancel()
             detected = time.monotonic() - frozen_at
-            assert detected < 4.0, f"a frozen busy connection took {detected:.2f} s to notice"
+            assert detected < 5.0, f"a frozen busy connection took {detected:.2f} s to notice"
         finally:
             await hub.close()
 

@@ -78,9 +78,9 @@ async def test_the_near_tier_stops_serving_soon_after_its_listen_connection_free
             assert last_stale - invalidated_at < 30, "the old value is still served"
             await asyncio.sleep(0.01)
         window = last_stale - invalidated_at
-        # The stated bound is 1.5 s; 4 s leaves room for a loaded machine (the first
+        # The stated bound is 1.5 s; 5 s leaves room for a loaded machine (the first
         # release served stale values for at least 7 s).
-        assert window < 4.0, f"stale near hits for {window:.2f} s after the invalidation"
+        assert window < 5.0, f"stale near hits for {window:.2f} s after the invalidation"
         print(f"\nstale near hits for {window:.2f} s after the invalidation")
         assert here.hub is not None
         assert not here.hub.connected
