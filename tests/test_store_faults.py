@@ -108,6 +108,34 @@ def test_a_port_that_is_not_a_number_is_named_in_a_url_too() -> None:
     assert _pg.check_conninfo("host=a,b port=5432,") == {"host": "a,b", "port": "5432,"}
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"connect_budget": float("nan")},
+        {"connect_budget": -1.0},
+        {"connect_budget": "5"},
+        {"lock_idle_timeout": float("inf")},
+        {"lock_idle_timeout": 0.0},
+        {"pool_min_size": 11},
+        {"pool_min_size": -1},
+    ],
+)
+async def test_connection_options_are_checked_before_any_io(options: dict[str, object]) -> None:
+    """A connect budget, lock idle timeout or pool minimum that makes no sense is refused
+    with ConfigurationError before anything connects (the address does not even exist)."""
+    with pytest.raises(ConfigurationError):
+        await fleetcache.open("host=db.invalid dbname=x", **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["liveness_interval", "liveness_timeout"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_hub_liveness_settings_must_be_finite_and_positive(name: str, value: float) -> None:
+    """The hub refuses a liveness interval or timeout that is not a positive finite number
+    (NaN would never probe, infinity would never declare anything dead)."""
+    with pytest.raises(ConfigurationError, match=name):
+        NotificationHub("host=db.invalid", ["c"], **{name: value})
+
+
 # ---------------------------------------------------------------- dead pooled connections
 
 

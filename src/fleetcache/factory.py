@@ -265,6 +265,8 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     the crash-probe interval, ``lock_idle_timeout`` (seconds a frozen or partitioned
     winner keeps its keys locked, at most) and the channel names.
     """
+    _check_seconds("connect_budget", connect_budget, 0.0, 3600.0)
+    _check_seconds("lock_idle_timeout", lock_idle_timeout, 0.1, 86_400.0)
 
     def make_lookup(
         store: Store,
@@ -352,6 +354,13 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             raise
 
     return Opening(opener)
+
+
+def _check_seconds(name: str, value: object, low: float, high: float) -> None:
+    """ConfigurationError unless ``value`` is a number of seconds from ``low`` to ``high``
+    (NaN, infinity, a bool or a string are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ConfigurationError(f"{name} must be from {low:g} to {high:g} seconds, got {value!r}")
 
 
 async def _all_or_nothing(

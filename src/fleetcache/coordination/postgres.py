@@ -315,10 +315,13 @@ class PostgresCoordinator(Service):
         super().__init__()
         if lock_connections < 1:
             raise ConfigurationError(f"lock_connections must be >= 1, got {lock_connections}")
-        if not 0.003 <= lock_idle_timeout <= 86_400:  # milliseconds >= 1 once divided by 3
+        if (
+            isinstance(lock_idle_timeout, bool)
+            or not isinstance(lock_idle_timeout, int | float)
+            or not 0.1 <= lock_idle_timeout <= 86_400
+        ):
             raise ConfigurationError(
-                f"lock_idle_timeout must be between 0.003 and 86400 seconds, got "
-                f"{lock_idle_timeout!r}"
+                f"lock_idle_timeout must be from 0.1 to 86400 seconds, got {lock_idle_timeout!r}"
             )
         self._lock_idle_timeout = float(lock_idle_timeout)
         self._connect_budget = connect_budget

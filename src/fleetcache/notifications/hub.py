@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -128,10 +129,12 @@ class NotificationHub(Service):
         self._channels = tuple(dict.fromkeys(check_channel(ch) for ch in channels))
         if not self._channels:
             raise ConfigurationError("a NotificationHub needs at least one channel")
-        if liveness_interval <= 0:
-            raise ConfigurationError(f"liveness_interval must be > 0, got {liveness_interval}")
-        if liveness_timeout <= 0:
-            raise ConfigurationError(f"liveness_timeout must be > 0, got {liveness_timeout}")
+        for name, value in (
+            ("liveness_interval", liveness_interval),
+            ("liveness_timeout", liveness_timeout),
+        ):
+            if not (isinstance(value, int | float) and 0 < value < math.inf):  # NaN fails too
+                raise ConfigurationError(f"{name} must be a finite number > 0, got {value!r}")
         if reconnect_min_delay <= 0 or reconnect_max_delay < reconnect_min_delay:
             raise ConfigurationError(
                 "need 0 < reconnect_min_delay <= reconnect_max_delay, got "
