@@ -533,12 +533,13 @@ async def test_use_before_start_raises_not_open(make_node: MakeNode) -> None:
 async def test_start_is_idempotent(
     make_node: MakeNode, raw: Callable[..., Awaitable[Conn]]
 ) -> None:
-    """Starting twice (also concurrently) registers once and runs one probe task; a NOTIFY
-    wakes a waiter exactly once."""
+    """Starting twice (also concurrently) registers once and runs one probe task and one
+    heartbeat task; a NOTIFY wakes a waiter exactly once."""
     a = await make_node(start=False)
     await asyncio.gather(a.coordinator.start(), a.coordinator.start())
     await a.coordinator.start()
-    assert len(a.coordinator._tasks) == 1
+    names = sorted(task.get_name() for task in a.coordinator._tasks)
+    assert names == ["fleetcache coordinator heartbeat", "fleetcache coordinator probe"]
     sender = await raw()
     key = '["k","idem","public",""]'
     waiter = asyncio.create_task(a.coordinator.wait_for_key(key, 60))

@@ -22,6 +22,7 @@ from fleetcache.errors import (
     NotOpenError,
 )
 from fleetcache.notifications import DEFAULT_APPLICATION_NAME, NotificationHub
+from tcp_proxy import FreezableProxy
 from waiting import eventually as wait_until
 
 pytestmark = pytest.mark.postgres
@@ -543,88 +544,89 @@ async def test_idle_hub_probes_its_connection(hub: NotificationHub, admin: Admin
     await wait_until(probed)
 
 
-class FreezableProxy:
-    """A TCP proxy on 127.0.0.1 in front of the test server. ``freeze()`` stops forwarding
-    on every connection made so far without closing it: a half-open connection, as after
-    a network partition. Connections made later are forwarded normally."""
-
-    def __init__(self, upstream_url: str) -> None:
-        params = conninfo_to_dict(upstream_url)
-        self._host = str(params.get("host") or "localhost")
-        self._port = int(str(params.get("port") or 5432))
-        self._pumps: list[asyncio.Task[None]] = []
-        self._writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        """Listen on an ephemeral loopback port and return it."""
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._host.startswith("/"):  # a Unix-socket directory, as libpq reads it
-            return await asyncio.open_unix_connection(f"{self._host}/.s.PGSQL.{self._port}")
-        return await asyncio.open_connection(self._host, self._port)
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await self._open_upstream()
-        self._writers += [writer, up_writer]
-        self._pumps += [
-            asyncio.create_task(self._pump(reader, up_writer)),
-            asyncio.create_task(self._pump(up_reader, writer)),
-        ]
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    def freeze(self) -> None:
-        """Stop forwarding on the connections made so far (they stay open)."""
-        for pump in self._pumps:
-            pump.cancel()
-        self._pumps = []
-
-    async def close(self) -> None:
-        """Close everything."""
-        self.freeze()
-        for writer in self._writers:
-            writer.close()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
-@pytest.mark.slow
-async def test_liveness_probe_detects_a_half_open_connection(
+async def test_a_frozen_connection_is_declared_dead_within_the_stated_bound(
     database_url: str, admin: AdminConn
 ) -> None:
-    """A connection that silently stops answering (no FIN, no error) is noticed by the
-    liveness probe; the hub reconnects, reports the gap and delivers again."""
-    proxy = FreezableProxy(database_url)
-    port = await proxy.start()
+    """A LISTEN connection whose network path freezes (nothing closed, no error; the
+    proxy's kernel still acknowledges) is declared dead by the liveness probe within
+    ``liveness_interval + liveness_timeout`` (1.5 s with the defaults): ``connected`` drops
+    and ``gaps`` grows at once; after the path thaws the hub reconnects, reports the gap
+    and delivers again."""
     got: list[str] = []
-    gaps: list[None] = []
-    hub = make_hub(make_conninfo(database_url, host="127.0.0.1", port=str(port)), ["half"])
-    hub.add_handler("half", got.append)
-    hub.add_gap_handler(lambda: gaps.append(None))
-    try:
+    gaps: list[float] = []
+    async with FreezableProxy(database_url) as proxy:
+        hub = NotificationHub(proxy.url(database_url), ["half"], reconnect_max_delay=0.5)
+        hub.add_handler("half", got.append)
+        hub.add_gap_handler(lambda: gaps.append(time.monotonic()))
+        try:
+            await hub.start()
+            await notify(admin, "half", "before")
+            await wait_until(lambda: got == ["before"])
+            assert proxy.freeze(DEFAULT_APPLICATION_NAME.encode()) == 1
+            frozen_at = time.monotonic()
+            await wait_until(lambda: not is_up(hub), timeout=30.0)
+            detected = time.monotonic() - frozen_at
+            assert hub.gaps == 1
+            # The stated bound is 1.5 s; 5 s leaves room for a loaded machine, and the
+            # first release needed 7 s at the very least (a 2 s wait, then a 5 s probe).
+            assert detected < 5.0, f"a frozen LISTEN connection took {detected:.2f} s to notice"
+            proxy.thaw()
+            await wait_until(lambda: len(gaps) == 1 and is_up(hub))
+            assert (hub.gaps, hub.reconnects) == (1, 1)
+            await notify(admin, "half", "after")
+            await wait_until(lambda: got[-1:] == ["after"])
+        finally:
+            await hub.close()
+
+
+async def test_a_connection_frozen_while_notifications_flow_is_noticed_as_fast(
+    database_url: str, admin: AdminConn
+) -> None:
+    """A busy connection (a NOTIFY every 50 ms until the freeze) is probed as soon as it
+    has delivered nothing for the interval, not only after a quiet whole interval, so it
+    too is declared dead within the bound."""
+    got: list[str] = []
+    async with FreezableProxy(database_url) as proxy:
+        hub = NotificationHub(proxy.url(database_url), ["busy"])
+        hub.add_handler("busy", got.append)
+        try:
+            await hub.start()
+            for i in range(20):
+                await notify(admin, "busy", str(i))
+                await asyncio.sleep(0.05)
+            await wait_until(lambda: len(got) == 20)
+            proxy.freeze(DEFAULT_APPLICATION_NAME.encode())
+            frozen_at = time.monotonic()
+            sender = asyncio.create_task(keep_notifying(admin, "busy"))
+            try:
+                await wait_until(lambda: not is_up(hub), timeout=30.0)
+            finally:
+                sender.cancel()
+            detected = time.monotonic() - frozen_at
+            assert detected < 5.0, f"a frozen busy connection took {detected:.2f} s to notice"
+        finally:
+            await hub.close()
+
+
+async def keep_notifying(admin: AdminConn, channel: str) -> None:
+    """NOTIFY ``channel`` every 50 ms until cancelled."""
+    while True:
+        await notify(admin, channel, "more")
+        await asyncio.sleep(0.05)
+
+
+async def test_close_returns_promptly_while_the_connection_is_frozen(database_url: str) -> None:
+    """Closing a hub whose connection froze (its probe may be waiting for an answer that
+    will never come) ends everything within a few seconds and leaves no task behind."""
+    async with FreezableProxy(database_url) as proxy:
+        hub = NotificationHub(proxy.url(database_url), ["x"], liveness_timeout=30.0)
         await hub.start()
-        await notify(admin, "half", "before")
-        await wait_until(lambda: got == ["before"])
-        proxy.freeze()
-        # The probe times out after 5 s; psycopg then spends up to 10 s giving up on it.
-        await wait_until(lambda: len(gaps) == 1, timeout=40.0)
-        assert is_up(hub)
-        assert (hub.gaps, hub.reconnects) == (1, 1)
-        await notify(admin, "half", "after")
-        await wait_until(lambda: got[-1:] == ["after"])
-    finally:
+        proxy.freeze(DEFAULT_APPLICATION_NAME.encode())
+        await asyncio.sleep(1.0)  # the probe is now waiting on the frozen path
+        started = time.monotonic()
         await hub.close()
-        await proxy.close()
+        assert time.monotonic() - started < 5.0
+        assert own_tasks() == []
 
 
 async def test_repeated_terminations_each_reconnect_and_report_a_gap(

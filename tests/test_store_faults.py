@@ -17,7 +17,15 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from fleetcache.errors import DatabaseConnectError, InvalidInputError
+import fleetcache
+from fleetcache import _pg
+from fleetcache.errors import (
+    ConfigurationError,
+    DatabaseConnectError,
+    InvalidInputError,
+    StoreError,
+)
+from fleetcache.notifications import NotificationHub
 from fleetcache.stores import Entry, Key, PostgresStore, SqliteStore
 from waiting import PROMPT, eventually
 
@@ -58,6 +66,73 @@ async def test_a_misconfigured_database_fails_fast_naming_the_cause(
         _ = store.pool
 
 
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ({"port": "abc"}, "'abc'"),
+        ({"port": "5432x"}, "'5432x'"),
+        ({"port": "99999"}, "'99999'"),
+        ({"sslmode": "bogus"}, '"bogus"'),
+        ({"target_session_attrs": "sometimes"}, '"sometimes"'),
+        ({"channel_binding": "maybe"}, '"maybe"'),
+        ({"host": "db1.invalid,db2.invalid", "port": "1,2,3"}, "3 port numbers"),
+    ],
+)
+async def test_an_invalid_connection_string_is_a_configuration_error_at_once(
+    setting: dict[str, str], named: str, database_url: str
+) -> None:
+    """A connection string libpq refuses as such (a port that is not a number, an unknown
+    sslmode...) raises ConfigurationError naming the value, at once: no retry can fix it
+    (the first release retried a bad port for 9 s as cause "other")."""
+    url = make_conninfo(database_url, **setting)
+    # A budget no test outlives: a retried failure hangs past PROMPT instead of raising.
+    with pytest.raises(ConfigurationError, match=named) as info:
+        await asyncio.wait_for(PostgresStore(url, connect_budget=600).open(), PROMPT)
+    assert not isinstance(info.value, StoreError)
+    with pytest.raises(ConfigurationError, match=named):
+        await asyncio.wait_for(fleetcache.open(url, connect_budget=600), PROMPT)
+    with pytest.raises(ConfigurationError, match=named):
+        await asyncio.wait_for(NotificationHub(url, ["c"], connect_budget=600).start(), PROMPT)
+
+
+def test_a_port_that_is_not_a_number_is_named_in_a_url_too() -> None:
+    """In a URL too (where some paths report it as a failed host lookup), the port is
+    checked before anything is tried, and the error names it."""
+    with pytest.raises(ConfigurationError, match=r"port 'abc'.* not a number"):
+        _pg.check_conninfo("postgresql://localhost:abc/db")
+    with pytest.raises(ConfigurationError, match="invalid connection string"):
+        _pg.check_conninfo("host=/tmp no_such_option=1")
+    assert _pg.check_conninfo("host=a,b port=5432,") == {"host": "a,b", "port": "5432,"}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"connect_budget": float("nan")},
+        {"connect_budget": -1.0},
+        {"connect_budget": "5"},
+        {"lock_idle_timeout": float("inf")},
+        {"lock_idle_timeout": 0.0},
+        {"pool_min_size": 11},
+        {"pool_min_size": -1},
+    ],
+)
+async def test_connection_options_are_checked_before_any_io(options: dict[str, object]) -> None:
+    """A connect budget, lock idle timeout or pool minimum that makes no sense is refused
+    with ConfigurationError before anything connects (the address does not even exist)."""
+    with pytest.raises(ConfigurationError):
+        await fleetcache.open("host=db.invalid dbname=x", **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["liveness_interval", "liveness_timeout"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_hub_liveness_settings_must_be_finite_and_positive(name: str, value: float) -> None:
+    """The hub refuses a liveness interval or timeout that is not a positive finite number
+    (NaN would never probe, infinity would never declare anything dead)."""
+    with pytest.raises(ConfigurationError, match=name):
+        NotificationHub("host=db.invalid", ["c"], **{name: value})
+
+
 # ---------------------------------------------------------------- dead pooled connections
 
 
@@ -87,7 +162,7 @@ async def test_terminated_backends_cost_no_request(database_url: str) -> None:
     stamp, a write and an invalidation, all succeed (each dead connection is detected and
     the operation retried once on a fresh one)."""
     name = f"fleetcache-test-{uuid.uuid4().hex[:8]}"
-    store = PostgresStore(database_url, max_size=4, application_name=name)
+    store = PostgresStore(database_url, min_size=4, max_size=4, application_name=name)
     await store.open()
     try:
         await store.write(Entry(Key(NS, "a"), {"v": 1}))
@@ -162,21 +237,44 @@ async def test_a_server_restart_costs_no_request() -> None:
         server.stop()
 
 
-async def test_the_pool_is_full_when_open_returns(database_url: str) -> None:
-    """An owned pool opens every connection before open() returns, so a burst right after
-    start never waits for connections to be made one at a time."""
+async def backends_named(database_url: str, name: str) -> int:
+    """How many connections named ``name`` the server has now."""
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
+        cursor = await admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,)
+        )
+        row = await cursor.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_the_pool_opens_small_and_grows_on_demand(database_url: str) -> None:
+    """An owned pool opens ``min_size`` connections (1 by default), grows while callers
+    wait up to ``max_size`` and never beyond; ``min_size=max_size`` opens them all."""
     name = f"fleetcache-test-{uuid.uuid4().hex[:8]}"
-    store = PostgresStore(database_url, max_size=6, application_name=name)
+    store = PostgresStore(database_url, max_size=4, application_name=name)
     await store.open()
     try:
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
-            cursor = await admin.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,)
-            )
-            assert await cursor.fetchone() == (6,)
-        assert store.pool.get_stats()["pool_available"] == 6
+        assert await backends_named(database_url, name) == 1
+        held = asyncio.Event()
+
+        async def hold(conn: psycopg.AsyncConnection[object]) -> None:
+            await conn.execute("SELECT 1")
+            await held.wait()
+
+        holders = [asyncio.create_task(_pg.pooled(store.pool, "holding", hold)) for _ in range(6)]
+        await eventually(lambda: store.pool.get_stats()["pool_size"] == 4)
+        assert await backends_named(database_url, name) == 4
+        held.set()
+        await asyncio.gather(*holders)  # the two beyond max_size got a returned connection
     finally:
         await store.close()
+    full = PostgresStore(database_url, min_size=3, max_size=3, application_name=name)
+    await full.open()
+    try:
+        assert full.pool.get_stats()["pool_available"] == 3
+    finally:
+        await full.close()
 
 
 # ------------------------------------------------------------ a shared sqlite file stays free

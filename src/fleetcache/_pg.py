@@ -1,11 +1,13 @@
 """Everything fleetcache does with the Postgres driver that is not a query: translating
 driver errors (the one place it happens), classifying why a connection failed, and
-connecting with a bounded budget.
+connecting (one connection or a pool's first ones) with a bounded budget.
 
 Why classify by message: libpq reports a failed connection as an ``OperationalError``
 without a SQLSTATE (no server result exists yet), so the cause is only in its text. The
 patterns below are libpq's and the server's English messages; an unrecognised message is
 treated as transient ("other") and retried within the budget, then raised with its text.
+A connection string libpq refuses as invalid (a port that is not a number, an unknown
+``sslmode``...) is a :class:`~fleetcache.errors.ConfigurationError`, raised at once.
 """
 
 from __future__ import annotations
@@ -16,14 +18,20 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
-from fleetcache.errors import ConnectCause, DatabaseConnectError, FleetcacheError, StoreError
+from fleetcache.errors import (
+    ConfigurationError,
+    ConnectCause,
+    DatabaseConnectError,
+    FleetcacheError,
+    StoreError,
+)
 from fleetcache.logcontext import get_logger
 
 T = TypeVar("T")
@@ -66,6 +74,43 @@ _PATTERNS: tuple[tuple[str, ConnectCause], ...] = (
 )
 _CAUSES = tuple((re.compile(pattern), cause) for pattern, cause in _PATTERNS)
 
+# libpq's messages for a connection string it refuses before trying anything (a bad
+# option value, ports that do not match the hosts); no retry can change them.
+_INVALID_CONNINFO = re.compile(
+    r"invalid integer value .* for connection option|invalid port number"
+    r"|invalid \"?[a-z_]+\"? value|could not match \d+ (port numbers|host names|host addresses)"
+    r"|invalid connection option|may not be used with|invalid .* when ssl support is not"
+)
+
+
+def check_conninfo(conninfo: str) -> dict[str, Any]:
+    """``conninfo``'s parameters, or :class:`ConfigurationError` when it cannot be parsed
+    or names a port that is not a number from 1 to 65535 (libpq would refuse it only when
+    connecting, and some paths report it as a failed host lookup)."""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.Error as exc:
+        raise ConfigurationError(f"invalid connection string: {one_line(exc)}") from exc
+    port = params.get("port")
+    if port is not None:
+        for part in str(port).split(","):
+            text = part.strip()
+            if text and not (text.isdigit() and 1 <= int(text) <= 65535):
+                raise ConfigurationError(
+                    f"port {str(port)!r} in the connection string is not a number from 1 to 65535"
+                )
+    return params
+
+
+def invalid_conninfo(conninfo: str, exc: BaseException) -> ConfigurationError | None:
+    """The configuration error ``exc`` reports (libpq refused the connection string
+    itself), or None when it is about reaching the server."""
+    if not _INVALID_CONNINFO.search(str(exc).lower()):
+        return None
+    return ConfigurationError(
+        f"invalid connection string for {describe_target(conninfo)}: {one_line(exc)}"
+    )
+
 
 def connect_cause(exc: BaseException) -> ConnectCause:
     """Why a connection attempt failed, from the driver's exception."""
@@ -106,9 +151,10 @@ async def connect(
 
     Permanent failures (authentication, missing database, refused, unresolvable host)
     raise :class:`DatabaseConnectError` at once; transient ones are retried with jittered
-    backoff until ``budget`` seconds have passed, then raised the same way.
+    backoff until ``budget`` seconds have passed, then raised the same way (``budget=0``:
+    one attempt). An invalid connection string raises :class:`ConfigurationError` at once.
     """
-    params = conninfo_to_dict(conninfo)
+    params = check_conninfo(conninfo)
     params.setdefault("application_name", application_name)
     params.setdefault("connect_timeout", connect_timeout)
     final = make_conninfo("", **params)
@@ -118,11 +164,101 @@ async def connect(
         try:
             return await psycopg.AsyncConnection.connect(final, autocommit=autocommit)
         except psycopg.Error as exc:
+            invalid = invalid_conninfo(conninfo, exc)
+            if invalid is not None:
+                raise invalid from exc
             cause = connect_cause(exc)
             if is_permanent(cause) or time.monotonic() + delay > deadline:
                 raise connect_error(conninfo, exc, cause) from exc
         await asyncio.sleep(random.uniform(delay / 2, delay))
         delay = min(delay * 2, 1.0)
+
+
+class ConnectFailures:
+    """Records why a pool's connection attempts fail: give :attr:`connection_class` to
+    the pool, whose background workers otherwise only log the failures. Read by
+    :func:`open_pool` and by :func:`pooled` (to say why no connection could be had)."""
+
+    def __init__(self) -> None:
+        # Written by the pool's connection attempts, read by open_pool() and pooled();
+        # event loop only.
+        self.last: psycopg.Error | None = None
+        self.at = 0.0  # time.monotonic() of ``last``
+        self.succeeded_at = 0.0  # time.monotonic() of the last connection made
+        failures = self
+
+        class _Recorded(psycopg.AsyncConnection[Any]):
+            fleetcache_failures = failures  # found by pooled() through pool.connection_class
+
+            @classmethod
+            async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
+                try:
+                    conn = await super().connect(conninfo, **kwargs)
+                except psycopg.Error as exc:
+                    failures.last, failures.at = exc, time.monotonic()
+                    raise
+                failures.succeeded_at = time.monotonic()
+                return conn
+
+        self.connection_class: type[psycopg.AsyncConnection[Any]] = _Recorded
+
+    def since(self, moment: float) -> psycopg.Error | None:
+        """The last failure if it happened after ``moment`` (``time.monotonic()``)."""
+        return self.last if self.last is not None and self.at >= moment else None
+
+    def standing(self) -> psycopg.Error | None:
+        """The last failure unless a connection was made after it."""
+        return self.since(self.succeeded_at)
+
+
+async def open_pool(
+    pool: AsyncConnectionPool[Any], failures: ConnectFailures, conninfo: str, *, budget: float
+) -> None:
+    """Open ``pool`` (made with ``failures.connection_class``) and wait for its
+    ``min_size`` connections, with :func:`connect`'s rules: a permanent cause raises
+    :class:`DatabaseConnectError` at once, a transient one once ``budget`` seconds have
+    passed (the pool retries meanwhile), each naming the cause (``too-many-connections``,
+    not "pool initialization incomplete"). A failed open leaves the pool closed."""
+    began = time.monotonic()
+    deadline = began + budget
+    await pool.open(wait=False)
+    ready = asyncio.ensure_future(pool.wait(timeout=budget + CONNECT_TIMEOUT))
+    try:
+        while not ready.done():
+            await asyncio.wait({ready}, timeout=0.02)
+            exc = failures.since(began)
+            if exc is None or ready.done():
+                continue
+            invalid = invalid_conninfo(conninfo, exc)
+            if invalid is not None:
+                raise invalid from exc
+            cause = connect_cause(exc)
+            if is_permanent(cause) or time.monotonic() >= deadline:
+                raise connect_error(conninfo, exc, cause) from exc
+        try:
+            ready.result()
+        except PoolTimeout as exc:  # no attempt failed: each one hung
+            raise connect_error(conninfo, exc, "timeout") from exc
+    except BaseException:
+        ready.cancel()
+        await pool.close()
+        raise
+
+
+async def stop_query(task: asyncio.Future[Any], *, patience: float) -> None:
+    """End ``task``, a statement on a connection that stopped answering: cancelled,
+    psycopg asks the server to cancel the query and waits for it to end (up to 10 s on a
+    dead path); cancelled again meanwhile, it closes the connection at once. So this takes
+    about ``patience`` seconds at most, and the task's outcome is consumed."""
+    for wait in (patience, 1.0):
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.wait({task}, timeout=wait)
+    if not task.done():
+        logger.warning("a statement on a dead connection ignored its cancellation")
+    elif not task.cancelled():
+        task.exception()  # a driver error on a connection already given up
 
 
 def connect_error(conninfo: str, exc: BaseException, cause: ConnectCause) -> DatabaseConnectError:
@@ -205,6 +341,8 @@ async def pooled(
         try:
             async with pool.connection() as conn:
                 return await fn(conn)
+        except PoolTimeout as exc:
+            raise error(f"{what} failed: {one_line(exc)}{_growth_note(pool)}") from exc
         except psycopg.Error as exc:
             if not (retry and attempt == 1 and conn is not None and is_connection_lost(exc, conn)):
                 raise error(f"{what} failed: {one_line(exc)}") from exc
@@ -214,6 +352,15 @@ async def pooled(
             await pool.check()
         except psycopg.Error as exc:  # the pool could not even be checked: report that
             raise error(f"{what} failed: checking the pool: {one_line(exc)}") from exc
+
+
+def _growth_note(pool: AsyncConnectionPool[Any]) -> str:
+    """Why ``pool`` cannot grow, if its last attempt to connect failed."""
+    failures = getattr(pool.connection_class, "fleetcache_failures", None)
+    exc = failures.standing() if isinstance(failures, ConnectFailures) else None
+    if exc is None:
+        return ""
+    return f" (the pool could not grow: {connect_cause(exc)}: {one_line(exc)})"
 
 
 @contextlib.asynccontextmanager

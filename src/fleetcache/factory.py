@@ -20,20 +20,31 @@ short statement on a miss (``coordinate=False`` turns it off). On sqlite and mem
 is no fleet-wide lock to take; asking for coordination there is logged once and ignored.
 
 Start order: store, hub, coordinator, listener, lookup; ``close()`` runs in the reverse
-order, every step even if an earlier one fails, each bounded by ``timeout``.
+order, every step even if an earlier one fails, each bounded by ``timeout``. Opening on
+Postgres is all or nothing: a process that cannot get every connection it starts with
+(one pooled, the LISTEN one, the lock ones) releases those it got before it tries again
+(within ``connect_budget``), so processes opening at once at the edge of the server's
+``max_connections`` do not each hold a part and starve one another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
-from fleetcache.coordination.postgres import POPULATED_CHANNEL, PostgresCoordinator
-from fleetcache.errors import ConfigurationError
+from fleetcache import _pg
+from fleetcache.coordination.postgres import (
+    LOCK_IDLE_TIMEOUT,
+    POPULATED_CHANNEL,
+    PostgresCoordinator,
+)
+from fleetcache.errors import ConfigurationError, DatabaseConnectError
 from fleetcache.logcontext import get_logger
 from fleetcache.lookup.caching import (
     DEFAULT,
@@ -53,7 +64,7 @@ from fleetcache.notifications.listener import InvalidationListener
 from fleetcache.stores.base import Store
 from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 from fleetcache.stores.memory import MemoryStore
-from fleetcache.stores.postgres import PostgresStore
+from fleetcache.stores.postgres import POOL_MIN_SIZE, POOL_SIZE, PostgresStore
 from fleetcache.stores.sqlite import SqliteStore
 
 logger = get_logger("fleetcache.factory")
@@ -72,7 +83,14 @@ def is_postgres_url(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://")) or ("://" not in url and "=" in url)
 
 
-def store_for_url(url: str, *, pool_size: int = 10, values: ValueCodec = JSON_VALUES) -> Store:
+def store_for_url(
+    url: str,
+    *,
+    pool_size: int = POOL_SIZE,
+    pool_min_size: int = POOL_MIN_SIZE,
+    connect_budget: float = _pg.CONNECT_BUDGET,
+    values: ValueCodec = JSON_VALUES,
+) -> Store:
     """An unopened store for ``url``, encoding values with ``values``."""
     if url == "memory://":
         return MemoryStore(values=values)
@@ -82,7 +100,13 @@ def store_for_url(url: str, *, pool_size: int = 10, values: ValueCodec = JSON_VA
             raise ConfigurationError(f"a sqlite URL needs a path, like sqlite:///cache.db: {url!r}")
         return SqliteStore(Path(path), values=values)
     if is_postgres_url(url):
-        return PostgresStore(url, max_size=pool_size, values=values)
+        return PostgresStore(
+            url,
+            max_size=pool_size,
+            min_size=pool_min_size,
+            connect_budget=connect_budget,
+            values=values,
+        )
     raise ConfigurationError(
         f"unsupported cache URL {url!r}: use memory://, sqlite:///path or postgresql://..."
     )
@@ -226,8 +250,11 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     compute_timeout: float = DEFAULT_COMPUTE_TIMEOUT,
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     max_rounds: int = DEFAULT_MAX_ROUNDS,
-    pool_size: int = 10,
+    pool_size: int = POOL_SIZE,
+    pool_min_size: int = POOL_MIN_SIZE,
+    connect_budget: float = _pg.CONNECT_BUDGET,
     probe_interval: float = 1.0,
+    lock_idle_timeout: float = LOCK_IDLE_TIMEOUT,
     populated_channel: str = POPULATED_CHANNEL,
     invalidated_channel: str = INVALIDATED_CHANNEL,
 ) -> Opening:
@@ -241,9 +268,14 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     :mod:`fleetcache.lookup.expiry`; None: they never expire). ``values``: how values are
     stored (:class:`~fleetcache.stores.codecs.ValueCodec`: JSON by default; pickle, for a
     trusted database only; compression above a size). The other options are
-    :class:`~fleetcache.lookup.caching.CachingLookup`'s, plus the Postgres pool size, the
-    crash-probe interval and the channel names.
+    :class:`~fleetcache.lookup.caching.CachingLookup`'s, plus Postgres's: the pool
+    (``pool_min_size`` connections made at open, growing on demand to ``pool_size``),
+    ``connect_budget`` (seconds transient connection failures are retried while opening),
+    the crash-probe interval, ``lock_idle_timeout`` (seconds a frozen or partitioned
+    winner keeps its keys locked, at most) and the channel names.
     """
+    _check_seconds("connect_budget", connect_budget, 0.0, 3600.0)
+    _check_seconds("lock_idle_timeout", lock_idle_timeout, 0.1, 86_400.0)
 
     def make_lookup(
         store: Store,
@@ -271,7 +303,18 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             raise ConfigurationError(
                 f"values must be a fleetcache.ValueCodec, not a {type(values).__name__}"
             )
-        store = store_for_url(url, pool_size=pool_size, values=values)
+        if not is_postgres_url(url):
+            return await open_once(connect_budget)
+        return await _all_or_nothing(url, open_once, connect_budget)
+
+    async def open_once(budget: float) -> Fleetcache:
+        store = store_for_url(
+            url,
+            pool_size=pool_size,
+            pool_min_size=pool_min_size,
+            connect_budget=budget,
+            values=values,
+        )
         closers: list[tuple[str, Callable[[float], Awaitable[None]]]] = []
         try:
             await store.open()
@@ -281,9 +324,12 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
                 lookup = make_lookup(store)
                 closers.append(("lookup", lookup.close))
                 return Fleetcache(url, store, lookup, closers=closers[::-1])
-            hub = NotificationHub(url, [populated_channel, invalidated_channel])
-            await hub.start()
+            hub = NotificationHub(
+                url, [populated_channel, invalidated_channel], connect_budget=budget
+            )
+            # Closers go in before each start: a failed start may have connected a part.
             closers.append(("notification hub", hub.close))
+            await hub.start()
             coordinator = None
             if coordinate is None or coordinate:
                 coordinator = PostgresCoordinator(
@@ -292,9 +338,11 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
                     hub,
                     channel=populated_channel,
                     probe_interval=probe_interval,
+                    lock_idle_timeout=lock_idle_timeout,
+                    connect_budget=budget,
                 )
-                await coordinator.start()
                 closers.append(("coordinator", coordinator.close))
+                await coordinator.start()
             publisher = PostgresInvalidationPublisher(store.pool, channel=invalidated_channel)
             near_tier = (
                 None
@@ -325,6 +373,45 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             raise
 
     return Opening(opener)
+
+
+def _check_seconds(name: str, value: object, low: float, high: float) -> None:
+    """ConfigurationError unless ``value`` is a number of seconds from ``low`` to ``high``
+    (NaN, infinity, a bool or a string are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ConfigurationError(f"{name} must be from {low:g} to {high:g} seconds, got {value!r}")
+
+
+async def _all_or_nothing(
+    url: str, open_once: Callable[[float], Awaitable[Fleetcache]], budget: float
+) -> Fleetcache:
+    """``open_once(0)`` (every connection tried once), again after a jittered pause while
+    the failure is transient and ``budget`` seconds have not passed; each failed try has
+    released every connection it got. The last failure is raised, naming its cause."""
+    began = time.monotonic()
+    delay = 0.05
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return await open_once(0.0)
+        except DatabaseConnectError as exc:
+            spent = time.monotonic() - began
+            if _pg.is_permanent(exc.cause) or spent + delay > budget:
+                if tries == 1:
+                    raise
+                raise DatabaseConnectError(
+                    f"{exc} (opening was tried {tries} times in {spent:.1f} s, releasing "
+                    "every connection between tries)",
+                    exc.cause,
+                ) from exc
+            logger.info(
+                "opening %s failed (%s); released every connection, trying again",
+                _pg.describe_target(url),
+                exc.cause,
+            )
+        await asyncio.sleep(random.uniform(delay / 2, delay))
+        delay = min(delay * 2, 1.0)
 
 
 def _log_ignored(url: str, coordinate: bool | None, near: int | None) -> None:

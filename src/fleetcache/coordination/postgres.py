@@ -5,8 +5,11 @@ discipline and what the seed left open):
 
 * **A few lock connections per process.** Each process keeps ``lock_connections``
   (default 2) dedicated, autocommit, non-pooled connections and takes *session* advisory
-  locks on them: ``pg_try_advisory_lock(lock_id)``, a lock id always on the same one
-  (``lock_id mod n``). No transaction is open while a winner computes, so it pins no
+  locks on them: ``pg_try_advisory_lock(lock_id)``, a new lock on connection ``lock_id
+  mod n`` — or on the first one while that one is not connected: only the first is
+  required to start, the others are opened as the server has room (so a process starts
+  with 3 backends in all where 3 are free), and a lock is released on the connection
+  it was taken on. No transaction is open while a winner computes, so it pins no
   snapshot (the server's xmin horizon and vacuum are not held back, whatever the
   computation's length) and ``idle_in_transaction_session_timeout`` cannot kill it; and no
   pooled connection is held either, so hits and a computation's own nested lookups never
@@ -32,11 +35,22 @@ discipline and what the seed left open):
   computations under way here go on (their writes are still checked by the store, so
   nothing stale lands); peers may compute the same keys meanwhile. It is logged, and the
   next statement opens a new connection.
+* **A silent holder loses its locks within ``lock_idle_timeout``** (10 s by default).
+  Each lock connection runs with the server's ``idle_session_timeout`` set to it, and a
+  heartbeat (``SELECT 1`` on a connection idle for a third of it) keeps a healthy one
+  from ever being idle that long. A holder that stops (SIGSTOP, an event loop blocked
+  that long) or whose network path froze sends no heartbeat, so the server ends its
+  session and the locks go with it — which TCP keepalives could not do: a stopped
+  process's kernel still answers them. Its waiters' crash probe then finds the lock free.
+  A heartbeat unanswered for a third of the timeout makes this side give the connection
+  up too. Needs PostgreSQL 14 or later (older servers: logged once, no bound).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -44,10 +58,10 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from fleetcache._lifecycle import Service
-from fleetcache._pg import connect, is_connection_lost, pooled
+from fleetcache._pg import CONNECT_BUDGET, connect, is_connection_lost, pooled, stop_query
 from fleetcache.coordination.base import Acquired, WakeReason, lock_id
 from fleetcache.coordination.waiters import Waiter, WaiterRegistry
-from fleetcache.errors import ConfigurationError, CoordinationError
+from fleetcache.errors import ConfigurationError, CoordinationError, DatabaseConnectError
 from fleetcache.logcontext import get_logger
 from fleetcache.notifications.hub import NotificationHub
 
@@ -64,6 +78,8 @@ LOCK_APPLICATION_NAME = "fleetcache-locks"
 #: How many lock connections a process keeps by default (lock ids are spread over them, so
 #: one process's try-locks and releases do not all queue on one connection).
 LOCK_CONNECTIONS = 2
+#: How long (seconds) the server keeps a silent lock connection, and its locks, by default.
+LOCK_IDLE_TIMEOUT = 10.0
 
 # --------------------------------------------------------------------------- SQL
 # Every statement the coordinator runs. Values are always bound as parameters.
@@ -75,6 +91,11 @@ _TRY_LOCK = "SELECT pg_try_advisory_lock(%(id)s)"
 _NOTIFY_AND_UNLOCK = "SELECT pg_notify(%(channel)s, %(payload)s), pg_advisory_unlock(%(id)s)"
 #: Tells the key's waiters when the lock already died with its connection.
 _NOTIFY = "SELECT pg_notify(%(channel)s, %(payload)s)"
+#: Set once per lock connection: the server ends the session (and frees its locks) when it
+#: has been idle this long, e.g. '10000ms' (PostgreSQL 14+).
+_SET_IDLE_TIMEOUT = "SELECT set_config('idle_session_timeout', %(timeout)s, false)"
+#: The heartbeat that keeps a healthy lock connection from being idle that long.
+_HEARTBEAT = "SELECT 1"
 #: The crash probe: which of the given (classid, objid) pairs, i.e. one-bigint advisory
 #: locks (objsubid 1) of this database, some session holds now. Bound as two bigint arrays
 #: of the unsigned halves (see ``advisory_lock_tag``).
@@ -121,31 +142,122 @@ class _LockLine:
     ids over them.
 
     Shared state: ``conn`` and ``gen`` are replaced only under ``_connecting`` (one
-    reconnect at a time); read by every statement. Event loop only."""
+    reconnect at a time), and ``conn`` is dropped (set to None) by whoever finds it dead;
+    read by every statement. ``used`` is written after every statement that succeeded and
+    read by the heartbeat. Event loop only."""
 
-    def __init__(self, conninfo: str, index: int) -> None:
+    # Written once a server refuses idle_session_timeout (older than 14): warn only once.
+    _no_idle_timeout_logged = False
+
+    def __init__(self, conninfo: str, index: int, idle_timeout: float) -> None:
         self._conninfo = conninfo
         self.index = index
+        self._idle_timeout = idle_timeout
         self.conn: psycopg.AsyncConnection[Any] | None = None
         self.gen = 0
+        self.used = time.monotonic()
         self._connecting = asyncio.Lock()
+        self._roomless = False  # the last connect_if_room() failed (it logged that)
 
     def is_current(self, gen: int) -> bool:
         """Whether locks taken on this line's connection ``gen`` are still held."""
         return self.conn is not None and gen == self.gen
 
-    async def connection(self) -> tuple[psycopg.AsyncConnection[Any], int]:
-        """The live connection (made now if there is none) and its generation."""
+    async def connection(
+        self, budget: float = CONNECT_BUDGET
+    ) -> tuple[psycopg.AsyncConnection[Any], int]:
+        """The live connection (made now if there is none, transient failures retried for
+        ``budget`` seconds) and its generation."""
         conn = self.conn
         if conn is not None and not conn.closed and not conn.broken:
             return conn, self.gen
         async with self._connecting:
             conn = self.conn
             if conn is None or conn.closed or conn.broken:
-                conn = await connect(self._conninfo, application_name=LOCK_APPLICATION_NAME)
+                conn = await connect(
+                    self._conninfo, application_name=LOCK_APPLICATION_NAME, budget=budget
+                )
+                try:
+                    await self._bound_idleness(conn)
+                except BaseException:
+                    await conn.close()
+                    raise
                 self.conn = conn
                 self.gen += 1
+                self.used = time.monotonic()
             return conn, self.gen
+
+    async def _bound_idleness(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Have the server end this session once it is idle for the idle timeout."""
+        timeout = f"{max(1, round(self._idle_timeout * 1000))}ms"
+        try:
+            await conn.execute(_SET_IDLE_TIMEOUT, {"timeout": timeout})
+        except psycopg.errors.UndefinedObject:  # PostgreSQL < 14: no such setting
+            if not _LockLine._no_idle_timeout_logged:
+                _LockLine._no_idle_timeout_logged = True
+                logger.warning(
+                    "the server has no idle_session_timeout (PostgreSQL < 14): a frozen or "
+                    "partitioned winner keeps its keys locked until its connection dies"
+                )
+        except psycopg.Error as exc:
+            raise CoordinationError(f"configuring lock connection {self.index}: {exc}") from exc
+
+    async def heartbeat(self, timeout: float) -> None:
+        """``SELECT 1`` if the connection has been idle for ``timeout`` (so the server
+        never finds it idle for the idle timeout); a connection that does not answer
+        within ``timeout`` is given up (its locks are, or will be, freed by the server)."""
+        conn = self.conn
+        if conn is None or conn.closed or conn.broken:
+            return  # nothing held here; the next statement reconnects
+        if time.monotonic() - self.used < timeout:
+            return
+        beat = asyncio.ensure_future(conn.execute(_HEARTBEAT))
+        done, _ = await asyncio.wait({beat}, timeout=timeout)
+        if done:
+            try:
+                beat.result()
+            except psycopg.Error as exc:
+                if is_connection_lost(exc, conn):
+                    self.drop(conn, exc)
+                else:
+                    logger.warning("heartbeat on lock connection %d failed: %s", self.index, exc)
+            else:
+                self.used = time.monotonic()
+            return
+        self.drop(conn, f"no answer to a heartbeat within {timeout:g} s")
+        try:
+            await stop_query(beat, patience=1.0)
+        finally:
+            await conn.close()
+
+    async def connect_if_room(self) -> None:
+        """Connect now with one attempt; if that fails (the server is full, say), stay
+        unconnected: new locks go to line 0 meanwhile (see ``_line``)."""
+        try:
+            await self.connection(budget=0.0)
+        except (DatabaseConnectError, CoordinationError) as exc:
+            # Tried again every few seconds while the server is full: said once per outage.
+            logger.log(
+                logging.DEBUG if self._roomless else logging.INFO,
+                "lock connection %d not opened (%s); its keys use lock connection 0 meanwhile",
+                self.index,
+                exc,
+            )
+            self._roomless = True
+        else:
+            self._roomless = False
+
+    def drop(self, conn: psycopg.AsyncConnection[Any], why: object) -> None:
+        """Forget ``conn`` (if it is still this line's): its locks are gone."""
+        if self.conn is conn:
+            self.conn = None
+            logger.warning(
+                "lock connection %d was lost (%s); the server released the locks it "
+                "held: peers may compute those keys too (their results are still "
+                "checked by the store)",
+                self.index,
+                why,
+            )
 
     async def statement(
         self, what: str, query: str, params: dict[str, Any], *, retry: bool = True
@@ -157,18 +269,13 @@ class _LockLine:
             conn, gen = await self.connection()
             try:
                 cursor = await conn.execute(query, params)
-                return await cursor.fetchone(), gen
+                row = await cursor.fetchone()
+                self.used = time.monotonic()
+                return row, gen
             except psycopg.Error as exc:
                 lost = is_connection_lost(exc, conn)
-                if lost and self.conn is conn:
-                    self.conn = None
-                    logger.warning(
-                        "lock connection %d was lost (%s); the server released the locks it "
-                        "held: peers may compute those keys too (their results are still "
-                        "checked by the store)",
-                        self.index,
-                        exc,
-                    )
+                if lost:
+                    self.drop(conn, exc)
                 if not (lost and retry and attempt == 1):
                     raise CoordinationError(f"{what} failed: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
@@ -186,9 +293,11 @@ class PostgresCoordinator(Service):
 
     ``conninfo`` is where the lock connections go; ``pool`` (autocommit connections)
     serves the crash probe; ``hub`` delivers this process's notifications and must listen
-    on ``channel``. The pool and the hub belong to the caller, who starts them before and
-    closes them after this coordinator. Use it between ``await start()`` and
-    ``await close()`` (or ``async with``).
+    on ``channel``. ``lock_idle_timeout`` bounds how long a silent holder (stopped,
+    partitioned) keeps its keys locked; ``connect_budget`` is how long ``start()``
+    retries transient connection failures. The pool and the hub belong to the caller,
+    who starts them before and closes them after this coordinator. Use it between
+    ``await start()`` and ``await close()`` (or ``async with``).
     """
 
     def __init__(
@@ -200,10 +309,22 @@ class PostgresCoordinator(Service):
         channel: str = POPULATED_CHANNEL,
         probe_interval: float = 1.0,
         lock_connections: int = LOCK_CONNECTIONS,
+        lock_idle_timeout: float = LOCK_IDLE_TIMEOUT,
+        connect_budget: float = CONNECT_BUDGET,
     ) -> None:
         super().__init__()
         if lock_connections < 1:
             raise ConfigurationError(f"lock_connections must be >= 1, got {lock_connections}")
+        if (
+            isinstance(lock_idle_timeout, bool)
+            or not isinstance(lock_idle_timeout, int | float)
+            or not 0.1 <= lock_idle_timeout <= 86_400
+        ):
+            raise ConfigurationError(
+                f"lock_idle_timeout must be from 0.1 to 86400 seconds, got {lock_idle_timeout!r}"
+            )
+        self._lock_idle_timeout = float(lock_idle_timeout)
+        self._connect_budget = connect_budget
         self._conninfo = conninfo
         self._pool = pool
         self._hub = hub
@@ -215,17 +336,26 @@ class PostgresCoordinator(Service):
         # try-lock, remove after the unlock or a lost try); read by the same. Event loop
         # only, never mutated across an await by two tasks for one id: no lock.
         self._held: dict[int, int] = {}
-        # The lock connections; a lock id always goes to the same line (lid mod n), so its
-        # lock, its release and the local re-entrancy check all meet on one session.
-        self._lines = [_LockLine(conninfo, i) for i in range(lock_connections)]
+        # The lock connections. A new lock goes to line lid mod n if that one is connected,
+        # else to line 0 (see _line); its release goes to the line it was taken on
+        # (carried by try_acquire_and_run); _held keeps one process from taking a lock id
+        # twice, whatever the line.
+        self._lines = [
+            _LockLine(conninfo, i, self._lock_idle_timeout) for i in range(lock_connections)
+        ]
 
     # ------------------------------------------------------------------ lifecycle
 
     async def _on_start(self) -> None:
         self._hub.add_handler(self._channel, self._on_notify)
         self._hub.add_gap_handler(self._on_gap)
-        await asyncio.gather(*(line.connection() for line in self._lines))
+        # One after another: if one fails, no other is still connecting behind close()'s back.
+        first, *others = self._lines
+        await first.connection(self._connect_budget)
+        for line in others:  # optional: see the module docstring
+            await line.connect_if_room()
         self.spawn(self._probe_loop(), "coordinator probe")
+        self.spawn(self._heartbeat_loop(), "coordinator heartbeat")
 
     async def _on_close(self) -> None:
         woken = self._registry.wake_all(WakeReason.CLOSE)
@@ -256,15 +386,16 @@ class PostgresCoordinator(Service):
             return self._lost(waiter)
         self._held[lid] = -1  # claimed locally before the await: other tasks lose here
         try:
-            gen = await self._try_lock(coalesce_key, lid)
+            won = await self._try_lock(coalesce_key, lid)
         except BaseException as exc:
             waiter.cancel()
             if not isinstance(exc, asyncio.CancelledError):  # else _abandon owns the claim
                 self._held.pop(lid, None)
             raise
-        if gen is None:
+        if won is None:
             del self._held[lid]
             return self._lost(waiter)
+        line, gen = won
         waiter.cancel()
         self._held[lid] = gen
         self._registry.stats["lock_won"] += 1
@@ -284,7 +415,7 @@ class PostgresCoordinator(Service):
             raise
         finally:
             # Shielded: a cancelled winner must still release and notify.
-            await asyncio.shield(self._release(coalesce_key, lid, gen))
+            await asyncio.shield(self._release(coalesce_key, lid, line, gen))
         return Acquired(result)
 
     def announcement(self, coalesce_key: str) -> tuple[str, str]:
@@ -298,22 +429,27 @@ class PostgresCoordinator(Service):
         logger.debug("lost the lock of key %s", waiter.coalesce_key)
         return waiter
 
-    async def _try_lock(self, coalesce_key: str, lid: int) -> int | None:
-        """The lock connection's generation if the lock was won, None if lost. The
-        statement runs in its own task: a caller cancelled mid-statement must not leave a
-        lock taken for nobody, so the task finishes and gives such a lock back."""
+    async def _try_lock(self, coalesce_key: str, lid: int) -> tuple[_LockLine, int] | None:
+        """The line and its connection's generation if the lock was won, None if lost.
+        The statement runs in its own task: a caller cancelled mid-statement must not
+        leave a lock taken for nobody, so the task finishes and gives such a lock back."""
+        line = self._line(lid)
         task = asyncio.ensure_future(
-            self._line(lid).statement(f"the try-lock of key {coalesce_key}", _TRY_LOCK, {"id": lid})
+            line.statement(f"the try-lock of key {coalesce_key}", _TRY_LOCK, {"id": lid})
         )
         try:
             row, gen = await asyncio.shield(task)
         except asyncio.CancelledError:
-            self.spawn(self._abandon(task, coalesce_key, lid), f"abandon {lid}")
+            self.spawn(self._abandon(task, coalesce_key, lid, line), f"abandon {lid}")
             raise
-        return gen if row and row[0] else None
+        return (line, gen) if row and row[0] else None
 
     async def _abandon(
-        self, task: asyncio.Future[tuple[tuple[Any, ...] | None, int]], coalesce_key: str, lid: int
+        self,
+        task: asyncio.Future[tuple[tuple[Any, ...] | None, int]],
+        coalesce_key: str,
+        lid: int,
+        line: _LockLine,
     ) -> None:
         """Finish a try whose caller was cancelled: give back a lock it won, then drop the
         local claim (kept until now, so no other task of ours could take the same lock
@@ -323,16 +459,16 @@ class PostgresCoordinator(Service):
         except Exception:  # noqa: BLE001 - the try failed, so it took nothing
             row, gen = None, 0
         if row and row[0]:
-            await self._release(coalesce_key, lid, gen)
+            await self._release(coalesce_key, lid, line, gen)
         else:
             self._held.pop(lid, None)
             self._registry.wake(lid, WakeReason.NOTIFY)
 
-    async def _release(self, coalesce_key: str, lid: int, gen: int) -> None:
-        """Notify the key's waiters and give its lock back; never raises (a failure is
-        logged: the lock then died with its connection, and the probe wakes the peers)."""
+    async def _release(self, coalesce_key: str, lid: int, line: _LockLine, gen: int) -> None:
+        """Notify the key's waiters and give its lock back on ``line``, where it was taken;
+        never raises (a failure is logged: the lock then died with its connection, and the
+        probe wakes the peers)."""
         params = {"channel": self._channel, "payload": str(lid), "id": lid}
-        line = self._line(lid)
         try:
             if line.is_current(gen):
                 try:
@@ -360,7 +496,10 @@ class PostgresCoordinator(Service):
             self._registry.wake(lid, WakeReason.NOTIFY)  # this process's own waiters
 
     def _line(self, lid: int) -> _LockLine:
-        return self._lines[lid % len(self._lines)]
+        """Where a new lock on ``lid`` goes: line ``lid mod n`` if it is connected, else
+        line 0 (which reconnects by itself when it must)."""
+        line = self._lines[lid % len(self._lines)]
+        return line if line.conn is not None else self._lines[0]
 
     # ------------------------------------------------------------------ losers
 
@@ -395,6 +534,22 @@ class PostgresCoordinator(Service):
             return
         woken = self._registry.wake_all(WakeReason.GAP)
         logger.info("LISTEN connection had a gap; woke %d waiter(s) to re-read", woken)
+
+    # ------------------------------------------------------------------ heartbeat
+
+    async def _heartbeat_loop(self) -> None:
+        """Keep every lock connection from being idle for ``lock_idle_timeout``: a third of
+        it at most between statements (see the module docstring)."""
+        beat = self._lock_idle_timeout / 3
+        while True:
+            await asyncio.sleep(beat / 2)  # half: a line is beaten within 'beat' of its use
+            try:
+                await asyncio.gather(*(line.heartbeat(beat) for line in self._lines))
+                for line in self._lines[1:]:  # the optional lines, as the server has room
+                    if line.conn is None:
+                        await line.connect_if_room()
+            except Exception:  # the bound depends on it: it must go on
+                logger.exception("the lock connections' heartbeat failed")
 
     # ------------------------------------------------------------------ crash probe
 

@@ -6,28 +6,29 @@ its LISTENs, to someone else), LISTENs every channel it was built with, and call
 handlers registered for each channel with every payload.
 
 A psycopg connection runs one operation at a time, so a single background task, the
-*runner*, owns the connection and loops: it waits up to ``liveness_interval`` for
-notifications, dispatching each as it arrives, and when none came it runs ``SELECT 1`` so
-a terminated or half-open connection is noticed within seconds, not at the next NOTIFY.
-Notifications that arrive while ``SELECT 1`` runs are kept by psycopg (3.2.4+) for the
-next wait, so none is lost.
+*runner*, owns the connection and loops: it waits for notifications, dispatching each as
+it arrives, and whenever nothing at all has come for ``liveness_interval`` it runs
+``SELECT 1``, which must answer within ``liveness_timeout``. Notifications that arrive
+while ``SELECT 1`` runs are kept by psycopg (3.2.4+) for the next wait, so none is lost.
 
-When any step fails, the runner marks the hub disconnected and counts a gap at once
-(``connected`` is False and ``gaps`` grows before it reconnects), closes the connection,
-reconnects with capped exponential backoff plus jitter, LISTENs every channel again, and
-only then calls every gap handler: notifications sent while it was down are lost, and
-NOTIFY is a hint, never the only signal.
-
-A half-open TCP connection is noticed when ``SELECT 1`` does not answer within
-``max(5 s, 2 x liveness_interval)``; psycopg then spends up to a few more seconds trying to
-cancel the query before the connection is dropped. Put ``keepalives``/``tcp_user_timeout``
-in the conninfo to tighten this further on a lossy network.
+So a connection that goes silent — closed, terminated, or a frozen network path that
+never says so (TCP keepalives cannot tell: a frozen proxy or a stopped peer's kernel
+still acknowledges them) — is declared dead within ``liveness_interval +
+liveness_timeout`` (1.5 s by default) of the last thing it delivered. The runner then
+marks the hub disconnected and counts a gap at once (``connected`` is False and ``gaps``
+grows before it reconnects: the near tier stops serving from memory right then), then
+closes the connection (cutting short psycopg's attempt to cancel an unanswered probe,
+which would take up to 10 s more on a dead path), reconnects with capped exponential
+backoff plus jitter, LISTENs every channel again, and only then calls every gap handler:
+notifications sent while it was down are lost, and NOTIFY is a hint, never the only
+signal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -50,10 +51,26 @@ _Conn = psycopg.AsyncConnection[Any]
 _LISTEN = sql.SQL("LISTEN {}")
 _LIVENESS_PROBE = "SELECT 1"
 
+#: How long (seconds) the connection may deliver nothing before it is probed.
+LIVENESS_INTERVAL = 0.5
+#: How long (seconds) the probe may go unanswered before the connection counts as dead.
+LIVENESS_TIMEOUT = 1.0
+#: How long (seconds) an unanswered probe gets to end by a polite cancel before psycopg
+#: is made to close its connection (it would otherwise wait up to 10 s on a dead path).
+_STOP_PATIENCE = 0.5
+
 #: Shown in ``pg_stat_activity`` unless the conninfo names an application already.
 DEFAULT_APPLICATION_NAME = "fleetcache-notifications"
 # Postgres identifiers (channel names) hold at most NAMEDATALEN - 1 bytes.
 _MAX_CHANNEL_BYTES = 63
+
+
+class _SilentConnectionError(Exception):
+    """The liveness probe went unanswered; ``probe`` is still waiting for its answer."""
+
+    def __init__(self, probe: asyncio.Future[Any], timeout: float) -> None:
+        super().__init__(f"no answer to the liveness probe within {timeout:g} s")
+        self.probe = probe
 
 
 def check_channel(channel: object) -> str:
@@ -81,9 +98,11 @@ class NotificationHub(Service):
     Register handlers with :meth:`add_handler` and :meth:`add_gap_handler` (before or
     after ``start()``); ``start()`` connects and LISTENs, ``close()`` ends everything and
     leaves nothing listening, even when called while ``start()`` is still running. After
-    a dropped connection the hub reconnects by itself and calls every gap handler. Use it
-    as ``async with NotificationHub(url, [channel]) as hub`` or call ``start()`` and
-    ``close()`` yourself; a closed hub cannot be started again.
+    a dropped or silent connection the hub reconnects by itself and calls every gap
+    handler; a silent one is noticed within ``liveness_interval + liveness_timeout``
+    seconds (see the module docstring). Use it as ``async with NotificationHub(url,
+    [channel]) as hub`` or call ``start()`` and ``close()`` yourself; a closed hub cannot
+    be started again.
 
     ``start()`` raises :class:`~fleetcache.errors.DatabaseConnectError` (with its
     ``cause``) when the database cannot be reached, and
@@ -96,7 +115,9 @@ class NotificationHub(Service):
         conninfo: str,
         channels: Sequence[str],
         *,
-        liveness_interval: float = 2.0,
+        liveness_interval: float = LIVENESS_INTERVAL,
+        liveness_timeout: float = LIVENESS_TIMEOUT,
+        connect_budget: float = _pg.CONNECT_BUDGET,
         reconnect_min_delay: float = 0.05,
         reconnect_max_delay: float = 5.0,
         application_name: str = DEFAULT_APPLICATION_NAME,
@@ -108,8 +129,12 @@ class NotificationHub(Service):
         self._channels = tuple(dict.fromkeys(check_channel(ch) for ch in channels))
         if not self._channels:
             raise ConfigurationError("a NotificationHub needs at least one channel")
-        if liveness_interval <= 0:
-            raise ConfigurationError(f"liveness_interval must be > 0, got {liveness_interval}")
+        for name, value in (
+            ("liveness_interval", liveness_interval),
+            ("liveness_timeout", liveness_timeout),
+        ):
+            if not (isinstance(value, int | float) and 0 < value < math.inf):  # NaN fails too
+                raise ConfigurationError(f"{name} must be a finite number > 0, got {value!r}")
         if reconnect_min_delay <= 0 or reconnect_max_delay < reconnect_min_delay:
             raise ConfigurationError(
                 "need 0 < reconnect_min_delay <= reconnect_max_delay, got "
@@ -118,10 +143,13 @@ class NotificationHub(Service):
         self._conninfo = conninfo
         self._application_name = application_name
         self._liveness_interval = liveness_interval
+        self._liveness_timeout = liveness_timeout
+        self._connect_budget = connect_budget
         self._reconnect_min_delay = reconnect_min_delay
         self._reconnect_max_delay = reconnect_max_delay
-        # A LISTEN or liveness probe that takes this long means a dead connection.
-        self._command_timeout = max(5.0, 2.0 * liveness_interval)
+        # A LISTEN that takes this long means a dead connection (a LISTEN takes a lock, so
+        # it gets more time than the probe).
+        self._command_timeout = max(5.0, 2.0 * liveness_timeout)
 
         # Shared state. Everything runs on one event loop and none of it is changed across
         # an await by two tasks, so no lock is needed.
@@ -195,7 +223,7 @@ class NotificationHub(Service):
     # ------------------------------------------------------------------ lifecycle
 
     async def _on_start(self) -> None:
-        self._conn = await self._open(_pg.CONNECT_BUDGET)
+        self._conn = await self._open(self._connect_budget)
         self._connected = True
         self.spawn(self._run(), "notification hub runner")
 
@@ -267,16 +295,25 @@ class NotificationHub(Service):
                 conn = self._conn
                 assert conn is not None
                 born = time.monotonic()
+                unanswered: asyncio.Future[Any] | None = None
                 try:
                     await self._serve(conn)
+                except _SilentConnectionError as exc:
+                    unanswered = exc.probe
+                    logger.warning("LISTEN connection silent (%s); reconnecting", exc)
                 except Exception as exc:  # noqa: BLE001 - any failure means: reconnect
                     logger.warning(
                         "LISTEN connection lost (%s: %s); reconnecting", type(exc).__name__, exc
                     )
+                # Declared dead: before any await, so the near tier knows at once.
                 self._connected = False
-                self._gaps += 1  # before the reconnect: a near cache must know at once
+                self._gaps += 1
                 self._conn = None
-                await conn.close()
+                try:
+                    if unanswered is not None:
+                        await _pg.stop_query(unanswered, patience=_STOP_PATIENCE)
+                finally:
+                    await conn.close()
                 lived = time.monotonic() - born
                 short_lived = short_lived + 1 if lived < self._reconnect_max_delay else 0
                 self._conn = await self._reconnect(first_attempt=short_lived)
@@ -314,29 +351,48 @@ class NotificationHub(Service):
                 )
 
     async def _serve(self, conn: _Conn) -> None:
-        """Dispatch notifications and probe liveness when idle, until the connection
-        fails (this only returns by raising)."""
+        """Dispatch notifications, and probe the connection whenever it has delivered
+        nothing for ``liveness_interval``, until it fails or goes silent (this only
+        returns by raising)."""
+        heard = time.monotonic()  # when the connection last delivered anything
         while True:
-            received = 0
+            quiet = time.monotonic() - heard
+            if quiet >= self._liveness_interval:
+                await self._probe(conn)
+                heard = time.monotonic()
+                continue
             try:
                 # aclosing: the generator holds the connection's lock until it is closed.
                 async with contextlib.aclosing(
-                    conn.notifies(timeout=self._liveness_interval)
+                    conn.notifies(timeout=self._liveness_interval - quiet)
                 ) as notifies:
                     async for notify in notifies:
-                        received += 1
+                        heard = time.monotonic()
                         self._dispatch(notify.channel, notify.payload)
             except UnicodeDecodeError as exc:
                 # A payload the client encoding cannot decode (a SQL_ASCII database takes
                 # any bytes). The connection is fine, but psycopg dropped the notifications
                 # it was decoding with it: report a gap instead of reconnecting.
+                heard = time.monotonic()
                 logger.warning("undecodable notification dropped (%s); reporting a gap", exc)
                 self._gaps += 1
                 self._fire_gap()
-                continue
-            if not received:  # idle for a whole interval: is the connection still there?
-                async with asyncio.timeout(self._command_timeout):
-                    await conn.execute(_LIVENESS_PROBE)
+
+    async def _probe(self, conn: _Conn) -> None:
+        """``SELECT 1``, answered within ``liveness_timeout`` or :class:`_SilentConnectionError`
+        (which carries the unanswered probe). Not ``asyncio.timeout``: cancelling psycopg
+        mid-query makes it try to cancel the query on the server first, which on a
+        frozen path takes it up to 10 s more; the runner declares the connection dead
+        first and stops the probe afterwards."""
+        probe = asyncio.ensure_future(conn.execute(_LIVENESS_PROBE))
+        try:
+            done, _ = await asyncio.wait({probe}, timeout=self._liveness_timeout)
+        except asyncio.CancelledError:  # close(): the probe must not outlive the runner
+            await _pg.stop_query(probe, patience=_STOP_PATIENCE)
+            raise
+        if not done:
+            raise _SilentConnectionError(probe, self._liveness_timeout)
+        probe.result()  # a driver error: the connection failed
 
     def _dispatch(self, channel: str, payload: str) -> None:
         # A copy: a callback may add handlers while we iterate.

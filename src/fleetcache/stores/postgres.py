@@ -55,9 +55,11 @@ the defaults; the margin is 1800 s). Every time here is the server's clock.
 The pool
 ========
 
-An owned pool has a fixed size (``min_size`` = ``max_size``, default 10) and ``open()``
-returns only once every connection is connected: a burst right after start finds them all
-ready, instead of queueing while the pool grows one connection at a time. Connections are
+An owned pool starts small (``min_size``, default 1: what ``open()`` waits for) and grows
+on demand up to ``max_size`` (default 10), so a process that can get only some connections
+from a server near its ``max_connections`` starts and works within them; a pool that
+cannot grow makes callers wait for a connection to come back, and an open that cannot get
+even ``min_size`` fails naming the cause (``too-many-connections``). Connections are
 not checked on checkout (that costs a round trip per request); instead a connection found
 dead when used (after a server restart, or a terminated backend) makes the pool check all
 its idle connections and the operation run once more on a fresh one (``_pg.pooled``): each
@@ -106,8 +108,10 @@ logger = get_logger("fleetcache.stores")
 
 #: The application_name of the store's connections (what pg_stat_activity shows).
 APPLICATION_NAME = "fleetcache"
-#: The default (and fixed) number of pooled connections.
+#: The default number of pooled connections the pool may grow to.
 POOL_SIZE = 10
+#: The default number of pooled connections made by ``open()`` (and kept when idle).
+POOL_MIN_SIZE = 1
 #: The most old marks one invalidation prunes, besides twice the marks it sets: enough to
 #: outpace any rate of invalidations, small enough to keep its transaction short.
 PRUNE_BATCH = 10_000
@@ -170,8 +174,9 @@ def _key_params(key: Key) -> dict[str, Any]:
 class PostgresStore:
     """A :class:`~fleetcache.stores.base.Store` on Postgres (table ``fleetcache_entries``).
 
-    Give it a ``conninfo`` (it then owns its pool: ``pool_size`` connections, all opened
-    by ``open()``, closed by ``close()``) or an open ``pool`` of autocommit connections
+    Give it a ``conninfo`` (it then owns its pool: ``min_size`` connections opened by
+    ``open()``, more on demand up to ``max_size``, all closed by ``close()``; see "The
+    pool") or an open ``pool`` of autocommit connections
     (which it never closes). ``open()`` first makes one connection of its own, so a wrong
     address, database or role raises :class:`~fleetcache.errors.DatabaseConnectError`
     naming the cause within seconds, then creates or upgrades the schema under an advisory
@@ -186,7 +191,7 @@ class PostgresStore:
         *,
         pool: AsyncConnectionPool[Any] | None = None,
         max_size: int = POOL_SIZE,
-        min_size: int | None = None,
+        min_size: int = POOL_MIN_SIZE,
         application_name: str = APPLICATION_NAME,
         mark_retention: float = MARK_RETENTION,
         connect_budget: float = _pg.CONNECT_BUDGET,
@@ -201,8 +206,13 @@ class PostgresStore:
         self._conninfo = conninfo
         self._pool = pool
         self._owns_pool = pool is None
+        if not 0 <= min_size <= max_size or max_size < 1:
+            raise ConfigurationError(
+                f"need 0 <= min_size <= max_size and max_size >= 1, got min_size={min_size} "
+                f"and max_size={max_size}"
+            )
         self._max_size = max_size
-        self._min_size = max_size if min_size is None else min_size
+        self._min_size = min_size
         self._application_name = application_name
         self._retention = float(mark_retention)
         self._max_age = self._retention / 2
@@ -252,25 +262,28 @@ class PostgresStore:
         finally:
             await conn.close()
         kwargs: dict[str, Any] = {"autocommit": True}
-        if "application_name" not in conninfo_to_dict(conninfo):
+        params = conninfo_to_dict(conninfo)
+        if "application_name" not in params:
             kwargs["application_name"] = self._application_name
+        if "connect_timeout" not in params:  # else a growth attempt may hang for minutes
+            kwargs["connect_timeout"] = _pg.CONNECT_TIMEOUT
+        failures = _pg.ConnectFailures()
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo,
+            connection_class=failures.connection_class,
             min_size=self._min_size,
             max_size=self._max_size,
             kwargs=kwargs,
             timeout=self._pool_timeout,
+            # A growth attempt that keeps failing gives up after this, so the next caller
+            # who finds no idle connection starts a fresh one (the pool's backoff would
+            # otherwise have grown to minutes by the time the server has room again).
+            reconnect_timeout=self._connect_budget + _pg.CONNECT_TIMEOUT,
             name=f"fleetcache-store-{self._application_name}",
             open=False,
         )
-        try:
-            # wait=True: every connection is made before open() returns (see "The pool").
-            await pool.open(wait=True, timeout=self._connect_budget + _pg.CONNECT_TIMEOUT)
-        except psycopg.Error as exc:
-            await pool.close()
-            raise StoreError(
-                f"opening {self._min_size} pooled connections to {self._where} failed: {exc}"
-            ) from exc
+        # Waits for min_size connections only (see "The pool"); the cause is named.
+        await _pg.open_pool(pool, failures, conninfo, budget=self._connect_budget)
         self._pool = pool
         self._opened = True
 
