@@ -207,11 +207,14 @@ async def test_dead_entries_are_purged_in_passing(
 ) -> None:
     """Entries past their stale window (and a margin) are deleted in the background after
     a computation, so expired keys nobody asks for again do not accumulate."""
-    monkeypatch.setattr(caching, "PURGE_INTERVAL", 0.0)
+    # No purge while the entries are made: one still running when "d" asks would be joined,
+    # and it judges by the clock of its own start.
+    monkeypatch.setattr(caching, "PURGE_INTERVAL", 3600.0)
     clock, source = Clock(), Source()
     lookup = lookup_for(store, clock, ttl=1)
     for name in ("a", "b", "c"):
         await lookup.get(key(name), source)
+    monkeypatch.setattr(caching, "PURGE_INTERVAL", 0.0)
     clock.now += 3600
     await lookup.get(key("d"), source)
     await eventually(lambda: lookup.stats()["purged"] == 3)
