@@ -25,10 +25,17 @@ class Closure:
 
     def _new(self, found: Iterable[str | None]) -> list[str]:
         new: list[str] = []
+        seen = self._seen
+        if self._expand is None:  # names a store holds, or given ones: checked already
+            for name in found:
+                if name is not None and name not in seen:
+                    seen.add(name)
+                    new.append(name)
+            return new
         for name in found:
             if name is None:
                 continue
-            for variant in (name,) if self._expand is None else self._expand(name):
+            for variant in self._expand(name):
                 if variant not in self._seen:
                     # expand is the caller's code: what it returns is input like any other.
                     check_name(f"a name that {name!r} expanded to", variant)
