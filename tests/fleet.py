@@ -24,14 +24,15 @@ class Worker:
         self.pid = process.pid
 
     @classmethod
-    async def start(cls, *args: str, ready_timeout: float = 60.0) -> Worker:
-        """Start a worker with ``args`` and wait until it says it is ready."""
+    async def start(cls, *args: str, ready_timeout: float = 60.0, script: Path = WORKER) -> Worker:
+        """Start a worker (``script``, by default ``fleet_worker.py``) with ``args`` and
+        wait until it says it is ready."""
         stderr_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the worker
             prefix="fleet-worker-", suffix=".log", delete=False
         )
         process = await asyncio.create_subprocess_exec(
             sys.executable,
-            str(WORKER),
+            str(script),
             *args,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetcache.stores.migrations import LATEST
 from fleetcache_cli import main
 
 pytestmark = pytest.mark.postgres
@@ -14,19 +15,21 @@ pytestmark = pytest.mark.postgres
 def test_migrate_creates_then_finds_the_latest_schema(
     database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A fresh database goes from version 0 to 2; a second run finds it at 2 and changes
-    nothing; both exit 0."""
+    """A fresh database goes from version 0 to the latest; a second run finds it there and
+    changes nothing; both exit 0."""
     assert main(["migrate", "--database-url", database_url]) == 0
-    assert "version 0 -> 2" in capsys.readouterr().out
+    assert f"version 0 -> {LATEST}" in capsys.readouterr().out
     assert main(["migrate", "--database-url", database_url]) == 0
-    assert "version 2 -> 2 (already at the latest version)" in capsys.readouterr().out
+    assert (
+        f"version {LATEST} -> {LATEST} (already at the latest version)" in capsys.readouterr().out
+    )
 
 
 def test_migrate_a_sqlite_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A sqlite URL is migrated the same way."""
     url = f"sqlite:///{tmp_path / 'cache.db'}"
     assert main(["migrate", "--database-url", url]) == 0
-    assert "version 0 -> 2" in capsys.readouterr().out
+    assert f"version 0 -> {LATEST}" in capsys.readouterr().out
 
 
 def test_migrate_a_missing_database_fails_clearly(
@@ -55,7 +58,7 @@ def test_migrate_refuses_a_newer_schema(
     assert main(["migrate", "--database-url", database_url]) == 1
     err = capsys.readouterr().err
     assert "version 99" in err
-    assert "up to 2" in err
+    assert f"up to {LATEST}" in err
 
 
 def test_migrate_without_a_url_says_what_to_give(

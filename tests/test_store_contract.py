@@ -20,6 +20,7 @@ from fleetcache.errors import (
 )
 from fleetcache.stores import Entry, GenerationStamp, Key, MemoryStore, PostgresStore, SqliteStore
 from fleetcache.stores.base import Store
+from fleetcache.stores.migrations import LATEST
 from fleetcache.stores.validation import MAX_JSON_DEPTH
 
 NS = "https://realm.example/"
@@ -652,7 +653,7 @@ async def test_postgres_injected_pool_must_be_autocommit(database_url: str) -> N
 
 
 async def test_postgres_schema_is_v2_and_absent_json_is_sql_null(database_url: str) -> None:
-    """Opening twice keeps one schema row (version 2) and creates no unprefixed table;
+    """Opening twice keeps one schema row (the latest version) and creates no unprefixed table;
     absent error/diagnostics are SQL NULL, not JSON null."""
     for _ in range(2):
         store = PostgresStore(database_url, max_size=1)
@@ -671,7 +672,7 @@ async def test_postgres_schema_is_v2_and_absent_json_is_sql_null(database_url: s
                 "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
             )
         ).fetchall()
-    assert version == [(2,)]
+    assert version == [(LATEST,)]
     assert nulls == (True, True)
     assert [t for (t,) in tables] == [
         "fleetcache_entries",
@@ -681,7 +682,7 @@ async def test_postgres_schema_is_v2_and_absent_json_is_sql_null(database_url: s
 
 
 async def test_sqlite_absent_json_is_sql_null(tmp_path: Path) -> None:
-    """On sqlite too, absent error/diagnostics are SQL NULL, and the version is 2."""
+    """On sqlite too, absent error/diagnostics are SQL NULL, and the version is the latest."""
     store = SqliteStore(tmp_path / "c.db")
     await store.open()
     await store.write(entry("a"))
@@ -691,7 +692,7 @@ async def test_sqlite_absent_json_is_sql_null(tmp_path: Path) -> None:
         assert conn.execute(
             "SELECT error IS NULL, diagnostics IS NULL FROM fleetcache_entries"
         ).fetchall() == [(1, 1)]
-        assert conn.execute("SELECT version FROM fleetcache_schema").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM fleetcache_schema").fetchall() == [(LATEST,)]
     finally:
         conn.close()
 

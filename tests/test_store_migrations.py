@@ -1,4 +1,4 @@
-"""Schema versions: a new database gets version 2, a version 1 database (built from the
+"""Schema versions: a new database gets the latest version, a version 1 database (built from the
 first release's DDL, ``tests/fixtures/v1_*.sql``) is upgraded in place with its rows and
 marks kept, and a database newer than the code is refused naming both versions."""
 
@@ -93,7 +93,7 @@ async def make_v1_postgres(url: str) -> str:
 async def test_postgres_v1_database_is_upgraded_with_rows_and_marks_kept(
     database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Opening a version 1 database upgrades it to version 2 in place: every row reads
+    """Opening a version 1 database upgrades it to the latest version in place: every row reads
     back (hostile keys included, deps usable for invalidation, JSON null as SQL NULL), a
     version 1 mark still refuses a write stamped before it, 'modules' is left as it was,
     and one log line says fleetcache no longer uses it."""
@@ -136,7 +136,7 @@ async def test_postgres_v1_database_is_upgraded_with_rows_and_marks_kept(
         async with store.pool.connection() as conn:
             version = await (await conn.execute("SELECT version FROM fleetcache_schema")).fetchall()
             left = await (await conn.execute("SELECT count(*) FROM modules")).fetchone()
-        assert version == [(2,)]
+        assert version == [(LATEST,)]
         assert left == (len(V1_ROWS),)
     finally:
         await store.close()
@@ -146,7 +146,7 @@ async def test_postgres_upgrade_happens_once_when_many_processes_open_together(
     database_url: str,
 ) -> None:
     """Several stores opening one version 1 database at once: one upgrades, the others
-    wait for it and find version 2; the rows are copied once."""
+    wait for it and find the latest version; the rows are copied once."""
     await make_v1_postgres(database_url)
     stores = [PostgresStore(database_url, max_size=1) for _ in range(4)]
     await asyncio.gather(*(store.open() for store in stores))
@@ -262,7 +262,7 @@ def make_v1_sqlite(path: Path) -> None:
 async def test_sqlite_v1_file_is_upgraded_with_rows_and_marks_kept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Opening a version 1 file upgrades it to version 2 in place: every row reads back,
+    """Opening a version 1 file upgrades it to the latest version in place: every row reads back,
     deps are usable for invalidation, a version 1 mark still refuses a write stamped
     before it (and not one stamped after), and 'modules' is left as it was."""
     path = tmp_path / "v1.sqlite3"
@@ -307,7 +307,7 @@ async def test_sqlite_v1_file_is_upgraded_with_rows_and_marks_kept(
         await store.close()
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("SELECT version FROM fleetcache_schema").fetchall() == [(2,)]
+        assert conn.execute("SELECT version FROM fleetcache_schema").fetchall() == [(LATEST,)]
         assert conn.execute("SELECT count(*) FROM modules").fetchone() == (len(V1_ROWS),)
     finally:
         conn.close()

@@ -71,8 +71,11 @@ def is_postgres_url(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://")) or ("://" not in url and "=" in url)
 
 
-def store_for_url(url: str, *, pool_size: int = 10) -> Store:
-    """An unopened store for ``url``."""
+def store_for_url(
+    url: str, *, pool_size: int = 10, invalidated_channel: str = INVALIDATED_CHANNEL
+) -> Store:
+    """An unopened store for ``url`` (a Postgres one announces its invalidations on
+    ``invalidated_channel``)."""
     if url == "memory://":
         return MemoryStore()
     if url.startswith("sqlite://"):
@@ -81,7 +84,7 @@ def store_for_url(url: str, *, pool_size: int = 10) -> Store:
             raise ConfigurationError(f"a sqlite URL needs a path, like sqlite:///cache.db: {url!r}")
         return SqliteStore(Path(path))
     if is_postgres_url(url):
-        return PostgresStore(url, max_size=pool_size)
+        return PostgresStore(url, max_size=pool_size, invalidated_channel=invalidated_channel)
     raise ConfigurationError(
         f"unsupported cache URL {url!r}: use memory://, sqlite:///path or postgresql://..."
     )
@@ -263,7 +266,7 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
         )
 
     async def opener() -> Fleetcache:
-        store = store_for_url(url, pool_size=pool_size)
+        store = store_for_url(url, pool_size=pool_size, invalidated_channel=invalidated_channel)
         closers: list[tuple[str, Callable[[float], Awaitable[None]]]] = []
         try:
             await store.open()
@@ -287,13 +290,19 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
                 )
                 await coordinator.start()
                 closers.append(("coordinator", coordinator.close))
-            publisher = PostgresInvalidationPublisher(store.pool, channel=invalidated_channel)
             near_tier = (
                 None if near is None else NearCache(hub, max_entries=near, max_bytes=near_max_bytes)
             )
-            lookup = make_lookup(store, coordinator, publisher, near_tier)
+            # No publisher: the store announces every invalidation in its own transaction
+            # (never lost after a commit), carrying its origin, so the listener skips our
+            # echoes; every announcement heard also wakes writes waiting for its lock.
+            lookup = make_lookup(store, coordinator, None, near_tier)
             listener = InvalidationListener(
-                hub, lookup, channel=invalidated_channel, origin=publisher.origin
+                hub,
+                lookup,
+                channel=invalidated_channel,
+                origin=store.origin,
+                on_heard=store.lock_released,
             )
             await listener.start()
             closers.append(("invalidation listener", listener.close))
@@ -304,7 +313,6 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
                 lookup,
                 hub=hub,
                 coordinator=coordinator,
-                publisher=publisher,
                 listener=listener,
                 closers=closers[::-1],
             )

@@ -15,7 +15,8 @@ Version 1 (the first release) kept entries in a table named ``modules``. Version
 its rows into ``fleetcache_entries`` and leaves ``modules`` where it is: that name may be
 an application's own table, and a process of the first release may still be reading it.
 (Processes of the two releases do not share a cache: stop the old ones before the new ones
-start, or they keep writing rows the new ones never read.)
+start, or they keep writing rows the new ones never read.) Version 3 turns off the pending
+list of the Postgres deps index (an invalidation probes it once per name).
 """
 
 from __future__ import annotations
@@ -64,9 +65,15 @@ async def _pg_upgrade_1_to_2(conn: psycopg.AsyncConnection[Any], where: str) -> 
         )
 
 
+async def _pg_upgrade_2_to_3(conn: psycopg.AsyncConnection[Any], where: str) -> None:
+    for statement in q.PG_UPGRADE_2_TO_3:
+        await conn.execute(statement)
+
+
 #: Postgres upgrades: ``PG_MIGRATIONS[n]`` takes a database from version n-1 to n.
 PG_MIGRATIONS: dict[int, Callable[[psycopg.AsyncConnection[Any], str], Any]] = {
     2: _pg_upgrade_1_to_2,
+    3: _pg_upgrade_2_to_3,
 }
 
 
@@ -117,9 +124,14 @@ def _sqlite_upgrade_1_to_2(conn: sqlite3.Connection, where: str) -> None:
         )
 
 
+def _sqlite_upgrade_2_to_3(conn: sqlite3.Connection, where: str) -> None:
+    """Nothing: version 3 changed only a Postgres index."""
+
+
 #: sqlite upgrades: ``SQLITE_MIGRATIONS[n]`` takes a file from version n-1 to n.
 SQLITE_MIGRATIONS: dict[int, Callable[[sqlite3.Connection, str], None]] = {
     2: _sqlite_upgrade_1_to_2,
+    3: _sqlite_upgrade_2_to_3,
 }
 
 
