@@ -16,12 +16,13 @@ import fleetcache
 from fleet import Worker, fleet
 from fleetcache import _pg
 from fleetcache.errors import ConfigurationError, StoreError
+from fleetcache.lookup.caching import CachingLookup
 from fleetcache.notifications.broadcast import (
     INVALIDATED_CHANNEL,
     Invalidation,
     parse_invalidation,
 )
-from fleetcache.stores import Entry, Key, PostgresStore
+from fleetcache.stores import Entry, Key, MemoryStore, PostgresStore
 from waiting import eventually
 
 pytestmark = pytest.mark.postgres
@@ -230,3 +231,39 @@ def test_a_store_refuses_a_bad_channel_or_origin() -> None:
     ):
         with pytest.raises(ConfigurationError):
             PostgresStore("dbname=x", **options)  # type: ignore[arg-type]
+
+
+class SlowPublisher:
+    """A publisher whose announcements take until ``release`` is set; records them."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.sent: list[tuple[str, tuple[str, ...]]] = []
+
+    async def names_invalidated(self, namespace: str, names: Any) -> None:
+        """Record the names once released."""
+        self.started.set()
+        await self.release.wait()
+        self.sent.append((namespace, tuple(names)))
+
+    async def namespace_cleared(self, namespace: str) -> None:
+        """Not used here."""
+
+    async def all_cleared(self) -> None:
+        """Not used here."""
+
+
+async def test_a_publishers_announcement_survives_its_callers_cancellation() -> None:
+    """With a store that does not announce by itself and a publisher, a caller cancelled
+    while the publisher is sending does not stop the announcement: it finishes."""
+    publisher = SlowPublisher()
+    lookup: CachingLookup[Any] = CachingLookup(MemoryStore(), publisher=publisher)
+    invalidating = asyncio.create_task(lookup.invalidate(NS, ["a"]))
+    await asyncio.wait_for(publisher.started.wait(), WAIT)
+    invalidating.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await invalidating
+    publisher.release.set()
+    await eventually(lambda: publisher.sent == [(NS, ("a",))])
+    await lookup.close()
