@@ -92,7 +92,7 @@ def test_no_names_means_no_payloads() -> None:
 
 def test_encoded_payloads_match_json_dumps() -> None:
     """The hand-assembled payload equals json.dumps of the same object."""
-    names = ['quote"d', "back\\slash", "nul\x00", "tab\t", "日本"]
+    names = ['quote"d', "back\\slash", "ctl\x01", "tab\t", "日本"]
     (payload,) = encode_module_payloads("ns", names, origin='o"rigin')
     expected = json.dumps(
         {"k": "module", "r": "ns", "m": names, "o": 'o"rigin'},
@@ -269,16 +269,25 @@ def test_encode_then_parse_round_trips(
 def test_chunks_stay_under_budget_in_order_without_loss_or_duplicates(
     namespace: str, names: list[str], origin: str | None, budget: int
 ) -> None:
-    """Chunking keeps each payload, origin included, under the byte budget (unless it
-    holds one name that cannot fit alone), keeps the order, and loses or repeats no name;
-    chunks are full."""
+    """Chunking keeps each payload, origin included, under the byte budget, keeps the
+    order, and loses or repeats no name; chunks are full. When a name cannot fit alone the
+    announcement is the realm payload, and when that cannot fit, the global one."""
     payloads = encode_module_payloads(namespace, names, origin=origin, budget=budget)
+    realm = encode_realm_payload(namespace, origin=origin)
+    if size(realm) >= budget:
+        assert payloads == [encode_global_payload(origin=origin)]
+        return
+    (alone,) = encode_module_payloads(namespace, ["x"], origin=origin, budget=10**9)
+    fixed = size(alone) - len('"x"')
+    if any(fixed + size(json.dumps(n, ensure_ascii=False)) >= budget for n in names):
+        assert payloads == [realm]
+        return
     assert names_of(payloads) == names
     for payload in payloads:
         parsed = parse_invalidation(payload)
         assert parsed is not None
         assert (parsed.namespace, parsed.origin) == (namespace, origin)
-        assert size(payload) < budget or len(parsed.names) == 1
+        assert size(payload) < budget
     # Greedy: the next chunk's first name would not have fitted in the previous chunk.
     for before, after in itertools.pairwise(payloads):
         first, rest = parse_invalidation(before), parse_invalidation(after)
@@ -301,16 +310,18 @@ def test_default_budget_chunks_multibyte_names_under_7000_bytes(names: list[str]
     assert all(p.endswith(f',"o":"{origin}"}}') for p in payloads)
 
 
-def test_oversize_name_gets_a_payload_of_its_own() -> None:
-    """A name too big for any payload is sent alone, between its neighbours' payloads."""
-    huge = "x" * 500
-    payloads = encode_module_payloads("ns", ["a", "b", huge, "c"], origin="o", budget=100)
-    assert [parse_invalidation(p) for p in payloads] == [
-        Invalidation("module", "ns", ("a", "b"), "o"),
-        Invalidation("module", "ns", (huge,), "o"),
-        Invalidation("module", "ns", ("c",), "o"),
+def test_a_name_that_cannot_travel_makes_the_realm_payload() -> None:
+    """A name too big for a payload of its own, empty, or holding NUL or a lone surrogate
+    turns the whole announcement into the realm payload (never under-reported, and never
+    a payload Postgres or a peer would refuse); a namespace too big for the realm payload
+    turns it into the global one."""
+    realm = encode_realm_payload("ns", origin="o")
+    for bad in ("x" * 500, "", "nul\x00", "a\ud800"):
+        assert encode_module_payloads("ns", ["a", bad, "c"], origin="o", budget=100) == [realm]
+    assert encode_module_payloads("n" * 200, ["a"], origin="o", budget=100) == [
+        encode_global_payload(origin="o")
     ]
-    assert size(payloads[1]) >= 100
+    assert encode_realm_payload("\x00") == encode_global_payload()
 
 
 def test_many_names_need_several_payloads_at_the_default_budget() -> None:
@@ -320,12 +331,6 @@ def test_many_names_need_several_payloads_at_the_default_budget() -> None:
     assert len(payloads) > 10
     assert all(size(p) < 7000 for p in payloads)
     assert names_of(payloads) == names
-
-
-def test_encoders_measure_a_lone_surrogate_instead_of_raising() -> None:
-    """A lone surrogate in a name is measured, not raised on (sending it is what fails)."""
-    (payload,) = encode_module_payloads("ns", ["a\ud800"], origin="o")
-    assert "\ud800" in payload
 
 
 # ------------------------------------------------------------------ publisher (Postgres)
@@ -427,22 +432,18 @@ async def test_publisher_sends_payloads_as_encoded(
 
 
 @pytest.mark.postgres
-async def test_publisher_logs_and_survives_an_oversize_payload(
+async def test_publisher_sends_the_realm_payload_for_a_name_too_big_to_travel(
     pool: Pool, listening: psycopg.AsyncConnection, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A payload Postgres refuses (over 8000 bytes) is logged with its size, not raised,
-    and the other chunks of the same invalidation are still sent."""
+    """A name no payload can carry (9000 bytes) makes the publisher send the realm
+    payload, which Postgres accepts: nothing refused, nothing logged."""
     publisher = PostgresInvalidationPublisher(pool, origin="o")
     huge = "h" * 9000
     with caplog.at_level(logging.WARNING, logger="fleetcache.notifications"):
         await publisher.names_invalidated("ns", ["before", huge, "after"])
-    assert await received(listening, 2) == [
-        encode_module_payloads("ns", ["before"], origin="o")[0],
-        encode_module_payloads("ns", ["after"], origin="o")[0],
-    ]
-    (record,) = publisher_warnings(caplog)
-    huge_size = size(encode_module_payloads("ns", [huge], origin="o")[0])
-    assert f"{huge_size} bytes" in record.getMessage()
+    assert await received(listening, 1) == [encode_realm_payload("ns", origin="o")]
+    assert await nothing_more(listening) == []
+    assert publisher_warnings(caplog) == []
 
 
 @pytest.mark.postgres

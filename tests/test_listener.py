@@ -377,3 +377,38 @@ async def test_peer_payload_identical_to_ours_in_flight_is_applied(
         await wait_until(lambda: listener.stats()["own"] == 1)
     assert target.calls == [("all",), ("all",)]
     assert listener.stats() == stats(applied=2, own=1)
+
+
+async def test_on_heard_gets_every_valid_announcement_own_ones_included_and_gaps(
+    hub: NotificationHub, admin: psycopg.AsyncConnection
+) -> None:
+    """``on_heard`` (the store's ``lock_released``) is called with the namespace of every
+    valid announcement — this process's own echoes too, which the target never sees — with
+    None for a global one and for a gap, and never for a malformed payload; one that
+    raises is logged and counted."""
+    ours, peer = new_origin(), new_origin()
+    heard: list[str | None] = []
+    target = FakeTarget()
+    async with InvalidationListener(hub, target, origin=ours, on_heard=heard.append) as listener:
+        for payload in (
+            encode_module_payloads("https://a/", ["x"], origin=ours)[0],
+            encode_realm_payload("https://b/", origin=peer),
+            "not json",
+            encode_global_payload(origin=ours),
+        ):
+            await send(admin, payload)
+        await wait_until(lambda: len(heard) == 3)
+        assert heard == ["https://a/", "https://b/", None]
+        assert target.calls == [("namespace", "https://b/")]
+        await admin.execute("SELECT pg_terminate_backend(%s)", (hub.backend_pid,))
+        await wait_until(lambda: len(heard) == 4)
+        assert heard[3] is None
+        assert listener.stats() == stats(applied=1, rejected=1, own=2, gaps=1)
+
+    def broken(namespace: str | None) -> None:
+        raise RuntimeError("boom")
+
+    async with InvalidationListener(hub, target, on_heard=broken) as listener:
+        await send(admin, encode_realm_payload("https://c/"))
+        await wait_until(lambda: listener.stats()["failed"] == 1)
+        await wait_until(lambda: target.calls[-1] == ("namespace", "https://c/"))

@@ -10,6 +10,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fleetcache.stores import Key, PostgresStore, SqliteStore
 from fleetcache.stores import queries as q
 from fleetcache.stores.postgres import key_hash
@@ -89,7 +91,7 @@ async def test_postgres_statements_probe_indexes(database_url: str) -> None:
             "closure round": (q.PG_CLOSURE_ROUND, {"ns": NS, "names": names}),
             "mark and delete": (
                 q.PG_MARK_AND_DELETE_NAMES,
-                {"kind": "k", "ns": NS, "names": names},
+                {"kind": "k", "ns": NS, "names": names, "hashes": [key_hash(key)]},
             ),
             "prune": (q.PG_PRUNE_MARKS, {"retention": 3600.0, "limit": 10_000}),
             "purge expired": (q.PG_PURGE_EXPIRED, {"before": 0, "limit": 1000}),
@@ -153,3 +155,57 @@ def test_sqlite_statements_probe_indexes(tmp_path: Path) -> None:
             assert scans == [], f"{label}: {details}"
     finally:
         conn.close()
+
+
+def index_conditions(plan: dict[str, Any]) -> list[str]:
+    """The index conditions of every index probe of a Postgres JSON plan."""
+    found = [plan["Index Cond"]] if "Index Cond" in plan else []
+    for child in plan.get("Plans", []):
+        found += index_conditions(child)
+    return found
+
+
+@pytest.mark.parametrize("statistics", ["fresh", "stale"])
+async def test_a_large_closure_round_probes_the_indexes_once_per_name(
+    database_url: str, statistics: str
+) -> None:
+    """A closure round over 4,000 names probes the name, alias and deps indexes with each
+    name (cost in proportion to the names), never filters the namespace's entries against
+    the whole list (every entry compared with every name: seconds for thousands) — with
+    fresh statistics, and with statistics taken while the table was nearly empty."""
+    store = PostgresStore(database_url, max_size=1)
+    await store.open()
+    try:
+        async with store.pool.connection() as conn:
+            await conn.execute("ALTER TABLE fleetcache_entries SET (autovacuum_enabled = off)")
+            await conn.execute(
+                "INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id,"
+                " value, deps) SELECT sha256(('o' || i)::bytea), 'other', 'o' || i, 'public',"
+                " '', '{}'::jsonb, '{}' FROM generate_series(1, 50) AS i"
+            )
+            if statistics == "stale":
+                await conn.execute("ANALYZE fleetcache_entries")
+            await conn.execute(
+                "INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id,"
+                " value, deps, alias)"
+                " SELECT sha256(('k' || i)::bytea), %(ns)s, %(ns)s || 'm' || i || '.gts',"
+                " 'public', '', '{}'::jsonb, ARRAY[%(ns)s || 'hub'], %(ns)s || 'm' || i"
+                " FROM generate_series(1, %(rows)s) AS i",
+                {"ns": NS, "rows": 2_000},
+            )
+            if statistics == "fresh":
+                await conn.execute("ANALYZE fleetcache_entries")
+            names = [f"{NS}m{i}{ext}" for i in range(1, 2_001) for ext in (".gts", "")]
+            cursor = await conn.execute(
+                "EXPLAIN (FORMAT JSON) " + q.PG_CLOSURE_ROUND, {"ns": NS, "names": names}
+            )
+            row = await cursor.fetchone()
+        assert row is not None
+        plan = (row[0] if isinstance(row[0], list) else json.loads(row[0]))[0]["Plan"]
+        assert seq_scans(plan) == [], f"closure round scans: {plan}"
+        conditions = index_conditions(plan)
+        assert len(conditions) == 3, conditions  # name, alias, deps
+        per_name = re.compile(r"\bn(_\d+)?\.name\b")
+        assert all(per_name.search(c) for c in conditions), conditions
+    finally:
+        await store.close()

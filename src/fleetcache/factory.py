@@ -90,8 +90,10 @@ def store_for_url(
     pool_min_size: int = POOL_MIN_SIZE,
     connect_budget: float = _pg.CONNECT_BUDGET,
     values: ValueCodec = JSON_VALUES,
+    invalidated_channel: str = INVALIDATED_CHANNEL,
 ) -> Store:
-    """An unopened store for ``url``, encoding values with ``values``."""
+    """An unopened store for ``url``, encoding values with ``values`` (a Postgres one
+    announces its invalidations on ``invalidated_channel``)."""
     if url == "memory://":
         return MemoryStore(values=values)
     if url.startswith("sqlite://"):
@@ -106,6 +108,7 @@ def store_for_url(
             min_size=pool_min_size,
             connect_budget=connect_budget,
             values=values,
+            invalidated_channel=invalidated_channel,
         )
     raise ConfigurationError(
         f"unsupported cache URL {url!r}: use memory://, sqlite:///path or postgresql://..."
@@ -314,6 +317,7 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             pool_min_size=pool_min_size,
             connect_budget=budget,
             values=values,
+            invalidated_channel=invalidated_channel,
         )
         closers: list[tuple[str, Callable[[float], Awaitable[None]]]] = []
         try:
@@ -343,15 +347,21 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
                 )
                 closers.append(("coordinator", coordinator.close))
                 await coordinator.start()
-            publisher = PostgresInvalidationPublisher(store.pool, channel=invalidated_channel)
             near_tier = (
                 None
                 if near is None
                 else NearCache(hub, max_entries=near, max_bytes=near_max_bytes, values=values)
             )
-            lookup = make_lookup(store, coordinator, publisher, near_tier)
+            # No publisher: the store announces every invalidation in its own transaction
+            # (never lost after a commit), carrying its origin, so the listener skips our
+            # echoes; every announcement heard also wakes writes waiting for its lock.
+            lookup = make_lookup(store, coordinator, None, near_tier)
             listener = InvalidationListener(
-                hub, lookup, channel=invalidated_channel, origin=publisher.origin
+                hub,
+                lookup,
+                channel=invalidated_channel,
+                origin=store.origin,
+                on_heard=store.lock_released,
             )
             await listener.start()
             closers.append(("invalidation listener", listener.close))
@@ -362,7 +372,6 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
                 lookup,
                 hub=hub,
                 coordinator=coordinator,
-                publisher=publisher,
                 listener=listener,
                 closers=closers[::-1],
             )

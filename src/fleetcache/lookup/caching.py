@@ -28,7 +28,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, Generic, Protocol, TypeAlias, TypeGuard, TypeVar
 
 from fleetcache.coordination.base import Acquired, PopulateCoordinator
-from fleetcache.errors import CachedError, ComputationTimeoutError, ConfigurationError, NotOpenError
+from fleetcache.errors import (
+    CachedError,
+    ComputationTimeoutError,
+    ConfigurationError,
+    InvalidInputError,
+    NotOpenError,
+)
 from fleetcache.logcontext import get_logger, key_context
 from fleetcache.lookup.backoff import Backoff
 from fleetcache.lookup.codec import Codec
@@ -79,7 +85,11 @@ Setting: TypeAlias = float | _Default | None
 
 
 class InvalidationPublisher(Protocol):
-    """Tells the other processes of the fleet about an invalidation (after it committed)."""
+    """Tells the other processes of the fleet about an invalidation, after it committed:
+    for a store that does not announce its invalidations itself. (The Postgres store
+    announces each one inside its own transaction, so nothing can lose it once it commits;
+    ``fleetcache.open`` gives its lookup no publisher.) A publisher's call can still be
+    lost when its caller is cancelled between the commit and the call."""
 
     async def names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
         """Names (with their dependents) of ``namespace`` were invalidated."""
@@ -806,8 +816,20 @@ class CachingLookup(Generic[V]):
         contain one of them (see ``Store.invalidate``; ``expand`` gives every name an entry
         may be stored or depended on under); return all the names invalidated. When this
         returns, no entry computed from the old content of any of them exists or will be
-        stored, in any process. The names then go to the fleet's broadcast."""
-        closure = await self.store.invalidate(namespace, names, expand=expand)
+        stored, in any process. The fleet hears of it through the store's announcement,
+        sent in the invalidation's own transaction (delivered when it commits, so even a
+        caller cancelled right after the commit cannot lose it), or the publisher's.
+
+        If this raises or is cancelled, the invalidation may still have committed: this
+        process then forgets the whole namespace (its computations to join, its near
+        copies), since the names it reached are unknown."""
+        try:
+            closure = await self.store.invalidate(namespace, names, expand=expand)
+        except InvalidInputError:
+            raise  # refused before any I/O: nothing happened
+        except BaseException:
+            self._forget_here(namespace)
+            raise
         invalidated = set(closure)
         # Callers from now on must not join a computation that may have stored (before the
         # invalidation) what the store has just deleted; those under way restart by
@@ -816,26 +838,48 @@ class CachingLookup(Generic[V]):
         if self.near is not None:
             self.near.evict_names(namespace, closure)
         if closure and self.publisher is not None:
-            await self.publisher.names_invalidated(namespace, closure)
+            # Shielded: a cancel arriving now leaves the announcement to finish.
+            await asyncio.shield(self.publisher.names_invalidated(namespace, closure))
         return closure
 
     async def clear_namespace(self, namespace: str) -> None:
-        """Delete every entry of ``namespace``; computations under way there store nothing."""
-        await self.store.clear_namespace(namespace)
-        self._flights.forget(lambda k: k.namespace == namespace)
-        if self.near is not None:
-            self.near.evict_namespace(namespace)
+        """Delete every entry of ``namespace``; computations under way there store nothing.
+        As with :meth:`invalidate`, the fleet hears of it even if this is cancelled after
+        the store committed, and a failure here forgets the namespace in this process."""
+        try:
+            await self.store.clear_namespace(namespace)
+        except InvalidInputError:
+            raise
+        except BaseException:
+            self._forget_here(namespace)
+            raise
+        self._forget_here(namespace)
         if self.publisher is not None:
-            await self.publisher.namespace_cleared(namespace)
+            await asyncio.shield(self.publisher.namespace_cleared(namespace))
 
     async def clear_all(self) -> None:
-        """Delete every entry; no computation under way stores anything."""
-        await self.store.clear_all()
-        self._flights.forget(lambda k: True)
-        if self.near is not None:
-            self.near.clear()
+        """Delete every entry; no computation under way stores anything. As with
+        :meth:`invalidate`, the fleet hears of it even if this is cancelled after the store
+        committed, and a failure here forgets everything in this process."""
+        try:
+            await self.store.clear_all()
+        finally:
+            self._forget_here(None)
         if self.publisher is not None:
-            await self.publisher.all_cleared()
+            await asyncio.shield(self.publisher.all_cleared())
+
+    def _forget_here(self, namespace: str | None) -> None:
+        """Forget ``namespace`` (None: everything) in this process: callers from now on
+        join no computation under way there, and the near tier drops its copies."""
+        if namespace is None:
+            self._flights.forget(lambda k: True)
+        else:
+            self._flights.forget(lambda k: k.namespace == namespace)
+        if self.near is not None:
+            if namespace is None:
+                self.near.clear()
+            else:
+                self.near.evict_namespace(namespace)
 
     # ------------------------------------------------- invalidations from the fleet
 

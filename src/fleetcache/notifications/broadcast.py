@@ -1,29 +1,26 @@
-"""The invalidation broadcast (layer 4): payload format, strict parser, publisher.
+"""The invalidation broadcast (layer 4): the strict parser, and a publisher.
 
-After an invalidation's delete commits, the process that ran it tells its peers on the
-invalidated channel, so they discard work in flight and near copies. Payloads are compact
-JSON with keys in this order::
+Every invalidation is announced on the invalidated channel, so peers discard work in
+flight and near copies. The Postgres store sends the payloads itself, with ``pg_notify``
+inside the invalidation's own transaction: they are delivered exactly when it commits
+and never after a rollback, so a caller cancelled after the commit cannot lose them.
+:func:`~fleetcache.stores.payloads.invalidation_payloads` builds them (re-exported here
+with the older encoders); the format::
 
     {"k":"module","r":<namespace>,"m":[<name>, ...],"o":<origin>}   names in one namespace
     {"k":"realm","r":<namespace>,"o":<origin>}                        a whole namespace
     {"k":"global","o":<origin>}                                       everything
 
-``o`` is the publisher's *origin*, a short random id per publisher, so a listener can skip
-the echoes of its own process's broadcasts without mistaking a peer's identical payload
+``o`` is the sender's *origin*, a short random id per process, so a listener can skip the
+echoes of its own process's invalidations without mistaking a peer's identical payload
 for one (comparing payloads would). A payload without ``o`` comes from an older peer and
-counts as foreign.
-
-Postgres refuses a NOTIFY payload of 8000 bytes or more, so name lists are split into
-several payloads, each under a byte budget (7000 by default; the origin counts). The
-broadcast is a hint on top of the store's own stale-write check: publishing is best
-effort, logs its failures and never fails the invalidation.
+counts as foreign. Name lists are chunked so each payload stays under a byte budget (7000
+by default; Postgres refuses 8000 bytes and more).
 """
 
 from __future__ import annotations
 
 import json
-import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
@@ -35,26 +32,40 @@ from fleetcache._pg import pooled
 from fleetcache.errors import ConfigurationError, NotificationError
 from fleetcache.logcontext import get_logger
 from fleetcache.notifications.hub import check_channel
+from fleetcache.stores.payloads import (
+    INVALIDATED_CHANNEL,
+    MAX_ORIGIN_CHARS,
+    PAYLOAD_BUDGET,
+    invalidation_payloads,
+    is_origin,
+    is_sendable,
+    new_origin,
+)
+
+__all__ = [
+    "INVALIDATED_CHANNEL",
+    "PAYLOAD_BUDGET",
+    "Invalidation",
+    "InvalidationKind",
+    "PostgresInvalidationPublisher",
+    "encode_global_payload",
+    "encode_module_payloads",
+    "encode_realm_payload",
+    "invalidation_payloads",
+    "is_sendable",
+    "new_origin",
+    "parse_invalidation",
+]
 
 logger = get_logger("fleetcache.notifications")
 
-#: The generic core's invalidation channel.
-INVALIDATED_CHANNEL = "fleetcache_invalidated_v1"
-#: Default byte budget of one payload (Postgres refuses 8000 bytes and more).
-PAYLOAD_BUDGET = 7000
 # Postgres delivers at most 7999 bytes, hence characters: anything longer is not a NOTIFY
 # payload, and is refused before any parsing work.
 _MAX_PAYLOAD_CHARS = 8000
-# Origins are meant to be short: they are repeated in every payload.
-_MAX_ORIGIN_CHARS = 64
 
 # Sends one payload. pg_notify (not NOTIFY) because the channel and payload are values,
 # bound as parameters.
 _PUBLISH = "SELECT pg_notify(%s, %s)"
-
-# A NUL or a lone surrogate: no store holds a key with one, and no connection can send a
-# lone surrogate, so a string holding one is refused on both ends.
-_UNSENDABLE = re.compile("[\x00\ud800-\udfff]")
 
 #: The three kinds of invalidation.
 InvalidationKind: TypeAlias = Literal["module", "realm", "global"]
@@ -72,25 +83,6 @@ class Invalidation:
     origin: str | None = None
 
 
-def new_origin() -> str:
-    """A fresh publisher origin: 16 random hex digits."""
-    return secrets.token_hex(8)
-
-
-def _dumps(obj: object) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-
-
-def _size(text: str) -> int:
-    # surrogatepass: a lone surrogate is measured (3 bytes), not raised; sending it fails
-    # later, where the publisher logs it.
-    return len(text.encode("utf-8", "surrogatepass"))
-
-
-def _tail(origin: str | None) -> str:
-    return "}" if origin is None else ',"o":' + _dumps(origin) + "}"
-
-
 def encode_module_payloads(
     namespace: str,
     names: Sequence[str],
@@ -98,49 +90,20 @@ def encode_module_payloads(
     origin: str | None = None,
     budget: int = PAYLOAD_BUDGET,
 ) -> list[str]:
-    """Payloads invalidating ``names`` in ``namespace``, each smaller than ``budget``
-    UTF-8 bytes (origin included), names in order, each exactly once. No names: no
-    payloads. Without ``origin`` the payloads carry no ``o`` (an older peer's form).
-
-    A name too big to fit under the budget even alone gets a payload of its own, over
-    budget; sending it may fail, and the publisher logs that.
-    """
-    # Built from pre-encoded pieces so sizes add up exactly:
-    # {"k":"module","r":<ns>,"m":[<n1>,<n2>],"o":<origin>}
-    head = '{"k":"module","r":' + _dumps(namespace) + ',"m":['
-    tail = "]" + _tail(origin)
-    fixed = _size(head) + _size(tail)
-    payloads: list[str] = []
-    chunk: list[str] = []
-    size = fixed
-    for name in names:
-        piece = _dumps(name)
-        piece_size = _size(piece) + (1 if chunk else 0)  # the comma before it
-        if chunk and size + piece_size >= budget:
-            payloads.append(head + ",".join(chunk) + tail)
-            chunk, size = [], fixed
-            piece_size -= 1
-        chunk.append(piece)
-        size += piece_size
-    if chunk:
-        payloads.append(head + ",".join(chunk) + tail)
-    return payloads
+    """Payloads invalidating ``names`` in ``namespace``: ``invalidation_payloads(namespace,
+    names, ...)`` (chunked under ``budget``; the realm payload when a name cannot travel
+    by name; no names, no payloads)."""
+    return invalidation_payloads(namespace, names, origin=origin, budget=budget)
 
 
 def encode_realm_payload(namespace: str, *, origin: str | None = None) -> str:
-    """The payload invalidating a whole namespace."""
-    return '{"k":"realm","r":' + _dumps(namespace) + _tail(origin)
+    """The payload invalidating a whole namespace (the global one if it cannot travel)."""
+    return invalidation_payloads(namespace, origin=origin)[0]
 
 
 def encode_global_payload(*, origin: str | None = None) -> str:
     """The payload invalidating everything."""
-    return '{"k":"global"' + _tail(origin)
-
-
-def is_sendable(value: object) -> bool:
-    """Whether ``value`` may be a namespace, name or origin in a payload: a non-empty
-    string without NUL or lone surrogates (the parser refuses anything else)."""
-    return isinstance(value, str) and value != "" and not _UNSENDABLE.search(value)
+    return invalidation_payloads(None, origin=origin)[0]
 
 
 def _reject(payload: str, reason: str) -> None:
@@ -199,8 +162,10 @@ class PostgresInvalidationPublisher:
     """Broadcasts invalidations with ``pg_notify`` on a pooled connection, each payload
     carrying this publisher's :attr:`origin`.
 
-    The generic cache calls these methods after its delete has committed. Best effort:
-    a failure is logged with the payload's size and never raised, because the store's
+    For invalidations made outside the Postgres store (which sends its own broadcast in
+    the invalidation's transaction; ``fleetcache.open`` uses no publisher): called after
+    the invalidation committed, so a caller cancelled in between loses it. Best effort: a
+    failure is logged with the payload's size and never raised, because the store's
     stale-write check, not this hint, is what keeps stale results out. The pool belongs to
     the caller and is never closed here.
     """
@@ -213,9 +178,9 @@ class PostgresInvalidationPublisher:
         origin: str | None = None,
         budget: int = PAYLOAD_BUDGET,
     ) -> None:
-        if origin is not None and not (is_sendable(origin) and len(origin) <= _MAX_ORIGIN_CHARS):
+        if origin is not None and not is_origin(origin):
             raise ConfigurationError(
-                f"origin must be a string of 1 to {_MAX_ORIGIN_CHARS} characters without "
+                f"origin must be a string of 1 to {MAX_ORIGIN_CHARS} characters without "
                 f"NUL or lone surrogates, got {origin!r:.100}"
             )
         if not 1 <= budget <= _MAX_PAYLOAD_CHARS:
@@ -285,7 +250,7 @@ class PostgresInvalidationPublisher:
                 "publishing an invalidation on channel %r failed (payload %d bytes, "
                 "budget %d): %s: %s",
                 self._channel,
-                _size(payload),
+                len(payload.encode("utf-8", "surrogatepass")),
                 self._budget,
                 type(exc).__name__,
                 exc,

@@ -14,7 +14,7 @@ a peer's payload identical to one of ours is still applied.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from fleetcache._lifecycle import Service
@@ -49,7 +49,13 @@ class InvalidationTarget(Protocol):
 
 class InvalidationListener(Service):
     """Replays every broadcast on ``channel`` whose origin is not ``origin`` (this
-    process's publisher's) on ``target``, and hub gaps as ``notifications_lost()``.
+    process's store's, or publisher's) on ``target``, and hub gaps as
+    ``notifications_lost()``.
+
+    ``on_heard``, when given, is called with the namespace of every valid broadcast heard
+    (None for a global one, and for a gap), this process's own included: the Postgres
+    store's :meth:`~fleetcache.stores.postgres.PostgresStore.lock_released`, so writes
+    waiting for an invalidation's lock retry as soon as it commits.
 
     ``start()`` registers its handlers on the hub (the caller's: never started or closed
     here); after ``close()`` they do nothing. A target exception is logged and counted in
@@ -63,6 +69,7 @@ class InvalidationListener(Service):
         *,
         channel: str = INVALIDATED_CHANNEL,
         origin: str | None = None,
+        on_heard: Callable[[str | None], None] | None = None,
     ) -> None:
         super().__init__()
         if channel not in hub.channels:
@@ -73,6 +80,7 @@ class InvalidationListener(Service):
         self._target = target
         self._channel = channel
         self._origin = origin
+        self._on_heard = on_heard
         # Counters: written only by the hub's dispatch into the handlers below (on the
         # event loop, one at a time: no guard needed); read by stats().
         self._applied = 0
@@ -104,6 +112,7 @@ class InvalidationListener(Service):
         if invalidation is None:
             self._rejected += 1
             return
+        self._heard(invalidation.namespace)
         if self._origin is not None and invalidation.origin == self._origin:
             self._own += 1
             return
@@ -115,9 +124,19 @@ class InvalidationListener(Service):
             return
         self._applied += 1
 
+    def _heard(self, namespace: str | None) -> None:
+        if self._on_heard is None:
+            return
+        try:
+            self._on_heard(namespace)
+        except Exception:
+            self._failed += 1
+            logger.exception("on_heard(%r) failed", namespace)
+
     def _on_gap(self) -> None:
         if self.closed:
             return
+        self._heard(None)
         self._gaps += 1
         try:
             self._target.notifications_lost()

@@ -25,17 +25,22 @@ class Closure:
 
     def _new(self, found: Iterable[str | None]) -> list[str]:
         new: list[str] = []
+        seen = self._seen
+        if self._expand is None:  # names a store holds, or given ones: checked already
+            for name in found:
+                if name is not None and name not in seen:
+                    seen.add(name)
+                    new.append(name)
+            return new
         for name in found:
             if name is None:
                 continue
-            variants: Iterable[str] = (name,)
-            if self._expand is not None:
-                variants = self._expand(name)
-                # expand is the caller's code: what it returns is input like any other (a
-                # str is refused, not taken apart into its characters). The message is
-                # built only when the common case (a list or tuple of plain names) fails.
-                if type(variants) not in (list, tuple) or not all(map(is_plain_name, variants)):
-                    variants = check_names(f"what expand returned for {name!r}", variants)
+            variants = self._expand(name)
+            # expand is the caller's code: what it returns is input like any other (a str
+            # is refused, not taken apart into its characters). The message is built only
+            # when the common case (a list or tuple of plain names) fails.
+            if type(variants) not in (list, tuple) or not all(map(is_plain_name, variants)):
+                variants = check_names(f"what expand returned for {name!r}", variants)
             for variant in variants:
                 if variant not in self._seen:
                     self._seen.add(variant)

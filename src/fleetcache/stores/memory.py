@@ -246,10 +246,12 @@ class MemoryStore:
             _discard(self._by_dep, (ns, dep), key)
 
     def _delete(self, keys: Iterable[Key]) -> None:
+        pop = self._entries.pop
+        unindex = self._unindex
         for key in list(keys):
-            stored = self._entries.pop(key, None)
+            stored = pop(key, None)
             if stored is not None:
-                self._unindex(stored)
+                unindex(stored)
 
     async def purge_expired(self, before_ms: int, limit: int = 1000) -> int:
         """Delete up to ``limit`` entries whose stale window ended before ``before_ms``
@@ -272,24 +274,34 @@ class MemoryStore:
         given = names_to_invalidate(namespace, names, expand)
         if not given:
             return []
-        # The closure first: expand may raise, and then nothing has changed.
+        # The closure first: expand may raise, and then nothing has changed. Each entry is
+        # looked at once: the first time a round reaches it, it adds its name and alias;
+        # when one of those is a frontier name, it is doomed (named or aliased by a name of
+        # the closure), and the rounds found every such entry, so the delete needs no
+        # second search. Cost: in proportion to the names and entries reached.
         closure = Closure(given, expand)
+        entries = self._entries
+        by_name, by_alias, by_dep = self._by_ns_name, self._by_ns_alias, self._by_dep
+        reached: set[Key] = set()
+        doomed: list[Key] = []
         frontier = list(closure.names)
         while frontier:
             found: list[str | None] = []
             for name in frontier:
-                for index in (self._by_ns_name, self._by_ns_alias, self._by_dep):
-                    for key in index.get((namespace, name), ()):
-                        found.append(key.name)
-                        found.append(self._entries[key].alias)
+                at = (namespace, name)
+                for index in (by_name, by_alias):
+                    for key in index.get(at, ()):
+                        if key not in reached:
+                            reached.add(key)
+                            found += (key.name, entries[key].alias)
+                        doomed.append(key)
+                for key in by_dep.get(at, ()):
+                    if key not in reached:
+                        reached.add(key)
+                        found += (key.name, entries[key].alias)
             frontier = closure.add(found)
         self._mark("k", namespace, closure.names)
-        self._delete(
-            key
-            for name in closure.names
-            for index in (self._by_ns_name, self._by_ns_alias)
-            for key in index.get((namespace, name), ())
-        )
+        self._delete(doomed)
         return closure.names
 
     async def clear_namespace(self, namespace: str) -> None:

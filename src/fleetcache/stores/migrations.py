@@ -17,7 +17,9 @@ an application's own table, and a process of the first release may still be read
 (Processes of the two releases do not share a cache: stop the old ones before the new ones
 start, or they keep writing rows the new ones never read.) Version 3 keeps values as the
 bytes their codec made, and errors and diagnostics as JSON text, instead of ``jsonb``; it
-converts every row in place (Postgres rewrites the table, under its lock, once).
+converts every row in place (Postgres rewrites the table, under its lock, once). Version 4
+turns off the pending list of the Postgres deps index (an invalidation probes it once per
+name).
 """
 
 from __future__ import annotations
@@ -72,10 +74,16 @@ async def _pg_upgrade_2_to_3(conn: psycopg.AsyncConnection[Any], where: str) -> 
     logger.info("%s: fleetcache schema upgraded to version 3: values kept verbatim", where)
 
 
+async def _pg_upgrade_3_to_4(conn: psycopg.AsyncConnection[Any], where: str) -> None:
+    for statement in q.PG_UPGRADE_3_TO_4:
+        await conn.execute(statement)
+
+
 #: Postgres upgrades: ``PG_MIGRATIONS[n]`` takes a database from version n-1 to n.
 PG_MIGRATIONS: dict[int, Callable[[psycopg.AsyncConnection[Any], str], Any]] = {
     2: _pg_upgrade_1_to_2,
     3: _pg_upgrade_2_to_3,
+    4: _pg_upgrade_3_to_4,
 }
 
 
@@ -132,10 +140,15 @@ def _sqlite_upgrade_2_to_3(conn: sqlite3.Connection, where: str) -> None:
     logger.info("%s: fleetcache schema upgraded to version 3: values kept verbatim", where)
 
 
+def _sqlite_upgrade_3_to_4(conn: sqlite3.Connection, where: str) -> None:
+    """Nothing: version 4 changed only a Postgres index."""
+
+
 #: sqlite upgrades: ``SQLITE_MIGRATIONS[n]`` takes a file from version n-1 to n.
 SQLITE_MIGRATIONS: dict[int, Callable[[sqlite3.Connection, str], None]] = {
     2: _sqlite_upgrade_1_to_2,
     3: _sqlite_upgrade_2_to_3,
+    4: _sqlite_upgrade_3_to_4,
 }
 
 

@@ -5,16 +5,18 @@ Why an invalidation closes every window
 
 The guarantee: after ``invalidate(ns, [X])`` returns, no entry that depends (transitively)
 on X and was computed from X's old content exists. A populate computing such an entry D
-took its stamp S (a snapshot) before it read X; its write is one statement, the function
-``fleetcache_write_v3``, whose transaction first share-locks the global and the namespace
-lock, then, in the function's *next* statement (a VOLATILE PL/pgSQL function takes a fresh
-snapshot per statement in READ COMMITTED, so this one is taken after the lock wait), runs
-the guarded INSERT that checks the marks against S. The invalidation is one transaction
-that takes the namespace lock *exclusively*, then computes the closure in rounds (each
-round a new statement, each seeing every write committed before it), marks every name of
-the closure with its own transaction id, deletes every entry named or aliased by one, and
-commits. Since the two
-locks conflict, D's write transaction either
+took its stamp S (a snapshot) before it read X; its write is one statement whose
+transaction first share-locks the global and the namespace lock, *trying* (if either is
+not granted at once the statement writes nothing and ends, and the write is tried again
+later as a new transaction), and only then calls ``fleetcache_write_v3``, which runs, in
+its *next* statement (a VOLATILE PL/pgSQL function takes a fresh snapshot per statement
+in READ COMMITTED, so this one is taken after the locks were granted), the guarded INSERT
+that checks the marks against S. The invalidation is one transaction that takes the
+namespace lock *exclusively*, then computes the closure in rounds (each round a new
+statement, each seeing every write committed before it), marks every name of the closure
+with its own transaction id, deletes every entry the rounds found (the entries named or
+aliased by a name of the closure), announces the closure (``pg_notify``) and commits.
+Since the two locks conflict, D's write transaction either
 
 * committed before the invalidation got its lock: the closure rounds then see D (D's
   deps meet the closure, or D is named by it) and delete it; or
@@ -23,10 +25,35 @@ locks conflict, D's write transaction either
   found in progress or had not yet begun), so the write is refused.
 
 There is no third case: a write cannot hold the shared lock while the invalidation holds
-the exclusive one. (The order "compute the closure, then lock and mark" would leave one:
-a D committed after the scan and before the marks.) Writes of the same namespace share
-their lock, so they do not wait for each other; a namespace clear takes the same locks as
-an invalidation of names, and ``clear_all`` takes the global lock exclusively.
+the exclusive one, and a try that fails wrote nothing. (The order "compute the closure,
+then lock and mark" would leave one: a D committed after the scan and before the marks.)
+Writes of the same namespace share their lock, so they do not wait for each other; a
+namespace clear takes the same locks as an invalidation of names, and ``clear_all`` takes
+the global lock exclusively.
+
+Waiting for a lock without a connection
+=======================================
+
+A write whose try fails gives its connection back and waits outside the pool until the
+lock is likely free: woken by :meth:`PostgresStore.lock_released` (the listener calls it
+for every announcement it hears, and this store for each of its own invalidations that
+ends), else polling (20 ms doubling to 1 s), for at most ``lock_wait`` seconds in all. So
+a write blocked by a long invalidation never holds a pooled connection, and reads of other
+namespaces go on. A try also fails while an invalidation is *queued* for the lock (Postgres
+refuses a shared lock that would overtake a waiting exclusive request), so a stream of
+writes cannot starve an invalidation. An invalidation waits for its lock at most
+``LOCK_PATIENCE`` (0.2 s, ``lock_timeout``) holding its connection, time for the writes
+under way to finish; if another invalidation holds the lock it rolls back having done
+nothing and waits the same way, and the invalidations of one namespace in one process
+take turns, so at most one of them holds a connection while it waits.
+
+The announcement
+================
+
+Every invalidation's broadcast (``stores.payloads``) is sent with ``pg_notify`` in the
+invalidation's own transaction: Postgres delivers it exactly when the transaction commits
+and never after a rollback, so a caller cancelled once the commit was sent cannot lose
+it, whatever path invalidated (``set``, ``delete``, ``invalidate``, the clears).
 
 The first release retried invalidations that Postgres aborted as deadlocks (two
 invalidations reaching the same rows, one by name and one by alias, in opposite orders).
@@ -35,6 +62,11 @@ namespace now run one at a time (the exclusive namespace lock), every transactio
 the advisory locks in one order (global, then namespace), marks of different namespaces
 are different rows, and the one statement that touches other namespaces' rows (pruning)
 skips any row another transaction holds instead of waiting for it.
+
+A large invalidation costs in proportion to what it reaches: each round probes the name,
+alias and deps indexes once per name (never a comparison of every row with every name,
+whatever the planner's statistics say), and the delete probes the primary key once per
+entry found (a 20,000-entry fan-out: about a second, its lock held that long).
 
 Pruning
 =======
@@ -47,10 +79,10 @@ taken, so M was set (``clock_timestamp()``) at most ``T`` before S, where ``T`` 
 time from the marking statement to its transaction's commit; W is only accepted while S is
 younger than ``max_stamp_age``; so when W runs, M is younger than ``max_stamp_age + T``,
 which is less than the retention as long as ``T`` < retention - ``max_stamp_age``. ``T`` is
-kept short: the marking statement, the pruning statement and the COMMIT go to the server
-in one pipeline (no client pause between them), and each statement of an invalidation
-after its locks runs under ``statement_timeout`` = a quarter of that margin (450 s with
-the defaults; the margin is 1800 s). Every time here is the server's clock.
+kept short: the marking statement, the announcement and the COMMIT go to the server in
+one pipeline (no client pause between them), and each statement of an invalidation after
+its locks runs under ``statement_timeout`` = a quarter of that margin (450 s with the
+defaults; the margin is 1800 s). Every time here is the server's clock.
 
 The pool
 ========
@@ -70,12 +102,14 @@ again). The coordinator and the publisher share the pool (:attr:`PostgresStore.p
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -96,6 +130,15 @@ from fleetcache.stores.base import (
 from fleetcache.stores.closure import Closure
 from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 from fleetcache.stores.migrations import migrate_postgres
+from fleetcache.stores.payloads import (
+    INVALIDATED_CHANNEL,
+    MAX_ORIGIN_CHARS,
+    PAYLOAD_BUDGET,
+    invalidation_payloads,
+    is_channel,
+    is_origin,
+    new_origin,
+)
 from fleetcache.stores.validation import (
     check_name,
     encode_entry,
@@ -106,6 +149,8 @@ from fleetcache.stores.validation import (
 
 logger = get_logger("fleetcache.stores")
 
+T = TypeVar("T")
+
 #: The application_name of the store's connections (what pg_stat_activity shows).
 APPLICATION_NAME = "fleetcache"
 #: The default number of pooled connections the pool may grow to.
@@ -115,6 +160,17 @@ POOL_MIN_SIZE = 1
 #: The most old marks one invalidation prunes, besides twice the marks it sets: enough to
 #: outpace any rate of invalidations, small enough to keep its transaction short.
 PRUNE_BATCH = 10_000
+#: How long (seconds) a write or an invalidation waits, in all, for a namespace (or the
+#: whole cache) that invalidations keep locked, before it gives up with a StoreError.
+LOCK_WAIT = 600.0
+#: How long (seconds) an invalidation's lock statement may wait holding its connection
+#: (for the writes under way to finish) before it gives the connection back and waits
+#: without one.
+LOCK_PATIENCE = 0.2
+# Waiting without a connection: the first poll after a miss (and after every wake-up),
+# doubling up to the last (a wake-up may come before the lock is released, or be lost).
+_FIRST_POLL = 0.02
+_LAST_POLL = 1.0
 
 
 @functools.lru_cache(maxsize=8192)  # hot keys are hashed once, not on every hit
@@ -141,6 +197,64 @@ class PostgresPoint:
 
     snapshot: str
     taken_at: float
+
+
+class _LockWaits:
+    """Operations waiting, without a connection, for a lock an invalidation holds: keyed
+    by the namespace lock's int, or None for the global lock (a clear_all waiting).
+
+    Written and read on the store's event loop only (no await between a check and its
+    update). ``wake(lock)`` wakes that lock's waiters and the global ones; ``wake(None)``
+    wakes everyone. A waiter always has a timeout too: a wake-up is a hint.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[int | None, asyncio.Event] = {}
+        self._waiting: dict[int | None, int] = {}
+        # This process's invalidations of one lock take turns: (mutex, how many hold or
+        # want it).
+        self._turns: dict[int | None, tuple[asyncio.Lock, int]] = {}
+
+    def join_turns(self, lock: int | None) -> asyncio.Lock:
+        """The mutex of ``lock``'s invalidations in this process; call
+        :meth:`leave_turns` once done with it."""
+        mutex, users = self._turns.get(lock) or (asyncio.Lock(), 0)
+        self._turns[lock] = (mutex, users + 1)
+        return mutex
+
+    def leave_turns(self, lock: int | None) -> None:
+        """Done with ``lock``'s mutex (forgotten once nobody holds or wants it)."""
+        mutex, users = self._turns[lock]
+        if users == 1:
+            del self._turns[lock]
+        else:
+            self._turns[lock] = (mutex, users - 1)
+
+    async def wait(self, lock: int | None, timeout: float) -> bool:
+        """Wait for a wake-up of ``lock`` at most ``timeout`` seconds; whether one came."""
+        event = self._events.get(lock)
+        if event is None:
+            event = self._events[lock] = asyncio.Event()
+        self._waiting[lock] = self._waiting.get(lock, 0) + 1
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            left = self._waiting.pop(lock) - 1
+            if left:
+                self._waiting[lock] = left
+            else:
+                self._events.pop(lock, None)  # nobody waits on this lock any more
+
+    def wake(self, lock: int | None) -> None:
+        """Wake the waiters of ``lock`` and the global ones (``None``: everyone)."""
+        locks = list(self._events) if lock is None else [lock, None]
+        for one in locks:
+            event = self._events.pop(one, None)
+            if event is not None:
+                event.set()
 
 
 def _entry(key: Key, row: Sequence[Any], values: ValueCodec) -> Entry:
@@ -197,12 +311,27 @@ class PostgresStore:
         connect_budget: float = _pg.CONNECT_BUDGET,
         pool_timeout: float = 30.0,
         values: ValueCodec = JSON_VALUES,
+        invalidated_channel: str | None = INVALIDATED_CHANNEL,
+        origin: str | None = None,
+        lock_wait: float = LOCK_WAIT,
     ) -> None:
         if (conninfo is None) == (pool is None):
             raise ConfigurationError("PostgresStore needs exactly one of conninfo or pool")
         if mark_retention <= 0:
             raise ConfigurationError(f"mark_retention must be positive, got {mark_retention}")
         self.values = values
+        if invalidated_channel is not None and not is_channel(invalidated_channel):
+            raise ConfigurationError(
+                "invalidated_channel must be 1 to 63 UTF-8 bytes without NUL, or None, got "
+                f"{invalidated_channel!r:.100}"
+            )
+        if origin is not None and not is_origin(origin):
+            raise ConfigurationError(
+                f"origin must be a string of 1 to {MAX_ORIGIN_CHARS} characters without NUL "
+                f"or lone surrogates, got {origin!r:.100}"
+            )
+        if not lock_wait > 0:
+            raise ConfigurationError(f"lock_wait must be positive seconds, got {lock_wait}")
         self._conninfo = conninfo
         self._pool = pool
         self._owns_pool = pool is None
@@ -221,6 +350,11 @@ class PostgresStore:
         self._connect_budget = connect_budget
         self._pool_timeout = pool_timeout
         self._where = _pg.describe_target(conninfo) if conninfo else "the pool's database"
+        self._channel = invalidated_channel
+        self._origin = new_origin() if origin is None else origin
+        self._lock_wait = float(lock_wait)
+        self._patience = f"{int(LOCK_PATIENCE * 1000)}ms"
+        self._waits = _LockWaits()
         self._opened = False
 
     @property
@@ -234,6 +368,26 @@ class PostgresStore:
     def mark_retention(self) -> float:
         """How long (seconds) marks are kept."""
         return self._retention
+
+    @property
+    def invalidated_channel(self) -> str | None:
+        """The channel every invalidation is announced on, in its own transaction (None:
+        not announced)."""
+        return self._channel
+
+    @property
+    def origin(self) -> str:
+        """The id this store's announcements carry as ``o``: give it to this process's
+        :class:`~fleetcache.notifications.listener.InvalidationListener`, which then skips
+        their echoes."""
+        return self._origin
+
+    def lock_released(self, namespace: str | None) -> None:
+        """An invalidation of ``namespace`` (None: of anything, or notifications may have
+        been lost) has ended somewhere in the fleet: writes and invalidations waiting for
+        its lock try again now instead of at their next poll. (The listener calls this for
+        every announcement it hears.)"""
+        self._waits.wake(None if namespace is None else namespace_lock(namespace))
 
     async def open(self) -> None:
         """Connect, create or upgrade the schema, and (if owned) open the pool. Idempotent."""
@@ -386,11 +540,11 @@ class PostgresStore:
                 taken_at=point.taken_at,
             )
 
-        async def run(conn: psycopg.AsyncConnection[Any]) -> bool:
+        async def run(conn: psycopg.AsyncConnection[Any]) -> bool | None:
             row = await (await conn.execute(q.PG_WRITE, params)).fetchone()
-            return bool(row and row[0])
+            return None if row is None or row[0] is None else bool(row[0])  # None: locked
 
-        return await _pg.pooled(self.pool, f"writing {key.coalesce_key}", run)
+        return await self._when_unlocked(f"writing {key.coalesce_key}", key.namespace, run)
 
     async def purge_expired(self, before_ms: int, limit: int = 1000) -> int:
         """Delete up to ``limit`` entries whose stale window ended before ``before_ms``
@@ -407,62 +561,180 @@ class PostgresStore:
     async def invalidate(
         self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
     ) -> list[str]:
-        """Invalidate ``names`` and every entry depending on them, in one transaction
-        serialised with every write of the namespace (see the module docstring)."""
+        """Invalidate ``names`` and every entry depending on them, and announce them, in
+        one transaction serialised with every write of the namespace (see the module
+        docstring)."""
         given = names_to_invalidate(namespace, names, expand)
         if not given:
             return []
         ns_params = {"ns": namespace, "ns_lock": namespace_lock(namespace)}
 
-        async def run(conn: psycopg.AsyncConnection[Any]) -> list[str]:
-            async with _pg.pipelined_transaction(conn):
-                await conn.execute(q.PG_LOCK_NAMESPACE, ns_params)
-                await conn.execute(q.PG_BOUND_STATEMENTS, {"timeout": self._statement_timeout})
-                closure = Closure(given, expand)
-                frontier = list(closure.names)
-                while frontier:
-                    cursor = await conn.execute(
-                        q.PG_CLOSURE_ROUND, {"ns": namespace, "names": frontier}
+        async def run(conn: psycopg.AsyncConnection[Any]) -> list[str] | None:
+            try:
+                async with _pg.pipelined_transaction(conn):
+                    await self._lock(conn, q.PG_LOCK_NAMESPACE, ns_params)
+                    closure = Closure(given, expand)
+                    found: set[bytes] = set()  # key hashes of every entry the rounds found
+                    frontier = list(closure.names)
+                    while frontier:
+                        cursor = await conn.execute(
+                            q.PG_CLOSURE_ROUND, {"ns": namespace, "names": frontier}
+                        )
+                        rows = await cursor.fetchall()
+                        found.update(row[0] for row in rows)
+                        frontier = closure.add(field for row in rows for field in row[1:])
+                    await self._prune(conn, len(closure.names))
+                    await conn.execute(
+                        q.PG_MARK_AND_DELETE_NAMES,
+                        {
+                            "kind": "k",
+                            "ns": namespace,
+                            "names": closure.names,
+                            "hashes": list(found),
+                        },
                     )
-                    frontier = closure.add(
-                        field for row in await cursor.fetchall() for field in row
-                    )
-                await self._prune(conn, len(closure.names))
-                await conn.execute(
-                    q.PG_MARK_AND_DELETE_NAMES,
-                    {"kind": "k", "ns": namespace, "names": closure.names},
-                )
+                    await self._announce(conn, namespace, closure.names)
+            except psycopg.errors.LockNotAvailable:
+                return None  # another invalidation holds the namespace: nothing was done
             return closure.names
 
-        return await _pg.pooled(self.pool, f"invalidating names in namespace {namespace!r}", run)
+        return await self._when_unlocked(
+            f"invalidating names in namespace {namespace!r}", namespace, run, invalidation=True
+        )
 
     async def clear_namespace(self, namespace: str) -> None:
-        """Mark the namespace invalidated and delete its entries, in one transaction."""
+        """Mark the namespace invalidated, delete its entries and announce it, in one
+        transaction."""
         check_name("the namespace to clear", namespace, allow_empty=False)
         ns_params = {"ns": namespace, "ns_lock": namespace_lock(namespace)}
 
-        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
-            async with _pg.pipelined_transaction(conn):
-                await conn.execute(q.PG_LOCK_NAMESPACE, ns_params)
-                await conn.execute(q.PG_BOUND_STATEMENTS, {"timeout": self._statement_timeout})
-                await self._prune(conn, 1)
-                await conn.execute(
-                    q.PG_MARK_AND_DELETE_NAMESPACE, {"kind": "n", "ns": namespace, "names": [""]}
-                )
+        async def run(conn: psycopg.AsyncConnection[Any]) -> bool | None:
+            try:
+                async with _pg.pipelined_transaction(conn):
+                    await self._lock(conn, q.PG_LOCK_NAMESPACE, ns_params)
+                    await self._prune(conn, 1)
+                    await conn.execute(
+                        q.PG_MARK_AND_DELETE_NAMESPACE,
+                        {"kind": "n", "ns": namespace, "names": [""]},
+                    )
+                    await self._announce(conn, namespace, None)
+            except psycopg.errors.LockNotAvailable:
+                return None
+            return True
 
-        await _pg.pooled(self.pool, f"clearing namespace {namespace!r}", run)
+        await self._when_unlocked(
+            f"clearing namespace {namespace!r}", namespace, run, invalidation=True
+        )
 
     async def clear_all(self) -> None:
-        """Mark the whole store invalidated and delete every entry, in one transaction."""
+        """Mark the whole store invalidated, delete every entry and announce it, in one
+        transaction."""
 
-        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
-            async with _pg.pipelined_transaction(conn):
-                await conn.execute(q.PG_LOCK_ALL)
-                await conn.execute(q.PG_BOUND_STATEMENTS, {"timeout": self._statement_timeout})
-                await self._prune(conn, 1)
-                await conn.execute(q.PG_MARK_AND_DELETE_ALL, {"kind": "g", "ns": "", "names": [""]})
+        async def run(conn: psycopg.AsyncConnection[Any]) -> bool | None:
+            try:
+                async with _pg.pipelined_transaction(conn):
+                    await self._lock(conn, q.PG_LOCK_ALL, {})
+                    await self._prune(conn, 1)
+                    await conn.execute(
+                        q.PG_MARK_AND_DELETE_ALL, {"kind": "g", "ns": "", "names": [""]}
+                    )
+                    await self._announce(conn, None, None)
+            except psycopg.errors.LockNotAvailable:
+                return None
+            return True
 
-        await _pg.pooled(self.pool, "clearing the whole cache", run)
+        await self._when_unlocked("clearing the whole cache", None, run, invalidation=True)
+
+    async def _lock(
+        self, conn: psycopg.AsyncConnection[Any], statement: str, params: dict[str, Any]
+    ) -> None:
+        # Wait for the lock at most LOCK_PATIENCE holding this connection (the writes under
+        # way finish meanwhile: a waiting invalidation makes new writes back off); then
+        # bound every later statement (see "Pruning").
+        await conn.execute(q.PG_LOCK_PATIENCE, {"patience": self._patience})
+        await conn.execute(statement, params)
+        await conn.execute(q.PG_BOUND_STATEMENTS, {"timeout": self._statement_timeout})
+
+    async def _announce(
+        self, conn: psycopg.AsyncConnection[Any], namespace: str | None, names: list[str] | None
+    ) -> None:
+        # In the invalidation's own transaction: delivered exactly at its commit.
+        if self._channel is None:
+            return
+        payloads = invalidation_payloads(
+            namespace, names, origin=self._origin, budget=PAYLOAD_BUDGET
+        )
+        await conn.execute(q.PG_BROADCAST, {"channel": self._channel, "payloads": payloads})
+
+    async def _when_unlocked(
+        self,
+        what: str,
+        namespace: str | None,
+        attempt: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T | None]],
+        *,
+        invalidation: bool = False,
+    ) -> T:
+        """Run ``attempt`` on a pooled connection until it answers (None: the namespace,
+        or with ``namespace`` None the whole cache, was locked by an invalidation and
+        nothing was done), waiting between tries *without* a connection: until a wake-up
+        (:meth:`lock_released`, or an invalidation of this process ending) or a poll
+        (20 ms doubling to 1 s), for at most ``lock_wait`` seconds in all.
+
+        This process's invalidations of one namespace take turns (the server would run
+        them one at a time anyway), so at most one of them holds a connection while it
+        waits for the lock (and then at most ``LOCK_PATIENCE`` per try)."""
+        lock = None if namespace is None else namespace_lock(namespace)
+        deadline = time.monotonic() + self._lock_wait
+        if not invalidation:
+            return await self._tries(what, namespace, attempt, deadline=deadline)
+        turn = self._waits.join_turns(lock)
+        try:
+            try:
+                await asyncio.wait_for(turn.acquire(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise self._locked_out(what, namespace, 0) from None
+            try:
+                return await self._tries(
+                    what, namespace, attempt, deadline=deadline, invalidation=True
+                )
+            finally:
+                turn.release()
+        finally:
+            self._waits.leave_turns(lock)
+
+    async def _tries(
+        self,
+        what: str,
+        namespace: str | None,
+        attempt: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T | None]],
+        *,
+        deadline: float,
+        invalidation: bool = False,
+    ) -> T:
+        lock = None if namespace is None else namespace_lock(namespace)
+        poll = _FIRST_POLL
+        tries = 0
+        while True:
+            try:
+                result = await _pg.pooled(self.pool, what, attempt)
+            finally:
+                if invalidation:  # it held the lock, or was queued for it: both are over
+                    self._waits.wake(lock)
+            if result is not None:
+                return result
+            tries += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._locked_out(what, namespace, tries)
+            woken = await self._waits.wait(lock, min(poll, left))
+            poll = _FIRST_POLL if woken else min(poll * 2, _LAST_POLL)
+
+    def _locked_out(self, what: str, namespace: str | None, tries: int) -> StoreError:
+        held = "the whole cache" if namespace is None else f"namespace {namespace!r}"
+        return StoreError(
+            f"{what} failed: {held} stayed locked by invalidations for {self._lock_wait:g} s "
+            f"({tries} tries); nothing was done"
+        )
 
     async def _prune(self, conn: psycopg.AsyncConnection[Any], marking: int) -> None:
         # Before the marks are set, so it never meets a row this transaction marks (one

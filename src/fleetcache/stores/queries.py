@@ -34,13 +34,14 @@ a mark it depends on is newer than the stamp's reading. sqlite has no GIN index,
 entries in a table named ``modules`` with the seed's column names; ``migrations`` upgrades
 it (see ``PG_UPGRADE_1_TO_2`` and ``SQLITE_UPGRADE_1_TO_2``) and leaves ``modules`` alone.
 Version 2 kept values, errors and diagnostics as ``jsonb`` on Postgres; version 3 converts
-them in place (``PG_UPGRADE_2_TO_3``, ``SQLITE_UPGRADE_2_TO_3``).
+them in place (``PG_UPGRADE_2_TO_3``, ``SQLITE_UPGRADE_2_TO_3``). Version 4 differs from 3
+only in the Postgres deps index, which keeps no pending list (``PG_UPGRADE_3_TO_4``).
 """
 
 from __future__ import annotations
 
 #: The schema version this release creates and understands.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Advisory-lock classes (the two-int form, a key space apart from the coordinator's
 # one-bigint locks): schema changes, the global lock, a namespace's lock (second int: a
@@ -125,8 +126,13 @@ _PG_ENTRIES_INDEXES = [
     CREATE INDEX fleetcache_entries_alias
         ON fleetcache_entries (md5(namespace), md5(alias), md5(scope), md5(user_id))
     """,
-    # Dependents: entries whose deps meet a set of names.
-    "CREATE INDEX fleetcache_entries_deps ON fleetcache_entries USING gin (deps)",
+    # Dependents: entries whose deps meet a set of names. Without a pending list
+    # (fastupdate): every probe would scan all of it (up to 4 MB), and an invalidation
+    # probes once per name.
+    """
+    CREATE INDEX fleetcache_entries_deps ON fleetcache_entries USING gin (deps)
+        WITH (fastupdate = off)
+    """,
 ]
 
 _PG_MARKS_INDEXES = [
@@ -315,6 +321,13 @@ PG_UPGRADE_2_TO_3 = [
     PG_CREATE_WRITE_FUNCTION,
 ]
 
+#: Version 3 -> 4: the deps index without a pending list (see ``_PG_CREATE_ENTRIES``);
+#: what is pending goes into the index now. (Neither blocks writes.)
+PG_UPGRADE_3_TO_4 = [
+    "ALTER INDEX fleetcache_entries_deps SET (fastupdate = off)",
+    "SELECT gin_clean_pending_list('fleetcache_entries_deps'::regclass)",
+]
+
 # ------------------------------------------------------------------------------- reads
 
 # The row a read returns; namespace, scope and user are the key's own.
@@ -367,11 +380,23 @@ PG_STAMP_AND_READ_BY_ALIAS = _PG_STAMP.format(read=_PG_EXACT_OR_ALIAS)
 
 # ------------------------------------------------------------------------------ writes
 
-#: A write: one statement (every argument cast, so the call resolves whatever psycopg
-#: chose for a value's type).
-PG_WRITE = "SELECT fleetcache_write_v3({})".format(
+# The write function's call (every argument cast, so the call resolves whatever psycopg
+# chose for a value's type).
+_PG_WRITE_CALL = "fleetcache_write_v3({})".format(
     ", ".join(f"%({name})s::{kind}" for name, kind in _WRITE_ARGS)
 )
+
+#: A write: one statement. It first *tries* to share-lock the global and the namespace
+#: lock; only when both are granted at once does it call the write function (which takes
+#: them again, already held, and runs the guarded upsert in its next statement). Otherwise
+#: it answers NULL having written nothing, and the store retries after waiting without a
+#: connection. (A try fails while an invalidation holds the lock exclusively or is queued
+#: for it, so writes never overtake a waiting invalidation.)
+PG_WRITE = f"""
+    SELECT CASE WHEN pg_try_advisory_xact_lock_shared({LOCK_GLOBAL}, 0)
+                     AND pg_try_advisory_xact_lock_shared({LOCK_NAMESPACE}, %(ns_lock)s)
+                THEN {_PG_WRITE_CALL} END
+"""
 
 #: Deletes up to ``limit`` entries whose stale window ended before ``before`` (ms since the
 #: epoch), skipping rows another transaction holds. Not an invalidation (nothing is marked):
@@ -388,6 +413,12 @@ PG_PURGE_EXPIRED = """
 
 # ----------------------------------------------------------------------- invalidations
 
+#: How long an invalidation's lock statement may wait (``%(patience)s``, e.g. ``'200ms'``)
+#: before it fails with lock_not_available: the invalidation then rolls back, having done
+#: nothing, and waits for its turn without a connection. Reset by
+#: ``PG_BOUND_STATEMENTS`` once the locks are held.
+PG_LOCK_PATIENCE = "SELECT set_config('lock_timeout', %(patience)s, true)"
+
 #: An invalidation of names, or a namespace clear: the global lock shared (so a clear_all
 #: waits for it), the namespace lock exclusive (so every write of the namespace waits for
 #: it, and it waits for every write under way).
@@ -399,25 +430,37 @@ PG_LOCK_NAMESPACE = f"""
 PG_LOCK_ALL = f"SELECT pg_advisory_xact_lock({LOCK_GLOBAL}, 0)"
 
 #: Bounds every later statement of the invalidation's transaction (taken after the locks,
-#: so waiting for them is not bounded): see "Pruning" in postgres.py for why it must be.
-PG_BOUND_STATEMENTS = "SELECT set_config('statement_timeout', %(timeout)s, true)"
-
-_PG_NAME_IN = """
-    md5(name) = ANY (ARRAY(SELECT md5(n) FROM unnest(%(names)s::text[]) AS n))
-    AND name = ANY (%(names)s::text[])
+#: so waiting for them is not bounded by it): see "Pruning" in postgres.py for why it must
+#: be. Lock waits from here on are not cut short (lock_timeout back to 0).
+PG_BOUND_STATEMENTS = """
+    SELECT set_config('statement_timeout', %(timeout)s, true),
+           set_config('lock_timeout', '0', true)
 """
-_PG_ALIAS_IN = """
-    md5(alias) = ANY (ARRAY(SELECT md5(n) FROM unnest(%(names)s::text[]) AS n))
-    AND alias = ANY (%(names)s::text[])
-"""
-_PG_IN_NAMESPACE = "md5(namespace) = md5(%(ns)s) AND namespace = %(ns)s"
 
-#: One round of the closure: name and alias of every entry of the namespace (any scope or
-#: user) named or aliased by one of the names, or whose deps meet them.
+_PG_E_IN_NAMESPACE = "md5(e.namespace) = md5(%(ns)s) AND e.namespace = %(ns)s"
+
+#: One round of the closure: key hash, name and alias of every entry of the namespace (any
+#: scope or user) named or aliased by one of the names, or whose deps contain one. Per
+#: name (LATERAL, each branch fenced by OFFSET 0 so it is planned on its own): one probe
+#: of the name index, one of the alias index, one of the deps index (no namespace index
+#: there, so it cannot be chosen instead). Cost: in proportion to the names and the rows
+#: found, never to their product.
 PG_CLOSURE_ROUND = f"""
-    SELECT DISTINCT name, alias FROM fleetcache_entries
-    WHERE {_PG_IN_NAMESPACE}
-      AND (({_PG_NAME_IN}) OR ({_PG_ALIAS_IN}) OR deps && %(names)s::text[])
+    SELECT DISTINCT f.key_hash, f.name, f.alias
+    FROM unnest(%(names)s::text[]) AS n (name)
+    CROSS JOIN LATERAL (
+        (SELECT e.key_hash, e.name, e.alias FROM fleetcache_entries AS e
+         WHERE {_PG_E_IN_NAMESPACE} AND md5(e.name) = md5(n.name) AND e.name = n.name
+         OFFSET 0)
+        UNION ALL
+        (SELECT e.key_hash, e.name, e.alias FROM fleetcache_entries AS e
+         WHERE {_PG_E_IN_NAMESPACE} AND md5(e.alias) = md5(n.name) AND e.alias = n.name
+         OFFSET 0)
+        UNION ALL
+        (SELECT e.key_hash, e.name, e.alias FROM fleetcache_entries AS e
+         WHERE e.deps @> ARRAY[n.name] AND e.namespace = %(ns)s
+         OFFSET 0)
+    ) AS f
 """
 
 #: Deletes up to ``limit`` marks older than the retention, skipping any a concurrent
@@ -440,13 +483,17 @@ _PG_MARK = """
     DO UPDATE SET bumped_by = EXCLUDED.bumped_by, marked_at = EXCLUDED.marked_at
 """
 
-#: Marks every name of the closure and deletes every entry of the namespace named or
-#: aliased by one (all scopes and users). (Two tables, so one statement may do both.)
+#: Marks every name of the closure and deletes the entries its rounds found (by key
+#: hash, one probe each): every entry of the namespace named or aliased by a name of the
+#: closure, all scopes and users (an entry found through its deps has its name in the
+#: closure). The namespace is locked exclusively, so no other entry can have appeared.
+#: (Two tables, so one statement may do both.)
 PG_MARK_AND_DELETE_NAMES = f"""
     WITH marked AS ({_PG_MARK})
-    DELETE FROM fleetcache_entries
-    WHERE {_PG_IN_NAMESPACE} AND (({_PG_NAME_IN}) OR ({_PG_ALIAS_IN}))
+    DELETE FROM fleetcache_entries WHERE key_hash = ANY (%(hashes)s::bytea[])
 """
+_PG_IN_NAMESPACE = "md5(namespace) = md5(%(ns)s) AND namespace = %(ns)s"
+
 #: Marks the namespace (kind 'n', names ['']) and deletes its entries.
 PG_MARK_AND_DELETE_NAMESPACE = f"""
     WITH marked AS ({_PG_MARK})
@@ -457,6 +504,11 @@ PG_MARK_AND_DELETE_ALL = f"""
     WITH marked AS ({_PG_MARK})
     DELETE FROM fleetcache_entries
 """
+
+#: The invalidation's broadcast, sent in its own transaction: NOTIFY is delivered exactly
+#: when the transaction commits (never after a rollback), so no caller cancelled after the
+#: commit can lose it. One ``pg_notify`` per payload, in order.
+PG_BROADCAST = "SELECT pg_notify(%(channel)s, p) FROM unnest(%(payloads)s::text[]) AS p"
 
 # ============================================================================= sqlite
 

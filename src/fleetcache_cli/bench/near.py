@@ -16,8 +16,8 @@ older version is a candidate) and reports the candidates; the parent keeps those
 also began after the invalidation returned.
 
 **Staleness window**: for every peer, the time from the invalidation's commit (when the
-invalidator's publisher was called, right after the store's transaction committed) to the
-moment the peer applied the broadcast (evicted its copies).
+invalidator's store call returned: its transaction, which sends the broadcast, committed)
+to the moment the peer applied the broadcast (evicted its copies).
 """
 
 from __future__ import annotations
@@ -109,15 +109,16 @@ async def near_worker(ctx: WorkerContext, spec: NearSpec) -> dict[str, Any]:
             note_applied(names)
 
     cache.lookup.names_invalidated = heard  # type: ignore[method-assign]
-    publisher = cache.lookup.publisher
-    if spec.invalidator and publisher is not None:
-        publish = publisher.names_invalidated
+    if spec.invalidator:
+        store = cache.lookup.store
+        invalidate = store.invalidate
 
-        async def publishing(namespace: str, names: Sequence[str]) -> None:
-            committed.append(time.time())  # called right after the store's commit
-            await publish(namespace, names)
+        async def invalidating(namespace: str, names: Sequence[str], **kwargs: Any) -> list[str]:
+            closure = await invalidate(namespace, names, **kwargs)
+            committed.append(time.time())  # right after the commit that sent the broadcast
+            return closure
 
-        publisher.names_invalidated = publishing  # type: ignore[method-assign]
+        store.invalidate = invalidating  # type: ignore[method-assign]
 
     async def produce(key: fleetcache.Key) -> fleetcache.Produced[Any]:
         async with source_lock:

@@ -1,0 +1,92 @@
+"""A fleet member under load, for the lock-waiting tests (``test_store_lock_waits.py``).
+
+Usage: ``lock_worker.py URL POOL_SIZE``. Opens ``fleetcache.open(URL, pool_size=...,
+coordinate=False)``, says ready, then reads one JSON command per stdin line and answers
+one JSON line:
+
+* ``{"op": "load", "write_ns": W, "writers": n, "read_ns": R, "names": [...],
+  "readers": m}``: start ``n`` tasks each writing one entry of W (once), and ``m`` tasks
+  reading the names of R (hits) in a loop; answers at once.
+* ``{"op": "counts"}``: writes started and finished, reads answered, errors (strings).
+* ``{"op": "exit"}``: stop the readers, wait for the writers, close, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+import fleetcache
+from fleetcache import Key, Produced
+from fleetcache.stores import Entry
+
+
+async def never(key: Key) -> Produced[Any]:
+    """The readers only read entries the test stored; computing one is an error."""
+    raise AssertionError(f"computed {key.coalesce_key}: it should have been a hit")
+
+
+async def serve(url: str, pool_size: int) -> None:
+    """Answer commands until exit or end of input."""
+    cache = await fleetcache.open(url, pool_size=pool_size, coordinate=False)
+    loop = asyncio.get_running_loop()
+    counts: dict[str, Any] = {"writes_started": 0, "writes_done": 0, "reads": 0, "errors": []}
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def write(ns: str, i: int) -> None:
+        counts["writes_started"] += 1
+        try:
+            await cache.store.write(Entry(Key(ns, f"{ns}w{i}"), {"i": i}))
+        except Exception as exc:  # reported to the test
+            counts["errors"].append(f"write: {type(exc).__name__}: {exc}")
+        counts["writes_done"] += 1
+
+    async def read(ns: str, names: list[str], task: int) -> None:
+        n = task
+        while not stop.is_set():
+            try:
+                await cache.get(Key(ns, names[n % len(names)]), never)
+            except Exception as exc:  # reported to the test
+                counts["errors"].append(f"read: {type(exc).__name__}: {exc}")
+                return
+            counts["reads"] += 1
+            n += 1
+
+    say({"ready": True})
+    try:
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                break
+            command = json.loads(line)
+            if command["op"] == "exit":
+                break
+            if command["op"] == "load":
+                tasks += [
+                    asyncio.create_task(write(command["write_ns"], i))
+                    for i in range(command["writers"])
+                ]
+                tasks += [
+                    asyncio.create_task(read(command["read_ns"], command["names"], i))
+                    for i in range(command["readers"])
+                ]
+                say({})
+            elif command["op"] == "counts":
+                say(dict(counts))
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await cache.close()
+
+
+def say(doc: dict[str, Any]) -> None:
+    """Write one JSON line to stdout."""
+    sys.stdout.write(json.dumps(doc) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(sys.argv[1], int(sys.argv[2])))
