@@ -180,16 +180,16 @@ async def test_a_large_closure_round_probes_the_indexes_once_per_name(
             await conn.execute("ALTER TABLE fleetcache_entries SET (autovacuum_enabled = off)")
             await conn.execute(
                 "INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id,"
-                " value, deps) SELECT sha256(('o' || i)::bytea), 'other', 'o' || i, 'public',"
-                " '', '{}'::jsonb, '{}' FROM generate_series(1, 50) AS i"
+                " value, codec, deps) SELECT sha256(('o' || i)::bytea), 'other', 'o' || i,"
+                " 'public', '', '{}'::bytea, 'json', '{}' FROM generate_series(1, 50) AS i"
             )
             if statistics == "stale":
                 await conn.execute("ANALYZE fleetcache_entries")
             await conn.execute(
                 "INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id,"
-                " value, deps, alias)"
+                " value, codec, deps, alias)"
                 " SELECT sha256(('k' || i)::bytea), %(ns)s, %(ns)s || 'm' || i || '.gts',"
-                " 'public', '', '{}'::jsonb, ARRAY[%(ns)s || 'hub'], %(ns)s || 'm' || i"
+                " 'public', '', '{}'::bytea, 'json', ARRAY[%(ns)s || 'hub'], %(ns)s || 'm' || i"
                 " FROM generate_series(1, %(rows)s) AS i",
                 {"ns": NS, "rows": 2_000},
             )
