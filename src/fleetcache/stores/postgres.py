@@ -248,6 +248,11 @@ class _LockWaits:
             else:
                 self._events.pop(lock, None)  # nobody waits on this lock any more
 
+    @property
+    def waiting(self) -> int:
+        """How many operations wait right now."""
+        return sum(self._waiting.values())
+
     def wake(self, lock: int | None) -> None:
         """Wake the waiters of ``lock`` and the global ones (``None``: everyone)."""
         locks = list(self._events) if lock is None else [lock, None]
@@ -381,6 +386,12 @@ class PostgresStore:
         :class:`~fleetcache.notifications.listener.InvalidationListener`, which then skips
         their echoes."""
         return self._origin
+
+    @property
+    def waiting_for_locks(self) -> int:
+        """How many writes and invalidations of this store wait right now, without a
+        connection, for a namespace (or the global) lock an invalidation holds."""
+        return self._waits.waiting
 
     def lock_released(self, namespace: str | None) -> None:
         """An invalidation of ``namespace`` (None: of anything, or notifications may have
