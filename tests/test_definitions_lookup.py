@@ -24,7 +24,9 @@ from fleetcache.definitions.models import (
 )
 from fleetcache.definitions.setup import coalesce_flag_enabled, seed_open_options
 from fleetcache.definitions.urls import trim_executable_extension
-from fleetcache.stores import Key, PostgresStore, Store
+from fleetcache.lookup.caching import CachingLookup
+from fleetcache.stores.base import Key, Store
+from fleetcache.stores.postgres import PostgresStore
 
 PUBLIC = Realm("https://pub.example/", "public", "owner-pub")
 PRIVATE = Realm("https://priv.example/", "private", "owner-priv")
@@ -109,7 +111,7 @@ def url(realm: Realm, path: str) -> str:
 
 def make_lookup(store: Store, prerenderer: GraphPrerenderer, **kw: Any) -> CachingDefinitionLookup:
     """A definitions lookup with both test realms registered."""
-    lookup = CachingDefinitionLookup(store, prerenderer, **kw)
+    lookup = CachingDefinitionLookup(CachingLookup(store), prerenderer, **kw)
     lookup.register_realm(PUBLIC)
     lookup.register_realm(PRIVATE)
     return lookup
@@ -378,7 +380,7 @@ async def test_public_and_private_scope_columns(store: Store) -> None:
 async def test_prewarm_then_registered_lookup_hits(store: Store) -> None:
     """A pre-warmed module is then served to a registered lookup with no new prerender."""
     pre = GraphPrerenderer({url(PRIVATE, "a.gts"): Spec()})
-    lookup = CachingDefinitionLookup(store, pre)
+    lookup = CachingDefinitionLookup(CachingLookup(store), pre)
     warmed = await lookup.populate_definition_cache_entry(
         module_url=url(PRIVATE, "a"),
         realm_url=PRIVATE.url,
@@ -399,7 +401,7 @@ async def test_prewarm_then_registered_lookup_hits(store: Store) -> None:
 async def test_prewarm_of_a_failing_module_stores_nothing(store: Store) -> None:
     """Pre-warming a failing module returns None and leaves no row."""
     pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec(fail="broken")})
-    lookup = CachingDefinitionLookup(store, pre)
+    lookup = CachingDefinitionLookup(CachingLookup(store), pre)
     warmed = await lookup.populate_definition_cache_entry(
         module_url=url(PUBLIC, "a.gts"),
         realm_url=PUBLIC.url,
@@ -418,7 +420,7 @@ async def test_clear_realm_and_clear_all(store: Store) -> None:
     lookup = make_lookup(store, pre)
     await lookup.get_cached_definitions(url(PUBLIC, "a"))
     await lookup.get_cached_definitions(url(PRIVATE, "a"))
-    unregistered = CachingDefinitionLookup(store, pre)
+    unregistered = CachingDefinitionLookup(CachingLookup(store), pre)
     await unregistered.clear_realm_definitions(PUBLIC.url)
     assert await store.read(Key(PUBLIC.url, url(PUBLIC, "a")), by_alias=True) is None
     assert await lookup.lookup_cached_definition(CodeRef(url(PRIVATE, "a"), "Card")) is not None
@@ -639,7 +641,7 @@ async def test_incomplete_aggregation_is_not_persisted_under_fleet_coordination(
     gate = pre.gates[slow + ".gts"] = asyncio.Event()
     cache = await fleetcache.open(database_url, coordinate=True)
     try:
-        lookup = CachingDefinitionLookup.over(cache.lookup, pre, aggregation_timeout=0.05)
+        lookup = CachingDefinitionLookup(cache, pre, aggregation_timeout=0.05)
         lookup.register_realm(PUBLIC)
         module = await lookup.get_cached_definitions(top)
         assert module is not None
@@ -668,7 +670,7 @@ async def test_ten_failing_modules_at_once_on_a_pool_of_ten_aggregate_completely
     }
     pre = GraphPrerenderer(graph)
     async with fleetcache.open(database_url, pool_size=10) as cache:
-        lookup = CachingDefinitionLookup.over(cache.lookup, pre, aggregation_timeout=30)
+        lookup = CachingDefinitionLookup(cache, pre, aggregation_timeout=30)
         lookup.register_realm(PUBLIC)
         modules = await asyncio.wait_for(
             asyncio.gather(
@@ -717,7 +719,7 @@ async def test_a_definitions_fleet_on_the_seeds_names_renders_a_module_once(
         assert first.coordinator is not None
         lookups = []
         for cache in (first, second):
-            lookup = CachingDefinitionLookup.over(cache.lookup, pre)
+            lookup = CachingDefinitionLookup(cache, pre)
             lookup.register_realm(PUBLIC)
             lookups.append(lookup)
         pending = [

@@ -1,12 +1,9 @@
 """fleetcache: a fleet of processes computes each missing cache entry once, and an
 invalidation is never undone by a computation that started before it.
 
-Start with ``fleetcache.open(url)`` (a store, and on Postgres the LISTEN hub, invalidation
-broadcast and cross-process coordination, from one URL): ``async with
-fleetcache.open(url) as cache`` or ``cache = await fleetcache.open(url)``; from sync code,
-``with fleetcache.open_sync(url) as cache``. ``open`` is not
-exported by ``from fleetcache import *``, so it never shadows the builtin. The seed's
-domain lives in :mod:`fleetcache.definitions`.
+``async with fleetcache.open(url) as cache`` (or ``with fleetcache.open_sync(url)``); the
+names here are the public API (``open`` is kept out of ``__all__`` so that ``import *``
+never shadows the builtin). The seed's domain is :mod:`fleetcache.definitions`.
 """
 
 from fleetcache.errors import (
@@ -27,10 +24,12 @@ from fleetcache.errors import (
 )
 from fleetcache.factory import Fleetcache
 from fleetcache.factory import open as open  # re-exported; kept out of __all__ on purpose
-from fleetcache.lookup import MISSING, CachingLookup, Codec, Missing, Produce, Produced
-from fleetcache.stores import Entry, Key, MemoryStore, PostgresStore, SqliteStore, Store
+from fleetcache.lookup.caching import CachingLookup
+from fleetcache.lookup.codec import Codec
+from fleetcache.lookup.populate import MISSING, Missing, Produced
+from fleetcache.stores.base import Entry, Key
 from fleetcache.stores.codecs import ValueCodec
-from fleetcache.sync import SyncCachedFunction, SyncFleetcache, open_sync
+from fleetcache.sync import SyncFleetcache, open_sync
 
 __all__ = [
     "MISSING",
@@ -48,19 +47,13 @@ __all__ = [
     "FleetcacheError",
     "InvalidInputError",
     "Key",
-    "MemoryStore",
     "Missing",
     "NotOpenError",
-    "PostgresStore",
-    "Produce",
     "Produced",
     "SchemaMissingError",
     "SchemaVersionError",
     "SerializationError",
-    "SqliteStore",
-    "Store",
     "StoreError",
-    "SyncCachedFunction",
     "SyncFleetcache",
     "ValueCodec",
     "open_sync",

@@ -31,13 +31,14 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
 from fleetcache.errors import ConfigurationError, InvalidInputError
-from fleetcache.lookup.caching import DEFAULT
+from fleetcache.lookup.expiry import DEFAULT
 from fleetcache.lookup.populate import Produced
 from fleetcache.stores.base import Key
 from fleetcache.stores.validation import check_json, check_name
 
 if TYPE_CHECKING:
-    from fleetcache.lookup.caching import CachingLookup, Setting
+    from fleetcache.lookup.caching import CachingLookup
+    from fleetcache.lookup.expiry import Setting
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -117,7 +118,7 @@ class CachedFunction(Generic[P, R]):
             )
         self._keys = KeyMaker(fn, namespace=namespace, key=key)
         # Refused when decorating, not at the first call (nor after a refresh computed).
-        lookup._expiry(ttl, stale_ttl, early_refresh)
+        lookup.expiry(ttl=ttl, stale_ttl=stale_ttl, early_refresh=early_refresh)
         self._lookup = lookup
         self._fn = fn
         self.namespace = self._keys.namespace
