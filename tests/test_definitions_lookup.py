@@ -24,6 +24,7 @@ from fleetcache.definitions.models import (
 )
 from fleetcache.definitions.setup import coalesce_flag_enabled, seed_open_options
 from fleetcache.definitions.urls import trim_executable_extension
+from fleetcache.errors import ConfigurationError
 from fleetcache.lookup.caching import CachingLookup
 from fleetcache.stores.base import Key, Store
 from fleetcache.stores.postgres import PostgresStore
@@ -755,3 +756,48 @@ async def test_a_hit_gives_the_definitions_in_the_order_the_render_produced(
         "definition",
         "types",
     ]
+
+
+class Wrapping:
+    """A codec that stores a value wrapped in an object (so its use shows in the row)."""
+
+    def encode(self, value: Any) -> Any:
+        return {"wrapped": value}
+
+    def decode(self, document: Any) -> Any:
+        return document["wrapped"]
+
+
+@pytest.mark.postgres
+async def test_the_definitions_lookup_keeps_every_option_of_its_cache(database_url: str) -> None:
+    """Made over an open cache, the definitions lookup is that cache's lookup, with every
+    option it was opened with: a module is stored with the cache's expiry and through its
+    codec, and read again from its near tier without a second render."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec()})
+    async with fleetcache.open(database_url, ttl=60, near=100, codec=Wrapping()) as cache:
+        lookup = CachingDefinitionLookup(cache, pre)
+        assert lookup.lookup is cache.lookup
+        lookup.register_realm(PUBLIC)
+        module = await lookup.get_cached_definitions(url(PUBLIC, "a.gts"))
+        assert module is not None
+        row = await cache.store.read(Key(PUBLIC.url, url(PUBLIC, "a.gts")))
+        assert row is not None
+        assert row.created_at is not None
+        assert row.expires_at == row.created_at + 60_000  # the cache's ttl
+        assert row.value == {"wrapped": module.definitions}  # the cache's codec
+        again = await lookup.get_cached_definitions(url(PUBLIC, "a.gts"))
+        assert again == module
+        assert cache.lookup.stats()["near_hits"] == 1  # the cache's near tier
+        assert pre.renders(url(PUBLIC, "a.gts")) == 1
+
+
+async def test_the_definitions_lookup_is_made_over_a_cache_and_nothing_else(store: Store) -> None:
+    """The one constructor takes an open cache or its lookup; a store (the old second
+    path) or a nonsensical aggregation timeout is a ConfigurationError."""
+    pre = GraphPrerenderer({})
+    with pytest.raises(ConfigurationError, match="made over an open cache"):
+        CachingDefinitionLookup(store, pre)  # type: ignore[arg-type]
+    for bad in (0, -1, float("nan"), float("inf"), "30", True):
+        with pytest.raises(ConfigurationError, match="aggregation_timeout"):
+            CachingDefinitionLookup(CachingLookup(store), pre, aggregation_timeout=bad)  # type: ignore[arg-type]
+    assert not hasattr(CachingDefinitionLookup, "over")
