@@ -1,10 +1,8 @@
 """fleetcache: a fleet of processes computes each missing cache entry once, and an
-invalidation is never undone by a computation that started before it.
-
-``async with fleetcache.open(url) as cache`` (or ``with fleetcache.open_sync(url)``); the
-names here are the public API (``open`` is kept out of ``__all__`` so that ``import *``
-never shadows the builtin). The seed's domain is :mod:`fleetcache.definitions`.
-"""
+invalidation is never undone by a computation that started before it. Open one with
+``fleetcache.open(url)`` (or ``open_sync``); the names in ``__all__`` (and ``open``) are the
+public API, listed in the README's reference. The module-definitions domain built on it is
+:mod:`fleetcache.definitions`."""
 
 from fleetcache.errors import (
     CachedError,

@@ -1,31 +1,6 @@
-"""The front door: ``fleetcache.open(url)`` builds and starts everything a URL needs.
-
-Both forms work (one object that is awaitable and an async context manager)::
-
-    async with fleetcache.open("postgresql://localhost/app") as cache:
-        entry = await cache.get(Key(ns, name), produce)
-
-    cache = await fleetcache.open("sqlite:///cache.db")
-    try: ...
-    finally: await cache.close()
-
-URLs: ``memory://``, ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``,
-``postgresql://…`` (or ``postgres://…``, or any libpq ``key=value`` string).
-
-On Postgres ``open`` also starts the LISTEN hub, the invalidation broadcast and its
-listener, and — by default — cross-process populate coordination: one process of the fleet
-computes each missing entry while the others wait without a connection. It is on by
-default because it is what the library exists for, and it costs nothing on a hit and one
-short statement on a miss (``coordinate=False`` turns it off). On sqlite and memory there
-is no fleet-wide lock to take; asking for coordination there is logged once and ignored.
-
-Start order: store, hub, coordinator, listener, lookup; ``close()`` runs in the reverse
-order, every step even if an earlier one fails, each bounded by ``timeout``. Opening on
-Postgres is all or nothing: a process that cannot get every connection it starts with
-(one pooled, the LISTEN one, the lock ones) releases those it got before it tries again
-(within ``connect_budget``), so processes opening at once at the edge of the server's
-``max_connections`` do not each hold a part and starve one another.
-"""
+"""The front door: ``fleetcache.open(url)`` builds and starts what a URL needs (a store, and
+on Postgres the LISTEN hub, the coordinator, the invalidation broadcast and its listener),
+and returns a :class:`Fleetcache`; ``close()`` stops it all in the reverse order."""
 
 from __future__ import annotations
 
@@ -352,21 +327,44 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     populated_channel: str = POPULATED_CHANNEL,
     invalidated_channel: str = INVALIDATED_CHANNEL,
 ) -> Opening:
-    """Open a cache for ``url`` and start what it needs; see the module docstring.
+    """Open a cache for ``url`` and start what it needs. Both forms work (one object that is
+    awaitable and an async context manager)::
+
+        async with fleetcache.open("postgresql://localhost/app") as cache:
+            entry = await cache.get(Key(ns, name), produce)
+
+        cache = await fleetcache.open("sqlite:///cache.db")
+        try: ...
+        finally: await cache.close()
+
+    URLs: ``memory://``, ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``,
+    ``postgresql://…`` (or ``postgres://…``, or any libpq ``key=value`` string). Every
+    option is checked before anything is opened (:class:`~fleetcache.errors.ConfigurationError`).
+
+    On Postgres it also starts the LISTEN hub, the invalidation broadcast and its listener
+    and, by default, cross-process populate coordination (it costs nothing on a hit and one
+    short statement on a miss). Start order: store, hub, coordinator, listener, lookup;
+    ``close()`` runs the reverse, every step even if an earlier one fails, each bounded.
+    Opening on Postgres is all or nothing: a process that cannot get every connection it
+    starts with releases those it got before it tries again (within ``connect_budget``), so
+    processes opening at once at the edge of ``max_connections`` do not starve one another.
 
     ``coordinate``: cross-process populate coordination (None: on for Postgres, where it
-    exists). ``near``: keep up to that many entries in process memory and serve hits from
-    there while this process hears the fleet's invalidations (``near_max_bytes`` bounds
-    their size too); Postgres only, since only there invalidations are broadcast.
+    exists; asking for it on sqlite or memory is logged once and ignored). ``near``: keep up
+    to that many entries in process memory and serve hits from there while this process
+    hears the fleet's invalidations (``near_max_bytes`` bounds their size too); Postgres
+    only, since only there invalidations are broadcast.
     ``ttl``/``stale_ttl``/``early_refresh``: how values age by default (see
-    :mod:`fleetcache.lookup.expiry`; None: they never expire). ``values``: how values are
-    stored (:class:`~fleetcache.stores.codecs.ValueCodec`: JSON by default; pickle, for a
-    trusted database only; compression above a size). The other options are
-    :class:`~fleetcache.lookup.caching.CachingLookup`'s, plus Postgres's: the pool
+    :class:`~fleetcache.lookup.expiry.Expiry`; None: they never expire). ``values``: how
+    values are stored (:class:`~fleetcache.stores.codecs.ValueCodec`: JSON by default;
+    pickle, for a trusted database only; compression above a size). ``codec``: typed values
+    (:class:`~fleetcache.lookup.codec.Codec`). ``error_ttl``, ``compute_timeout``,
+    ``wait_timeout`` and ``max_rounds``: the lookup's bounds
+    (:class:`~fleetcache.lookup.options.LookupOptions`). Postgres's own: the pool
     (``pool_min_size`` connections made at open, growing on demand to ``pool_size``),
     ``connect_budget`` (seconds transient connection failures are retried while opening),
-    the crash-probe interval, ``lock_idle_timeout`` (seconds a frozen or partitioned
-    winner keeps its keys locked, at most) and the channel names.
+    the crash-probe interval, ``lock_idle_timeout`` (seconds a frozen or partitioned winner
+    keeps its keys locked, at most) and the channel names.
     """
     _check_seconds("connect_budget", connect_budget, 0.0, 3600.0)
     _check_seconds("lock_idle_timeout", lock_idle_timeout, 0.1, 86_400.0)

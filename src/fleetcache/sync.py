@@ -1,10 +1,6 @@
-"""The sync API: ``fleetcache.open_sync(url)``, the async core run on one event-loop thread.
-
-The same verbs and guarantees as :func:`fleetcache.open`, for threads (Django, Flask,
-gunicorn sync/gthread workers, Celery, scripts) and for sync code inside an async
-application. Near-tier hits are answered on the calling thread; everything else runs on
-the core's loop, reached through anyio's blocking portal.
-"""
+"""The sync API: ``fleetcache.open_sync(url)``, the async core run on one event-loop thread
+(anyio's blocking portal), with the same verbs and guarantees for threads and for sync
+code inside an async application."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
-"""A Django cache backend on fleetcache: Django's whole cache contract, with ``get_or_set``
-computed once across the fleet and no ``delete`` ever undone by an older computation.
-
-``CACHES = {"default": {"BACKEND": "fleetcache.contrib.django.FleetcacheCache",
-"LOCATION": "postgresql://…" or "sqlite:///path.db", "OPTIONS": {...}}}``; see
-:class:`FleetcacheCache` for the options and how each verb maps onto the cache.
-"""
+"""A Django cache backend on fleetcache (``"BACKEND":
+"fleetcache.contrib.django.FleetcacheCache"``): Django's whole cache contract, with
+``get_or_set`` computed once across the fleet and no ``delete`` undone by an older
+computation; see :class:`FleetcacheCache` for its options."""
 
 from __future__ import annotations
 

@@ -1,72 +1,6 @@
-"""The Postgres store: the fleet's shared cache, on psycopg 3 and psycopg_pool.
-
-Why an invalidation closes every window
-=======================================
-
-The guarantee: after ``invalidate(ns, [X])`` returns, no entry that depends (transitively)
-on X and was computed from X's old content exists. A populate computing such an entry D
-took its stamp S (a snapshot) before it read X; its write is one statement, the function
-``fleetcache_write_v3``, whose transaction first share-locks the global and the namespace
-lock, then, in the function's *next* statement (a VOLATILE PL/pgSQL function takes a fresh
-snapshot per statement in READ COMMITTED, so this one is taken after the lock wait), runs
-the guarded INSERT that checks the marks against S. The invalidation is one transaction
-that takes the namespace lock *exclusively*, then computes the closure in rounds (each
-round a new statement, each seeing every write committed before it), marks every name of
-the closure with its own transaction id, deletes every entry named or aliased by one, and
-commits. Since the two
-locks conflict, D's write transaction either
-
-* committed before the invalidation got its lock: the closure rounds then see D (D's
-  deps meet the closure, or D is named by it) and delete it; or
-* started its guarded INSERT after the invalidation committed: that INSERT's snapshot sees
-  the marks, which S did not see (they were set after S was taken, by a transaction S
-  found in progress or had not yet begun), so the write is refused.
-
-There is no third case: a write cannot hold the shared lock while the invalidation holds
-the exclusive one. (The order "compute the closure, then lock and mark" would leave one:
-a D committed after the scan and before the marks.) Writes of the same namespace share
-their lock, so they do not wait for each other; a namespace clear takes the same locks as
-an invalidation of names, and ``clear_all`` takes the global lock exclusively.
-
-The first release retried invalidations that Postgres aborted as deadlocks (two
-invalidations reaching the same rows, one by name and one by alias, in opposite orders).
-There is no such retry any more because there is no such deadlock: invalidations of one
-namespace now run one at a time (the exclusive namespace lock), every transaction takes
-the advisory locks in one order (global, then namespace), marks of different namespaces
-are different rows, and the one statement that touches other namespaces' rows (pruning)
-skips any row another transaction holds instead of waiting for it.
-
-Pruning
-=======
-
-Marks would otherwise accumulate forever. A write whose stamp is older than
-``max_stamp_age`` (half the retention) is refused outright, and every invalidation deletes
-marks older than the retention. That never removes a mark M that could still refuse a
-write W under stamp S: M could refuse W only if M's transaction committed after S was
-taken, so M was set (``clock_timestamp()``) at most ``T`` before S, where ``T`` bounds the
-time from the marking statement to its transaction's commit; W is only accepted while S is
-younger than ``max_stamp_age``; so when W runs, M is younger than ``max_stamp_age + T``,
-which is less than the retention as long as ``T`` < retention - ``max_stamp_age``. ``T`` is
-kept short: the marking statement, the pruning statement and the COMMIT go to the server
-in one pipeline (no client pause between them), and each statement of an invalidation
-after its locks runs under ``statement_timeout`` = a quarter of that margin (450 s with
-the defaults; the margin is 1800 s). Every time here is the server's clock.
-
-The pool
-========
-
-An owned pool starts small (``min_size``, default 1: what ``open()`` waits for) and grows
-on demand up to ``max_size`` (default 10), so a process that can get only some connections
-from a server near its ``max_connections`` starts and works within them; a pool that
-cannot grow makes callers wait for a connection to come back, and an open that cannot get
-even ``min_size`` fails naming the cause (``too-many-connections``). Connections are
-not checked on checkout (that costs a round trip per request); instead a connection found
-dead when used (after a server restart, or a terminated backend) makes the pool check all
-its idle connections and the operation run once more on a fresh one (``_pg.pooled``): each
-operation here may run twice (reads only read; a write is an upsert whose second run under
-the same stamp is refused or rewrites the same row; an invalidation marks and deletes
-again). The coordinator and the publisher share the pool (:attr:`PostgresStore.pool`).
-"""
+"""The Postgres store: the fleet's shared cache, on psycopg 3 and psycopg_pool. Why an
+invalidation leaves no stale entry behind, why pruning marks is safe and why a pooled
+operation may run twice is argued in ``docs/design.md``."""
 
 from __future__ import annotations
 
@@ -408,7 +342,8 @@ class PostgresStore:
         self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
     ) -> list[str]:
         """Invalidate ``names`` and every entry depending on them, in one transaction
-        serialised with every write of the namespace (see the module docstring)."""
+        serialised with every write of the namespace (docs/design.md, "The invalidation
+        closure")."""
         given = names_to_invalidate(namespace, names, expand)
         if not given:
             return []
