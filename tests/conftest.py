@@ -20,7 +20,7 @@ from psycopg.conninfo import make_conninfo
 
 if TYPE_CHECKING:
     from fleetcache.embedded import PgBouncer
-    from fleetcache.stores import Store
+    from fleetcache.stores.base import Store
 
 #: Fixtures that reach the Postgres server; a test using any of them is a Postgres test.
 POSTGRES_FIXTURES = frozenset({"postgres_server_url", "database_url", "empty_database_url"})
@@ -125,7 +125,7 @@ class FreshDatabases:
 
     @staticmethod
     async def _migrate(url: str) -> None:
-        from fleetcache.stores import PostgresStore
+        from fleetcache.stores.postgres import PostgresStore
 
         store = PostgresStore(url, max_size=1)
         await store.open()
@@ -237,7 +237,9 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     """An open store of each kind, empty."""
     # Imported here, not at the top: tests that need no store (hub, broadcast) must not
     # depend on the stores importing.
-    from fleetcache.stores import MemoryStore, PostgresStore, SqliteStore
+    from fleetcache.stores.memory import MemoryStore
+    from fleetcache.stores.postgres import PostgresStore
+    from fleetcache.stores.sqlite import SqliteStore
 
     kind: str = request.param
     made: Store

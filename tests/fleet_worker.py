@@ -47,7 +47,7 @@ async def serve(args: argparse.Namespace) -> None:
         if args.prerender
         else None
     )
-    definitions = CachingDefinitionLookup.over(cache.lookup, prerenderer) if prerenderer else None
+    definitions = CachingDefinitionLookup(cache, prerenderer) if prerenderer else None
     for realm in args.realm:
         url, visibility, owner = realm.split(",")
         if definitions is not None:

@@ -23,7 +23,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from fleetcache.stores import Entry, Key, PostgresStore, SqliteStore, Store
+from fleetcache.stores.base import Entry, Key, Store
+from fleetcache.stores.postgres import PostgresStore
+from fleetcache.stores.sqlite import SqliteStore
 
 NS = "https://race.example/"
 

@@ -4,17 +4,17 @@ bounds, and the keys-by-fields guarantee."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
 
-from fleetcache.coordination.base import Acquired
+from fleetcache.coordination.base import KeyLock
 from fleetcache.coordination.local import LocalCoordinator
-from fleetcache.coordination.waiters import Waiter
 from fleetcache.errors import (
     CachedError,
     ComputationTimeoutError,
@@ -23,9 +23,10 @@ from fleetcache.errors import (
     NotOpenError,
     SerializationError,
 )
-from fleetcache.lookup import MISSING, CachingLookup, Missing, Produced
-from fleetcache.stores import Entry, Key, Store
-from fleetcache.stores.base import GenerationStamp
+from fleetcache.lookup.caching import CachingLookup
+from fleetcache.lookup.options import LookupOptions
+from fleetcache.lookup.populate import MISSING, Missing, Produced
+from fleetcache.stores.base import Entry, GenerationStamp, Key, Store
 from waiting import PROMPT, eventually
 
 NS = "https://realm.example/"
@@ -216,7 +217,9 @@ async def test_shared_exception_reaches_every_caller_and_frees_the_entry(store: 
 async def test_shared_error_is_cached_until_its_ttl(store: Store) -> None:
     """An error entry reaches every caller, is served until the TTL, then is recomputed."""
     clock = Clock()
-    lookup: CachingLookup[Any] = CachingLookup(store, clock=clock, error_ttl=30)
+    lookup: CachingLookup[Any] = CachingLookup(
+        store, options=LookupOptions(error_ttl=30), clock=clock
+    )
     produce = Producer(gate=asyncio.Event(), errors={"a": {"message": "boom"}})
     callers = [asyncio.create_task(lookup.get(key("a"), produce)) for _ in range(3)]
     await produce.started.wait()
@@ -454,16 +457,13 @@ class ReleaseGatedCoordinator(LocalCoordinator):
         self.computed = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def try_acquire_and_run(
-        self, coalesce_key: str, fn: Callable[[], Awaitable[T]]
-    ) -> Acquired[T] | Waiter:
-        async def held() -> T:
-            result = await fn()
-            self.computed.set()
-            await self.gate.wait()
-            return result
-
-        return await super().try_acquire_and_run(coalesce_key, held)
+    @contextlib.asynccontextmanager
+    async def lock(self, coalesce_key: str) -> AsyncIterator[KeyLock]:
+        async with super().lock(coalesce_key) as lock:
+            yield lock
+            if lock.won:
+                self.computed.set()
+                await self.gate.wait()
 
 
 async def test_a_winner_releasing_its_lock_is_not_joined_after_its_result_was_stored(
@@ -556,7 +556,7 @@ async def test_bad_keys_and_options_are_refused(store: Store) -> None:
     assert not produce.calls
     for options in ({"max_rounds": 0}, {"compute_timeout": 0}, {"wait_timeout": -1}):
         with pytest.raises(ConfigurationError):
-            CachingLookup(store, **options)  # type: ignore[arg-type]
+            LookupOptions(**options)  # type: ignore[arg-type]
 
 
 async def test_close_cancels_running_computations(store: Store) -> None:
@@ -578,7 +578,7 @@ async def test_a_computation_that_never_returns_is_bounded_for_every_caller(
 ) -> None:
     """A produce that never returns: every caller sharing it gets ComputationTimeoutError
     after compute_timeout, nothing is stored, and the next caller starts afresh."""
-    lookup: CachingLookup[Any] = CachingLookup(store, compute_timeout=0.3)
+    lookup: CachingLookup[Any] = CachingLookup(store, options=LookupOptions(compute_timeout=0.3))
     produce = Producer(gate=asyncio.Event())
     callers = [asyncio.create_task(lookup.get(key("a"), produce)) for _ in range(2)]
     results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 10)
@@ -598,7 +598,7 @@ async def test_a_computation_that_ignores_cancellation_still_frees_its_callers(
 ) -> None:
     """A produce that swallows its cancellation cannot hold callers past their own bound,
     and close() does not wait for it past its timeout."""
-    lookup: CachingLookup[Any] = CachingLookup(store, compute_timeout=0.2)
+    lookup: CachingLookup[Any] = CachingLookup(store, options=LookupOptions(compute_timeout=0.2))
     stop = asyncio.Event()
 
     async def stubborn(k: Key) -> Produced[Any]:

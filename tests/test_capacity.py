@@ -20,7 +20,7 @@ from conn_worker import start
 from fleet import Worker
 from fleetcache import Key, Produced
 from fleetcache.errors import DatabaseConnectError, StoreError
-from fleetcache.stores import PostgresStore
+from fleetcache.stores.postgres import PostgresStore
 from waiting import eventually
 
 pytestmark = pytest.mark.postgres

@@ -19,7 +19,10 @@ import pytest
 import fleetcache
 from fleetcache import Key, Produced, ValueCodec
 from fleetcache.errors import ConfigurationError, SerializationError, StoreError
-from fleetcache.stores import Entry, MemoryStore, PostgresStore, SqliteStore, Store
+from fleetcache.stores.base import Entry, Store
+from fleetcache.stores.memory import MemoryStore
+from fleetcache.stores.postgres import PostgresStore
+from fleetcache.stores.sqlite import SqliteStore
 
 NS = "https://realm.example/"
 PICKLE = ValueCodec("pickle")

@@ -14,11 +14,13 @@ import pytest
 
 import fleetcache
 from fleetcache import CachingLookup, Key, Produced
-from fleetcache.coordination import LocalCoordinator, lock_id
+from fleetcache.coordination.base import lock_id
+from fleetcache.coordination.local import LocalCoordinator
 from fleetcache.coordination.postgres import POPULATED_CHANNEL
 from fleetcache.errors import ConfigurationError, CoordinationGaveUpError
-from fleetcache.lookup import MISSING, Missing
-from fleetcache.stores import SqliteStore
+from fleetcache.lookup.options import LookupOptions
+from fleetcache.lookup.populate import MISSING, Missing
+from fleetcache.stores.sqlite import SqliteStore
 from waiting import PROMPT, eventually
 
 NS = "https://realm.example/"
@@ -48,7 +50,8 @@ async def test_two_coordinated_caches_compute_a_key_once(database_url: str) -> N
         assert a is not None
         assert a == b
         assert calls == ["card"]
-        assert sorted(c.lookup.stats()["lock_won"] for c in (first, second)) == [0, 1]
+        won = [c.coordinator.stats()["lock_won"] for c in (first, second) if c.coordinator]
+        assert sorted(won) == [0, 1]
 
 
 @pytest.mark.postgres
@@ -60,7 +63,7 @@ async def test_without_a_coordinator_it_still_works(database_url: str) -> None:
         assert await cache.get(Key(NS, "a"), counting(calls)) is not None
         assert await cache.get(Key(NS, "a"), counting(calls)) is not None
         assert calls == ["a"]
-        assert cache.lookup.stats()["lock_won"] == 0
+        assert cache.lookup.coordinator is None  # its populator has no lock to take
 
 
 @pytest.mark.postgres
@@ -120,6 +123,8 @@ async def test_forged_notifications_do_not_make_a_waiter_give_up(database_url: s
         fleetcache.open(database_url) as holder,
         fleetcache.open(database_url, wait_timeout=30, max_rounds=1) as waiter,
     ):
+        waiter_locks = waiter.coordinator
+        assert waiter_locks is not None
         holding = asyncio.create_task(holder.get(key, held))
         await asyncio.wait_for(computing.wait(), PROMPT)  # the holder has the lock
         waiting = asyncio.create_task(waiter.get(key, held))
@@ -127,7 +132,7 @@ async def test_forged_notifications_do_not_make_a_waiter_give_up(database_url: s
         def lost(times: int) -> Callable[[], bool]:
             # The waiter registers for the key's NOTIFY before it tries the lock, so once
             # it has lost ``times`` times it is listening for the next notification.
-            return lambda: waiter.lookup.stats()["lock_lost"] >= times
+            return lambda: waiter_locks.stats()["lock_lost"] >= times
 
         async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
             for sent in range(25):
@@ -142,7 +147,7 @@ async def test_forged_notifications_do_not_make_a_waiter_give_up(database_url: s
         assert got is not None
         assert got.value == "the holder's"
         assert (await holding) == got
-        assert waiter.lookup.stats()["waits_notify"] >= 10
+        assert waiter_locks.stats()["woken_notify"] >= 10
         assert waiter.lookup.stats()["gave_up"] == 0
 
 
@@ -155,7 +160,7 @@ async def test_gives_up_after_the_waiting_budget_with_a_clear_error(tmp_path: Pa
     await coordinator.start()
     holder: CachingLookup[Any] = CachingLookup(store, coordinator=coordinator)
     waiter: CachingLookup[Any] = CachingLookup(
-        store, coordinator=coordinator, max_rounds=2, wait_timeout=0.2
+        store, coordinator=coordinator, options=LookupOptions(max_rounds=2, wait_timeout=0.2)
     )
     computing = asyncio.Event()
     release = asyncio.Event()
@@ -312,9 +317,9 @@ async def test_waiters_wake_as_the_winners_write_commits_before_its_release(
         hold_release = asyncio.Event()
         real_release = winner.coordinator._release
 
-        async def held_release(*args: Any) -> None:
+        async def held_release(*args: Any, **kwargs: Any) -> None:
             await hold_release.wait()
-            await real_release(*args)
+            await real_release(*args, **kwargs)
             released.set()
 
         monkeypatch.setattr(winner.coordinator, "_release", held_release)
@@ -331,6 +336,116 @@ async def test_waiters_wake_as_the_winners_write_commits_before_its_release(
         assert second is not None
         assert second.value == "done"
         assert not released.is_set()
-        assert peer.lookup.stats()["waits_notify"] >= 1
+        assert peer.coordinator is not None
+        assert peer.coordinator.stats()["woken_notify"] >= 1
         hold_release.set()
         assert await first == second
+
+
+async def heard_for(cache: fleetcache.Fleetcache, heard: list[str], key: Key) -> int:
+    """How many populated NOTIFYs for ``key``'s lock ``cache`` heard, once everything sent
+    so far has arrived (a marker sent now is delivered after them)."""
+    async with await psycopg.AsyncConnection.connect(cache.url, autocommit=True) as conn:
+        await conn.execute("SELECT pg_notify(%s, 'marker')", (POPULATED_CHANNEL,))
+    await eventually(lambda: "marker" in heard)
+    heard.remove("marker")
+    return heard.count(str(lock_id(key.coalesce_key)))
+
+
+@pytest.mark.postgres
+async def test_one_notify_per_fill(database_url: str) -> None:
+    """Each computation under the fleet's lock sends exactly one NOTIFY: the one its write
+    carries when it stores, or its release's when it stores nothing (missing, an error
+    not persisted, an exception); the coordinator counts one per won lock."""
+    async with fleetcache.open(database_url) as cache:
+        assert cache.hub is not None
+        assert cache.coordinator is not None
+        heard: list[str] = []
+        cache.hub.add_handler(POPULATED_CHANNEL, heard.append)
+
+        async def stores(key: Key) -> Produced[Any]:
+            return Produced(value="v")
+
+        async def missing(key: Key) -> Missing:
+            return MISSING
+
+        async def failing(key: Key) -> Produced[Any]:
+            return Produced(value=None, error={"message": "broke"})
+
+        async def raising(key: Key) -> Produced[Any]:
+            raise LookupError("broke")
+
+        filled = Key(NS, "filled")
+        assert await cache.get(filled, stores) is not None
+        assert await heard_for(cache, heard, filled) == 1
+        assert await cache.get(Key(NS, "missing"), missing) is None
+        assert await heard_for(cache, heard, Key(NS, "missing")) == 1
+        assert await cache.get(Key(NS, "error"), failing, persist_errors=False) is None
+        assert await heard_for(cache, heard, Key(NS, "error")) == 1
+        with pytest.raises(LookupError):
+            await cache.get(Key(NS, "raising"), raising)
+        assert await heard_for(cache, heard, Key(NS, "raising")) == 1
+        stats = cache.coordinator.stats()
+        assert stats["notifies"] == stats["lock_won"] == 4
+
+
+@pytest.mark.postgres
+async def test_a_loser_rereads_after_its_lost_try_and_needs_no_second_notify(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fill that commits (and notifies) after a peer's read missed but before the peer
+    tries the lock is found by the peer's re-read after its lost try: the peer answers at
+    once, while the winner still holds the lock, without waiting for any NOTIFY."""
+    key = Key(NS, "reread")
+    async with fleetcache.open(database_url) as winner, fleetcache.open(database_url) as peer:
+        assert winner.coordinator is not None
+        release = asyncio.Event()
+        real_release = winner.coordinator._release
+
+        async def held_release(*args: Any, **kwargs: Any) -> None:
+            await release.wait()
+            await real_release(*args, **kwargs)
+
+        monkeypatch.setattr(winner.coordinator, "_release", held_release)
+        produce_gate, written = asyncio.Event(), asyncio.Event()
+        real_write = winner.store.write
+
+        async def noted_write(*args: Any, **kwargs: Any) -> bool:
+            ok = await real_write(*args, **kwargs)
+            written.set()
+            return ok
+
+        monkeypatch.setattr(winner.store, "write", noted_write)
+        peer_read, peer_gate = asyncio.Event(), asyncio.Event()
+        real_read = peer.store.read
+
+        async def gated_read(*args: Any, **kwargs: Any) -> Any:
+            entry = await real_read(*args, **kwargs)
+            if not peer_read.is_set():  # its first read: the miss
+                peer_read.set()
+                await peer_gate.wait()
+            return entry
+
+        monkeypatch.setattr(peer.store, "read", gated_read)
+
+        async def produce(k: Key) -> Produced[Any]:
+            await produce_gate.wait()
+            return Produced(value="the winner's")
+
+        first = asyncio.create_task(winner.get(key, produce))
+        second = asyncio.create_task(peer.get(key, produce))
+        async with asyncio.timeout(PROMPT):
+            await peer_read.wait()  # the peer missed
+            produce_gate.set()
+            await written.wait()  # the winner's row and NOTIFY are committed; no release
+        peer_gate.set()  # the peer tries the lock now: lost, while the winner holds it
+        try:
+            got = await asyncio.wait_for(second, PROMPT)
+            assert got is not None
+            assert got.value == "the winner's"
+            assert peer.coordinator is not None
+            assert peer.coordinator.stats()["lock_lost"] == 1
+            assert not first.done()  # the winner has not released its lock yet
+        finally:
+            release.set()
+        assert await first == got

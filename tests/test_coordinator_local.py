@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from fleetcache.coordination import Acquired, LocalCoordinator, Waiter, WakeReason, lock_id
+from fleetcache.coordination.base import WakeReason, lock_id
+from fleetcache.coordination.local import LocalCoordinator
 from fleetcache.errors import NotOpenError
 from waiting import eventually
 
@@ -34,88 +35,96 @@ async def parked(coordinator: LocalCoordinator, key: str, count: int = 1) -> Non
     await eventually(lambda: waiting(coordinator, key) >= count)
 
 
-async def test_winner_runs_fn_and_returns_its_result(coordinator: LocalCoordinator) -> None:
-    """An uncontended key is won: fn runs and its result comes back."""
+async def hold(
+    coordinator: LocalCoordinator,
+    key: str,
+    release: asyncio.Event,
+    started: asyncio.Event | None = None,
+) -> int:
+    """Win ``key``'s lock and hold it until ``release`` is set; 1 when done."""
+    async with coordinator.lock(key) as lock:
+        assert lock.won
+        if started is not None:
+            started.set()
+        await release.wait()
+    return 1
 
-    async def fn() -> str:
-        return "value"
 
-    assert await coordinator.try_acquire_and_run(KEY, fn) == Acquired("value")
+async def lose_and_wait(coordinator: LocalCoordinator, key: str, timeout: float) -> WakeReason:
+    """Lose ``key``'s lock (someone holds it) and wait for its holder."""
+    async with coordinator.lock(key) as lock:
+        assert not lock.won
+        return await lock.wait(timeout)
+
+
+async def test_an_uncontended_lock_is_won(coordinator: LocalCoordinator) -> None:
+    """An uncontended key is won, needs no NOTIFY of its own (its release wakes the waiters
+    of this process), and is free again once the block ends."""
+    async with coordinator.lock(KEY) as lock:
+        assert lock.won
+        assert lock.notify is None
+        with pytest.raises(RuntimeError, match="was won"):
+            await lock.wait(1)
+    async with coordinator.lock(KEY) as again:
+        assert again.won
     assert coordinator.stats() == {
-        "lock_won": 1,
+        "lock_won": 2,
         "lock_lost": 0,
         "woken_notify": 0,
         "woken_timeout": 0,
         "woken_probe": 0,
         "woken_gap": 0,
         "woken_close": 0,
+        "notifies": 0,
         "notify_failures": 0,
     }
 
 
-async def test_loser_gets_a_waiter_that_wakes_on_release(coordinator: LocalCoordinator) -> None:
-    """While a key is held a second try returns a Waiter without running fn; that waiter
-    and plain wait_for_key callers wake with NOTIFY when the holder finishes."""
-    holding, release = asyncio.Event(), asyncio.Event()
-
-    async def hold() -> int:
-        holding.set()
-        await release.wait()
-        return 1
-
-    async def must_not_run() -> int:
-        raise AssertionError("must not run")
-
-    winner = asyncio.create_task(coordinator.try_acquire_and_run(KEY, hold))
-    await holding.wait()
-    lost = await coordinator.try_acquire_and_run(KEY, must_not_run)
-    assert isinstance(lost, Waiter)
-    waiters = [asyncio.create_task(coordinator.wait_for_key(KEY, 60)) for _ in range(2)]
+async def test_losers_wait_and_wake_on_release(coordinator: LocalCoordinator) -> None:
+    """While a key is held, every other try loses; each loser's wait ends with NOTIFY when
+    the holder's block ends."""
+    started, release = asyncio.Event(), asyncio.Event()
+    winner = asyncio.create_task(hold(coordinator, KEY, release, started))
+    await started.wait()
+    losers = [asyncio.create_task(lose_and_wait(coordinator, KEY, 60)) for _ in range(3)]
     await parked(coordinator, KEY, 3)
 
     release.set()
 
     async with asyncio.timeout(PROMPT):
-        assert await winner == Acquired(1)
-        assert await lost.wait(60) is WakeReason.NOTIFY
-        assert await asyncio.gather(*waiters) == [WakeReason.NOTIFY] * 2
+        assert await winner == 1
+        assert await asyncio.gather(*losers) == [WakeReason.NOTIFY] * 3
     assert waiting(coordinator, KEY) == 0
     stats = coordinator.stats()
-    assert (stats["lock_won"], stats["lock_lost"], stats["woken_notify"]) == (1, 1, 3)
+    assert (stats["lock_won"], stats["lock_lost"], stats["woken_notify"]) == (1, 3, 3)
 
 
 async def test_a_release_before_the_wait_is_not_missed(coordinator: LocalCoordinator) -> None:
     """A holder that finishes between a lost try and the loser's wait still wakes it: the
     waiter was registered by the try itself."""
-    release = asyncio.Event()
-
-    async def hold() -> None:
-        await release.wait()
-
-    winner = asyncio.create_task(coordinator.try_acquire_and_run(KEY, hold))
-    await asyncio.sleep(0)
-    lost = await coordinator.try_acquire_and_run(KEY, hold)
-    assert isinstance(lost, Waiter)
-    release.set()
-    await winner
-    async with asyncio.timeout(PROMPT):
-        assert await lost.wait(60) is WakeReason.NOTIFY
+    started, release = asyncio.Event(), asyncio.Event()
+    winner = asyncio.create_task(hold(coordinator, KEY, release, started))
+    await started.wait()
+    async with coordinator.lock(KEY) as lost:
+        assert not lost.won
+        release.set()
+        await winner
+        async with asyncio.timeout(PROMPT):
+            assert await lost.wait(60) is WakeReason.NOTIFY
 
 
-async def test_wait_for_another_key_is_not_woken(coordinator: LocalCoordinator) -> None:
+async def test_waiters_of_another_key_are_not_woken(coordinator: LocalCoordinator) -> None:
     """Releasing one key does not wake the waiters of another."""
+    started_a, started_b = asyncio.Event(), asyncio.Event()
     release_a, release_b = asyncio.Event(), asyncio.Event()
-
-    async def hold(event: asyncio.Event) -> None:
-        await event.wait()
-
     holders = [
-        asyncio.create_task(coordinator.try_acquire_and_run("a", lambda: hold(release_a))),
-        asyncio.create_task(coordinator.try_acquire_and_run("b", lambda: hold(release_b))),
+        asyncio.create_task(hold(coordinator, "a", release_a, started_a)),
+        asyncio.create_task(hold(coordinator, "b", release_b, started_b)),
     ]
-    await asyncio.sleep(0)
-    waiter_a = asyncio.create_task(coordinator.wait_for_key("a", 60))
-    waiter_b = asyncio.create_task(coordinator.wait_for_key("b", 60))
+    await started_a.wait()
+    await started_b.wait()
+    waiter_a = asyncio.create_task(lose_and_wait(coordinator, "a", 60))
+    waiter_b = asyncio.create_task(lose_and_wait(coordinator, "b", 60))
     await parked(coordinator, "a")
     await parked(coordinator, "b")
 
@@ -129,22 +138,16 @@ async def test_wait_for_another_key_is_not_woken(coordinator: LocalCoordinator) 
         await asyncio.gather(*holders)
 
 
-async def test_wait_times_out_or_returns_probe_when_nobody_holds_the_key(
+async def test_a_wait_times_out_without_leaking_its_waiter(
     coordinator: LocalCoordinator,
 ) -> None:
-    """A wait on a held key times out with TIMEOUT (no exception, no leaked waiter); a
-    wait on a key nobody holds returns PROBE at once."""
-    release = asyncio.Event()
+    """A wait on a held key times out with TIMEOUT (no exception, no leaked waiter)."""
+    started, release = asyncio.Event(), asyncio.Event()
+    holder = asyncio.create_task(hold(coordinator, KEY, release, started))
+    await started.wait()
 
-    async def hold() -> None:
-        await release.wait()
-
-    holder = asyncio.create_task(coordinator.try_acquire_and_run(KEY, hold))
-    await asyncio.sleep(0)
-
-    assert await coordinator.wait_for_key(KEY, 0.05) is WakeReason.TIMEOUT
+    assert await lose_and_wait(coordinator, KEY, 0.05) is WakeReason.TIMEOUT
     assert waiting(coordinator, KEY) == 0
-    assert await coordinator.wait_for_key('["k","free","public",""]', 60) is WakeReason.PROBE
     release.set()
     await holder
 
@@ -152,19 +155,21 @@ async def test_wait_times_out_or_returns_probe_when_nobody_holds_the_key(
 async def test_failing_or_cancelled_winner_wakes_waiters_and_propagates(
     coordinator: LocalCoordinator,
 ) -> None:
-    """A winner whose fn raises (or is cancelled) re-raises unchanged, releases the key
+    """A winner whose block raises (or is cancelled) re-raises unchanged, releases the key
     and wakes its waiters."""
     started = asyncio.Event()
     fail = asyncio.Event()
 
     async def broken() -> None:
-        started.set()
-        await fail.wait()
-        raise LookupError("the producer broke")
+        async with coordinator.lock(KEY) as lock:
+            assert lock.won
+            started.set()
+            await fail.wait()
+            raise LookupError("the producer broke")
 
-    winner = asyncio.create_task(coordinator.try_acquire_and_run(KEY, broken))
+    winner = asyncio.create_task(broken())
     await started.wait()
-    waiter = asyncio.create_task(coordinator.wait_for_key(KEY, 60))
+    waiter = asyncio.create_task(lose_and_wait(coordinator, KEY, 60))
     await parked(coordinator, KEY)
     fail.set()
     with pytest.raises(LookupError):
@@ -173,14 +178,9 @@ async def test_failing_or_cancelled_winner_wakes_waiters_and_propagates(
         assert await waiter is WakeReason.NOTIFY
 
     started.clear()
-
-    async def forever() -> None:
-        started.set()
-        await asyncio.Event().wait()
-
-    winner = asyncio.create_task(coordinator.try_acquire_and_run(KEY, forever))
+    winner = asyncio.create_task(hold(coordinator, KEY, asyncio.Event(), started))
     await started.wait()
-    waiter = asyncio.create_task(coordinator.wait_for_key(KEY, 60))
+    waiter = asyncio.create_task(lose_and_wait(coordinator, KEY, 60))
     await parked(coordinator, KEY)
     winner.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -191,30 +191,26 @@ async def test_failing_or_cancelled_winner_wakes_waiters_and_propagates(
 
 
 async def test_close_wakes_waiters_and_refuses_new_work() -> None:
-    """close() wakes parked waiters with CLOSE; later waits return CLOSE and tries and
-    starts raise NotOpenError."""
+    """close() wakes parked waiters with CLOSE; later tries and starts raise
+    NotOpenError."""
     coordinator = LocalCoordinator()
     await coordinator.start()
-    release = asyncio.Event()
-
-    async def hold() -> None:
-        await release.wait()
-
-    holder = asyncio.create_task(coordinator.try_acquire_and_run(KEY, hold))
-    await asyncio.sleep(0)
-    waiter = asyncio.create_task(coordinator.wait_for_key(KEY, 60))
+    started, release = asyncio.Event(), asyncio.Event()
+    holder = asyncio.create_task(hold(coordinator, KEY, release, started))
+    await started.wait()
+    waiter = asyncio.create_task(lose_and_wait(coordinator, KEY, 60))
     await parked(coordinator, KEY)
 
     await coordinator.close()
 
     async with asyncio.timeout(PROMPT):
         assert await waiter is WakeReason.CLOSE
-    assert await coordinator.wait_for_key(KEY, 60) is WakeReason.CLOSE
     with pytest.raises(NotOpenError):
-        await coordinator.try_acquire_and_run(KEY, hold)
+        async with coordinator.lock(KEY):
+            pass
     with pytest.raises(NotOpenError):
         await coordinator.start()
     await coordinator.close()
-    assert coordinator.stats()["woken_close"] == 2
+    assert coordinator.stats()["woken_close"] == 1
     release.set()
     await holder

@@ -4,6 +4,7 @@ NOTIFY wake-ups, the crash probe, and no transaction held while a winner compute
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -14,7 +15,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from fleetcache.coordination import Acquired, Waiter, WakeReason, lock_id
+from fleetcache.coordination.base import WakeReason, lock_id
 from fleetcache.coordination.postgres import (
     LOCK_APPLICATION_NAME,
     POPULATED_CHANNEL,
@@ -110,89 +111,130 @@ async def notify(conn: Conn, payload: str) -> None:
     await conn.execute("SELECT pg_notify(%s, %s)", (POPULATED_CHANNEL, payload))
 
 
-async def must_not_run() -> Any:
-    """A computation a loser must never run."""
-    raise AssertionError("the loser's fn ran")
-
-
-def holding(release: asyncio.Event, started: asyncio.Event | None = None) -> Callable[[], Any]:
-    """A computation that holds its lock until ``release`` is set, then returns 1."""
-
-    async def hold() -> int:
+async def hold(
+    coordinator: PostgresCoordinator,
+    key: str,
+    release: asyncio.Event,
+    started: asyncio.Event | None = None,
+) -> int:
+    """Win ``key``'s lock and hold it until ``release`` is set; 1 once released."""
+    async with coordinator.lock(key) as lock:
+        assert lock.won
         if started is not None:
             started.set()
         await release.wait()
-        return 1
+    return 1
 
-    return hold
+
+async def lose_and_wait(coordinator: PostgresCoordinator, key: str, timeout: float) -> WakeReason:
+    """Lose ``key``'s lock (someone holds it) and wait for its holder."""
+    async with coordinator.lock(key) as lock:
+        assert not lock.won
+        return await lock.wait(timeout)
+
+
+async def try_once(coordinator: PostgresCoordinator, key: str) -> bool:
+    """Whether ``key``'s lock is won now (given back at once if it is)."""
+    async with coordinator.lock(key) as lock:
+        return lock.won
+
+
+async def held_elsewhere(raw: Callable[..., Awaitable[Conn]], *keys: str) -> Conn:
+    """A session of "another process" holding the session locks of ``keys``."""
+    holder = await raw()
+    for key in keys:
+        await holder.execute("SELECT pg_advisory_lock(%s)", (lock_id(key),))
+    return holder
 
 
 # --------------------------------------------------------------------------- winners
 
 
-async def test_uncontended_winner_returns_result_and_wakes_peer_after_its_write(
+async def test_uncontended_winner_holds_the_lock_and_wakes_peer_after_its_write(
     make_node: MakeNode, raw: Callable[..., Awaitable[Conn]], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A winner's fn writes and commits on a connection of its own; the peer's waiter wakes
-    with NOTIFY only after that, and then sees the row; every record names its key field."""
+    """A winner writes and commits on a connection of its own while it holds the lock; the
+    peer's waiter wakes with NOTIFY only after that (the release's NOTIFY: the write sent
+    none), and then sees the row; every record names its key field."""
     caplog.set_level(logging.DEBUG, logger="fleetcache.coordination")
     a, b = await make_node(), await make_node()
     writer = await raw()
     await writer.execute("CREATE TABLE produced (k text PRIMARY KEY)")
     key = '["realm","mod.gts","public",""]'
-    waiter: asyncio.Task[WakeReason] | None = None
 
-    async def fn() -> str:
-        nonlocal waiter
-        waiter = asyncio.create_task(b.coordinator.wait_for_key(key, 60))
+    async with a.coordinator.lock(key) as lock:
+        assert lock.won
+        assert lock.notify == (POPULATED_CHANNEL, str(lock_id(key)))
+        waiter = asyncio.create_task(lose_and_wait(b.coordinator, key, 60))
         await parked(b.coordinator, key)
         await writer.execute("INSERT INTO produced VALUES (%s)", (key,))
-        return "value"
 
-    assert await a.coordinator.try_acquire_and_run(key, fn) == Acquired("value")
-    assert waiter is not None
     async with asyncio.timeout(PROMPT):
         assert await waiter is WakeReason.NOTIFY
     async with b.pool.connection() as conn:
         rows = await (await conn.execute("SELECT k FROM produced")).fetchall()
     assert rows == [(key,)]
     assert a.coordinator.stats()["lock_won"] == 1
+    assert a.coordinator.stats()["notifies"] == 1
     assert b.coordinator.stats()["woken_notify"] == 1
     records = [r for r in caplog.records if r.name == "fleetcache.coordination"]
     assert records
     assert all(hasattr(r, "coalesce_key") for r in records)
 
 
-async def test_contended_loser_gets_a_waiter_without_running_fn_or_using_the_pool(
-    make_node: MakeNode,
+async def test_a_winner_whose_write_notified_releases_without_a_second_notify(
+    make_node: MakeNode, raw: Callable[..., Awaitable[Conn]]
 ) -> None:
-    """While one process holds a key, another's try returns a Waiter at once, never runs
-    its fn and takes no pooled connection (its pool of one stays free)."""
+    """A winner whose write carried the lock's NOTIFY in its own transaction (and said so)
+    wakes the peer's waiter with that NOTIFY as the write commits, before its release; the
+    release then only unlocks: the channel carries one NOTIFY for the fill, not two."""
+    a, b = await make_node(), await make_node()
+    writer = await raw()
+    await writer.execute("CREATE TABLE produced (k text PRIMARY KEY)")
+    key = '["realm","once.gts","public",""]'
+    heard: list[str] = []
+    b.hub.add_handler(POPULATED_CHANNEL, heard.append)
+
+    async with a.coordinator.lock(key) as lock:
+        assert lock.won
+        assert lock.notify is not None
+        waiter = asyncio.create_task(lose_and_wait(b.coordinator, key, 60))
+        await parked(b.coordinator, key)
+        async with writer.transaction():  # a write carrying the NOTIFY, as Store.write does
+            await writer.execute("INSERT INTO produced VALUES (%s)", (key,))
+            await writer.execute("SELECT pg_notify(%s, %s)", lock.notify)
+        lock.notified = True
+        async with asyncio.timeout(PROMPT):
+            assert await waiter is WakeReason.NOTIFY  # woken while the lock is still held
+
+    # A marker sent after the release: a NOTIFY the release sent would be heard before it.
+    await notify(writer, "marker")
+    await eventually(lambda: "marker" in heard)
+    assert heard == [str(lock_id(key)), "marker"]
+    assert a.coordinator.stats()["notifies"] == 1
+    assert await try_once(b.coordinator, key)  # and the lock was given back
+
+
+async def test_contended_loser_waits_without_using_the_pool(make_node: MakeNode) -> None:
+    """While one process holds a key, another's tries lose at once and take no pooled
+    connection (its pool of one stays held elsewhere throughout); once released, it wins."""
     a = await make_node()
     b = await make_node(max_size=1)
     key = '["realm","busy.gts","public",""]'
     release, started = asyncio.Event(), asyncio.Event()
-    winner = asyncio.create_task(a.coordinator.try_acquire_and_run(key, holding(release, started)))
+    winner = asyncio.create_task(hold(a.coordinator, key, release, started))
     async with asyncio.timeout(PROMPT):
         await started.wait()
         async with b.pool.connection():  # the only pooled connection, held throughout
-            first = await b.coordinator.try_acquire_and_run(key, must_not_run)
-            second = await b.coordinator.try_acquire_and_run(key, must_not_run)
-    assert isinstance(first, Waiter)
-    assert isinstance(second, Waiter)
-    first.cancel()
-    second.cancel()
+            assert not await try_once(b.coordinator, key)
+            assert not await try_once(b.coordinator, key)
     assert waiting(b.coordinator, key) == 0
     assert b.coordinator.stats()["lock_lost"] == 2
 
     release.set()
     async with asyncio.timeout(PROMPT):
-        assert await winner == Acquired(1)
-
-    async def two() -> int:
-        return 2
-
-    assert await b.coordinator.try_acquire_and_run(key, two) == Acquired(2)
+        assert await winner == 1
+    assert await try_once(b.coordinator, key)
 
 
 async def test_notify_between_lost_try_and_wait_is_not_lost(make_node: MakeNode) -> None:
@@ -201,16 +243,16 @@ async def test_notify_between_lost_try_and_wait_is_not_lost(make_node: MakeNode)
     a, b = await make_node(), await make_node()
     key = '["realm","gap.gts","public",""]'
     release, started = asyncio.Event(), asyncio.Event()
-    winner = asyncio.create_task(a.coordinator.try_acquire_and_run(key, holding(release, started)))
+    winner = asyncio.create_task(hold(a.coordinator, key, release, started))
     async with asyncio.timeout(PROMPT):
         await started.wait()
-    lost = await b.coordinator.try_acquire_and_run(key, must_not_run)
-    assert isinstance(lost, Waiter)
-    release.set()
-    async with asyncio.timeout(PROMPT):
-        assert await winner == Acquired(1)
-        await eventually(lambda: not waiting(b.coordinator, key))  # NOTIFY came first
-        assert await lost.wait(60) is WakeReason.NOTIFY
+    async with b.coordinator.lock(key) as lost:
+        assert not lost.won
+        release.set()
+        async with asyncio.timeout(PROMPT):
+            assert await winner == 1
+            await eventually(lambda: not waiting(b.coordinator, key))  # NOTIFY came first
+            assert await lost.wait(60) is WakeReason.NOTIFY
     assert waiting(b.coordinator, key) == 0
 
 
@@ -222,19 +264,15 @@ async def test_no_transaction_and_no_snapshot_is_held_while_a_winner_computes(
     a = await make_node()
     observer = await raw()
     key = '["realm","long.gts","public",""]'
-    seen: list[tuple[Any, ...]] = []
-
-    async def fn() -> None:
-        rows = await (
+    async with a.coordinator.lock(key) as lock:
+        assert lock.won
+        seen = await (
             await observer.execute(
                 "SELECT application_name, state, backend_xmin IS NOT NULL"
                 " FROM pg_stat_activity WHERE datname = current_database()"
                 " AND pid <> pg_backend_pid()"
             )
         ).fetchall()
-        seen.extend(rows)
-
-    assert await a.coordinator.try_acquire_and_run(key, fn) == Acquired(None)
     assert seen
     assert all(state != "idle in transaction" and not xmin for _, state, xmin in seen), seen
     assert LOCK_APPLICATION_NAME in {name for name, _, _ in seen}
@@ -256,20 +294,13 @@ async def test_a_winner_outlives_idle_in_transaction_session_timeout_and_keeps_i
     )
     a, b = await make_node(), await make_node()
     key = '["realm","slow.gts","public",""]'
-    peer_outcomes: list[object] = []
-
-    async def fn() -> str:
+    peer_won: list[bool] = []
+    async with a.coordinator.lock(key) as lock:
+        assert lock.won
         for _ in range(4):  # 1.2 s in all, six times the timeout
             await asyncio.sleep(0.3)
-            outcome = await b.coordinator.try_acquire_and_run(key, must_not_run)
-            peer_outcomes.append(outcome)
-            if isinstance(outcome, Waiter):
-                outcome.cancel()
-        return "done"
-
-    assert await a.coordinator.try_acquire_and_run(key, fn) == Acquired("done")
-    assert len(peer_outcomes) == 4
-    assert all(isinstance(o, Waiter) for o in peer_outcomes)
+            peer_won.append(await try_once(b.coordinator, key))
+    assert peer_won == [False] * 4
 
 
 async def test_two_keys_of_one_lock_id_in_one_process_take_turns(make_node: MakeNode) -> None:
@@ -278,36 +309,38 @@ async def test_two_keys_of_one_lock_id_in_one_process_take_turns(make_node: Make
     a = await make_node()
     key = '["realm","x","public",""]'
     release, started = asyncio.Event(), asyncio.Event()
-    first = asyncio.create_task(a.coordinator.try_acquire_and_run(key, holding(release, started)))
+    first = asyncio.create_task(hold(a.coordinator, key, release, started))
     async with asyncio.timeout(PROMPT):
         await started.wait()
-    second = await a.coordinator.try_acquire_and_run(key, must_not_run)
-    assert isinstance(second, Waiter)
-    release.set()
-    async with asyncio.timeout(PROMPT):
-        assert await first == Acquired(1)
-        assert await second.wait(60) is WakeReason.NOTIFY
+    async with a.coordinator.lock(key) as second:
+        assert not second.won
+        release.set()
+        async with asyncio.timeout(PROMPT):
+            assert await first == 1
+            assert await second.wait(60) is WakeReason.NOTIFY
 
 
 @pytest.mark.parametrize("how", ["raises", "cancelled"])
 async def test_failing_or_cancelled_winner_releases_and_wakes_waiters_promptly(
     make_node: MakeNode, how: str
 ) -> None:
-    """When fn raises (or its task is cancelled) the call propagates it, the lock is free,
-    and a peer waiting 60 s wakes with NOTIFY well before that."""
+    """When the winner's block raises (or its task is cancelled) the exception propagates,
+    the lock is free, and a peer waiting 60 s wakes with NOTIFY well before that."""
     a, b = await make_node(), await make_node()
     key = f'["realm","fails-{how}.gts","public",""]'
     started, fail = asyncio.Event(), asyncio.Event()
 
-    async def fn() -> None:
-        started.set()
-        await fail.wait()
-        raise LookupError("the producer broke")
+    async def broken() -> None:
+        async with a.coordinator.lock(key) as lock:
+            assert lock.won
+            started.set()
+            await fail.wait()
+            raise LookupError("the producer broke")
 
-    winner = asyncio.create_task(a.coordinator.try_acquire_and_run(key, fn))
+    winner = asyncio.create_task(broken())
     async with asyncio.timeout(PROMPT):
         await started.wait()
-    waiter = asyncio.create_task(b.coordinator.wait_for_key(key, 60))
+    waiter = asyncio.create_task(lose_and_wait(b.coordinator, key, 60))
     await parked(b.coordinator, key)
     if how == "raises":
         fail.set()
@@ -319,11 +352,7 @@ async def test_failing_or_cancelled_winner_releases_and_wakes_waiters_promptly(
             await winner
     async with asyncio.timeout(PROMPT):
         assert await waiter is WakeReason.NOTIFY
-
-    async def ok() -> str:
-        return "recovered"
-
-    assert await b.coordinator.try_acquire_and_run(key, ok) == Acquired("recovered")
+    assert await try_once(b.coordinator, key)
     assert a.coordinator.stats()["notify_failures"] == 0
 
 
@@ -336,25 +365,16 @@ async def test_a_lost_lock_connection_still_notifies_and_the_next_try_reconnects
     a, b = await make_node(), await make_node()
     admin = await raw(url=postgres_server_url)
     key = '["realm","dies.gts","public",""]'
-    peer: list[object] = []
-
-    async def fn() -> str:
+    async with a.coordinator.lock(key) as lock:
+        assert lock.won
         conn = a.coordinator._line(lock_id(key)).conn
         assert conn is not None
         await admin.execute("SELECT pg_terminate_backend(%s, 10000)", (conn.info.backend_pid,))
-        waiter = asyncio.create_task(b.coordinator.wait_for_key(key, 60))
-        await parked(b.coordinator, key)
-        peer.append(waiter)
-        return "computed"
-
-    assert await a.coordinator.try_acquire_and_run(key, fn) == Acquired("computed")
+        # A peer that has just lost its try (the lock may already be free on the server).
+        waiter = b.coordinator._registry.register(key, lock_id(key))
     async with asyncio.timeout(PROMPT):
-        assert await peer[0] is WakeReason.NOTIFY  # type: ignore[misc]
-
-    async def again() -> str:
-        return "again"
-
-    assert await a.coordinator.try_acquire_and_run(key, again) == Acquired("again")
+        assert await waiter.wait(60) is WakeReason.NOTIFY
+    assert await try_once(a.coordinator, key)
     assert a.coordinator.stats()["notify_failures"] == 0
 
 
@@ -366,46 +386,41 @@ async def test_a_try_cancelled_during_its_statement_leaves_no_lock_behind(
     a, b = await make_node(), await make_node()
     key = '["realm","cancel-try.gts","public",""]'
     for _ in range(20):
-        task = asyncio.create_task(a.coordinator.try_acquire_and_run(key, must_not_run))
+        task = asyncio.create_task(try_once(a.coordinator, key))
         await asyncio.sleep(0)
         task.cancel()
-        try:
-            outcome = await task
-        except (asyncio.CancelledError, AssertionError):  # cancelled, or won and ran fn
-            continue
-        assert isinstance(outcome, Waiter)  # lost to an earlier try still finishing
-        outcome.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # won and given back, lost to an earlier try still finishing, or cancelled
 
-    async def ok() -> str:
-        return "b won"
+    async def win_eventually() -> None:
+        while True:
+            async with b.coordinator.lock(key) as lock:
+                if lock.won:
+                    return
+                await lock.wait(0.1)
 
     async with asyncio.timeout(PROMPT):
-        while True:
-            outcome = await b.coordinator.try_acquire_and_run(key, ok)
-            if isinstance(outcome, Acquired):
-                break
-            await outcome.wait(0.1)
-    assert outcome == Acquired("b won")
+        await win_eventually()
     await eventually(lambda: not a.coordinator._held)
 
 
 async def test_winners_hold_no_pooled_connection(make_node: MakeNode) -> None:
-    """Five concurrent winners, each running a pooled query in its computation, complete
-    with a pool of one: winners borrow the pool only for their own statements."""
+    """Five concurrent winners, each running a pooled query while holding its lock,
+    complete with a pool of one: winners borrow the pool only for their own statements."""
     a = await make_node(max_size=1)
 
-    async def fn() -> int:
-        await asyncio.sleep(0.05)
-        async with a.pool.connection() as conn:
-            row = await (await conn.execute("SELECT 1")).fetchone()
+    async def win(key: str) -> int:
+        async with a.coordinator.lock(key) as lock:
+            assert lock.won
+            await asyncio.sleep(0.05)
+            async with a.pool.connection() as conn:
+                row = await (await conn.execute("SELECT 1")).fetchone()
         assert row is not None
         return int(row[0])
 
     async with asyncio.timeout(60):
-        outcomes = await asyncio.gather(
-            *(a.coordinator.try_acquire_and_run(f'["k","{i}","public",""]', fn) for i in range(5))
-        )
-    assert outcomes == [Acquired(1)] * 5
+        outcomes = await asyncio.gather(*(win(f'["k","{i}","public",""]') for i in range(5)))
+    assert outcomes == [1] * 5
     assert a.coordinator.stats()["lock_won"] == 5
 
 
@@ -415,11 +430,13 @@ async def test_winners_hold_no_pooled_connection(make_node: MakeNode) -> None:
 async def test_wait_wakes_on_hand_sent_notify(
     make_node: MakeNode, raw: Callable[..., Awaitable[Conn]]
 ) -> None:
-    """A NOTIFY sent by hand on the populated channel with the key's lock id wakes it."""
+    """A NOTIFY sent by hand on the populated channel with the key's lock id wakes its
+    waiter (the key is held by another session meanwhile)."""
     a = await make_node()
     sender = await raw()
     key = "coalesce-test-key"
-    waiter = asyncio.create_task(a.coordinator.wait_for_key(key, 60))
+    await held_elsewhere(raw, key)
+    waiter = asyncio.create_task(lose_and_wait(a.coordinator, key, 60))
     await parked(a.coordinator, key)
 
     await notify(sender, "4042284392742683263")
@@ -428,20 +445,26 @@ async def test_wait_wakes_on_hand_sent_notify(
         assert await waiter is WakeReason.NOTIFY
 
 
-async def test_wait_times_out_without_raising_and_leaves_no_waiter(make_node: MakeNode) -> None:
+async def test_wait_times_out_without_raising_and_leaves_no_waiter(
+    make_node: MakeNode, raw: Callable[..., Awaitable[Conn]]
+) -> None:
     """With no NOTIFY, a wait returns TIMEOUT (it does not raise) and removes itself."""
     a = await make_node()
     key = '["k","quiet","public",""]'
-    assert await a.coordinator.wait_for_key(key, 0.2) is WakeReason.TIMEOUT
+    await held_elsewhere(raw, key)
+    assert await lose_and_wait(a.coordinator, key, 0.2) is WakeReason.TIMEOUT
     assert waiting(a.coordinator, key) == 0
     assert a.coordinator.stats()["woken_timeout"] == 1
 
 
-async def test_cancelled_wait_leaves_no_waiter(make_node: MakeNode) -> None:
+async def test_cancelled_wait_leaves_no_waiter(
+    make_node: MakeNode, raw: Callable[..., Awaitable[Conn]]
+) -> None:
     """A cancelled wait propagates the cancellation and removes its waiter."""
     a = await make_node()
     key = '["k","cancelled","public",""]'
-    waiter = asyncio.create_task(a.coordinator.wait_for_key(key, 60))
+    await held_elsewhere(raw, key)
+    waiter = asyncio.create_task(lose_and_wait(a.coordinator, key, 60))
     await parked(a.coordinator, key)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -457,8 +480,9 @@ async def test_notify_for_another_key_does_not_wake(
     a = await make_node()
     sender = await raw()
     mine, other = '["k","mine","public",""]', '["k","other","public",""]'
-    mine_waiter = asyncio.create_task(a.coordinator.wait_for_key(mine, 60))
-    other_waiters = [asyncio.create_task(a.coordinator.wait_for_key(other, 60)) for _ in range(2)]
+    await held_elsewhere(raw, mine, other)
+    mine_waiter = asyncio.create_task(lose_and_wait(a.coordinator, mine, 60))
+    other_waiters = [asyncio.create_task(lose_and_wait(a.coordinator, other, 60)) for _ in range(2)]
     await parked(a.coordinator, mine)
     await parked(a.coordinator, other, 2)
 
@@ -474,12 +498,15 @@ async def test_notify_for_another_key_does_not_wake(
         assert await mine_waiter is WakeReason.NOTIFY
 
 
-async def test_close_wakes_parked_waiters_and_refuses_new_work(make_node: MakeNode) -> None:
-    """close() wakes every parked waiter with CLOSE; afterwards waits return CLOSE at once,
-    tries raise NotOpenError, close is idempotent, and the caller's pool stays open."""
+async def test_close_wakes_parked_waiters_and_refuses_new_work(
+    make_node: MakeNode, raw: Callable[..., Awaitable[Conn]]
+) -> None:
+    """close() wakes every parked waiter with CLOSE; afterwards tries raise NotOpenError,
+    close is idempotent, and the caller's pool stays open."""
     a = await make_node()
     keys = ('["k","1","public",""]', '["k","1","public",""]', '["k","2","public",""]')
-    waiters = [asyncio.create_task(a.coordinator.wait_for_key(key, 60)) for key in keys]
+    await held_elsewhere(raw, *set(keys))
+    waiters = [asyncio.create_task(lose_and_wait(a.coordinator, key, 60)) for key in keys]
     await parked(a.coordinator, keys[0], 2)
     await parked(a.coordinator, keys[2])
 
@@ -487,11 +514,10 @@ async def test_close_wakes_parked_waiters_and_refuses_new_work(make_node: MakeNo
 
     async with asyncio.timeout(PROMPT):
         assert await asyncio.gather(*waiters) == [WakeReason.CLOSE] * 3
-    assert await a.coordinator.wait_for_key(keys[0], 60) is WakeReason.CLOSE
     with pytest.raises(NotOpenError):
-        await a.coordinator.try_acquire_and_run(keys[0], must_not_run)
+        await try_once(a.coordinator, keys[0])
     await a.coordinator.close()
-    assert a.coordinator.stats()["woken_close"] == 4
+    assert a.coordinator.stats()["woken_close"] == 3
     assert not a.coordinator._tasks
     assert all(line.conn is None for line in a.coordinator._lines)
     async with a.pool.connection() as conn:
@@ -506,7 +532,8 @@ async def test_gap_on_the_listen_connection_wakes_waiters(
     a = await make_node()
     admin = await raw(url=postgres_server_url)
     keys = ('["k","g1","public",""]', '["k","g2","public",""]')
-    waiters = [asyncio.create_task(a.coordinator.wait_for_key(key, 60)) for key in keys]
+    await held_elsewhere(raw, *keys)
+    waiters = [asyncio.create_task(lose_and_wait(a.coordinator, key, 60)) for key in keys]
     for key in keys:
         await parked(a.coordinator, key)
     pid = a.hub.backend_pid
@@ -522,12 +549,10 @@ async def test_gap_on_the_listen_connection_wakes_waiters(
 
 
 async def test_use_before_start_raises_not_open(make_node: MakeNode) -> None:
-    """A coordinator that was never started refuses to wait or to run."""
+    """A coordinator that was never started refuses to lock."""
     a = await make_node(start=False)
     with pytest.raises(NotOpenError):
-        await a.coordinator.wait_for_key('["k","x","public",""]', 1)
-    with pytest.raises(NotOpenError):
-        await a.coordinator.try_acquire_and_run('["k","x","public",""]', must_not_run)
+        await try_once(a.coordinator, '["k","x","public",""]')
 
 
 async def test_start_is_idempotent(
@@ -542,7 +567,8 @@ async def test_start_is_idempotent(
     assert names == ["fleetcache coordinator heartbeat", "fleetcache coordinator probe"]
     sender = await raw()
     key = '["k","idem","public",""]'
-    waiter = asyncio.create_task(a.coordinator.wait_for_key(key, 60))
+    await held_elsewhere(raw, key)
+    waiter = asyncio.create_task(lose_and_wait(a.coordinator, key, 60))
     await parked(a.coordinator, key)
     await notify(sender, str(lock_id(key)))
     async with asyncio.timeout(PROMPT):
@@ -584,12 +610,10 @@ async def test_probe_wakes_waiter_when_holder_vanishes_without_notify(
     """A lock held by another session keeps the waiter parked through several probes;
     when that session ends without a NOTIFY, the waiter wakes with PROBE."""
     a = await make_node(probe_interval=0.1)
-    holder = await raw()
     key = '["realm","crashy.gts","public",""]'
-    await holder.execute("SELECT pg_advisory_lock(%s)", (lock_id(key),))
-    lost = await a.coordinator.try_acquire_and_run(key, must_not_run)
-    assert isinstance(lost, Waiter)
-    waiter = asyncio.create_task(lost.wait(60))
+    holder = await held_elsewhere(raw, key)
+    waiter = asyncio.create_task(lose_and_wait(a.coordinator, key, 60))
+    await parked(a.coordinator, key)
     await asyncio.sleep(1.0)  # ten probe intervals with the lock held
     assert not waiter.done()
 
@@ -600,13 +624,20 @@ async def test_probe_wakes_waiter_when_holder_vanishes_without_notify(
     assert a.coordinator.stats()["woken_probe"] == 1
 
 
-async def test_probe_wakes_waiter_that_registered_after_release(make_node: MakeNode) -> None:
-    """A waiter that parks after the holder already finished (its NOTIFY came too early)
-    does not sleep out its timeout: the probe wakes it."""
+async def test_probe_wakes_a_waiter_whose_holder_released_without_notifying(
+    make_node: MakeNode, raw: Callable[..., Awaitable[Conn]]
+) -> None:
+    """A holder that gives its lock back without a NOTIFY (as a winner does whose write
+    already notified, before this waiter registered) does not leave the waiter to sleep
+    out its timeout: the probe finds the lock free and wakes it."""
     a = await make_node(probe_interval=0.1)
     key = '["k","late","public",""]'
+    holder = await held_elsewhere(raw, key)
+    waiter = asyncio.create_task(lose_and_wait(a.coordinator, key, 60))
+    await parked(a.coordinator, key)
+    await holder.execute("SELECT pg_advisory_unlock(%s)", (lock_id(key),))
     async with asyncio.timeout(PROMPT):
-        assert await a.coordinator.wait_for_key(key, 60) is WakeReason.PROBE
+        assert await waiter is WakeReason.PROBE
     assert waiting(a.coordinator, key) == 0
 
 
@@ -694,14 +725,9 @@ async def test_probe_does_not_judge_a_waiter_before_it_lost_the_try_lock(
 
     monkeypatch.setattr(line, "statement", held_up)
 
-    async def try_then_wait() -> WakeReason:
-        lost = await a.coordinator.try_acquire_and_run(key, must_not_run)
-        assert isinstance(lost, Waiter)
-        return await lost.wait(60)
-
-    loser = asyncio.create_task(try_then_wait())
+    loser = asyncio.create_task(lose_and_wait(a.coordinator, key, 60))
     await asyncio.sleep(0.5)  # several probe intervals with the lock free
-    winner = asyncio.create_task(b.coordinator.try_acquire_and_run(key, holding(release, started)))
+    winner = asyncio.create_task(hold(b.coordinator, key, release, started))
     async with asyncio.timeout(PROMPT):
         await started.wait()
     go.set()
@@ -709,5 +735,5 @@ async def test_probe_does_not_judge_a_waiter_before_it_lost_the_try_lock(
     await asyncio.sleep(0.3)  # more probe intervals, now with the lock held
     release.set()
     async with asyncio.timeout(PROMPT):
-        assert await winner == Acquired(1)
+        assert await winner == 1
         assert await loser is WakeReason.NOTIFY

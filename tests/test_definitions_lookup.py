@@ -24,7 +24,10 @@ from fleetcache.definitions.models import (
 )
 from fleetcache.definitions.setup import coalesce_flag_enabled, seed_open_options
 from fleetcache.definitions.urls import trim_executable_extension
-from fleetcache.stores import Key, PostgresStore, Store
+from fleetcache.errors import ConfigurationError
+from fleetcache.lookup.caching import CachingLookup
+from fleetcache.stores.base import Key, Store
+from fleetcache.stores.postgres import PostgresStore
 
 PUBLIC = Realm("https://pub.example/", "public", "owner-pub")
 PRIVATE = Realm("https://priv.example/", "private", "owner-priv")
@@ -109,7 +112,7 @@ def url(realm: Realm, path: str) -> str:
 
 def make_lookup(store: Store, prerenderer: GraphPrerenderer, **kw: Any) -> CachingDefinitionLookup:
     """A definitions lookup with both test realms registered."""
-    lookup = CachingDefinitionLookup(store, prerenderer, **kw)
+    lookup = CachingDefinitionLookup(CachingLookup(store), prerenderer, **kw)
     lookup.register_realm(PUBLIC)
     lookup.register_realm(PRIVATE)
     return lookup
@@ -378,7 +381,7 @@ async def test_public_and_private_scope_columns(store: Store) -> None:
 async def test_prewarm_then_registered_lookup_hits(store: Store) -> None:
     """A pre-warmed module is then served to a registered lookup with no new prerender."""
     pre = GraphPrerenderer({url(PRIVATE, "a.gts"): Spec()})
-    lookup = CachingDefinitionLookup(store, pre)
+    lookup = CachingDefinitionLookup(CachingLookup(store), pre)
     warmed = await lookup.populate_definition_cache_entry(
         module_url=url(PRIVATE, "a"),
         realm_url=PRIVATE.url,
@@ -399,7 +402,7 @@ async def test_prewarm_then_registered_lookup_hits(store: Store) -> None:
 async def test_prewarm_of_a_failing_module_stores_nothing(store: Store) -> None:
     """Pre-warming a failing module returns None and leaves no row."""
     pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec(fail="broken")})
-    lookup = CachingDefinitionLookup(store, pre)
+    lookup = CachingDefinitionLookup(CachingLookup(store), pre)
     warmed = await lookup.populate_definition_cache_entry(
         module_url=url(PUBLIC, "a.gts"),
         realm_url=PUBLIC.url,
@@ -418,7 +421,7 @@ async def test_clear_realm_and_clear_all(store: Store) -> None:
     lookup = make_lookup(store, pre)
     await lookup.get_cached_definitions(url(PUBLIC, "a"))
     await lookup.get_cached_definitions(url(PRIVATE, "a"))
-    unregistered = CachingDefinitionLookup(store, pre)
+    unregistered = CachingDefinitionLookup(CachingLookup(store), pre)
     await unregistered.clear_realm_definitions(PUBLIC.url)
     assert await store.read(Key(PUBLIC.url, url(PUBLIC, "a")), by_alias=True) is None
     assert await lookup.lookup_cached_definition(CodeRef(url(PRIVATE, "a"), "Card")) is not None
@@ -639,7 +642,7 @@ async def test_incomplete_aggregation_is_not_persisted_under_fleet_coordination(
     gate = pre.gates[slow + ".gts"] = asyncio.Event()
     cache = await fleetcache.open(database_url, coordinate=True)
     try:
-        lookup = CachingDefinitionLookup.over(cache.lookup, pre, aggregation_timeout=0.05)
+        lookup = CachingDefinitionLookup(cache, pre, aggregation_timeout=0.05)
         lookup.register_realm(PUBLIC)
         module = await lookup.get_cached_definitions(top)
         assert module is not None
@@ -668,7 +671,7 @@ async def test_ten_failing_modules_at_once_on_a_pool_of_ten_aggregate_completely
     }
     pre = GraphPrerenderer(graph)
     async with fleetcache.open(database_url, pool_size=10) as cache:
-        lookup = CachingDefinitionLookup.over(cache.lookup, pre, aggregation_timeout=30)
+        lookup = CachingDefinitionLookup(cache, pre, aggregation_timeout=30)
         lookup.register_realm(PUBLIC)
         modules = await asyncio.wait_for(
             asyncio.gather(
@@ -717,7 +720,7 @@ async def test_a_definitions_fleet_on_the_seeds_names_renders_a_module_once(
         assert first.coordinator is not None
         lookups = []
         for cache in (first, second):
-            lookup = CachingDefinitionLookup.over(cache.lookup, pre)
+            lookup = CachingDefinitionLookup(cache, pre)
             lookup.register_realm(PUBLIC)
             lookups.append(lookup)
         pending = [
@@ -753,3 +756,48 @@ async def test_a_hit_gives_the_definitions_in_the_order_the_render_produced(
         "definition",
         "types",
     ]
+
+
+class Wrapping:
+    """A codec that stores a value wrapped in an object (so its use shows in the row)."""
+
+    def encode(self, value: Any) -> Any:
+        return {"wrapped": value}
+
+    def decode(self, document: Any) -> Any:
+        return document["wrapped"]
+
+
+@pytest.mark.postgres
+async def test_the_definitions_lookup_keeps_every_option_of_its_cache(database_url: str) -> None:
+    """Made over an open cache, the definitions lookup is that cache's lookup, with every
+    option it was opened with: a module is stored with the cache's expiry and through its
+    codec, and read again from its near tier without a second render."""
+    pre = GraphPrerenderer({url(PUBLIC, "a.gts"): Spec()})
+    async with fleetcache.open(database_url, ttl=60, near=100, codec=Wrapping()) as cache:
+        lookup = CachingDefinitionLookup(cache, pre)
+        assert lookup.lookup is cache.lookup
+        lookup.register_realm(PUBLIC)
+        module = await lookup.get_cached_definitions(url(PUBLIC, "a.gts"))
+        assert module is not None
+        row = await cache.store.read(Key(PUBLIC.url, url(PUBLIC, "a.gts")))
+        assert row is not None
+        assert row.created_at is not None
+        assert row.expires_at == row.created_at + 60_000  # the cache's ttl
+        assert row.value == {"wrapped": module.definitions}  # the cache's codec
+        again = await lookup.get_cached_definitions(url(PUBLIC, "a.gts"))
+        assert again == module
+        assert cache.lookup.stats()["near_hits"] == 1  # the cache's near tier
+        assert pre.renders(url(PUBLIC, "a.gts")) == 1
+
+
+async def test_the_definitions_lookup_is_made_over_a_cache_and_nothing_else(store: Store) -> None:
+    """The one constructor takes an open cache or its lookup; a store (the old second
+    path) or a nonsensical aggregation timeout is a ConfigurationError."""
+    pre = GraphPrerenderer({})
+    with pytest.raises(ConfigurationError, match="made over an open cache"):
+        CachingDefinitionLookup(store, pre)  # type: ignore[arg-type]
+    for bad in (0, -1, float("nan"), float("inf"), "30", True):
+        with pytest.raises(ConfigurationError, match="aggregation_timeout"):
+            CachingDefinitionLookup(CachingLookup(store), pre, aggregation_timeout=bad)  # type: ignore[arg-type]
+    assert not hasattr(CachingDefinitionLookup, "over")

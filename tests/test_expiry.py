@@ -15,7 +15,9 @@ from fleetcache import CachingLookup, Key, Produced
 from fleetcache.errors import ConfigurationError, InvalidInputError
 from fleetcache.lookup import caching
 from fleetcache.lookup.decorator import cached
-from fleetcache.stores import Store
+from fleetcache.lookup.expiry import Expiry
+from fleetcache.lookup.options import LookupOptions
+from fleetcache.stores.base import Store
 from waiting import eventually
 
 NS = "https://realm.example/"
@@ -58,9 +60,18 @@ def key(name: str = "k") -> Key:
     return Key(NS, name)
 
 
-def lookup_for(store: Store, clock: Clock, **kwargs: Any) -> CachingLookup[Any]:
-    """A lookup on ``store`` with the test clock."""
-    return CachingLookup(store, clock=clock, **kwargs)
+def lookup_for(
+    store: Store,
+    clock: Clock,
+    *,
+    ttl: float | None = None,
+    stale_ttl: float | None = None,
+    early_refresh: float | None = None,
+    rng: random.Random | None = None,
+) -> CachingLookup[Any]:
+    """A lookup on ``store`` with the test clock and these expiry defaults."""
+    options = LookupOptions(expiry=Expiry(ttl, stale_ttl, early_refresh))
+    return CachingLookup(store, options=options, clock=clock, rng=rng)
 
 
 async def value(lookup: CachingLookup[Any], source: Source, **kwargs: Any) -> Any:
@@ -233,7 +244,7 @@ async def test_expiry_options_that_make_no_sense_are_refused(store: Store) -> No
         {"ttl": 1, "early_refresh": 0},
     ):
         with pytest.raises(ConfigurationError):
-            CachingLookup(store, **options)
+            Expiry(**options)
     lookup: CachingLookup[Any] = CachingLookup(store)
     with pytest.raises(ConfigurationError):
         await lookup.get(key(), Source(), ttl=-5)

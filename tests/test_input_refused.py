@@ -15,8 +15,7 @@ import fleetcache
 from fleetcache import CachingLookup, Key, Produced
 from fleetcache.errors import ConfigurationError, InvalidInputError, SerializationError
 from fleetcache.lookup.decorator import cached
-from fleetcache.stores import Entry, GenerationStamp, Store
-from fleetcache.stores.base import Expand
+from fleetcache.stores.base import Entry, Expand, GenerationStamp, Store
 from fleetcache.stores.codecs import ValueCodec
 from fleetcache.stores.validation import MAX_JSON_DEPTH
 from test_store_contract import assert_no_transaction_left

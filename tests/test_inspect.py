@@ -21,7 +21,7 @@ from psycopg.conninfo import make_conninfo
 
 import fleetcache
 from fleetcache import Key, Produced
-from fleetcache.coordination import lock_id
+from fleetcache.coordination.base import lock_id
 from fleetcache.errors import ConfigurationError, SchemaMissingError, SchemaVersionError
 from fleetcache.inspection import CacheReport, MarkUsage, NamespaceUsage, inspect, purge
 from fleetcache.stores import queries as q

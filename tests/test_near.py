@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 
 from fleetcache.errors import ConfigurationError
-from fleetcache.lookup import CachingLookup, Produced
+from fleetcache.lookup.caching import CachingLookup
 from fleetcache.lookup.near import NearCache
-from fleetcache.stores import Entry, Key, MemoryStore
+from fleetcache.lookup.populate import Produced
+from fleetcache.stores.base import Entry, Key
+from fleetcache.stores.memory import MemoryStore
 
 NS = "https://realm.example/"
 

@@ -6,19 +6,23 @@ never stored, and the error says what happened."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 import fleetcache
-from fleetcache.coordination.base import Acquired
+from fleetcache.coordination.base import KeyLock
 from fleetcache.coordination.local import LocalCoordinator
-from fleetcache.coordination.waiters import Waiter
 from fleetcache.errors import ComputationTimeoutError
-from fleetcache.lookup import CachingLookup, Produced
-from fleetcache.stores import Entry, Key, MemoryStore, SqliteStore, Store
+from fleetcache.lookup.caching import CachingLookup
+from fleetcache.lookup.options import LookupOptions
+from fleetcache.lookup.populate import Produced
+from fleetcache.stores.base import Entry, Key, Store
+from fleetcache.stores.memory import MemoryStore
+from fleetcache.stores.sqlite import SqliteStore
 from waiting import eventually
 
 NS = "https://realm.example/"
@@ -71,7 +75,9 @@ async def coordinated(
     coordinator = LocalCoordinator()
     await coordinator.start()
     lookup: CachingLookup[Any] = CachingLookup(
-        store, coordinator=coordinator, compute_timeout=0.5, wait_timeout=30, max_rounds=2
+        store,
+        coordinator=coordinator,
+        options=LookupOptions(compute_timeout=0.5, wait_timeout=30, max_rounds=2),
     )
     try:
         yield lookup
@@ -123,7 +129,9 @@ async def test_a_refused_computation_with_a_coordinator_releases_its_lock_before
     renders.version = 2
     await lookup.invalidate(NS, [KEY.name])
     b, c = (asyncio.create_task(lookup.get(KEY, renders)) for _ in range(2))
-    await eventually(lambda: lookup.stats()["lock_lost"] >= 1)  # B waits for A's lock
+    coordinator = lookup.coordinator
+    assert coordinator is not None
+    await eventually(lambda: coordinator.stats()["lock_lost"] >= 1)  # B waits for A's lock
     await eventually(lambda: lookup.stats()["coalesced"] == 1)  # C joined B
     renders.gates[0].set()
     await asyncio.wait_for(renders.started[1].wait(), BOUND)
@@ -132,8 +140,8 @@ async def test_a_refused_computation_with_a_coordinator_releases_its_lock_before
     assert renders.calls == 2
     assert versions(results) == [2, 2, 2]
     stats = lookup.stats()
-    assert stats["lock_won"] == 2  # A's render, then B's after A released
-    assert stats["gave_up"] == stats["waits_timeout"] == 0
+    assert coordinator.stats()["lock_won"] == 2  # A's render, then B's after A released
+    assert stats["gave_up"] == coordinator.stats()["woken_timeout"] == 0
     assert (stats["stale_refused"], stats["overtaken"]) == (1, 1)
 
 
@@ -172,7 +180,7 @@ async def test_a_produce_ignoring_cancellation_answers_its_callers_at_compute_ti
     ComputationTimeoutError naming the real compute_timeout (not a larger bound), while the
     produce is still running; its late result is never stored, and the next caller
     computes afresh."""
-    lookup: CachingLookup[Any] = CachingLookup(store, compute_timeout=0.3)
+    lookup: CachingLookup[Any] = CachingLookup(store, options=LookupOptions(compute_timeout=0.3))
     stubborn = Stubborn()
     callers = [asyncio.create_task(lookup.get(KEY, stubborn)) for _ in range(2)]
     results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), BOUND)
@@ -199,7 +207,7 @@ async def test_a_produce_ignoring_cancellation_answers_its_callers_at_compute_ti
 async def test_close_ends_a_produce_abandoned_at_its_compute_timeout(store: Store) -> None:
     """A produce abandoned at its compute timeout is still tracked: close() cancels it
     again (this one then ends) and waits for it within its timeout."""
-    lookup: CachingLookup[Any] = CachingLookup(store, compute_timeout=0.2)
+    lookup: CachingLookup[Any] = CachingLookup(store, options=LookupOptions(compute_timeout=0.2))
     stubborn = Stubborn()
     with pytest.raises(ComputationTimeoutError):
         await asyncio.wait_for(lookup.get(KEY, stubborn), BOUND)
@@ -245,15 +253,12 @@ class HungReleaseCoordinator(LocalCoordinator):
         super().__init__()
         self.gate = asyncio.Event()
 
-    async def try_acquire_and_run(
-        self, coalesce_key: str, fn: Callable[[], Awaitable[T]]
-    ) -> Acquired[T] | Waiter:
-        async def hung() -> T:
-            result = await fn()
-            await self.gate.wait()
-            return result
-
-        return await super().try_acquire_and_run(coalesce_key, hung)
+    @contextlib.asynccontextmanager
+    async def lock(self, coalesce_key: str) -> AsyncIterator[KeyLock]:
+        async with super().lock(coalesce_key) as lock:
+            yield lock
+            if lock.won:
+                await self.gate.wait()
 
 
 async def test_a_caller_whose_own_bound_runs_out_is_told_what_it_waited_for(
@@ -265,7 +270,9 @@ async def test_a_caller_whose_own_bound_runs_out_is_told_what_it_waited_for(
     coordinator = HungReleaseCoordinator()
     await coordinator.start()
     lookup: CachingLookup[Any] = CachingLookup(
-        store, coordinator=coordinator, compute_timeout=0.2, wait_timeout=0.1, max_rounds=1
+        store,
+        coordinator=coordinator,
+        options=LookupOptions(compute_timeout=0.2, wait_timeout=0.1, max_rounds=1),
     )
 
     async def produce(k: Key) -> Produced[Any]:

@@ -10,7 +10,9 @@ from typing import Any
 
 from fleetcache import CachingLookup, Key, Produced
 from fleetcache.lookup.backoff import Backoff
-from fleetcache.stores import Store
+from fleetcache.lookup.expiry import Expiry
+from fleetcache.lookup.options import LookupOptions
+from fleetcache.stores.base import Store
 from waiting import eventually
 
 NS = "https://realm.example/"
@@ -97,7 +99,9 @@ async def test_a_refresh_overtaken_while_a_newer_computation_runs_yields_to_it(
     invalidation computes it anew: the refresh's result is refused and it stops (nobody
     waits for it) instead of computing a third time; that is not a failed refresh."""
     clock, source = Clock(), Source()
-    lookup: CachingLookup[Any] = CachingLookup(store, clock=clock, ttl=10, stale_ttl=60)
+    lookup: CachingLookup[Any] = CachingLookup(
+        store, options=LookupOptions(expiry=Expiry(10, 60)), clock=clock
+    )
     assert await version(lookup, source) == 1
     clock.now += 30
     refresh_gate, miss_gate = asyncio.Event(), asyncio.Event()
@@ -124,7 +128,9 @@ async def test_a_failing_refresh_backs_off_per_key_and_a_success_resets_it(store
     hits are counted as backed off. Once a refresh succeeds, the next failure waits 1 s
     again."""
     clock, source = Clock(), Source()
-    lookup: CachingLookup[Any] = CachingLookup(store, clock=clock, ttl=10, stale_ttl=600)
+    lookup: CachingLookup[Any] = CachingLookup(
+        store, options=LookupOptions(expiry=Expiry(10, 600)), clock=clock
+    )
     assert await version(lookup, source) == 1
     source.fail = RuntimeError("the backend is down")
     start = clock.now + 30

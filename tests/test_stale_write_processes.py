@@ -12,8 +12,11 @@ from typing import Any
 import pytest
 
 from fleet import Worker, fleet
-from fleetcache.lookup import CachingLookup, Produced
-from fleetcache.stores import Key, PostgresStore, SqliteStore, Store
+from fleetcache.lookup.caching import CachingLookup
+from fleetcache.lookup.populate import Produced
+from fleetcache.stores.base import Key, Store
+from fleetcache.stores.postgres import PostgresStore
+from fleetcache.stores.sqlite import SqliteStore
 
 pytestmark = pytest.mark.processes
 

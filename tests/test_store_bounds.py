@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from fleetcache.stores import Entry, Key, MemoryStore, PostgresStore, SqliteStore
-from fleetcache.stores.base import Store
+from fleetcache.stores.base import Entry, Key, Store
+from fleetcache.stores.memory import MemoryStore
+from fleetcache.stores.postgres import PostgresStore
+from fleetcache.stores.sqlite import SqliteStore
 
 NS = "https://realm.example/"
 NAMES = 100_000

@@ -21,8 +21,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from fleetcache.stores import Entry, Key, MemoryStore, PostgresStore, SqliteStore
-from fleetcache.stores.base import Store
+from fleetcache.stores.base import Entry, Key, Store
+from fleetcache.stores.memory import MemoryStore
+from fleetcache.stores.postgres import PostgresStore
+from fleetcache.stores.sqlite import SqliteStore
 
 T = TypeVar("T")
 NS = "https://realm.example/"

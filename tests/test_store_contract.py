@@ -18,9 +18,11 @@ from fleetcache.errors import (
     SerializationError,
     StoreError,
 )
-from fleetcache.stores import Entry, GenerationStamp, Key, MemoryStore, PostgresStore, SqliteStore
-from fleetcache.stores.base import Store
+from fleetcache.stores.base import Entry, GenerationStamp, Key, Store
+from fleetcache.stores.memory import MemoryStore
 from fleetcache.stores.migrations import LATEST
+from fleetcache.stores.postgres import PostgresStore
+from fleetcache.stores.sqlite import SqliteStore
 from fleetcache.stores.validation import MAX_JSON_DEPTH
 
 NS = "https://realm.example/"

@@ -26,7 +26,9 @@ from fleetcache.errors import (
     StoreError,
 )
 from fleetcache.notifications import NotificationHub
-from fleetcache.stores import Entry, Key, PostgresStore, SqliteStore
+from fleetcache.stores.base import Entry, Key
+from fleetcache.stores.postgres import PostgresStore
+from fleetcache.stores.sqlite import SqliteStore
 from waiting import PROMPT, eventually
 
 NS = "https://realm.example/"
@@ -282,7 +284,8 @@ async def test_the_pool_opens_small_and_grows_on_demand(database_url: str) -> No
 WRITER = textwrap.dedent(
     """
     import asyncio, sys
-    from fleetcache.stores import Entry, Key, SqliteStore
+    from fleetcache.stores.base import Entry, Key
+    from fleetcache.stores.sqlite import SqliteStore
 
     async def main():
         store = SqliteStore(sys.argv[1], busy_timeout=0.2)

@@ -17,10 +17,10 @@ import psycopg
 import pytest
 
 from fleetcache.errors import SchemaVersionError
-from fleetcache.stores import Entry, GenerationStamp, Key, PostgresStore, SqliteStore
+from fleetcache.stores.base import Entry, GenerationStamp, Key
 from fleetcache.stores.migrations import LATEST, migrate, migrate_postgres
-from fleetcache.stores.postgres import PostgresPoint, key_hash
-from fleetcache.stores.sqlite import SqlitePoint
+from fleetcache.stores.postgres import PostgresPoint, PostgresStore, key_hash
+from fleetcache.stores.sqlite import SqlitePoint, SqliteStore
 from fleetcache.stores.validation import encode_json
 
 FIXTURES = Path(__file__).with_name("fixtures")

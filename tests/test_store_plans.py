@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from fleetcache.stores import Key, PostgresStore, SqliteStore
 from fleetcache.stores import queries as q
-from fleetcache.stores.postgres import key_hash
-from fleetcache.stores.sqlite import PRUNE_BATCH
+from fleetcache.stores.base import Key
+from fleetcache.stores.postgres import PostgresStore, key_hash
+from fleetcache.stores.sqlite import PRUNE_BATCH, SqliteStore
 
 NS = "https://realm.example/"
 BIG_TABLE_SCAN = re.compile(

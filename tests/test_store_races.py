@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from fleet import Worker, fleet
-from fleetcache.stores import Entry, Key, PostgresStore, SqliteStore, Store
+from fleetcache.stores.base import Entry, Key, Store
+from fleetcache.stores.postgres import PostgresStore
+from fleetcache.stores.sqlite import SqliteStore
 
 pytestmark = pytest.mark.processes
 

@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 import fleetcache
 from fleetcache import Key, Produced
 from fleetcache.errors import StoreError
-from fleetcache.stores import Entry, PostgresStore, SqliteStore, Store
+from fleetcache.stores.base import Entry, Store
+from fleetcache.stores.postgres import PostgresStore
+from fleetcache.stores.sqlite import SqliteStore
 
 NS = "https://realm.example/"
 

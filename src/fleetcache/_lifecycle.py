@@ -1,23 +1,4 @@
-"""The one lifecycle idiom of every component with background work.
-
-A :class:`Service` is built without I/O, started with ``await start()`` (or ``async
-with``) and ended with ``await close()``:
-
-* ``start()`` is idempotent and shared: concurrent callers wait for one start, a caller
-  cancelled while waiting does not cancel it for the others, and a start that failed may
-  be tried again. After ``close()`` it raises :class:`~fleetcache.errors.NotOpenError`.
-* ``close()`` is idempotent and bounded: it cancels a start still under way, runs the
-  subclass's ``_on_close``, then (even if that raised) cancels every task started with
-  :meth:`Service.spawn` and waits for them at most ``timeout`` seconds. A task that
-  ignores its cancellation is logged and left behind, never waited for forever.
-  Concurrent callers share one close and all return when it is done; a caller cancelled
-  while waiting does not cancel it for the others.
-* Background tasks are started only through :meth:`Service.spawn`, so none is
-  fire-and-forget: each is tracked until it ends, and a failure is logged.
-
-Subclasses implement ``_on_start`` (the I/O of starting) and ``_on_close`` (releasing what
-it acquired; it must also cope with a start that was cancelled half-way).
-"""
+"""The one lifecycle idiom of every component with background work: :class:`Service`."""
 
 from __future__ import annotations
 
@@ -37,7 +18,25 @@ _State = Literal["new", "started", "closed"]
 
 
 class Service:
-    """Base class: see the module docstring."""
+    """A component with background work: built without I/O, started with ``await start()``
+    (or ``async with``) and ended with ``await close()``.
+
+    * ``start()`` is idempotent and shared: concurrent callers wait for one start, a caller
+      cancelled while waiting does not cancel it for the others, and a start that failed
+      may be tried again. After ``close()`` it raises
+      :class:`~fleetcache.errors.NotOpenError`.
+    * ``close()`` is idempotent and bounded: it cancels a start still under way, runs the
+      subclass's ``_on_close``, then (even if that raised) cancels every task started with
+      :meth:`spawn` and waits for them at most ``timeout`` seconds. A task that ignores its
+      cancellation is logged and left behind, never waited for forever. Concurrent callers
+      share one close and all return when it is done; a caller cancelled while waiting
+      does not cancel it for the others.
+    * Background tasks are started only through :meth:`spawn`, so none is fire-and-forget:
+      each is tracked until it ends, and a failure is logged.
+
+    Subclasses implement ``_on_start`` (the I/O of starting) and ``_on_close`` (releasing
+    what it acquired; it must also cope with a start that was cancelled half-way).
+    """
 
     def __init__(self) -> None:
         # Written by start()/_run_start() (new -> started) and close() (-> closed); read by
@@ -70,7 +69,7 @@ class Service:
         return self._state == "closed"
 
     async def start(self) -> None:
-        """Start once; see the module docstring."""
+        """Start once; see the class docstring."""
         if self._state == "closed":
             raise NotOpenError(f"{type(self).__name__} is closed; it cannot be started again")
         if self._state == "started":
@@ -100,7 +99,7 @@ class Service:
             self._state = "started"
 
     async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
-        """Stop everything; see the module docstring. Idempotent."""
+        """Stop everything; see the class docstring. Idempotent."""
         closing = self._close_task
         # Close again only if something was started after the last close finished.
         if closing is None or (closing.done() and (self._start_task or self._tasks)):

@@ -1,31 +1,6 @@
-"""The front door: ``fleetcache.open(url)`` builds and starts everything a URL needs.
-
-Both forms work (one object that is awaitable and an async context manager)::
-
-    async with fleetcache.open("postgresql://localhost/app") as cache:
-        entry = await cache.get(Key(ns, name), produce)
-
-    cache = await fleetcache.open("sqlite:///cache.db")
-    try: ...
-    finally: await cache.close()
-
-URLs: ``memory://``, ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``,
-``postgresql://…`` (or ``postgres://…``, or any libpq ``key=value`` string).
-
-On Postgres ``open`` also starts the LISTEN hub, the invalidation broadcast and its
-listener, and — by default — cross-process populate coordination: one process of the fleet
-computes each missing entry while the others wait without a connection. It is on by
-default because it is what the library exists for, and it costs nothing on a hit and one
-short statement on a miss (``coordinate=False`` turns it off). On sqlite and memory there
-is no fleet-wide lock to take; asking for coordination there is logged once and ignored.
-
-Start order: store, hub, coordinator, listener, lookup; ``close()`` runs in the reverse
-order, every step even if an earlier one fails, each bounded by ``timeout``. Opening on
-Postgres is all or nothing: a process that cannot get every connection it starts with
-(one pooled, the LISTEN one, the lock ones) releases those it got before it tries again
-(within ``connect_budget``), so processes opening at once at the edge of the server's
-``max_connections`` do not each hold a part and starve one another.
-"""
+"""The front door: ``fleetcache.open(url)`` builds and starts what a URL needs (a store, and
+on Postgres the LISTEN hub, the coordinator, the invalidation broadcast and its listener),
+and returns a :class:`Fleetcache`; ``close()`` stops it all in the reverse order."""
 
 from __future__ import annotations
 
@@ -46,22 +21,23 @@ from fleetcache.coordination.postgres import (
 )
 from fleetcache.errors import ConfigurationError, DatabaseConnectError
 from fleetcache.logcontext import get_logger
-from fleetcache.lookup.caching import (
-    DEFAULT,
+from fleetcache.lookup.caching import CachingLookup
+from fleetcache.lookup.codec import Codec
+from fleetcache.lookup.decorator import CachedFunction, cached
+from fleetcache.lookup.expiry import DEFAULT, Expiry, Setting
+from fleetcache.lookup.near import NearCache
+from fleetcache.lookup.options import (
     DEFAULT_COMPUTE_TIMEOUT,
     DEFAULT_ERROR_TTL,
     DEFAULT_MAX_ROUNDS,
     DEFAULT_WAIT_TIMEOUT,
-    CachingLookup,
-    Setting,
+    LookupOptions,
 )
-from fleetcache.lookup.codec import Codec
-from fleetcache.lookup.decorator import CachedFunction, cached
-from fleetcache.lookup.near import NearCache
+from fleetcache.lookup.populate import Produce
 from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, PostgresInvalidationPublisher
 from fleetcache.notifications.hub import NotificationHub
 from fleetcache.notifications.listener import InvalidationListener
-from fleetcache.stores.base import Store
+from fleetcache.stores.base import Entry, Expand, Key, Store
 from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 from fleetcache.stores.memory import MemoryStore
 from fleetcache.stores.postgres import POOL_MIN_SIZE, POOL_SIZE, PostgresStore
@@ -116,9 +92,12 @@ def store_for_url(
 
 
 class Fleetcache:
-    """An open cache: the lookup's verbs (``get``, ``get_value``, ``peek``, ``set``,
-    ``delete``, ``invalidate``, ``clear_namespace``, ``clear_all``, ``cached``), the parts
-    ``open`` built, ``stats()`` and ``close()``. Made by :func:`open`."""
+    """An open cache, made by :func:`open`: its verbs (``get``, ``get_value``, ``peek``,
+    ``set``, ``delete``, ``invalidate``, ``clear_namespace``, ``clear_all``, ``cached``),
+    ``stats()`` and ``close()``, and the parts ``open`` built (``store``, ``lookup``, and
+    on Postgres ``hub``, ``coordinator``, ``publisher``, ``listener``). Every verb is the
+    :class:`~fleetcache.lookup.caching.CachingLookup`'s (``cache.lookup``), whose
+    documentation has the details. Closed by ``close()`` or ``async with``."""
 
     def __init__(
         self,
@@ -142,16 +121,103 @@ class Fleetcache:
         # What close() runs, in order (the reverse of the start order).
         self._closers = list(closers)
         self._closed = False
-        # The lookup's verbs, so that ``cache.get(...)`` reads as the README says (see
-        # CachingLookup for each): bound methods, so their signatures are the lookup's.
-        self.get = lookup.get
-        self.get_value = lookup.get_value
-        self.peek = lookup.peek
-        self.set = lookup.set
-        self.delete = lookup.delete
-        self.invalidate = lookup.invalidate
-        self.clear_namespace = lookup.clear_namespace
-        self.clear_all = lookup.clear_all
+
+    async def get(
+        self,
+        key: Key,
+        produce: Produce[Any],
+        *,
+        candidates: Sequence[str] | None = None,
+        alias: str | None = None,
+        persist_errors: bool = True,
+        ttl: Setting = DEFAULT,
+        stale_ttl: Setting = DEFAULT,
+        early_refresh: Setting = DEFAULT,
+    ) -> Entry | None:
+        """The entry for ``key``, computing it with ``produce(candidate_key)`` on a miss
+        (once across the fleet on Postgres); None when every candidate is missing.
+
+        ``candidates``: the names to try in order (default: the key's own); ``alias``:
+        another name the entry answers to; ``persist_errors=False``: a produced error is
+        neither stored nor returned. ``ttl``, ``stale_ttl`` and ``early_refresh`` override
+        the cache's expiry for this call. See :meth:`CachingLookup.get`."""
+        return await self.lookup.get(
+            key,
+            produce,
+            candidates=candidates,
+            alias=alias,
+            persist_errors=persist_errors,
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            early_refresh=early_refresh,
+        )
+
+    async def get_value(
+        self,
+        key: Key,
+        produce: Produce[Any],
+        *,
+        candidates: Sequence[str] | None = None,
+        alias: str | None = None,
+        ttl: Setting = DEFAULT,
+        stale_ttl: Setting = DEFAULT,
+        early_refresh: Setting = DEFAULT,
+    ) -> Any:
+        """The value for ``key`` (computed on a miss, as :meth:`get`), None when it is
+        missing; raises :class:`~fleetcache.errors.CachedError` carrying the error
+        document when the entry is an error."""
+        return await self.lookup.get_value(
+            key,
+            produce,
+            candidates=candidates,
+            alias=alias,
+            ttl=ttl,
+            stale_ttl=stale_ttl,
+            early_refresh=early_refresh,
+        )
+
+    async def peek(self, key: Key, *, by_alias: bool = False) -> Entry | None:
+        """The stored entry for ``key`` (or, with ``by_alias``, the one aliased by its
+        name), never computing; an expired error entry and a dead value count as absent."""
+        return await self.lookup.peek(key, by_alias=by_alias)
+
+    async def set(
+        self,
+        key: Key,
+        value: Any,
+        *,
+        ttl: Setting = DEFAULT,
+        stale_ttl: Setting = DEFAULT,
+        deps: Sequence[str] = (),
+        alias: str | None = None,
+    ) -> list[str]:
+        """Store ``value`` under ``key`` now, as if just computed; a computation of it that
+        began before cannot overwrite it. Returns the names invalidated first (the key and
+        its dependents). See :meth:`CachingLookup.set`."""
+        return await self.lookup.set(
+            key, value, ttl=ttl, stale_ttl=stale_ttl, deps=deps, alias=alias
+        )
+
+    async def delete(self, key: Key) -> list[str]:
+        """Invalidate ``key``'s name in its namespace (see :meth:`invalidate`)."""
+        return await self.lookup.delete(key)
+
+    async def invalidate(
+        self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
+    ) -> list[str]:
+        """Invalidate ``names`` of ``namespace`` and, transitively, every entry depending
+        on them, in every process; return all the names invalidated. ``expand`` gives
+        every name an entry may be stored or depended on under. See
+        :meth:`CachingLookup.invalidate`."""
+        return await self.lookup.invalidate(namespace, names, expand=expand)
+
+    async def clear_namespace(self, namespace: str) -> None:
+        """Delete every entry of ``namespace``; computations under way there store nothing."""
+        await self.lookup.clear_namespace(namespace)
+
+    async def clear_all(self) -> None:
+        """Delete every entry; no computation under way stores anything."""
+        await self.lookup.clear_all()
 
     def cached(
         self,
@@ -162,8 +228,10 @@ class Fleetcache:
         stale_ttl: Setting = DEFAULT,
         early_refresh: Setting = DEFAULT,
     ) -> Callable[[Callable[P, Awaitable[R]]], CachedFunction[P, R]]:
-        """A decorator caching an async function's results here; see
-        :mod:`fleetcache.lookup.decorator`."""
+        """A decorator caching an async function's results here, keyed by its arguments:
+        ``@cache.cached(namespace="prices", ttl=60)``. The decorated function also has
+        ``invalidate``, ``refresh`` and ``peek``; see
+        :class:`~fleetcache.lookup.decorator.CachedFunction`."""
         return cached(
             self.lookup,
             namespace=namespace,
@@ -174,7 +242,8 @@ class Fleetcache:
         )
 
     def stats(self) -> dict[str, Any]:
-        """The lookup's counters, and the coordinator's and listener's when present."""
+        """Counters: ``lookup`` (hits, misses, computations, ...), and ``coordinator``
+        (locks, waits, NOTIFYs) and ``listener`` when present."""
         stats: dict[str, Any] = {"lookup": self.lookup.stats()}
         if self.coordinator is not None:
             stats["coordinator"] = self.coordinator.stats()
@@ -261,45 +330,55 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     populated_channel: str = POPULATED_CHANNEL,
     invalidated_channel: str = INVALIDATED_CHANNEL,
 ) -> Opening:
-    """Open a cache for ``url`` and start what it needs; see the module docstring.
+    """Open a cache for ``url`` and start what it needs. Both forms work (one object that is
+    awaitable and an async context manager)::
+
+        async with fleetcache.open("postgresql://localhost/app") as cache:
+            entry = await cache.get(Key(ns, name), produce)
+
+        cache = await fleetcache.open("sqlite:///cache.db")
+        try: ...
+        finally: await cache.close()
+
+    URLs: ``memory://``, ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``,
+    ``postgresql://…`` (or ``postgres://…``, or any libpq ``key=value`` string). Every
+    option is checked before anything is opened (:class:`~fleetcache.errors.ConfigurationError`).
+
+    On Postgres it also starts the LISTEN hub, the invalidation broadcast and its listener
+    and, by default, cross-process populate coordination (it costs nothing on a hit and one
+    short statement on a miss). Start order: store, hub, coordinator, listener, lookup;
+    ``close()`` runs the reverse, every step even if an earlier one fails, each bounded.
+    Opening on Postgres is all or nothing: a process that cannot get every connection it
+    starts with releases those it got before it tries again (within ``connect_budget``), so
+    processes opening at once at the edge of ``max_connections`` do not starve one another.
 
     ``coordinate``: cross-process populate coordination (None: on for Postgres, where it
-    exists). ``near``: keep up to that many entries in process memory and serve hits from
-    there while this process hears the fleet's invalidations (``near_max_bytes`` bounds
-    their size too); Postgres only, since only there invalidations are broadcast.
+    exists; asking for it on sqlite or memory is logged once and ignored). ``near``: keep up
+    to that many entries in process memory and serve hits from there while this process
+    hears the fleet's invalidations (``near_max_bytes`` bounds their size too); Postgres
+    only, since only there invalidations are broadcast.
     ``ttl``/``stale_ttl``/``early_refresh``: how values age by default (see
-    :mod:`fleetcache.lookup.expiry`; None: they never expire). ``values``: how values are
-    stored (:class:`~fleetcache.stores.codecs.ValueCodec`: JSON by default; pickle, for a
-    trusted database only; compression above a size). The other options are
-    :class:`~fleetcache.lookup.caching.CachingLookup`'s, plus Postgres's: the pool
+    :class:`~fleetcache.lookup.expiry.Expiry`; None: they never expire). ``values``: how
+    values are stored (:class:`~fleetcache.stores.codecs.ValueCodec`: JSON by default;
+    pickle, for a trusted database only; compression above a size). ``codec``: typed values
+    (:class:`~fleetcache.lookup.codec.Codec`). ``error_ttl``, ``compute_timeout``,
+    ``wait_timeout`` and ``max_rounds``: the lookup's bounds
+    (:class:`~fleetcache.lookup.options.LookupOptions`). Postgres's own: the pool
     (``pool_min_size`` connections made at open, growing on demand to ``pool_size``),
     ``connect_budget`` (seconds transient connection failures are retried while opening),
-    the crash-probe interval, ``lock_idle_timeout`` (seconds a frozen or partitioned
-    winner keeps its keys locked, at most) and the channel names.
+    the crash-probe interval, ``lock_idle_timeout`` (seconds a frozen or partitioned winner
+    keeps its keys locked, at most) and the channel names.
     """
     _check_seconds("connect_budget", connect_budget, 0.0, 3600.0)
     _check_seconds("lock_idle_timeout", lock_idle_timeout, 0.1, 86_400.0)
-
-    def make_lookup(
-        store: Store,
-        coordinator: PostgresCoordinator | None = None,
-        publisher: PostgresInvalidationPublisher | None = None,
-        near_tier: NearCache | None = None,
-    ) -> CachingLookup[Any]:
-        return CachingLookup(
-            store,
-            coordinator=coordinator,
-            publisher=publisher,
-            near=near_tier,
-            codec=codec,
-            ttl=ttl,
-            stale_ttl=stale_ttl,
-            early_refresh=early_refresh,
-            error_ttl=error_ttl,
-            compute_timeout=compute_timeout,
-            wait_timeout=wait_timeout,
-            max_rounds=max_rounds,
-        )
+    # Every lookup option checked now, before anything is opened.
+    options = LookupOptions(
+        expiry=Expiry(ttl, stale_ttl, early_refresh),
+        error_ttl=error_ttl,
+        compute_timeout=compute_timeout,
+        wait_timeout=wait_timeout,
+        max_rounds=max_rounds,
+    )
 
     async def opener() -> Fleetcache:
         if not isinstance(values, ValueCodec):
@@ -325,7 +404,7 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             closers.append(("store", lambda _timeout: store.close()))
             if not isinstance(store, PostgresStore):
                 _log_ignored(url, coordinate, near)
-                lookup = make_lookup(store)
+                lookup: CachingLookup[Any] = CachingLookup(store, options=options, codec=codec)
                 closers.append(("lookup", lookup.close))
                 return Fleetcache(url, store, lookup, closers=closers[::-1])
             hub = NotificationHub(
@@ -355,7 +434,9 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             # No publisher: the store announces every invalidation in its own transaction
             # (never lost after a commit), carrying its origin, so the listener skips our
             # echoes; every announcement heard also wakes writes waiting for its lock.
-            lookup = make_lookup(store, coordinator, None, near_tier)
+            lookup = CachingLookup(
+                store, options=options, coordinator=coordinator, codec=codec, near=near_tier
+            )
             listener = InvalidationListener(
                 hub,
                 lookup,

@@ -1,15 +1,6 @@
-"""The coalesce key of the work in progress, on every log record fleetcache emits.
-
-Per-key work (a ``get``, its computation, its coordination rounds) runs inside
-:func:`key_context`, which sets a :class:`~contextvars.ContextVar`; tasks started from there
-inherit it. Every fleetcache logger (made with :func:`get_logger`) carries
-:class:`CoalesceKeyFilter`, which copies the variable onto each record as
-``record.coalesce_key`` (``"-"`` outside per-key work), so a format naming
-``%(coalesce_key)s`` never fails on a fleetcache record. Add the filter to your own
-handler to give records of other libraries the field too::
-
-    handler.addFilter(fleetcache.logcontext.CoalesceKeyFilter())
-"""
+"""The coalesce key of the work in progress, on every log record fleetcache emits
+(``record.coalesce_key``, ``"-"`` outside per-key work): a ``ContextVar`` set by
+:func:`key_context` and a :class:`CoalesceKeyFilter` on every fleetcache logger."""
 
 from __future__ import annotations
 
@@ -26,7 +17,9 @@ NO_KEY = "-"
 
 
 class CoalesceKeyFilter(logging.Filter):
-    """Sets ``record.coalesce_key`` from the context (keeps one given with ``extra=``)."""
+    """Sets ``record.coalesce_key`` from the context (keeps one given with ``extra=``).
+    Every fleetcache logger carries it; add it to your own handler to give the records of
+    other libraries the field too: ``handler.addFilter(CoalesceKeyFilter())``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Add the field; never drops a record."""

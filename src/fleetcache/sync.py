@@ -1,10 +1,6 @@
-"""The sync API: ``fleetcache.open_sync(url)``, the async core run on one event-loop thread.
-
-The same verbs and guarantees as :func:`fleetcache.open`, for threads (Django, Flask,
-gunicorn sync/gthread workers, Celery, scripts) and for sync code inside an async
-application. Near-tier hits are answered on the calling thread; everything else runs on
-the core's loop, reached through anyio's blocking portal.
-"""
+"""The sync API: ``fleetcache.open_sync(url)``, the async core run on one event-loop thread
+(anyio's blocking portal), with the same verbs and guarantees for threads and for sync
+code inside an async application."""
 
 from __future__ import annotations
 
@@ -31,8 +27,9 @@ from fleetcache.errors import (
 )
 from fleetcache.factory import DEFAULT_CLOSE_TIMEOUT, Fleetcache
 from fleetcache.factory import open as open_async
-from fleetcache.lookup.caching import DEFAULT, CachingLookup, Setting
+from fleetcache.lookup.caching import CachingLookup
 from fleetcache.lookup.decorator import KeyMaker
+from fleetcache.lookup.expiry import DEFAULT, Setting
 from fleetcache.lookup.populate import Missing, Produced
 from fleetcache.stores.base import Entry, Expand, Key, Store
 
@@ -482,7 +479,8 @@ class SyncCachedFunction(Generic[P, R]):
                 "async (decorate it with the async cache's, fleetcache.open(...).cached)"
             )
         self._keys = KeyMaker(fn, namespace=namespace, key=key)
-        cache.lookup._expiry(ttl, stale_ttl, early_refresh)  # refused when decorating
+        # Refused when decorating, not at the first call.
+        cache.lookup.expiry(ttl=ttl, stale_ttl=stale_ttl, early_refresh=early_refresh)
         self._cache = cache
         self._fn = fn
         self.namespace = self._keys.namespace

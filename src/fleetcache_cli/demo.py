@@ -194,7 +194,7 @@ async def _open(job: Job) -> tuple[fleetcache.Fleetcache, CachingDefinitionLooku
         job.database_url, coordinate=job.coordinate, pool_size=job.pool_size, near=job.near
     )
     prerenderer = HttpPrerenderer(job.prerender_url, auth=demo_auth)
-    lookup = CachingDefinitionLookup.over(cache.lookup, prerenderer)
+    lookup = CachingDefinitionLookup(cache, prerenderer)
     for realm in job.realms:
         lookup.register_realm(realm)
     return cache, lookup, prerenderer
@@ -353,8 +353,8 @@ async def run_demo(args: argparse.Namespace, url: str, console: Console) -> Outc
     outcome = Outcome()
     server = SimulatedPrerenderServer(graph.files, latency=args.latency_ms / 1000)
     async with server, fleetcache.open(url, coordinate=False) as admin:
-        definitions = CachingDefinitionLookup.over(
-            admin.lookup, HttpPrerenderer(server.base_url, auth=demo_auth)
+        definitions = CachingDefinitionLookup(
+            admin, HttpPrerenderer(server.base_url, auth=demo_auth)
         )
         fleet: Fleet[Job, dict[str, Any]] = Fleet(args.processes, name="fleetcache-demo")
         with (

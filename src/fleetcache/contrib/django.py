@@ -1,10 +1,7 @@
-"""A Django cache backend on fleetcache: Django's whole cache contract, with ``get_or_set``
-computed once across the fleet and no ``delete`` ever undone by an older computation.
-
-``CACHES = {"default": {"BACKEND": "fleetcache.contrib.django.FleetcacheCache",
-"LOCATION": "postgresql://…" or "sqlite:///path.db", "OPTIONS": {...}}}``; see
-:class:`FleetcacheCache` for the options and how each verb maps onto the cache.
-"""
+"""A Django cache backend on fleetcache (``"BACKEND":
+"fleetcache.contrib.django.FleetcacheCache"``): Django's whole cache contract, with
+``get_or_set`` computed once across the fleet and no ``delete`` undone by an older
+computation; see :class:`FleetcacheCache` for its options."""
 
 from __future__ import annotations
 
@@ -25,7 +22,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from fleetcache.errors import SerializationError
 from fleetcache.lookup.caching import CachingLookup
-from fleetcache.lookup.expiry import Freshness, deadlines, freshness
+from fleetcache.lookup.expiry import Expiry, Freshness, freshness
 from fleetcache.lookup.populate import Produced
 from fleetcache.stores.base import Entry, Key
 from fleetcache.stores.codecs import ValueCodec
@@ -492,7 +489,7 @@ async def _touch(lookup: CachingLookup[Any], key: Key, ttl: float | _Expired | N
         return await _delete(lookup, key)
 
     def renewed(entry: Entry, now_ms: int) -> Entry:
-        expires_at, stale_until = deadlines(now_ms, ttl, None)
+        expires_at, stale_until = Expiry(ttl).deadlines(now_ms)
         return dataclasses.replace(
             entry, created_at=now_ms, expires_at=expires_at, stale_until=stale_until
         )
@@ -517,7 +514,7 @@ async def _rewrite(
     process's, and its peers' through the broadcast) drop their copies."""
     stamp, entry = await lookup.store.stamp_and_read(key, [key.name])
     now_ms = int(time.time() * 1000)
-    if entry is None or freshness(entry, now_ms) is Freshness.DEAD:
+    if entry is None or freshness(entry, now_ms, lookup.options.error_ttl) is Freshness.DEAD:
         return None
     new = change(entry, now_ms)
     if not await lookup.store.write(new, stamp=stamp):

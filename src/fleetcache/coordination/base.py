@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from fleetcache.coordination.waiters import Waiter
-
-T = TypeVar("T")
 
 
 def lock_id(coalesce_key: str) -> int:
@@ -28,13 +26,6 @@ def lock_id(coalesce_key: str) -> int:
     return int.from_bytes(hashlib.sha256(coalesce_key.encode()).digest()[:8], "big", signed=True)
 
 
-@dataclass(frozen=True, slots=True)
-class Acquired(Generic[T]):
-    """The lock was won; ``value`` is what the function returned."""
-
-    value: T
-
-
 class WakeReason(enum.StrEnum):
     """Why a wait ended."""
 
@@ -45,24 +36,43 @@ class WakeReason(enum.StrEnum):
     CLOSE = "close"  # the coordinator is closing
 
 
+@dataclass(eq=False, slots=True)
+class KeyLock:
+    """One try of a key's lock: what ``async with coordinator.lock(key) as lock`` gives.
+
+    ``won``: this task holds the key's lock until the ``async with`` block ends. A winner's
+    write sends ``notify`` (a ``(channel, payload)`` NOTIFY, None when the key's waiters
+    are woken by the release alone) in its own transaction and then sets ``notified``, so
+    the release wakes the waiters of every other process only if no write did.
+    Lost: ``await lock.wait(timeout)`` parks until the holder is done (see
+    :class:`WakeReason`); the waiter was registered before the try, so nothing that happens
+    after the lost try is missed.
+    """
+
+    coalesce_key: str
+    won: bool
+    notify: tuple[str, str] | None = None
+    notified: bool = False
+    _waiter: Waiter | None = field(default=None, repr=False)
+
+    async def wait(self, timeout: float) -> WakeReason:
+        """Park until the key's holder is done, or ``timeout`` seconds pass; say which.
+        Holds no connection; never raises (but for cancellation). Only for a lost lock."""
+        if self._waiter is None:
+            raise RuntimeError(f"the lock of key {self.coalesce_key} was won: nothing to wait for")
+        return await self._waiter.wait(timeout)
+
+
 class PopulateCoordinator(Protocol):
     """Lets one process of a fleet compute a key while the others wait without a connection."""
 
-    async def try_acquire_and_run(
-        self, coalesce_key: str, fn: Callable[[], Awaitable[T]]
-    ) -> Acquired[T] | Waiter:
-        """Take the key's lock without blocking. Won: run ``fn()`` while holding it (no
-        transaction and no connection is held for ``fn``), then tell the key's waiters and
-        release it, and return ``Acquired(result)``; ``fn``'s exceptions propagate after
-        the waiters are told. Lost: return at once a :class:`Waiter` to wait on (already
-        registered, so nothing that happens after the lost try is missed)."""
+    def lock(self, coalesce_key: str) -> AbstractAsyncContextManager[KeyLock]:
+        """The key's lock, tried without blocking when the block is entered; see
+        :class:`KeyLock`. A won lock is released when the block ends, however it ends
+        (an exception or a cancellation included: the release is shielded), and the
+        release wakes the key's waiters in this process, and in the others unless the
+        winner's write already did."""
 
-    async def wait_for_key(self, coalesce_key: str, timeout: float) -> WakeReason:
-        """Wait until the key's holder is done or ``timeout`` seconds pass (the seed's
-        contract; prefer the waiter ``try_acquire_and_run`` returns). Never raises."""
-
-    def announcement(self, coalesce_key: str) -> tuple[str, str] | None:
-        """The ``(channel, payload)`` NOTIFY that wakes the key's waiters, for a winner to
-        send in its write's own transaction (``Store.write(..., notify=...)``), so they
-        wake as the result commits rather than a round trip later; None when waiters are
-        not woken by a NOTIFY. The release still wakes them on every outcome."""
+    def stats(self) -> dict[str, int]:
+        """Counters: locks won and lost, waits by how they ended, NOTIFYs sent for keys
+        (``notifies``, in a write or at a release) and NOTIFYs that could not be sent."""

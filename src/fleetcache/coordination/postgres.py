@@ -1,73 +1,31 @@
-"""Populate coordination across a fleet on Postgres session advisory locks and NOTIFY.
+"""Populate coordination across a fleet: session advisory locks on a few lock connections,
+NOTIFY to wake the waiters of other processes, and a crash probe over ``pg_locks``.
 
-How a key is coordinated (the seed's ``ModuleCacheCoordinator``, with a different lock
-discipline and what the seed left open):
-
-* **A few lock connections per process.** Each process keeps ``lock_connections``
-  (default 2) dedicated, autocommit, non-pooled connections and takes *session* advisory
-  locks on them: ``pg_try_advisory_lock(lock_id)``, a new lock on connection ``lock_id
-  mod n`` — or on the first one while that one is not connected: only the first is
-  required to start, the others are opened as the server has room (so a process starts
-  with 3 backends in all where 3 are free), and a lock is released on the connection
-  it was taken on. No transaction is open while a winner computes, so it pins no
-  snapshot (the server's xmin horizon and vacuum are not held back, whatever the
-  computation's length) and ``idle_in_transaction_session_timeout`` cannot kill it; and no
-  pooled connection is held either, so hits and a computation's own nested lookups never
-  queue behind computations. Many keys' locks live on one connection at once; its
-  statements are short and psycopg runs them one after another.
-* **Single flight.** A key's lock is held by at most one session, and within a process by
-  at most one task: the ``_held`` map answers a second local try for the same lock id
-  ("lost") without asking the server, since a session lock is re-entrant for its own
-  session. So at most one task of the fleet computes a key at a time.
-* **NOTIFY after visible.** The winner's write carries the NOTIFY in its own transaction
-  (``announcement`` and ``Store.write(notify=...)``): it is delivered as the row commits,
-  so a waiter woken by it finds the row. Then the winner runs ``pg_notify(channel,
-  lock_id)`` and ``pg_advisory_unlock(lock_id)`` in one statement, which wakes the waiters
-  on every other outcome too (a failed or cancelled computation, a missing key, a result
-  not stored); a waiter woken by it, or by the free lock, re-reads and tries again.
-* **Losers** get a :class:`~fleetcache.coordination.waiters.Waiter` registered before the
-  try-lock, holding no connection. They wake on the NOTIFY (delivered by the process's
-  :class:`~fleetcache.notifications.hub.NotificationHub`), on a LISTEN gap, on close, on
-  their timeout, or on the **crash probe**: a winner whose process dies loses its session
-  and so its locks, but never notifies; once per ``probe_interval``, while anyone waits,
-  one query over ``pg_locks`` finds the waited-on locks nobody holds any more.
-* **A lost lock connection** releases every lock it held, on the server's side. The
-  computations under way here go on (their writes are still checked by the store, so
-  nothing stale lands); peers may compute the same keys meanwhile. It is logged, and the
-  next statement opens a new connection.
-* **A silent holder loses its locks within ``lock_idle_timeout``** (10 s by default).
-  Each lock connection runs with the server's ``idle_session_timeout`` set to it, and a
-  heartbeat (``SELECT 1`` on a connection idle for a third of it) keeps a healthy one
-  from ever being idle that long. A holder that stops (SIGSTOP, an event loop blocked
-  that long) or whose network path froze sends no heartbeat, so the server ends its
-  session and the locks go with it — which TCP keepalives could not do: a stopped
-  process's kernel still answers them. Its waiters' crash probe then finds the lock free.
-  A heartbeat unanswered for a third of the timeout makes this side give the connection
-  up too. Needs PostgreSQL 14 or later (older servers: logged once, no bound).
+Why the locks are session locks on dedicated connections, and how a silent holder loses
+them, is argued in ``docs/design.md`` ("The lock discipline").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from fleetcache._lifecycle import Service
 from fleetcache._pg import CONNECT_BUDGET, connect, is_connection_lost, pooled, stop_query
-from fleetcache.coordination.base import Acquired, WakeReason, lock_id
+from fleetcache.coordination.base import KeyLock, WakeReason, lock_id
 from fleetcache.coordination.waiters import Waiter, WaiterRegistry
 from fleetcache.errors import ConfigurationError, CoordinationError, DatabaseConnectError
 from fleetcache.logcontext import get_logger
 from fleetcache.notifications.hub import NotificationHub
 
 __all__ = ["POPULATED_CHANNEL", "PostgresCoordinator", "advisory_lock_tag"]
-
-T = TypeVar("T")
 
 logger = get_logger("fleetcache.coordination")
 
@@ -86,9 +44,11 @@ LOCK_IDLE_TIMEOUT = 10.0
 
 #: Takes the key's session lock without blocking; true when won.
 _TRY_LOCK = "SELECT pg_try_advisory_lock(%(id)s)"
-#: Tells the key's waiters and releases its lock, in one statement (the NOTIFY is
-#: delivered when this statement commits; the row was committed before).
+#: Tells the key's waiters and releases its lock, in one statement: the release of a winner
+#: whose write did not notify (it failed, stored nothing, or was refused).
 _NOTIFY_AND_UNLOCK = "SELECT pg_notify(%(channel)s, %(payload)s), pg_advisory_unlock(%(id)s)"
+#: Releases the key's lock: its write's NOTIFY already woke the waiters as it committed.
+_UNLOCK = "SELECT pg_advisory_unlock(%(id)s)"
 #: Tells the key's waiters when the lock already died with its connection.
 _NOTIFY = "SELECT pg_notify(%(channel)s, %(payload)s)"
 #: Set once per lock connection: the server ends the session (and frees its locks) when it
@@ -332,13 +292,13 @@ class PostgresCoordinator(Service):
         self._probe_interval = probe_interval
         self._registry = WaiterRegistry()
         # Lock ids held by a task of this process, each with the generation of its line's
-        # connection it was taken on. Written by try_acquire_and_run (insert before its
-        # try-lock, remove after the unlock or a lost try); read by the same. Event loop
+        # connection it was taken on. Written by lock() (insert before its try-lock,
+        # remove after a lost try) and _release/_abandon (remove); read by lock(). Event loop
         # only, never mutated across an await by two tasks for one id: no lock.
         self._held: dict[int, int] = {}
         # The lock connections. A new lock goes to line lid mod n if that one is connected,
         # else to line 0 (see _line); its release goes to the line it was taken on
-        # (carried by try_acquire_and_run); _held keeps one process from taking a lock id
+        # (carried by lock()); _held keeps one process from taking a lock id
         # twice, whatever the line.
         self._lines = [
             _LockLine(conninfo, i, self._lock_idle_timeout) for i in range(lock_connections)
@@ -352,7 +312,7 @@ class PostgresCoordinator(Service):
         # One after another: if one fails, no other is still connecting behind close()'s back.
         first, *others = self._lines
         await first.connection(self._connect_budget)
-        for line in others:  # optional: see the module docstring
+        for line in others:  # optional: see docs/design.md, "The lock discipline"
             await line.connect_if_room()
         self.spawn(self._probe_loop(), "coordinator probe")
         self.spawn(self._heartbeat_loop(), "coordinator heartbeat")
@@ -365,43 +325,52 @@ class PostgresCoordinator(Service):
 
     def stats(self) -> dict[str, int]:
         """A copy of the counters: lock_won, lock_lost, woken_notify, woken_timeout,
-        woken_probe, woken_gap, woken_close, notify_failures."""
+        woken_probe, woken_gap, woken_close, notifies (NOTIFYs sent for keys, by a
+        winner's write or its release: one per won lock) and notify_failures."""
         return dict(self._registry.stats)
 
     # ------------------------------------------------------------------ winner
 
-    async def try_acquire_and_run(
-        self, coalesce_key: str, fn: Callable[[], Awaitable[T]]
-    ) -> Acquired[T] | Waiter:
-        """Take the key's lock without blocking; if won, run ``fn()`` (holding no
-        transaction and no pooled connection), then notify the key's waiters and release
-        the lock. Lost: a :class:`Waiter`, registered before the try. ``fn``'s exceptions
-        propagate after the waiters are told; driver errors of the coordinator's own
+    @contextlib.asynccontextmanager
+    async def lock(self, coalesce_key: str) -> AsyncIterator[KeyLock]:
+        """The key's session lock, tried without blocking as the block is entered and
+        held, with no transaction and no pooled connection, until it ends; see
+        :meth:`~fleetcache.coordination.base.PopulateCoordinator.lock`. The release is
+        shielded: a cancelled winner still gives the lock back and wakes the waiters
+        (with a NOTIFY unless its write sent one). Driver errors of the coordinator's own
         statements leave as :class:`CoordinationError`."""
-        self.check_started(f"try_acquire_and_run for {coalesce_key}")
+        self.check_started(f"the lock of key {coalesce_key}")
         lid = lock_id(coalesce_key)
         # Registered before the try: if we lose, the holder may finish before we wait.
         waiter = self._registry.register(coalesce_key, lid, armed=False)
         if lid in self._held:  # a task of this process holds it: lost, without a query
-            return self._lost(waiter)
-        self._held[lid] = -1  # claimed locally before the await: other tasks lose here
-        try:
-            won = await self._try_lock(coalesce_key, lid)
-        except BaseException as exc:
-            waiter.cancel()
-            if not isinstance(exc, asyncio.CancelledError):  # else _abandon owns the claim
-                self._held.pop(lid, None)
-            raise
+            won = None
+        else:
+            self._held[lid] = -1  # claimed locally before the await: other tasks lose here
+            try:
+                won = await self._try_lock(coalesce_key, lid)
+            except BaseException as exc:
+                waiter.cancel()
+                if not isinstance(exc, asyncio.CancelledError):  # else _abandon owns the claim
+                    self._held.pop(lid, None)
+                raise
+            if won is None:
+                del self._held[lid]
         if won is None:
-            del self._held[lid]
-            return self._lost(waiter)
+            self._lost(waiter)
+            try:
+                yield KeyLock(coalesce_key, won=False, _waiter=waiter)
+            finally:
+                waiter.cancel()
+            return
         line, gen = won
         waiter.cancel()
         self._held[lid] = gen
         self._registry.stats["lock_won"] += 1
         logger.debug("won the lock of key %s (id %d)", coalesce_key, lid)
+        held = KeyLock(coalesce_key, won=True, notify=(self._channel, str(lid)))
         try:
-            result = await fn()
+            yield held
         except asyncio.CancelledError:
             logger.info("the computation of key %s was cancelled; waking its waiters", coalesce_key)
             raise
@@ -414,20 +383,17 @@ class PostgresCoordinator(Service):
             )
             raise
         finally:
+            if held.notified:
+                self._registry.stats["notifies"] += 1  # sent by the winner's write
             # Shielded: a cancelled winner must still release and notify.
-            await asyncio.shield(self._release(coalesce_key, lid, line, gen))
-        return Acquired(result)
+            await asyncio.shield(
+                self._release(coalesce_key, lid, line, gen, notify=not held.notified)
+            )
 
-    def announcement(self, coalesce_key: str) -> tuple[str, str]:
-        """The NOTIFY (channel, lock id) a winner may send as its write commits, so its
-        waiters in every process wake then; the release notifies again, harmlessly."""
-        return self._channel, str(lock_id(coalesce_key))
-
-    def _lost(self, waiter: Waiter) -> Waiter:
+    def _lost(self, waiter: Waiter) -> None:
         self._registry.stats["lock_lost"] += 1
         self._registry.arm(waiter)  # from now on the probe may judge it
         logger.debug("lost the lock of key %s", waiter.coalesce_key)
-        return waiter
 
     async def _try_lock(self, coalesce_key: str, lid: int) -> tuple[_LockLine, int] | None:
         """The line and its connection's generation if the lock was won, None if lost.
@@ -459,35 +425,44 @@ class PostgresCoordinator(Service):
         except Exception:  # noqa: BLE001 - the try failed, so it took nothing
             row, gen = None, 0
         if row and row[0]:
-            await self._release(coalesce_key, lid, line, gen)
+            await self._release(coalesce_key, lid, line, gen, notify=True)
         else:
             self._held.pop(lid, None)
             self._registry.wake(lid, WakeReason.NOTIFY)
 
-    async def _release(self, coalesce_key: str, lid: int, line: _LockLine, gen: int) -> None:
-        """Notify the key's waiters and give its lock back on ``line``, where it was taken;
-        never raises (a failure is logged: the lock then died with its connection, and the
-        probe wakes the peers)."""
+    async def _release(
+        self, coalesce_key: str, lid: int, line: _LockLine, gen: int, *, notify: bool
+    ) -> None:
+        """Give the key's lock back on ``line``, where it was taken, and wake its waiters:
+        this process's always, the other processes' with a NOTIFY in the same statement
+        when ``notify`` (the winner's write did not send one). Never raises (a failure is
+        logged: the lock then died with its connection, and the probe wakes the peers)."""
         params = {"channel": self._channel, "payload": str(lid), "id": lid}
         try:
             if line.is_current(gen):
                 try:
                     await line.statement(
                         f"the release of key {coalesce_key}",
-                        _NOTIFY_AND_UNLOCK,
+                        _NOTIFY_AND_UNLOCK if notify else _UNLOCK,
                         params,
                         retry=False,
                     )
+                    if notify:
+                        self._registry.stats["notifies"] += 1
                     return
                 except CoordinationError:
                     if line.is_current(gen):
                         raise  # the connection is fine: the statement itself failed
-            # The lock died with the connection it was taken on; the waiters still wait.
-            await line.statement(f"the NOTIFY of key {coalesce_key}", _NOTIFY, params)
+            # The lock died with the connection it was taken on; the waiters still wait
+            # unless the write told them.
+            if notify:
+                await line.statement(f"the NOTIFY of key {coalesce_key}", _NOTIFY, params)
+                self._registry.stats["notifies"] += 1
         except Exception as exc:  # noqa: BLE001 - logged; the probe is the safety net
             self._registry.stats["notify_failures"] += 1
             logger.warning(
-                "could not notify the waiters of key %s: %s; the crash probe will wake them",
+                "could not release the lock of key %s or notify its waiters: %s; the crash "
+                "probe will wake them",
                 coalesce_key,
                 exc,
             )
@@ -502,15 +477,6 @@ class PostgresCoordinator(Service):
         return line if line.conn is not None else self._lines[0]
 
     # ------------------------------------------------------------------ losers
-
-    async def wait_for_key(self, coalesce_key: str, timeout: float) -> WakeReason:
-        """Park until the key's holder notifies, ``timeout`` passes, a probe finds its lock
-        free, the LISTEN connection had a gap, or the coordinator closes; return which.
-        Holds no connection; never raises (CLOSE at once when closed)."""
-        if self.closed:
-            return self._registry.record(coalesce_key, WakeReason.CLOSE)
-        self.check_started("wait_for_key")
-        return await self._registry.register(coalesce_key, lock_id(coalesce_key)).wait(timeout)
 
     def _on_notify(self, payload: str) -> None:
         """The hub's handler for the populated channel: wake the waiters of that id. A
@@ -539,7 +505,7 @@ class PostgresCoordinator(Service):
 
     async def _heartbeat_loop(self) -> None:
         """Keep every lock connection from being idle for ``lock_idle_timeout``: a third of
-        it at most between statements (see the module docstring)."""
+        it at most between statements (see docs/design.md, "The lock discipline")."""
         beat = self._lock_idle_timeout / 3
         while True:
             await asyncio.sleep(beat / 2)  # half: a line is beaten within 'beat' of its use

@@ -1,10 +1,7 @@
-"""The waiter registry both coordinators share: parked callers, keyed by lock id.
+"""The waiter registry both coordinators share: callers parked on a lost lock, by lock id.
 
-A caller that loses a key's lock gets a :class:`Waiter` — a handle it waits on, holding no
-connection. Waiters are registered *before* the try-lock, so a holder that finishes
-between the lost try and the wait still wakes them. Whoever learns that a key's holder is
-done (its own release in this process, a NOTIFY from another, a crash probe, a LISTEN gap,
-close) wakes the key's waiters through the registry.
+Waiters are registered before the try-lock; whoever learns that a key's holder is done (a
+release here, a NOTIFY, the crash probe, a LISTEN gap, close) wakes them through it.
 """
 
 from __future__ import annotations
@@ -28,6 +25,7 @@ STAT_KEYS = (
     "woken_probe",
     "woken_gap",
     "woken_close",
+    "notifies",
     "notify_failures",
 )
 
@@ -36,8 +34,8 @@ STAT_KEYS = (
 class Waiter:
     """One caller parked on a key: ``await waiter.wait(timeout)``, or ``cancel()``.
 
-    Returned by a coordinator's ``try_acquire_and_run`` when the lock was lost. It is
-    already registered, so a wake that happened since the lost try is not missed.
+    Behind a lost :class:`~fleetcache.coordination.base.KeyLock`. It is registered before
+    the try, so a wake that happened since the lost try is not missed.
     """
 
     coalesce_key: str

@@ -1,10 +1,11 @@
 """Layer 6: the seed's domain — module definitions cached over a prerenderer.
 
-The public names below are part of the contract; a simulated prerender server to test
-against is in :mod:`fleetcache.definitions.testing`.
+The names in ``__all__`` are its public API (listed in the README's reference); a simulated
+prerender server to test against is in :mod:`fleetcache.definitions.testing`.
 """
 
 from fleetcache.definitions.errors import (
+    DefinitionsError,
     FilterRefersToNonexistentTypeError,
     MalformedRenderResponseError,
     PrerenderError,
@@ -23,21 +24,13 @@ from fleetcache.definitions.prerenderer import (
     Prerenderer,
     RetryPolicy,
 )
-from fleetcache.definitions.setup import (
-    COALESCE_FLAG,
-    SEED_INVALIDATED_CHANNEL,
-    SEED_POPULATED_CHANNEL,
-    coalesce_flag_enabled,
-    seed_open_options,
-)
+from fleetcache.definitions.setup import seed_open_options
 
 __all__ = [
-    "COALESCE_FLAG",
-    "SEED_INVALIDATED_CHANNEL",
-    "SEED_POPULATED_CHANNEL",
     "AuthProvider",
     "CachingDefinitionLookup",
     "CodeRef",
+    "DefinitionsError",
     "FilterRefersToNonexistentTypeError",
     "HttpPrerenderer",
     "MalformedRenderResponseError",
@@ -50,6 +43,5 @@ __all__ = [
     "Realm",
     "RealmDefinitionLookup",
     "RetryPolicy",
-    "coalesce_flag_enabled",
     "seed_open_options",
 ]

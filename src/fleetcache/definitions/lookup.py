@@ -1,8 +1,8 @@
 """``CachingDefinitionLookup``: the seed's module-definitions cache, on the generic cache.
 
 One entry per module, stored as the prerenderer sent it. Single flight, staleness, error TTL
-and fleet coordination come from :class:`~fleetcache.lookup.caching.CachingLookup`; this
-layer adds URLs, realms, candidates, "missing module" and dependency-error aggregation.
+and fleet coordination come from the generic cache it is made over; this layer adds URLs,
+realms, candidates, "missing module" and dependency-error aggregation.
 """
 
 from __future__ import annotations
@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import copy
-import time
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from fleetcache.coordination.base import PopulateCoordinator
 from fleetcache.definitions.errors import FilterRefersToNonexistentTypeError
 from fleetcache.definitions.models import (
     CodeRef,
@@ -38,17 +36,12 @@ from fleetcache.definitions.urls import (
     is_missing_module,
     trim_executable_extension,
 )
+from fleetcache.errors import ConfigurationError
+from fleetcache.factory import Fleetcache
 from fleetcache.logcontext import get_logger
-from fleetcache.lookup.caching import (
-    DEFAULT_COMPUTE_TIMEOUT,
-    DEFAULT_ERROR_TTL,
-    DEFAULT_MAX_ROUNDS,
-    DEFAULT_WAIT_TIMEOUT,
-    CachingLookup,
-    InvalidationPublisher,
-)
+from fleetcache.lookup.caching import CachingLookup
 from fleetcache.lookup.populate import MISSING, Missing, Produce, Produced
-from fleetcache.stores.base import Entry, Key, Store
+from fleetcache.stores.base import Entry, Key
 
 logger = get_logger("fleetcache.definitions")
 
@@ -123,60 +116,40 @@ def flatten_meta(response: ModuleRenderResponse) -> dict[str, Any] | None:
 class CachingDefinitionLookup:
     """Module definitions through a read-through cache over a :class:`Prerenderer`.
 
-    Register the realms whose modules it may look up (``register_realm``). With a
-    ``coordinator`` one process of the fleet renders a module while the others wait;
-    with a ``publisher`` invalidations reach the other processes.
-    ``aggregation_timeout`` bounds how long a failing module waits, in all, for its
-    dependencies' errors; beyond it the errors already cached are listed and, if some
-    dependency's outcome is still unknown, the error is answered but not cached.
+    Made over an open cache (``fleetcache.open(url)``) or its lookup (``cache.lookup``),
+    whose every option applies: its store, fleet coordination and invalidation broadcast,
+    near tier, expiry, codec, error TTL and bounds. Register the realms whose modules it
+    may look up (``register_realm``). ``aggregation_timeout`` bounds how long a failing
+    module waits, in all, for its dependencies' errors; beyond it the errors already
+    cached are listed and, if some dependency's outcome is still unknown, the error is
+    answered but not cached.
     """
 
     def __init__(
         self,
-        store: Store,
-        prerenderer: Prerenderer,
-        *,
-        coordinator: PopulateCoordinator | None = None,
-        publisher: InvalidationPublisher | None = None,
-        error_ttl: float = DEFAULT_ERROR_TTL,
-        clock: Callable[[], float] = time.time,
-        compute_timeout: float = DEFAULT_COMPUTE_TIMEOUT,
-        max_rounds: int = DEFAULT_MAX_ROUNDS,
-        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
-        aggregation_timeout: float = 30.0,
-    ) -> None:
-        lookup: CachingLookup[Any] = CachingLookup(
-            store,
-            coordinator=coordinator,
-            publisher=publisher,
-            error_ttl=error_ttl,
-            clock=clock,
-            compute_timeout=compute_timeout,
-            max_rounds=max_rounds,
-            wait_timeout=wait_timeout,
-        )
-        self._init(lookup, prerenderer, aggregation_timeout)
-
-    @classmethod
-    def over(
-        cls,
-        lookup: CachingLookup[Any],
+        cache: Fleetcache | CachingLookup[Any],
         prerenderer: Prerenderer,
         *,
         aggregation_timeout: float = 30.0,
-    ) -> CachingDefinitionLookup:
-        """A definitions lookup sharing an existing generic lookup (its store, coordinator,
-        publisher, in-flight map and near tier), e.g. ``(await fleetcache.open(url)).lookup``."""
-        self = cls.__new__(cls)
-        self._init(lookup, prerenderer, aggregation_timeout)
-        return self
-
-    def _init(
-        self, lookup: CachingLookup[Any], prerenderer: Prerenderer, aggregation_timeout: float
     ) -> None:
-        self.lookup = lookup
+        if isinstance(cache, Fleetcache):
+            cache = cache.lookup
+        if not isinstance(cache, CachingLookup):
+            raise ConfigurationError(
+                "CachingDefinitionLookup is made over an open cache (fleetcache.open) or its "
+                f"lookup, not a {type(cache).__name__}"
+            )
+        if (
+            isinstance(aggregation_timeout, bool)
+            or not isinstance(aggregation_timeout, int | float)
+            or not (math.isfinite(aggregation_timeout) and aggregation_timeout > 0)
+        ):
+            raise ConfigurationError(
+                f"aggregation_timeout must be a number of seconds > 0, got {aggregation_timeout!r}"
+            )
+        self.lookup: CachingLookup[Any] = cache
         self.prerenderer = prerenderer
-        self.aggregation_timeout = aggregation_timeout
+        self.aggregation_timeout = float(aggregation_timeout)
         # Registered realms by URL; written by register_realm, read by every lookup.
         self._realms: dict[str, Realm] = {}
 

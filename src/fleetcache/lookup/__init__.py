@@ -1,17 +1,2 @@
-"""Layer 5: the generic caching lookup."""
-
-from fleetcache.lookup.caching import CachingLookup, InvalidationPublisher
-from fleetcache.lookup.codec import Codec
-from fleetcache.lookup.populate import MISSING, Missing, Produce, Produced
-from fleetcache.lookup.singleflight import SingleFlight
-
-__all__ = [
-    "MISSING",
-    "CachingLookup",
-    "Codec",
-    "InvalidationPublisher",
-    "Missing",
-    "Produce",
-    "Produced",
-    "SingleFlight",
-]
+"""Layer 5, internal: the generic caching lookup. Not part of the public API: import what
+a user needs from :mod:`fleetcache`."""

@@ -1,26 +1,5 @@
-"""``@cache.cached(...)``: an async function whose results are cached by its arguments.
-
-::
-
-    @cache.cached(namespace="prices", ttl=60, stale_ttl=300)
-    async def price(symbol: str, currency: str = "EUR") -> float:
-        return await fetch_price(symbol, currency)
-
-    await price("ACME")                 # computed once across the fleet, then cached
-    await price.invalidate("ACME")      # gone (and whatever depended on it)
-    await price.refresh("ACME")         # computed again now, and stored
-    await price.peek("ACME")            # the cached value or None; never computes
-
-The function's return value is the cached value (JSON; a tuple comes back as a list). The
-entry's name is made from the arguments, bound to the function's signature with defaults
-applied, as canonical JSON (``{"currency":"EUR","symbol":"ACME"}``), so ``price("ACME")``
-and ``price(symbol="ACME")`` share an entry. Arguments are told apart by their JSON form:
-an argument that a value could not be (not JSON, NaN, a dict with a key that is not a
-str, too deep, an int of more than 4300 digits) raises
-:class:`~fleetcache.errors.InvalidInputError` naming it, before anything is read or
-computed (give ``key=`` to build names yourself: ``key=lambda symbol, currency="EUR":
-symbol``). The namespace defaults to the function's module and qualified name.
-"""
+"""``@cache.cached(...)``: an async function whose results are cached by its arguments;
+see :class:`CachedFunction`."""
 
 from __future__ import annotations
 
@@ -31,20 +10,21 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
 from fleetcache.errors import ConfigurationError, InvalidInputError
-from fleetcache.lookup.caching import DEFAULT
+from fleetcache.lookup.expiry import DEFAULT
 from fleetcache.lookup.populate import Produced
 from fleetcache.stores.base import Key
 from fleetcache.stores.validation import check_json, check_name
 
 if TYPE_CHECKING:
-    from fleetcache.lookup.caching import CachingLookup, Setting
+    from fleetcache.lookup.caching import CachingLookup
+    from fleetcache.lookup.expiry import Setting
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 class KeyMaker:
-    """The entry keys of a decorated function's calls (see the module docstring); shared by
+    """The entry keys of a decorated function's calls (see :class:`CachedFunction`); shared by
     the async decorator and the sync one (:mod:`fleetcache.sync`)."""
 
     def __init__(
@@ -98,7 +78,26 @@ class KeyMaker:
 
 
 class CachedFunction(Generic[P, R]):
-    """An async function whose results live in a cache; see the module docstring."""
+    """An async function whose results live in a cache::
+
+        @cache.cached(namespace="prices", ttl=60, stale_ttl=300)
+        async def price(symbol: str, currency: str = "EUR") -> float:
+            return await fetch_price(symbol, currency)
+
+        await price("ACME")                 # computed once across the fleet, then cached
+        await price.invalidate("ACME")      # gone (and whatever depended on it)
+        await price.refresh("ACME")         # computed again now, and stored
+        await price.peek("ACME")            # the cached value or None; never computes
+
+    The function's return value is the cached value (JSON; a tuple comes back as a list).
+    The entry's name is made from the arguments, bound to the function's signature with
+    defaults applied, as canonical JSON (``{"currency":"EUR","symbol":"ACME"}``), so
+    ``price("ACME")`` and ``price(symbol="ACME")`` share an entry. An argument that a value
+    could not be (not JSON, NaN, a dict with a key that is not a str, too deep, an int of
+    more than 4300 digits) raises :class:`~fleetcache.errors.InvalidInputError` naming it,
+    before anything is read or computed (give ``key=`` to build names yourself). The
+    namespace defaults to the function's module and qualified name.
+    """
 
     def __init__(
         self,
@@ -117,7 +116,7 @@ class CachedFunction(Generic[P, R]):
             )
         self._keys = KeyMaker(fn, namespace=namespace, key=key)
         # Refused when decorating, not at the first call (nor after a refresh computed).
-        lookup._expiry(ttl, stale_ttl, early_refresh)
+        lookup.expiry(ttl=ttl, stale_ttl=stale_ttl, early_refresh=early_refresh)
         self._lookup = lookup
         self._fn = fn
         self.namespace = self._keys.namespace
@@ -174,8 +173,8 @@ def cached(
     stale_ttl: Setting = DEFAULT,
     early_refresh: Setting = DEFAULT,
 ) -> Callable[[Callable[P, Awaitable[R]]], CachedFunction[P, R]]:
-    """A decorator caching an async function's results in ``lookup``; see the module
-    docstring. Expiry options left out are the lookup's (``fleetcache.open(ttl=...)``)."""
+    """A decorator caching an async function's results in ``lookup``; see
+    :class:`CachedFunction`. Expiry options left out are the lookup's (``open(ttl=...)``)."""
 
     def decorate(fn: Callable[P, Awaitable[R]]) -> CachedFunction[P, R]:
         return CachedFunction(

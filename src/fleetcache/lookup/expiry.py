@@ -1,29 +1,6 @@
-"""How an entry ages: time to live, stale-while-revalidate, and early refresh (XFetch).
-
-::
-
-    created_at          expires_at                     stale_until
-        |---- fresh (ttl) ----|---- stale (stale_ttl) ----|---- dead ---->
-        hit                    served at once, while one    a miss: callers wait
-        (may refresh early)    process of the fleet         for the computation
-                               refreshes it
-
-* **fresh**: a hit. With ``early_refresh=beta`` a hit may also start a refresh before
-  expiry, with a probability that grows as expiry nears (XFetch: Vattani, Chierichetti and
-  Lowenstein, "Optimal Probabilistic Cache Stampede Prevention", VLDB 2015): refresh when
-  ``now - compute_ms * beta * ln(u) >= expires_at`` for ``u`` uniform in (0, 1]; the longer
-  the value took to compute, the earlier. A hot key is thus refreshed once, before it
-  expires, and nobody ever waits for it.
-* **stale**: served to the caller at once; one refresh runs in the background, and across
-  the fleet only the process that wins the key's lock runs it (the others keep serving
-  the stale value). A refresh that fails leaves the stale value until the window ends.
-* **dead**: a miss.
-
-An invalidated name is gone, not stale: invalidation deletes the entry, and a refresh that
-began before the invalidation is refused by the store like any computation.
-
-Expiry is decided by each reader's clock against times written by the writer's clock: a
-fleet's clocks must agree to well within the TTLs used.
+"""How an entry ages: time to live, stale-while-revalidate and early refresh (XFetch), as
+one :class:`Expiry` value; and where an entry is in its life (:func:`freshness`). The
+lifecycle is drawn in the README ("Values that age") and argued in ``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -34,9 +11,24 @@ import numbers
 import reprlib
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, TypeAlias
 
 from fleetcache.errors import ConfigurationError
 from fleetcache.stores.base import Entry
+
+
+class _Default:
+    """The type of :data:`DEFAULT`: "use the lookup's setting" (None means "none")."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: Passed for ``ttl``/``stale_ttl``/``early_refresh``: the lookup's own setting.
+DEFAULT: Final = _Default()
+#: An expiry option of one call: seconds (or beta), None (none), or DEFAULT.
+Setting: TypeAlias = float | _Default | None
 
 
 class Freshness(enum.Enum):
@@ -47,8 +39,13 @@ class Freshness(enum.Enum):
     DEAD = "dead"
 
 
-def freshness(entry: Entry, now_ms: float) -> Freshness:
-    """Where ``entry`` is at ``now_ms`` (ms since the epoch)."""
+def freshness(entry: Entry, now_ms: float, error_ttl: float) -> Freshness:
+    """Where ``entry`` is at ``now_ms`` (ms since the epoch); an error entry lives for
+    ``error_ttl`` seconds (and is dead without a creation time)."""
+    if entry.error is not None:
+        created = entry.created_at
+        alive = created is not None and now_ms - created <= error_ttl * 1000
+        return Freshness.FRESH if alive else Freshness.DEAD
     if entry.expires_at is None or now_ms < entry.expires_at:
         return Freshness.FRESH
     if entry.stale_until is not None and now_ms < entry.stale_until:
@@ -56,21 +53,13 @@ def freshness(entry: Entry, now_ms: float) -> Freshness:
     return Freshness.DEAD
 
 
-def deadlines(
-    created_at: int, ttl: float | None, stale_ttl: float | None
-) -> tuple[int | None, int | None]:
-    """``(expires_at, stale_until)`` in ms for an entry created at ``created_at``."""
-    if ttl is None:
-        return None, None
-    expires_at = created_at + round(ttl * 1000)
-    return expires_at, expires_at + round((stale_ttl or 0.0) * 1000)
-
-
 def refresh_early(
     entry: Entry, now_ms: float, beta: float | None, uniform: Callable[[], float]
 ) -> bool:
-    """Whether a hit on a fresh ``entry`` should refresh it now (XFetch; see the module
-    docstring). ``uniform`` returns a float in [0, 1)."""
+    """Whether a hit on a fresh ``entry`` should refresh it now (the
+    XFetch rule: refresh when ``now - compute_ms * beta * ln(u) >= expires_at`` for ``u``
+    uniform in (0, 1], so the longer the value took to compute, the earlier).
+    ``uniform`` returns a float in [0, 1)."""
     if beta is None or entry.expires_at is None or not entry.compute_ms:
         return False
     u = 1.0 - uniform()  # in (0, 1]: ln(u) is finite and <= 0
@@ -130,3 +119,59 @@ def _check_number(what: str, value: object) -> None:
         raise ConfigurationError(
             f"{what} must be a number or None, got {type(value).__name__} {reprlib.repr(value)}"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    """How a computed value ages: fresh for ``ttl`` seconds (None: it never expires), then
+    served stale for ``stale_ttl`` seconds while one refresh runs, and with
+    ``early_refresh`` (a beta > 0) refreshed early, with a probability that grows as expiry
+    nears (XFetch: Vattani, Chierichetti and Lowenstein, VLDB 2015). Checked when made:
+    anything else raises :class:`~fleetcache.errors.ConfigurationError` naming it."""
+
+    ttl: float | None = None
+    stale_ttl: float | None = None
+    early_refresh: float | None = None
+
+    def __post_init__(self) -> None:
+        check_expiry(self.ttl, self.stale_ttl, self.early_refresh)
+        # As floats: a Fraction or a numpy number would otherwise reach the stored times.
+        for name in ("ttl", "stale_ttl", "early_refresh"):
+            value = getattr(self, name)
+            if value is not None and type(value) is not float:
+                object.__setattr__(self, name, float(value))
+
+    def deadlines(self, created_at: int) -> tuple[int | None, int | None]:
+        """``(expires_at, stale_until)`` in ms for a value created at ``created_at``."""
+        if self.ttl is None:
+            return None, None
+        expires_at = created_at + round(self.ttl * 1000)
+        return expires_at, expires_at + round((self.stale_ttl or 0.0) * 1000)
+
+    def of_call(self, ttl: Setting, stale_ttl: Setting, early_refresh: Setting) -> Expiry:
+        """A call's expiry: the options it gives over these (its lookup's), checked."""
+        if (
+            isinstance(ttl, _Default)
+            and isinstance(stale_ttl, _Default)
+            and isinstance(early_refresh, _Default)
+        ):
+            return self
+        ttl_ = self.ttl if isinstance(ttl, _Default) else ttl
+        if ttl_ is None:
+            # Never expires, so never stale: only options given in this call can contradict
+            # that (the lookup's own were checked together when they were made).
+            return Expiry(None, _given(stale_ttl), _given(early_refresh))
+        return Expiry(
+            ttl_,
+            self.stale_ttl if isinstance(stale_ttl, _Default) else stale_ttl,
+            self.early_refresh if isinstance(early_refresh, _Default) else early_refresh,
+        )
+
+
+#: Values never expire.
+NEVER = Expiry()
+
+
+def _given(setting: Setting) -> float | None:
+    """An expiry option as given in a call (None where left out)."""
+    return None if isinstance(setting, _Default) else setting

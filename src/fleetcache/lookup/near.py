@@ -1,37 +1,7 @@
-"""The near tier: entries served from process memory, coherent with the fleet's store.
-
-A bounded, least-recently-used map from key to entry in front of the store. Every entry a
-``get`` obtains from the store or from a computation is kept (errors too, still subject to
-their TTL). What a caller receives is a fresh copy: the tier keeps each value as the bytes
-of the store's serializer (JSON or pickle, uncompressed) and error and diagnostics as JSON
-text, and decodes them on every hit, so no caller can change what the next one gets (their
-size is what the optional byte bound counts). It is safe from any thread (one lock), so the
-sync API serves near hits on its caller's thread.
-
-Coherence — when may a near hit be served, and why is it never stale beyond the broadcast?
-
-1. **Only while notifications flow.** A near hit is served only while this process's LISTEN
-   connection is up (``liveness.connected``) and has not dropped since the tier last looked
-   (``liveness.gaps`` unchanged). The hub counts a drop the moment it notices it, before it
-   reconnects; the tier then empties itself before any further near hit, because
-   invalidations broadcast meanwhile may never arrive.
-2. **Every invalidation evicts.** This process's own invalidations (the closure the store
-   returned: names, aliases, dependents) and every peer's broadcast (which carries the same
-   closure) evict the entries named or aliased by those names, and — transitively — the
-   entries here whose deps meet them. Clearing a namespace or everything empties those parts.
-3. **A fill that raced an invalidation is not inserted.** A filler reads :meth:`epoch`
-   *before* its store read; every eviction advances the epoch; :meth:`put` inserts only if
-   the epoch (and the hub's gap count) has not moved and notifications flow. Why that is
-   enough: an invalidation that committed after the filler's read is broadcast after its
-   commit, so its eviction reaches this process either before the fill (the epoch moved:
-   the fill is dropped) or after it (the eviction removes the filled entry).
-
-So a read that begins after this process heard an invalidation never returns what that
-invalidation removed. The remaining window is the broadcast's latency: between a peer's
-commit and the moment its NOTIFY is handled here, a near hit may still return the old
-value (the bench reports that window's p50/p99). Only Postgres has the broadcast, so the
-tier exists only there; see ``fleetcache.open``.
-"""
+"""The near tier: a bounded, least-recently-used copy of entries in process memory, kept
+coherent with the store by the fleet's invalidation broadcast and safe from any thread.
+A caller gets a fresh copy of a value (it is kept as its serializer's bytes). When a near
+hit may be served is argued in ``docs/design.md`` ("Near-tier coherence")."""
 
 from __future__ import annotations
 
@@ -83,10 +53,10 @@ class _Kept:
 
 
 class NearCache:
-    """The near tier (see the module docstring). ``max_entries`` bounds it by count and
-    ``max_bytes`` (optional) by the size of what it keeps; the least recently used entries
-    go first. ``values`` serializes the kept values: the store's codec (its compression
-    step aside)."""
+    """The near tier (see docs/design.md, "Near-tier coherence"). ``max_entries`` bounds it
+    by count and ``max_bytes`` (optional) by the size of what it keeps; the least recently
+    used entries go first. ``values`` serializes the kept values: the store's codec (its
+    compression step aside)."""
 
     def __init__(
         self,

@@ -1,49 +1,31 @@
-"""The populate protocol: how one computation of a missing key runs (layer 5).
-
-One attempt:
-
-1. **Stamp and re-read**, in one reading of the store (``Store.stamp_and_read``): the
-   stamp is no later than the read, so whatever the read did not see, the write below is
-   checked against. A usable entry found now is the answer (someone else stored it).
-2. **Candidates in order**: a candidate other than the key's own name is read first; then
-   ``produce(candidate key)``. ``MISSING`` moves on to the next candidate and stores
-   nothing; if all are missing the answer is None.
-3. **Guarded write** under the stamp. The store refuses it if anything the entry depends
-   on was invalidated after the stamp (its names, alias, deps, namespace, the store).
-
-A refused write means the result was computed from data an invalidation has since
-replaced, so it is thrown away. If a newer computation of the key is already under way in
-this process (callers who came after the invalidation started it), the populate stops with
-:class:`Overtaken` and its callers join that one; otherwise the attempt starts again with a
-fresh stamp. Either way every caller sharing the computation — including one that joined
-after the invalidation returned — gets a result computed after it. At most
-:data:`MAX_ATTEMPTS` attempts; if every one is overtaken (invalidations faster than the
-computation), the answer is what the store holds then, possibly None, and it is logged.
-
-Not stored, but returned: an error when the caller asked not to persist errors, and a
-result its producer marked ``cacheable=False``.
-
-The whole populate is bounded by ``compute_timeout``: past it the computation is cancelled,
-nothing is stored and :class:`~fleetcache.errors.ComputationTimeoutError` is raised at once,
-even if ``produce`` ignores its cancellation (it runs in a task of its own, then abandoned).
-"""
+"""The miss path of a caching lookup, as one loop: join or lead the key's flight in this
+process, try the key's fleet-wide lock, and as its winner stamp, produce and write under
+the stamp — or as a loser re-read, wait, and read again. Why each step is where it is:
+``docs/design.md`` ("The populate protocol", "One NOTIFY per fill", "Overtaken
+computations join the newer one")."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeGuard, TypeVar
 
-from fleetcache.errors import ComputationTimeoutError, InvalidInputError
-from fleetcache.logcontext import get_logger
+from fleetcache.coordination.base import KeyLock, PopulateCoordinator, WakeReason
+from fleetcache.errors import ComputationTimeoutError, CoordinationGaveUpError, InvalidInputError
+from fleetcache.logcontext import get_logger, key_context
 from fleetcache.lookup.codec import Codec
-from fleetcache.lookup.expiry import deadlines
+from fleetcache.lookup.expiry import NEVER, Expiry, Freshness, freshness
+from fleetcache.lookup.near import NearCache
+from fleetcache.lookup.options import LookupOptions
+from fleetcache.lookup.singleflight import SingleFlight, WaitTimeout
 from fleetcache.lookup.stats import LookupStats
-from fleetcache.stores.base import JSON, Entry, Key, Store
+from fleetcache.stores.base import JSON, Entry, GenerationStamp, Key, Store
 from fleetcache.stores.validation import check_names
 
 logger = get_logger("fleetcache.lookup")
@@ -52,6 +34,9 @@ V = TypeVar("V")
 
 #: How many times a computation whose result was refused as stale runs in all.
 MAX_ATTEMPTS = 3
+#: How much longer than its computation may take a caller waits before giving up on it
+#: (only reached when a store or lock statement hangs).
+CALLER_GRACE = 1.0
 
 
 class Missing(enum.Enum):
@@ -90,8 +75,7 @@ class Request(Generic[V]):
     candidates: tuple[str, ...]
     alias: str | None
     persist_errors: bool
-    ttl: float | None = None
-    stale_ttl: float | None = None
+    expiry: Expiry = NEVER
     # A refresh replaces the entry created at this time (ms): a stored entry answers it
     # only if it is newer (someone else refreshed it meanwhile), not the same one.
     newer_than: int | None = None
@@ -102,83 +86,118 @@ class Request(Generic[V]):
         alias = (self.alias,) if self.alias is not None else ()
         return tuple(dict.fromkeys((self.key.name, *self.candidates, *alias)))
 
+    @property
+    def lock_key(self) -> str:
+        """The fleet-wide lock the computation takes: the alias's key when there is an
+        alias ("x" and "x.gts" may produce the same entry, so they take turns and the
+        loser re-reads its own key), else the key's."""
+        key = self.key if self.alias is None else self.key.with_name(self.alias)
+        return key.coalesce_key
+
+
+@dataclass(frozen=True, slots=True)
+class Overtaken:
+    """A computation whose result the store refused while a newer computation of its key
+    was already under way in this process: its callers join ``flight`` instead."""
+
+    flight: asyncio.Task[Entry | None]
+
+
+class Elsewhere(enum.Enum):
+    """A refresh this process does not run: another one holds the key's lock."""
+
+    ELSEWHERE = "elsewhere"
+
+
+ELSEWHERE = Elsewhere.ELSEWHERE
+
 
 class _Refused(enum.Enum):
     REFUSED = "refused"
 
 
-@dataclass(frozen=True, slots=True)
-class Overtaken:
-    """A populate whose result the store refused while a newer computation of its key was
-    already under way in this process: its callers are to join ``flight``, that newer
-    computation, instead of computing once more beside it."""
-
-    flight: asyncio.Task[Entry | None]
-
-
-#: Finds the newer computation of a key that a refused populate's callers should join.
-NewerFlight = Callable[[], asyncio.Task[Entry | None] | None]
-
-
 class Populator(Generic[V]):
-    """Runs the populate protocol for a caching lookup (see the module docstring).
+    """Computes missing entries for a caching lookup: one flight per key in this process,
+    one computing process per key in the fleet (with a coordinator), and a write the store
+    checks against every invalidation since the computation began.
 
-    ``usable`` says whether a stored entry answers a caller (the lookup's error-TTL
-    policy); ``codec`` turns produced values into the JSON stored (None: they are JSON).
+    ``flights`` is the lookup's in-flight map (its invalidations forget keys in it);
+    ``codec`` turns produced values into what the store keeps (None: they are JSON);
+    ``near`` is filled with what a computation stored or found.
     """
 
     def __init__(
         self,
         store: Store,
+        flights: SingleFlight[Key, Entry | None],
         *,
-        usable: Callable[[Entry | None], TypeGuard[Entry]],
+        coordinator: PopulateCoordinator | None,
+        near: NearCache | None,
         codec: Codec[V] | None,
+        options: LookupOptions,
         stats: LookupStats,
-        compute_timeout: float,
-        error_ttl: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
-        self._usable = usable
+        self.coordinator = coordinator
+        self.near = near
+        self.options = options
+        self._flights = flights
         self._codec = codec
         self._stats = stats
-        self.compute_timeout = compute_timeout
-        self._error_ttl = error_ttl
         self._clock = clock
         # produce() calls under way, each in its own task (see _produce). Added by
         # _produce, removed by each task's done callback, cancelled by close(). Event
         # loop only: no lock.
         self._producing: set[asyncio.Future[Any]] = set()
+        # How long a caller waits for a computation at most: its own wait for another
+        # process, then the computation's bound, plus a grace. The flight itself ends by
+        # then (a computation answers at its compute timeout even if produce ignores its
+        # cancellation), so this only catches a store or lock statement that hangs.
+        compute = options.compute_timeout
+        waiting = options.max_rounds * options.wait_timeout if coordinator is not None else 0.0
+        self._caller_budget = waiting + compute + CALLER_GRACE
+        self._caller_bound = f"compute_timeout={compute:g} s + {CALLER_GRACE:g} s"
+        if coordinator is not None:
+            self._caller_bound = (
+                f"max_rounds={options.max_rounds} x wait_timeout={options.wait_timeout:g} s "
+                f"for another process's computation, then {self._caller_bound}"
+            )
 
-    async def populate(
-        self,
-        request: Request[V],
-        *,
-        on_stored: Callable[[Entry], object] | None = None,
-        announce: tuple[str, str] | None = None,
-        newer: NewerFlight | None = None,
-    ) -> Entry | Overtaken | None:
-        """The entry for ``request`` (stored, found, or returned unstored), or None when
-        every candidate is missing. ``on_stored`` is called with an entry that is in the
-        store (found there, or written) — not with one returned unstored. ``announce`` is
-        a NOTIFY sent in the write's transaction (see ``Store.write``). ``newer`` is asked
-        after a refused write for a newer computation of the key to join: if it names
-        one, the answer is :class:`Overtaken` (no further attempt runs)."""
-        timeout = asyncio.timeout(self.compute_timeout)
+    # ------------------------------------------------------------------ callers
+
+    def running(self, key: Key) -> asyncio.Task[Entry | None] | None:
+        """The computation of ``key`` a caller would join now, if any."""
+        return self._flights.running(key)
+
+    async def join(self, key: Key, flight: asyncio.Task[Entry | None]) -> Entry | None:
+        """The result of a computation already under way (see :meth:`running`)."""
+        started = time.monotonic()
         try:
-            async with timeout:
-                outcome = await self._attempts(request, announce, newer)
-                if isinstance(outcome, Overtaken):
-                    return outcome
-                entry, stored = outcome
-                if stored and entry is not None and on_stored is not None:
-                    on_stored(entry)
-                return entry
-        except TimeoutError:
-            if not timeout.expired():
-                raise  # the producer's own TimeoutError, not ours
-            self._stats.compute_timeouts += 1
-            raise ComputationTimeoutError(request.key.coalesce_key, self.compute_timeout) from None
+            return await self._flights.wait(flight, self._caller_budget)
+        except WaitTimeout:
+            raise self._no_answer(key, started) from None
+
+    async def load(self, request: Request[V]) -> Entry | None:
+        """The entry for a key the store did not have: computed here (the key's one
+        computation in this process, which callers arriving meanwhile join), or by
+        another process of the fleet, or found stored meanwhile. None when every
+        candidate is missing (or the error is not to be persisted)."""
+        started = time.monotonic()
+        try:
+            return await self._flights.do(
+                request.key, lambda: self._lead(request), timeout=self._caller_budget
+            )
+        except WaitTimeout:
+            raise self._no_answer(request.key, started) from None
+
+    async def refresh(self, request: Request[V]) -> Entry | Overtaken | Elsewhere | None:
+        """Compute ``request`` once more if this process wins the key's lock;
+        :data:`ELSEWHERE` at once if another process holds it (that one refreshes it)."""
+        async with self._lock(request) as lock:
+            if not lock.won:
+                return ELSEWHERE
+            return await self._fill(request, lock)
 
     async def close(self, timeout: float) -> None:
         """Cancel the ``produce`` calls still running (those abandoned at their compute
@@ -189,60 +208,146 @@ class Populator(Generic[V]):
         if tasks and timeout > 0:
             await asyncio.wait(tasks, timeout=timeout)
 
-    async def _attempts(
-        self, request: Request[V], announce: tuple[str, str] | None, newer: NewerFlight | None
-    ) -> tuple[Entry | None, bool] | Overtaken:
-        """The entry and whether it is in the store, or :class:`Overtaken`."""
+    # ------------------------------------------------------------------ the loop
+
+    async def _lead(self, request: Request[V]) -> Entry | None:
+        """The key's one computation in this process (the body of its flight)."""
+        with key_context(request.key.coalesce_key):
+            outcome = await self._populate(request)
+        if isinstance(outcome, Overtaken):
+            # Joined only now that _populate returned, so our lock on the key is released:
+            # the newer flight may be waiting for that very lock (docs/design.md).
+            return await self._flights.wait(outcome.flight)
+        return outcome
+
+    async def _populate(self, request: Request[V]) -> Entry | Overtaken | None:
+        """Rounds of: try the key's lock; won: fill it; lost: re-read, wait for the
+        holder, read again. Waiting is bounded by time (``max_rounds * wait_timeout``),
+        not by wakes; once it is spent, one more read and try, then a typed error."""
+        options = self.options
+        started = time.monotonic()
+        deadline = started + options.max_rounds * options.wait_timeout
+        reasons: list[WakeReason] = []
+        while True:
+            async with self._lock(request) as lock:
+                if lock.won:
+                    return await self._fill(request, lock)
+                # A fill that committed before our try is in the store now; one that commits
+                # later wakes our waiter, registered before the try (docs/design.md).
+                entry = await self._read(request)
+                if entry is not None:
+                    return entry
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                reason = await lock.wait(min(options.wait_timeout, remaining))
+            reasons.append(reason)
+            logger.debug(
+                "round %d for key %s: lost the lock, woken by %s",
+                len(reasons),
+                request.key.coalesce_key,
+                reason,
+            )
+            entry = await self._read(request)
+            if entry is not None:
+                return entry
+        self._stats.gave_up += 1
+        raise CoordinationGaveUpError(
+            request.key.coalesce_key,
+            time.monotonic() - started,
+            len(reasons),
+            likely_cause(reasons),
+        )
+
+    def _lock(self, request: Request[V]) -> AbstractAsyncContextManager[KeyLock]:
+        """The key's fleet-wide lock; without a coordinator, one this process always wins."""
+        if self.coordinator is None:
+            return contextlib.nullcontext(KeyLock(request.lock_key, won=True))
+        return self.coordinator.lock(request.lock_key)
+
+    async def _read(self, request: Request[V]) -> Entry | None:
+        """The key's stored entry if it answers a waiting caller (then kept near too)."""
+        epoch = self.near.epoch() if self.near is not None else 0
+        entry = await self.store.read(request.key, by_alias=request.alias is not None)
+        return self._keep(entry, epoch) if self._usable(entry) else None
+
+    # ------------------------------------------------------------------ the winner
+
+    async def _fill(self, request: Request[V], lock: KeyLock) -> Entry | Overtaken | None:
+        """The winner's part, bounded by ``compute_timeout``: stamp and re-read in one
+        reading of the store; produce the candidates in order; write under the stamp.
+        A write the store refuses (something it depends on was invalidated meanwhile)
+        is thrown away: the callers join a newer computation of the key if one is
+        under way here, else the attempt runs again, at most :data:`MAX_ATTEMPTS` times."""
         key = request.key
         by_alias = request.alias is not None
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            stamp, entry = await self.store.stamp_and_read(key, request.names, by_alias=by_alias)
-            if self._usable(entry) and (
-                request.newer_than is None or (entry.created_at or 0) > request.newer_than
-            ):
-                return entry, True
-            outcome = await self._candidates(request, stamp, announce)
-            if outcome is not _Refused.REFUSED:
-                return outcome
-            self._stats.stale_refused += 1
-            flight = newer() if newer is not None else None
-            if flight is not None:
-                self._stats.overtaken += 1
-                logger.info(
-                    "the result for key %s was refused by the store (something it depends on "
-                    "was invalidated while it was computed); its callers join the newer "
-                    "computation already under way",
+        epoch = self.near.epoch() if self.near is not None else 0  # before any store read
+        timeout = asyncio.timeout(self.options.compute_timeout)
+        try:
+            async with timeout:
+                for attempt in range(1, MAX_ATTEMPTS + 1):
+                    stamp, entry = await self.store.stamp_and_read(
+                        key, request.names, by_alias=by_alias
+                    )
+                    if self._usable(entry) and (
+                        request.newer_than is None or (entry.created_at or 0) > request.newer_than
+                    ):
+                        return self._keep(entry, epoch)  # someone else stored it
+                    outcome = await self._candidates(request, stamp, lock)
+                    if outcome is None:
+                        return None  # every candidate is missing
+                    if isinstance(outcome, Entry):
+                        return self._keep(outcome, epoch) if outcome.stored else outcome
+                    self._stats.stale_refused += 1
+                    newer = self._flights.running(key)
+                    if newer is not None and newer is not asyncio.current_task():
+                        self._stats.overtaken += 1
+                        logger.info(
+                            "the result for key %s was refused by the store (something it "
+                            "depends on was invalidated while it was computed); its callers "
+                            "join the newer computation already under way",
+                            key.coalesce_key,
+                        )
+                        return Overtaken(newer)
+                    if attempt < MAX_ATTEMPTS:
+                        self._stats.restarts += 1
+                    logger.info(
+                        "the result for key %s was refused by the store: something it "
+                        "depends on was invalidated while it was computed (attempt %d of %d)",
+                        key.coalesce_key,
+                        attempt,
+                        MAX_ATTEMPTS,
+                    )
+                logger.warning(
+                    "key %s was invalidated during each of %d computations; answering with "
+                    "what the store holds now",
                     key.coalesce_key,
+                    MAX_ATTEMPTS,
                 )
-                return Overtaken(flight)
-            if attempt < MAX_ATTEMPTS:
-                self._stats.restarts += 1
-            logger.info(
-                "the result for key %s was refused by the store: something it depends on "
-                "was invalidated while it was computed (attempt %d of %d)",
-                key.coalesce_key,
-                attempt,
-                MAX_ATTEMPTS,
-            )
-        logger.warning(
-            "key %s was invalidated during each of %d computations; answering with what "
-            "the store holds now",
-            key.coalesce_key,
-            MAX_ATTEMPTS,
-        )
-        entry = await self.store.read(key, by_alias=by_alias)
-        return (entry, True) if self._usable(entry) else (None, False)
+                entry = await self.store.read(key, by_alias=by_alias)
+                return self._keep(entry, epoch) if self._usable(entry) else None
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # the producer's own TimeoutError, not ours
+            self._stats.compute_timeouts += 1
+            raise ComputationTimeoutError(key.coalesce_key, self.options.compute_timeout) from None
+        finally:
+            # The result is in the store (or final): callers arriving from now on read the
+            # store instead of joining, though the lock is not released yet (docs/design.md).
+            self._flights.detach(key)
 
     async def _candidates(
-        self, request: Request[V], stamp: Any, announce: tuple[str, str] | None
-    ) -> tuple[Entry | None, bool] | _Refused:
-        key = request.key
+        self, request: Request[V], stamp: GenerationStamp, lock: KeyLock
+    ) -> Entry | _Refused | None:
+        """The first candidate that exists, produced and written under ``stamp`` (its
+        write carries the lock's NOTIFY); None if every one is missing; REFUSED if the
+        store refused the write. A candidate other than the key's own name is read first."""
         for candidate in request.candidates:
-            candidate_key = key.with_name(candidate)
-            if candidate != key.name:
+            candidate_key = request.key.with_name(candidate)
+            if candidate != request.key.name:
                 entry = await self.store.read(candidate_key)
                 if self._usable(entry):
-                    return entry, True
+                    return entry
             self._stats.computations += 1
             started = self._clock()  # the lookup's clock (a test's too), never below zero
             produced = await self._produce(request.produce, candidate_key)
@@ -250,42 +355,44 @@ class Populator(Generic[V]):
             if produced is MISSING:
                 self._stats.missing += 1
                 continue
-            if not isinstance(produced, Produced):  # a bare value would fail untyped below
-                raise InvalidInputError(
-                    f"produce for key {candidate_key.coalesce_key} returned a "
-                    f"{type(produced).__name__}; it must return Produced(value=...) or MISSING"
-                )
-            value = produced.value if self._codec is None else self._codec.encode(produced.value)
-            created_at = int(self._clock() * 1000)
-            if produced.error is None:
-                expires_at, stale_until = deadlines(created_at, request.ttl, request.stale_ttl)
-            else:  # an error lives for the error TTL (so it can be purged after)
-                expires_at, stale_until = deadlines(created_at, self._error_ttl, None)
-            entry = Entry(
-                key=candidate_key,
-                value=value,
-                # A str would otherwise become one dep per character.
-                deps=check_names(
-                    f"the deps produced for key {candidate_key.coalesce_key}", produced.deps
-                ),
-                error=produced.error,
-                created_at=created_at,
-                alias=request.alias,
-                diagnostics=produced.diagnostics,
-                expires_at=expires_at,
-                stale_until=stale_until,
-                compute_ms=compute_ms,
-            )
+            entry = self._entry(request, candidate_key, produced, compute_ms)
             if not produced.cacheable or (entry.error is not None and not request.persist_errors):
                 # Returned, never stored: joined callers filter errors by their own wish.
                 self._stats.not_persisted += 1
-                return dataclasses.replace(entry, stored=False), False
-            if not await self.store.write(entry, stamp=stamp, notify=announce):
+                return dataclasses.replace(entry, stored=False)
+            if not await self.store.write(entry, stamp=stamp, notify=lock.notify):
                 return _Refused.REFUSED
+            lock.notified = lock.notify is not None
             if entry.error is not None:
                 self._stats.errors_cached += 1
-            return entry, True
-        return None, False
+            return entry
+        return None
+
+    def _entry(self, request: Request[V], key: Key, produced: object, compute_ms: int) -> Entry:
+        """The entry to store for what ``produce`` returned for ``key``."""
+        if not isinstance(produced, Produced):  # a bare value would fail untyped below
+            raise InvalidInputError(
+                f"produce for key {key.coalesce_key} returned a {type(produced).__name__}; "
+                "it must return Produced(value=...) or MISSING"
+            )
+        created_at = int(self._clock() * 1000)
+        if produced.error is None:
+            expires_at, stale_until = request.expiry.deadlines(created_at)
+        else:  # an error lives for the error TTL (so it can be purged after)
+            expires_at, stale_until = Expiry(self.options.error_ttl).deadlines(created_at)
+        return Entry(
+            key=key,
+            value=produced.value if self._codec is None else self._codec.encode(produced.value),
+            # A str would otherwise become one dep per character.
+            deps=check_names(f"the deps produced for key {key.coalesce_key}", produced.deps),
+            error=produced.error,
+            created_at=created_at,
+            alias=request.alias,
+            diagnostics=produced.diagnostics,
+            expires_at=expires_at,
+            stale_until=stale_until,
+            compute_ms=compute_ms,
+        )
 
     async def _produce(self, produce: Produce[V], key: Key) -> Produced[V] | Missing:
         """``produce(key)`` in a task of its own, so that the compute timeout (or close)
@@ -301,3 +408,46 @@ class Populator(Generic[V]):
         except asyncio.CancelledError:
             task.cancel()
             raise
+
+    # ------------------------------------------------------------------ helpers
+
+    def _usable(self, entry: Entry | None) -> TypeGuard[Entry]:
+        """Whether a stored entry answers a caller waiting for a computation: present and
+        fresh (a stale one is what that computation is replacing)."""
+        return (
+            entry is not None
+            and freshness(entry, self._clock() * 1000, self.options.error_ttl) is Freshness.FRESH
+        )
+
+    def _keep(self, entry: Entry, epoch: int) -> Entry:
+        """``entry`` (one in the store), kept in the near tier too unless an invalidation
+        came in since ``epoch`` (read before the store read that found it)."""
+        if self.near is not None:
+            self.near.put(entry, epoch=epoch)
+        return entry
+
+    def _no_answer(self, key: Key, started: float) -> ComputationTimeoutError:
+        """The error of a caller whose own bound ran out before its computation answered."""
+        return ComputationTimeoutError(
+            key.coalesce_key,
+            self.options.compute_timeout,
+            waited=time.monotonic() - started,
+            bound=self._caller_bound,
+        )
+
+
+def likely_cause(reasons: Sequence[WakeReason]) -> str:
+    """A sentence on why a coordinated caller gave up, from how its waits ended."""
+    if reasons and all(reason is WakeReason.TIMEOUT for reason in reasons):
+        return (
+            "its holder never finished: the computation outlasted every wait, or "
+            "notifications are not reaching this process"
+        )
+    if WakeReason.CLOSE in reasons:
+        return "the coordinator was closing"
+    if WakeReason.PROBE in reasons:
+        return "the key's lock kept changing hands without a usable result"
+    return (
+        "each time its holder finished, another process took the lock before this one "
+        "and no usable result was stored (the computation may keep failing)"
+    )

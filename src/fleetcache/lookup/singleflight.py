@@ -1,12 +1,5 @@
-"""Single flight: concurrent callers of one key share one computation.
-
-The shape of Go's ``singleflight.Group``: :meth:`SingleFlight.do` runs a function once per
-key among the callers that overlap, and every one of them gets its result or its
-exception; :meth:`SingleFlight.forget` makes later callers start afresh. Added for asyncio:
-a caller's cancellation never cancels the shared computation (the others still want it),
-a caller may bound its own wait even if the computation ignores cancellation, and
-:meth:`SingleFlight.close` cancels everything still running, boundedly.
-"""
+"""Single flight: concurrent callers of one key share one computation (the shape of Go's
+``singleflight.Group``, with asyncio's cancellation and bounded waits added)."""
 
 from __future__ import annotations
 
@@ -27,7 +20,12 @@ class WaitTimeout(Exception):  # noqa: N818 - a signal, not a failure of the fli
 
 
 class SingleFlight(Generic[K, V]):
-    """One computation per key among concurrent callers."""
+    """One computation per key among concurrent callers: :meth:`do` runs a function once per
+    key among the callers that overlap, and every one of them gets its result or its
+    exception; :meth:`forget` makes later callers start afresh. A caller's cancellation
+    never cancels the shared computation (the others still want it), a caller may bound
+    its own wait even if the computation ignores cancellation, and :meth:`close` cancels
+    everything still running, boundedly."""
 
     def __init__(self) -> None:
         # The flights callers join, by key. Written by do() (insert), by a flight's done

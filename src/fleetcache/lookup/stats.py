@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-
-from fleetcache.coordination.base import WakeReason
+from dataclasses import asdict, dataclass
 
 
 @dataclass(slots=True)
 class LookupStats:
     """Counters of one ``CachingLookup`` (monotonic, since construction). Incremented on
-    the event loop only; read by ``as_dict``."""
+    the event loop only; read by ``as_dict``. Locks and waits are the coordinator's to
+    count (each event is counted once, where it happens)."""
 
     hits: int = 0
     misses: int = 0
@@ -23,9 +22,6 @@ class LookupStats:
     restarts: int = 0
     overtaken: int = 0
     compute_timeouts: int = 0
-    lock_won: int = 0
-    lock_lost: int = 0
-    waits: dict[str, int] = field(default_factory=dict)
     gave_up: int = 0
     stale_served: int = 0
     refreshes: int = 0
@@ -36,13 +32,6 @@ class LookupStats:
     remote_invalidations: int = 0
     notification_gaps: int = 0
 
-    def waited(self, reason: WakeReason) -> None:
-        """Count one finished wait for another process."""
-        self.waits[reason.value] = self.waits.get(reason.value, 0) + 1
-
     def as_dict(self) -> dict[str, int]:
-        """The counters as a flat dict (waits as ``waits_<reason>``)."""
-        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "waits"}
-        for reason in WakeReason:
-            flat[f"waits_{reason.value}"] = self.waits.get(reason.value, 0)
-        return flat
+        """The counters as a flat dict."""
+        return asdict(self)

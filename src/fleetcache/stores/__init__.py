@@ -1,17 +1,2 @@
-"""Layer 1: stores. One small contract (:class:`Store`), three backends."""
-
-from fleetcache.stores.base import JSON, Entry, GenerationStamp, Key, Store
-from fleetcache.stores.memory import MemoryStore
-from fleetcache.stores.postgres import PostgresStore
-from fleetcache.stores.sqlite import SqliteStore
-
-__all__ = [
-    "JSON",
-    "Entry",
-    "GenerationStamp",
-    "Key",
-    "MemoryStore",
-    "PostgresStore",
-    "SqliteStore",
-    "Store",
-]
+"""Layer 1, internal: the store contract (``base``) and its backends. Not part of the
+public API: import what a user needs from :mod:`fleetcache`."""

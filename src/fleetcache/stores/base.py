@@ -1,23 +1,7 @@
-"""The store contract: what every backend (memory, sqlite, Postgres) provides.
-
-A store keeps *entries* under a key ``(namespace, name, scope, user)`` and, beside them,
-*marks*: one global, one per namespace, one per name, each saying when it was last
-invalidated. Every invalidation sets its marks in the same transaction as its delete. A
-populate takes a :class:`GenerationStamp` (a point in that history) in the same reading as
-its re-read of the store, and its write succeeds only if nothing it depends on — its
-names, the entry's name, alias and deps, the namespace, the store — was invalidated after
-that point (guarantee 3: no stale resurrection, even when the invalidation came from
-another process).
-
-An invalidation of names follows dependents inside its own serialised critical section
-(see :meth:`Store.invalidate`): an entry computed from a name's old content is either found
-and deleted, or refused when it is written.
-
-Marks do not accumulate forever: a stamp older than :data:`MAX_STAMP_AGE` is refused
-outright, so a mark older than :data:`MARK_RETENTION` can refuse nothing any more and is
-pruned (each store prunes while it invalidates). The margin between the two is far longer
-than any invalidation transaction, which is what makes pruning safe; see the stores.
-"""
+"""The store contract every backend passes (memory, sqlite, Postgres): entries under a key,
+and beside them *marks* saying when a name, a namespace or the store was last invalidated,
+against which a write under a :class:`GenerationStamp` is checked in its own transaction.
+The arguments for the closure and for pruning marks are in ``docs/design.md``."""
 
 from __future__ import annotations
 
@@ -46,7 +30,7 @@ MAX_STAMP_AGE = MARK_RETENTION / 2
 
 @dataclass(frozen=True, slots=True)
 class Key:
-    """Where an entry lives: ``namespace`` (e.g. a realm URL), ``name`` (e.g. a module URL),
+    """Where an entry lives: ``namespace`` (e.g. a site or a tenant), ``name`` (e.g. a URL),
     ``scope`` (e.g. ``public``) and ``user`` (``""`` when the entry is not per user).
 
     Keys are compared and hashed by their fields; no field is ever joined into a string
@@ -78,7 +62,7 @@ class Entry:
     """One cached artifact: ``value`` (JSON, or any picklable value in a store whose codec
     is pickle). ``error`` is a JSON error document, or None for a success;
     ``created_at`` is milliseconds since the epoch; ``alias`` is another name the entry
-    answers to (in the seed: the URL without its extension). ``expires_at`` (ms since the
+    answers to (e.g. the URL without its extension). ``expires_at`` (ms since the
     epoch) is when the value stops being fresh, ``stale_until`` when it stops being
     servable at all (the end of its stale window; None: never), and ``compute_ms`` how long
     computing it took. ``stored`` is False only for an answer a lookup returned without

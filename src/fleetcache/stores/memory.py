@@ -1,15 +1,7 @@
-"""The in-memory store: one process, no persistence; passes the same contract as the others.
-
-Every method runs from its first line to its last without an ``await``, so on the event
-loop each is atomic: an invalidation's closure, marks and deletes happen with no write in
-between, and a stamped write checks the marks and stores in one step. (``expand`` is called
-inside that step and must not re-enter the store.)
-
-Every operation costs time in proportion to what it touches, not to the store's size:
-entries are indexed by key, by (namespace, scope, user, alias), by (namespace, name), by
-(namespace, alias), by namespace and by (namespace, dep); marks are kept in the order they
-were set, so pruning pops the oldest ones from the front.
-"""
+"""The in-memory store: one process, no persistence; it passes the same contract as the
+others. Every method runs without an ``await``, so on the event loop each is atomic, and
+every operation costs time in proportion to what it touches (entries are indexed by every
+way they are looked up)."""
 
 from __future__ import annotations
 

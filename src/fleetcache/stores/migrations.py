@@ -1,26 +1,8 @@
-"""Numbered schema migrations for the sqlite and Postgres stores.
-
-A store applies them when it opens; :func:`migrate` applies them at deploy time (the
-``fleetcache migrate`` command). Either way:
-
-* a new database gets the latest schema directly (``*_CREATE_LATEST``);
-* an older one is upgraded step by step (``MIGRATIONS``), with its rows kept;
-* one whose version is newer than this release raises
-  :class:`~fleetcache.errors.SchemaVersionError` naming both numbers, and is left alone;
-* it all happens in one transaction, under a lock that makes every other process opening
-  the same database wait (Postgres: an advisory lock; sqlite: ``BEGIN IMMEDIATE``), so the
-  first process upgrades and the others find the work done.
-
-Version 1 (the first release) kept entries in a table named ``modules``. Version 2 copies
-its rows into ``fleetcache_entries`` and leaves ``modules`` where it is: that name may be
-an application's own table, and a process of the first release may still be reading it.
-(Processes of the two releases do not share a cache: stop the old ones before the new ones
-start, or they keep writing rows the new ones never read.) Version 3 keeps values as the
-bytes their codec made, and errors and diagnostics as JSON text, instead of ``jsonb``; it
-converts every row in place (Postgres rewrites the table, under its lock, once). Version 4
-turns off the pending list of the Postgres deps index (an invalidation probes it once per
-name).
-"""
+"""Numbered schema migrations for the sqlite and Postgres stores, applied when a store opens
+or at deploy time (``fleetcache migrate``): in one transaction, under a lock other
+processes wait for, step by step from the database's version; a newer database is refused
+(:class:`~fleetcache.errors.SchemaVersionError`). What each version changed is in
+``docs/design.md`` ("Schema versions")."""
 
 from __future__ import annotations
 

@@ -1,104 +1,7 @@
-"""The Postgres store: the fleet's shared cache, on psycopg 3 and psycopg_pool.
-
-Why an invalidation closes every window
-=======================================
-
-The guarantee: after ``invalidate(ns, [X])`` returns, no entry that depends (transitively)
-on X and was computed from X's old content exists. A populate computing such an entry D
-took its stamp S (a snapshot) before it read X; its write is one statement whose
-transaction first share-locks the global and the namespace lock, *trying* (if either is
-not granted at once the statement writes nothing and ends, and the write is tried again
-later as a new transaction), and only then calls ``fleetcache_write_v3``, which runs, in
-its *next* statement (a VOLATILE PL/pgSQL function takes a fresh snapshot per statement
-in READ COMMITTED, so this one is taken after the locks were granted), the guarded INSERT
-that checks the marks against S. The invalidation is one transaction that takes the
-namespace lock *exclusively*, then computes the closure in rounds (each round a new
-statement, each seeing every write committed before it), marks every name of the closure
-with its own transaction id, deletes every entry the rounds found (the entries named or
-aliased by a name of the closure), announces the closure (``pg_notify``) and commits.
-Since the two locks conflict, D's write transaction either
-
-* committed before the invalidation got its lock: the closure rounds then see D (D's
-  deps meet the closure, or D is named by it) and delete it; or
-* started its guarded INSERT after the invalidation committed: that INSERT's snapshot sees
-  the marks, which S did not see (they were set after S was taken, by a transaction S
-  found in progress or had not yet begun), so the write is refused.
-
-There is no third case: a write cannot hold the shared lock while the invalidation holds
-the exclusive one, and a try that fails wrote nothing. (The order "compute the closure,
-then lock and mark" would leave one: a D committed after the scan and before the marks.)
-Writes of the same namespace share their lock, so they do not wait for each other; a
-namespace clear takes the same locks as an invalidation of names, and ``clear_all`` takes
-the global lock exclusively.
-
-Waiting for a lock without a connection
-=======================================
-
-A write whose try fails gives its connection back and waits outside the pool until the
-lock is likely free: woken by :meth:`PostgresStore.lock_released` (the listener calls it
-for every announcement it hears, and this store for each of its own invalidations that
-ends), else polling (20 ms doubling to 1 s), for at most ``lock_wait`` seconds in all. So
-a write blocked by a long invalidation never holds a pooled connection, and reads of other
-namespaces go on. A try also fails while an invalidation is *queued* for the lock (Postgres
-refuses a shared lock that would overtake a waiting exclusive request), so a stream of
-writes cannot starve an invalidation. An invalidation waits for its lock at most
-``LOCK_PATIENCE`` (0.2 s, ``lock_timeout``) holding its connection, time for the writes
-under way to finish; if another invalidation holds the lock it rolls back having done
-nothing and waits the same way, and the invalidations of one namespace in one process
-take turns, so at most one of them holds a connection while it waits.
-
-The announcement
-================
-
-Every invalidation's broadcast (``stores.payloads``) is sent with ``pg_notify`` in the
-invalidation's own transaction: Postgres delivers it exactly when the transaction commits
-and never after a rollback, so a caller cancelled once the commit was sent cannot lose
-it, whatever path invalidated (``set``, ``delete``, ``invalidate``, the clears).
-
-The first release retried invalidations that Postgres aborted as deadlocks (two
-invalidations reaching the same rows, one by name and one by alias, in opposite orders).
-There is no such retry any more because there is no such deadlock: invalidations of one
-namespace now run one at a time (the exclusive namespace lock), every transaction takes
-the advisory locks in one order (global, then namespace), marks of different namespaces
-are different rows, and the one statement that touches other namespaces' rows (pruning)
-skips any row another transaction holds instead of waiting for it.
-
-A large invalidation costs in proportion to what it reaches: each round probes the name,
-alias and deps indexes once per name (never a comparison of every row with every name,
-whatever the planner's statistics say), and the delete probes the primary key once per
-entry found (a 20,000-entry fan-out: about a second, its lock held that long).
-
-Pruning
-=======
-
-Marks would otherwise accumulate forever. A write whose stamp is older than
-``max_stamp_age`` (half the retention) is refused outright, and every invalidation deletes
-marks older than the retention. That never removes a mark M that could still refuse a
-write W under stamp S: M could refuse W only if M's transaction committed after S was
-taken, so M was set (``clock_timestamp()``) at most ``T`` before S, where ``T`` bounds the
-time from the marking statement to its transaction's commit; W is only accepted while S is
-younger than ``max_stamp_age``; so when W runs, M is younger than ``max_stamp_age + T``,
-which is less than the retention as long as ``T`` < retention - ``max_stamp_age``. ``T`` is
-kept short: the marking statement, the announcement and the COMMIT go to the server in
-one pipeline (no client pause between them), and each statement of an invalidation after
-its locks runs under ``statement_timeout`` = a quarter of that margin (450 s with the
-defaults; the margin is 1800 s). Every time here is the server's clock.
-
-The pool
-========
-
-An owned pool starts small (``min_size``, default 1: what ``open()`` waits for) and grows
-on demand up to ``max_size`` (default 10), so a process that can get only some connections
-from a server near its ``max_connections`` starts and works within them; a pool that
-cannot grow makes callers wait for a connection to come back, and an open that cannot get
-even ``min_size`` fails naming the cause (``too-many-connections``). Connections are
-not checked on checkout (that costs a round trip per request); instead a connection found
-dead when used (after a server restart, or a terminated backend) makes the pool check all
-its idle connections and the operation run once more on a fresh one (``_pg.pooled``): each
-operation here may run twice (reads only read; a write is an upsert whose second run under
-the same stamp is refused or rewrites the same row; an invalidation marks and deletes
-again). The coordinator and the publisher share the pool (:attr:`PostgresStore.pool`).
-"""
+"""The Postgres store: the fleet's shared cache, on psycopg 3 and psycopg_pool. Why an
+invalidation leaves no stale entry behind, why a write waits for a locked namespace without
+a connection, why pruning marks is safe and why a pooled operation may run twice is argued
+in ``docs/design.md``."""
 
 from __future__ import annotations
 
@@ -573,8 +476,8 @@ class PostgresStore:
         self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
     ) -> list[str]:
         """Invalidate ``names`` and every entry depending on them, and announce them, in
-        one transaction serialised with every write of the namespace (see the module
-        docstring)."""
+        one transaction serialised with every write of the namespace (docs/design.md, "The
+        invalidation closure")."""
         given = names_to_invalidate(namespace, names, expand)
         if not given:
             return []

@@ -1,26 +1,7 @@
-"""The sqlite store: the embedded default; one file, WAL mode, shareable by processes.
-
-Every write and invalidation of the file runs under ``BEGIN IMMEDIATE``, which takes the
-file's one write lock: they are serialised across every process sharing the file. An
-invalidation computes its closure, advances the invalidation clock, marks, deletes and
-prunes inside that one transaction, so a write of a dependent D (whose stamp is a reading
-of the clock taken before D's computation read its dependency) either committed before the
-invalidation began (the closure finds D and deletes it) or runs after it committed (its
-guarded INSERT sees marks newer than its stamp, and is refused). Reads take no lock: in WAL
-mode they see the last committed state without waiting for a writer.
-
-Any exception on the worker thread — a driver error or anything else, a bad ``expand``
-included — rolls back the transaction it interrupted, so one failure never leaves the
-file locked for the other processes.
-
-Marks older than ``mark_retention`` are pruned by every invalidation; a write whose stamp
-is older than half of it is refused. A mark M refuses a write under stamp S only if M
-committed after S read the clock, so M was set (at its transaction's end, with the write
-lock held) no earlier than the moment S was taken, give or take one short transaction; the
-write is accepted only while S is younger than half the retention, so M is still there.
-The times are the machine's wall clock (``time.time()``), shared by the processes of one
-machine that share a file.
-"""
+"""The sqlite store: the embedded default; one file, WAL mode, shareable by the processes
+of one machine. Writes and invalidations run under ``BEGIN IMMEDIATE`` (the file's one
+write lock), reads take no lock; the closure and pruning arguments are in
+``docs/design.md``."""
 
 from __future__ import annotations
 
@@ -301,7 +282,7 @@ class SqliteStore:
         self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
     ) -> list[str]:
         """Invalidate ``names`` and every entry depending on them, in one ``BEGIN
-        IMMEDIATE`` transaction (see the module docstring)."""
+        IMMEDIATE`` transaction (docs/design.md, "The invalidation closure")."""
         given = names_to_invalidate(namespace, names, expand)
         if not given:
             return []
@@ -355,7 +336,7 @@ class SqliteStore:
         self, conn: sqlite3.Connection, kind: str, namespace: str, names: str, count: int
     ) -> None:
         # The last statements before COMMIT, so a mark's time is its commit's, give or take
-        # microseconds (see the module docstring on pruning).
+        # microseconds (docs/design.md, on pruning marks).
         now = time.time()
         conn.execute(
             q.SQLITE_PRUNE_MARKS,

@@ -1,25 +1,8 @@
-"""What a store accepts, checked before any I/O, and the bytes and text it stores.
-
-Every store refuses the same inputs with the same typed errors, before it touches a file,
-a connection or a transaction, so one bad value can never leave a transaction open or a
-half-written row behind:
-
-* key fields, aliases and deps: strings without NUL (Postgres ``text`` cannot hold it)
-  and without lone surrogates (they have no UTF-8 form), at most :data:`MAX_NAME_BYTES`
-  UTF-8 bytes each; namespace and name non-empty; a list of names (deps, names to
-  invalidate, what ``expand`` returns) is never a single ``str`` or ``bytes``, which would
-  otherwise be taken apart into its characters;
-* error documents and diagnostics, and values under the default ``json`` codec (see
-  :mod:`fleetcache.stores.codecs`; ``pickle`` takes any picklable value): JSON made of
-  dicts with string keys, lists (tuples come back as lists), strings, finite numbers,
-  integers of at most :data:`MAX_INT_DIGITS` digits, booleans and None, nested at most
-  :data:`MAX_JSON_DEPTH` deep, with the same rules for every string;
-* times (created_at, expires_at, stale_until, compute_ms): ints that fit in 64 bits.
-
-:class:`~fleetcache.errors.InvalidInputError` (or its subclass
-:class:`~fleetcache.errors.SerializationError` for what is not JSON at all) names the key
-and, for values, the path of the offending part.
-"""
+"""What a store accepts, checked before any I/O (so a bad value never leaves a transaction
+open or a row half written), and the bytes and text it stores: names without NUL or lone
+surrogates and of bounded size, JSON of bounded depth with finite numbers, times that fit
+in 64 bits, and lists of names that are never a lone ``str``. The errors name the key and,
+for values, the path of the offending part."""
 
 from __future__ import annotations
 

@@ -8,23 +8,22 @@
 * :class:`ConnectionLedger` knows which asyncio task has which pooled connection checked
   out (it wraps the pool's ``getconn``/``putconn``, which ``connection()`` goes through).
 * :class:`RecordingCoordinator` forwards to fleetcache's coordinator and records each won
-  lock's return (right after its NOTIFY) and each wait, with the connections the waiting
-  task held when the wait began and ended.
+  lock's computation end (right after its write, which carries the NOTIFY) and each wait,
+  with the connections the waiting task held when the wait began and ended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 
-from fleetcache.coordination import Acquired, PopulateCoordinator, WakeReason
-
-T = TypeVar("T")
+from fleetcache.coordination.base import KeyLock, PopulateCoordinator, WakeReason
 
 #: A wait as recorded: (key index, started, ended, reason, connections held by the task).
 Wait = tuple[int, float, float, str, int]
@@ -111,29 +110,6 @@ class ConnectionLedger:
         return self._held.get(task, 0)
 
 
-class RecordingWaiter:
-    """A fleetcache waiter that records its wait (see :class:`RecordingCoordinator`)."""
-
-    def __init__(self, inner: Any, owner: RecordingCoordinator, index: int) -> None:
-        self._inner = inner
-        self._owner = owner
-        self._index = index
-
-    async def wait(self, timeout: float) -> WakeReason:
-        """Forward the wait and record it."""
-        task = asyncio.current_task()
-        held = self._owner.ledger.held_by(task)
-        started = time.time()
-        reason: WakeReason = await self._inner.wait(timeout)
-        held = max(held, self._owner.ledger.held_by(task))
-        self._owner.waits.append((self._index, started, time.time(), reason.value, held))
-        return reason
-
-    def cancel(self) -> None:
-        """Forward."""
-        self._inner.cancel()
-
-
 class RecordingCoordinator:
     """Forwards to fleetcache's coordinator; records won locks and waits by key index."""
 
@@ -147,25 +123,38 @@ class RecordingCoordinator:
         self.waits: list[Wait] = []
         self.commits: list[tuple[int, float]] = []
 
-    async def try_acquire_and_run(self, coalesce_key: str, fn: Callable[[], Awaitable[T]]) -> Any:
-        """Forward; a winner's commit is when its computation (whose write carries the
-        NOTIFY, see ``announcement``) returned, before the lock's release."""
+    @contextlib.asynccontextmanager
+    async def lock(self, coalesce_key: str) -> AsyncIterator[KeyLock]:
+        """Forward; a winner's commit is when its block ends (its write, which carries the
+        NOTIFY, has returned), before the lock's release; a loser's waits are recorded."""
         index = self._key_index.get(coalesce_key, -1)
-
-        async def timed() -> T:
-            result = await fn()
+        async with self._inner.lock(coalesce_key) as lock:
+            if not lock.won:
+                yield _RecordingLock(lock, self, index)
+                return
+            yield lock
             self.commits.append((index, time.time()))
-            return result
 
-        outcome = await self._inner.try_acquire_and_run(coalesce_key, timed)
-        if isinstance(outcome, Acquired):
-            return outcome
-        return RecordingWaiter(outcome, self, index)
-
-    def announcement(self, coalesce_key: str) -> tuple[str, str] | None:
+    def stats(self) -> dict[str, int]:
         """Forward."""
-        return self._inner.announcement(coalesce_key)
+        return self._inner.stats()
 
-    async def wait_for_key(self, coalesce_key: str, timeout: float) -> WakeReason:
-        """Forward."""
-        return await self._inner.wait_for_key(coalesce_key, timeout)
+
+class _RecordingLock(KeyLock):
+    """A lost lock whose waits are recorded (see :class:`RecordingCoordinator`)."""
+
+    def __init__(self, inner: KeyLock, owner: RecordingCoordinator, index: int) -> None:
+        super().__init__(inner.coalesce_key, won=False)
+        self._inner = inner
+        self._owner = owner
+        self._index = index
+
+    async def wait(self, timeout: float) -> WakeReason:
+        """Forward the wait and record it."""
+        task = asyncio.current_task()
+        held = self._owner.ledger.held_by(task)
+        started = time.time()
+        reason: WakeReason = await self._inner.wait(timeout)
+        held = max(held, self._owner.ledger.held_by(task))
+        self._owner.waits.append((self._index, started, time.time(), reason.value, held))
+        return reason

@@ -17,6 +17,7 @@ _ROWS = (
     ("request p50 ms", "request_ms_p50"),
     ("request p99 ms", "request_ms_p99"),
     ("statements per request", "statements_per_request"),
+    ("NOTIFYs per fill (fleetcache)", "notifies_per_fill"),
     ("computations (each run)", "computations_each_run"),
     ("computations max per key", "computations_max_per_key_worst"),
     ("waiter connections held (max)", "waiter_connections_max"),

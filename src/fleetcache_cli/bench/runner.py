@@ -56,6 +56,9 @@ NOTES = {
     "and COMMIT included (both designs send them as statements); a statement in a pipeline "
     "counts as one though it shares a round trip. Per coordinated miss: one process, fresh "
     "keys, nothing contended; the LISTEN connection's liveness probe left out",
+    "notifies_per_fill": "fleetcache's coordinator counts every NOTIFY a winner sends for its "
+    "key (in its write, or at its release when no write sent one) and every lock won; the "
+    "sum over the workers of one by the other (the minimal design sends one per COMMIT)",
     "waiter_connections": "exact, client side: each worker wraps its pool's getconn/putconn "
     "to know which task holds which connection, and records it for the waiting task at "
     "each wait's start and end (fleetcache) or end (minimal); the max over all waits",
