@@ -28,7 +28,8 @@ from psycopg.conninfo import make_conninfo
 
 import fleetcache
 from fleetcache import Key, Produced
-from fleetcache.stores import Entry, PostgresStore
+from fleetcache.stores.base import Entry
+from fleetcache.stores.postgres import PostgresStore
 
 BIG = "https://big.example/"
 OTHER = "https://other.example/"

@@ -16,7 +16,8 @@ import asyncio
 import statistics
 import time
 
-from fleetcache.stores import Entry, Key, MemoryStore
+from fleetcache.stores.base import Entry, Key
+from fleetcache.stores.memory import MemoryStore
 
 NS = "https://realm.example/"
 HUB = NS + "hub.gts"

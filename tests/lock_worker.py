@@ -20,7 +20,7 @@ from typing import Any
 
 import fleetcache
 from fleetcache import Key, Produced
-from fleetcache.stores import Entry
+from fleetcache.stores.base import Entry
 
 
 async def never(key: Key) -> Produced[Any]:

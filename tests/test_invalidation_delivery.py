@@ -22,7 +22,9 @@ from fleetcache.notifications.broadcast import (
     Invalidation,
     parse_invalidation,
 )
-from fleetcache.stores import Entry, Key, MemoryStore, PostgresStore
+from fleetcache.stores.base import Entry, Key
+from fleetcache.stores.memory import MemoryStore
+from fleetcache.stores.postgres import PostgresStore
 from waiting import eventually
 
 pytestmark = pytest.mark.postgres

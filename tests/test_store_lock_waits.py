@@ -15,9 +15,9 @@ import pytest
 
 from fleet import Worker, fleet
 from fleetcache.errors import StoreError
-from fleetcache.stores import Entry, Key, PostgresStore
 from fleetcache.stores import queries as q
-from fleetcache.stores.postgres import namespace_lock
+from fleetcache.stores.base import Entry, Key
+from fleetcache.stores.postgres import PostgresStore, namespace_lock
 from test_store_closure import StoreThread
 
 pytestmark = pytest.mark.postgres
