@@ -640,3 +640,27 @@ def test_async_caller_from_another_loop_does_not_block_it(project: str) -> None:
     got, ticks = asyncio.run(main())
     assert got == ["v"] * 8 + [1]
     assert ticks > 0
+
+
+@pytest.mark.postgres
+def test_an_incr_reaches_a_peers_near_tier(database_url: str) -> None:
+    """On Postgres an incr (a rewrite in place, not an invalidation) is announced by its own
+    write: a peer cache whose near tier holds the old value drops it and reads the new one,
+    even when the cache that wrote keeps no near tier itself."""
+    writer = FleetcacheCache(database_url, {"OPTIONS": {}})
+    peer = FleetcacheCache(database_url, {"OPTIONS": {"NEAR": 100}})
+    try:
+        writer.set("counter", 1)
+        assert peer.get_or_set("counter", 0) == 1  # a coalescing get: fills the near tier
+        near = peer.core.lookup.near
+        assert near is not None
+        assert peer.get("counter") == 1
+        assert near.stats()["near_hits"] == 1  # served from the peer's memory
+        assert writer.incr("counter") == 2
+        deadline = time.monotonic() + 20
+        while peer.get("counter") != 2:
+            assert time.monotonic() < deadline, "the peer kept serving the old value"
+            time.sleep(0.01)
+    finally:
+        writer.close()
+        peer.close()

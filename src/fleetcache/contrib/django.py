@@ -26,6 +26,7 @@ from fleetcache.lookup.expiry import Expiry, Freshness, freshness
 from fleetcache.lookup.populate import Produced
 from fleetcache.stores.base import Entry, Key
 from fleetcache.stores.codecs import ValueCodec
+from fleetcache.stores.postgres import PostgresStore
 from fleetcache.stores.validation import check_name
 from fleetcache.sync import LoopInbox, SyncFleetcache, adapt, open_sync
 
@@ -517,10 +518,16 @@ async def _rewrite(
     if entry is None or freshness(entry, now_ms, lookup.options.error_ttl) is Freshness.DEAD:
         return None
     new = change(entry, now_ms)
-    if not await lookup.store.write(new, stamp=stamp):
+    store = lookup.store
+    # The write itself announces the change (peers may keep near copies even when this
+    # process keeps none), so the announcement commits with it and cannot be lost.
+    notify = (
+        store.change_announcement(key.namespace, key.name)
+        if isinstance(store, PostgresStore)
+        else None
+    )
+    if not await store.write(new, stamp=stamp, notify=notify):
         return None
     if lookup.near is not None:
         lookup.near.evict_names(key.namespace, [key.name])
-        if lookup.publisher is not None:
-            await lookup.publisher.names_invalidated(key.namespace, [key.name])
     return new

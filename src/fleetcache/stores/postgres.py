@@ -290,6 +290,15 @@ class PostgresStore:
         their echoes."""
         return self._origin
 
+    def change_announcement(self, namespace: str, name: str) -> tuple[str, str] | None:
+        """The NOTIFY telling the fleet that ``name`` of ``namespace`` changed in place (a
+        rewrite that is no invalidation: peers' near tiers drop their copies), for a write to
+        carry (``write(..., notify=...)``); None when this store announces nothing."""
+        if self._channel is None:
+            return None
+        payloads = invalidation_payloads(namespace, [name], origin=self._origin)
+        return self._channel, payloads[0]
+
     @property
     def waiting_for_locks(self) -> int:
         """How many writes and invalidations of this store wait right now, without a
