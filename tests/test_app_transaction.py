@@ -25,7 +25,9 @@ from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, parse_invali
 from fleetcache.stores import queries as q
 from fleetcache.stores.base import Entry, Key
 from fleetcache.stores.memory import MemoryStore
-from fleetcache.stores.postgres import PostgresStore
+from fleetcache.stores.payloads import invalidation_payloads
+from fleetcache.stores.postgres import PostgresStore, namespace_lock
+from fleetcache_cli import main as cli_main
 from waiting import eventually
 
 pytestmark = pytest.mark.postgres
@@ -321,3 +323,234 @@ async def test_randomized_commits_leave_no_stale_read_and_no_stale_entry(
 
 async def _has_entry(store: PostgresStore) -> bool:
     return await store.read(Key(NS, "price:1")) is not None
+
+
+# ------------------------------------------------------------- invalidation from SQL
+
+
+async def _sql(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        cursor = await conn.execute(query, params)
+        return await cursor.fetchall() if cursor.description else []
+
+
+PAYLOAD_CASES: list[tuple[str | None, list[str] | None, str | None, int]] = [
+    (None, None, None, 7000),
+    (None, None, "abc", 7000),
+    ("shop", None, "abc", 7000),
+    ("shop", [], None, 7000),
+    ("shop", ["a", "b"], "o1", 7000),
+    (
+        'r\u00e9alm "q" \\ \n\t\x01\x1f',
+        ["\u00e9t\u00e9", 'q"uote', "back\\slash", "\u2028"],
+        "o",
+        7000,
+    ),
+    ("shop", [f"name-{i}" for i in range(40)], "origin", 120),
+    ("shop", [f"\u00e9{i}" * (i % 7 + 1) for i in range(60)], None, 90),
+    ("shop", ["ok", ""], "o", 7000),
+    ("shop", ["ok", "x" * 200], "o", 150),
+    ("s" * 200, ["a"], "o", 150),
+    ("shop", ["\U0001f600" * 10, "b"], None, 70),
+]
+
+
+async def test_the_sql_payloads_are_byte_for_byte_the_libraries(
+    store: PostgresStore, database_url: str
+) -> None:
+    """fleetcache_invalidation_payloads builds what invalidation_payloads builds: escapes,
+    multi-byte names, chunking at the budget, and the realm/global widening."""
+    for namespace, names, origin, budget in PAYLOAD_CASES:
+        rows = await _sql(
+            database_url,
+            "SELECT fleetcache_invalidation_payloads(%s, %s::text[], %s, %s)",
+            (namespace, names, origin, budget),
+        )
+        expected = invalidation_payloads(namespace, names, origin=origin, budget=budget)
+        assert rows[0][0] == expected, (namespace, names, origin, budget)
+
+
+async def test_the_sql_namespace_lock_is_the_libraries(
+    store: PostgresStore, database_url: str
+) -> None:
+    """fleetcache_namespace_lock(ns) is namespace_lock(ns), so SQL and Python invalidations
+    and writes take the same lock."""
+    for namespace in ["shop", "https://realm.example/", "\u00e9\U0001f600", "x" * 3000, "a"]:
+        rows = await _sql(database_url, "SELECT fleetcache_namespace_lock(%s)", (namespace,))
+        assert rows[0][0] == namespace_lock(namespace)
+
+
+async def _graph(store: PostgresStore, ns: str) -> None:
+    """a <- b (dep), b aliased b.alias, c depends on b.alias, d depends on c, e unrelated."""
+    await store.write(Entry(Key(ns, "a"), 1))
+    await store.write(Entry(Key(ns, "b"), 1, deps=("a",), alias="b.alias"))
+    await store.write(Entry(Key(ns, "b", scope="private", user="u1"), 1, deps=("a",)))
+    await store.write(Entry(Key(ns, "c"), 1, deps=("b.alias",)))
+    await store.write(Entry(Key(ns, "d"), 1, deps=("c",)))
+    await store.write(Entry(Key(ns, "e"), 1))
+
+
+async def test_the_sql_function_invalidates_what_the_library_does(
+    store: PostgresStore, database_url: str
+) -> None:
+    """On the same entries, fleetcache_invalidate reaches the same closure (given names
+    first), deletes the same entries and sets the same marks as PostgresStore.invalidate,
+    and announces it; fleetcache_clear_namespace clears as clear_namespace does."""
+    await _graph(store, "py")
+    await _graph(store, "sql")
+    python = await store.invalidate("py", ["a", "a", "zz"])
+    listen = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    await listen.execute(f"LISTEN {INVALIDATED_CHANNEL}")
+    try:
+        rows = await _sql(
+            database_url, "SELECT fleetcache_invalidate('sql', ARRAY['a', 'a', 'zz'])"
+        )
+        sql_closure = rows[0][0]
+        assert sql_closure[:2] == python[:2] == ["a", "zz"]
+        assert set(sql_closure) == set(python) == {"a", "zz", "b", "b.alias", "c", "d"}
+        left = await _sql(
+            database_url,
+            "SELECT namespace, name, scope FROM fleetcache_entries ORDER BY 1, 2, 3",
+        )
+        assert left == [("py", "e", "public"), ("sql", "e", "public")]
+        marks = await _sql(
+            database_url,
+            "SELECT namespace, name FROM fleetcache_generations WHERE kind = 'k' ORDER BY 1, 2",
+        )
+        assert [m[1] for m in marks if m[0] == "py"] == [m[1] for m in marks if m[0] == "sql"]
+        got = [n async for n in listen.notifies(timeout=WAIT, stop_after=1)]
+        assert got[0].payload == invalidation_payloads("sql", sql_closure)[0]
+        await _sql(database_url, "SELECT fleetcache_clear_namespace('sql')")
+        assert await store.read(Key("sql", "e")) is None
+        assert await store.read(Key("py", "e")) is not None
+        got = [n async for n in listen.notifies(timeout=WAIT, stop_after=1)]
+        assert got[0].payload == invalidation_payloads("sql", None)[0]
+    finally:
+        await listen.close()
+
+
+async def test_the_sql_function_refuses_bad_input_and_a_rollback_undoes_it(
+    store: PostgresStore, database_url: str
+) -> None:
+    """An empty namespace, NULL names and an over-long name are errors naming the
+    problem; a rolled-back call leaves the entry and sets no mark."""
+    for bad, message in [
+        ("SELECT fleetcache_invalidate('', ARRAY['a'])", "non-empty"),
+        ("SELECT fleetcache_invalidate('ns', NULL)", "without NULL"),
+        ("SELECT fleetcache_invalidate('ns', ARRAY['a', NULL])", "without NULL"),
+        ("SELECT fleetcache_invalidate('ns', ARRAY[repeat('x', 3000)])", "over 2048 bytes"),
+    ]:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=message):
+            await _sql(database_url, bad)
+    await store.write(Entry(Key(NS, "a"), 1))
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await conn.execute("SELECT fleetcache_invalidate(%s, ARRAY['a'])", (NS,))
+        await conn.rollback()
+    assert await store.read(Key(NS, "a")) is not None
+    assert await _marks(database_url, "a") == 0
+
+
+async def test_the_trigger_ddl_quotes_the_table_and_namespace(
+    store: PostgresStore, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fleetcache trigger` prints DDL with the table quoted as identifiers and the
+    namespace as a literal (an injection attempt stays a namespace), and --install
+    creates a trigger that invalidates the rows' names in their transaction."""
+    evil = "x'); DROP TABLE txn_app_rows; --"
+    await _sql(database_url, 'CREATE SCHEMA "we ird"')
+    await _sql(database_url, 'CREATE TABLE "we ird"."ta""ble" (id int PRIMARY KEY, v int)')
+    args = [
+        "trigger",
+        "--table",
+        'we ird.ta"ble',
+        "--namespace",
+        evil,
+        "--names",
+        "ARRAY['row:' || r.id]",
+    ]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert '"we ird"."ta""ble"' in printed
+    assert "'x''); DROP TABLE txn_app_rows; --'" in printed
+    assert (
+        await asyncio.to_thread(cli_main, [*args, "--install", "--database-url", database_url]) == 0
+    )
+    await store.write(Entry(Key(evil, "row:1"), 1))
+    await store.write(Entry(Key(evil, "row:2"), 1))
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await conn.execute('INSERT INTO "we ird"."ta""ble" VALUES (1, 0)')
+        assert await store.read(Key(evil, "row:1")) is not None  # not committed yet
+        await conn.commit()
+    assert await store.read(Key(evil, "row:1")) is None
+    assert await store.read(Key(evil, "row:2")) is not None
+    await _sql(database_url, 'DELETE FROM "we ird"."ta""ble" WHERE id = 1')
+    await store.write(Entry(Key(evil, "row:1"), 2))
+    await _sql(database_url, 'UPDATE "we ird"."ta""ble" SET id = 2')  # no row: nothing
+    assert await store.read(Key(evil, "row:1")) is not None
+    assert await _sql(database_url, "SELECT count(*) FROM txn_app_rows") == [(1,)]
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("mode", ["function", "trigger"])
+async def test_a_plain_psycopg_writer_invalidating_in_sql_leaves_no_stale_read(
+    store: PostgresStore, database_url: str, mode: str
+) -> None:
+    """A process with no fleetcache (plain psycopg) updates the row and invalidates in the
+    same transaction, through fleetcache_invalidate or a trigger installed by `fleetcache
+    trigger`, TRIALS times, while READERS processes read the value computed from the row:
+    no read that began after a commit returns an older version; the last one is left."""
+    if mode == "trigger":
+        args = [
+            "trigger",
+            "--install",
+            "--database-url",
+            database_url,
+            "--table",
+            "txn_app_rows",
+            "--namespace",
+            NS,
+            "--names",
+            "ARRAY['price:' || r.id]",
+        ]
+        assert await asyncio.to_thread(cli_main, args) == 0
+    results = await _run_readers_against(
+        database_url,
+        store,
+        [sys.executable, str(WORKER), "sql-writer", database_url, mode, NS, str(TRIALS), "22"],
+    )
+    entry = await store.read(Key(NS, "price:1"))
+    print(mode, "trials", TRIALS, "readers", results, "entry", entry)
+    assert sum(r["after_commit"] for r in results) > 0
+    assert sum(r["stale"] for r in results) == 0, results
+    assert entry is None or entry.value == {"version": TRIALS}
+
+
+async def _run_readers_against(
+    url: str, store: PostgresStore, writer: list[str]
+) -> list[dict[str, int]]:
+    readers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, str(WORKER), "reader", url, NS, stdout=asyncio.subprocess.PIPE
+        )
+        for _ in range(READERS)
+    ]
+    try:
+        await eventually(lambda: _has_entry(store), WAIT * 2)
+        proc = await asyncio.create_subprocess_exec(*writer, stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), WAIT * 4)
+        assert proc.returncode == 0
+        assert out.strip() == b"done"
+        await asyncio.sleep(0.1)  # let the readers read after the last commit
+        await _sql(url, "UPDATE txn_app_marker SET stop = true")
+        results = []
+        for reader in readers:
+            assert reader.stdout is not None
+            data = await asyncio.wait_for(reader.stdout.read(), WAIT * 2)
+            assert await reader.wait() == 0
+            results.append(json.loads(data.decode().strip().splitlines()[-1]))
+        return results
+    finally:
+        for reader in readers:
+            if reader.returncode is None:
+                reader.kill()
+                await reader.wait()

@@ -9,9 +9,10 @@ Prints one JSON line: reads, reads that began after a commit, stale.
 ``hold URL NS NAME``: opens an application transaction, invalidates NAME in it, prints
 ``ready`` and waits to be killed (never commits).
 
-``sql-writer URL``: plain psycopg, no fleetcache imported: updates the row in one
-transaction that calls ``fleetcache_invalidate`` (or fires a trigger that does), prints
-``done``.
+``sql-writer URL MODE NS TRIALS SEED``: plain psycopg, no fleetcache imported: TRIALS
+times, updates the row in one transaction that calls ``fleetcache_invalidate`` (MODE
+``function``) or fires the table's trigger (MODE ``trigger``), then sets the marker;
+prints ``done``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import json
 import random
 import sys
+import time
 from typing import Any
 
 import psycopg
@@ -75,13 +77,20 @@ async def hold(url: str, ns: str, name: str) -> None:
         await asyncio.sleep(3600)  # killed before this ends: the transaction never commits
 
 
-def sql_writer(url: str, mode: str, ns: str, version: int) -> None:
-    assert "fleetcache" not in sys.modules
-    with psycopg.connect(url) as conn, conn.transaction():
-        conn.execute("UPDATE txn_app_rows SET version = %s WHERE id = 1", (version,))
-        if mode == "function":
-            conn.execute("SELECT fleetcache_invalidate(%s, ARRAY['price:1'])", (ns,))
-    assert "fleetcache" not in sys.modules
+def sql_writer(url: str, mode: str, ns: str, trials: int, seed: int) -> None:
+    # Plain psycopg: the invalidation is the SQL function's (or the trigger's) alone.
+    rng = random.Random(seed)
+    with psycopg.connect(url, autocommit=True) as marker, psycopg.connect(url) as conn:
+        for trial in range(1, trials + 1):
+            time.sleep(rng.uniform(0, 0.03))
+            with conn.transaction():
+                conn.execute("UPDATE txn_app_rows SET version = %s WHERE id = 1", (trial,))
+                time.sleep(rng.uniform(0, 0.01))
+                if mode == "function":
+                    conn.execute("SELECT fleetcache_invalidate(%s, ARRAY['price:1'])", (ns,))
+                time.sleep(rng.uniform(0, 0.01))
+            marker.execute("UPDATE txn_app_marker SET committed = %s", (trial,))
+    assert not any(m.startswith("fleetcache") for m in sys.modules)
     print("done", flush=True)
 
 
@@ -92,6 +101,6 @@ if __name__ == "__main__":
     elif command == "hold":
         asyncio.run(hold(sys.argv[2], sys.argv[3], sys.argv[4]))
     elif command == "sql-writer":
-        sql_writer(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        sql_writer(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
     else:
         raise SystemExit(f"unknown command {command!r}")
