@@ -188,6 +188,25 @@ async def test_a_connection_outside_a_transaction_or_in_a_failed_one_is_refused(
                 await lookup.invalidate(NS, ["a"], conn=app)
 
 
+async def test_a_repeatable_read_transaction_is_refused_in_python_and_in_sql(
+    store: PostgresStore, database_url: str
+) -> None:
+    """Under a transaction snapshot the closure would miss an entry written after it (here
+    a dependent committed between the snapshot and the invalidation): conn= raises
+    ConfigurationError and fleetcache_invalidate raises, leaving no stale dependent."""
+    await store.write(Entry(Key(NS, "a"), 1))
+    async with await psycopg.AsyncConnection.connect(database_url) as app:
+        await app.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+        await app.execute("SELECT 1")  # the transaction's snapshot is taken here
+        await store.write(Entry(Key(NS, "b"), 1, deps=("a",)))  # committed after it
+        with pytest.raises(ConfigurationError, match="READ COMMITTED"):
+            await store.invalidate(NS, ["a"], conn=app)
+        with pytest.raises(psycopg.errors.InvalidTransactionState, match="READ COMMITTED"):
+            await app.execute("SELECT fleetcache_invalidate(%s, ARRAY['a'])", (NS,))
+        await app.rollback()
+    assert await store.read(Key(NS, "b")) is not None  # nothing was invalidated
+
+
 async def test_this_processs_near_tier_is_evicted_at_the_commit_and_kept_on_rollback(
     store: PostgresStore, database_url: str
 ) -> None:

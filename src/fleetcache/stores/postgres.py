@@ -618,6 +618,16 @@ class PostgresStore:
         what += " in the application's transaction"
         ns_params = {"ns": namespace, "ns_lock": namespace_lock(namespace)}
         with _pg.translate(what):
+            row = await (await conn.execute(q.PG_TRANSACTION_ISOLATION)).fetchone()
+            if row is None or row[0] != "read committed":
+                # A transaction snapshot taken before the lock would hide from the closure
+                # rounds the writes committed between it and the lock: they would survive.
+                raise ConfigurationError(
+                    f"cannot invalidate namespace {namespace!r} in a "
+                    f"{'?' if row is None else row[0]} transaction: the closure would miss "
+                    "entries written after its snapshot; invalidate in a READ COMMITTED "
+                    "transaction (Postgres's default)"
+                )
             # Waits (on the application's connection) for invalidations holding the lock
             # and for writes under way; new writes of the namespace back off meanwhile.
             await conn.execute(q.PG_LOCK_NAMESPACE, ns_params)

@@ -425,6 +425,11 @@ PG_PURGE_EXPIRED = """
 #: ``PG_BOUND_STATEMENTS`` once the locks are held.
 PG_LOCK_PATIENCE = "SELECT set_config('lock_timeout', %(patience)s, true)"
 
+#: The isolation level of the caller's transaction (an invalidation in it needs READ
+#: COMMITTED: under a transaction snapshot the closure rounds would not see the writes that
+#: committed after the snapshot and before the lock).
+PG_TRANSACTION_ISOLATION = "SELECT current_setting('transaction_isolation')"
+
 #: An invalidation of names, or a namespace clear: the global lock shared (so a clear_all
 #: waits for it), the namespace lock exclusive (so every write of the namespace waits for
 #: it, and it waits for every write under way).
@@ -602,6 +607,12 @@ PG_CREATE_PAYLOADS_FUNCTION = """
 """
 
 _SQL_NAMESPACE_CHECK = """
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'fleetcache: invalidating in a % transaction could miss entries %',
+                current_setting('transaction_isolation'),
+                'written after its snapshot: invalidate in a READ COMMITTED transaction'
+                USING ERRCODE = 'invalid_transaction_state';
+        END IF;
         IF p_namespace IS NULL OR p_namespace = '' THEN
             RAISE EXCEPTION 'fleetcache: the namespace to invalidate must be a non-empty text'
                 USING ERRCODE = 'invalid_parameter_value';
