@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 import fleetcache
+from fleetcache.definitions.lookup import CachingDefinitionLookup
 from fleetcache.errors import ConfigurationError
 from fleetcache.lookup.caching import CachingLookup
 from fleetcache.lookup.populate import Produced
@@ -28,6 +29,7 @@ from fleetcache.stores.memory import MemoryStore
 from fleetcache.stores.payloads import invalidation_payloads
 from fleetcache.stores.postgres import PostgresStore, namespace_lock
 from fleetcache_cli import main as cli_main
+from test_definitions_lookup import PUBLIC, GraphPrerenderer, Spec, url
 from waiting import eventually
 
 pytestmark = pytest.mark.postgres
@@ -573,3 +575,48 @@ async def _run_readers_against(
             if reader.returncode is None:
                 reader.kill()
                 await reader.wait()
+
+
+# ------------------------------------------------------------- the definitions domain
+
+
+async def test_a_realm_write_invalidates_its_module_in_the_same_transaction(
+    store: PostgresStore, database_url: str
+) -> None:
+    """A realm write (its file row) and CachingDefinitionLookup.invalidate(module,
+    conn=) in one transaction: a rollback leaves the module and its dependent cached (no
+    render); the commit drops both, near copies included, and the next reads render the
+    new version once each."""
+    card, page = url(PUBLIC, "card") + ".gts", url(PUBLIC, "page") + ".gts"
+    pre = GraphPrerenderer({card: Spec(), page: Spec(imports=[card])})
+    await _sql(database_url, "CREATE TABLE realm_files (url text PRIMARY KEY, body text)")
+    await _sql(database_url, "INSERT INTO realm_files VALUES (%s, 'v1')", (card,))
+    async with await fleetcache.open(database_url, near=100) as cache:
+        lookup = CachingDefinitionLookup(cache, pre)
+        lookup.register_realm(PUBLIC)
+        assert await lookup.get_cached_definitions(card) is not None
+        assert await lookup.get_cached_definitions(page) is not None
+        assert (pre.renders(card), pre.renders(page)) == (1, 1)
+        async with await psycopg.AsyncConnection.connect(database_url) as app:
+            await app.execute("UPDATE realm_files SET body = 'v2' WHERE url = %s", (card,))
+            invalidated = await lookup.invalidate(card, conn=app)
+            assert {card, page} <= set(invalidated)
+            await app.rollback()
+            assert await lookup.get_cached_definitions(card) is not None
+            assert await lookup.get_cached_definitions(page) is not None
+            assert (pre.renders(card), pre.renders(page)) == (1, 1)
+            async with app.transaction():
+                await app.execute("UPDATE realm_files SET body = 'v2' WHERE url = %s", (card,))
+                pre.change(card, Spec(exports=["Card", "Extra"]))
+                await lookup.invalidate(card, conn=app)
+                assert await store.read(Key(PUBLIC.url, card)) is not None  # not yet
+        assert await store.read(Key(PUBLIC.url, card)) is None
+        assert await store.read(Key(PUBLIC.url, page)) is None
+        near = cache.lookup.near
+        assert near is not None
+        await eventually(lambda: near.get(Key(PUBLIC.url, page), count_miss=False) is None)
+        module = await lookup.get_cached_definitions(card)
+        assert module is not None
+        assert any("Extra" in key for key in module.definitions)
+        assert await lookup.get_cached_definitions(page) is not None
+        assert (pre.renders(card), pre.renders(page)) == (2, 2)
