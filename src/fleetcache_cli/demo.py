@@ -15,7 +15,7 @@ What it does, with no arguments:
    of the invalidation returned the old version;
 4. one process changes a row of an application table and invalidates the value computed
    from it *in the same transaction* (``invalidate(..., conn=)``), several times, while
-   every process reads that value: no read that began after a commit returns a value
+   the other processes read that value: no read that began after a commit returns a value
    from before it.
 
 It exits 1 if the coordinated run rendered any module more than once, or if the
@@ -696,8 +696,9 @@ def render(outcome: Outcome, args: argparse.Namespace, console: Console) -> None
         f"from it in the same transaction, {txn['commits']} times, while {txn['readers']} "
         f"processes made {txn['reads']} reads of that value: {txn['stale_reads']} stale "
         f"reads (a read is stale if it returned a value older than a commit that had "
-        f"returned before the read began). The invalidation commits with the change: "
-        f"there is no moment when the row is new and the cache still serves the old value."
+        f"returned before the read began). The invalidation commits with the change, so "
+        f"a read that begins after the commit never gets the old value (this act reads "
+        f"through the store; a near tier adds its broadcast window)."
     )
     for problem in outcome.problems:
         console.print(f"[bold red]problem:[/] {problem}")
