@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -620,3 +621,47 @@ async def test_a_realm_write_invalidates_its_module_in_the_same_transaction(
         assert any("Extra" in key for key in module.definitions)
         assert await lookup.get_cached_definitions(page) is not None
         assert (pre.renders(card), pre.renders(page)) == (2, 2)
+
+
+# ------------------------------------------------------------------------ the sync API
+
+
+def test_the_sync_api_invalidates_in_a_sync_transaction(database_url: str) -> None:
+    """SyncFleetcache.invalidate(..., conn=) on a psycopg.Connection: nothing before the
+    commit and nothing after a rollback; at the commit the entry is gone and this
+    process's near copy is dropped (the SQL function's announcement has no origin);
+    expand and an async connection are refused."""
+    key = Key(NS, "price:1")
+    version = {"v": 0}
+
+    def produce(_key: Key) -> Any:
+        return Produced(value={"version": version["v"]})
+
+    with (
+        fleetcache.open_sync(database_url, near=100) as cache,
+        psycopg.connect(database_url) as app,
+    ):
+        assert cache.get_value(key, produce) == {"version": 0}
+        version["v"] = 1
+        app.execute("SELECT 1")
+        assert cache.invalidate(NS, ["price:1"], conn=app) == ["price:1"]
+        app.rollback()
+        assert cache.get_value(key, produce) == {"version": 0}
+        with app.transaction():
+            cache.invalidate(NS, ["price:1"], conn=app)
+            assert cache.call(cache.store.read, key) is not None  # not committed yet
+        assert cache.call(cache.store.read, key) is None
+        near = cache.lookup.near
+        assert near is not None
+        deadline = time.monotonic() + WAIT
+        while near.get(key, count_miss=False) is not None:
+            assert time.monotonic() < deadline, "the near copy was never dropped"
+            time.sleep(0.01)
+        assert cache.get_value(key, produce) == {"version": 1}
+        with app.transaction():
+            cache.clear_namespace(NS, conn=app)
+        assert cache.call(cache.store.read, key) is None
+        with app.transaction(), pytest.raises(ConfigurationError, match="expand"):
+            cache.invalidate(NS, ["a"], expand=lambda n: [n], conn=app)
+        with pytest.raises(ConfigurationError, match="not in one"):
+            cache.invalidate(NS, ["a"], conn=app)

@@ -619,15 +619,7 @@ class PostgresStore:
         ns_params = {"ns": namespace, "ns_lock": namespace_lock(namespace)}
         with _pg.translate(what):
             row = await (await conn.execute(q.PG_TRANSACTION_ISOLATION)).fetchone()
-            if row is None or row[0] != "read committed":
-                # A transaction snapshot taken before the lock would hide from the closure
-                # rounds the writes committed between it and the lock: they would survive.
-                raise ConfigurationError(
-                    f"cannot invalidate namespace {namespace!r} in a "
-                    f"{'?' if row is None else row[0]} transaction: the closure would miss "
-                    "entries written after its snapshot; invalidate in a READ COMMITTED "
-                    "transaction (Postgres's default)"
-                )
+            self._check_isolation(None if row is None else row[0], namespace)
             # Waits (on the application's connection) for invalidations holding the lock
             # and for writes under way; new writes of the namespace back off meanwhile.
             await conn.execute(q.PG_LOCK_NAMESPACE, ns_params)
@@ -658,13 +650,58 @@ class PostgresStore:
             await self._announce(conn, namespace, closure.names, origin=self._caller_origin)
         return closure.names
 
+    def invalidate_in_sync_transaction(
+        self, conn: psycopg.Connection[Any], namespace: str, names: Sequence[str] | None
+    ) -> list[str]:
+        """The invalidation of ``names`` (None: the namespace's clear) on the application's
+        *synchronous* connection, in its open transaction, for the sync API: it calls
+        ``fleetcache_invalidate`` (or ``fleetcache_clear_namespace``), the SQL function
+        running the same statements as :meth:`invalidate` (without ``expand``). Its
+        announcement carries no origin, so this process's listener applies it at the
+        commit like every peer's."""
+        given = None if names is None else names_to_invalidate(namespace, names, None)
+        if names is None:
+            check_name("the namespace to clear", namespace, allow_empty=False)
+        if not isinstance(conn, psycopg.Connection):
+            raise ConfigurationError(
+                f"invalidating namespace {namespace!r} in the application's transaction from "
+                f"the sync API needs an open psycopg.Connection, got {type(conn).__name__}"
+            )
+        self._check_status(conn.info.transaction_status, namespace)
+        what = f"invalidating namespace {namespace!r} in the application's transaction"
+        with _pg.translate(what):
+            row = conn.execute(q.PG_TRANSACTION_ISOLATION).fetchone()
+            self._check_isolation(None if row is None else row[0], namespace)
+            if given is None:
+                conn.execute(q.PG_CALL_CLEAR_NAMESPACE, {"ns": namespace, "channel": self._channel})
+                return []
+            if not given:
+                return []
+            params = {"ns": namespace, "names": given, "channel": self._channel}
+            row = conn.execute(q.PG_CALL_INVALIDATE, params).fetchone()
+        return [] if row is None else list(row[0])
+
+    @staticmethod
+    def _check_isolation(isolation: str | None, namespace: str) -> None:
+        if isolation != "read committed":
+            # A transaction snapshot taken before the lock would hide from the closure
+            # rounds the writes committed between it and the lock: they would survive.
+            raise ConfigurationError(
+                f"cannot invalidate namespace {namespace!r} in a {isolation or '?'} "
+                "transaction: the closure would miss entries written after its snapshot; "
+                "invalidate in a READ COMMITTED transaction (Postgres's default)"
+            )
+
     def _check_caller_connection(self, conn: object, namespace: str) -> None:
         if not isinstance(conn, psycopg.AsyncConnection):
             raise ConfigurationError(
                 f"invalidating namespace {namespace!r} in the application's transaction needs "
                 f"an open psycopg.AsyncConnection, got {type(conn).__name__}"
             )
-        status = conn.info.transaction_status
+        self._check_status(conn.info.transaction_status, namespace)
+
+    @staticmethod
+    def _check_status(status: psycopg.pq.TransactionStatus, namespace: str) -> None:
         if status == psycopg.pq.TransactionStatus.INTRANS:
             return
         if status == psycopg.pq.TransactionStatus.INERROR:

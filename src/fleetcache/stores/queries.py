@@ -757,6 +757,12 @@ CREATE OR REPLACE TRIGGER {trigger}
     FOR EACH ROW EXECUTE FUNCTION {function}();
 """
 
+#: The invalidation of names from a caller's synchronous connection (the sync API):
+#: the SQL function, which runs the same statements as the library.
+PG_CALL_INVALIDATE = "SELECT fleetcache_invalidate(%(ns)s, %(names)s::text[], %(channel)s)"
+#: The namespace's clear, likewise.
+PG_CALL_CLEAR_NAMESPACE = "SELECT fleetcache_clear_namespace(%(ns)s, %(channel)s)"
+
 #: Whether the invalidation functions exist (schema version 5 or later).
 PG_HAS_INVALIDATE_FUNCTION = (
     "SELECT to_regprocedure('fleetcache_invalidate(text, text[], text)') IS NOT NULL"
