@@ -111,6 +111,35 @@ async def test_the_invalidation_takes_effect_and_is_announced_at_the_commit(
         await listen.close()
 
 
+async def test_several_invalidations_in_one_transaction_commit_together(
+    store: PostgresStore, database_url: str
+) -> None:
+    """Two namespaces invalidated and a third cleared in one transaction: nothing before
+    the commit, all of it at the commit, with one announcement each."""
+    for ns in ("one", "two", "three"):
+        await store.write(Entry(Key(ns, "x"), 1))
+    listen = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    await listen.execute(f"LISTEN {INVALIDATED_CHANNEL}")
+    try:
+        async with await psycopg.AsyncConnection.connect(database_url) as app:
+            async with app.transaction():
+                assert await store.invalidate("one", ["x"], conn=app) == ["x"]
+                assert await store.invalidate("two", ["x", "y"], conn=app) == ["x", "y"]
+                await store.clear_namespace("three", conn=app)
+                assert await store.read(Key("one", "x")) is not None
+            for ns in ("one", "two", "three"):
+                assert await store.read(Key(ns, "x")) is None
+        got = [n async for n in listen.notifies(timeout=WAIT, stop_after=3)]
+        heard = [parse_invalidation(n.payload) for n in got]
+        assert [(h.kind, h.namespace) for h in heard if h is not None] == [
+            ("module", "one"),
+            ("module", "two"),
+            ("realm", "three"),
+        ]
+    finally:
+        await listen.close()
+
+
 async def test_a_rollback_invalidates_nothing_and_announces_nothing(
     store: PostgresStore, database_url: str
 ) -> None:
