@@ -16,8 +16,9 @@ def test_small_demo_coalesces_and_its_invalidation_act_holds(
     database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """With coordination each module is rendered once (without it, at most once per
-    process), and the invalidation act, near tier on, leaves every process on the new
-    version with no stale row and no stale read."""
+    process), the invalidation act, near tier on, leaves every process on the new
+    version with no stale row and no stale read, and the transaction act (a row change and
+    its invalidation in one transaction) has no stale read."""
     status = main(
         [
             "demo",
@@ -52,6 +53,9 @@ def test_small_demo_coalesces_and_its_invalidation_act_holds(
     assert act["stale_reads"] == 0
     assert act["leaf_reads"] > 0
     assert act["near_hits"] > 0  # the near tier served reads from memory
+    txn = report["txn_act"]
+    assert txn["reads"] > 0
+    assert txn["stale_reads"] == 0  # the row change and its invalidation commit together
 
 
 def test_graph_has_realms_failures_and_extensionless_requests() -> None:

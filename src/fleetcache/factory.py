@@ -198,22 +198,29 @@ class Fleetcache:
             key, value, ttl=ttl, stale_ttl=stale_ttl, deps=deps, alias=alias
         )
 
-    async def delete(self, key: Key) -> list[str]:
+    async def delete(self, key: Key, *, conn: Any = None) -> list[str]:
         """Invalidate ``key``'s name in its namespace (see :meth:`invalidate`)."""
-        return await self.lookup.delete(key)
+        return await self.lookup.delete(key, conn=conn)
 
     async def invalidate(
-        self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
+        self,
+        namespace: str,
+        names: Sequence[str],
+        *,
+        expand: Expand | None = None,
+        conn: Any = None,
     ) -> list[str]:
         """Invalidate ``names`` of ``namespace`` and, transitively, every entry depending
         on them, in every process; return all the names invalidated. ``expand`` gives
-        every name an entry may be stored or depended on under. See
-        :meth:`CachingLookup.invalidate`."""
-        return await self.lookup.invalidate(namespace, names, expand=expand)
+        every name an entry may be stored or depended on under. ``conn`` (Postgres): your
+        psycopg ``AsyncConnection`` inside its open transaction, so the invalidation
+        commits (or rolls back) with your change. See :meth:`CachingLookup.invalidate`."""
+        return await self.lookup.invalidate(namespace, names, expand=expand, conn=conn)
 
-    async def clear_namespace(self, namespace: str) -> None:
-        """Delete every entry of ``namespace``; computations under way there store nothing."""
-        await self.lookup.clear_namespace(namespace)
+    async def clear_namespace(self, namespace: str, *, conn: Any = None) -> None:
+        """Delete every entry of ``namespace``; computations under way there store nothing.
+        ``conn``: in your open transaction, as :meth:`invalidate`."""
+        await self.lookup.clear_namespace(namespace, conn=conn)
 
     async def clear_all(self) -> None:
         """Delete every entry; no computation under way stores anything."""

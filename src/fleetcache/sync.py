@@ -383,15 +383,50 @@ class SyncFleetcache:
         return self.call(self._lookup.delete, key)
 
     def invalidate(
-        self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
+        self,
+        namespace: str,
+        names: Sequence[str],
+        *,
+        expand: Expand | None = None,
+        conn: Any = None,
     ) -> list[str]:
         """Invalidate ``names`` and their dependents, fleet-wide; return them all (see
-        ``CachingLookup.invalidate``). ``expand`` runs on the core's loop thread."""
+        ``CachingLookup.invalidate``). ``expand`` runs on the core's loop thread.
+
+        ``conn`` (Postgres): your synchronous ``psycopg.Connection`` inside its open
+        transaction; the invalidation then commits, or rolls back, with it. It runs on
+        this thread through the SQL function ``fleetcache_invalidate``, which has no
+        ``expand``: give every name an entry is stored or depended on under."""
+        if conn is not None:
+            return self._in_transaction(namespace, names, expand, conn)
         return self.call(self._lookup.invalidate, namespace, names, expand=expand)
 
-    def clear_namespace(self, namespace: str) -> None:
-        """Delete every entry of ``namespace``."""
+    def clear_namespace(self, namespace: str, *, conn: Any = None) -> None:
+        """Delete every entry of ``namespace`` (``conn``: in your open transaction, as
+        :meth:`invalidate`)."""
+        if conn is not None:
+            self._in_transaction(namespace, None, None, conn)
+            return
         self.call(self._lookup.clear_namespace, namespace)
+
+    def _in_transaction(
+        self, namespace: str, names: Sequence[str] | None, expand: Expand | None, conn: Any
+    ) -> list[str]:
+        store: Any = self._cache.store
+        if not hasattr(store, "invalidate_in_sync_transaction"):
+            raise ConfigurationError(
+                f"invalidating namespace {namespace!r} in the application's transaction needs "
+                f"the Postgres store; {type(store).__name__} has no such transaction: call it "
+                "without conn= after your commit"
+            )
+        if expand is not None:
+            raise ConfigurationError(
+                f"invalidating namespace {namespace!r} in a synchronous application "
+                "transaction runs in SQL, which cannot call expand: pass every variant in "
+                "names, or use the async API"
+            )
+        closure: list[str] = store.invalidate_in_sync_transaction(conn, namespace, names)
+        return closure
 
     def clear_all(self) -> None:
         """Delete every entry."""

@@ -1,5 +1,5 @@
 """The ``fleetcache`` command line: ``demo`` (the main job), ``bench``, ``migrate``,
-``inspect`` and ``purge``.
+``inspect``, ``purge`` and ``trigger``.
 
 A package of its own beside :mod:`fleetcache` (in the same wheel), so the library never
 imports it: nothing under ``fleetcache`` knows the command line exists. The demo and the
@@ -21,6 +21,10 @@ _COMMANDS = {
     "migrate": ("fleetcache_cli.migrate", "bring a database to the latest fleetcache schema"),
     "inspect": ("fleetcache_cli.inspect", "what a cache's database holds right now (read-only)"),
     "purge": ("fleetcache_cli.purge", "delete now the entries past their stale window"),
+    "trigger": (
+        "fleetcache_cli.trigger",
+        "print or install a trigger invalidating in the row change's transaction",
+    ),
 }
 
 

@@ -240,15 +240,17 @@ class CachingDefinitionLookup:
 
     # ------------------------------------------------------------ invalidation
 
-    async def invalidate(self, module_url: str) -> list[str]:
+    async def invalidate(self, module_url: str, *, conn: Any = None) -> list[str]:
         """Invalidate a module (every URL variant it may be stored under) and, transitively,
         its dependents in its realm; return the URLs invalidated. A URL outside every
-        registered realm invalidates nothing and returns ``[]``."""
+        registered realm invalidates nothing and returns ``[]``. ``conn`` (Postgres): the
+        realm writer's psycopg ``AsyncConnection`` in its open transaction, so the
+        invalidation commits, or rolls back, with the realm write."""
         realm = self.realm_of(module_url)
         if realm is None:
             return []
         return await self.lookup.invalidate(
-            realm.url, [canonicalize(module_url)], expand=invalidation_variants
+            realm.url, [canonicalize(module_url)], expand=invalidation_variants, conn=conn
         )
 
     async def clear_realm_definitions(self, resolved_realm_url: str) -> None:
@@ -421,11 +423,11 @@ class RealmDefinitionLookup:
             return None
         return await self.parent._get(module_url, self.realm, priority)
 
-    async def invalidate(self, module_url: str) -> list[str]:
+    async def invalidate(self, module_url: str, *, conn: Any = None) -> list[str]:
         """As ``CachingDefinitionLookup.invalidate``, for modules of this realm."""
         if not self._inside(module_url):
             return []
-        return await self.parent.invalidate(module_url)
+        return await self.parent.invalidate(module_url, conn=conn)
 
 
 def _definition_in(code_ref: CodeRef, module: ModuleDefinitions | None) -> DefinitionEntry:

@@ -11,7 +11,7 @@ import dataclasses
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from fleetcache.coordination.base import PopulateCoordinator
 from fleetcache.errors import CachedError, ConfigurationError, InvalidInputError, NotOpenError
@@ -534,15 +534,21 @@ class CachingLookup(Generic[V]):
             self.near.put(entry, epoch=self.near.epoch())
         return invalidated
 
-    async def delete(self, key: Key) -> list[str]:
-        """Invalidate ``key``'s name in its namespace (see :meth:`invalidate`)."""
+    async def delete(self, key: Key, *, conn: Any = None) -> list[str]:
+        """Invalidate ``key``'s name in its namespace (see :meth:`invalidate`; ``conn``
+        as there)."""
         validate_key(key)
-        return await self.invalidate(key.namespace, [key.name])
+        return await self.invalidate(key.namespace, [key.name], conn=conn)
 
     # ------------------------------------------------------------ invalidating
 
     async def invalidate(
-        self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
+        self,
+        namespace: str,
+        names: Sequence[str],
+        *,
+        expand: Expand | None = None,
+        conn: Any = None,
     ) -> list[str]:
         """Invalidate ``names`` of ``namespace`` and, transitively, every entry whose deps
         contain one of them (see ``Store.invalidate``; ``expand`` gives every name an entry
@@ -554,7 +560,15 @@ class CachingLookup(Generic[V]):
 
         If this raises or is cancelled, the invalidation may still have committed: this
         process then forgets the whole namespace (its computations to join, its near
-        copies), since the names it reached are unknown."""
+        copies), since the names it reached are unknown.
+
+        ``conn`` (Postgres only): the application's psycopg ``AsyncConnection``, inside its
+        open transaction; the whole invalidation then runs in that transaction and takes
+        effect when it commits (never if it rolls back), announced to every process,
+        this one included, at that instant. See README "Invalidating in your own
+        transaction" for what it costs the transaction."""
+        if conn is not None:
+            return await self._in_application_transaction(namespace, names, expand, conn)
         try:
             closure = await self.store.invalidate(namespace, names, expand=expand)
         except InvalidInputError:
@@ -574,10 +588,14 @@ class CachingLookup(Generic[V]):
             await asyncio.shield(self.publisher.names_invalidated(namespace, closure))
         return closure
 
-    async def clear_namespace(self, namespace: str) -> None:
+    async def clear_namespace(self, namespace: str, *, conn: Any = None) -> None:
         """Delete every entry of ``namespace``; computations under way there store nothing.
         As with :meth:`invalidate`, the fleet hears of it even if this is cancelled after
-        the store committed, and a failure here forgets the namespace in this process."""
+        the store committed, and a failure here forgets the namespace in this process.
+        ``conn``: in the application's open transaction, as :meth:`invalidate`."""
+        if conn is not None:
+            await self._in_application_transaction(namespace, None, None, conn)
+            return
         try:
             await self.store.clear_namespace(namespace)
         except InvalidInputError:
@@ -599,6 +617,32 @@ class CachingLookup(Generic[V]):
             self._forget_here(None)
         if self.publisher is not None:
             await asyncio.shield(self.publisher.all_cleared())
+
+    async def _in_application_transaction(
+        self,
+        namespace: str,
+        names: Sequence[str] | None,
+        expand: Expand | None,
+        conn: Any,
+    ) -> list[str]:
+        """The store's invalidation (``names`` None: the namespace's clear) in the
+        application's transaction. Nothing is forgotten here now: before the commit the
+        old entries are still the committed ones (forgetting would only cost a refill of
+        the same), and after a rollback they stay right. This process applies it when
+        the store's announcement arrives at the commit (it carries another origin than
+        this process's own, so the listener does not skip it), like every peer."""
+        if not getattr(self.store, "joins_application_transactions", False):
+            raise ConfigurationError(
+                f"invalidating namespace {namespace!r} in the application's transaction "
+                f"needs the Postgres store; {type(self.store).__name__} has no such "
+                "transaction: call it without conn= after your commit"
+            )
+        store: Any = self.store
+        if names is None:
+            await store.clear_namespace(namespace, conn=conn)
+            return []
+        closure: list[str] = await store.invalidate(namespace, names, expand=expand, conn=conn)
+        return closure
 
     def _forget_here(self, namespace: str | None) -> None:
         """Forget ``namespace`` (None: everything) in this process: callers from now on

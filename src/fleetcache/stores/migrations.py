@@ -61,11 +61,17 @@ async def _pg_upgrade_3_to_4(conn: psycopg.AsyncConnection[Any], where: str) -> 
         await conn.execute(statement)
 
 
+async def _pg_upgrade_4_to_5(conn: psycopg.AsyncConnection[Any], where: str) -> None:
+    for statement in q.PG_UPGRADE_4_TO_5:
+        await conn.execute(statement)
+
+
 #: Postgres upgrades: ``PG_MIGRATIONS[n]`` takes a database from version n-1 to n.
 PG_MIGRATIONS: dict[int, Callable[[psycopg.AsyncConnection[Any], str], Any]] = {
     2: _pg_upgrade_1_to_2,
     3: _pg_upgrade_2_to_3,
     4: _pg_upgrade_3_to_4,
+    5: _pg_upgrade_4_to_5,
 }
 
 
@@ -87,7 +93,7 @@ async def migrate_postgres(conn: psycopg.AsyncConnection[Any], where: str) -> tu
         if before == LATEST:
             return before, before
         if before == 0:
-            for statement in q.PG_CREATE_LATEST:
+            for statement in [*q.PG_CREATE_LATEST, *q.PG_CREATE_INVALIDATION_FUNCTIONS]:
                 await conn.execute(statement)
         else:
             for version in range(before + 1, LATEST + 1):
@@ -126,11 +132,16 @@ def _sqlite_upgrade_3_to_4(conn: sqlite3.Connection, where: str) -> None:
     """Nothing: version 4 changed only a Postgres index."""
 
 
+def _sqlite_upgrade_4_to_5(conn: sqlite3.Connection, where: str) -> None:
+    """Nothing: version 5 added only Postgres functions."""
+
+
 #: sqlite upgrades: ``SQLITE_MIGRATIONS[n]`` takes a file from version n-1 to n.
 SQLITE_MIGRATIONS: dict[int, Callable[[sqlite3.Connection, str], None]] = {
     2: _sqlite_upgrade_1_to_2,
     3: _sqlite_upgrade_2_to_3,
     4: _sqlite_upgrade_3_to_4,
+    5: _sqlite_upgrade_4_to_5,
 }
 
 

@@ -260,6 +260,11 @@ class PostgresStore:
         self._where = _pg.describe_target(conninfo) if conninfo else "the pool's database"
         self._channel = invalidated_channel
         self._origin = new_origin() if origin is None else origin
+        # Announcements of invalidations made in an application's transaction carry
+        # another origin, so this process's listener does not skip them: it applies them
+        # (near tier, in-flight map) when they are delivered, at the commit, and never
+        # after a rollback.
+        self._caller_origin = new_origin()
         self._lock_wait = float(lock_wait)
         self._patience = f"{int(LOCK_PATIENCE * 1000)}ms"
         self._waits = _LockWaits()
@@ -289,6 +294,10 @@ class PostgresStore:
         :class:`~fleetcache.notifications.listener.InvalidationListener`, which then skips
         their echoes."""
         return self._origin
+
+    #: ``invalidate`` and ``clear_namespace`` take ``conn=``: an application's connection
+    #: in its open transaction.
+    joins_application_transactions = True
 
     def change_announcement(self, namespace: str, name: str) -> tuple[str, str] | None:
         """The NOTIFY telling the fleet that ``name`` of ``namespace`` changed in place (a
@@ -482,12 +491,24 @@ class PostgresStore:
     # ----------------------------------------------------------------- invalidations
 
     async def invalidate(
-        self, namespace: str, names: Sequence[str], *, expand: Expand | None = None
+        self,
+        namespace: str,
+        names: Sequence[str],
+        *,
+        expand: Expand | None = None,
+        conn: psycopg.AsyncConnection[Any] | None = None,
     ) -> list[str]:
         """Invalidate ``names`` and every entry depending on them, and announce them, in
         one transaction serialised with every write of the namespace (docs/design.md, "The
-        invalidation closure")."""
+        invalidation closure").
+
+        With ``conn`` (the application's connection, inside its open transaction) all of
+        it runs in that transaction instead: it takes effect, and is announced, when the
+        application commits, and never if it rolls back (docs/design.md, "Invalidating
+        in the application's transaction")."""
         given = names_to_invalidate(namespace, names, expand)
+        if conn is not None:
+            return await self._in_caller_transaction(conn, namespace, given, expand)
         if not given:
             return []
         ns_params = {"ns": namespace, "ns_lock": namespace_lock(namespace)}
@@ -525,10 +546,16 @@ class PostgresStore:
             f"invalidating names in namespace {namespace!r}", namespace, run, invalidation=True
         )
 
-    async def clear_namespace(self, namespace: str) -> None:
+    async def clear_namespace(
+        self, namespace: str, *, conn: psycopg.AsyncConnection[Any] | None = None
+    ) -> None:
         """Mark the namespace invalidated, delete its entries and announce it, in one
-        transaction."""
+        transaction (with ``conn``: in the application's open transaction, as
+        :meth:`invalidate`)."""
         check_name("the namespace to clear", namespace, allow_empty=False)
+        if conn is not None:
+            await self._in_caller_transaction(conn, namespace, None, None)
+            return
         ns_params = {"ns": namespace, "ns_lock": namespace_lock(namespace)}
 
         async def run(conn: psycopg.AsyncConnection[Any]) -> bool | None:
@@ -568,6 +595,142 @@ class PostgresStore:
 
         await self._when_unlocked("clearing the whole cache", None, run, invalidation=True)
 
+    async def _in_caller_transaction(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        namespace: str,
+        given: list[str] | None,
+        expand: Expand | None,
+    ) -> list[str]:
+        """The invalidation of ``given`` (None: the whole namespace) on the application's
+        connection, in its open transaction: the same lock, closure rounds, marks, deletes
+        and announcement as a pooled invalidation, none of it visible (or delivered)
+        before that transaction commits.
+
+        Why this keeps the guarantee (docs/design.md, "Invalidating in the application's
+        transaction"): the namespace lock is held exclusively from here until the
+        application's commit, so no write of the namespace commits in between; a write
+        that committed before the lock is found by the rounds below; a write checked
+        after the commit carries a stamp whose snapshot saw this transaction in progress
+        or not yet begun (a computation that read the application's old row stamped
+        before that read, and the row is only new to snapshots taken after the commit),
+        so ``pg_visible_in_snapshot`` is false for the marks' xid and the write is refused.
+        Nothing here changes the application's settings: no ``lock_timeout`` (the wait is
+        on the application's connection, its choice) and no ``statement_timeout`` (it
+        would last until the application's commit)."""
+        self._check_caller_connection(conn, namespace)
+        what = (
+            f"clearing namespace {namespace!r}"
+            if given is None
+            else f"invalidating names in namespace {namespace!r}"
+        )
+        what += " in the application's transaction"
+        ns_params = {"ns": namespace, "ns_lock": namespace_lock(namespace)}
+        with _pg.translate(what):
+            row = await (await conn.execute(q.PG_TRANSACTION_ISOLATION)).fetchone()
+            self._check_isolation(None if row is None else row[0], namespace)
+            # Waits (on the application's connection) for invalidations holding the lock
+            # and for writes under way; new writes of the namespace back off meanwhile.
+            await conn.execute(q.PG_LOCK_NAMESPACE, ns_params)
+            if given is None:
+                await conn.execute(
+                    q.PG_MARK_AND_DELETE_NAMESPACE, {"kind": "n", "ns": namespace, "names": [""]}
+                )
+                await self._announce(conn, namespace, None, origin=self._caller_origin)
+                return []
+            if not given:
+                return []
+            closure = Closure(given, expand)
+            found: set[bytes] = set()
+            frontier = list(closure.names)
+            while frontier:
+                cursor = await conn.execute(
+                    q.PG_CLOSURE_ROUND, {"ns": namespace, "names": frontier}
+                )
+                rows = await cursor.fetchall()
+                found.update(row[0] for row in rows)
+                frontier = closure.add(field for row in rows for field in row[1:])
+            # No pruning here: it would hold the old marks' row locks until the
+            # application commits; the fleet's pooled invalidations prune.
+            await conn.execute(
+                q.PG_MARK_AND_DELETE_NAMES,
+                {"kind": "k", "ns": namespace, "names": closure.names, "hashes": list(found)},
+            )
+            await self._announce(conn, namespace, closure.names, origin=self._caller_origin)
+        return closure.names
+
+    def invalidate_in_sync_transaction(
+        self, conn: psycopg.Connection[Any], namespace: str, names: Sequence[str] | None
+    ) -> list[str]:
+        """The invalidation of ``names`` (None: the namespace's clear) on the application's
+        *synchronous* connection, in its open transaction, for the sync API: it calls
+        ``fleetcache_invalidate`` (or ``fleetcache_clear_namespace``), the SQL function
+        running the same statements as :meth:`invalidate` (without ``expand``). Its
+        announcement carries no origin, so this process's listener applies it at the
+        commit like every peer's."""
+        given = None if names is None else names_to_invalidate(namespace, names, None)
+        if names is None:
+            check_name("the namespace to clear", namespace, allow_empty=False)
+        if not isinstance(conn, psycopg.Connection):
+            raise ConfigurationError(
+                f"invalidating namespace {namespace!r} in the application's transaction from "
+                f"the sync API needs an open psycopg.Connection, got {type(conn).__name__}"
+            )
+        self._check_status(conn.info.transaction_status, namespace)
+        what = f"invalidating namespace {namespace!r} in the application's transaction"
+        with _pg.translate(what):
+            row = conn.execute(q.PG_TRANSACTION_ISOLATION).fetchone()
+            self._check_isolation(None if row is None else row[0], namespace)
+            if given is None:
+                conn.execute(q.PG_CALL_CLEAR_NAMESPACE, {"ns": namespace, "channel": self._channel})
+                return []
+            if not given:
+                return []
+            params = {"ns": namespace, "names": given, "channel": self._channel}
+            row = conn.execute(q.PG_CALL_INVALIDATE, params).fetchone()
+        return [] if row is None else list(row[0])
+
+    @staticmethod
+    def _check_isolation(isolation: str | None, namespace: str) -> None:
+        if isolation != "read committed":
+            # A transaction snapshot taken before the lock would hide from the closure
+            # rounds the writes committed between it and the lock: they would survive.
+            raise ConfigurationError(
+                f"cannot invalidate namespace {namespace!r} in a {isolation or '?'} "
+                "transaction: the closure would miss entries written after its snapshot; "
+                "invalidate in a READ COMMITTED transaction (Postgres's default)"
+            )
+
+    def _check_caller_connection(self, conn: object, namespace: str) -> None:
+        if not isinstance(conn, psycopg.AsyncConnection):
+            raise ConfigurationError(
+                f"invalidating namespace {namespace!r} in the application's transaction needs "
+                f"an open psycopg.AsyncConnection, got {type(conn).__name__}"
+            )
+        self._check_status(conn.info.transaction_status, namespace)
+
+    @staticmethod
+    def _check_status(status: psycopg.pq.TransactionStatus, namespace: str) -> None:
+        if status == psycopg.pq.TransactionStatus.INTRANS:
+            return
+        if status == psycopg.pq.TransactionStatus.INERROR:
+            raise ConfigurationError(
+                f"cannot invalidate namespace {namespace!r} in the application's "
+                "transaction: it has failed (an earlier statement raised); roll it back and "
+                "run the change and the invalidation again in a new transaction"
+            )
+        if status == psycopg.pq.TransactionStatus.IDLE:
+            raise ConfigurationError(
+                f"cannot invalidate namespace {namespace!r} in the application's "
+                "transaction: the connection is not in one; open it first "
+                "(async with conn.transaction(): ...) so the change and the invalidation "
+                "commit together, or call invalidate without conn="
+            )
+        raise ConfigurationError(
+            f"cannot invalidate namespace {namespace!r} in the application's transaction: "
+            f"the connection is {status.name.lower()} (closed, broken or busy)"
+        )
+
     async def _lock(
         self, conn: psycopg.AsyncConnection[Any], statement: str, params: dict[str, Any]
     ) -> None:
@@ -579,13 +742,18 @@ class PostgresStore:
         await conn.execute(q.PG_BOUND_STATEMENTS, {"timeout": self._statement_timeout})
 
     async def _announce(
-        self, conn: psycopg.AsyncConnection[Any], namespace: str | None, names: list[str] | None
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        namespace: str | None,
+        names: list[str] | None,
+        *,
+        origin: str | None = None,
     ) -> None:
         # In the invalidation's own transaction: delivered exactly at its commit.
         if self._channel is None:
             return
         payloads = invalidation_payloads(
-            namespace, names, origin=self._origin, budget=PAYLOAD_BUDGET
+            namespace, names, origin=origin or self._origin, budget=PAYLOAD_BUDGET
         )
         await conn.execute(q.PG_BROADCAST, {"channel": self._channel, "payloads": payloads})
 

@@ -36,12 +36,18 @@ it (see ``PG_UPGRADE_1_TO_2`` and ``SQLITE_UPGRADE_1_TO_2``) and leaves ``module
 Version 2 kept values, errors and diagnostics as ``jsonb`` on Postgres; version 3 converts
 them in place (``PG_UPGRADE_2_TO_3``, ``SQLITE_UPGRADE_2_TO_3``). Version 4 differs from 3
 only in the Postgres deps index, which keeps no pending list (``PG_UPGRADE_3_TO_4``).
+Version 5 adds the Postgres functions ``fleetcache_invalidate``,
+``fleetcache_clear_namespace`` (invalidation from SQL, in the caller's transaction) and their
+helpers ``fleetcache_namespace_lock`` and ``fleetcache_invalidation_payloads``
+(``PG_UPGRADE_4_TO_5``); the sqlite schema is unchanged.
 """
 
 from __future__ import annotations
 
+from fleetcache.stores.validation import MAX_NAME_BYTES
+
 #: The schema version this release creates and understands.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Advisory-lock classes (the two-int form, a key space apart from the coordinator's
 # one-bigint locks): schema changes, the global lock, a namespace's lock (second int: a
@@ -419,6 +425,11 @@ PG_PURGE_EXPIRED = """
 #: ``PG_BOUND_STATEMENTS`` once the locks are held.
 PG_LOCK_PATIENCE = "SELECT set_config('lock_timeout', %(patience)s, true)"
 
+#: The isolation level of the caller's transaction (an invalidation in it needs READ
+#: COMMITTED: under a transaction snapshot the closure rounds would not see the writes that
+#: committed after the snapshot and before the lock).
+PG_TRANSACTION_ISOLATION = "SELECT current_setting('transaction_isolation')"
+
 #: An invalidation of names, or a namespace clear: the global lock shared (so a clear_all
 #: waits for it), the namespace lock exclusive (so every write of the namespace waits for
 #: it, and it waits for every write under way).
@@ -437,7 +448,7 @@ PG_BOUND_STATEMENTS = """
            set_config('lock_timeout', '0', true)
 """
 
-_PG_E_IN_NAMESPACE = "md5(e.namespace) = md5(%(ns)s) AND e.namespace = %(ns)s"
+_PG_E_IN_NAMESPACE = "md5(e.namespace) = md5({ns}) AND e.namespace = {ns}"
 
 #: One round of the closure: key hash, name and alias of every entry of the namespace (any
 #: scope or user) named or aliased by one of the names, or whose deps contain one. Per
@@ -445,9 +456,9 @@ _PG_E_IN_NAMESPACE = "md5(e.namespace) = md5(%(ns)s) AND e.namespace = %(ns)s"
 #: of the name index, one of the alias index, one of the deps index (no namespace index
 #: there, so it cannot be chosen instead). Cost: in proportion to the names and the rows
 #: found, never to their product.
-PG_CLOSURE_ROUND = f"""
+_CLOSURE_ROUND = f"""
     SELECT DISTINCT f.key_hash, f.name, f.alias
-    FROM unnest(%(names)s::text[]) AS n (name)
+    FROM unnest({{names}}::text[]) AS n (name)
     CROSS JOIN LATERAL (
         (SELECT e.key_hash, e.name, e.alias FROM fleetcache_entries AS e
          WHERE {_PG_E_IN_NAMESPACE} AND md5(e.name) = md5(n.name) AND e.name = n.name
@@ -458,10 +469,11 @@ PG_CLOSURE_ROUND = f"""
          OFFSET 0)
         UNION ALL
         (SELECT e.key_hash, e.name, e.alias FROM fleetcache_entries AS e
-         WHERE e.deps @> ARRAY[n.name] AND e.namespace = %(ns)s
+         WHERE e.deps @> ARRAY[n.name] AND e.namespace = {{ns}}
          OFFSET 0)
     ) AS f
 """
+PG_CLOSURE_ROUND = _CLOSURE_ROUND.format(ns="%(ns)s", names="%(names)s")
 
 #: Deletes up to ``limit`` marks older than the retention, skipping any a concurrent
 #: transaction holds (so pruning never waits for anyone and so never joins a deadlock).
@@ -475,13 +487,14 @@ PG_PRUNE_MARKS = """
 """
 
 # Marks (kind, namespace, name) for each name as set by this transaction, now.
-_PG_MARK = """
+_MARK = """
     INSERT INTO fleetcache_generations (kind, namespace, name, bumped_by, marked_at)
-    SELECT %(kind)s, %(ns)s, n, pg_current_xact_id(), clock_timestamp()
-    FROM unnest(%(names)s::text[]) AS n
+    SELECT {kind}, {ns}, n, pg_current_xact_id(), clock_timestamp()
+    FROM unnest({names}::text[]) AS n
     ON CONFLICT (kind, md5(namespace), md5(name))
     DO UPDATE SET bumped_by = EXCLUDED.bumped_by, marked_at = EXCLUDED.marked_at
 """
+_PG_MARK = _MARK.format(kind="%(kind)s", ns="%(ns)s", names="%(names)s")
 
 #: Marks every name of the closure and deletes the entries its rounds found (by key
 #: hash, one probe each): every entry of the namespace named or aliased by a name of the
@@ -509,6 +522,257 @@ PG_MARK_AND_DELETE_ALL = f"""
 #: when the transaction commits (never after a rollback), so no caller cancelled after the
 #: commit can lose it. One ``pg_notify`` per payload, in order.
 PG_BROADCAST = "SELECT pg_notify(%(channel)s, p) FROM unnest(%(payloads)s::text[]) AS p"
+
+# ------------------------------------------------------- invalidation from SQL (version 5)
+
+# Three functions, created by the migrations, for writers that are not Python and for
+# triggers: they run in the caller's transaction, so (as ``invalidate(..., conn=)``) the
+# invalidation takes effect and is announced when that transaction commits, and never if it
+# rolls back. They do what ``PostgresStore.invalidate`` does, with the same statements
+# (``_CLOSURE_ROUND`` and ``_MARK`` are spliced into both): the namespace lock, the closure
+# in rounds, the marks, the deletes, the broadcast. Without ``expand`` (a Python function):
+# the closure grows from the names given and what the entries hold (names, aliases, deps).
+# No pruning and no timeouts set: both would outlive the call, in the caller's transaction.
+
+#: The namespace lock's second int, as ``namespace_lock`` computes it in postgres.py (the
+#: first 4 bytes of sha256 over the UTF-8 namespace, a signed big-endian int).
+PG_CREATE_NAMESPACE_LOCK_FUNCTION = """
+    CREATE OR REPLACE FUNCTION fleetcache_namespace_lock(p_namespace text)
+    RETURNS integer LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $fleetcache$
+        SELECT ('x' || encode(substr(sha256(convert_to(p_namespace, 'UTF8')), 1, 4), 'hex'))
+               ::bit(32)::integer
+    $fleetcache$
+"""
+
+#: The broadcast's payloads, byte for byte what ``invalidation_payloads`` in payloads.py
+#: builds (the test suite compares the two on the same inputs): ``to_json`` escapes a text
+#: as ``json.dumps(..., ensure_ascii=False)`` does, and sizes are UTF-8 bytes. A namespace
+#: NULL or empty: the global payload; names NULL: the realm payload.
+PG_CREATE_PAYLOADS_FUNCTION = """
+    CREATE OR REPLACE FUNCTION fleetcache_invalidation_payloads(
+        p_namespace text, p_names text[], p_origin text DEFAULT NULL,
+        p_budget integer DEFAULT 7000
+    ) RETURNS text[] LANGUAGE plpgsql STABLE AS $fleetcache$
+    DECLARE
+        v_tail text := CASE WHEN p_origin IS NULL THEN '}'
+                            ELSE ',"o":' || to_json(p_origin)::text || '}' END;
+        v_realm text;
+        v_head text;
+        v_fixed integer;
+        v_size integer;
+        v_piece text;
+        v_piece_size integer;
+        v_name text;
+        v_chunk text[] := '{}';
+        v_payloads text[] := '{}';
+    BEGIN
+        IF p_namespace IS NULL OR p_namespace = '' THEN
+            RETURN ARRAY['{"k":"global"' || v_tail];
+        END IF;
+        v_realm := '{"k":"realm","r":' || to_json(p_namespace)::text || v_tail;
+        IF octet_length(convert_to(v_realm, 'UTF8')) >= p_budget THEN
+            RETURN ARRAY['{"k":"global"' || v_tail];
+        END IF;
+        IF p_names IS NULL THEN
+            RETURN ARRAY[v_realm];
+        END IF;
+        v_head := '{"k":"module","r":' || to_json(p_namespace)::text || ',"m":[';
+        v_tail := ']' || v_tail;
+        v_fixed := octet_length(convert_to(v_head, 'UTF8'))
+                   + octet_length(convert_to(v_tail, 'UTF8'));
+        v_size := v_fixed;
+        FOREACH v_name IN ARRAY p_names LOOP
+            IF v_name IS NULL OR v_name = '' THEN
+                RETURN ARRAY[v_realm];
+            END IF;
+            v_piece := to_json(v_name)::text;
+            v_piece_size := octet_length(convert_to(v_piece, 'UTF8'));
+            IF v_fixed + v_piece_size >= p_budget THEN
+                RETURN ARRAY[v_realm];
+            END IF;
+            IF cardinality(v_chunk) > 0 AND v_size + 1 + v_piece_size >= p_budget THEN
+                v_payloads := v_payloads || (v_head || array_to_string(v_chunk, ',') || v_tail);
+                v_chunk := '{}';
+                v_size := v_fixed;
+            END IF;
+            v_size := v_size + v_piece_size + CASE WHEN cardinality(v_chunk) > 0 THEN 1 ELSE 0 END;
+            v_chunk := v_chunk || v_piece;
+        END LOOP;
+        IF cardinality(v_chunk) > 0 THEN
+            v_payloads := v_payloads || (v_head || array_to_string(v_chunk, ',') || v_tail);
+        END IF;
+        RETURN v_payloads;
+    END
+    $fleetcache$
+"""
+
+_SQL_NAMESPACE_CHECK = """
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'fleetcache: invalidating in a % transaction could miss entries %',
+                current_setting('transaction_isolation'),
+                'written after its snapshot: invalidate in a READ COMMITTED transaction'
+                USING ERRCODE = 'invalid_transaction_state';
+        END IF;
+        IF p_namespace IS NULL OR p_namespace = '' THEN
+            RAISE EXCEPTION 'fleetcache: the namespace to invalidate must be a non-empty text'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF octet_length(convert_to(p_namespace, 'UTF8')) > {max_bytes} THEN
+            RAISE EXCEPTION 'fleetcache: the namespace to invalidate is % bytes long; limit %',
+                octet_length(convert_to(p_namespace, 'UTF8')), {max_bytes}
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+"""
+# The locks of ``PG_LOCK_NAMESPACE``, in the same order (global shared, namespace exclusive).
+_SQL_LOCK_NAMESPACE = """
+        PERFORM pg_advisory_xact_lock_shared({lock_global}, 0),
+                pg_advisory_xact_lock({lock_namespace}, fleetcache_namespace_lock(p_namespace));
+"""
+
+#: ``fleetcache_invalidate(namespace, names[, channel])``: the invalidation of ``names``
+#: and their dependents in the caller's transaction; returns the closure (the given names
+#: first, each once, in order). The lock is taken first, so every round sees every write
+#: committed before it, and none commits until the caller's transaction ends.
+PG_CREATE_INVALIDATE_FUNCTION = """
+    CREATE OR REPLACE FUNCTION fleetcache_invalidate(
+        p_namespace text, p_names text[],
+        p_channel text DEFAULT 'fleetcache_invalidated_v1'
+    ) RETURNS text[] LANGUAGE plpgsql VOLATILE AS $fleetcache$
+    DECLARE
+        v_closure text[];
+        v_frontier text[];
+        v_new text[];
+        v_hashes bytea[];
+        v_found bytea[] := '{{}}';
+    BEGIN
+        {check}
+        IF p_names IS NULL OR array_position(p_names, NULL) IS NOT NULL THEN
+            RAISE EXCEPTION 'fleetcache: the names to invalidate in namespace % must be %',
+                quote_literal(p_namespace), 'an array of texts without NULL'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF EXISTS (SELECT 1 FROM unnest(p_names) AS n
+                   WHERE octet_length(convert_to(n, 'UTF8')) > {max_bytes}) THEN
+            RAISE EXCEPTION 'fleetcache: a name to invalidate in namespace % is over % bytes',
+                quote_literal(p_namespace), {max_bytes}
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        {lock}
+        SELECT coalesce(array_agg(g.n ORDER BY g.first), '{{}}') INTO v_closure
+        FROM (SELECT u.n, min(u.i) AS first
+              FROM unnest(p_names) WITH ORDINALITY AS u (n, i) GROUP BY u.n) AS g;
+        IF cardinality(v_closure) = 0 THEN
+            RETURN v_closure;
+        END IF;
+        v_frontier := v_closure;
+        WHILE cardinality(v_frontier) > 0 LOOP
+            SELECT coalesce(array_agg(DISTINCT r.key_hash), '{{}}'),
+                   coalesce(array_agg(DISTINCT x.name)
+                            FILTER (WHERE x.name IS NOT NULL AND x.name <> ALL (v_closure)),
+                            '{{}}')
+            INTO v_hashes, v_new
+            FROM ({round}) AS r
+            CROSS JOIN LATERAL unnest(ARRAY[r.name, r.alias]) AS x (name);
+            v_found := v_found || v_hashes;
+            v_closure := v_closure || v_new;
+            v_frontier := v_new;
+        END LOOP;
+        {mark};
+        DELETE FROM fleetcache_entries WHERE key_hash = ANY (v_found);
+        IF p_channel IS NOT NULL THEN
+            PERFORM pg_notify(p_channel, p)
+            FROM unnest(fleetcache_invalidation_payloads(p_namespace, v_closure)) AS p;
+        END IF;
+        RETURN v_closure;
+    END
+    $fleetcache$
+"""
+
+#: ``fleetcache_clear_namespace(namespace[, channel])``: the namespace's clear in the
+#: caller's transaction (mark ``n``, every entry of the namespace deleted, announced).
+PG_CREATE_CLEAR_NAMESPACE_FUNCTION = """
+    CREATE OR REPLACE FUNCTION fleetcache_clear_namespace(
+        p_namespace text, p_channel text DEFAULT 'fleetcache_invalidated_v1'
+    ) RETURNS void LANGUAGE plpgsql VOLATILE AS $fleetcache$
+    BEGIN
+        {check}
+        {lock}
+        {mark};
+        DELETE FROM fleetcache_entries
+        WHERE md5(namespace) = md5(p_namespace) AND namespace = p_namespace;
+        IF p_channel IS NOT NULL THEN
+            PERFORM pg_notify(p_channel, p)
+            FROM unnest(fleetcache_invalidation_payloads(p_namespace, NULL)) AS p;
+        END IF;
+    END
+    $fleetcache$
+"""
+
+
+def _sql_functions() -> list[str]:
+    check = _SQL_NAMESPACE_CHECK.format(max_bytes=MAX_NAME_BYTES)
+    lock = _SQL_LOCK_NAMESPACE.format(lock_global=LOCK_GLOBAL, lock_namespace=LOCK_NAMESPACE)
+    return [
+        PG_CREATE_NAMESPACE_LOCK_FUNCTION,
+        PG_CREATE_PAYLOADS_FUNCTION,
+        PG_CREATE_INVALIDATE_FUNCTION.format(
+            check=check,
+            lock=lock,
+            max_bytes=MAX_NAME_BYTES,
+            round=_CLOSURE_ROUND.format(ns="p_namespace", names="v_frontier"),
+            mark=_MARK.format(kind="'k'", ns="p_namespace", names="v_closure"),
+        ),
+        PG_CREATE_CLEAR_NAMESPACE_FUNCTION.format(
+            check=check,
+            lock=lock,
+            mark=_MARK.format(kind="'n'", ns="p_namespace", names="ARRAY['']"),
+        ),
+    ]
+
+
+#: A trigger invalidating, in the changing transaction, the names a changed row maps to:
+#: ``{names}`` is the operator's SQL expression (a text[]) over the row ``r`` (OLD for a
+#: delete, NEW for an insert, both for an update); the other placeholders are quoted by
+#: ``fleetcache.stores.triggers`` (identifiers and a literal), never spliced as text.
+PG_INVALIDATION_TRIGGER = """
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $fleetcache$
+DECLARE
+    r {table}%ROWTYPE;
+    v_names text[] := '{{}}';
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        r := OLD;
+        v_names := v_names || ({names})::text[];
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        r := NEW;
+        v_names := v_names || ({names})::text[];
+    END IF;
+    PERFORM fleetcache_invalidate({namespace}, v_names, {channel});
+    RETURN NULL;
+END
+$fleetcache$;
+CREATE OR REPLACE TRIGGER {trigger}
+    AFTER INSERT OR UPDATE OR DELETE ON {table}
+    FOR EACH ROW EXECUTE FUNCTION {function}();
+"""
+
+#: The invalidation of names from a caller's synchronous connection (the sync API):
+#: the SQL function, which runs the same statements as the library.
+PG_CALL_INVALIDATE = "SELECT fleetcache_invalidate(%(ns)s, %(names)s::text[], %(channel)s)"
+#: The namespace's clear, likewise.
+PG_CALL_CLEAR_NAMESPACE = "SELECT fleetcache_clear_namespace(%(ns)s, %(channel)s)"
+
+#: Whether the invalidation functions exist (schema version 5 or later).
+PG_HAS_INVALIDATE_FUNCTION = (
+    "SELECT to_regprocedure('fleetcache_invalidate(text, text[], text)') IS NOT NULL"
+)
+
+#: The invalidation functions, in the order they must be created (a new database gets them
+#: after ``PG_CREATE_LATEST``).
+PG_CREATE_INVALIDATION_FUNCTIONS = _sql_functions()
+#: Version 4 -> 5: the invalidation functions (nothing else changes).
+PG_UPGRADE_4_TO_5 = PG_CREATE_INVALIDATION_FUNCTIONS
 
 # ============================================================================= sqlite
 
