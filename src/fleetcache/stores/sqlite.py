@@ -112,6 +112,11 @@ class SqliteStore:
         self._executor: ThreadPoolExecutor | None = None
 
     @property
+    def path(self) -> str:
+        """The database file's path."""
+        return self._path
+
+    @property
     def mark_retention(self) -> float:
         """How long (seconds) marks are kept."""
         return self._retention
