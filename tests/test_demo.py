@@ -16,8 +16,8 @@ def test_small_demo_coalesces_and_its_invalidation_act_holds(
     database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """With coordination each module is rendered once (without it, at most once per
-    process), on Postgres and on the embedded sqlite file, and the invalidation act, near tier on, leaves every process on the new
-    version with no stale row and no stale read."""
+    process), on Postgres and on the embedded sqlite file, and the invalidation act, near
+    tier on, leaves every process on the new version with no stale row and no stale read."""
     status = main(
         [
             "demo",
