@@ -75,3 +75,17 @@ async def test_reads_after_close_are_refused(tmp_path: Path) -> None:
         store.read_here(Key(NS, "k"))
     with pytest.raises(fleetcache.NotOpenError):
         await store.read(Key(NS, "k"))
+
+
+def test_ended_threads_leave_no_reader_connection_behind(tmp_path: Path) -> None:
+    """Each thread reads with its own connection; those of threads that ended are closed
+    when the next one is made, so short-lived threads leak no file handles."""
+    with fleetcache.open_sync(f"sqlite:///{tmp_path / 'c.db'}") as cache:
+        cache.set(Key(NS, "k"), 1)
+        for _ in range(20):
+            reader = threading.Thread(target=cache.get_value, args=(Key(NS, "k"), _no))
+            reader.start()
+            reader.join()
+        store = cache.store
+        assert isinstance(store, SqliteStore)
+        assert len(store._readers) <= 2  # the last thread's, and the loop's if it read

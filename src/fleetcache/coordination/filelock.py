@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import os
 import struct
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no fcntl; file_locks_supported() says so
+    fcntl = None  # type: ignore[assignment]
 
 from fleetcache._lifecycle import Service
 from fleetcache.coordination.base import KeyLock, WakeReason, lock_id
@@ -35,8 +39,8 @@ MAX_WATCHERS = 64
 # struct flock on Linux (x86_64, aarch64): l_type, l_whence, l_start, l_len, l_pid (0 for
 # OFD locks), padded to 32 bytes.
 _FLOCK = "hhqqixxxx"
-_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)
-_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", None)
+_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
+_OFD_SETLKW: int | None = getattr(fcntl, "F_OFD_SETLKW", None)
 
 
 def file_locks_supported() -> bool:

@@ -120,10 +120,11 @@ class SqliteStore:
         # Set and cleared by open() and close() on the event loop.
         self._executor: ThreadPoolExecutor | None = None
         # Reads on the calling thread (read_here): one read-only connection per thread, in
-        # _local; every one is also in _readers (appended by its thread, closed by close(),
-        # under _readers_lock) so that close() can close them all.
+        # _local; every one is also in _readers with its thread (appended by that thread,
+        # pruned of ended threads' by the next one made, emptied by close(); all under
+        # _readers_lock), so that close() closes them all and ended threads leak none.
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._readers: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._readers_lock = threading.Lock()
 
     @property
@@ -206,7 +207,7 @@ class SqliteStore:
             with self._readers_lock:
                 readers, self._readers = self._readers, []
                 self._local = threading.local()
-            for reader in readers:
+            for _, reader in readers:
                 reader.close()
 
     def read_here(self, key: Key, by_alias: bool = False) -> Entry | None:
@@ -252,8 +253,12 @@ class SqliteStore:
                 f"opening a reader of sqlite file {self._path!r} failed: {exc}"
             ) from exc
         with self._readers_lock:
-            self._readers.append(conn)
+            ended = [reader for thread, reader in self._readers if not thread.is_alive()]
+            self._readers = [(t, r) for t, r in self._readers if t.is_alive()]
+            self._readers.append((threading.current_thread(), conn))
             local = self._local
+        for reader in ended:
+            reader.close()
         local.conn = conn
         return conn
 
