@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import signal
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +20,7 @@ import fleetcache
 from fleetcache import Key, Produced
 from fleetcache.coordination.base import WakeReason
 from fleetcache.coordination.filelock import FileLockCoordinator
+from fleetcache.errors import CoordinationError
 from waiting import eventually
 
 WORKER = Path(__file__).with_name("filelock_worker.py")
@@ -194,3 +197,32 @@ async def test_open_on_sqlite_coordinates_by_default_and_can_opt_out(tmp_path: P
 
 async def _value() -> Produced[int]:
     return Produced(1)
+
+
+def _lock_in_child(coordinator: FileLockCoordinator, out: Any) -> None:
+    async def attempt() -> str:
+        try:
+            async with coordinator.lock("k"):
+                return "locked"
+        except CoordinationError as exc:
+            return str(exc)
+
+    out.put(asyncio.run(attempt()))
+
+
+@pytest.mark.processes
+async def test_a_forked_child_is_refused_the_parents_lock_file(tmp_path: Path) -> None:
+    """A child forked after the coordinator opened its lock file shares the parent's locks
+    (one open file), so it would not be excluded: its lock() raises CoordinationError."""
+    coordinator = FileLockCoordinator(tmp_path / "c.locks")
+    await coordinator.start()
+    try:
+        context = multiprocessing.get_context("fork")
+        out = context.Queue()
+        child = context.Process(target=_lock_in_child, args=(coordinator, out))
+        child.start()
+        said = await asyncio.to_thread(out.get, True, 20)
+        await asyncio.to_thread(child.join, 20)
+        assert "before a fork" in said
+    finally:
+        await coordinator.close()

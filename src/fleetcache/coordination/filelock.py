@@ -98,8 +98,10 @@ class FileLockCoordinator(Service):
         self._registry = WaiterRegistry()
         # Set by close(): watchers finishing afterwards have nobody to wake.
         self._stopping = threading.Event()
+        self._pid = 0  # the process that opened the lock file (set by _on_start)
 
     async def _on_start(self) -> None:
+        self._pid = os.getpid()
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -126,6 +128,13 @@ class FileLockCoordinator(Service):
         """The key's lock, held until the block ends (see
         :meth:`~fleetcache.coordination.base.PopulateCoordinator.lock`)."""
         self.check_started(f"the lock of key {coalesce_key}")
+        if os.getpid() != self._pid:
+            # A forked child shares the parent's open file, hence its locks: it would never
+            # be excluded by its parent or its siblings.
+            raise CoordinationError(
+                f"the lock file {self.path!r} was opened by process {self._pid}, before a "
+                f"fork; process {os.getpid()} must open its own cache"
+            )
         fd = self._fd
         assert fd is not None
         slot = self.slot(coalesce_key)
@@ -149,9 +158,11 @@ class FileLockCoordinator(Service):
         finally:
             # Synchronous, so a cancellation cannot skip it; other processes' watchers wake.
             self._held.discard(slot)
-            if self._fd == fd:
-                fcntl.fcntl(fd, _OFD_SETLK, _flock(fcntl.F_UNLCK, slot))  # type: ignore[arg-type]
-            self._registry.wake(slot, WakeReason.NOTIFY)
+            try:
+                if self._fd == fd:
+                    fcntl.fcntl(fd, _OFD_SETLK, _flock(fcntl.F_UNLCK, slot))  # type: ignore[arg-type]
+            finally:
+                self._registry.wake(slot, WakeReason.NOTIFY)
 
     def _try(self, fd: int, slot: int, coalesce_key: str) -> bool:
         """Try the byte's lock without blocking: a syscall, no disk I/O."""
