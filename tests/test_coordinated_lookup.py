@@ -189,16 +189,16 @@ async def test_gives_up_after_the_waiting_budget_with_a_clear_error(tmp_path: Pa
         await store.close()
 
 
-async def test_coordination_asked_for_on_sqlite_is_ignored_with_one_log_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+async def test_coordination_asked_for_on_memory_is_ignored_with_one_log_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """On sqlite coordinate=True builds no coordinator and says so once per process."""
+    """On memory:// coordinate=True builds no coordinator and says so once per process."""
     monkeypatch.setattr("fleetcache.factory._ignored_logged", False)
     caplog.set_level("INFO", logger="fleetcache.factory")
     for _ in range(2):
-        async with fleetcache.open(f"sqlite:///{tmp_path / 'c.db'}", coordinate=True) as cache:
+        async with fleetcache.open("memory://", coordinate=True) as cache:
             assert cache.coordinator is None
-    assert sum("ignored for sqlite" in r.getMessage() for r in caplog.records) == 1
+    assert sum("ignored for memory" in r.getMessage() for r in caplog.records) == 1
 
 
 async def test_open_refuses_an_unknown_url() -> None:

@@ -16,9 +16,10 @@ def test_small_demo_coalesces_and_its_invalidation_act_holds(
     database_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """With coordination each module is rendered once (without it, at most once per
-    process), the invalidation act, near tier on, leaves every process on the new
-    version with no stale row and no stale read, and the transaction act (a row change and
-    its invalidation in one transaction) has no stale read."""
+    process), on Postgres and on the embedded sqlite file, the invalidation act, near tier
+    on, leaves every process on the new version with no stale row and no stale read, and
+    the transaction act (a row change and its invalidation in one transaction) has no
+    stale read."""
     status = main(
         [
             "demo",
@@ -46,6 +47,11 @@ def test_small_demo_coalesces_and_its_invalidation_act_holds(
     assert coordinated["prerenders"] <= plain["prerenders"] <= 3 * coordinated["prerenders"]
     assert plain["max_per_module"] <= 3
     assert coordinated["errors"] == plain["errors"] == 0
+    # The same fleet on the embedded sqlite file (no server): each module rendered once.
+    local = report["runs"]["sqlite"]
+    assert local["max_per_module"] == 1
+    assert local["prerenders"] == local["modules_rendered"] == coordinated["modules_rendered"]
+    assert local["errors"] == 0
     act = report["act"]
     assert act["stale_rows"] == []
     assert set(act["rerendered"].values()) == {1}

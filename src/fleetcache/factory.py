@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
 from fleetcache import _pg
+from fleetcache.coordination.filelock import FileLockCoordinator, file_locks_supported
 from fleetcache.coordination.postgres import (
     LOCK_IDLE_TIMEOUT,
     POPULATED_CHANNEL,
@@ -106,7 +107,7 @@ class Fleetcache:
         lookup: CachingLookup[Any],
         *,
         hub: NotificationHub | None = None,
-        coordinator: PostgresCoordinator | None = None,
+        coordinator: PostgresCoordinator | FileLockCoordinator | None = None,
         publisher: PostgresInvalidationPublisher | None = None,
         listener: InvalidationListener | None = None,
         closers: Sequence[tuple[str, Callable[[float], Awaitable[None]]]] = (),
@@ -359,8 +360,9 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     starts with releases those it got before it tries again (within ``connect_budget``), so
     processes opening at once at the edge of ``max_connections`` do not starve one another.
 
-    ``coordinate``: cross-process populate coordination (None: on for Postgres, where it
-    exists; asking for it on sqlite or memory is logged once and ignored). ``near``: keep up
+    ``coordinate``: cross-process populate coordination (None: on for Postgres and, on
+    Linux, for sqlite, whose processes on one machine take a lock file's byte locks beside
+    the database; False: off; asking for it on memory is logged once and ignored). ``near``: keep up
     to that many entries in process memory and serve hits from there while this process
     hears the fleet's invalidations (``near_max_bytes`` bounds their size too); Postgres
     only, since only there invalidations are broadcast.
@@ -410,10 +412,19 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             await store.open()
             closers.append(("store", lambda _timeout: store.close()))
             if not isinstance(store, PostgresStore):
-                _log_ignored(url, coordinate, near)
-                lookup: CachingLookup[Any] = CachingLookup(store, options=options, codec=codec)
+                _log_ignored(url, coordinate if isinstance(store, MemoryStore) else None, near)
+                local = None
+                if isinstance(store, SqliteStore) and _file_locks_wanted(coordinate):
+                    # A lock file beside the database: one computation per key among the
+                    # processes of this machine sharing the file.
+                    local = FileLockCoordinator(f"{store.path}.locks")
+                    closers.append(("coordinator", local.close))
+                    await local.start()
+                lookup: CachingLookup[Any] = CachingLookup(
+                    store, options=options, codec=codec, coordinator=local
+                )
                 closers.append(("lookup", lookup.close))
-                return Fleetcache(url, store, lookup, closers=closers[::-1])
+                return Fleetcache(url, store, lookup, coordinator=local, closers=closers[::-1])
             hub = NotificationHub(
                 url, [populated_channel, invalidated_channel], connect_budget=budget
             )
@@ -511,13 +522,29 @@ async def _all_or_nothing(
         delay = min(delay * 2, 1.0)
 
 
+def _file_locks_wanted(coordinate: bool | None) -> bool:
+    """Whether a sqlite cache coordinates its processes through file locks: by default
+    where the platform has them; asked for where it has none, a ConfigurationError."""
+    if coordinate is False:
+        return False
+    if file_locks_supported():
+        return True
+    if coordinate:
+        raise ConfigurationError(
+            "coordinate=True on sqlite needs open-file-description locks (Linux); this "
+            "platform has none: processes sharing the file would each compute a key"
+        )
+    return False
+
+
 def _log_ignored(url: str, coordinate: bool | None, near: int | None) -> None:
     """One log line per process for options that need Postgres."""
     global _ignored_logged  # noqa: PLW0603 - one log line per process, by design
     if (coordinate or near is not None) and not _ignored_logged:
         _ignored_logged = True
         logger.info(
-            "coordination across processes and the near tier are ignored for %s: they need "
-            "Postgres (its locks, and its broadcast of every invalidation to every process)",
+            "the near tier (and, on memory://, coordination across processes) is ignored "
+            "for %s: the near tier needs Postgres's broadcast of every invalidation to "
+            "every process (sqlite coordinates its processes through file locks)",
             url.split("://", 1)[0],
         )

@@ -317,9 +317,11 @@ class SyncFleetcache:
             "stale_ttl": stale_ttl,
             "early_refresh": early_refresh,
         }
-        if self._lookup.near is not None:
+        read_here = getattr(self._cache.store, "read_here", None)
+        if self._lookup.near is not None or read_here is not None:
+            # A near-tier hit, or a sqlite hit read on this thread: no trip to the loop.
             hit = self._lookup.near_hit(
-                key, adapt(produce, None), call_soon=self.call_soon, **options
+                key, adapt(produce, None), call_soon=self.call_soon, read=read_here, **options
             )
             if hit is not None:
                 return hit

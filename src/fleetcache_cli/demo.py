@@ -6,8 +6,9 @@ What it does, with no arguments:
    simulated prerender server with a module graph (40 modules in a public and a private
    realm, with imports between them, a few requested without extension, two that fail);
 2. spawns 4 worker processes that all look up every module's definitions at the same
-   moment on a cold cache — once with cross-process coordination off, once with it on —
-   and prints the two runs side by side;
+   moment on a cold cache — once with cross-process coordination off, once with it on,
+   and once more on the embedded default (one sqlite file, no server, coordinated by
+   file locks) — and prints the three runs side by side;
 3. one process edits a leaf module and invalidates it while the others keep reading, with
    the near tier on (hits served from process memory, kept coherent by the invalidation
    broadcast): every process ends with the new version, the dependents are rendered again
@@ -27,15 +28,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -417,7 +421,11 @@ async def run_demo(args: argparse.Namespace, url: str, console: Console) -> Outc
     graph = build_graph(args.modules, run_id)
     outcome = Outcome()
     server = SimulatedPrerenderServer(graph.files, latency=args.latency_ms / 1000)
-    async with server, fleetcache.open(url, coordinate=False) as admin:
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        server,
+        fleetcache.open(url, coordinate=False) as admin,
+    ):
         definitions = CachingDefinitionLookup(
             admin, HttpPrerenderer(server.base_url, auth=demo_auth)
         )
@@ -435,12 +443,23 @@ async def run_demo(args: argparse.Namespace, url: str, console: Console) -> Outc
                 disable=args.json,
             ) as progress,
         ):
-            for mode, coordinate in (("uncoordinated", False), ("coordinated", True)):
-                for realm in graph.realms:
+            # The same fleet on the embedded default: one sqlite file, no server (its
+            # processes coordinate through the lock file beside it).
+            where = tempfile.TemporaryDirectory(prefix="fleetcache-demo-")
+            stack.callback(where.cleanup)
+            sqlite_url = f"sqlite:///{Path(where.name) / 'demo.db'}"
+            for mode, coordinate, database in (
+                ("uncoordinated", False, url),
+                ("coordinated", True, url),
+                ("sqlite", True, sqlite_url),
+            ):
+                for realm in graph.realms if database == url else ():
+                    # Cold on Postgres; the sqlite file is new (and Postgres stays warm
+                    # for the act that follows).
                     await definitions.clear_realm_definitions(realm.url)
                 server.reset_renders()
                 jobs = [
-                    Job(url, server.base_url, graph.realms, graph.requests, coordinate, seed=i)
+                    Job(database, server.base_url, graph.realms, graph.requests, coordinate, seed=i)
                     for i in range(args.processes)
                 ]
                 task = progress.add_task(
@@ -460,12 +479,12 @@ async def run_demo(args: argparse.Namespace, url: str, console: Console) -> Outc
         await definitions.prerenderer.aclose()  # type: ignore[attr-defined]
         for realm in graph.realms:  # leave nothing behind in a database we were given
             await definitions.clear_realm_definitions(realm.url)
-    coordinated = outcome.runs["coordinated"]
-    if coordinated["max_per_module"] > 1:
-        outcome.problems.extend(
-            f"the coordinated run rendered {url} {n} times"
-            for url, n in coordinated["rendered_more_than_once"].items()
-        )
+    for mode in ("coordinated", "sqlite"):
+        if outcome.runs[mode]["max_per_module"] > 1:
+            outcome.problems.extend(
+                f"the {mode} run rendered {url} {n} times"
+                for url, n in outcome.runs[mode]["rendered_more_than_once"].items()
+            )
     for mode, row in outcome.runs.items():
         if row["errors"]:
             outcome.problems.append(f"{row['errors']} lookups raised in the {mode} run")
@@ -630,10 +649,12 @@ async def _rows(url: str, realms: list[str]) -> dict[str, int | None]:
 def render(outcome: Outcome, args: argparse.Namespace, console: Console) -> None:
     """The side-by-side table, the act's result and what the numbers mean."""
     plain, coord = outcome.runs["uncoordinated"], outcome.runs["coordinated"]
+    local = outcome.runs["sqlite"]
     table = Table(title=f"{args.processes} processes look up {args.modules} modules at once")
     table.add_column("")
     table.add_column("coordination off", justify="right")
     table.add_column("coordination on", justify="right")
+    table.add_column("sqlite file (no server)", justify="right")
     rows = [
         ("prerenders in total", "prerenders"),
         ("most prerenders of one module", "max_per_module"),
@@ -648,20 +669,27 @@ def render(outcome: Outcome, args: argparse.Namespace, console: Console) -> None
         ("lookups that raised", "errors"),
     ]
     for label, key in rows:
-        table.add_row(label, str(plain[key]), str(coord[key]))
+        table.add_row(label, str(plain[key]), str(coord[key]), str(local[key]))
         if key == "duplicates":
             avoided = plain["prerenders"] - coord["prerenders"]
-            table.add_row("prerenders avoided by coordination", "-", str(avoided))
+            table.add_row(
+                "prerenders avoided by coordination",
+                "-",
+                str(avoided),
+                str(plain["prerenders"] - local["prerenders"]),
+            )
     table.add_row(
         "lookups answered with a render error",
         str(plain["lookups"].get("error", 0)),
         str(coord["lookups"].get("error", 0)),
+        str(local["lookups"].get("error", 0)),
     )
     act = outcome.act
     table.add_row(
         "act: reads served from memory (near tier) / stale reads",
         "-",
         f"{act['near_hits']:,} of {act['reads']:,} / {act['stale_reads']} stale",
+        "-",
     )
     console.print(table)
     console.print(
@@ -686,7 +714,11 @@ def render(outcome: Outcome, args: argparse.Namespace, console: Console) -> None
         f"{avoided} avoided. The render errors are the {len(act['failing'])} broken modules "
         f"and the modules importing them, cached for 30 s like any entry. An invalidation "
         f"reaches every process, and a computation that started before it can never write "
-        f"its stale result back. The near tier keeps copies in each process's memory and "
+        f"its stale result back. On the embedded sqlite file, with no server, the same "
+        f"processes rendered {local['prerenders']} times for {local['modules_rendered']} "
+        f"URLs: a waiting process blocks on the winner's byte of a lock file beside the "
+        f"database and the kernel wakes it when the winner lets go (or dies). The near "
+        f"tier keeps copies in each process's memory and "
         f"drops them the moment the invalidation's broadcast arrives (or empties itself if "
         f"its LISTEN connection drops), so reads skip the database without going stale."
     )

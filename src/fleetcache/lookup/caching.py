@@ -288,12 +288,15 @@ class CachingLookup(Generic[V]):
         stale_ttl: Setting = DEFAULT,
         early_refresh: Setting = DEFAULT,
         call_soon: Callable[..., object],
+        read: Callable[[Key, bool], Entry | None] | None = None,
     ) -> Entry | None:
         """What :meth:`get` answers from the near tier, from any thread and without waiting
         for the event loop, or None when only :meth:`get` can answer (no near tier, nothing
         servable there, or an error entry this caller does not want). A refresh the hit
         calls for (stale, or early) is started through ``call_soon`` (the loop's
-        ``call_soon_threadsafe``): the caller gets the entry at once, as from ``get``."""
+        ``call_soon_threadsafe``): the caller gets the entry at once, as from ``get``.
+        Without a near tier, ``read`` (a store's read on the calling thread, given the key
+        and ``by_alias``) answers instead when given: a store hit without the loop."""
         expiry = self._check_get(
             key,
             produce,
@@ -305,13 +308,20 @@ class CachingLookup(Generic[V]):
         )
         near = self.near
         if near is None:
-            return None
-        kept = near.get(key, by_alias=alias is not None, count_miss=False)
+            if read is None:
+                return None
+            kept = read(key, alias is not None)
+        else:
+            kept = near.get(key, by_alias=alias is not None, count_miss=False)
         if kept is None:
             return None
         verdict = self._freshness(kept)
         if verdict is Freshness.DEAD:
             return None
+        if near is None:
+            # Counted from the calling thread: a lost increment under a race is possible
+            # (+= is not atomic), acceptable for a counter, never for a value.
+            self._stats.hits += 1
         refresh = self._refresh_due(kept, verdict, expiry)
         if refresh is not None:
             call_soon(self._start_refresh, refresh, kept, produce, expiry)

@@ -80,12 +80,22 @@ class BenchConfig:
         return "xmin" in self.scenarios
 
     @property
+    def local(self) -> bool:
+        """Whether the embedded sqlite scenario (beside diskcache) runs."""
+        return "local" in self.scenarios
+
+    @property
+    def postgres(self) -> bool:
+        """Whether anything selected needs Postgres (all but ``local`` do)."""
+        return any(name != "local" for name in self.scenarios)
+
+    @property
     def micro(self) -> bool:
         """Whether the one-process micro-benchmarks run."""
         return "micro" in self.scenarios
 
 
-_ALL = (*SCENARIOS, "near", "expiry", "xmin", "micro")
+_ALL = (*SCENARIOS, "near", "expiry", "xmin", "micro", "local")
 _FULL: dict[str, Any] = {
     "processes": 8,
     "tasks": 4,

@@ -75,6 +75,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     _render_near(report.get("near"), console)
     _render_expiry(report.get("expiry"), console)
     _render_xmin(report.get("xmin"), console)
+    _render_local(report.get("local"), console)
     targets = Table(title="targets", title_justify="left")
     for column in ("target", "value", "threshold", "met", "missed by"):
         targets.add_column(column)
@@ -207,3 +208,31 @@ def _render_xmin(xmin: dict[str, Any] | None, console: Console) -> None:
             fmt(row["samples"]),
         )
     console.print(table)
+
+
+def _render_local(local: dict[str, Any] | None, console: Console) -> None:
+    """The embedded sqlite file beside diskcache (the ``local`` scenario)."""
+    if local is None:
+        return
+    p = local["params"]
+    table = Table(
+        title=f"local: one sqlite file, {p['processes']} processes x {p['tasks']} tasks x "
+        f"{p['keys']} cold keys, D={p['compute_ms']:g} ms",
+        title_justify="left",
+    )
+    for column in ("design", "computations", "max per key", "wall ms"):
+        table.add_column(column, justify="right")
+    for design in ("fleetcache", "diskcache_stampede", "diskcache_barrier"):
+        cell = local[design]
+        table.add_row(
+            design, fmt(cell["computations"]), fmt(cell["max_per_key"]), fmt(cell["wall_ms"])
+        )
+    console.print(table)
+    one = local["one_process"]
+    console.print(
+        f"SIGKILLed winner -> waiter computes: {local['takeover']['kill_to_compute_ms']} ms; "
+        f"one process p50 (ms): hit sync {one['sync_hit_ms_p50']}, async "
+        f"{one['async_hit_ms_p50']}, diskcache {one['diskcache_hit_ms_p50']}; miss async "
+        f"{one['async_miss_ms_p50']}, sync {one['sync_miss_ms_p50']}, diskcache "
+        f"{one['diskcache_miss_ms_p50']}"
+    )

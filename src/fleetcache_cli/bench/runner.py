@@ -3,6 +3,7 @@ micro-benchmarks, in that order, into one JSON report."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import platform
@@ -19,6 +20,7 @@ from fleetcache.stores.migrations import migrate
 from fleetcache_cli.bench import expiry, minimal, near
 from fleetcache_cli.bench.config import DESIGNS, BenchConfig, Scenario
 from fleetcache_cli.bench.fleet_run import WorkerSpec, analyse_run, fleet_worker, summarise
+from fleetcache_cli.bench.local import local_benchmarks
 from fleetcache_cli.bench.micro import fill_entries, micro_benchmarks
 from fleetcache_cli.bench.targets import evaluate_targets
 from fleetcache_cli.bench.xmin import probe_xmin
@@ -71,6 +73,15 @@ NOTES = {
 }
 
 
+def _local_facts() -> dict[str, Any]:
+    """The machine, when no server is involved."""
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
 @dataclass(slots=True)
 class Bench:
     """One bench invocation on ``url``."""
@@ -84,8 +95,9 @@ class Bench:
     async def run(self) -> dict[str, Any]:
         """Everything selected; the report."""
         started = time.time()
-        facts = await self._facts()
-        await self._tables()
+        facts = await self._facts() if self.config.postgres else _local_facts()
+        if self.config.postgres:
+            await self._tables()
         report: dict[str, Any] = {
             "command_line": shlex.join(sys.argv),
             "started_at": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
@@ -93,7 +105,11 @@ class Bench:
             "machine": facts,
             "options": asdict(self.config),
         }
-        report["scenarios"] = await self._scenarios(facts)
+        report["scenarios"] = await self._scenarios(facts) if self.config.postgres else {}
+        if self.config.local:
+            report["local"] = await asyncio.to_thread(
+                local_benchmarks, self.config.micro_iterations, self.progress
+            )
         if self.config.near:
             report["near"] = await self._near()
         if self.config.expiry:
@@ -117,6 +133,7 @@ class Bench:
         return report
 
     async def _facts(self) -> dict[str, Any]:
+        """The machine and the server."""
         async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
             row = await (await conn.execute(_FACTS)).fetchone()
         assert row is not None  # a SELECT without FROM returns one row

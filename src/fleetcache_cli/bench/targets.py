@@ -1,4 +1,4 @@
-"""The targets of issues 9, 11, 12 and 13, judged on one report.
+"""The targets of issues 9, 11, 12, 13 and 23, judged on one report.
 
 Each target is a ratio fleetcache / minimal (or an absolute figure) from the same run,
 with its threshold, whether it was met, and by how much it was missed. A target whose
@@ -8,6 +8,8 @@ figure was not measured (scenario not selected, a run failed) has ``met`` None.
 from __future__ import annotations
 
 from typing import Any
+
+from fleetcache_cli.bench.local import local_targets
 
 WALL_RATIO = 1.05
 CPU_RATIO = 1.2
@@ -181,6 +183,10 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             EXPIRY_P99_RATIO,
             "x",
         )
+    local = report.get("local")
+    if local is not None:
+        for name, what, value, limit, unit in local_targets(local):
+            t.at_most(name, what, value, limit, unit)
     xmin = report.get("xmin")
     if xmin is not None:
         held = xmin["fleetcache"]
