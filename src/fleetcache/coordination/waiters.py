@@ -126,6 +126,10 @@ class WaiterRegistry:
         """Wake every waiter; return how many."""
         return sum(self.wake(lock_id, reason) for lock_id in list(self._waiters))
 
+    def parked(self) -> int:
+        """How many waiters are registered now."""
+        return sum(map(len, self._waiters.values()))
+
     def lock_ids(self) -> list[int]:
         """The lock ids somebody waits on."""
         return list(self._waiters)
