@@ -240,12 +240,14 @@ class FleetcacheCollector(Collector):
             hub = getattr(parts, "hub", None)
             if hub is not None:
                 listening.add_metric([name], 1 if hub.connected else 0)
-        yield from itertools.chain(
+        families = itertools.chain(
             (gets, latency, compute, wait),
             counters.values(),
             (locks, waits, notifies, near_hits, in_flight, parked, pool, listening),
             (near_entries, near_bytes),
         )
+        # A series a cache does not have (no near tier, no coordinator) is left out.
+        yield from (family for family in families if family.samples)
 
 
 def _histogram(buckets: Buckets) -> tuple[list[tuple[str, float]], float]:
