@@ -15,6 +15,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -283,6 +284,24 @@ async def test_a_get_that_waits_for_another_holder_has_a_wait_child(
     assert value(found, "fleetcache_locks_total", cache="waiter", result="lost") == 1
     assert value(found, "fleetcache_waits_total", cache="waiter", woken_by="notify") == 1
     assert gate.calls["w"] == 1
+
+
+async def test_a_failed_computation_ends_its_span_with_an_error(
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    """A get whose computation raises has a span with outcome ``error`` and an error
+    status, and so has its compute child."""
+    provider, exporter = spans
+    lookup: CachingLookup[Any] = CachingLookup(MemoryStore())
+    otel.instrument(lookup, tracer_provider=provider)
+    with pytest.raises(ValueError, match="cannot make boom"):
+        await lookup.get(Key(NS, "boom"), _opened_gate())
+    finished = exporter.get_finished_spans()
+    (get,) = by_name(finished, "fleetcache.get")
+    (compute,) = by_name(finished, "fleetcache.compute")
+    assert get.attributes["fleetcache.outcome"] == "error"  # type: ignore[index]
+    assert get.status.status_code is StatusCode.ERROR
+    assert compute.status.status_code is StatusCode.ERROR
 
 
 async def test_hits_are_traced_only_when_asked(

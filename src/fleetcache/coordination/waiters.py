@@ -127,8 +127,9 @@ class WaiterRegistry:
         return sum(self.wake(lock_id, reason) for lock_id in list(self._waiters))
 
     def parked(self) -> int:
-        """How many waiters are registered now."""
-        return sum(map(len, self._waiters.values()))
+        """How many waiters are registered now (from any thread)."""
+        # A copy first: a scrape may call this from another thread while the loop adds.
+        return sum(map(len, list(self._waiters.values())))
 
     def lock_ids(self) -> list[int]:
         """The lock ids somebody waits on."""

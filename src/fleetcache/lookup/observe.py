@@ -133,26 +133,27 @@ class Observer:
         its latency under its final outcome, in a span when tracing."""
         note = _Get(outcome)
         token = _CURRENT.set(note)
-        span = None
         try:
             if self.tracer is None:
-                result = await answer
-            else:
-                with self.tracer.start_as_current_span(
-                    "fleetcache.get", attributes=_attributes(key, outcome)
-                ) as span:
+                return await answer
+            with self.tracer.start_as_current_span(
+                "fleetcache.get", attributes=_attributes(key, outcome)
+            ) as span:
+                try:
                     result = await answer
-                    span.set_attribute("fleetcache.outcome", note.outcome)
+                except BaseException:
+                    note.outcome = ERROR
+                    span.set_attribute("fleetcache.outcome", ERROR)
+                    raise
+                span.set_attribute("fleetcache.outcome", note.outcome)
+                return result
         except BaseException:
             note.outcome = ERROR
-            if span is not None:
-                span.set_attribute("fleetcache.outcome", ERROR)
             raise
         finally:
             _CURRENT.reset(token)
             if self.histograms:
                 self.latency[note.outcome].observe(time.perf_counter() - started)
-        return result
 
     async def computing(self, key: Key, produced: Awaitable[T]) -> T:
         """Await one ``produce`` call: its time, and a child span when tracing."""
