@@ -163,6 +163,37 @@ async def test_invalidations_and_in_flight_gauges_are_read_at_scrape_time() -> N
     await running
 
 
+async def test_namespaces_are_labels_only_when_asked_and_then_bounded() -> None:
+    """Without ``namespaces`` no series names one; with them, gets are counted per namespace
+    asked for and every other namespace's under ``_other``; more than 100 are refused."""
+    gate = _opened_gate()
+    plain: CachingLookup[Any] = CachingLookup(MemoryStore())
+    split: CachingLookup[Any] = CachingLookup(MemoryStore())
+    registry = CollectorRegistry()
+    prometheus.register(plain, name="plain", registry=registry)
+    prometheus.register(split, name="split", registry=registry, namespaces=["prices"])
+    for lookup in (plain, split):
+        for namespace in ("prices", "users", "orders"):
+            await lookup.get(Key(namespace, "a"), gate)
+        await lookup.get(Key("prices", "a"), gate)
+    found = samples(generate_latest(registry).decode())
+    namespaces = {v for _, labels in found for k, v in labels if k == "namespace"}
+    assert namespaces == {"prices", "_other"}
+    assert not any(("cache", "plain") in labels and any(k == "namespace" for k, _ in labels)
+                   for _, labels in found)  # fmt: skip
+    ns_gets = "fleetcache_namespace_gets_total"
+    assert value(found, ns_gets, cache="split", namespace="prices", outcome="miss") == 1
+    assert value(found, ns_gets, cache="split", namespace="prices", outcome="hit") == 1
+    assert value(found, ns_gets, cache="split", namespace="_other", outcome="miss") == 2
+    assert value(found, "fleetcache_gets_total", cache="split", outcome="miss") == 3
+    with pytest.raises(ConfigurationError, match="at most 100 namespaces"):
+        prometheus.register(
+            plain, name="many", registry=registry, namespaces=[f"n{i}" for i in range(101)]
+        )
+    with pytest.raises(ConfigurationError, match="namespaces must be a list of str"):
+        prometheus.register(plain, name="str", registry=registry, namespaces="prices")
+
+
 async def test_a_cache_not_registered_records_nothing_and_names_are_unique() -> None:
     """Without a collector or a tracer a lookup has no observer (nothing is recorded on
     its path); a second cache under a name already taken in a registry is refused, and

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from fleetcache.contrib._parts import parts_of
 from fleetcache.errors import ConfigurationError, NotOpenError
 from fleetcache.lookup.caching import CachingLookup
-from fleetcache.lookup.observe import BUCKETS, OUTCOMES, Buckets, Observer
+from fleetcache.lookup.observe import BUCKETS, MAX_NAMESPACES, OUTCOMES, Buckets, Observer
 from fleetcache.stores.postgres import PostgresStore
 
 __all__ = ["FleetcacheCollector", "register", "unregister"]
@@ -79,22 +79,43 @@ _LOOKUP_COUNTERS: tuple[tuple[str, str, str | None, dict[str, str]], ...] = (
 
 
 def register(
-    cache: Any, *, name: str = "default", registry: CollectorRegistry = REGISTRY
+    cache: Any,
+    *,
+    name: str = "default",
+    registry: CollectorRegistry = REGISTRY,
+    namespaces: Iterable[str] | None = None,
 ) -> FleetcacheCollector:
     """Export ``cache`` (a :class:`~fleetcache.Fleetcache`, a ``SyncFleetcache`` or a
     :class:`~fleetcache.lookup.caching.CachingLookup`) to ``registry`` (the default one of
     ``prometheus_client`` unless given) under the label ``cache=name``; every cache of a
     process goes into the same collector. From now on the cache records its get latencies
     by outcome, compute times and wait times (counted from this call on); everything else
-    is read from its counters at each scrape. Returns the registry's collector."""
+    is read from its counters at each scrape. Returns the registry's collector.
+
+    ``namespaces`` (at most 100): gets are also counted, and timed, per namespace for
+    these, in ``fleetcache_namespace_gets_total`` and
+    ``fleetcache_namespace_get_duration_seconds``; every other namespace's under
+    ``namespace="_other"``. Without it no series names a namespace."""
     if not isinstance(name, str) or not name:
         raise ConfigurationError(f"a cache's metrics name must be a non-empty str, got {name!r}")
+    asked = None
+    if namespaces is not None:
+        if isinstance(namespaces, str) or not all(isinstance(n, str) for n in namespaces):
+            raise ConfigurationError(
+                f"namespaces must be a list of str, got {type(namespaces).__name__}"
+            )
+        asked = frozenset(namespaces)
+        if len(asked) > MAX_NAMESPACES:
+            raise ConfigurationError(
+                f"at most {MAX_NAMESPACES} namespaces get series of their own, "
+                f"{len(asked)} were given"
+            )
     lookup, parts = parts_of(cache)
     collector = _collectors.get(registry)
     if collector is None:
         collector = _collectors[registry] = FleetcacheCollector()
         registry.register(collector)
-    collector.add(name, lookup, parts)
+    collector.add(name, lookup, parts, namespaces=asked)
     return collector
 
 
@@ -114,14 +135,23 @@ class FleetcacheCollector(Collector):
         # scrape may run on the exporter's thread: it copies the dict first).
         self.caches: dict[str, tuple[CachingLookup[Any], Any]] = {}
 
-    def add(self, name: str, lookup: CachingLookup[Any], parts: Any) -> None:
-        """Export ``lookup`` as ``name`` and turn on its histograms."""
+    def add(
+        self,
+        name: str,
+        lookup: CachingLookup[Any],
+        parts: Any,
+        *,
+        namespaces: frozenset[str] | None = None,
+    ) -> None:
+        """Export ``lookup`` as ``name`` and turn on its histograms (per namespace too,
+        for ``namespaces``)."""
         if name in self.caches:
             raise ConfigurationError(f"a cache named {name!r} is already registered here")
         observer = lookup.observer
         if observer is None:
             observer = lookup.observer = Observer()
         observer.histograms = True
+        observer.namespaces = namespaces
         self.caches = {**self.caches, name: (lookup, parts)}
 
     def remove(self, name: str) -> None:
@@ -131,6 +161,7 @@ class FleetcacheCollector(Collector):
         self.caches = caches
         if lookup.observer is not None:
             lookup.observer.histograms = False
+            lookup.observer.namespaces = None
 
     def describe(self) -> Iterable[Metric]:
         """Nothing up front: the series depend on the caches added later."""
@@ -146,6 +177,16 @@ class FleetcacheCollector(Collector):
             "fleetcache_get_duration_seconds",
             "Get latency by how the get was answered.",
             labels=["cache", "outcome"],
+        )
+        ns_gets = CounterMetricFamily(
+            "fleetcache_namespace_gets",
+            "Gets by namespace (only those asked for) and outcome.",
+            labels=["cache", "namespace", "outcome"],
+        )
+        ns_latency = HistogramMetricFamily(
+            "fleetcache_namespace_get_duration_seconds",
+            "Get latency by namespace (only those asked for) and outcome.",
+            labels=["cache", "namespace", "outcome"],
         )
         compute = HistogramMetricFamily(
             "fleetcache_compute_duration_seconds", "Time of each produce call.", labels=["cache"]
@@ -204,6 +245,11 @@ class FleetcacheCollector(Collector):
                     count = buckets.count
                     gets.add_metric([name, outcome], count)
                     latency.add_metric([name, outcome], *_histogram(buckets))
+                for namespace, row in list(observer.by_namespace.items()):
+                    for outcome in OUTCOMES:
+                        labels = [name, namespace, outcome]
+                        ns_gets.add_metric(labels, row[outcome].count)
+                        ns_latency.add_metric(labels, *_histogram(row[outcome]))
                 compute.add_metric([name], *_histogram(observer.compute))
                 wait.add_metric([name], *_histogram(observer.wait))
             stats = lookup.stats()
@@ -241,7 +287,7 @@ class FleetcacheCollector(Collector):
             if hub is not None:
                 listening.add_metric([name], 1 if hub.connected else 0)
         families = itertools.chain(
-            (gets, latency, compute, wait),
+            (gets, latency, ns_gets, ns_latency, compute, wait),
             counters.values(),
             (locks, waits, notifies, near_hits, in_flight, parked, pool, listening),
             (near_entries, near_bytes),

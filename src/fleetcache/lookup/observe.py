@@ -27,6 +27,10 @@ WAITED = "waited"
 STALE = "stale"
 ERROR = "error"
 OUTCOMES = (HIT, NEAR_HIT, MISS, COALESCED, WAITED, STALE, ERROR)
+#: The ``namespace`` label of the gets of every namespace not asked for.
+OTHER_NAMESPACE = "_other"
+#: At most this many namespaces may be asked for (each one multiplies the get series).
+MAX_NAMESPACES = 100
 
 #: Histogram bucket upper bounds (seconds): from a near hit to a long computation.
 BUCKETS = (
@@ -111,6 +115,11 @@ class Observer:
         self.tracer: Any = None
         self.trace_hits = False
         self.latency = {outcome: Buckets() for outcome in OUTCOMES}
+        # Opt-in: gets also counted per namespace, for these namespaces only (the others
+        # under OTHER_NAMESPACE), so the series stay bounded. Written by the loop (a new
+        # namespace's row), read by a scrape.
+        self.namespaces: frozenset[str] | None = None
+        self.by_namespace: dict[str, dict[str, Buckets]] = {}
         self.compute = Buckets()
         self.wait = Buckets()
 
@@ -119,6 +128,8 @@ class Observer:
         elapsed = time.perf_counter() - started
         if self.histograms:
             self.latency[outcome].observe(elapsed)
+            if self.namespaces is not None:
+                self._of_namespace(key.namespace)[outcome].observe(elapsed)
         if self.trace_hits and self.tracer is not None:
             now = time.time_ns()
             span = self.tracer.start_span(
@@ -153,7 +164,19 @@ class Observer:
         finally:
             _CURRENT.reset(token)
             if self.histograms:
-                self.latency[note.outcome].observe(time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                self.latency[note.outcome].observe(elapsed)
+                if self.namespaces is not None:
+                    self._of_namespace(key.namespace)[note.outcome].observe(elapsed)
+
+    def _of_namespace(self, namespace: str) -> dict[str, Buckets]:
+        """The latency arrays of ``namespace`` (or of the namespaces not asked for)."""
+        assert self.namespaces is not None
+        label = namespace if namespace in self.namespaces else OTHER_NAMESPACE
+        row = self.by_namespace.get(label)
+        if row is None:
+            row = self.by_namespace[label] = {outcome: Buckets() for outcome in OUTCOMES}
+        return row
 
     async def computing(self, key: Key, produced: Awaitable[T]) -> T:
         """Await one ``produce`` call: its time, and a child span when tracing."""
