@@ -227,6 +227,10 @@ class FleetcacheCollector(Collector):
             "fleetcache_pool_connections", "Pooled connections by state.",
             labels=["cache", "state"],
         )  # fmt: skip
+        backends = GaugeMetricFamily(
+            "fleetcache_backends", "Database connections held now, by what holds them.",
+            labels=["cache", "held_by"],
+        )  # fmt: skip
         listening = GaugeMetricFamily(
             "fleetcache_listen_connected", "1 while the LISTEN connection is up.",
             labels=["cache"],
@@ -274,6 +278,9 @@ class FleetcacheCollector(Collector):
                         waits.add_metric([name, key.removeprefix("woken_")], times)
                 notifies.add_metric([name, "sent"], coordination.get("notifies", 0))
                 notifies.add_metric([name, "failed"], coordination.get("notify_failures", 0))
+                lock_connections = getattr(coordinator, "lock_connections", None)
+                if callable(lock_connections):
+                    backends.add_metric([name, "locks"], lock_connections())
                 waiting = getattr(coordinator, "waiters", None)
                 if callable(waiting):
                     parked.add_metric([name], waiting())
@@ -283,13 +290,15 @@ class FleetcacheCollector(Collector):
                 idle = store_pool.get("pool_available", 0)
                 pool.add_metric([name, "in_use"], size - idle)
                 pool.add_metric([name, "idle"], idle)
+                backends.add_metric([name, "pool"], size)
             hub = getattr(parts, "hub", None)
             if hub is not None:
                 listening.add_metric([name], 1 if hub.connected else 0)
+                backends.add_metric([name, "listen"], 1 if hub.connected else 0)
         families = itertools.chain(
             (gets, latency, ns_gets, ns_latency, compute, wait),
             counters.values(),
-            (locks, waits, notifies, near_hits, in_flight, parked, pool, listening),
+            (locks, waits, notifies, near_hits, in_flight, parked, pool, backends, listening),
             (near_entries, near_bytes),
         )
         # A series a cache does not have (no near tier, no coordinator) is left out.
