@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -412,3 +413,35 @@ async def test_an_open_cache_can_be_registered(tmp_path: Path) -> None:
         assert value(found, "fleetcache_gets_total", cache="sqlite", outcome="miss") == 1
     with pytest.raises(ConfigurationError, match="cannot instrument a str"):
         prometheus.register("nope", name="x", registry=registry)
+
+
+def test_near_hits_served_on_sync_callers_threads_are_counted(database_url: str) -> None:
+    """A SyncFleetcache's near hits, answered on its callers' threads, are counted under
+    ``near_hit`` like the loop's (four threads, 50 hits each: 200, none lost)."""
+    registry = CollectorRegistry()
+    with fleetcache.open_sync(database_url, near=100) as cache:
+        prometheus.register(cache, name="sync", registry=registry)
+        key = Key(NS, "hot")
+        cache.get_value(key, lambda key: Produced({"v": 1}))
+        cache.get_value(key, lambda key: Produced({"v": 1}))  # the first read fills the tier
+        before = value(
+            samples(generate_latest(registry).decode()),
+            "fleetcache_gets_total",
+            cache="sync",
+            outcome="near_hit",
+        )
+
+        def read() -> None:
+            for _ in range(50):
+                assert cache.get_value(key, lambda key: Produced({"v": 2})) == {"v": 1}
+
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        found = samples(generate_latest(registry).decode())
+    near = value(found, "fleetcache_gets_total", cache="sync", outcome="near_hit")
+    assert near - before == 200
+    count = "fleetcache_get_duration_seconds_count"
+    assert value(found, count, cache="sync", outcome="near_hit") == near

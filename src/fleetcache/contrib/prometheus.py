@@ -245,7 +245,7 @@ class FleetcacheCollector(Collector):
             observer = lookup.observer
             if observer is not None:
                 for outcome in OUTCOMES:
-                    buckets = observer.latency[outcome]
+                    buckets = observer.counts(outcome)
                     count = buckets.count
                     gets.add_metric([name, outcome], count)
                     latency.add_metric([name, outcome], *_histogram(buckets))

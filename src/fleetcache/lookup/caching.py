@@ -318,6 +318,8 @@ class CachingLookup(Generic[V]):
         servable there, or an error entry this caller does not want). A refresh the hit
         calls for (stale, or early) is started through ``call_soon`` (the loop's
         ``call_soon_threadsafe``): the caller gets the entry at once, as from ``get``."""
+        obs = self._observer
+        started = time.perf_counter() if obs is not None else 0.0
         expiry = self._check_get(
             key,
             produce,
@@ -339,6 +341,8 @@ class CachingLookup(Generic[V]):
         refresh = self._refresh_due(kept, verdict, expiry)
         if refresh is not None:
             call_soon(self._start_refresh, refresh, kept, produce, expiry)
+        if obs is not None:
+            obs.hit_from_thread(key, STALE if verdict is Freshness.STALE else NEAR_HIT, started)
         return self._out(kept, persist_errors)
 
     async def get_value(

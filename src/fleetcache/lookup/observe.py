@@ -6,6 +6,7 @@ tracer is given, spans. A lookup has none until ``fleetcache.contrib.prometheus`
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable
@@ -122,6 +123,10 @@ class Observer:
         self.by_namespace: dict[str, dict[str, Buckets]] = {}
         self.compute = Buckets()
         self.wait = Buckets()
+        # Near hits served on a sync caller's thread, apart from the loop's arrays (whose
+        # only writer is the loop) and guarded by _threads: any thread writes, a scrape reads.
+        self.threaded = {outcome: Buckets() for outcome in (NEAR_HIT, STALE)}
+        self._threads = threading.Lock()
 
     def hit(self, key: Key, outcome: str, started: float) -> None:
         """A get answered at once (``hit``, ``near_hit`` or ``stale``)."""
@@ -138,6 +143,33 @@ class Observer:
                 attributes=_attributes(key, outcome),
             )
             span.end(end_time=now)
+
+    def hit_from_thread(self, key: Key, outcome: str, started: float) -> None:
+        """A near hit (``near_hit`` or ``stale``) served on a sync caller's thread."""
+        elapsed = time.perf_counter() - started
+        if self.histograms:
+            with self._threads:
+                self.threaded[outcome].observe(elapsed)
+        if self.trace_hits and self.tracer is not None:
+            now = time.time_ns()
+            span = self.tracer.start_span(
+                "fleetcache.get",
+                start_time=now - int(elapsed * 1e9),
+                attributes=_attributes(key, outcome),
+            )
+            span.end(end_time=now)
+
+    def counts(self, outcome: str) -> Buckets:
+        """The get latencies of ``outcome``, those observed on other threads included."""
+        mine = self.latency[outcome]
+        theirs = self.threaded.get(outcome)
+        if theirs is None:
+            return mine
+        with self._threads:
+            both = Buckets()
+            both.counts = [a + b for a, b in zip(mine.counts, theirs.counts, strict=True)]
+            both.sum = mine.sum + theirs.sum
+        return both
 
     async def get(self, key: Key, outcome: str, started: float, answer: Awaitable[T]) -> T:
         """Await ``answer`` (a computation this get leads, or joins) as one observed get:
