@@ -336,6 +336,36 @@ async def test_a_failed_computation_ends_its_span_with_an_error(
     assert compute.status.status_code is StatusCode.ERROR
 
 
+async def test_an_unobserved_lookup_inside_produce_leaves_the_outer_outcome_alone() -> None:
+    """A produce function of an observed lookup that itself waits, through another
+    (unobserved) lookup, for another holder's computation: the outer get is still a miss."""
+    registry = CollectorRegistry()
+    store = MemoryStore()
+    coordinator = LocalCoordinator()
+    await coordinator.start()
+    holder: CachingLookup[Any] = CachingLookup(store, coordinator=coordinator)
+    inner: CachingLookup[Any] = CachingLookup(store, coordinator=coordinator)
+    outer: CachingLookup[Any] = CachingLookup(MemoryStore())
+    prometheus.register(outer, name="outer", registry=registry)
+    gate = Gate()
+
+    async def produce(key: Key) -> Produced[Any]:
+        entry = await inner.get(Key(NS, "dep"), gate)
+        assert entry is not None
+        return Produced(value=entry.value)
+
+    first = asyncio.ensure_future(holder.get(Key(NS, "dep"), gate))
+    await eventually(lambda: gate.calls["dep"] == 1)
+    second = asyncio.ensure_future(outer.get(Key(NS, "top"), produce))
+    await eventually(lambda: coordinator.waiters() == 1)
+    gate.open.set()
+    await asyncio.gather(first, second)
+    await coordinator.close()
+    found = samples(generate_latest(registry).decode())
+    assert value(found, "fleetcache_gets_total", cache="outer", outcome="miss") == 1
+    assert value(found, "fleetcache_gets_total", cache="outer", outcome="waited") == 0
+
+
 async def test_hits_are_traced_only_when_asked(
     spans: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:

@@ -243,7 +243,7 @@ class Populator(Generic[V]):
                 # later wakes our waiter, registered before the try (docs/design.md).
                 entry = await self._read(request)
                 if entry is not None:
-                    note_waited()
+                    self._waited()
                     return entry
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -260,7 +260,7 @@ class Populator(Generic[V]):
             )
             entry = await self._read(request)
             if entry is not None:
-                note_waited()
+                self._waited()
                 return entry
         self._stats.gave_up += 1
         raise CoordinationGaveUpError(
@@ -269,6 +269,13 @@ class Populator(Generic[V]):
             len(reasons),
             likely_cause(reasons),
         )
+
+    def _waited(self) -> None:
+        """Another process's computation answered this flight (noted for the observed get
+        that leads it; an unobserved lookup must not touch the note of an observed get
+        whose ``produce`` called it)."""
+        if self.observer is not None:
+            note_waited()
 
     def _lock(self, request: Request[V]) -> AbstractAsyncContextManager[KeyLock]:
         """The key's fleet-wide lock; without a coordinator, one this process always wins."""
