@@ -157,11 +157,30 @@ async def test_invalidations_and_in_flight_gauges_are_read_at_scrape_time() -> N
     await eventually(lambda: gate.calls["slow"] == 1)
     found = samples(generate_latest(registry).decode())
     assert value(found, "fleetcache_invalidations_total", cache="inv") == 1
-    assert value(found, "fleetcache_invalidated_names_total", cache="inv", reached="named") == 2
-    assert value(found, "fleetcache_invalidated_names_total", cache="inv", reached="dependent") == 1
+    assert value(found, "fleetcache_invalidated_names_total", cache="inv") == 2
+    assert value(found, "fleetcache_invalidated_dependents_total", cache="inv") == 1
     assert value(found, "fleetcache_computations_in_flight", cache="inv") == 1
     gate.open.set()
     await running
+
+
+async def test_a_stale_hit_is_counted_as_stale_and_its_refresh_as_started() -> None:
+    """A value past its ttl but inside its stale window is served as ``stale`` (not as a
+    hit) and the refresh it starts is counted, with the stale value served."""
+    now = [1_000.0]
+    registry = CollectorRegistry()
+    lookup: CachingLookup[Any] = CachingLookup(MemoryStore(), clock=lambda: now[0])
+    prometheus.register(lookup, name="aging", registry=registry)
+    gate = _opened_gate()
+    await lookup.get(Key(NS, "s"), gate, ttl=1, stale_ttl=60)
+    now[0] += 5
+    await lookup.get(Key(NS, "s"), gate, ttl=1, stale_ttl=60)
+    await eventually(lambda: gate.calls["s"] == 2)
+    found = samples(generate_latest(registry).decode())
+    assert value(found, "fleetcache_gets_total", cache="aging", outcome="stale") == 1
+    assert value(found, "fleetcache_gets_total", cache="aging", outcome="hit") == 0
+    assert value(found, "fleetcache_refreshes_total", cache="aging") == 1
+    assert value(found, "fleetcache_stale_served_total", cache="aging") == 1
 
 
 async def test_namespaces_are_labels_only_when_asked_and_then_bounded() -> None:
