@@ -121,6 +121,12 @@ def test_smallest_bench_reports_every_metric_and_both_designs_are_correct(
     for design in ("fleetcache", "fleetcache_uncoordinated", "minimal"):
         assert statements[design]["per_miss"] >= 2, design  # at least a read and a write
     assert micro["near_hit"]["near_hits"] >= micro["near_hit"]["iterations"]
+    # Metrics on vs off, on one cache: exactly the "on" half of the timed hits was counted
+    # (with its warm-up, and the priming hit), none of the "off" half.
+    metrics = micro["metrics"]
+    timed = metrics["iterations"] + max(10, metrics["iterations"] // 10)
+    assert metrics["warm_hit"]["gets_counted"] == timed + 1
+    assert metrics["near_hit"]["gets_counted"] == timed + 1
 
     targets = {t["name"]: t for t in report["targets"]}
     for name in SCENARIOS:

@@ -52,6 +52,11 @@ def test_small_demo_coalesces_and_its_invalidation_act_holds(
     assert local["max_per_module"] == 1
     assert local["prerenders"] == local["modules_rendered"] == coordinated["modules_rendered"]
     assert local["errors"] == 0
+    # From the processes' Prometheus scrapes: one stored computation per module in the
+    # fleet with coordination, and only then do lookups wait for another process.
+    assert coordinated["computations"] == 10
+    assert plain["computations"] >= 10
+    assert plain["waited_for_another_process"] == 0
     act = report["act"]
     assert act["stale_rows"] == []
     assert set(act["rerendered"].values()) == {1}

@@ -43,12 +43,15 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql as psycopg_sql
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import fleetcache
+from fleetcache.contrib import prometheus
 from fleetcache.definitions import (
     CachingDefinitionLookup,
     HttpPrerenderer,
@@ -206,15 +209,20 @@ def demo_auth(realm_url: str, user_id: str) -> str:
     return f"demo-token:{user_id}"
 
 
-async def _open(job: Job) -> tuple[fleetcache.Fleetcache, CachingDefinitionLookup, HttpPrerenderer]:
+async def _open(
+    job: Job,
+) -> tuple[fleetcache.Fleetcache, CachingDefinitionLookup, HttpPrerenderer, CollectorRegistry]:
     cache = await fleetcache.open(
         job.database_url, coordinate=job.coordinate, pool_size=job.pool_size, near=job.near
     )
+    # The table's figures come from the cache's Prometheus metrics, scraped at the end.
+    registry = CollectorRegistry()
+    prometheus.register(cache, name="demo", registry=registry)
     prerenderer = HttpPrerenderer(job.prerender_url, auth=demo_auth)
     lookup = CachingDefinitionLookup(cache, prerenderer)
     for realm in job.realms:
         lookup.register_realm(realm)
-    return cache, lookup, prerenderer
+    return cache, lookup, prerenderer, registry
 
 
 async def _look_up(lookup: CachingDefinitionLookup, url: str) -> tuple[str, str, float]:
@@ -254,14 +262,19 @@ def versions_of(module: ModuleDefinitions | None) -> list[int]:
 
 async def fan_out(ctx: WorkerContext, job: Job) -> dict[str, Any]:
     """Look up every module at once on a cold cache; report outcomes and counters."""
-    cache, lookup, prerenderer = await _open(job)
+    cache, lookup, prerenderer, registry = await _open(job)
     try:
         order = list(job.requests)
         random.Random(job.seed).shuffle(order)
         await ctx.ready()
         results = await asyncio.gather(*(_look_up(lookup, url) for url in order))
         finished = time.time()
-        return {"results": results, "finished": finished, "stats": cache.stats()}
+        return {
+            "results": results,
+            "finished": finished,
+            "stats": cache.stats(),
+            "metrics": generate_latest(registry).decode(),
+        }
     finally:
         await prerenderer.aclose()
         await cache.close()
@@ -273,7 +286,7 @@ async def keep_reading(ctx: WorkerContext, job: Job) -> dict[str, Any]:
     read of the leaf (when it began, which versions it returned) and when this process
     heard of the invalidation (the editor: when its own ``invalidate`` returned; a peer:
     when its listener applied the broadcast)."""
-    cache, lookup, prerenderer = await _open(job)
+    cache, lookup, prerenderer, registry = await _open(job)
     heard: list[float] = []
     hear = cache.lookup.names_invalidated
 
@@ -318,6 +331,7 @@ async def keep_reading(ctx: WorkerContext, job: Job) -> dict[str, Any]:
             "invalidated": invalidated,
             "invalidated_at": invalidated_at,
             "stats": cache.stats(),
+            "metrics": generate_latest(registry).decode(),
         }
     finally:
         await prerenderer.aclose()
@@ -394,8 +408,6 @@ def summarise_fan_out(
     """One run's row of the table."""
     latencies = [seconds for answer in answers for _, _, seconds in answer["results"]]
     outcomes = Counter(outcome for answer in answers for _, outcome, _ in answer["results"])
-    coordinators = [a["stats"].get("coordinator", {}) for a in answers]
-    lookups = [a["stats"]["lookup"] for a in answers]
     total = sum(renders.values())
     return {
         "prerenders": total,
@@ -406,10 +418,13 @@ def summarise_fan_out(
         "wall_s": round(max(a["finished"] for a in answers) - release, 3),
         "latency_p50_ms": round((percentile(latencies, 50) or 0) * 1000, 1),
         "latency_p99_ms": round((percentile(latencies, 99) or 0) * 1000, 1),
-        "woken_notify": sum(c.get("woken_notify", 0) for c in coordinators),
-        "woken_timeout": sum(c.get("woken_timeout", 0) for c in coordinators),
-        "woken_probe": sum(c.get("woken_probe", 0) for c in coordinators),
-        "coalesced_in_process": sum(s["coalesced"] for s in lookups),
+        "woken_notify": scraped(answers, "fleetcache_waits_total", woken_by="notify"),
+        "woken_timeout": scraped(answers, "fleetcache_waits_total", woken_by="timeout"),
+        "woken_probe": scraped(answers, "fleetcache_waits_total", woken_by="probe"),
+        "coalesced_in_process": scraped(answers, "fleetcache_gets_total", outcome="coalesced"),
+        "waited_for_another_process": scraped(answers, "fleetcache_gets_total", outcome="waited"),
+        "computations": scraped(answers, "fleetcache_computations_total", outcome="ok")
+        + scraped(answers, "fleetcache_computations_total", outcome="error_cached"),
         "lookups": dict(outcomes),
         "errors": outcomes.get("raised", 0),
     }
@@ -595,7 +610,6 @@ async def _invalidation_act(
         for i, n in enumerate(stale_reads)
         if n
     ]
-    lookups = [a["stats"]["lookup"] for a in answers]
     return {
         "leaf": graph.leaf,
         "failing": list(graph.failing),
@@ -605,11 +619,23 @@ async def _invalidation_act(
         "reads": sum(a["reads"] for a in answers),
         "versions_seen": [a["leaf_versions"] for a in answers],
         "stale_rows": stale,
-        "near_hits": sum(s.get("near_hits", 0) for s in lookups),
+        "near_hits": scraped(answers, "fleetcache_gets_total", outcome="near_hit"),
         "leaf_reads": sum(len(a["leaf_reads"]) for a in answers),
         "stale_reads": sum(stale_reads),
         "problems": problems,
     }
+
+
+def scraped(answers: Sequence[dict[str, Any]], name: str, **labels: str) -> int:
+    """A series summed over the processes' scrapes (their exposition texts, parsed back
+    with prometheus_client's parser)."""
+    total = 0.0
+    for answer in answers:
+        for family in text_string_to_metric_families(answer["metrics"]):
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    total += sample.value
+    return round(total)
 
 
 def count_stale_reads(
@@ -666,6 +692,8 @@ def render(outcome: Outcome, args: argparse.Namespace, console: Console) -> None
         ("waiters woken by timeout", "woken_timeout"),
         ("waiters woken by crash probe", "woken_probe"),
         ("callers coalesced in process", "coalesced_in_process"),
+        ("lookups that waited for another process", "waited_for_another_process"),
+        ("computations stored (ok or error)", "computations"),
         ("lookups that raised", "errors"),
     ]
     for label, key in rows:

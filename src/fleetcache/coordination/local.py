@@ -31,6 +31,10 @@ class LocalCoordinator(Service):
     async def _on_close(self) -> None:
         self._registry.wake_all(WakeReason.CLOSE)
 
+    def waiters(self) -> int:
+        """How many callers are parked on a lost lock now (or about to try one)."""
+        return self._registry.parked()
+
     def stats(self) -> dict[str, int]:
         """A copy of the counters (the same keys as the Postgres coordinator's)."""
         return dict(self._registry.stats)

@@ -323,6 +323,14 @@ class PostgresCoordinator(Service):
             logger.info("coordinator closing: woke %d waiter(s)", woken)
         await asyncio.gather(*(line.close() for line in self._lines))
 
+    def waiters(self) -> int:
+        """How many callers are parked on a lost lock now (or about to try one)."""
+        return self._registry.parked()
+
+    def lock_connections(self) -> int:
+        """How many lock connections are connected now (backends this coordinator holds)."""
+        return sum(1 for line in self._lines if line.conn is not None)
+
     def stats(self) -> dict[str, int]:
         """A copy of the counters: lock_won, lock_lost, woken_notify, woken_timeout,
         woken_probe, woken_gap, woken_close, notifies (NOTIFYs sent for keys, by a

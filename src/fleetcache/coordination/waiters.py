@@ -126,6 +126,11 @@ class WaiterRegistry:
         """Wake every waiter; return how many."""
         return sum(self.wake(lock_id, reason) for lock_id in list(self._waiters))
 
+    def parked(self) -> int:
+        """How many waiters are registered now (from any thread)."""
+        # A copy first: a scrape may call this from another thread while the loop adds.
+        return sum(map(len, list(self._waiters.values())))
+
     def lock_ids(self) -> list[int]:
         """The lock ids somebody waits on."""
         return list(self._waiters)

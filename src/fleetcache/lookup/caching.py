@@ -27,6 +27,7 @@ from fleetcache.lookup.expiry import (
     refresh_early,
 )
 from fleetcache.lookup.near import NearCache
+from fleetcache.lookup.observe import COALESCED, HIT, MISS, NEAR_HIT, STALE, Observer
 from fleetcache.lookup.options import LookupOptions
 from fleetcache.lookup.populate import ELSEWHERE, Overtaken, Populator, Produce, Request
 from fleetcache.lookup.singleflight import SingleFlight
@@ -127,7 +128,18 @@ class CachingLookup(Generic[V]):
             stats=self._stats,
             clock=clock,
         )
+        self._observer: Observer | None = None
         self._closed = False
+
+    @property
+    def observer(self) -> Observer | None:
+        """The instrumentation hooks (None: nothing is recorded); installed by
+        ``fleetcache.contrib.prometheus.register`` and ``fleetcache.contrib.otel.instrument``."""
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: Observer | None) -> None:
+        self._observer = self._populator.observer = observer
 
     @property
     def coordinator(self) -> PopulateCoordinator | None:
@@ -181,16 +193,23 @@ class CachingLookup(Generic[V]):
         )
         by_alias = alias is not None
         near = self.near
+        obs = self._observer  # None unless a collector or a tracer asked: then free
+        started = time.perf_counter() if obs is not None else 0.0
         if near is not None:
             kept = near.get(key, by_alias=by_alias)
             if kept is not None:
                 verdict = self._freshness(kept)
                 if verdict is not Freshness.DEAD:
+                    if obs is not None:
+                        obs.hit(key, STALE if verdict is Freshness.STALE else NEAR_HIT, started)
                     return self._serve(kept, verdict, persist_errors, produce, expiry)
         flight = self._populator.running(key)
         if flight is not None:  # joined before any I/O
             self._stats.coalesced += 1
-            return self._out(await self._populator.join(key, flight), persist_errors)
+            joined = self._populator.join(key, flight)
+            if obs is not None:
+                return self._out(await obs.get(key, COALESCED, started, joined), persist_errors)
+            return self._out(await joined, persist_errors)
         epoch = near.epoch() if near is not None else 0
         entry = await self.store.read(key, by_alias=by_alias)
         if entry is not None:
@@ -199,6 +218,8 @@ class CachingLookup(Generic[V]):
                 self._stats.hits += 1
                 if near is not None:
                     near.put(entry, epoch=epoch)
+                if obs is not None:
+                    obs.hit(key, STALE if verdict is Freshness.STALE else HIT, started)
                 return self._serve(entry, verdict, persist_errors, produce, expiry)
         self._stats.misses += 1
         if self._closed:  # closed while we read: start nothing close() would not see
@@ -211,9 +232,12 @@ class CachingLookup(Generic[V]):
             persist_errors=persist_errors,
             expiry=expiry,
         )
+        outcome = MISS
         if self._populator.running(key) is not None:
             self._stats.coalesced += 1
-        result = await self._populator.load(request)
+            outcome = COALESCED
+        loaded = self._populator.load(request)
+        result = await (loaded if obs is None else obs.get(key, outcome, started, loaded))
         self._maybe_purge()
         return self._out(result, persist_errors)
 
@@ -297,6 +321,8 @@ class CachingLookup(Generic[V]):
         ``call_soon_threadsafe``): the caller gets the entry at once, as from ``get``.
         Without a near tier, ``read`` (a store's read on the calling thread, given the key
         and ``by_alias``) answers instead when given: a store hit without the loop."""
+        obs = self._observer
+        started = time.perf_counter() if obs is not None else 0.0
         expiry = self._check_get(
             key,
             produce,
@@ -325,6 +351,10 @@ class CachingLookup(Generic[V]):
         refresh = self._refresh_due(kept, verdict, expiry)
         if refresh is not None:
             call_soon(self._start_refresh, refresh, kept, produce, expiry)
+        if obs is not None:
+            # A store read on this thread (no near tier: sqlite's) is a hit like the loop's.
+            outcome = NEAR_HIT if near is not None else HIT
+            obs.hit_from_thread(key, STALE if verdict is Freshness.STALE else outcome, started)
         return self._out(kept, persist_errors)
 
     async def get_value(
@@ -587,6 +617,9 @@ class CachingLookup(Generic[V]):
             self._forget_here(namespace)
             raise
         invalidated = set(closure)
+        self._stats.invalidations += 1
+        self._stats.invalidated_names += len(invalidated)
+        self._stats.invalidated_dependents += len(invalidated.difference(names))
         # Callers from now on must not join a computation that may have stored (before the
         # invalidation) what the store has just deleted; those under way restart by
         # themselves if the store refuses them.
@@ -695,6 +728,11 @@ class CachingLookup(Generic[V]):
 
     # -------------------------------------------------------------- lifecycle
 
+    def computations_in_flight(self) -> int:
+        """How many ``produce`` calls are running now (those abandoned at their compute
+        timeout included, until they end)."""
+        return self._populator.producing()
+
     def stats(self) -> dict[str, int]:
         """Counters: hits (from the store), misses, coalesced callers, computations,
         missing outcomes, errors cached, results not persisted, stale results refused by
@@ -704,7 +742,9 @@ class CachingLookup(Generic[V]):
         refreshes (early ones too), refreshes that failed
         and stale hits that started none because the key's last refresh failed recently
         (``refreshes_backed_off``), entries purged, invalidations heard from the fleet,
-        and the near tier's."""
+        computations that stored a value (``compute_ok``) or raised (``compute_failures``),
+        this process's invalidations (``invalidations``; ``invalidated_names`` in all,
+        ``invalidated_dependents`` reached through deps), and the near tier's."""
         stats = self._stats.as_dict()
         if self.near is not None:
             stats.update(self.near.stats())

@@ -22,6 +22,7 @@ from fleetcache.logcontext import get_logger, key_context
 from fleetcache.lookup.codec import Codec
 from fleetcache.lookup.expiry import NEVER, Expiry, Freshness, freshness
 from fleetcache.lookup.near import NearCache
+from fleetcache.lookup.observe import Observer, note_waited
 from fleetcache.lookup.options import LookupOptions
 from fleetcache.lookup.singleflight import SingleFlight, WaitTimeout
 from fleetcache.lookup.stats import LookupStats
@@ -146,6 +147,8 @@ class Populator(Generic[V]):
         self._codec = codec
         self._stats = stats
         self._clock = clock
+        # The lookup's instrumentation hooks (set through CachingLookup.observer).
+        self.observer: Observer | None = None
         # produce() calls under way, each in its own task (see _produce). Added by
         # _produce, removed by each task's done callback, cancelled by close(). Event
         # loop only: no lock.
@@ -169,6 +172,10 @@ class Populator(Generic[V]):
     def running(self, key: Key) -> asyncio.Task[Entry | None] | None:
         """The computation of ``key`` a caller would join now, if any."""
         return self._flights.running(key)
+
+    def producing(self) -> int:
+        """How many ``produce`` calls are running now (abandoned ones included)."""
+        return len(self._producing)
 
     async def join(self, key: Key, flight: asyncio.Task[Entry | None]) -> Entry | None:
         """The result of a computation already under way (see :meth:`running`)."""
@@ -236,11 +243,14 @@ class Populator(Generic[V]):
                 # later wakes our waiter, registered before the try (docs/design.md).
                 entry = await self._read(request)
                 if entry is not None:
+                    self._waited()
                     return entry
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                reason = await lock.wait(min(options.wait_timeout, remaining))
+                waited = lock.wait(min(options.wait_timeout, remaining))
+                obs = self.observer
+                reason = await (waited if obs is None else obs.waiting(request.key, waited))
             reasons.append(reason)
             logger.debug(
                 "round %d for key %s: lost the lock, woken by %s",
@@ -250,6 +260,7 @@ class Populator(Generic[V]):
             )
             entry = await self._read(request)
             if entry is not None:
+                self._waited()
                 return entry
         self._stats.gave_up += 1
         raise CoordinationGaveUpError(
@@ -258,6 +269,13 @@ class Populator(Generic[V]):
             len(reasons),
             likely_cause(reasons),
         )
+
+    def _waited(self) -> None:
+        """Another process's computation answered this flight (noted for the observed get
+        that leads it; an unobserved lookup must not touch the note of an observed get
+        whose ``produce`` called it)."""
+        if self.observer is not None:
+            note_waited()
 
     def _lock(self, request: Request[V]) -> AbstractAsyncContextManager[KeyLock]:
         """The key's fleet-wide lock; without a coordinator, one this process always wins."""
@@ -350,7 +368,9 @@ class Populator(Generic[V]):
                     return entry
             self._stats.computations += 1
             started = self._clock()  # the lookup's clock (a test's too), never below zero
-            produced = await self._produce(request.produce, candidate_key)
+            producing = self._produce(request.produce, candidate_key)
+            obs = self.observer
+            produced = await (producing if obs is None else obs.computing(candidate_key, producing))
             compute_ms = max(0, round((self._clock() - started) * 1000))
             if produced is MISSING:
                 self._stats.missing += 1
@@ -365,6 +385,8 @@ class Populator(Generic[V]):
             lock.notified = lock.notify is not None
             if entry.error is not None:
                 self._stats.errors_cached += 1
+            else:
+                self._stats.compute_ok += 1
             return entry
         return None
 
@@ -407,6 +429,9 @@ class Populator(Generic[V]):
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             task.cancel()
+            raise
+        except Exception:
+            self._stats.compute_failures += 1
             raise
 
     # ------------------------------------------------------------------ helpers

@@ -31,6 +31,11 @@ class LookupStats:
     purged: int = 0
     remote_invalidations: int = 0
     notification_gaps: int = 0
+    compute_ok: int = 0
+    compute_failures: int = 0
+    invalidations: int = 0
+    invalidated_names: int = 0
+    invalidated_dependents: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a flat dict."""

@@ -9,6 +9,8 @@
   coordinated vs uncoordinated, and the minimal design; with the statements each sends
   per miss (counted by :class:`~fleetcache_cli.bench.probes.StatementCounter`).
 * **near hit**: ``get`` served by the near tier (p50 and p99).
+* **metrics overhead**: a warm hit and a near hit with the Prometheus collector registered
+  (no tracer) beside the same without (interleaved, medians).
 """
 
 from __future__ import annotations
@@ -239,6 +241,53 @@ async def near_hits(url: str, namespace: str, n: int) -> dict[str, Any]:
     }
 
 
+async def metrics_overhead(url: str, namespace: str, n: int) -> dict[str, Any]:
+    """A warm hit and a near hit with metrics on (the Prometheus collector registered, no
+    tracer) and off, timed alternately on one cache with one pooled connection (its
+    observer removed for the "off" calls), so both sides read through the same connection
+    and the same code: medians."""
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415 - an optional extra
+
+    from fleetcache.contrib import prometheus  # noqa: PLC0415 - an optional extra
+
+    registry = CollectorRegistry()
+    key = fleetcache.Key(namespace, "observed")
+    result: dict[str, Any] = {"iterations": n}
+    for tier, near in (("warm_hit", None), ("near_hit", 1000)):
+        async with fleetcache.open(url, pool_size=1, pool_min_size=1, near=near) as cache:
+            prometheus.register(cache, name=f"bench-{tier}", registry=registry)
+            observer = cache.lookup.observer
+            await cache.get(key, _produce)
+            await cache.get(key, _produce)  # stored, then (near tier) kept in memory
+            offs, ons = await _interleaved(
+                _toggled(cache, key, None), _toggled(cache, key, observer), n
+            )
+            cache.lookup.observer = observer
+            off_p50, on_p50 = percentile(offs, 50) or 0.0, percentile(ons, 50) or 0.0
+            result[tier] = {
+                "off_ms_p50": _ms(off_p50),
+                "on_ms_p50": _ms(on_p50),
+                "extra_ms": round((on_p50 - off_p50) * 1000, 5),
+                "overhead_pct": round((on_p50 / off_p50 - 1) * 100, 2) if off_p50 else None,
+                "gets_counted": observer.latency["hit" if near is None else "near_hit"].count
+                if observer is not None
+                else 0,
+            }
+    return result
+
+
+def _toggled(cache: fleetcache.Fleetcache, key: fleetcache.Key, observer: Any) -> Timed:
+    """A timed hit of ``key`` with the lookup's observer set to ``observer`` first."""
+
+    async def hit() -> float:
+        cache.lookup.observer = observer
+        started = time.perf_counter()
+        await cache.get(key, _produce)
+        return time.perf_counter() - started
+
+    return hit
+
+
 async def micro_benchmarks(url: str, run_id: str, iterations: int) -> dict[str, Any]:
     """Every micro-benchmark; namespaces ``bench:<run id>:micro...`` (deleted after)."""
     base = f"bench:{run_id}:micro"
@@ -263,6 +312,7 @@ async def micro_benchmarks(url: str, run_id: str, iterations: int) -> dict[str, 
                 coordinated, plain, minimal, f"{base}:miss", max(20, iterations // 4)
             )
             result["near_hit"] = await near_hits(url, f"{base}:near", 5 * iterations)
+            result["metrics"] = await metrics_overhead(url, f"{base}:metrics", 5 * iterations)
             return result
     finally:
         await minimal.close()

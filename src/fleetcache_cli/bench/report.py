@@ -130,6 +130,17 @@ def _render_micro(micro: dict[str, Any], console: Console) -> None:
         "",
         "",
     )
+    metrics = micro.get("metrics")
+    if metrics is not None:
+        for tier, what in (("warm_hit", "warm hit"), ("near_hit", "near hit")):
+            row = metrics[tier]
+            table.add_row(
+                f"{what}, metrics on (metrics off in the raw column)",
+                fmt(row["on_ms_p50"]),
+                fmt(row["off_ms_p50"]),
+                "",
+                f"{row['extra_ms']:+g} ms",
+            )
     console.print(table)
 
 

@@ -16,6 +16,10 @@ CPU_RATIO = 1.2
 HIT_UNDER_LOAD_RATIO = 1.1
 ONE_PROCESS_HIT_RATIO = 1.1
 NEAR_HIT_MS = 0.01
+#: Metrics on (the Prometheus collector registered, no tracer): at most this much slower a
+#: warm hit (percent), and a near hit (ms, absolute).
+METRICS_HIT_PCT = 5.0
+METRICS_NEAR_HIT_MS = 0.005
 NEAR_THROUGHPUT_RATIO = 10.0
 EXTRA_STATEMENTS = 1
 EXPIRY_P99_RATIO = 2.0
@@ -149,6 +153,21 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         "get served by the near tier, ms",
         None if near_hit is None else near_hit["near_hit_ms_p50"],
         NEAR_HIT_MS,
+        " ms",
+    )
+    metrics = micro.get("metrics")
+    t.at_most(
+        "one process: warm hit, metrics on",
+        "Prometheus collector registered vs none, extra time of the median, %",
+        None if metrics is None else metrics["warm_hit"]["overhead_pct"],
+        METRICS_HIT_PCT,
+        " %",
+    )
+    t.at_most(
+        "one process: near hit, metrics on",
+        "Prometheus collector registered vs none, extra time of the median, ms",
+        None if metrics is None else metrics["near_hit"]["extra_ms"],
+        METRICS_NEAR_HIT_MS,
         " ms",
     )
     near = report.get("near")
