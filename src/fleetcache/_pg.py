@@ -30,6 +30,7 @@ from fleetcache.errors import (
     ConnectCause,
     DatabaseConnectError,
     FleetcacheError,
+    NotificationError,
     StoreError,
 )
 from fleetcache.logcontext import get_logger
@@ -146,6 +147,7 @@ async def connect(
     autocommit: bool = True,
     budget: float = CONNECT_BUDGET,
     connect_timeout: int = CONNECT_TIMEOUT,
+    prepare_threshold: int | None = 5,
 ) -> psycopg.AsyncConnection[Any]:
     """One connection outside any pool (LISTEN, locks, a first check before a pool opens).
 
@@ -153,6 +155,8 @@ async def connect(
     raise :class:`DatabaseConnectError` at once; transient ones are retried with jittered
     backoff until ``budget`` seconds have passed, then raised the same way (``budget=0``:
     one attempt). An invalid connection string raises :class:`ConfigurationError` at once.
+    ``prepare_threshold`` is psycopg's (None: no server-side prepared statements, as a
+    connection through a transaction pooler needs).
     """
     params = check_conninfo(conninfo)
     params.setdefault("application_name", application_name)
@@ -162,7 +166,9 @@ async def connect(
     delay = 0.05
     while True:
         try:
-            return await psycopg.AsyncConnection.connect(final, autocommit=autocommit)
+            return await psycopg.AsyncConnection.connect(
+                final, autocommit=autocommit, prepare_threshold=prepare_threshold
+            )
         except psycopg.Error as exc:
             invalid = invalid_conninfo(conninfo, exc)
             if invalid is not None:
@@ -259,6 +265,97 @@ async def stop_query(task: asyncio.Future[Any], *, patience: float) -> None:
         logger.warning("a statement on a dead connection ignored its cancellation")
     elif not task.cancelled():
         task.exception()  # a driver error on a connection already given up
+
+
+#: The backend serving a connection right now (through a pooler: the server connection
+#: it was given for this statement).
+_BACKEND_PID = "SELECT pg_backend_pid()"
+
+
+async def refuse_transaction_pooler(
+    conn: psycopg.AsyncConnection[Any],
+    pin: Callable[[], contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]],
+    *,
+    conninfo: str,
+    rounds: int = 3,
+    patience: float = 5.0,
+) -> None:
+    """Raise :class:`ConfigurationError` naming the fix if ``conn`` (connected to
+    ``conninfo``) reaches the server through a pooler that gives its server connections
+    to other clients between transactions (PgBouncer in transaction or statement mode),
+    where LISTEN and session locks would land on a server connection that is then lent
+    to someone else. ``pin()`` lends another client connection to the same server (a
+    pooled one, or a temporary one), used for one transaction per round.
+
+    The test, ``rounds`` times: read ``conn``'s backend pid; begin a transaction on the
+    pin and read its pid; read ``conn``'s again while the pin's transaction keeps its
+    backend busy. A direct connection has one backend for its whole life, which no other
+    client ever has: the three pids are ``a, b, a`` with ``b != a``. Through a
+    transaction pooler, either the pin got ``conn``'s backend (poolers hand out the most
+    recently released server connection first, PgBouncer's default: ``b == a``), or
+    ``conn``'s second statement ran elsewhere (it could not have the backend the pin
+    holds), or it waited for the pin's transaction (a pool of one). Only backend pids
+    are read, so nothing is left on a pooled server connection (unlike a trial LISTEN or
+    lock), it needs no access to the pooler's console, and it costs a few round trips
+    at open. A pooler in session mode (one server connection per client) passes, as it
+    should."""
+    target = describe_target(conninfo)
+    try:
+        for _ in range(rounds):
+            first = await _backend_pid(conn)
+            async with pin() as other:
+                await other.execute("BEGIN")
+                try:
+                    theirs = await _backend_pid(other)
+                    again = asyncio.ensure_future(_backend_pid(conn))
+                    done, _ = await asyncio.wait({again}, timeout=patience)
+                finally:
+                    await other.execute("ROLLBACK")
+                second = await again
+            if theirs == first:
+                evidence = f"another client's transaction ran on this connection's backend {first}"
+            elif second != first:
+                evidence = f"two statements of one connection ran on backends {first} and {second}"
+            elif not done:
+                evidence = (
+                    f"a statement of this connection waited {patience:g} s for another "
+                    "client's transaction"
+                )
+            else:
+                continue
+            raise ConfigurationError(
+                f"the session connection to {target} goes through a transaction pooler "
+                f"({evidence}): LISTEN and the fleet's locks need a session of their own. "
+                "Pass session_url= a connection string that reaches PostgreSQL directly "
+                "(the pooler may stay as the url, for pooled statements), or run the pooler "
+                "in session mode"
+            )
+    except psycopg.Error as exc:
+        raise NotificationError(
+            f"checking that {target} gives a session of its own failed: {one_line(exc)}"
+        ) from exc
+
+
+async def _backend_pid(conn: psycopg.AsyncConnection[Any]) -> int:
+    # prepare=False: the check must not leave a prepared statement on a pooled server
+    # connection (a pooler would hand it to someone else).
+    row = await (await conn.execute(_BACKEND_PID, prepare=False)).fetchone()
+    assert row is not None  # SELECT without FROM returns one row
+    return int(row[0])
+
+
+@contextlib.asynccontextmanager
+async def temporary_connection(
+    conninfo: str, *, application_name: str, prepare_threshold: int | None = None
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """One connection (one attempt), closed on exit."""
+    conn = await connect(
+        conninfo, application_name=application_name, budget=0.0, prepare_threshold=prepare_threshold
+    )
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 def connect_error(conninfo: str, exc: BaseException, cause: ConnectCause) -> DatabaseConnectError:

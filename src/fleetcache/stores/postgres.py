@@ -66,6 +66,12 @@ its idle connections and the operation run once more on a fresh one (``_pg.poole
 operation here may run twice (reads only read; a write is an upsert whose second run under
 the same stamp is refused or rewrites the same row; an invalidation marks and deletes
 again). The coordinator and the publisher share the pool (:attr:`PostgresStore.pool`).
+
+Every statement on the pool is safe behind a transaction pooler (PgBouncer in transaction
+mode): it leaves no session state (advisory locks are transaction locks, settings are
+``SET LOCAL``, no LISTEN, no temporary table), and with ``prepared_statements=False`` no
+server-side prepared statement either (psycopg's ``prepare_threshold=None``), since a
+pooler may run the next statement on a server connection that never saw it prepared.
 """
 
 from __future__ import annotations
@@ -183,6 +189,9 @@ class PostgresStore:
     lock. ``mark_retention`` (seconds) must be the same in every process sharing the
     database; stamps older than half of it are refused. ``values``: how values are encoded
     (see :class:`~fleetcache.stores.codecs.ValueCodec`; JSON by default).
+    ``prepared_statements``: whether psycopg may prepare the statements it runs often on
+    the server (faster; turn it off behind a transaction pooler that does not support
+    them, such as PgBouncer before 1.21 or without ``max_prepared_statements``).
     """
 
     def __init__(
@@ -197,6 +206,7 @@ class PostgresStore:
         connect_budget: float = _pg.CONNECT_BUDGET,
         pool_timeout: float = 30.0,
         values: ValueCodec = JSON_VALUES,
+        prepared_statements: bool = True,
     ) -> None:
         if (conninfo is None) == (pool is None):
             raise ConfigurationError("PostgresStore needs exactly one of conninfo or pool")
@@ -221,6 +231,8 @@ class PostgresStore:
         self._connect_budget = connect_budget
         self._pool_timeout = pool_timeout
         self._where = _pg.describe_target(conninfo) if conninfo else "the pool's database"
+        # psycopg's own default (prepare after 5 runs), or never.
+        self._prepare_threshold: int | None = 5 if prepared_statements else None
         self._opened = False
 
     @property
@@ -229,6 +241,20 @@ class PostgresStore:
         if self._pool is None or not self._opened:
             raise NotOpenError("PostgresStore is not open: call await store.open() first")
         return self._pool
+
+    def connection_stats(self) -> dict[str, int]:
+        """The pool right now: ``size`` connections (``in_use`` lent out, ``idle``), its
+        ``min_size`` and ``max_size``, and ``waiting`` (callers waiting for one)."""
+        stats = self.pool.get_stats()
+        size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
+        return {
+            "size": size,
+            "in_use": size - idle,
+            "idle": idle,
+            "min_size": stats.get("pool_min", 0),
+            "max_size": stats.get("pool_max", 0),
+            "waiting": stats.get("requests_waiting", 0),
+        }
 
     @property
     def mark_retention(self) -> float:
@@ -255,13 +281,17 @@ class PostgresStore:
             conninfo,
             application_name=self._application_name,
             budget=self._connect_budget,
+            prepare_threshold=self._prepare_threshold,
         )
         try:
             with _pg.translate(f"creating or upgrading the fleetcache schema in {self._where}"):
                 await migrate_postgres(conn, self._where)
         finally:
             await conn.close()
-        kwargs: dict[str, Any] = {"autocommit": True}
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "prepare_threshold": self._prepare_threshold,
+        }
         params = conninfo_to_dict(conninfo)
         if "application_name" not in params:
             kwargs["application_name"] = self._application_name
