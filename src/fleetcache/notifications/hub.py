@@ -113,8 +113,8 @@ class NotificationHub(Service):
     them) — is declared dead within ``liveness_interval + liveness_timeout`` (1.5 s by
     default) of the last thing it delivered. The runner then marks the hub disconnected
     and counts a gap at once (``connected`` is False and ``gaps`` grows before it
-    reconnects: the near tier stops serving from memory right then), stops the statement
-    under way and closes the connection, reconnects with capped exponential backoff plus
+    reconnects: the near tier stops serving from memory right then), closes the
+    connection (a statement under way then fails), reconnects with capped exponential backoff plus
     jitter, LISTENs every channel again, and only then calls every gap handler:
     notifications sent meanwhile are lost, and NOTIFY is a hint, never the only signal.
     What the lost session held (advisory locks) is gone too: :attr:`generation` counts the
@@ -186,8 +186,6 @@ class NotificationHub(Service):
         #   runner's wait reads it, and gives the turn up at once while it is non-zero.
         # - _interrupt: the runner's wake-up while it waits; execute() completes it.
         # - _listening: whether the runner's wait holds the turn now (written by it).
-        # - _busy: the statement (or probe) using the connection now, so that a runner
-        #   declaring the connection dead can stop it; written under the turn.
         # - _heard, _sent: when the connection last delivered anything, and when a
         #   statement last went out (time.monotonic()); written by the runner and by
         #   execute(), read by the runner to decide when to probe.
@@ -206,7 +204,6 @@ class NotificationHub(Service):
         self._asking = 0
         self._interrupt: asyncio.Future[None] | None = None
         self._listening = False
-        self._busy: asyncio.Future[Any] | None = None
         self._heard = self._sent = 0.0
         self._poisoned: _Conn | None = None
         self._idle_timeout: float | None = None
@@ -436,10 +433,8 @@ class NotificationHub(Service):
                 try:
                     if unanswered is not None:
                         await _pg.stop_query(unanswered, patience=_STOP_PATIENCE)
-                    busy = self._busy
-                    if busy is not None:  # a statement stuck on the dead path
-                        await _pg.stop_query(busy, patience=_STOP_PATIENCE)
                 finally:
+                    # A statement stuck on the dead path fails as the connection closes.
                     await conn.close()
                 lived = time.monotonic() - born
                 short_lived = short_lived + 1 if lived < self._reconnect_max_delay else 0
@@ -606,21 +601,15 @@ class NotificationHub(Service):
     async def _run_statement(
         self, conn: _Conn, query: str, params: Mapping[str, Any] | None
     ) -> tuple[Any, ...] | None:
-        """Run ``query`` on ``conn`` (the caller holds the turn) in a task of its own,
-        which a runner declaring the connection dead can stop."""
+        """Run ``query`` on ``conn`` (the caller holds the turn). In a task of its own: a
+        caller cancelled meanwhile stops it within about a second (psycopg would otherwise
+        wait up to 5 s for the server to cancel it, on a path that may be dead)."""
         task = asyncio.ensure_future(_fetchone(conn, query, params))
-        self._busy = task
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():  # our caller was cancelled
-                await _pg.stop_query(task, patience=_STOP_PATIENCE)
-                raise
-            # Stopped by the runner: the connection was declared dead under it.
-            raise SessionLostError(
-                "the session connection was declared dead while a statement ran"
-            ) from None
+            await _pg.stop_query(task, patience=_STOP_PATIENCE)
+            raise
         except UnicodeDecodeError as exc:
             # A notification the client cannot decode came with the answer: psycopg gave
             # up reading it half way, so the connection's state is unknown.
@@ -634,9 +623,6 @@ class NotificationHub(Service):
                     f"the session connection was lost: {_pg.one_line(exc)}"
                 ) from exc
             raise
-        finally:
-            if self._busy is task:
-                self._busy = None
 
     async def _probe(self, conn: _Conn) -> None:
         """``SELECT 1``, answered within ``liveness_timeout`` (the wait for the turn
