@@ -63,32 +63,54 @@ async def produce(key: Key) -> Produced[dict[str, str]]:
     return Produced({"name": key.name})
 
 
-async def test_a_session_through_the_transaction_pooler_is_refused_naming_the_fix(
-    pooled_url: str, database_url: str, admin: psycopg.AsyncConnection[Any]
-) -> None:
-    """Opening with the pooler as the only URL, or as the session URL, raises
-    ConfigurationError saying the session goes through a transaction pooler and naming
-    session_url; every configuration has the session (LISTEN), so each is refused, and
-    before it LISTENs: no server connection of the pooler ran a LISTEN or holds a lock."""
-    for url, options in (
-        (pooled_url, {}),
-        (pooled_url, {"coordinate": False}),
-        (pooled_url, {"near": 100}),
-        (database_url, {"session_url": pooled_url}),
-    ):
-        with pytest.raises(ConfigurationError) as info:
-            async with fleetcache.open(url, connect_budget=2.0, **options):
-                pass
-        message = str(info.value)
-        assert "transaction pooler" in message, message
-        assert "session_url=" in message, message
+async def refused(url: str, **options: Any) -> str:
+    """The message of the ConfigurationError opening ``url`` with ``options`` raises."""
+    with pytest.raises(ConfigurationError) as info:
+        async with fleetcache.open(url, connect_budget=2.0, **options):
+            pass
+    return str(info.value)
+
+
+async def last_statements(admin: psycopg.AsyncConnection[Any]) -> list[str]:
+    """The last statement of every other backend of the test database (the pooler's
+    server connections among them)."""
     cursor = await admin.execute(
         "SELECT query FROM pg_stat_activity"
         " WHERE datname = current_database() AND pid <> pg_backend_pid()"
     )
-    queries = [query for (query,) in await cursor.fetchall()]
-    assert queries, "the pooler kept no server connection to look at"
-    assert not [query for query in queries if "LISTEN" in query.upper()], queries
+    return [str(query) for (query,) in await cursor.fetchall()]
+
+
+async def test_a_session_through_the_transaction_pooler_is_refused_naming_the_fix(
+    pooled_url: str, admin: psycopg.AsyncConnection[Any]
+) -> None:
+    """Opening with the pooler as the only URL raises ConfigurationError saying the
+    session goes through a transaction pooler and naming session_url; every
+    configuration has the session (LISTEN), so each is refused, before it LISTENs or
+    locks anything: no server connection of the pooler ran a LISTEN or holds a lock."""
+    for options in ({}, {"coordinate": False}, {"near": 100}):
+        message = await refused(pooled_url, **options)
+        assert "transaction pooler" in message, message
+        assert "session_url=" in message, message
+    statements = await last_statements(admin)
+    assert statements, "the pooler kept no server connection to look at"
+    assert not [query for query in statements if "LISTEN" in query.upper()], statements
+    assert await pooled_server_locks(admin, set()) == 0
+
+
+async def test_a_session_url_naming_the_pooler_is_refused_though_the_pool_is_direct(
+    pooled_url: str, database_url: str, admin: psycopg.AsyncConnection[Any]
+) -> None:
+    """With the pool direct and session_url naming the transaction pooler (the two URLs
+    swapped), the open is refused too: the session's LISTEN does not hear a NOTIFY sent
+    to it. What it leaves on the pooler's server connection is a LISTEN on a check
+    channel of its own, and no lock."""
+    message = await refused(database_url, session_url=pooled_url)
+    assert "transaction pooler" in message, message
+    assert "did not arrive" in message, message
+    assert "session_url=" in message, message
+    listens = [q for q in await last_statements(admin) if "LISTEN" in q.upper()]
+    assert all("fleetcache_session_check_" in q for q in listens), listens
     assert await pooled_server_locks(admin, set()) == 0
 
 

@@ -16,11 +16,13 @@ import asyncio
 import contextlib
 import random
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Self, TypeVar
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
@@ -270,6 +272,8 @@ async def stop_query(task: asyncio.Future[Any], *, patience: float) -> None:
 #: The backend serving a connection right now (through a pooler: the server connection
 #: it was given for this statement).
 _BACKEND_PID = "SELECT pg_backend_pid()"
+#: The session check's NOTIFY to a channel only the checked connection LISTENs on.
+_NOTIFY_CHECK = "SELECT pg_notify(%(channel)s, 'check')"
 
 
 async def refuse_transaction_pooler(
@@ -277,63 +281,103 @@ async def refuse_transaction_pooler(
     pin: Callable[[], contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]],
     *,
     conninfo: str,
+    same_address: bool,
     rounds: int = 3,
     patience: float = 5.0,
 ) -> None:
     """Raise :class:`ConfigurationError` naming the fix if ``conn`` (connected to
-    ``conninfo``) reaches the server through a pooler that gives its server connections
-    to other clients between transactions (PgBouncer in transaction or statement mode),
-    where LISTEN and session locks would land on a server connection that is then lent
-    to someone else. ``pin()`` lends another client connection to the same server (a
-    pooled one, or a temporary one), used for one transaction per round.
+    ``conninfo``: the session) reaches the server through a pooler that gives its server
+    connections to other clients between transactions (PgBouncer in transaction or
+    statement mode), where LISTEN and session locks would land on a server connection
+    that is then lent to someone else. ``pin()`` lends a pooled connection to the same
+    database; ``same_address``: whether the pool connects where the session does.
 
-    The test, ``rounds`` times: read ``conn``'s backend pid; begin a transaction on the
-    pin and read its pid; read ``conn``'s again while the pin's transaction keeps its
-    backend busy. A direct connection has one backend for its whole life, which no other
-    client ever has: the three pids are ``a, b, a`` with ``b != a``. Through a
-    transaction pooler, either the pin got ``conn``'s backend (poolers hand out the most
-    recently released server connection first, PgBouncer's default: ``b == a``), or
-    ``conn``'s second statement ran elsewhere (it could not have the backend the pin
-    holds), or it waited for the pin's transaction (a pool of one). Only backend pids
-    are read, so nothing is left on a pooled server connection (unlike a trial LISTEN or
-    lock), it needs no access to the pooler's console, and it costs a few round trips
-    at open. A pooler in session mode (one server connection per client) passes, as it
-    should."""
+    First, ``rounds`` times: read ``conn``'s backend pid; begin a transaction on the pin
+    and read its pid; read ``conn``'s again while the pin's transaction keeps its backend
+    busy. A direct connection has one backend for its whole life, which no other client
+    ever has: the pids are ``a, b, a`` with ``b != a``. Through a transaction pooler the
+    pool shares, either the pin got ``conn``'s backend (poolers hand out the most recently
+    released server connection first, PgBouncer's default: ``b == a``), or ``conn``'s
+    second statement ran elsewhere (it could not have the backend the pin holds), or it
+    waited for the pin's transaction (a pool of one). Only pids are read, so nothing is
+    left on a pooled server connection.
+
+    When the pool connects elsewhere (it may be direct while the session is pooled, which
+    the first test cannot see), then: ``conn`` LISTENs on a channel of its own and the pin
+    NOTIFYs it. A direct session hears it at once; through a transaction pooler the
+    LISTEN stayed on a server connection that went back to the pool, and nothing arrives
+    within ``patience`` seconds. (That LISTEN is then left on the pooler's server
+    connection, on a channel nobody uses.)
+
+    It costs a few round trips at open, no connection of its own, and no access to the
+    pooler's console; a pooler in session mode (one server connection per client), or a
+    plain TCP proxy, passes, as it should.
+    """
     target = describe_target(conninfo)
     try:
-        for _ in range(rounds):
-            first = await _backend_pid(conn)
-            async with pin() as other:
-                await other.execute("BEGIN")
-                try:
-                    theirs = await _backend_pid(other)
-                    again = asyncio.ensure_future(_backend_pid(conn))
-                    done, _ = await asyncio.wait({again}, timeout=patience)
-                finally:
-                    await other.execute("ROLLBACK")
-                second = await again
-            if theirs == first:
-                evidence = f"another client's transaction ran on this connection's backend {first}"
-            elif second != first:
-                evidence = f"two statements of one connection ran on backends {first} and {second}"
-            elif not done:
-                evidence = (
-                    f"a statement of this connection waited {patience:g} s for another "
-                    "client's transaction"
-                )
-            else:
-                continue
-            raise ConfigurationError(
-                f"the session connection to {target} goes through a transaction pooler "
-                f"({evidence}): LISTEN and the fleet's locks need a session of their own. "
-                "Pass session_url= a connection string that reaches PostgreSQL directly "
-                "(the pooler may stay as the url, for pooled statements), or run the pooler "
-                "in session mode"
-            )
+        evidence = await _shared_backend(conn, pin, rounds=rounds, patience=patience)
+        if evidence is None and not same_address:
+            evidence = await _deaf_listen(conn, pin, patience=patience)
     except psycopg.Error as exc:
         raise NotificationError(
             f"checking that {target} gives a session of its own failed: {one_line(exc)}"
         ) from exc
+    if evidence is not None:
+        raise ConfigurationError(
+            f"the session connection to {target} goes through a transaction pooler "
+            f"({evidence}): LISTEN and the fleet's locks need a session of their own. "
+            "Pass session_url= a connection string that reaches PostgreSQL directly (the "
+            "pooler may stay as the url, for pooled statements), or run the pooler in "
+            "session mode"
+        )
+
+
+async def _shared_backend(
+    conn: psycopg.AsyncConnection[Any],
+    pin: Callable[[], contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]],
+    *,
+    rounds: int,
+    patience: float,
+) -> str | None:
+    """What shows ``conn`` shares its backend with other clients, or None."""
+    for _ in range(rounds):
+        first = await _backend_pid(conn)
+        async with pin() as other:
+            await other.execute("BEGIN", prepare=False)
+            try:
+                theirs = await _backend_pid(other)
+                again = asyncio.ensure_future(_backend_pid(conn))
+                done, _ = await asyncio.wait({again}, timeout=patience)
+            finally:
+                await other.execute("ROLLBACK", prepare=False)
+            second = await again
+        if theirs == first:
+            return f"another client's transaction ran on this connection's backend {first}"
+        if second != first:
+            return f"two statements of one connection ran on backends {first} and {second}"
+        if not done:
+            return f"a statement waited {patience:g} s for another client's transaction"
+    return None
+
+
+async def _deaf_listen(
+    conn: psycopg.AsyncConnection[Any],
+    pin: Callable[[], contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]],
+    *,
+    patience: float,
+) -> str | None:
+    """What shows a LISTEN on ``conn`` does not hear, or None."""
+    channel = f"fleetcache_session_check_{secrets.token_hex(8)}"
+    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)), prepare=False)
+    async with pin() as other:
+        await other.execute(_NOTIFY_CHECK, {"channel": channel}, prepare=False)
+    heard = False
+    async for notify in conn.notifies(timeout=patience, stop_after=1):
+        heard = heard or notify.channel == channel
+    if not heard:
+        return f"a NOTIFY to this connection's LISTEN did not arrive within {patience:g} s"
+    await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)), prepare=False)
+    return None
 
 
 async def _backend_pid(conn: psycopg.AsyncConnection[Any]) -> int:
@@ -342,20 +386,6 @@ async def _backend_pid(conn: psycopg.AsyncConnection[Any]) -> int:
     row = await (await conn.execute(_BACKEND_PID, prepare=False)).fetchone()
     assert row is not None  # SELECT without FROM returns one row
     return int(row[0])
-
-
-@contextlib.asynccontextmanager
-async def temporary_connection(
-    conninfo: str, *, application_name: str, prepare_threshold: int | None = None
-) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """One connection (one attempt), closed on exit."""
-    conn = await connect(
-        conninfo, application_name=application_name, budget=0.0, prepare_threshold=prepare_threshold
-    )
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 def connect_error(conninfo: str, exc: BaseException, cause: ConnectCause) -> DatabaseConnectError:

@@ -59,7 +59,7 @@ from fleetcache.lookup.codec import Codec
 from fleetcache.lookup.decorator import CachedFunction, cached
 from fleetcache.lookup.near import NearCache
 from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, PostgresInvalidationPublisher
-from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME, NotificationHub, SessionCheck
+from fleetcache.notifications.hub import NotificationHub, SessionCheck
 from fleetcache.notifications.listener import InvalidationListener
 from fleetcache.stores.base import Store
 from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
@@ -400,19 +400,13 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
 
 def _session_check(session_url: str, url: str, store: PostgresStore) -> SessionCheck:
     """Refuses a session connection that goes through a transaction pooler (see
-    :func:`fleetcache._pg.refuse_transaction_pooler`). The other client it needs is a
-    pooled connection when the session goes where the pool goes (no extra backend), else
-    a temporary connection to the session's address."""
-
-    def pin() -> contextlib.AbstractAsyncContextManager[Any]:
-        if session_url == url:
-            return store.pool.connection()
-        return _pg.temporary_connection(
-            session_url, application_name=DEFAULT_APPLICATION_NAME, prepare_threshold=None
-        )
+    :func:`fleetcache._pg.refuse_transaction_pooler`); the other client the check needs is
+    a pooled connection, so it costs no connection of its own."""
 
     async def check(conn: Any) -> None:
-        await _pg.refuse_transaction_pooler(conn, pin, conninfo=session_url)
+        await _pg.refuse_transaction_pooler(
+            conn, store.pool.connection, conninfo=session_url, same_address=session_url == url
+        )
 
     return check
 
