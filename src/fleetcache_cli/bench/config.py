@@ -58,8 +58,9 @@ class BenchConfig:
     fleet_tasks: int = 2
     fleet_keys: int = 10_000
     fleet_compute_ms: float = 5.0
-    fleet_overlap: int = 3
+    fleet_overlap: int = 2
     fleet_warm_seconds: float = 5.0
+    fleet_repetitions: int = 1
     fleet_pool_size: int = 2
     fleet_pooler_pool: int = 20
     fleet_max_connections: int = 100
@@ -174,7 +175,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     big.add_argument("--fleet-keys", type=_positive_int, help="distinct keys (10000)")
     big.add_argument("--fleet-compute-ms", type=_non_negative, help="one computation, ms (5)")
     big.add_argument(
-        "--fleet-overlap", type=_positive_int, help="tasks (of different processes) per key (3)"
+        "--fleet-overlap", type=_positive_int, help="tasks (of different processes) per key (2)"
+    )
+    big.add_argument(
+        "--fleet-repetitions",
+        type=_positive_int,
+        help="runs per design (1: its targets are exact counts, and one run takes minutes)",
     )
     big.add_argument(
         "--fleet-warm-seconds", type=_positive, help="how long the warm phase reads (5)"
@@ -268,6 +274,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
             "fleet_warm_seconds",
             "fleet_pool_size",
             "fleet_pooler_pool",
+            "fleet_repetitions",
         )
         if getattr(args, name, None) is not None
     }

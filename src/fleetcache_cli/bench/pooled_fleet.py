@@ -281,7 +281,7 @@ async def run_fleet(
     run_id: str,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Both designs, ``config.repetitions`` times each (alternating which goes first), on
+    """Both designs, ``config.fleet_repetitions`` times each (alternating which goes first), on
     the given server and pooler; the report's ``fleet`` section. Failures are reported in
     it (``failures``), not raised."""
     from fleetcache.stores.migrations import migrate  # noqa: PLC0415 - see the runner
@@ -295,10 +295,10 @@ async def run_fleet(
     failures: list[str] = []
     fleet: Fleet[FleetSpec, dict[str, Any]] = Fleet(config.fleet_processes, name="fleetcache-fleet")
     try:
-        for rep in range(config.repetitions):
+        for rep in range(config.fleet_repetitions):
             order = ("minimal", "fleetcache") if rep % 2 == 0 else ("fleetcache", "minimal")
             for design in order:
-                label = f"fleet {design} {rep + 1}/{config.repetitions}"
+                label = f"fleet {design} {rep + 1}/{config.fleet_repetitions}"
                 try:
                     run = await _one_run(
                         fleet,
@@ -334,7 +334,7 @@ async def run_fleet(
             "pool_size": config.fleet_pool_size,
             "pooler_pool": config.fleet_pooler_pool,
             "max_connections": max_connections,
-            "repetitions": config.repetitions,
+            "repetitions": config.fleet_repetitions,
             "budget": f"{config.fleet_pool_size} pooled (through PgBouncer) + 1 direct per "
             "process, both designs",
         },
