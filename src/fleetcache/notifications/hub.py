@@ -184,8 +184,10 @@ class NotificationHub(Service):
         #   probe, or one statement of execute(). Held across awaits; FIFO.
         # - _asking: how many execute() calls wait for the turn (written by them); the
         #   runner's wait reads it, and gives the turn up at once while it is non-zero.
-        # - _interrupt: the runner's wake-up while it waits; execute() completes it.
-        # - _listening: whether the runner's wait holds the turn now (written by it).
+        # - _runner: the runner task. _listening: whether it waits for notifications now,
+        #   holding the turn (set by it; cleared by it, or by the execute() that
+        #   interrupts that wait). _interrupted: an execute() cancelled that wait, and the
+        #   runner is to take that cancellation back (see _interrupt_runner).
         # - _heard, _sent: when the connection last delivered anything, and when a
         #   statement last went out (time.monotonic()); written by the runner and by
         #   execute(), read by the runner to decide when to probe.
@@ -202,8 +204,9 @@ class NotificationHub(Service):
         self._reconnects = 0
         self._turn = asyncio.Lock()
         self._asking = 0
-        self._interrupt: asyncio.Future[None] | None = None
+        self._runner: asyncio.Task[None] | None = None
         self._listening = False
+        self._interrupted = False
         self._heard = self._sent = 0.0
         self._poisoned: _Conn | None = None
         self._idle_timeout: float | None = None
@@ -312,7 +315,7 @@ class NotificationHub(Service):
         if current is not None and current <= seconds:
             return
         self._idle_timeout = seconds
-        self._wake_runner()  # its heartbeat is due sooner now
+        self._interrupt_runner()  # its heartbeat is due sooner now
         try:
             await self._execute(_SET_IDLE_TIMEOUT, {"timeout": _milliseconds(seconds)}, wait=None)
         except psycopg.errors.UndefinedObject:  # PostgreSQL < 14: no such setting
@@ -329,7 +332,7 @@ class NotificationHub(Service):
         self._generation += 1
         self._connected = True
         self._up.set()
-        self.spawn(self._run(), "notification hub runner")
+        self._runner = self.spawn(self._run(), "notification hub runner")
 
     async def _on_close(self) -> None:
         # The runner closes its connection when cancelled; a runner cancelled before its
@@ -493,6 +496,9 @@ class NotificationHub(Service):
                 continue
             try:
                 await self._wait(conn, due)
+            except asyncio.CancelledError:
+                if not self._take_interruption():
+                    raise
             except UnicodeDecodeError as exc:
                 # A payload the client encoding cannot decode (a SQL_ASCII database takes
                 # any bytes). The connection is fine, but psycopg dropped the notifications
@@ -503,55 +509,55 @@ class NotificationHub(Service):
                 self._fire_gap()
 
     async def _wait(self, conn: _Conn, due: float) -> None:
-        """Wait for notifications until ``due`` (``time.monotonic()``), or until a
-        statement asks for the connection; driver errors propagate."""
-        loop = asyncio.get_running_loop()
-        listening = asyncio.ensure_future(self._listen(conn, due))
+        """Wait for notifications until ``due`` (``time.monotonic()``), dispatching each
+        as it comes (those kept while statements ran come first), holding the turn; a
+        statement that asks for the connection meanwhile interrupts the wait (see
+        :meth:`_interrupt_runner`). If statements hold the turn until ``due``, return:
+        the probe comes next. Driver errors propagate."""
+        if self._turn.locked():  # a statement runs: wait for it, but not past due
+            try:
+                async with asyncio.timeout(max(0.0, due - time.monotonic())):
+                    await self._turn.acquire()
+            except TimeoutError:
+                return
+        else:
+            await self._turn.acquire()  # free: taken without suspending
         try:
-            while True:
-                self._interrupt = interrupt = loop.create_future()
-                await asyncio.wait(
-                    {listening, interrupt},
-                    timeout=max(0.0, due - time.monotonic()),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if listening.done():
-                    break
-                # A statement asks (or, if the wait is still queued behind a statement,
-                # it is due: the probe comes next). A wait that holds the turn gives it up
-                # now; one still queued gives way by itself when its turn comes.
-                if self._listening or time.monotonic() >= due:
-                    listening.cancel()
-                    await asyncio.wait({listening})
-                    break
-        finally:
-            self._interrupt = None
-            if not listening.done():  # the runner is cancelled
-                listening.cancel()
-                await asyncio.wait({listening})
-        if not listening.cancelled():
-            listening.result()
-
-    async def _listen(self, conn: _Conn, due: float) -> None:
-        """One wait for notifications, holding the turn: dispatch each as it comes (those
-        kept while statements ran come first), until ``due`` — or, if statements are
-        already asking, only what is there now."""
-        async with self._turn:
             timeout = 0.0 if self._asking else max(0.0, due - time.monotonic())
             self._listening = True
-            try:
-                # aclosing: the generator holds the connection's lock until it is closed.
-                async with contextlib.aclosing(conn.notifies(timeout=timeout)) as notifies:
-                    async for notify in notifies:
-                        self._heard = time.monotonic()
-                        self._dispatch(notify.channel, notify.payload)
-            finally:
-                self._listening = False
+            # aclosing: the generator holds the connection's lock until it is closed.
+            async with contextlib.aclosing(conn.notifies(timeout=timeout)) as notifies:
+                async for notify in notifies:
+                    self._heard = time.monotonic()
+                    self._dispatch(notify.channel, notify.payload)
+        finally:
+            self._listening = False
+            self._turn.release()
 
-    def _wake_runner(self) -> None:
-        interrupt = self._interrupt
-        if interrupt is not None and not interrupt.done():
-            interrupt.set_result(None)
+    def _interrupt_runner(self) -> None:
+        """Make the runner give the turn up now if it is waiting for notifications with it.
+
+        The wait is psycopg's ``notifies()``, which nothing but its timeout or a
+        cancellation ends; so the runner task itself is cancelled, with
+        ``_interrupted`` set for it to take that cancellation back. Only while
+        ``_listening``: the runner is then suspended inside the wait, on an idle
+        connection, where a cancellation loses nothing (psycopg has read nothing it has
+        not dispatched). Clearing ``_listening`` here keeps a second caller from
+        cancelling it twice."""
+        runner = self._runner
+        if self._listening and runner is not None and not runner.done():
+            self._listening = False
+            self._interrupted = True
+            runner.cancel()
+
+    def _take_interruption(self) -> bool:
+        """Whether the cancellation the runner just got was only :meth:`_interrupt_runner`'s
+        (taken back now), not its close."""
+        if not self._interrupted:
+            return False
+        self._interrupted = False
+        runner = asyncio.current_task()
+        return runner is not None and runner.uncancel() == 0 and not self.closed
 
     async def _execute(
         self, query: str, params: Mapping[str, Any] | None, *, wait: float | None
@@ -562,7 +568,7 @@ class NotificationHub(Service):
             await self._wait_until_up(deadline)
             self._asking += 1
             asking = True
-            self._wake_runner()
+            self._interrupt_runner()
             try:
                 async with self._turn:
                     self._asking -= 1
@@ -590,7 +596,7 @@ class NotificationHub(Service):
                     "been down too long for a statement to wait for it"
                 )
             if self._connected:  # broken, and the runner has not noticed yet: tell it
-                self._wake_runner()
+                self._interrupt_runner()
                 await asyncio.sleep(min(0.01, remaining))
                 continue
             with contextlib.suppress(TimeoutError):
@@ -601,24 +607,19 @@ class NotificationHub(Service):
     async def _run_statement(
         self, conn: _Conn, query: str, params: Mapping[str, Any] | None
     ) -> tuple[Any, ...] | None:
-        """Run ``query`` on ``conn`` (the caller holds the turn). In a task of its own: a
-        caller cancelled meanwhile stops it within about a second (psycopg would otherwise
-        wait up to 5 s for the server to cancel it, on a path that may be dead)."""
-        task = asyncio.ensure_future(_fetchone(conn, query, params))
+        """Run ``query`` on ``conn`` (the caller holds the turn)."""
         try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await _pg.stop_query(task, patience=_STOP_PATIENCE)
-            raise
+            cursor = await conn.execute(query, params)
+            return await cursor.fetchone() if cursor.description is not None else None
         except UnicodeDecodeError as exc:
             # A notification the client cannot decode came with the answer: psycopg gave
             # up reading it half way, so the connection's state is unknown.
             self._poisoned = conn
-            self._wake_runner()
+            self._interrupt_runner()
             raise SessionLostError(f"an undecodable notification broke a statement: {exc}") from exc
         except psycopg.Error as exc:
             if _pg.is_connection_lost(exc, conn):
-                self._wake_runner()  # the runner notices the broken connection now
+                self._interrupt_runner()  # the runner notices the broken connection now
                 raise SessionLostError(
                     f"the session connection was lost: {_pg.one_line(exc)}"
                 ) from exc
@@ -666,13 +667,6 @@ class NotificationHub(Service):
                 callback()
             except Exception:
                 logger.exception("gap handler %r failed", callback)
-
-
-async def _fetchone(
-    conn: _Conn, query: str, params: Mapping[str, Any] | None
-) -> tuple[Any, ...] | None:
-    cursor = await conn.execute(query, params)
-    return await cursor.fetchone() if cursor.description is not None else None
 
 
 def _milliseconds(seconds: float) -> str:
