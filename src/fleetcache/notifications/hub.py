@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 
 from fleetcache import _pg
 from fleetcache._lifecycle import Service
@@ -98,11 +98,13 @@ class NotificationHub(Service):
     pool would hand the session, its LISTENs and its locks, to someone else).
     ``session_check`` runs on the first connection before anything is set on it (the
     factory's refuses a transaction pooler there). A psycopg connection runs one operation
-    at a time, so one background task, the *runner*, owns the waiting: it waits for
-    notifications, dispatching each as it arrives; when a statement asks for the
-    connection it stops waiting (a wait stopped on an idle connection loses nothing), the
-    statement runs, and it waits again. Notifications that arrive while a statement runs
-    are kept by psycopg (3.2.4+) and dispatched, in arrival order, as the next wait begins.
+    at a time: statements take turns (``_turn``), and between them one background task,
+    the *runner*, waits for the connection's socket to be readable — holding nothing, so
+    a statement never waits for it — then reads what came and dispatches each
+    notification. Notifications that arrive while a statement runs are dispatched by
+    psycopg as it reads them (a notify handler), and those that came with a statement's
+    answer right after it: every notification is dispatched as soon as it is read, in
+    arrival order.
 
     Whenever nothing at all (no notification, no statement's answer) has come for
     ``liveness_interval`` the runner sends ``SELECT 1``, which must answer within
@@ -180,14 +182,14 @@ class NotificationHub(Service):
         # - _connected, _gaps, _reconnects: written by the start task, the runner and
         #   _on_close(); read by anyone through the properties. _up mirrors _connected
         #   for execute() to wait on (also set by close, to release those waits).
-        # - _turn: who uses the connection now: the runner's wait for notifications, its
-        #   probe, or one statement of execute(). Held across awaits; FIFO.
-        # - _asking: how many execute() calls wait for the turn (written by them); the
-        #   runner's wait reads it, and gives the turn up at once while it is non-zero.
-        # - _runner: the runner task. _listening: whether it waits for notifications now,
-        #   holding the turn (set by it; cleared by it, or by the execute() that
-        #   interrupts that wait). _interrupted: an execute() cancelled that wait, and the
-        #   runner is to take that cancellation back (see _interrupt_runner).
+        # - _turn: who uses the connection now: one statement of execute(), the runner's
+        #   probe, or the runner reading what came while nothing ran. Held across awaits;
+        #   FIFO.
+        # - _readable, _waiting_on: the runner's wait for the socket to be readable
+        #   (completed by the reader callback, or by _wake_runner) and the connection it
+        #   watches; set and cleared by the runner. _watched: the socket our reader is
+        #   registered on, or None; changed by _watch()/_unwatch() only (a statement
+        #   unwatches while psycopg waits on the socket itself, and watches again after).
         # - _heard, _sent: when the connection last delivered anything, and when a
         #   statement last went out (time.monotonic()); written by the runner and by
         #   execute(), read by the runner to decide when to probe.
@@ -203,10 +205,9 @@ class NotificationHub(Service):
         self._gaps = 0
         self._reconnects = 0
         self._turn = asyncio.Lock()
-        self._asking = 0
-        self._runner: asyncio.Task[None] | None = None
-        self._listening = False
-        self._interrupted = False
+        self._readable: asyncio.Future[None] | None = None
+        self._waiting_on: _Conn | None = None
+        self._watched: int | None = None
         self._heard = self._sent = 0.0
         self._poisoned: _Conn | None = None
         self._idle_timeout: float | None = None
@@ -315,7 +316,7 @@ class NotificationHub(Service):
         if current is not None and current <= seconds:
             return
         self._idle_timeout = seconds
-        self._interrupt_runner()  # its heartbeat is due sooner now
+        self._wake_runner()  # its heartbeat is due sooner now
         try:
             await self._execute(_SET_IDLE_TIMEOUT, {"timeout": _milliseconds(seconds)}, wait=None)
         except psycopg.errors.UndefinedObject:  # PostgreSQL < 14: no such setting
@@ -332,7 +333,7 @@ class NotificationHub(Service):
         self._generation += 1
         self._connected = True
         self._up.set()
-        self._runner = self.spawn(self._run(), "notification hub runner")
+        self.spawn(self._run(), "notification hub runner")
 
     async def _on_close(self) -> None:
         # The runner closes its connection when cancelled; a runner cancelled before its
@@ -376,6 +377,10 @@ class NotificationHub(Service):
         try:
             if first and self._session_check is not None:
                 await self._session_check(conn)
+            # From now on psycopg hands every notification it reads during a statement
+            # to the hub at once (the check above may use notifies(), which a handler
+            # would make unreliable).
+            conn.add_notify_handler(self._on_notify)
             async with asyncio.timeout(self._command_timeout):
                 if self._idle_timeout is not None:
                     try:
@@ -401,6 +406,7 @@ class NotificationHub(Service):
         return conn
 
     async def _drop_connection(self) -> None:
+        self._unwatch()
         self._connected = False
         self._up.clear()
         conn, self._conn = self._conn, None
@@ -479,14 +485,18 @@ class NotificationHub(Service):
                 )
 
     async def _serve(self, conn: _Conn) -> None:
-        """Dispatch notifications, give the connection to statements that ask for it, and
-        probe it whenever it has delivered nothing for ``liveness_interval`` (or sent
-        nothing for a third of the idle bound), until it fails or goes silent (this only
-        returns by raising)."""
+        """Dispatch notifications and probe the connection whenever it has delivered
+        nothing for ``liveness_interval`` (or sent nothing for a third of the idle bound),
+        until it fails or goes silent (this only returns by raising)."""
         self._heard = self._sent = time.monotonic()
         while True:
-            if conn.closed or conn.broken or conn is self._poisoned:
-                raise SessionLostError("the connection failed under a session statement")
+            if (
+                conn.closed
+                or conn.broken
+                or conn is self._poisoned
+                or conn.pgconn.status != pq.ConnStatus.OK
+            ):
+                raise SessionLostError("the connection failed")
             now = time.monotonic()
             due = self._heard + self._liveness_interval
             if self._idle_timeout is not None:
@@ -494,26 +504,25 @@ class NotificationHub(Service):
             if now >= due:
                 await self._probe(conn)
                 continue
-            try:
-                await self._wait(conn, due)
-            except asyncio.CancelledError:
-                if not self._take_interruption():
-                    raise
-            except UnicodeDecodeError as exc:
-                # A payload the client encoding cannot decode (a SQL_ASCII database takes
-                # any bytes). The connection is fine, but psycopg dropped the notifications
-                # it was decoding with it: report a gap instead of reconnecting.
-                self._heard = time.monotonic()
-                logger.warning("undecodable notification dropped (%s); reporting a gap", exc)
-                self._gaps += 1
-                self._fire_gap()
+            await self._wait(conn, due)
 
     async def _wait(self, conn: _Conn, due: float) -> None:
-        """Wait for notifications until ``due`` (``time.monotonic()``), dispatching each
-        as it comes (those kept while statements ran come first), holding the turn; a
-        statement that asks for the connection meanwhile interrupts the wait (see
-        :meth:`_interrupt_runner`). If statements hold the turn until ``due``, return:
-        the probe comes next. Driver errors propagate."""
+        """Wait until the socket is readable or ``due`` (``time.monotonic()``), holding
+        nothing; then read what came and dispatch its notifications, under the turn. If
+        statements hold the turn until ``due``, return: the probe comes next. Driver
+        errors (the connection is gone) propagate."""
+        loop = asyncio.get_running_loop()
+        readable = self._readable = loop.create_future()
+        self._waiting_on = conn
+        if not self._turn.locked():
+            self._watch()  # else the statement watches when it is done
+        try:
+            await asyncio.wait({readable}, timeout=max(0.0, due - time.monotonic()))
+        finally:
+            self._readable = self._waiting_on = None
+            self._unwatch()
+        if not readable.done():
+            return
         if self._turn.locked():  # a statement runs: wait for it, but not past due
             try:
                 async with asyncio.timeout(max(0.0, due - time.monotonic())):
@@ -523,41 +532,63 @@ class NotificationHub(Service):
         else:
             await self._turn.acquire()  # free: taken without suspending
         try:
-            timeout = 0.0 if self._asking else max(0.0, due - time.monotonic())
-            self._listening = True
-            # aclosing: the generator holds the connection's lock until it is closed.
-            async with contextlib.aclosing(conn.notifies(timeout=timeout)) as notifies:
-                async for notify in notifies:
-                    self._heard = time.monotonic()
-                    self._dispatch(notify.channel, notify.payload)
+            conn.pgconn.consume_input()  # raises when the connection is gone
+            self._drain(conn)
         finally:
-            self._listening = False
             self._turn.release()
 
-    def _interrupt_runner(self) -> None:
-        """Make the runner give the turn up now if it is waiting for notifications with it.
+    def _watch(self) -> None:
+        """Have the event loop tell the runner's wait when the socket is readable."""
+        conn, readable = self._waiting_on, self._readable
+        if (
+            self._watched is not None
+            or conn is None
+            or readable is None
+            or readable.done()
+            or conn.closed
+        ):
+            return
+        fd = conn.pgconn.socket
+        asyncio.get_running_loop().add_reader(fd, self._on_readable)
+        self._watched = fd
 
-        The wait is psycopg's ``notifies()``, which nothing but its timeout or a
-        cancellation ends; so the runner task itself is cancelled, with
-        ``_interrupted`` set for it to take that cancellation back. Only while
-        ``_listening``: the runner is then suspended inside the wait, on an idle
-        connection, where a cancellation loses nothing (psycopg has read nothing it has
-        not dispatched). Clearing ``_listening`` here keeps a second caller from
-        cancelling it twice."""
-        runner = self._runner
-        if self._listening and runner is not None and not runner.done():
-            self._listening = False
-            self._interrupted = True
-            runner.cancel()
+    def _unwatch(self) -> None:
+        if self._watched is not None:
+            asyncio.get_running_loop().remove_reader(self._watched)
+            self._watched = None
 
-    def _take_interruption(self) -> bool:
-        """Whether the cancellation the runner just got was only :meth:`_interrupt_runner`'s
-        (taken back now), not its close."""
-        if not self._interrupted:
-            return False
-        self._interrupted = False
-        runner = asyncio.current_task()
-        return runner is not None and runner.uncancel() == 0 and not self.closed
+    def _on_readable(self) -> None:
+        self._unwatch()  # one shot: the runner reads, then waits (and watches) again
+        self._wake_runner()
+
+    def _wake_runner(self) -> None:
+        """End the runner's wait now (it reads, then looks at its deadlines again)."""
+        readable = self._readable
+        if readable is not None and not readable.done():
+            readable.set_result(None)
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        """psycopg's notify handler: a notification read during a statement."""
+        self._heard = time.monotonic()
+        self._dispatch(notify.channel, notify.payload)
+
+    def _drain(self, conn: _Conn) -> None:
+        """Dispatch the notifications libpq has read but not handed out: what the runner
+        just read, or what came with a statement's answer after psycopg last looked. A
+        payload the client encoding cannot decode (a SQL_ASCII database takes any bytes)
+        is dropped and reported as a gap: the connection is fine."""
+        pgconn = conn.pgconn
+        encoding = conn.info.encoding
+        while (notify := pgconn.notifies()) is not None:
+            self._heard = time.monotonic()
+            try:
+                channel, payload = notify.relname.decode(encoding), notify.extra.decode(encoding)
+            except UnicodeDecodeError as exc:
+                logger.warning("undecodable notification dropped (%s); reporting a gap", exc)
+                self._gaps += 1
+                self._fire_gap()
+                continue
+            self._dispatch(channel, payload)
 
     async def _execute(
         self, query: str, params: Mapping[str, Any] | None, *, wait: float | None
@@ -566,23 +597,19 @@ class NotificationHub(Service):
         deadline = time.monotonic() + (self._connect_budget if wait is None else wait)
         while True:
             await self._wait_until_up(deadline)
-            self._asking += 1
-            asking = True
-            self._interrupt_runner()
-            try:
-                async with self._turn:
-                    self._asking -= 1
-                    asking = False
-                    conn, generation = self._conn, self._generation
-                    if conn is None or not self.holds_session(generation):
-                        continue  # lost while we waited: wait for the next connection
+            async with self._turn:
+                conn, generation = self._conn, self._generation
+                if conn is None or not self.holds_session(generation):
+                    continue  # lost while we waited: wait for the next connection
+                self._unwatch()  # psycopg waits on the socket itself now
+                try:
                     self._sent = time.monotonic()
                     row = await self._run_statement(conn, query, params)
                     self._heard = time.monotonic()
-                    return row, generation
-            finally:
-                if asking:  # cancelled while waiting for the turn
-                    self._asking -= 1
+                    self._drain(conn)
+                finally:
+                    self._watch()
+                return row, generation
 
     async def _wait_until_up(self, deadline: float) -> None:
         """Return once a live connection is there; SessionLostError at ``deadline``."""
@@ -596,7 +623,7 @@ class NotificationHub(Service):
                     "been down too long for a statement to wait for it"
                 )
             if self._connected:  # broken, and the runner has not noticed yet: tell it
-                self._interrupt_runner()
+                self._wake_runner()
                 await asyncio.sleep(min(0.01, remaining))
                 continue
             with contextlib.suppress(TimeoutError):
@@ -615,11 +642,11 @@ class NotificationHub(Service):
             # A notification the client cannot decode came with the answer: psycopg gave
             # up reading it half way, so the connection's state is unknown.
             self._poisoned = conn
-            self._interrupt_runner()
+            self._wake_runner()
             raise SessionLostError(f"an undecodable notification broke a statement: {exc}") from exc
         except psycopg.Error as exc:
             if _pg.is_connection_lost(exc, conn):
-                self._interrupt_runner()  # the runner notices the broken connection now
+                self._wake_runner()  # the runner notices the broken connection now
                 raise SessionLostError(
                     f"the session connection was lost: {_pg.one_line(exc)}"
                 ) from exc
@@ -647,6 +674,7 @@ class NotificationHub(Service):
             self._sent = time.monotonic()
             await conn.execute(_LIVENESS_PROBE)
             self._heard = time.monotonic()
+            self._drain(conn)
 
     def _dispatch(self, channel: str, payload: str) -> None:
         # A copy: a callback may add handlers while we iterate.
