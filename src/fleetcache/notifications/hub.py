@@ -116,9 +116,10 @@ class NotificationHub(Service):
     default) of the last thing it delivered. The runner then marks the hub disconnected
     and counts a gap at once (``connected`` is False and ``gaps`` grows before it
     reconnects: the near tier stops serving from memory right then), closes the
-    connection (a statement under way then fails), reconnects with capped exponential backoff plus
-    jitter, LISTENs every channel again, and only then calls every gap handler:
-    notifications sent meanwhile are lost, and NOTIFY is a hint, never the only signal.
+    connection (a statement under way then fails), reconnects with capped exponential
+    backoff plus jitter, LISTENs every channel again, and only then calls every gap
+    handler: notifications sent meanwhile are lost, and NOTIFY is a hint, never the only
+    signal.
     What the lost session held (advisory locks) is gone too: :attr:`generation` counts the
     connections, and :meth:`holds_session` says whether a given one is still the live one.
 
