@@ -196,15 +196,15 @@ async def test_notifications_are_not_lost_while_session_statements_run(
 async def test_a_session_with_notifications_flowing_still_sends_its_heartbeat(
     database_url: str, admin: Admin
 ) -> None:
-    """With an idle bound of 1 s, a session that keeps receiving notifications (every
-    50 ms, for 4 s) but runs no statement of its own still sends one often enough: the
+    """With an idle bound of 2 s, a session that keeps receiving notifications (every
+    50 ms, for 5 s) but runs no statement of its own still sends one often enough: the
     server never ends it as idle (no gap, the same backend throughout)."""
     got: list[str] = []
     async with NotificationHub(database_url, ["flow"]) as hub:
         hub.add_handler("flow", got.append)
-        await hub.bound_idleness(1.0)
+        await hub.bound_idleness(2.0)
         pid = hub.backend_pid
-        until = time.monotonic() + 4.0
+        until = time.monotonic() + 5.0
         sent = 0
         while time.monotonic() < until:
             await admin.execute("SELECT pg_notify('flow', 'x')")
