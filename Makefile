@@ -41,7 +41,7 @@ pgbouncer:
 test: lint pgbouncer
 	$(BIN)/pytest
 
-check: lint
+check: lint pgbouncer
 	$(BIN)/pytest -m "not slow"
 
 clean:

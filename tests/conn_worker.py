@@ -11,6 +11,7 @@ reads one JSON command per stdin line and answers one JSON line:
 - ``{"op": "gets", "ns", "names", "compute_s", "tag"}``: those gets concurrently; answers
   ``{"values": [...], "errors": [...]}``
 - ``{"op": "invalidate", "ns", "names"}``, ``{"op": "peek", "ns", "name"}``,
+  ``{"op": "stats"}`` (``{"stats": cache.stats(), "computed": <computations so far>}``),
   ``{"op": "exit"}``
 Every answer carries ``t_end`` (``time.time()``); a failed command answers ``{"raised"}``.
 """
@@ -64,6 +65,10 @@ def say(doc: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+#: How many computations this process ran (written by produce, read by "stats").
+COMPUTED = [0]
+
+
 async def run(command: dict[str, Any], cache: Any) -> dict[str, Any]:
     """Carry out one command."""
     op = command["op"]
@@ -71,6 +76,7 @@ async def run(command: dict[str, Any], cache: Any) -> dict[str, Any]:
         delays = [float(command.get("compute_s", 0))]
 
         async def produce(key: Key) -> Produced[Any]:
+            COMPUTED[0] += 1
             began = time.time()
             delay = delays[0]
             delays[0] = min(delay, 0.1)  # a computation run again (refused) is quick
@@ -94,6 +100,8 @@ async def run(command: dict[str, Any], cache: Any) -> dict[str, Any]:
         }
     if op == "invalidate":
         return {"names": await cache.invalidate(command["ns"], command["names"])}
+    if op == "stats":
+        return {"stats": cache.stats(), "computed": COMPUTED[0]}
     if op == "peek":
         entry = await cache.peek(Key(command["ns"], command["name"]))
         return {"value": None if entry is None else entry.value}

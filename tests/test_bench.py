@@ -14,15 +14,21 @@ import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from fleetcache_cli import main
 from fleetcache_cli.bench.config import add_arguments, resolve_config
 from fleetcache_cli.bench.fleet_run import WorkerSpec, fleet_worker
 from fleetcache_cli.bench.minimal import CREATE_TABLE, MinimalCache
+from fleetcache_cli.bench.pooled_fleet import run_fleet, task_keys
+from fleetcache_cli.bench.targets import evaluate_targets
 from fleetcache_cli.shared import Fleet, WorkerError, percentile
+
+if TYPE_CHECKING:
+    from fleetcache.embedded import PgBouncer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.processes]
 
@@ -99,6 +105,7 @@ def test_smallest_bench_reports_every_metric_and_both_designs_are_correct(
         "--repetitions", "1", "--micro-iterations", "20", "--near-keys", "20",
         "--near-seconds", "0.6", "--xmin-compute-s", "0.3", "--expiry-keys", "2",
         "--expiry-seconds", "1.5", "--database-url", database_url, "--json", str(out),
+        "--scenarios", "default,fast,hotkey,p16,near,expiry,xmin,micro",  # fleet: its own test
     ])
     # fmt: on
     assert status == 0
@@ -201,6 +208,13 @@ def test_quick_flag_yields_to_explicit_sizes() -> None:
     assert full.repetitions == 3
     assert [s.name for s in full.scenario_list()] == list(SCENARIOS)
     assert (full.near, full.expiry, full.xmin, full.micro) == (True, True, True, True)
+    # The same budget of backends for both designs: the pool plus one direct connection.
+    assert (full.pool_size, full.budget) == (4, 5)
+    # The large fleet runs in the full bench, not in --quick (unless asked for).
+    assert full.fleet
+    assert (full.fleet_processes, full.fleet_tasks, full.fleet_keys) == (64, 2, 10_000)
+    assert not config.fleet
+    assert resolve_config(parser.parse_args(["--quick", "--scenarios", "fleet"])).fleet
 
 
 def test_percentile_interpolates() -> None:
@@ -237,3 +251,52 @@ def test_hung_worker_is_killed_at_the_deadline(database_url: str) -> None:
     finally:
         fleet.close()
     assert multiprocessing.active_children() == []
+
+
+def test_fleet_scenario_through_pgbouncer_is_exact_in_a_small_run(
+    database_url: str, pgbouncer: PgBouncer
+) -> None:
+    """The fleet scenario, shrunk to 4 processes x 2 tasks x 200 keys through the test
+    PgBouncer (transaction mode): both designs compute each key exactly once with no
+    failed request, their direct backends peak at one per process, and the report has
+    hits, latencies and NOTIFYs per fill for both."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    # fmt: off
+    config = resolve_config(parser.parse_args([
+        "--scenarios", "fleet", "--fleet-processes", "4", "--fleet-tasks", "2",
+        "--fleet-keys", "200", "--fleet-compute-ms", "2", "--fleet-warm-seconds", "0.5",
+    ]))
+    # fmt: on
+    pooled = pgbouncer.conninfo_for(str(conninfo_to_dict(database_url)["dbname"]))
+    section = asyncio.run(run_fleet(config, database_url, pooled, "test", print))
+    assert section["failures"] == []
+    for design in ("minimal", "fleetcache"):
+        cell = section[design]
+        assert cell["computations_each_run"] == [200], design
+        assert cell["errors_total"] == 0, design
+        assert cell["warm_computations_total"] == 0, design
+        assert cell["peak_backends"]["direct"] == 4, design
+        assert cell["hits_per_s"] > 0, design
+        assert cell["hit_ms_p99"] is not None, design
+        assert cell["notifies_per_fill"] >= 1, design
+    targets = {t["name"]: t for t in evaluate_targets({"fleet": section})}
+    for design in ("minimal", "fleetcache"):
+        assert targets[f"fleet: {design} computations - K"]["met"] is True
+        assert targets[f"fleet: {design} errors"]["met"] is True
+        assert targets[f"fleet: {design} peak direct backends - P"]["met"] is True
+    assert multiprocessing.active_children() == []
+
+
+def test_fleet_scenario_asks_for_every_key_from_different_processes() -> None:
+    """Every key is asked for by exactly ``overlap`` tasks, of as many different processes
+    (2 tasks per process, 128 tasks in all)."""
+    tasks_in_all, keys, overlap = 128, 1000, 2
+    askers: dict[int, list[int]] = {}
+    for task in range(tasks_in_all):
+        for key in task_keys(task, tasks_in_all, keys, overlap):
+            askers.setdefault(key, []).append(task)
+    assert sorted(askers) == list(range(keys))
+    for tasks in askers.values():
+        assert len(tasks) == overlap
+        assert len({task // 2 for task in tasks}) == overlap

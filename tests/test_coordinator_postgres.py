@@ -1,4 +1,4 @@
-"""PostgresCoordinator against a real PostgreSQL: session locks on one lock connection,
+"""PostgresCoordinator against a real PostgreSQL: session locks on the process's session,
 NOTIFY wake-ups, the crash probe, and no transaction held while a winner computes."""
 
 from __future__ import annotations
@@ -72,9 +72,7 @@ async def make_node(database_url: str) -> AsyncIterator[MakeNode]:
             )
             await hub.start()
             stack.push_async_callback(hub.close)
-            coordinator = PostgresCoordinator(
-                database_url, pool, hub, probe_interval=probe_interval
-            )
+            coordinator = PostgresCoordinator(pool, hub, probe_interval=probe_interval)
             if start:
                 await coordinator.start()
             stack.push_async_callback(coordinator.close)
@@ -260,7 +258,7 @@ async def test_no_transaction_and_no_snapshot_is_held_while_a_winner_computes(
     make_node: MakeNode, raw: Callable[..., Awaitable[Conn]], database_url: str
 ) -> None:
     """While a winner computes, none of the process's connections is in a transaction or
-    pins the xmin horizon; only its lock connection holds the key's (session) lock."""
+    pins the xmin horizon; only its session connection holds the key's (session) lock."""
     a = await make_node()
     observer = await raw()
     key = '["realm","long.gts","public",""]'
@@ -359,17 +357,17 @@ async def test_failing_or_cancelled_winner_releases_and_wakes_waiters_promptly(
 async def test_a_lost_lock_connection_still_notifies_and_the_next_try_reconnects(
     make_node: MakeNode, raw: Callable[..., Awaitable[Conn]], postgres_server_url: str
 ) -> None:
-    """If the lock connection is terminated while a winner computes, the server frees the
-    lock (a peer may take it), the winner's computation still completes, its waiters are
-    still notified, and the next try works on a new lock connection."""
+    """If the session connection is terminated while a winner computes, the server frees
+    the lock (a peer may take it), the winner's computation still completes, its waiters
+    are still notified, and the next try works on the new session connection."""
     a, b = await make_node(), await make_node()
     admin = await raw(url=postgres_server_url)
     key = '["realm","dies.gts","public",""]'
     async with a.coordinator.lock(key) as lock:
         assert lock.won
-        conn = a.coordinator._line(lock_id(key)).conn
-        assert conn is not None
-        await admin.execute("SELECT pg_terminate_backend(%s, 10000)", (conn.info.backend_pid,))
+        pid = a.hub.backend_pid
+        assert pid is not None
+        await admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
         # A peer that has just lost its try (the lock may already be free on the server).
         waiter = b.coordinator._registry.register(key, lock_id(key))
     async with asyncio.timeout(PROMPT):
@@ -519,7 +517,7 @@ async def test_close_wakes_parked_waiters_and_refuses_new_work(
     await a.coordinator.close()
     assert a.coordinator.stats()["woken_close"] == 3
     assert not a.coordinator._tasks
-    assert all(line.conn is None for line in a.coordinator._lines)
+    assert not a.coordinator._held
     async with a.pool.connection() as conn:
         await conn.execute("SELECT 1")
 
@@ -558,13 +556,13 @@ async def test_use_before_start_raises_not_open(make_node: MakeNode) -> None:
 async def test_start_is_idempotent(
     make_node: MakeNode, raw: Callable[..., Awaitable[Conn]]
 ) -> None:
-    """Starting twice (also concurrently) registers once and runs one probe task and one
-    heartbeat task; a NOTIFY wakes a waiter exactly once."""
+    """Starting twice (also concurrently) registers once and runs one probe task (the
+    session's heartbeat is the hub's); a NOTIFY wakes a waiter exactly once."""
     a = await make_node(start=False)
     await asyncio.gather(a.coordinator.start(), a.coordinator.start())
     await a.coordinator.start()
     names = sorted(task.get_name() for task in a.coordinator._tasks)
-    assert names == ["fleetcache coordinator heartbeat", "fleetcache coordinator probe"]
+    assert names == ["fleetcache coordinator probe"]
     sender = await raw()
     key = '["k","idem","public",""]'
     await held_elsewhere(raw, key)
@@ -579,16 +577,16 @@ async def test_start_is_idempotent(
 async def test_close_during_start_leaves_nothing_behind(
     make_node: MakeNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """close() while start() is still connecting cancels it: start raises NotOpenError and
-    no task or lock connection is left."""
+    """close() while start() is still configuring the session cancels it: start raises
+    NotOpenError and no task is left."""
     a = await make_node(start=False)
     connecting = asyncio.Event()
 
-    async def slow_connect(*args: Any, **kwargs: Any) -> Any:
+    async def slow_bound(*args: Any, **kwargs: Any) -> Any:
         connecting.set()
         await asyncio.Event().wait()
 
-    monkeypatch.setattr("fleetcache.coordination.postgres.connect", slow_connect)
+    monkeypatch.setattr(a.hub, "bound_idleness", slow_bound)
     starting = asyncio.create_task(a.coordinator.start())
     async with asyncio.timeout(PROMPT):
         await connecting.wait()
@@ -596,7 +594,6 @@ async def test_close_during_start_leaves_nothing_behind(
     with pytest.raises(NotOpenError):
         await starting
     assert not a.coordinator._tasks
-    assert all(line.conn is None for line in a.coordinator._lines)
     with pytest.raises(NotOpenError):
         await a.coordinator.start()
 

@@ -202,7 +202,7 @@ async def _report_when(url: str, ready: Callable[[CacheReport], object], what: s
 @pytest.mark.postgres
 async def test_locks_held_and_waiters_right_now(database_url: str) -> None:
     """While a key is computed, its coordinator's lock shows as held by a
-    'fleetcache-locks' backend with the key's lock id; a namespace lock held by another
+    'fleetcache-session' backend with the key's lock id; a namespace lock held by another
     session shows with its namespace; a cache's invalidation waiting for it shows as a
     waiter blocked by that session (holding the global lock shared meanwhile); another
     application's bigint lock is not fleetcache's; connections are grouped by
@@ -255,11 +255,11 @@ async def test_locks_held_and_waiters_right_now(database_url: str) -> None:
 
             held = {(lock.kind, lock.mode, lock.application_name): lock for lock in activity.held}
             assert set(held) == {
-                ("key", "exclusive", "fleetcache-locks"),
+                ("key", "exclusive", "fleetcache-session"),
                 ("namespace", "exclusive", "inspect-test-holder"),
                 ("global", "shared", "fleetcache"),
             }
-            assert held["key", "exclusive", "fleetcache-locks"].lock == lock_id(key.coalesce_key)
+            assert held["key", "exclusive", "fleetcache-session"].lock == lock_id(key.coalesce_key)
             namespace = held["namespace", "exclusive", "inspect-test-holder"]
             assert (namespace.namespace, namespace.pid) == (A, holder_pid)
             assert namespace.state == "idle in transaction"
@@ -273,7 +273,7 @@ async def test_locks_held_and_waiters_right_now(database_url: str) -> None:
             ) == (1, 1)
             assert (groups["inspect-test-idle"].total, groups["inspect-test-idle"].idle) == (2, 2)
             assert groups["fleetcache"].waiting_for_lock == 1
-            assert groups["fleetcache-locks"].total >= 1
+            assert groups["fleetcache-session"].total >= 1
             assert "fleetcache-inspect" not in groups  # the inspecting backend itself
             assert activity.max_connections > 0
             assert activity.server_connections >= sum(g.total for g in activity.connections)

@@ -16,11 +16,13 @@ import asyncio
 import contextlib
 import random
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Self, TypeVar
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
@@ -30,6 +32,7 @@ from fleetcache.errors import (
     ConnectCause,
     DatabaseConnectError,
     FleetcacheError,
+    NotificationError,
     StoreError,
 )
 from fleetcache.logcontext import get_logger
@@ -146,6 +149,7 @@ async def connect(
     autocommit: bool = True,
     budget: float = CONNECT_BUDGET,
     connect_timeout: int = CONNECT_TIMEOUT,
+    prepare_threshold: int | None = 5,
 ) -> psycopg.AsyncConnection[Any]:
     """One connection outside any pool (LISTEN, locks, a first check before a pool opens).
 
@@ -153,6 +157,8 @@ async def connect(
     raise :class:`DatabaseConnectError` at once; transient ones are retried with jittered
     backoff until ``budget`` seconds have passed, then raised the same way (``budget=0``:
     one attempt). An invalid connection string raises :class:`ConfigurationError` at once.
+    ``prepare_threshold`` is psycopg's (None: no server-side prepared statements, as a
+    connection through a transaction pooler needs).
     """
     params = check_conninfo(conninfo)
     params.setdefault("application_name", application_name)
@@ -162,7 +168,9 @@ async def connect(
     delay = 0.05
     while True:
         try:
-            return await psycopg.AsyncConnection.connect(final, autocommit=autocommit)
+            return await psycopg.AsyncConnection.connect(
+                final, autocommit=autocommit, prepare_threshold=prepare_threshold
+            )
         except psycopg.Error as exc:
             invalid = invalid_conninfo(conninfo, exc)
             if invalid is not None:
@@ -259,6 +267,125 @@ async def stop_query(task: asyncio.Future[Any], *, patience: float) -> None:
         logger.warning("a statement on a dead connection ignored its cancellation")
     elif not task.cancelled():
         task.exception()  # a driver error on a connection already given up
+
+
+#: The backend serving a connection right now (through a pooler: the server connection
+#: it was given for this statement).
+_BACKEND_PID = "SELECT pg_backend_pid()"
+#: The session check's NOTIFY to a channel only the checked connection LISTENs on.
+_NOTIFY_CHECK = "SELECT pg_notify(%(channel)s, 'check')"
+
+
+async def refuse_transaction_pooler(
+    conn: psycopg.AsyncConnection[Any],
+    pin: Callable[[], contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]],
+    *,
+    conninfo: str,
+    same_address: bool,
+    rounds: int = 3,
+    patience: float = 5.0,
+) -> None:
+    """Raise :class:`ConfigurationError` naming the fix if ``conn`` (connected to
+    ``conninfo``: the session) reaches the server through a pooler that gives its server
+    connections to other clients between transactions (PgBouncer in transaction or
+    statement mode), where LISTEN and session locks would land on a server connection
+    that is then lent to someone else. ``pin()`` lends a pooled connection to the same
+    database; ``same_address``: whether the pool connects where the session does.
+
+    First, ``rounds`` times: read ``conn``'s backend pid; begin a transaction on the pin
+    and read its pid; read ``conn``'s again while the pin's transaction keeps its backend
+    busy. A direct connection has one backend for its whole life, which no other client
+    ever has: the pids are ``a, b, a`` with ``b != a``. Through a transaction pooler the
+    pool shares, either the pin got ``conn``'s backend (poolers hand out the most recently
+    released server connection first, PgBouncer's default: ``b == a``), or ``conn``'s
+    second statement ran elsewhere (it could not have the backend the pin holds), or it
+    waited for the pin's transaction (a pool of one). Only pids are read, so nothing is
+    left on a pooled server connection.
+
+    When the pool connects elsewhere (it may be direct while the session is pooled, which
+    the first test cannot see), then: ``conn`` LISTENs on a channel of its own and the pin
+    NOTIFYs it. A direct session hears it at once; through a transaction pooler the
+    LISTEN stayed on a server connection that went back to the pool, and nothing arrives
+    within ``patience`` seconds. (That LISTEN is then left on the pooler's server
+    connection, on a channel nobody uses.)
+
+    It costs a few round trips at open, no connection of its own, and no access to the
+    pooler's console; a pooler in session mode (one server connection per client), or a
+    plain TCP proxy, passes, as it should.
+    """
+    target = describe_target(conninfo)
+    try:
+        evidence = await _shared_backend(conn, pin, rounds=rounds, patience=patience)
+        if evidence is None and not same_address:
+            evidence = await _deaf_listen(conn, pin, patience=patience)
+    except psycopg.Error as exc:
+        raise NotificationError(
+            f"checking that {target} gives a session of its own failed: {one_line(exc)}"
+        ) from exc
+    if evidence is not None:
+        raise ConfigurationError(
+            f"the session connection to {target} goes through a transaction pooler "
+            f"({evidence}): LISTEN and the fleet's locks need a session of their own. "
+            "Pass session_url= a connection string that reaches PostgreSQL directly (the "
+            "pooler may stay as the url, for pooled statements), or run the pooler in "
+            "session mode"
+        )
+
+
+async def _shared_backend(
+    conn: psycopg.AsyncConnection[Any],
+    pin: Callable[[], contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]],
+    *,
+    rounds: int,
+    patience: float,
+) -> str | None:
+    """What shows ``conn`` shares its backend with other clients, or None."""
+    for _ in range(rounds):
+        first = await _backend_pid(conn)
+        async with pin() as other:
+            await other.execute("BEGIN", prepare=False)
+            try:
+                theirs = await _backend_pid(other)
+                again = asyncio.ensure_future(_backend_pid(conn))
+                done, _ = await asyncio.wait({again}, timeout=patience)
+            finally:
+                await other.execute("ROLLBACK", prepare=False)
+            second = await again
+        if theirs == first:
+            return f"another client's transaction ran on this connection's backend {first}"
+        if second != first:
+            return f"two statements of one connection ran on backends {first} and {second}"
+        if not done:
+            return f"a statement waited {patience:g} s for another client's transaction"
+    return None
+
+
+async def _deaf_listen(
+    conn: psycopg.AsyncConnection[Any],
+    pin: Callable[[], contextlib.AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]],
+    *,
+    patience: float,
+) -> str | None:
+    """What shows a LISTEN on ``conn`` does not hear, or None."""
+    channel = f"fleetcache_session_check_{secrets.token_hex(8)}"
+    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)), prepare=False)
+    async with pin() as other:
+        await other.execute(_NOTIFY_CHECK, {"channel": channel}, prepare=False)
+    heard = False
+    async for notify in conn.notifies(timeout=patience, stop_after=1):
+        heard = heard or notify.channel == channel
+    if not heard:
+        return f"a NOTIFY to this connection's LISTEN did not arrive within {patience:g} s"
+    await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)), prepare=False)
+    return None
+
+
+async def _backend_pid(conn: psycopg.AsyncConnection[Any]) -> int:
+    # prepare=False: the check must not leave a prepared statement on a pooled server
+    # connection (a pooler would hand it to someone else).
+    row = await (await conn.execute(_BACKEND_PID, prepare=False)).fetchone()
+    assert row is not None  # SELECT without FROM returns one row
+    return int(row[0])
 
 
 def connect_error(conninfo: str, exc: BaseException, cause: ConnectCause) -> DatabaseConnectError:

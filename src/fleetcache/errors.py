@@ -19,6 +19,8 @@
     ├── CoordinationError           cross-process populate coordination failed
     │   └── CoordinationGaveUpError another process held the key past the waiting budget
     └── NotificationError           LISTEN/NOTIFY failed (publishing is best effort and logs)
+        └── SessionLostError        the session connection (LISTEN, the fleet's locks) was
+                                    lost: whatever it held is gone
 
 A domain built on the cache adds its own branch under the root.
 
@@ -182,3 +184,8 @@ class CoordinationGaveUpError(CoordinationError):
 
 class NotificationError(FleetcacheError):
     """LISTEN/NOTIFY failed."""
+
+
+class SessionLostError(NotificationError):
+    """The process's session connection was lost before or while a statement ran on it;
+    what the session held (LISTENs, advisory locks) went with it."""

@@ -36,7 +36,7 @@ from fleetcache.lookup.options import (
 )
 from fleetcache.lookup.populate import Produce
 from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, PostgresInvalidationPublisher
-from fleetcache.notifications.hub import NotificationHub
+from fleetcache.notifications.hub import NotificationHub, SessionCheck
 from fleetcache.notifications.listener import InvalidationListener
 from fleetcache.stores.base import Entry, Expand, Key, Store
 from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
@@ -68,6 +68,7 @@ def store_for_url(
     connect_budget: float = _pg.CONNECT_BUDGET,
     values: ValueCodec = JSON_VALUES,
     invalidated_channel: str = INVALIDATED_CHANNEL,
+    prepared_statements: bool = True,
 ) -> Store:
     """An unopened store for ``url``, encoding values with ``values`` (a Postgres one
     announces its invalidations on ``invalidated_channel``)."""
@@ -86,6 +87,7 @@ def store_for_url(
             connect_budget=connect_budget,
             values=values,
             invalidated_channel=invalidated_channel,
+            prepared_statements=prepared_statements,
         )
     raise ConfigurationError(
         f"unsupported cache URL {url!r}: use memory://, sqlite:///path or postgresql://..."
@@ -250,13 +252,16 @@ class Fleetcache:
         )
 
     def stats(self) -> dict[str, Any]:
-        """Counters: ``lookup`` (hits, misses, computations, ...), and ``coordinator``
-        (locks, waits, NOTIFYs) and ``listener`` when present."""
+        """The lookup's counters, the coordinator's and listener's when present, and on
+        Postgres the connections this process holds right now (``connections``: the pool's
+        size, in use, idle, bounds and waiting callers; the session's state)."""
         stats: dict[str, Any] = {"lookup": self.lookup.stats()}
         if self.coordinator is not None:
             stats["coordinator"] = self.coordinator.stats()
         if self.listener is not None:
             stats["listener"] = self.listener.stats()
+        if isinstance(self.store, PostgresStore) and not self._closed:
+            stats["connections"] = _connection_stats(self.store, self.hub)
         return stats
 
     async def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
@@ -332,6 +337,8 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     max_rounds: int = DEFAULT_MAX_ROUNDS,
     pool_size: int = POOL_SIZE,
     pool_min_size: int = POOL_MIN_SIZE,
+    session_url: str | None = None,
+    prepared_statements: bool | None = None,
     connect_budget: float = _pg.CONNECT_BUDGET,
     probe_interval: float = 1.0,
     lock_idle_timeout: float = LOCK_IDLE_TIMEOUT,
@@ -374,12 +381,25 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     ``wait_timeout`` and ``max_rounds``: the lookup's bounds
     (:class:`~fleetcache.lookup.options.LookupOptions`). Postgres's own: the pool
     (``pool_min_size`` connections made at open, growing on demand to ``pool_size``),
-    ``connect_budget`` (seconds transient connection failures are retried while opening),
-    the crash-probe interval, ``lock_idle_timeout`` (seconds a frozen or partitioned winner
-    keeps its keys locked, at most) and the channel names.
+    ``session_url`` (where the process's one session connection goes — LISTEN and the
+    fleet's locks —, default ``url``; give it when ``url`` is a transaction pooler such as
+    PgBouncer, which a session is refused through), ``prepared_statements`` (server-side
+    prepared statements on the pool; None: on, unless ``session_url`` differs from
+    ``url``, i.e. the pool goes through a pooler), ``connect_budget`` (seconds transient
+    connection failures are retried while opening), the crash-probe interval,
+    ``lock_idle_timeout`` (seconds a frozen or partitioned winner keeps its keys locked,
+    at most) and the channel names.
     """
     _check_seconds("connect_budget", connect_budget, 0.0, 3600.0)
     _check_seconds("lock_idle_timeout", lock_idle_timeout, 0.1, 86_400.0)
+    session_target = url if session_url is None else session_url
+    if session_url is not None and not (is_postgres_url(url) and is_postgres_url(session_url)):
+        raise ConfigurationError(
+            f"session_url is for a Postgres url (a direct connection beside a pooler), got "
+            f"url={url.split('://', 1)[0]}://… and a session_url that is "
+            f"{'' if is_postgres_url(session_url) else 'not '}a Postgres connection string"
+        )
+    prepared = session_target == url if prepared_statements is None else prepared_statements
     # Every lookup option checked now, before anything is opened.
     options = LookupOptions(
         expiry=Expiry(ttl, stale_ttl, early_refresh),
@@ -406,6 +426,7 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             connect_budget=budget,
             values=values,
             invalidated_channel=invalidated_channel,
+            prepared_statements=prepared,
         )
         closers: list[tuple[str, Callable[[float], Awaitable[None]]]] = []
         try:
@@ -426,7 +447,10 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
                 closers.append(("lookup", lookup.close))
                 return Fleetcache(url, store, lookup, coordinator=local, closers=closers[::-1])
             hub = NotificationHub(
-                url, [populated_channel, invalidated_channel], connect_budget=budget
+                session_target,
+                [populated_channel, invalidated_channel],
+                connect_budget=budget,
+                session_check=_session_check(session_target, url, store),
             )
             # Closers go in before each start: a failed start may have connected a part.
             closers.append(("notification hub", hub.close))
@@ -434,13 +458,11 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             coordinator = None
             if coordinate is None or coordinate:
                 coordinator = PostgresCoordinator(
-                    url,
                     store.pool,
                     hub,
                     channel=populated_channel,
                     probe_interval=probe_interval,
                     lock_idle_timeout=lock_idle_timeout,
-                    connect_budget=budget,
                 )
                 closers.append(("coordinator", coordinator.close))
                 await coordinator.start()
@@ -481,6 +503,32 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             raise
 
     return Opening(opener)
+
+
+def _session_check(session_url: str, url: str, store: PostgresStore) -> SessionCheck:
+    """Refuses a session connection that goes through a transaction pooler (see
+    :func:`fleetcache._pg.refuse_transaction_pooler`); the other client the check needs is
+    a pooled connection, so it costs no connection of its own."""
+
+    async def check(conn: Any) -> None:
+        await _pg.refuse_transaction_pooler(
+            conn, store.pool.connection, conninfo=session_url, same_address=session_url == url
+        )
+
+    return check
+
+
+def _connection_stats(store: PostgresStore, hub: NotificationHub | None) -> dict[str, Any]:
+    """What the process holds now: the pool's counts, and the session (up or not)."""
+    session: dict[str, Any] | None = None
+    if hub is not None:
+        session = {
+            "up": hub.connected,
+            "backend_pid": hub.backend_pid,
+            "reconnects": hub.reconnects,
+            "gaps": hub.gaps,
+        }
+    return {"pool": store.connection_stats(), "session": session}
 
 
 def _check_seconds(name: str, value: object, low: float, high: float) -> None:

@@ -51,7 +51,7 @@ PURGE_MARGIN = PURGE_MARGIN_MS / 1000
 #: How many entries one purge statement deletes at most.
 PURGE_BATCH = 1000
 #: The application_name prefix of fleetcache's own connections (store pool
-#: ``fleetcache``, lock connections ``fleetcache-locks``, ...), unless the URL sets one.
+#: ``fleetcache``, the session ``fleetcache-session``, ...), unless the URL sets one.
 APPLICATION_PREFIX = "fleetcache"
 
 _MARK_KINDS: dict[str, Literal["global", "namespace", "name"]] = {

@@ -1,16 +1,13 @@
-"""Populate coordination across a fleet: session advisory locks on a few lock connections,
-NOTIFY to wake the waiters of other processes, and a crash probe over ``pg_locks``.
-
-Why the locks are session locks on dedicated connections, and how a silent holder loses
-them, is argued in ``docs/design.md`` ("The lock discipline").
+"""Populate coordination across a fleet: session advisory locks on the process's one
+session connection (the notification hub's, which also LISTENs), NOTIFY to wake the waiters
+of other processes, and a crash probe over ``pg_locks``. Why, and how a silent holder loses
+its locks, is argued in ``docs/design.md`` ("The lock discipline").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -18,12 +15,17 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from fleetcache._lifecycle import Service
-from fleetcache._pg import CONNECT_BUDGET, connect, is_connection_lost, pooled, stop_query
+from fleetcache._pg import pooled
 from fleetcache.coordination.base import KeyLock, WakeReason, lock_id
 from fleetcache.coordination.waiters import Waiter, WaiterRegistry
-from fleetcache.errors import ConfigurationError, CoordinationError, DatabaseConnectError
+from fleetcache.errors import (
+    ConfigurationError,
+    CoordinationError,
+    NotificationError,
+    SessionLostError,
+)
 from fleetcache.logcontext import get_logger
-from fleetcache.notifications.hub import NotificationHub
+from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME, NotificationHub
 
 __all__ = ["POPULATED_CHANNEL", "PostgresCoordinator", "advisory_lock_tag"]
 
@@ -31,13 +33,15 @@ logger = get_logger("fleetcache.coordination")
 
 #: The channel winners notify on; the payload is the key's lock id in decimal.
 POPULATED_CHANNEL = "fleetcache_populated_v1"
-#: Shown in ``pg_stat_activity`` for the lock connections.
-LOCK_APPLICATION_NAME = "fleetcache-locks"
-#: How many lock connections a process keeps by default (lock ids are spread over them, so
-#: one process's try-locks and releases do not all queue on one connection).
-LOCK_CONNECTIONS = 2
-#: How long (seconds) the server keeps a silent lock connection, and its locks, by default.
+#: Shown in ``pg_stat_activity`` for the connection holding the locks: the session's.
+LOCK_APPLICATION_NAME = DEFAULT_APPLICATION_NAME
+#: How long (seconds) the server keeps a silent session, and its locks, by default.
 LOCK_IDLE_TIMEOUT = 10.0
+#: How long (seconds) a try-lock waits for a session that is down (reconnecting) before
+#: its key is computed without the fleet's lock.
+SESSION_WAIT = 2.0
+#: The generation of a "won" try made without a lock (never a live connection's).
+UNLOCKED = 0
 
 # --------------------------------------------------------------------------- SQL
 # Every statement the coordinator runs. Values are always bound as parameters.
@@ -51,11 +55,6 @@ _NOTIFY_AND_UNLOCK = "SELECT pg_notify(%(channel)s, %(payload)s), pg_advisory_un
 _UNLOCK = "SELECT pg_advisory_unlock(%(id)s)"
 #: Tells the key's waiters when the lock already died with its connection.
 _NOTIFY = "SELECT pg_notify(%(channel)s, %(payload)s)"
-#: Set once per lock connection: the server ends the session (and frees its locks) when it
-#: has been idle this long, e.g. '10000ms' (PostgreSQL 14+).
-_SET_IDLE_TIMEOUT = "SELECT set_config('idle_session_timeout', %(timeout)s, false)"
-#: The heartbeat that keeps a healthy lock connection from being idle that long.
-_HEARTBEAT = "SELECT 1"
 #: The crash probe: which of the given (classid, objid) pairs, i.e. one-bigint advisory
 #: locks (objsubid 1) of this database, some session holds now. Bound as two bigint arrays
 #: of the unsigned halves (see ``advisory_lock_tag``).
@@ -95,186 +94,72 @@ def _lock_id_of_tag(classid: int, objid: int) -> int:
 
 
 class _LockLine:
-    """One lock connection: a dedicated, autocommit, non-pooled connection holding session
-    advisory locks, replaced when it is lost. ``gen`` counts its connections: locks taken
-    on an older one died with it. Its statements run one after another (psycopg
-    serialises them), which is why a coordinator keeps a few lines and spreads the lock
-    ids over them.
+    """Where the locks live: statements on the hub's session connection. ``gen`` (the
+    hub's :attr:`~fleetcache.notifications.hub.NotificationHub.generation`) names the
+    connection a lock was taken on: locks taken on an older one died with it. Stateless
+    beyond the hub: the hub serialises the statements and replaces a lost connection."""
 
-    Shared state: ``conn`` and ``gen`` are replaced only under ``_connecting`` (one
-    reconnect at a time), and ``conn`` is dropped (set to None) by whoever finds it dead;
-    read by every statement. ``used`` is written after every statement that succeeded and
-    read by the heartbeat. Event loop only."""
-
-    # Written once a server refuses idle_session_timeout (older than 14): warn only once.
-    _no_idle_timeout_logged = False
-
-    def __init__(self, conninfo: str, index: int, idle_timeout: float) -> None:
-        self._conninfo = conninfo
-        self.index = index
-        self._idle_timeout = idle_timeout
-        self.conn: psycopg.AsyncConnection[Any] | None = None
-        self.gen = 0
-        self.used = time.monotonic()
-        self._connecting = asyncio.Lock()
-        self._roomless = False  # the last connect_if_room() failed (it logged that)
+    def __init__(self, hub: NotificationHub) -> None:
+        self._hub = hub
 
     def is_current(self, gen: int) -> bool:
-        """Whether locks taken on this line's connection ``gen`` are still held."""
-        return self.conn is not None and gen == self.gen
-
-    async def connection(
-        self, budget: float = CONNECT_BUDGET
-    ) -> tuple[psycopg.AsyncConnection[Any], int]:
-        """The live connection (made now if there is none, transient failures retried for
-        ``budget`` seconds) and its generation."""
-        conn = self.conn
-        if conn is not None and not conn.closed and not conn.broken:
-            return conn, self.gen
-        async with self._connecting:
-            conn = self.conn
-            if conn is None or conn.closed or conn.broken:
-                conn = await connect(
-                    self._conninfo, application_name=LOCK_APPLICATION_NAME, budget=budget
-                )
-                try:
-                    await self._bound_idleness(conn)
-                except BaseException:
-                    await conn.close()
-                    raise
-                self.conn = conn
-                self.gen += 1
-                self.used = time.monotonic()
-            return conn, self.gen
-
-    async def _bound_idleness(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Have the server end this session once it is idle for the idle timeout."""
-        timeout = f"{max(1, round(self._idle_timeout * 1000))}ms"
-        try:
-            await conn.execute(_SET_IDLE_TIMEOUT, {"timeout": timeout})
-        except psycopg.errors.UndefinedObject:  # PostgreSQL < 14: no such setting
-            if not _LockLine._no_idle_timeout_logged:
-                _LockLine._no_idle_timeout_logged = True
-                logger.warning(
-                    "the server has no idle_session_timeout (PostgreSQL < 14): a frozen or "
-                    "partitioned winner keeps its keys locked until its connection dies"
-                )
-        except psycopg.Error as exc:
-            raise CoordinationError(f"configuring lock connection {self.index}: {exc}") from exc
-
-    async def heartbeat(self, timeout: float) -> None:
-        """``SELECT 1`` if the connection has been idle for ``timeout`` (so the server
-        never finds it idle for the idle timeout); a connection that does not answer
-        within ``timeout`` is given up (its locks are, or will be, freed by the server)."""
-        conn = self.conn
-        if conn is None or conn.closed or conn.broken:
-            return  # nothing held here; the next statement reconnects
-        if time.monotonic() - self.used < timeout:
-            return
-        beat = asyncio.ensure_future(conn.execute(_HEARTBEAT))
-        done, _ = await asyncio.wait({beat}, timeout=timeout)
-        if done:
-            try:
-                beat.result()
-            except psycopg.Error as exc:
-                if is_connection_lost(exc, conn):
-                    self.drop(conn, exc)
-                else:
-                    logger.warning("heartbeat on lock connection %d failed: %s", self.index, exc)
-            else:
-                self.used = time.monotonic()
-            return
-        self.drop(conn, f"no answer to a heartbeat within {timeout:g} s")
-        try:
-            await stop_query(beat, patience=1.0)
-        finally:
-            await conn.close()
-
-    async def connect_if_room(self) -> None:
-        """Connect now with one attempt; if that fails (the server is full, say), stay
-        unconnected: new locks go to line 0 meanwhile (see ``_line``)."""
-        try:
-            await self.connection(budget=0.0)
-        except (DatabaseConnectError, CoordinationError) as exc:
-            # Tried again every few seconds while the server is full: said once per outage.
-            logger.log(
-                logging.DEBUG if self._roomless else logging.INFO,
-                "lock connection %d not opened (%s); its keys use lock connection 0 meanwhile",
-                self.index,
-                exc,
-            )
-            self._roomless = True
-        else:
-            self._roomless = False
-
-    def drop(self, conn: psycopg.AsyncConnection[Any], why: object) -> None:
-        """Forget ``conn`` (if it is still this line's): its locks are gone."""
-        if self.conn is conn:
-            self.conn = None
-            logger.warning(
-                "lock connection %d was lost (%s); the server released the locks it "
-                "held: peers may compute those keys too (their results are still "
-                "checked by the store)",
-                self.index,
-                why,
-            )
+        """Whether locks taken on the session's connection ``gen`` are still held."""
+        return self._hub.holds_session(gen)
 
     async def statement(
-        self, what: str, query: str, params: dict[str, Any], *, retry: bool = True
+        self,
+        what: str,
+        query: str,
+        params: dict[str, Any],
+        *,
+        retry: bool = True,
+        wait: float | None = None,
     ) -> tuple[tuple[Any, ...] | None, int]:
-        """Run one statement; return its row and the connection's generation. A lost
-        connection is replaced and (with ``retry``) the statement run once more: whatever
-        the lost one held died with it."""
+        """Run one statement on the session; return its row and the connection's
+        generation. A lost connection is replaced by the hub and (with ``retry``) the
+        statement run once more on the new one: whatever the lost one held died with it.
+        ``wait``: how long to wait for a session that is down (default: the hub's connect
+        budget); a session lost for good raises CoordinationError from SessionLostError."""
         for attempt in (1, 2):
-            conn, gen = await self.connection()
             try:
-                cursor = await conn.execute(query, params)
-                row = await cursor.fetchone()
-                self.used = time.monotonic()
-                return row, gen
-            except psycopg.Error as exc:
-                lost = is_connection_lost(exc, conn)
-                if lost:
-                    self.drop(conn, exc)
-                if not (lost and retry and attempt == 1):
+                return await self._hub.execute(query, params, wait=wait)
+            except SessionLostError as exc:
+                if not (retry and attempt == 1):
                     raise CoordinationError(f"{what} failed: {exc}") from exc
+                logger.warning(
+                    "the session connection was lost (%s); the server released the locks it "
+                    "held: peers may compute those keys too (their results are still checked "
+                    "by the store)",
+                    exc,
+                )
+            except NotificationError as exc:
+                raise CoordinationError(f"{what} failed: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
-
-    async def close(self) -> None:
-        """Close the connection (its locks go with it)."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            await conn.close()
 
 
 class PostgresCoordinator(Service):
     """A :class:`~fleetcache.coordination.base.PopulateCoordinator` for a fleet sharing one
     Postgres database.
 
-    ``conninfo`` is where the lock connections go; ``pool`` (autocommit connections)
-    serves the crash probe; ``hub`` delivers this process's notifications and must listen
-    on ``channel``. ``lock_idle_timeout`` bounds how long a silent holder (stopped,
-    partitioned) keeps its keys locked; ``connect_budget`` is how long ``start()``
-    retries transient connection failures. The pool and the hub belong to the caller,
-    who starts them before and closes them after this coordinator. Use it between
-    ``await start()`` and ``await close()`` (or ``async with``).
+    ``hub`` is the process's session: it delivers the notifications (it must listen on
+    ``channel``) and carries the locks, on its one connection; ``pool`` (autocommit
+    connections) serves the crash probe. ``lock_idle_timeout`` bounds how long a silent
+    holder (stopped, partitioned) keeps its keys locked (it becomes the session's
+    ``idle_session_timeout``). The pool and the hub belong to the caller, who starts them
+    before and closes them after this coordinator. Use it between ``await start()`` and
+    ``await close()`` (or ``async with``).
     """
 
     def __init__(
         self,
-        conninfo: str,
         pool: AsyncConnectionPool[Any],
         hub: NotificationHub,
         *,
         channel: str = POPULATED_CHANNEL,
         probe_interval: float = 1.0,
-        lock_connections: int = LOCK_CONNECTIONS,
         lock_idle_timeout: float = LOCK_IDLE_TIMEOUT,
-        connect_budget: float = CONNECT_BUDGET,
     ) -> None:
         super().__init__()
-        if lock_connections < 1:
-            raise ConfigurationError(f"lock_connections must be >= 1, got {lock_connections}")
         if (
             isinstance(lock_idle_timeout, bool)
             or not isinstance(lock_idle_timeout, int | float)
@@ -284,58 +169,52 @@ class PostgresCoordinator(Service):
                 f"lock_idle_timeout must be from 0.1 to 86400 seconds, got {lock_idle_timeout!r}"
             )
         self._lock_idle_timeout = float(lock_idle_timeout)
-        self._connect_budget = connect_budget
-        self._conninfo = conninfo
         self._pool = pool
         self._hub = hub
         self._channel = channel
         self._probe_interval = probe_interval
         self._registry = WaiterRegistry()
-        # Lock ids held by a task of this process, each with the generation of its line's
-        # connection it was taken on. Written by lock() (insert before its try-lock,
-        # remove after a lost try) and _release/_abandon (remove); read by lock(). Event loop
+        # Lock ids held by a task of this process, each with the generation of the session
+        # connection it was taken on. Written by lock() (insert before its try-lock, remove
+        # after a lost try) and _release/_abandon (remove); read by lock(). Event loop
         # only, never mutated across an await by two tasks for one id: no lock.
         self._held: dict[int, int] = {}
-        # The lock connections. A new lock goes to line lid mod n if that one is connected,
-        # else to line 0 (see _line); its release goes to the line it was taken on
-        # (carried by lock()); _held keeps one process from taking a lock id
-        # twice, whatever the line.
-        self._lines = [
-            _LockLine(conninfo, i, self._lock_idle_timeout) for i in range(lock_connections)
-        ]
+        # Where every lock goes: the hub's session (see _line).
+        self._session = _LockLine(hub)
+        # Keys computed without the lock while the session was down (_try_statement).
+        self._unlocked = 0
 
     # ------------------------------------------------------------------ lifecycle
 
     async def _on_start(self) -> None:
         self._hub.add_handler(self._channel, self._on_notify)
         self._hub.add_gap_handler(self._on_gap)
-        # One after another: if one fails, no other is still connecting behind close()'s back.
-        first, *others = self._lines
-        await first.connection(self._connect_budget)
-        for line in others:  # optional: see docs/design.md, "The lock discipline"
-            await line.connect_if_room()
+        try:
+            await self._hub.bound_idleness(self._lock_idle_timeout)
+        except NotificationError as exc:
+            raise CoordinationError(f"bounding the session's idleness failed: {exc}") from exc
         self.spawn(self._probe_loop(), "coordinator probe")
-        self.spawn(self._heartbeat_loop(), "coordinator heartbeat")
 
     async def _on_close(self) -> None:
         woken = self._registry.wake_all(WakeReason.CLOSE)
         if woken:
             logger.info("coordinator closing: woke %d waiter(s)", woken)
-        await asyncio.gather(*(line.close() for line in self._lines))
 
     def waiters(self) -> int:
         """How many callers are parked on a lost lock now (or about to try one)."""
         return self._registry.parked()
 
     def lock_connections(self) -> int:
-        """How many lock connections are connected now (backends this coordinator holds)."""
-        return sum(1 for line in self._lines if line.conn is not None)
+        """How many connections this coordinator holds of its own: none (the locks live on
+        the hub's session)."""
+        return 0
 
     def stats(self) -> dict[str, int]:
         """A copy of the counters: lock_won, lock_lost, woken_notify, woken_timeout,
         woken_probe, woken_gap, woken_close, notifies (NOTIFYs sent for keys, by a
-        winner's write or its release: one per won lock) and notify_failures."""
-        return dict(self._registry.stats)
+        winner's write or its release: one per won lock), notify_failures, and
+        computed_unlocked (keys won without the fleet's lock while the session was down)."""
+        return {**self._registry.stats, "computed_unlocked": self._unlocked}
 
     # ------------------------------------------------------------------ winner
 
@@ -408,15 +287,36 @@ class PostgresCoordinator(Service):
         The statement runs in its own task: a caller cancelled mid-statement must not
         leave a lock taken for nobody, so the task finishes and gives such a lock back."""
         line = self._line(lid)
-        task = asyncio.ensure_future(
-            line.statement(f"the try-lock of key {coalesce_key}", _TRY_LOCK, {"id": lid})
-        )
+        task = asyncio.ensure_future(self._try_statement(coalesce_key, lid, line))
         try:
             row, gen = await asyncio.shield(task)
         except asyncio.CancelledError:
             self.spawn(self._abandon(task, coalesce_key, lid, line), f"abandon {lid}")
             raise
         return (line, gen) if row and row[0] else None
+
+    async def _try_statement(
+        self, coalesce_key: str, lid: int, line: _LockLine
+    ) -> tuple[tuple[Any, ...] | None, int]:
+        """The try-lock's row and generation. While the session is down for longer than
+        ``SESSION_WAIT``, a win on no lock (generation ``UNLOCKED``): this process
+        computes the key without the fleet's lock rather than fail its callers (peers may
+        compute it too; the store still refuses a stale write)."""
+        try:
+            return await line.statement(
+                f"the try-lock of key {coalesce_key}", _TRY_LOCK, {"id": lid}, wait=SESSION_WAIT
+            )
+        except CoordinationError as exc:
+            if not isinstance(exc.__cause__, SessionLostError):
+                raise
+            self._unlocked += 1
+            logger.warning(
+                "computing key %s without the fleet's lock: %s (peers may compute it too; "
+                "the store still checks the write)",
+                coalesce_key,
+                exc,
+            )
+            return (True,), UNLOCKED
 
     async def _abandon(
         self,
@@ -461,10 +361,16 @@ class PostgresCoordinator(Service):
                 except CoordinationError:
                     if line.is_current(gen):
                         raise  # the connection is fine: the statement itself failed
-            # The lock died with the connection it was taken on; the waiters still wait
-            # unless the write told them.
+            # The lock died with the connection it was taken on (or was never had); the
+            # waiters still wait unless the write told them. A NOTIFY needs no session: the
+            # pool sends it.
             if notify:
-                await line.statement(f"the NOTIFY of key {coalesce_key}", _NOTIFY, params)
+                await pooled(
+                    self._pool,
+                    f"the NOTIFY of key {coalesce_key}",
+                    lambda conn: conn.execute(_NOTIFY, params),
+                    error=CoordinationError,
+                )
                 self._registry.stats["notifies"] += 1
         except Exception as exc:  # noqa: BLE001 - logged; the probe is the safety net
             self._registry.stats["notify_failures"] += 1
@@ -479,10 +385,9 @@ class PostgresCoordinator(Service):
             self._registry.wake(lid, WakeReason.NOTIFY)  # this process's own waiters
 
     def _line(self, lid: int) -> _LockLine:
-        """Where a new lock on ``lid`` goes: line ``lid mod n`` if it is connected, else
-        line 0 (which reconnects by itself when it must)."""
-        line = self._lines[lid % len(self._lines)]
-        return line if line.conn is not None else self._lines[0]
+        """Where a new lock on ``lid`` goes: the session (one per process, whatever the
+        lock id)."""
+        return self._session
 
     # ------------------------------------------------------------------ losers
 
@@ -508,22 +413,6 @@ class PostgresCoordinator(Service):
             return
         woken = self._registry.wake_all(WakeReason.GAP)
         logger.info("LISTEN connection had a gap; woke %d waiter(s) to re-read", woken)
-
-    # ------------------------------------------------------------------ heartbeat
-
-    async def _heartbeat_loop(self) -> None:
-        """Keep every lock connection from being idle for ``lock_idle_timeout``: a third of
-        it at most between statements (see docs/design.md, "The lock discipline")."""
-        beat = self._lock_idle_timeout / 3
-        while True:
-            await asyncio.sleep(beat / 2)  # half: a line is beaten within 'beat' of its use
-            try:
-                await asyncio.gather(*(line.heartbeat(beat) for line in self._lines))
-                for line in self._lines[1:]:  # the optional lines, as the server has room
-                    if line.conn is None:
-                        await line.connect_if_room()
-            except Exception:  # the bound depends on it: it must go on
-                logger.exception("the lock connections' heartbeat failed")
 
     # ------------------------------------------------------------------ crash probe
 

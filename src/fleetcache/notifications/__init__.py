@@ -1,8 +1,9 @@
 """Layers 2 and 4: the LISTEN connection hub and the invalidation broadcast on top of it.
 
-- :class:`NotificationHub`: one dedicated LISTEN connection per process for channels
-  fixed when it is built, calling registered handlers, reconnecting after a drop and
-  reporting the gap.
+- :class:`NotificationHub`: the process's one session connection: LISTEN for channels
+  fixed when it is built, calling registered handlers, and the statements that need a
+  session (the fleet's locks) between its waits; reconnecting after a drop and reporting
+  the gap.
 - :class:`PostgresInvalidationPublisher`, :func:`parse_invalidation` and the encoders:
   the invalidation payload format, each payload carrying its publisher's origin.
 - :class:`InvalidationListener`: replays peers' invalidations on an

@@ -1,7 +1,7 @@
 """The Postgres store: the fleet's shared cache, on psycopg 3 and psycopg_pool. Why an
 invalidation leaves no stale entry behind, why a write waits for a locked namespace without
-a connection, why pruning marks is safe and why a pooled operation may run twice is argued
-in ``docs/design.md``."""
+a connection, why pruning marks is safe, why a pooled operation may run twice and why every
+pooled statement is safe behind a transaction pooler is argued in ``docs/design.md``."""
 
 from __future__ import annotations
 
@@ -205,6 +205,9 @@ class PostgresStore:
     lock. ``mark_retention`` (seconds) must be the same in every process sharing the
     database; stamps older than half of it are refused. ``values``: how values are encoded
     (see :class:`~fleetcache.stores.codecs.ValueCodec`; JSON by default).
+    ``prepared_statements``: whether psycopg may prepare the statements it runs often on
+    the server (faster; turn it off behind a transaction pooler that does not support
+    them, such as PgBouncer before 1.21 or without ``max_prepared_statements``).
     """
 
     def __init__(
@@ -222,6 +225,7 @@ class PostgresStore:
         invalidated_channel: str | None = INVALIDATED_CHANNEL,
         origin: str | None = None,
         lock_wait: float = LOCK_WAIT,
+        prepared_statements: bool = True,
     ) -> None:
         if (conninfo is None) == (pool is None):
             raise ConfigurationError("PostgresStore needs exactly one of conninfo or pool")
@@ -268,6 +272,8 @@ class PostgresStore:
         self._lock_wait = float(lock_wait)
         self._patience = f"{int(LOCK_PATIENCE * 1000)}ms"
         self._waits = _LockWaits()
+        # psycopg's own default (prepare after 5 runs), or never.
+        self._prepare_threshold: int | None = 5 if prepared_statements else None
         self._opened = False
 
     @property
@@ -276,6 +282,20 @@ class PostgresStore:
         if self._pool is None or not self._opened:
             raise NotOpenError("PostgresStore is not open: call await store.open() first")
         return self._pool
+
+    def connection_stats(self) -> dict[str, int]:
+        """The pool right now: ``size`` connections (``in_use`` lent out, ``idle``), its
+        ``min_size`` and ``max_size``, and ``waiting`` (callers waiting for one)."""
+        stats = self.pool.get_stats()
+        size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
+        return {
+            "size": size,
+            "in_use": size - idle,
+            "idle": idle,
+            "min_size": stats.get("pool_min", 0),
+            "max_size": stats.get("pool_max", 0),
+            "waiting": stats.get("requests_waiting", 0),
+        }
 
     @property
     def mark_retention(self) -> float:
@@ -341,13 +361,17 @@ class PostgresStore:
             conninfo,
             application_name=self._application_name,
             budget=self._connect_budget,
+            prepare_threshold=self._prepare_threshold,
         )
         try:
             with _pg.translate(f"creating or upgrading the fleetcache schema in {self._where}"):
                 await migrate_postgres(conn, self._where)
         finally:
             await conn.close()
-        kwargs: dict[str, Any] = {"autocommit": True}
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "prepare_threshold": self._prepare_threshold,
+        }
         params = conninfo_to_dict(conninfo)
         if "application_name" not in params:
             kwargs["application_name"] = self._application_name

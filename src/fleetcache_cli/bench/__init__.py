@@ -8,6 +8,7 @@ default    P=8 processes x C=4 tasks, K=50 cold keys, D=200 ms
 fast       D=20 ms, otherwise as default
 hotkey     K=1, otherwise as default
 p16        P=16, otherwise as default
+fleet      64 x 2 x 10,000 keys through PgBouncer, max_connections = 100
 =========  =================================================
 
 Then the ``local`` scenario (:mod:`.local`: the embedded sqlite file shared by 4
@@ -82,8 +83,9 @@ def _run_report(args: argparse.Namespace) -> dict[str, Any]:
         return asyncio.run(Bench(config, "", uuid.uuid4().hex[:8], _progress).run())
     if args.database_url is None:
         _progress("starting an embedded PostgreSQL")
-    # The largest fleet: 2P processes, each with its pool, a lock and a LISTEN connection.
-    slots = max(100, 2 * config.processes * (config.pool_size + 2) + 40)
+    # The largest fleet: 2P processes, each with its pool and one direct connection (the
+    # fleet scenario brings its own server, with max_connections = 100).
+    slots = max(100, 2 * config.processes * config.budget + 40)
     with command_database(args.database_url, _EMBEDDED_DATABASE, max_connections=slots) as (
         url,
         embedded,

@@ -52,6 +52,24 @@ class BenchConfig:
     expiry_ttl: float = 0.5
     expiry_stale_ttl: float = 5.0
     expiry_compute_ms: float = 50.0
+    # The fleet scenario (fleetcache_cli/bench/pooled_fleet.py): P x C x K through PgBouncer
+    # on a dedicated server with max_connections = FLEET_MAX_CONNECTIONS.
+    fleet_processes: int = 64
+    fleet_tasks: int = 2
+    fleet_keys: int = 10_000
+    fleet_compute_ms: float = 5.0
+    fleet_overlap: int = 2
+    fleet_warm_seconds: float = 5.0
+    fleet_repetitions: int = 1
+    fleet_pool_size: int = 2
+    fleet_pooler_pool: int = 20
+    fleet_max_connections: int = 100
+
+    @property
+    def budget(self) -> int:
+        """Backends per process, the same for both designs in the fleet scenarios: the
+        pool, plus fleetcache's one session or the minimal design's LISTEN connection."""
+        return self.pool_size + 1
 
     def scenario_list(self) -> list[Scenario]:
         """The selected fleet scenarios, in order."""
@@ -94,8 +112,15 @@ class BenchConfig:
         """Whether the one-process micro-benchmarks run."""
         return "micro" in self.scenarios
 
+    @property
+    def fleet(self) -> bool:
+        """Whether the large fleet scenario through PgBouncer runs."""
+        return "fleet" in self.scenarios
 
-_ALL = (*SCENARIOS, "near", "expiry", "xmin", "micro", "local")
+
+_ALL = (*SCENARIOS, "near", "expiry", "xmin", "micro", "local", "fleet")
+#: What --quick runs unless --scenarios says otherwise: everything but the large fleet.
+_QUICK_SCENARIOS = tuple(s for s in _ALL if s != "fleet")
 _FULL: dict[str, Any] = {
     "processes": 8,
     "tasks": 4,
@@ -136,7 +161,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a reduced run (P=4 C=2 K=10 D=50, 1 repetition, short near and xmin phases)",
+        help="a reduced run (P=4 C=2 K=10 D=50, 1 repetition, short near and xmin phases, "
+        "no fleet scenario)",
     )
     sizes = parser.add_argument_group("fleet shape (the default scenario; the others derive)")
     sizes.add_argument("--processes", "-P", type=_positive_int, help="worker processes (8)")
@@ -148,15 +174,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sizes.add_argument(
         "--scenarios",
-        default=",".join(_ALL),
-        help=f"comma-separated subset of {','.join(_ALL)} (default: all)",
+        help=f"comma-separated subset of {','.join(_ALL)} (default: all; with --quick, all "
+        "but fleet)",
+    )
+    big = parser.add_argument_group(
+        "the fleet scenario (through PgBouncer, on its own server with max_connections = 100)"
+    )
+    big.add_argument("--fleet-processes", type=_positive_int, help="processes (64)")
+    big.add_argument("--fleet-tasks", type=_positive_int, help="tasks per process (2)")
+    big.add_argument("--fleet-keys", type=_positive_int, help="distinct keys (10000)")
+    big.add_argument("--fleet-compute-ms", type=_non_negative, help="one computation, ms (5)")
+    big.add_argument(
+        "--fleet-overlap", type=_positive_int, help="tasks (of different processes) per key (2)"
+    )
+    big.add_argument(
+        "--fleet-repetitions",
+        type=_positive_int,
+        help="runs per design (1: its targets are exact counts, and one run takes minutes)",
+    )
+    big.add_argument(
+        "--fleet-warm-seconds", type=_positive, help="how long the warm phase reads (5)"
+    )
+    big.add_argument(
+        "--fleet-pool-size", type=_positive_int, help="pool per process, through the pooler (2)"
+    )
+    big.add_argument(
+        "--fleet-pooler-pool", type=_positive_int, help="PgBouncer's default_pool_size (20)"
     )
     runs = parser.add_argument_group("repetition and output")
     runs.add_argument("--repetitions", "-R", type=_positive_int, help="runs per cell (3)")
     runs.add_argument(
         "--micro-iterations", type=_positive_int, help="timed iterations per micro-benchmark"
     )
-    runs.add_argument("--pool-size", type=_positive_int, help="pool per process (tasks + 2)")
+    runs.add_argument(
+        "--pool-size",
+        type=_positive_int,
+        help="pool per process in the fleet scenarios, both designs (default: tasks); each "
+        "design adds one connection (fleetcache's session, the minimal design's LISTEN), so "
+        "the budget of backends per process is pool + 1 for both",
+    )
     runs.add_argument("--seed", type=int, default=0, help="seed of request orders (0)")
     runs.add_argument(
         "--run-timeout", type=_positive, default=120.0, help="seconds one run may take (120)"
@@ -207,13 +263,31 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         value = getattr(args, name)
         return base[name] if value is None else value
 
-    scenarios = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
+    if args.scenarios is None:
+        scenarios = _QUICK_SCENARIOS if args.quick else _ALL
+    else:
+        scenarios = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
     unknown = [s for s in scenarios if s not in _ALL]
     if unknown or not scenarios:
         raise ConfigurationError(
             f"--scenarios takes a comma-separated subset of {','.join(_ALL)}; got "
             f"{args.scenarios!r}"
         )
+    fleet = {
+        name: getattr(args, name)
+        for name in (
+            "fleet_processes",
+            "fleet_tasks",
+            "fleet_keys",
+            "fleet_compute_ms",
+            "fleet_overlap",
+            "fleet_warm_seconds",
+            "fleet_pool_size",
+            "fleet_pooler_pool",
+            "fleet_repetitions",
+        )
+        if getattr(args, name, None) is not None
+    }
     compute_ms = float(pick("compute_ms"))
     tasks = int(pick("tasks"))
     return BenchConfig(
@@ -224,7 +298,7 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         fast_compute_ms=compute_ms / 10 if args.fast_compute_ms is None else args.fast_compute_ms,
         repetitions=int(pick("repetitions")),
         micro_iterations=int(pick("micro_iterations")),
-        pool_size=args.pool_size if args.pool_size is not None else tasks + 2,
+        pool_size=args.pool_size if args.pool_size is not None else tasks,
         scenarios=scenarios,
         seed=args.seed,
         run_timeout=args.run_timeout,
@@ -235,4 +309,5 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         expiry_keys=int(pick("expiry_keys")),
         expiry_seconds=float(pick("expiry_seconds")),
         quick=args.quick,
+        **fleet,
     )

@@ -54,24 +54,36 @@ def lock_id(key: Key) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+#: The LISTEN connection's application_name (the bench counts it as a direct backend).
+LISTEN_APPLICATION_NAME = "bench-minimal-listen"
+
+
 class MinimalCache:
     """The minimal design over ``url``. ``on_commit(key)`` is called when a winner's COMMIT
     returned; ``on_wait(key, started, ended, reason)`` after each wait (in the waiting
-    task). Use between ``await open()`` and ``await close()``."""
+    task). ``listen_url``: where the LISTEN connection goes (default ``url``: give the
+    database itself when ``url`` is a transaction pooler, with ``prepared_statements``
+    off). Use between ``await open()`` and ``await close()``."""
 
     def __init__(
         self,
         url: str,
         *,
         pool_size: int,
+        listen_url: str | None = None,
+        prepared_statements: bool = True,
         wait_timeout: float = 10.0,
         max_rounds: int = 4,
         on_commit: Callable[[Key], None] | None = None,
         on_wait: Callable[[Key, float, float, str], None] | None = None,
     ) -> None:
         self.url = url
+        self.listen_url = url if listen_url is None else listen_url
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if not prepared_statements:
+            kwargs["prepare_threshold"] = None
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            url, min_size=pool_size, max_size=pool_size, kwargs={"autocommit": True}, open=False
+            url, min_size=pool_size, max_size=pool_size, kwargs=kwargs, open=False
         )
         self._wait_timeout = wait_timeout
         self._max_rounds = max_rounds
@@ -86,7 +98,9 @@ class MinimalCache:
     async def open(self) -> None:
         """Open the pool (every connection) and the LISTEN connection."""
         await self.pool.open(wait=True)
-        self._listen = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+        self._listen = await psycopg.AsyncConnection.connect(
+            self.listen_url, autocommit=True, application_name=LISTEN_APPLICATION_NAME
+        )
         await self._listen.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
         self._listener = asyncio.create_task(self._listen_loop(self._listen))
 

@@ -76,6 +76,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     _render_expiry(report.get("expiry"), console)
     _render_xmin(report.get("xmin"), console)
     _render_local(report.get("local"), console)
+    _render_fleet(report.get("fleet"), console)
     targets = Table(title="targets", title_justify="left")
     for column in ("target", "value", "threshold", "met", "missed by"):
         targets.add_column(column)
@@ -247,3 +248,47 @@ def _render_local(local: dict[str, Any] | None, console: Console) -> None:
         f"{one['async_miss_ms_p50']}, sync {one['sync_miss_ms_p50']}, diskcache "
         f"{one['diskcache_miss_ms_p50']}"
     )
+
+
+_FLEET_ROWS = (
+    ("computations (each run)", "computations_each_run"),
+    ("failed requests (all runs)", "errors_total"),
+    ("computations in the warm phase", "warm_computations_total"),
+    ("cold phase wall s", "cold_wall_s"),
+    ("cold request p50 / p99 ms", ("cold_request_ms_p50", "cold_request_ms_p99")),
+    ("notifies per fill", "notifies_per_fill"),
+    ("warm hits/s", "hits_per_s"),
+    ("warm hit p50 / p99 ms", ("hit_ms_p50", "hit_ms_p99")),
+    ("process CPU per warm hit ms", "warm_cpu_per_hit_ms"),
+)
+
+
+def _render_fleet(fleet: dict[str, Any] | None, console: Console) -> None:
+    if fleet is None or "error" in fleet:
+        return
+    p = fleet["params"]
+    table = Table(
+        title=f"fleet through PgBouncer (P={p['processes']} C={p['tasks']} K={p['keys']} "
+        f"D={p['compute_ms']:g} ms, overlap {p['overlap']}, warm {p['warm_seconds']:g} s; "
+        f"max_connections {p['max_connections']}, pooler pool {p['pooler_pool']}; "
+        f"{p['budget']}; medians of {p['repetitions']})",
+        title_justify="left",
+    )
+    for column in ("metric", "minimal", "fleetcache", "F/M"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for label, metric in _FLEET_ROWS:
+        if isinstance(metric, tuple):
+            designs = ("minimal", "fleetcache")
+            cells = [" / ".join(fmt(fleet[d][m]) for m in metric) for d in designs]
+            table.add_row(label, *cells, "")
+            continue
+        theirs, ours = fleet["minimal"][metric], fleet["fleetcache"][metric]
+        table.add_row(label, fmt(theirs), fmt(ours), _ratio(ours, theirs))
+    for part in ("total", "direct", "pooled", "own"):
+        table.add_row(
+            f"peak backends: {part}",
+            fmt(fleet["minimal"]["peak_backends"][part]),
+            fmt(fleet["fleetcache"]["peak_backends"][part]),
+            "",
+        )
+    console.print(table)

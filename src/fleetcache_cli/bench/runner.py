@@ -16,8 +16,9 @@ from typing import Any
 
 import psycopg
 
+from fleetcache.errors import FleetcacheError
 from fleetcache.stores.migrations import migrate
-from fleetcache_cli.bench import expiry, minimal, near
+from fleetcache_cli.bench import expiry, minimal, near, pooled_fleet
 from fleetcache_cli.bench.config import DESIGNS, BenchConfig, Scenario
 from fleetcache_cli.bench.fleet_run import WorkerSpec, analyse_run, fleet_worker, summarise
 from fleetcache_cli.bench.local import local_benchmarks
@@ -41,8 +42,18 @@ NOTES = {
     "and the Postgres server share them, so absolute times are high and vary run to run; "
     "ratios inside one run are what the targets judge",
     "fresh_cache": "every run uses its own namespace, empty when it starts and deleted after",
-    "release": "workers open their caches and warm their pools (tasks + 1 connections), say "
-    "ready, and are released at one wall-clock instant chosen by the parent",
+    "release": "workers open their caches and warm their pools (up to tasks + 1 connections), "
+    "say ready, and are released at one wall-clock instant chosen by the parent",
+    "budget": "in the fleet scenarios both designs get the same backends per process: a pool "
+    "of pool_size, plus one direct connection (fleetcache's session, carrying LISTEN and the "
+    "fleet's locks; the minimal design's LISTEN connection); options.pool_size + 1 in all",
+    "fleet": "see fleetcache_cli/bench/pooled_fleet.py: a dedicated server with "
+    "max_connections = 100 behind PgBouncer in transaction mode; pools through the pooler, "
+    "the one direct connection per process to the server; a cold phase (every key asked for "
+    "by `overlap` tasks of different processes) then a warm phase of random reads; peak "
+    "backends sampled from pg_stat_activity every 50 ms (own = the parent's sampler and "
+    "listener); notifies per fill = NOTIFYs a listener received during the cold phase / "
+    "computations",
     "wall_ms": "from the release to the last request's return",
     "cpu_per_request": "time.process_time() of each worker from the release to its last "
     "request, summed over the workers, / requests (the Postgres server's CPU is not in it)",
@@ -120,6 +131,8 @@ class Bench:
                 self.url, f"bench:{self.run_id}:xmin", self.config.xmin_compute_s
             )
             await self._delete(f"bench:{self.run_id}:xmin", "fleetcache", "minimal")
+        if self.config.fleet:
+            report["fleet"] = await self._fleet()
         if self.config.micro:
             self.progress("micro-benchmarks")
             report["micro"] = await micro_benchmarks(
@@ -167,11 +180,11 @@ class Bench:
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
         by_size: dict[int, list[Scenario]] = {}
         for scenario in config.scenario_list():
-            need = scenario.processes * (config.pool_size + 2) + 5
+            need = scenario.processes * config.budget + 5
             if need > facts["usable_connections"]:
                 self.failures.append(
                     f"{scenario.name} skipped: it needs about {need} connections "
-                    f"({scenario.processes} processes x (pool {config.pool_size} + 2)) and "
+                    f"({scenario.processes} processes x (pool {config.pool_size} + 1)) and "
                     f"the server allows {facts['usable_connections']}"
                 )
                 continue
@@ -201,6 +214,7 @@ class Bench:
                     "compute_ms": scenario.compute_ms,
                     "repetitions": config.repetitions,
                     "pool_size": config.pool_size,
+                    "budget_per_process": config.budget,
                 },
                 **{d: summarise(runs.get((scenario.name, d), [])) for d in DESIGNS},
             }
@@ -247,6 +261,27 @@ class Bench:
             f" ({time.monotonic() - started:.1f} s)"
         )
         return run
+
+    # ------------------------------------------------------------------- large fleet
+
+    async def _fleet(self) -> dict[str, Any]:
+        config = self.config
+        self.progress(
+            f"fleet: {config.fleet_processes} processes x {config.fleet_tasks} tasks x "
+            f"{config.fleet_keys} keys through PgBouncer (a dedicated server, max_connections "
+            f"{config.fleet_max_connections})"
+        )
+        try:
+            with pooled_fleet.dedicated_server(config) as (direct, pooled):
+                section = await pooled_fleet.run_fleet(
+                    config, direct, pooled, self.run_id, self.progress
+                )
+        except (FleetcacheError, psycopg.Error, OSError) as exc:
+            self.failures.append(f"fleet: {exc}")
+            self.progress(f"fleet: FAILED: {exc}")
+            return {"error": str(exc)}
+        self.failures.extend(section["failures"])
+        return section
 
     # ---------------------------------------------------------------------- expiry
 

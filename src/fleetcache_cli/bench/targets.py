@@ -206,6 +206,42 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     if local is not None:
         for name, what, value, limit, unit in local_targets(local):
             t.at_most(name, what, value, limit, unit)
+    fleet = report.get("fleet")
+    if fleet is not None and "error" not in fleet:
+        params = fleet["params"]
+        keys = params["keys"]
+        for design in ("minimal", "fleetcache"):
+            each = fleet[design]["computations_each_run"]
+            t.at_most(
+                f"fleet: {design} computations - K",
+                "most distance of a run's computations from the number of keys (exactly K)",
+                None if not each else max(abs(c - keys) for c in each),
+                0,
+                "",
+            )
+            t.at_most(
+                f"fleet: {design} errors",
+                "failed requests, all runs",
+                fleet[design]["errors_total"],
+                0,
+                "",
+            )
+            peak = fleet[design]["peak_backends"]
+            t.at_most(
+                f"fleet: {design} peak backends",
+                f"server backends at the peak; the bound is 1 direct per process + the "
+                f"pooler's pool + the bench's own {peak['own']}",
+                peak["total"],
+                params["processes"] + params["pooler_pool"] + (peak["own"] or 0),
+                "",
+            )
+            t.at_most(
+                f"fleet: {design} peak direct backends - P",
+                "direct connections of the workers at the peak, minus one per process",
+                None if peak["direct"] is None else peak["direct"] - params["processes"],
+                0,
+                "",
+            )
     xmin = report.get("xmin")
     if xmin is not None:
         held = xmin["fleetcache"]
