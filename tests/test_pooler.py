@@ -21,7 +21,7 @@ from fleetcache import Key, Produced
 from fleetcache.embedded import PgBouncer, start_pgbouncer
 from fleetcache.errors import ConfigurationError
 from fleetcache.notifications import DEFAULT_APPLICATION_NAME
-from fleetcache.stores import PostgresStore
+from fleetcache.stores.postgres import PostgresStore
 from waiting import eventually
 
 pytestmark = pytest.mark.postgres
@@ -124,7 +124,7 @@ async def test_a_pooler_in_session_mode_gives_a_session_and_is_accepted(
     async with fleetcache.open(url, near=10) as cache:
         entry = await cache.get(Key(NS, "through-session-mode"), produce)
         assert entry is not None
-        assert cache.lookup.stats()["lock_won"] == 1
+        assert cache.stats()["coordinator"]["lock_won"] == 1
         assert cache.stats()["connections"]["session"]["up"]
 
 

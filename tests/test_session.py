@@ -16,7 +16,7 @@ import pytest
 
 import fleetcache
 from fleetcache import Key, Produced
-from fleetcache.coordination.base import lock_id
+from fleetcache.coordination.base import WakeReason, lock_id
 from fleetcache.coordination.postgres import advisory_lock_tag
 from fleetcache.errors import SessionLostError
 from fleetcache.notifications import DEFAULT_APPLICATION_NAME, NotificationHub
@@ -133,7 +133,14 @@ async def test_a_lost_session_loses_its_locks_and_its_listens_at_once(
                 database_url, autocommit=True
             ) as holder:
                 await holder.execute("SELECT pg_advisory_lock(%s)", (lock_id(other.coalesce_key),))
-                waiter = asyncio.create_task(cache.coordinator.wait_for_key(other.coalesce_key, 60))
+                coordinator = cache.coordinator
+
+                async def wait_for_other() -> WakeReason:
+                    async with coordinator.lock(other.coalesce_key) as lock:
+                        assert not lock.won
+                        return await lock.wait(60)
+
+                waiter = asyncio.create_task(wait_for_other())
                 await eventually(cache.coordinator._registry.waiting.is_set)
                 pid = cache.hub.backend_pid
                 assert await lock_holders(admin, key.coalesce_key) == [pid]
