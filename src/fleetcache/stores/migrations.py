@@ -61,11 +61,17 @@ async def _pg_upgrade_3_to_4(conn: psycopg.AsyncConnection[Any], where: str) -> 
         await conn.execute(statement)
 
 
+async def _pg_upgrade_4_to_5(conn: psycopg.AsyncConnection[Any], where: str) -> None:
+    for statement in q.PG_UPGRADE_4_TO_5:
+        await conn.execute(statement)
+
+
 #: Postgres upgrades: ``PG_MIGRATIONS[n]`` takes a database from version n-1 to n.
 PG_MIGRATIONS: dict[int, Callable[[psycopg.AsyncConnection[Any], str], Any]] = {
     2: _pg_upgrade_1_to_2,
     3: _pg_upgrade_2_to_3,
     4: _pg_upgrade_3_to_4,
+    5: _pg_upgrade_4_to_5,
 }
 
 
@@ -126,11 +132,17 @@ def _sqlite_upgrade_3_to_4(conn: sqlite3.Connection, where: str) -> None:
     """Nothing: version 4 changed only a Postgres index."""
 
 
+def _sqlite_upgrade_4_to_5(conn: sqlite3.Connection, where: str) -> None:
+    for statement in q.SQLITE_UPGRADE_4_TO_5:
+        conn.execute(statement)
+
+
 #: sqlite upgrades: ``SQLITE_MIGRATIONS[n]`` takes a file from version n-1 to n.
 SQLITE_MIGRATIONS: dict[int, Callable[[sqlite3.Connection, str], None]] = {
     2: _sqlite_upgrade_1_to_2,
     3: _sqlite_upgrade_2_to_3,
     4: _sqlite_upgrade_3_to_4,
+    5: _sqlite_upgrade_4_to_5,
 }
 
 
