@@ -151,7 +151,8 @@ async def test_no_stale_write_after_an_eviction_and_an_invalidation(
     key = Key(NS, f"{NS}page")
     await bounded.write(Entry(key, "v1", deps=(f"{NS}source",), created_at=0))
     stamp, seen = await bounded.stamp_and_read(key, [key.name])
-    assert seen is not None and seen.value == "v1"
+    assert seen is not None
+    assert seen.value == "v1"
     for n in range(1, MAX + 1):  # over by one: the page (oldest) goes
         await bounded.write(entry(n))
     await settled(bounded)
@@ -237,24 +238,23 @@ async def test_an_eviction_meeting_an_invalidation_lets_no_stale_write_in(
         for n in range(1, 10):
             await store.write(entry(n))
         stamp, _ = await store.stamp_and_read(key, [key.name])
-        async with store.pool.connection() as evicting:
-            async with evicting.transaction():
-                cursor = await evicting.execute(q.PG_EVICT, {"limit": 1})
-                assert cursor.rowcount == 1
-                invalidation = asyncio.create_task(store.invalidate(NS, [key.name]))
+        async with store.pool.connection() as evicting, evicting.transaction():
+            cursor = await evicting.execute(q.PG_EVICT, {"limit": 1})
+            assert cursor.rowcount == 1
+            invalidation = asyncio.create_task(store.invalidate(NS, [key.name]))
 
-                async def invalidation_waits_for_the_row() -> bool:
-                    async with store.pool.connection() as probe:
-                        found = await (
-                            await probe.execute(
-                                "SELECT count(*) FROM pg_stat_activity "
-                                "WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-                            )
-                        ).fetchone()
-                    return found is not None and found[0] > 0
+            async def invalidation_waits_for_the_row() -> bool:
+                async with store.pool.connection() as probe:
+                    found = await (
+                        await probe.execute(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                        )
+                    ).fetchone()
+                return found is not None and found[0] > 0
 
-                await eventually(invalidation_waits_for_the_row)
-                assert not invalidation.done()
+            await eventually(invalidation_waits_for_the_row)
+            assert not invalidation.done()
         assert await invalidation == [key.name]
         assert not await store.write(Entry(key, "stale", created_at=100), stamp=stamp)
         assert await store.read(key) is None
