@@ -17,6 +17,7 @@ from fleetcache.stores.base import Entry, Key, Store
 from fleetcache.stores.memory import MemoryStore
 from fleetcache.stores.postgres import PostgresStore
 from fleetcache.stores.sqlite import SqliteStore
+from test_store_migrations import V2_ROWS, make_v2_postgres, make_v2_sqlite
 from waiting import eventually
 
 NS = "https://realm.example/"
@@ -268,3 +269,33 @@ async def test_unbounded_stores_never_evict(store: Store) -> None:
     for n in range(3 * MAX):
         await store.write(entry(n))
     assert all([await store.read(entry(n).key) is not None for n in range(3 * MAX)])
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_an_upgraded_database_starts_with_its_rows_counted(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A database of an older schema, upgraded, starts its counts from its rows (counted
+    once, by the upgrade), so a bound holds from the first write on."""
+    store: SqliteStore | PostgresStore
+    if kind == "sqlite":
+        path = tmp_path / "v2.sqlite3"
+        make_v2_sqlite(path)
+        store = SqliteStore(path, max_entries=len(V2_ROWS) + 1)
+    else:
+        url = request.getfixturevalue("empty_database_url")
+        await make_v2_postgres(url)
+        store = PostgresStore(url, max_size=2, max_entries=len(V2_ROWS) + 1)
+    await store.open()
+    try:
+        assert await store.table_size() == await real_size(store)
+        assert (await store.table_size())[0] == len(V2_ROWS)
+        for n in range(10):
+            await store.write(entry(n + 10_000))
+        await settled(store)
+        if isinstance(store, PostgresStore):
+            await store.evict()
+        assert (await real_size(store))[0] <= len(V2_ROWS) + 1
+        assert await store.table_size() == await real_size(store)
+    finally:
+        await store.close()
