@@ -38,6 +38,7 @@ from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, PostgresInva
 from fleetcache.notifications.hub import NotificationHub
 from fleetcache.notifications.listener import InvalidationListener
 from fleetcache.stores.base import Entry, Expand, Key, Store
+from fleetcache.stores.bounds import Bounds
 from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 from fleetcache.stores.memory import MemoryStore
 from fleetcache.stores.postgres import POOL_MIN_SIZE, POOL_SIZE, PostgresStore
@@ -67,16 +68,19 @@ def store_for_url(
     connect_budget: float = _pg.CONNECT_BUDGET,
     values: ValueCodec = JSON_VALUES,
     invalidated_channel: str = INVALIDATED_CHANNEL,
+    max_entries: int | None = None,
+    max_bytes: int | None = None,
 ) -> Store:
     """An unopened store for ``url``, encoding values with ``values`` (a Postgres one
-    announces its invalidations on ``invalidated_channel``)."""
+    announces its invalidations on ``invalidated_channel``), bounded by ``max_entries``
+    and ``max_bytes`` (None: unbounded)."""
     if url == "memory://":
-        return MemoryStore(values=values)
+        return MemoryStore(values=values, max_entries=max_entries, max_bytes=max_bytes)
     if url.startswith("sqlite://"):
         path = url.removeprefix("sqlite://").removeprefix("/")
         if not path:
             raise ConfigurationError(f"a sqlite URL needs a path, like sqlite:///cache.db: {url!r}")
-        return SqliteStore(Path(path), values=values)
+        return SqliteStore(Path(path), values=values, max_entries=max_entries, max_bytes=max_bytes)
     if is_postgres_url(url):
         return PostgresStore(
             url,
@@ -85,6 +89,8 @@ def store_for_url(
             connect_budget=connect_budget,
             values=values,
             invalidated_channel=invalidated_channel,
+            max_entries=max_entries,
+            max_bytes=max_bytes,
         )
     raise ConfigurationError(
         f"unsupported cache URL {url!r}: use memory://, sqlite:///path or postgresql://..."
@@ -329,6 +335,8 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     lock_idle_timeout: float = LOCK_IDLE_TIMEOUT,
     populated_channel: str = POPULATED_CHANNEL,
     invalidated_channel: str = INVALIDATED_CHANNEL,
+    max_entries: int | None = None,
+    max_bytes: int | None = None,
 ) -> Opening:
     """Open a cache for ``url`` and start what it needs. Both forms work (one object that is
     awaitable and an async context manager)::
@@ -368,7 +376,12 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     ``connect_budget`` (seconds transient connection failures are retried while opening),
     the crash-probe interval, ``lock_idle_timeout`` (seconds a frozen or partitioned winner
     keeps its keys locked, at most) and the channel names.
+
+    ``max_entries``/``max_bytes``: bound the shared table (entries; value bytes as stored);
+    past a bound the least recently written entries are evicted, with the entries that
+    depend on them, in batches (an eviction is a delete: it is a miss, never a stale hit).
     """
+    Bounds(max_entries, max_bytes)  # checked now, before anything is opened
     _check_seconds("connect_budget", connect_budget, 0.0, 3600.0)
     _check_seconds("lock_idle_timeout", lock_idle_timeout, 0.1, 86_400.0)
     # Every lookup option checked now, before anything is opened.
@@ -397,6 +410,8 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             connect_budget=budget,
             values=values,
             invalidated_channel=invalidated_channel,
+            max_entries=max_entries,
+            max_bytes=max_bytes,
         )
         closers: list[tuple[str, Callable[[float], Awaitable[None]]]] = []
         try:
