@@ -131,10 +131,12 @@ async def test_an_evicted_entry_takes_its_dependents_along(bounded: BoundedStore
     base = Entry(Key(NS, f"{NS}base.gts"), "b", deps=(f"{NS}source",), created_at=0, alias="b")
     middle = Entry(Key(NS, f"{NS}middle"), "m", deps=("b",), created_at=10_000)
     top = Entry(Key(NS, f"{NS}top"), "t", deps=(f"{NS}middle",), created_at=10_001)
-    for one in (base, middle, top):
-        await bounded.write(one)
-    for n in range(1, MAX):  # the table is now over by one: base is the oldest
+    await bounded.write(base)
+    for n in range(1, MAX - 1):
         await bounded.write(entry(n))
+    # The newest two, over the bound by one: base, the oldest, goes, and with it these.
+    await bounded.write(middle)
+    await bounded.write(top)
     await settled(bounded)
     if isinstance(bounded, PostgresStore):
         await bounded.evict()
