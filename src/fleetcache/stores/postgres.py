@@ -501,7 +501,7 @@ class PostgresStore:
         if task is not None and not task.done():
             if self._since_check < 2 * every:
                 return
-            await asyncio.shield(task)
+            await asyncio.wait({task})  # never raises: the task logs its own failure
         self._since_check = 0
         self._evicting = asyncio.get_running_loop().create_task(
             self._evict_in_background(), name="fleetcache-evict"

@@ -340,7 +340,10 @@ PG_TABLE_SIZE = "SELECT sum(entries)::bigint, sum(bytes)::bigint FROM fleetcache
 #: marked): a live entry deleted is a miss. Dependents are locked by the DELETE, which
 #: waits for a writer holding one; the caller bounds that wait with ``lock_timeout`` so
 #: eviction, never an invalidation, gives up when the two meet. Returns one row per entry
-#: deleted.
+#: deleted. Per doomed entry one probe of the deps index (LATERAL, fenced by OFFSET 0 so
+#: it is planned on its own: joined as a set, the planner scans the table per round), and
+#: the delete by primary key: in proportion to the batch and its dependents, never to the
+#: table.
 PG_EVICT = """
     WITH RECURSIVE victims AS (
         SELECT key_hash, namespace, name, alias FROM fleetcache_entries
@@ -350,13 +353,16 @@ PG_EVICT = """
     ), doomed (key_hash, namespace, name, alias) AS (
         SELECT key_hash, namespace, name, alias FROM victims
         UNION
-        SELECT e.key_hash, e.namespace, e.name, e.alias
+        SELECT f.key_hash, f.namespace, f.name, f.alias
         FROM doomed AS d
-        JOIN fleetcache_entries AS e
-          ON e.deps && ARRAY[d.name, d.alias] AND e.namespace = d.namespace
+        CROSS JOIN LATERAL (
+            SELECT e.key_hash, e.namespace, e.name, e.alias FROM fleetcache_entries AS e
+            WHERE e.deps && array_remove(ARRAY[d.name, d.alias], NULL)
+              AND e.namespace = d.namespace
+            OFFSET 0) AS f
     )
     DELETE FROM fleetcache_entries
-    WHERE key_hash IN (SELECT key_hash FROM doomed)
+    WHERE key_hash = ANY (ARRAY(SELECT key_hash FROM doomed))
     RETURNING key_hash
 """
 
