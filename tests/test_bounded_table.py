@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from fleetcache.errors import ConfigurationError
@@ -298,6 +300,51 @@ async def test_an_upgraded_database_starts_with_its_rows_counted(
         if isinstance(store, PostgresStore):
             await store.evict()
         assert (await real_size(store))[0] <= len(V2_ROWS) + 1
+        assert await store.table_size() == await real_size(store)
+    finally:
+        await store.close()
+
+
+WORKER = Path(__file__).with_name("bounded_worker.py")
+
+
+@pytest.mark.processes
+async def test_two_processes_writing_at_once_keep_the_table_within_a_tenth_over(
+    database_url: str,
+) -> None:
+    """Two OS processes, each writing 5 x max_entries distinct keys into the same bounded
+    Postgres table at once: every sample of the table (count(*), taken until both have
+    exited) holds at most 1.1 x max_entries, and the counts agree with the rows after."""
+    limit = 500
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(WORKER),
+            database_url,
+            prefix,
+            str(5 * limit),
+            str(limit),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for prefix in ("a", "b")
+    ]
+    samples: list[int] = []
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        while any(worker.returncode is None for worker in workers):
+            row = await (await conn.execute("SELECT count(*) FROM fleetcache_entries")).fetchone()
+            assert row is not None
+            samples.append(int(row[0]))
+            await asyncio.sleep(0.005)  # a sampling pace, not a wait for anything
+    outputs = [await worker.communicate() for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0]
+    assert [out.decode().strip() for out, _ in outputs] == [str(5 * limit)] * 2
+    print(f"2 processes, max_entries={limit}: {len(samples)} samples, peak {max(samples)}")
+    assert len(samples) > 10
+    assert max(samples) <= 1.1 * limit, f"peak {max(samples)} of {limit}"
+    assert max(samples) >= 0.9 * limit
+    store = PostgresStore(database_url, max_size=1)
+    await store.open()
+    try:
         assert await store.table_size() == await real_size(store)
     finally:
         await store.close()
