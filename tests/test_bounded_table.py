@@ -348,3 +348,42 @@ async def test_two_processes_writing_at_once_keep_the_table_within_a_tenth_over(
         assert await store.table_size() == await real_size(store)
     finally:
         await store.close()
+
+
+async def test_an_unlogged_table_survives_losing_its_rows_as_a_crash_leaves_it(
+    database_url: str,
+) -> None:
+    """``unlogged=True`` makes the entries and their counts UNLOGGED (the marks stay
+    logged); after both are emptied, as crash recovery empties unlogged tables, the
+    counts come back with the first writes and the bound holds again."""
+    store = PostgresStore(database_url, max_size=2, max_entries=MAX, unlogged=True)
+    await store.open()
+    try:
+        async with store.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT relname::text, relpersistence::text FROM pg_class WHERE relname IN"
+                " ('fleetcache_entries', 'fleetcache_counts', 'fleetcache_generations')"
+                " ORDER BY 1"
+            )
+            kinds = await cursor.fetchall()
+        assert kinds == [
+            ("fleetcache_counts", "u"),
+            ("fleetcache_entries", "u"),
+            ("fleetcache_generations", "p"),
+        ]
+        for n in range(MAX):
+            await store.write(entry(n))
+        async with store.pool.connection() as conn:
+            await conn.execute("TRUNCATE fleetcache_entries, fleetcache_counts")
+        assert await store.table_size() == (0, 0)
+        for n in range(3 * MAX):
+            await store.write(entry(MAX + n))
+        await settled(store)
+        await store.evict()
+        assert await store.table_size() == await real_size(store)
+        assert (await real_size(store))[0] <= MAX
+    finally:
+        await store.close()
+    again = PostgresStore(database_url, max_size=1, unlogged=True)
+    await again.open()  # already unlogged: nothing to do
+    await again.close()

@@ -70,6 +70,7 @@ def store_for_url(
     invalidated_channel: str = INVALIDATED_CHANNEL,
     max_entries: int | None = None,
     max_bytes: int | None = None,
+    unlogged: bool = False,
 ) -> Store:
     """An unopened store for ``url``, encoding values with ``values`` (a Postgres one
     announces its invalidations on ``invalidated_channel``), bounded by ``max_entries``
@@ -91,6 +92,7 @@ def store_for_url(
             invalidated_channel=invalidated_channel,
             max_entries=max_entries,
             max_bytes=max_bytes,
+            unlogged=unlogged,
         )
     raise ConfigurationError(
         f"unsupported cache URL {url!r}: use memory://, sqlite:///path or postgresql://..."
@@ -337,6 +339,7 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     invalidated_channel: str = INVALIDATED_CHANNEL,
     max_entries: int | None = None,
     max_bytes: int | None = None,
+    unlogged: bool = False,
 ) -> Opening:
     """Open a cache for ``url`` and start what it needs. Both forms work (one object that is
     awaitable and an async context manager)::
@@ -380,6 +383,8 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     ``max_entries``/``max_bytes``: bound the shared table (entries; value bytes as stored);
     past a bound the least recently written entries are evicted, with the entries that
     depend on them, in batches (an eviction is a delete: it is a miss, never a stale hit).
+    ``unlogged=True`` (Postgres): the entries table becomes UNLOGGED (see
+    :class:`~fleetcache.stores.postgres.PostgresStore`; emptied by a crash or a failover).
     """
     Bounds(max_entries, max_bytes)  # checked now, before anything is opened
     _check_seconds("connect_budget", connect_budget, 0.0, 3600.0)
@@ -412,6 +417,7 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             invalidated_channel=invalidated_channel,
             max_entries=max_entries,
             max_bytes=max_bytes,
+            unlogged=unlogged,
         )
         closers: list[tuple[str, Callable[[float], Awaitable[None]]]] = []
         try:

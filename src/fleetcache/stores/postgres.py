@@ -218,6 +218,11 @@ class PostgresStore:
     is over a bound a background task evicts the least recently written entries (and
     their dependents) in batches until it is 5% under. The writer does not wait for it,
     unless it has written ``check_every`` more while the eviction was still running.
+
+    ``unlogged=True`` makes the entries table (and its counts) UNLOGGED at ``open()`` if it
+    is not already (a rewrite of the table under an exclusive lock, once): writes skip the
+    WAL, but the entries are emptied by a crash and absent on a promoted replica (every key
+    a miss after a failover). The marks stay logged. ``False`` leaves the table as it is.
     """
 
     def __init__(
@@ -237,8 +242,10 @@ class PostgresStore:
         lock_wait: float = LOCK_WAIT,
         max_entries: int | None = None,
         max_bytes: int | None = None,
+        unlogged: bool = False,
     ) -> None:
         self.bounds = Bounds(max_entries, max_bytes)
+        self._unlogged = unlogged
         if (conninfo is None) == (pool is None):
             raise ConfigurationError("PostgresStore needs exactly one of conninfo or pool")
         if mark_retention <= 0:
@@ -347,6 +354,7 @@ class PostgresStore:
         try:
             with _pg.translate(f"creating or upgrading the fleetcache schema in {self._where}"):
                 await migrate_postgres(conn, self._where)
+                await self._make_unlogged(conn)
         finally:
             await conn.close()
         kwargs: dict[str, Any] = {"autocommit": True}
@@ -383,7 +391,20 @@ class PostgresStore:
                 "PostgresStore needs a pool of autocommit connections: "
                 'AsyncConnectionPool(..., kwargs={"autocommit": True})'
             )
-        return await migrate_postgres(conn, self._where)
+        versions = await migrate_postgres(conn, self._where)
+        await self._make_unlogged(conn)
+        return versions
+
+    async def _make_unlogged(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if not self._unlogged:
+            return
+        row = await (await conn.execute(q.PG_IS_UNLOGGED)).fetchone()
+        if row is not None and row[0]:
+            return
+        async with conn.transaction():
+            for statement in q.PG_SET_UNLOGGED:
+                await conn.execute(statement)
+        logger.info("%s: fleetcache_entries is now UNLOGGED", self._where)
 
     async def close(self) -> None:
         """End a running eviction, and close the pool if this store created it.

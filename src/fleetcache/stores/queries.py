@@ -289,6 +289,15 @@ _PG_CREATE_COUNTS = [
             UPDATE fleetcache_counts
             SET entries = entries + d_entries, bytes = bytes + d_bytes
             WHERE shard = pg_backend_pid() % {PG_COUNT_SHARDS};
+            IF NOT FOUND THEN
+                -- An UNLOGGED table after a crash: the counts were emptied with the
+                -- entries; the row comes back at its first use.
+                INSERT INTO fleetcache_counts (shard, entries, bytes)
+                VALUES (pg_backend_pid() % {PG_COUNT_SHARDS}, d_entries, d_bytes)
+                ON CONFLICT (shard) DO UPDATE
+                SET entries = fleetcache_counts.entries + EXCLUDED.entries,
+                    bytes = fleetcache_counts.bytes + EXCLUDED.bytes;
+            END IF;
         END IF;
         RETURN NULL;
     END
@@ -327,6 +336,19 @@ PG_UPGRADE_4_TO_5 = [
         bytes = (SELECT coalesce(sum(octet_length(value)), 0) FROM fleetcache_entries)
     WHERE shard = 0
     """,
+]
+
+#: Whether the entries table is UNLOGGED.
+PG_IS_UNLOGGED = """
+    SELECT relpersistence = 'u' FROM pg_class WHERE oid = to_regclass('fleetcache_entries')
+"""
+#: Makes the entries and their counts UNLOGGED (one rewrite of each, under an exclusive
+#: lock, in one transaction): not written to the WAL, so emptied after a crash and absent
+#: on streaming replicas. The marks stay logged (an invalidation must survive a crash).
+PG_SET_UNLOGGED = [
+    "LOCK TABLE fleetcache_entries, fleetcache_counts IN ACCESS EXCLUSIVE MODE",
+    "ALTER TABLE fleetcache_entries SET UNLOGGED",
+    "ALTER TABLE fleetcache_counts SET UNLOGGED",
 ]
 
 #: The entries and value bytes the table holds now (committed), from the counts.
