@@ -104,8 +104,9 @@ def test_smallest_bench_reports_every_metric_and_both_designs_are_correct(
         "bench", "--processes", "2", "--tasks", "2", "--keys", "3", "--compute-ms", "10",
         "--repetitions", "1", "--micro-iterations", "20", "--near-keys", "20",
         "--near-seconds", "0.6", "--xmin-compute-s", "0.3", "--expiry-keys", "2",
-        "--expiry-seconds", "1.5", "--database-url", database_url, "--json", str(out),
-        "--scenarios", "default,fast,hotkey,p16,near,expiry,xmin,micro",  # fleet: its own test
+        "--expiry-seconds", "1.5", "--bounded-max-entries", "100",
+        "--database-url", database_url, "--json", str(out),
+        "--scenarios", "default,fast,hotkey,p16,near,expiry,xmin,bounded,micro",  # not fleet
     ])
     # fmt: on
     assert status == 0
@@ -144,6 +145,13 @@ def test_smallest_bench_reports_every_metric_and_both_designs_are_correct(
     assert targets["near: stale reads (tier on)"]["met"] is True
     assert targets["expiry: refreshes per expiry"]["met"] is True
     assert targets["xmin during a long computation"]["met"] is True
+    bounded = report["bounded"]
+    assert (bounded["max_entries"], bounded["keys_written"]) == (100, 1000)
+    assert bounded["samples"] == 200
+    assert 0.9 <= bounded["table_max_ratio"] <= 1.1
+    assert targets["bounded: table max / max_entries"]["met"] is True
+    assert bounded["write_ms_p50_1x"] > 0
+    assert bounded["write_ms_p50_10x"] > 0
     assert {"one process: warm hit, 50 rows", "statements per coordinated miss"} <= set(targets)
     assert multiprocessing.active_children() == []
 
@@ -215,6 +223,7 @@ def test_quick_flag_yields_to_explicit_sizes() -> None:
     assert (full.fleet_processes, full.fleet_tasks, full.fleet_keys) == (64, 2, 10_000)
     assert not config.fleet
     assert resolve_config(parser.parse_args(["--quick", "--scenarios", "fleet"])).fleet
+    assert full.bounded
 
 
 def test_percentile_interpolates() -> None:

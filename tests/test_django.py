@@ -413,6 +413,28 @@ def test_unknown_options_are_refused(tmp_path: Path) -> None:
         f"sqlite:///{tmp_path}/c.db", {"OPTIONS": {"MAX_ENTRIES": 30, "CULL_FREQUENCY": 0}}
     )
     assert (made._max_entries, made._cull_frequency) == (30, 0)
+    assert made._options["max_entries"] == 30
+    # Without MAX_ENTRIES, Django's default of 300 is not imposed on a shared table.
+    assert "max_entries" not in FleetcacheCache(f"sqlite:///{tmp_path}/c.db", {})._options
+
+
+def test_max_entries_bounds_the_table(url: str) -> None:
+    """OPTIONS MAX_ENTRIES bounds the cache's table: ten times as many keys set, it never
+    holds more than 1.1 x MAX_ENTRIES (counted after every tenth), the most recent keys are
+    kept and the oldest evicted."""
+    limit = 50
+    made = FleetcacheCache(url, {"OPTIONS": {"MAX_ENTRIES": limit, "CULL_FREQUENCY": 3}})
+    try:
+        store = made.core.store
+        for n in range(10 * limit):
+            made.set(f"k{n}", n, timeout=None)
+            if n % (limit // 10) == 0:
+                entries, _ = made.core.call(store.table_size)  # type: ignore[attr-defined]
+                assert entries <= 1.1 * limit, f"{entries} entries after {n + 1} sets"
+        assert made.get(f"k{10 * limit - 1}") == 10 * limit - 1
+        assert made.get("k0") is None
+    finally:
+        close_all()
 
 
 def test_close_keeps_the_shared_cache_open(project: str) -> None:

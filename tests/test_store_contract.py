@@ -680,6 +680,7 @@ async def test_postgres_schema_is_latest_and_absent_json_is_sql_null(
     assert version == [(LATEST,)]
     assert nulls == (True, True)
     assert [t for (t,) in tables] == [
+        "fleetcache_counts",
         "fleetcache_entries",
         "fleetcache_generations",
         "fleetcache_schema",

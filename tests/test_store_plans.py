@@ -1,6 +1,6 @@
 """Lean paths: no statement of a read, a stamp, a guarded write, a closure round, an
-invalidation's delete or a prune scans a namespace (or the marks); each probes an index.
-Checked with the planners' own EXPLAIN on a namespace of 5,000 entries and marks."""
+invalidation's delete, a prune or an eviction scans a namespace (or the marks); each probes
+an index. Checked with the planners' own EXPLAIN on a namespace of 5,000 entries and marks."""
 
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ async def test_postgres_statements_probe_indexes(database_url: str) -> None:
             ),
             "prune": (q.PG_PRUNE_MARKS, {"retention": 3600.0, "limit": 10_000}),
             "purge expired": (q.PG_PURGE_EXPIRED, {"before": 0, "limit": 1000}),
+            "evict": (q.PG_EVICT, {"limit": 500}),
         }
         async with store.pool.connection() as conn:
             for label, (statement, bound) in statements.items():
@@ -153,6 +154,17 @@ def test_sqlite_statements_probe_indexes(tmp_path: Path) -> None:
             # subquery are fine).
             scans = [d for d in details if BIG_TABLE_SCAN.match(d)]
             assert scans == [], f"{label}: {details}"
+        # Eviction reads the entries in created_at order (an index, stopped by LIMIT) and
+        # searches the deps and entries per doomed entry.
+        plan = conn.execute("EXPLAIN QUERY PLAN " + q.SQLITE_EVICTION, {"limit": 500})
+        details = [row[-1] for row in plan.fetchall()]
+        worktables = ("SCAN d", "SCAN (")  # the recursion's rows and the LIMIT subquery
+        scans = [d for d in details if d.startswith("SCAN") and not d.startswith(worktables)]
+        assert scans == ["SCAN fleetcache_entries USING INDEX fleetcache_entries_created_at"], (
+            details
+        )
+        assert any(d.startswith("SEARCH x USING") for d in details), details
+        assert any(d.startswith("SEARCH e USING") for d in details), details
     finally:
         conn.close()
 

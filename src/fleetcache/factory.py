@@ -39,6 +39,7 @@ from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, PostgresInva
 from fleetcache.notifications.hub import NotificationHub, SessionCheck
 from fleetcache.notifications.listener import InvalidationListener
 from fleetcache.stores.base import Entry, Expand, Key, Store
+from fleetcache.stores.bounds import Bounds
 from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 from fleetcache.stores.memory import MemoryStore
 from fleetcache.stores.postgres import POOL_MIN_SIZE, POOL_SIZE, PostgresStore
@@ -69,16 +70,20 @@ def store_for_url(
     values: ValueCodec = JSON_VALUES,
     invalidated_channel: str = INVALIDATED_CHANNEL,
     prepared_statements: bool = True,
+    max_entries: int | None = None,
+    max_bytes: int | None = None,
+    unlogged: bool = False,
 ) -> Store:
     """An unopened store for ``url``, encoding values with ``values`` (a Postgres one
-    announces its invalidations on ``invalidated_channel``)."""
+    announces its invalidations on ``invalidated_channel``), bounded by ``max_entries``
+    and ``max_bytes`` (None: unbounded)."""
     if url == "memory://":
-        return MemoryStore(values=values)
+        return MemoryStore(values=values, max_entries=max_entries, max_bytes=max_bytes)
     if url.startswith("sqlite://"):
         path = url.removeprefix("sqlite://").removeprefix("/")
         if not path:
             raise ConfigurationError(f"a sqlite URL needs a path, like sqlite:///cache.db: {url!r}")
-        return SqliteStore(Path(path), values=values)
+        return SqliteStore(Path(path), values=values, max_entries=max_entries, max_bytes=max_bytes)
     if is_postgres_url(url):
         return PostgresStore(
             url,
@@ -88,6 +93,9 @@ def store_for_url(
             values=values,
             invalidated_channel=invalidated_channel,
             prepared_statements=prepared_statements,
+            max_entries=max_entries,
+            max_bytes=max_bytes,
+            unlogged=unlogged,
         )
     raise ConfigurationError(
         f"unsupported cache URL {url!r}: use memory://, sqlite:///path or postgresql://..."
@@ -344,6 +352,9 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     lock_idle_timeout: float = LOCK_IDLE_TIMEOUT,
     populated_channel: str = POPULATED_CHANNEL,
     invalidated_channel: str = INVALIDATED_CHANNEL,
+    max_entries: int | None = None,
+    max_bytes: int | None = None,
+    unlogged: bool = False,
 ) -> Opening:
     """Open a cache for ``url`` and start what it needs. Both forms work (one object that is
     awaitable and an async context manager)::
@@ -389,7 +400,14 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
     connection failures are retried while opening), the crash-probe interval,
     ``lock_idle_timeout`` (seconds a frozen or partitioned winner keeps its keys locked,
     at most) and the channel names.
+
+    ``max_entries``/``max_bytes``: bound the shared table (entries; value bytes as stored);
+    past a bound the least recently written entries are evicted, with the entries that
+    depend on them, in batches (an eviction is a delete: it is a miss, never a stale hit).
+    ``unlogged=True`` (Postgres): the entries table becomes UNLOGGED (see
+    :class:`~fleetcache.stores.postgres.PostgresStore`; emptied by a crash or a failover).
     """
+    Bounds(max_entries, max_bytes)  # checked now, before anything is opened
     _check_seconds("connect_budget", connect_budget, 0.0, 3600.0)
     _check_seconds("lock_idle_timeout", lock_idle_timeout, 0.1, 86_400.0)
     session_target = url if session_url is None else session_url
@@ -427,6 +445,9 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
             values=values,
             invalidated_channel=invalidated_channel,
             prepared_statements=prepared,
+            max_entries=max_entries,
+            max_bytes=max_bytes,
+            unlogged=unlogged,
         )
         closers: list[tuple[str, Callable[[float], Awaitable[None]]]] = []
         try:

@@ -115,9 +115,11 @@ class FleetcacheCache(BaseCache):
     ``COMPRESS_ABOVE`` (bytes: zlib above that size; default none), ``NEAR`` and
     ``NEAR_MAX_BYTES`` (a near tier on Postgres), ``COORDINATE``, ``POOL_SIZE``,
     ``COMPUTE_TIMEOUT`` and ``WAIT_TIMEOUT`` (as ``fleetcache.open``), and Django's
-    ``MAX_ENTRIES`` and ``CULL_FREQUENCY``, which are read but not enforced: this backend
-    does not cull (entries leave at their timeout, on delete and on clear). Any other
-    option is refused.
+    ``MAX_ENTRIES``, which when given bounds the *whole table* (``max_entries`` of
+    ``fleetcache.open``: the least recently written entries are evicted in batches of 5%
+    of it), and ``CULL_FREQUENCY``, accepted but not used (the batch is the store's;
+    Django's default of 300 entries is not applied when ``MAX_ENTRIES`` is not given).
+    Any other option is refused.
 
     One cache per LOCATION and options is opened per process, at the first operation, and
     shared by every thread (Django makes a backend object per thread); ``close()`` (called
@@ -143,7 +145,15 @@ class FleetcacheCache(BaseCache):
         open_options: dict[str, Any] = {
             OPEN_OPTIONS[name]: options.pop(name) for name in list(options) if name in OPEN_OPTIONS
         }
-        culling = [name for name in DJANGO_OPTIONS if options.pop(name, None) is not None]
+        max_entries = options.get("MAX_ENTRIES")
+        if max_entries is not None:
+            # Django's own reading of it (self._max_entries, an int); given, it bounds the table.
+            open_options["max_entries"] = self._max_entries
+        culling = [
+            name
+            for name in DJANGO_OPTIONS
+            if options.pop(name, None) is not None and name == "CULL_FREQUENCY"
+        ]
         if options:
             raise ImproperlyConfigured(
                 f"the fleetcache cache at {location!r} has unknown OPTIONS {sorted(options)}; "
@@ -445,8 +455,8 @@ def _log_culling(given: list[str]) -> None:
     if given and not _cull_logged:
         _cull_logged = True
         logger.info(
-            "%s given to a fleetcache Django cache: read, not enforced (this backend does "
-            "not cull; entries leave at their timeout, on delete and on clear)",
+            "%s given to a fleetcache Django cache: read, not used (MAX_ENTRIES bounds the "
+            "table and eviction takes 5%% of it at a time, least recently written first)",
             " and ".join(given),
         )
 

@@ -21,6 +21,7 @@ from fleetcache.stores.base import (
     Key,
     guarded_names,
 )
+from fleetcache.stores.bounds import Bounds
 from fleetcache.stores.closure import Closure
 from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 from fleetcache.stores.validation import (
@@ -97,6 +98,9 @@ class MemoryStore:
     ``mark_retention`` (seconds) is how long marks are kept; stamps older than half of it
     are refused. ``clock`` (monotonic seconds) may be replaced in tests. ``values``: how
     values are encoded (see :class:`~fleetcache.stores.codecs.ValueCodec`; JSON by default).
+    ``max_entries``/``max_bytes`` (value bytes as encoded) bound the store: a write that
+    takes it over a bound evicts the least recently written entries (and their dependents)
+    until it is 5% under, in the same step, so the store never holds more than the bound.
     """
 
     def __init__(
@@ -105,10 +109,13 @@ class MemoryStore:
         mark_retention: float = MARK_RETENTION,
         clock: Callable[[], float] = time.monotonic,
         values: ValueCodec = JSON_VALUES,
+        max_entries: int | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         if mark_retention <= 0:
             raise ConfigurationError(f"mark_retention must be positive, got {mark_retention}")
         self.values = values
+        self.bounds = Bounds(max_entries, max_bytes)
         self._retention = float(mark_retention)
         self._max_age = self._retention / 2
         self._clock = clock
@@ -121,6 +128,11 @@ class MemoryStore:
         self._by_ns: dict[str, dict[Key, None]] = {}
         self._by_dep: dict[tuple[str, str], dict[Key, None]] = {}
         self._written = 0
+        # Value bytes held, and (only when bounded) every key in the order last written,
+        # oldest first (an OrderedDict: popping its oldest is O(1), where a dict's first
+        # key is found by walking past every slot freed before it).
+        self._bytes = 0
+        self._order: OrderedDict[Key, None] | None = OrderedDict() if self.bounds.bounded else None
         # The invalidation clock, and for each mark the reading and time it was last set,
         # oldest first.
         self._seq = 0
@@ -135,6 +147,10 @@ class MemoryStore:
     def mark_count(self) -> int:
         """How many marks are kept now."""
         return len(self._marks)
+
+    async def table_size(self) -> tuple[int, int]:
+        """The entries and value bytes held now."""
+        return len(self._entries), self._bytes
 
     async def open(self) -> None:
         """Nothing to connect; present for the contract."""
@@ -198,7 +214,39 @@ class MemoryStore:
             _add(self._by_ns_alias, (ns, stored.alias), key)
         for dep in stored.deps:
             _add(self._by_dep, (ns, dep), key)
+        self._bytes += len(stored.value)
+        if self._order is not None:
+            self._order[key] = None
+            self._evict()
         return True
+
+    def _evict(self) -> None:
+        # Evict while over a bound: the oldest written first, each with the entries that
+        # depend on it (transitively), which would otherwise outlive an invalidation of
+        # what it depended on (docs/design.md, "A bounded table").
+        order = self._order
+        assert order is not None
+        while order and self.bounds.over(len(self._entries), self._bytes):
+            want = self.bounds.excess(len(self._entries), self._bytes)
+            victims = [order.popitem(last=False)[0] for _ in range(min(want, len(order)))]
+            self._delete(self._with_dependents(victims))
+
+    def _with_dependents(self, victims: list[Key]) -> list[Key]:
+        doomed = dict.fromkeys(victims)
+        frontier = victims
+        while frontier:
+            found: list[Key] = []
+            for key in frontier:
+                stored = self._entries[key]
+                for name in (key.name, stored.alias):
+                    if name is None:
+                        continue
+                    for dependent in self._by_dep.get((key.namespace, name), ()):
+                        if dependent not in doomed:
+                            doomed[dependent] = None
+                            found.append(dependent)
+            frontier = found
+        return list(doomed)
 
     def _stamp_holds(self, stamp: GenerationStamp, entry: Entry) -> bool:
         key = entry.key
@@ -236,6 +284,9 @@ class MemoryStore:
             _discard(self._by_ns_alias, (ns, stored.alias), key)
         for dep in stored.deps:
             _discard(self._by_dep, (ns, dep), key)
+        self._bytes -= len(stored.value)
+        if self._order is not None:
+            self._order.pop(key, None)
 
     def _delete(self, keys: Iterable[Key]) -> None:
         pop = self._entries.pop
@@ -306,6 +357,9 @@ class MemoryStore:
         """Mark the whole store invalidated and delete every entry."""
         self._mark("g", "", [""])
         self._entries.clear()
+        self._bytes = 0
+        if self._order is not None:
+            self._order.clear()
         for index in (self._by_alias, self._by_ns_name, self._by_ns_alias, self._by_dep):
             index.clear()
         self._by_ns.clear()

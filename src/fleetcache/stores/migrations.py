@@ -66,12 +66,18 @@ async def _pg_upgrade_4_to_5(conn: psycopg.AsyncConnection[Any], where: str) -> 
         await conn.execute(statement)
 
 
+async def _pg_upgrade_5_to_6(conn: psycopg.AsyncConnection[Any], where: str) -> None:
+    for statement in q.PG_UPGRADE_5_TO_6:
+        await conn.execute(statement)
+
+
 #: Postgres upgrades: ``PG_MIGRATIONS[n]`` takes a database from version n-1 to n.
 PG_MIGRATIONS: dict[int, Callable[[psycopg.AsyncConnection[Any], str], Any]] = {
     2: _pg_upgrade_1_to_2,
     3: _pg_upgrade_2_to_3,
     4: _pg_upgrade_3_to_4,
     5: _pg_upgrade_4_to_5,
+    6: _pg_upgrade_5_to_6,
 }
 
 
@@ -136,12 +142,18 @@ def _sqlite_upgrade_4_to_5(conn: sqlite3.Connection, where: str) -> None:
     """Nothing: version 5 added only Postgres functions."""
 
 
+def _sqlite_upgrade_5_to_6(conn: sqlite3.Connection, where: str) -> None:
+    for statement in q.SQLITE_UPGRADE_5_TO_6:
+        conn.execute(statement)
+
+
 #: sqlite upgrades: ``SQLITE_MIGRATIONS[n]`` takes a file from version n-1 to n.
 SQLITE_MIGRATIONS: dict[int, Callable[[sqlite3.Connection, str], None]] = {
     2: _sqlite_upgrade_1_to_2,
     3: _sqlite_upgrade_2_to_3,
     4: _sqlite_upgrade_3_to_4,
     5: _sqlite_upgrade_4_to_5,
+    6: _sqlite_upgrade_5_to_6,
 }
 
 

@@ -6,6 +6,7 @@ pooled statement is safe behind a transaction pooler is argued in ``docs/design.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -30,6 +31,7 @@ from fleetcache.stores.base import (
     Key,
     guarded_names,
 )
+from fleetcache.stores.bounds import Bounds
 from fleetcache.stores.closure import Closure
 from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 from fleetcache.stores.migrations import migrate_postgres
@@ -74,6 +76,10 @@ LOCK_PATIENCE = 0.2
 # doubling up to the last (a wake-up may come before the lock is released, or be lost).
 _FIRST_POLL = 0.02
 _LAST_POLL = 1.0
+#: How long an eviction's DELETE may wait for a row a writer or an invalidation holds
+#: before it gives up (to try again at the next look): never long enough to meet the
+#: deadlock detector (1 s by default), so an invalidation is never the one aborted.
+EVICT_PATIENCE = "100ms"
 
 
 @functools.lru_cache(maxsize=8192)  # hot keys are hashed once, not on every hit
@@ -208,6 +214,18 @@ class PostgresStore:
     ``prepared_statements``: whether psycopg may prepare the statements it runs often on
     the server (faster; turn it off behind a transaction pooler that does not support
     them, such as PgBouncer before 1.21 or without ``max_prepared_statements``).
+
+    ``max_entries``/``max_bytes`` (value bytes as encoded) bound the table, fleet-wide.
+    Its size is kept by triggers in ``fleetcache_counts`` (no count of the table); every
+    ``Bounds.check_every`` successful writes, this process looks at it, and if the table
+    is over a bound a background task evicts the least recently written entries (and
+    their dependents) in batches until it is 5% under. The writer does not wait for it,
+    unless it has written ``check_every`` more while the eviction was still running.
+
+    ``unlogged=True`` makes the entries table (and its counts) UNLOGGED at ``open()`` if it
+    is not already (a rewrite of the table under an exclusive lock, once): writes skip the
+    WAL, but the entries are emptied by a crash and absent on a promoted replica (every key
+    a miss after a failover). The marks stay logged. ``False`` leaves the table as it is.
     """
 
     def __init__(
@@ -226,7 +244,12 @@ class PostgresStore:
         origin: str | None = None,
         lock_wait: float = LOCK_WAIT,
         prepared_statements: bool = True,
+        max_entries: int | None = None,
+        max_bytes: int | None = None,
+        unlogged: bool = False,
     ) -> None:
+        self.bounds = Bounds(max_entries, max_bytes)
+        self._unlogged = unlogged
         if (conninfo is None) == (pool is None):
             raise ConfigurationError("PostgresStore needs exactly one of conninfo or pool")
         if mark_retention <= 0:
@@ -275,6 +298,10 @@ class PostgresStore:
         # psycopg's own default (prepare after 5 runs), or never.
         self._prepare_threshold: int | None = 5 if prepared_statements else None
         self._opened = False
+        # Written and read on the event loop by write() and close(): successful writes
+        # since the last look at the table's size, and the eviction running (if any).
+        self._since_check = 0
+        self._evicting: asyncio.Task[None] | None = None
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:
@@ -366,6 +393,7 @@ class PostgresStore:
         try:
             with _pg.translate(f"creating or upgrading the fleetcache schema in {self._where}"):
                 await migrate_postgres(conn, self._where)
+                await self._make_unlogged(conn)
         finally:
             await conn.close()
         kwargs: dict[str, Any] = {
@@ -405,10 +433,29 @@ class PostgresStore:
                 "PostgresStore needs a pool of autocommit connections: "
                 'AsyncConnectionPool(..., kwargs={"autocommit": True})'
             )
-        return await migrate_postgres(conn, self._where)
+        versions = await migrate_postgres(conn, self._where)
+        await self._make_unlogged(conn)
+        return versions
+
+    async def _make_unlogged(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if not self._unlogged:
+            return
+        row = await (await conn.execute(q.PG_IS_UNLOGGED)).fetchone()
+        if row is not None and row[0]:
+            return
+        async with conn.transaction():
+            for statement in q.PG_SET_UNLOGGED:
+                await conn.execute(statement)
+        logger.info("%s: fleetcache_entries is now UNLOGGED", self._where)
 
     async def close(self) -> None:
-        """Close the pool if this store created it. Idempotent."""
+        """End a running eviction, and close the pool if this store created it.
+        Idempotent."""
+        task, self._evicting = self._evicting, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self._opened = False
         if self._owns_pool and self._pool is not None:
             pool, self._pool = self._pool, None
@@ -500,7 +547,68 @@ class PostgresStore:
             row = await (await conn.execute(q.PG_WRITE, params)).fetchone()
             return None if row is None or row[0] is None else bool(row[0])  # None: locked
 
-        return await self._when_unlocked(f"writing {key.coalesce_key}", key.namespace, run)
+        written = await self._when_unlocked(f"writing {key.coalesce_key}", key.namespace, run)
+        if written and self.bounds.bounded:
+            await self._after_write()
+        return written
+
+    async def _after_write(self) -> None:
+        # Every check_every writes, an eviction in the background (it looks at the size
+        # first); the writer waits only if the one under way has let it write another
+        # check_every meanwhile (so one process cannot outrun eviction).
+        self._since_check += 1
+        every = self.bounds.check_every
+        if self._since_check < every:
+            return
+        task = self._evicting
+        if task is not None and not task.done():
+            if self._since_check < 2 * every:
+                return
+            await asyncio.wait({task})  # never raises: the task logs its own failure
+        self._since_check = 0
+        self._evicting = asyncio.get_running_loop().create_task(
+            self._evict_in_background(), name="fleetcache-evict"
+        )
+
+    async def _evict_in_background(self) -> None:
+        try:
+            await self.evict()
+        except StoreError as exc:  # logged; the next look tries again
+            logger.warning("evicting entries in %s failed: %s", self._where, exc)
+
+    async def table_size(self) -> tuple[int, int]:
+        """The entries and value bytes the table holds now (committed), from the counts
+        the triggers keep (a few rows read, no scan)."""
+        row = await _pg.pooled(
+            self.pool, "reading the table's size", lambda c: _fetchone(c, q.PG_TABLE_SIZE, {})
+        )
+        assert row is not None
+        return int(row[0] or 0), int(row[1] or 0)
+
+    async def evict(self) -> int:
+        """Evict while the table is over a bound (see the class): batches of the least
+        recently written entries with their dependents, each in a short transaction of its
+        own; return how many entries went. A batch that finds every candidate locked ends
+        it (the next look tries again)."""
+        evicted = 0
+        while True:
+            want = self.bounds.excess(*await self.table_size())
+            if want == 0:
+                return evicted
+
+            async def run(conn: psycopg.AsyncConnection[Any], want: int = want) -> int:
+                try:
+                    async with _pg.pipelined_transaction(conn):
+                        await conn.execute(q.PG_EVICT_PATIENCE, {"patience": EVICT_PATIENCE})
+                        cursor = await conn.execute(q.PG_EVICT, {"limit": want})
+                except psycopg.errors.LockNotAvailable:
+                    return 0  # a writer held a dependent: nothing was done
+                return cursor.rowcount
+
+            went = await _pg.pooled(self.pool, "evicting entries", run)
+            if went <= 0:
+                return evicted
+            evicted += went
 
     async def purge_expired(self, before_ms: int, limit: int = 1000) -> int:
         """Delete up to ``limit`` entries whose stale window ended before ``before_ms``

@@ -40,6 +40,10 @@ Version 5 adds the Postgres functions ``fleetcache_invalidate``,
 ``fleetcache_clear_namespace`` (invalidation from SQL, in the caller's transaction) and their
 helpers ``fleetcache_namespace_lock`` and ``fleetcache_invalidation_payloads``
 (``PG_UPGRADE_4_TO_5``); the sqlite schema is unchanged.
+Version 6 adds what a bounded table needs (``PG_UPGRADE_5_TO_6``, ``SQLITE_UPGRADE_5_TO_6``):
+``fleetcache_counts``, the entries and value bytes kept by triggers on every insert, update
+and delete (so a store learns the table's size without counting it), and an index on
+``created_at`` (eviction takes the least recently written first).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from __future__ import annotations
 from fleetcache.stores.validation import MAX_NAME_BYTES
 
 #: The schema version this release creates and understands.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Advisory-lock classes (the two-int form, a key space apart from the coordinator's
 # one-bigint locks): schema changes, the global lock, a namespace's lock (second int: a
@@ -244,6 +248,155 @@ PG_CREATE_WRITE_FUNCTION = f"""
     $fleetcache$
 """
 
+# ------------------------------------------------------------- the table's size (v5)
+
+#: How many rows ``fleetcache_counts`` has on Postgres. Every statement that changes the
+#: entries adds its deltas to *one* row, chosen by its backend's pid, so concurrent
+#: writers rarely wait for one another's counter row (one hot row would serialise every
+#: write of the fleet), and a transaction updates one counter row at most per statement
+#: of one backend (always the same row), so counter rows never take part in a deadlock.
+#: The size is the sum over the rows (a row alone may go negative).
+PG_COUNT_SHARDS = 16
+
+_PG_CREATE_COUNTS = [
+    """
+    CREATE TABLE fleetcache_counts (
+        shard integer PRIMARY KEY,
+        entries bigint NOT NULL,
+        bytes bigint NOT NULL
+    )
+    """,
+    f"""
+    INSERT INTO fleetcache_counts (shard, entries, bytes)
+    SELECT s, 0, 0 FROM generate_series(0, {PG_COUNT_SHARDS - 1}) AS s
+    """,
+    # Statement-level triggers with transition tables: one counter update per statement
+    # however many rows it touched (an invalidation deleting 10,000 rows updates it once).
+    f"""
+    CREATE OR REPLACE FUNCTION fleetcache_count_v1() RETURNS trigger
+    LANGUAGE plpgsql AS $fleetcache$
+    DECLARE
+        d_entries bigint := 0;
+        d_bytes bigint := 0;
+        old_bytes bigint;
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            SELECT count(*), coalesce(sum(octet_length(value)), 0)
+                INTO d_entries, d_bytes FROM fleetcache_new;
+        ELSIF TG_OP = 'DELETE' THEN
+            SELECT -count(*), -coalesce(sum(octet_length(value)), 0)
+                INTO d_entries, d_bytes FROM fleetcache_old;
+        ELSE
+            SELECT coalesce(sum(octet_length(value)), 0) INTO d_bytes FROM fleetcache_new;
+            SELECT coalesce(sum(octet_length(value)), 0) INTO old_bytes FROM fleetcache_old;
+            d_bytes := d_bytes - old_bytes;
+        END IF;
+        IF d_entries <> 0 OR d_bytes <> 0 THEN
+            UPDATE fleetcache_counts
+            SET entries = entries + d_entries, bytes = bytes + d_bytes
+            WHERE shard = pg_backend_pid() % {PG_COUNT_SHARDS};
+            IF NOT FOUND THEN
+                -- An UNLOGGED table after a crash: the counts were emptied with the
+                -- entries; the row comes back at its first use.
+                INSERT INTO fleetcache_counts (shard, entries, bytes)
+                VALUES (pg_backend_pid() % {PG_COUNT_SHARDS}, d_entries, d_bytes)
+                ON CONFLICT (shard) DO UPDATE
+                SET entries = fleetcache_counts.entries + EXCLUDED.entries,
+                    bytes = fleetcache_counts.bytes + EXCLUDED.bytes;
+            END IF;
+        END IF;
+        RETURN NULL;
+    END
+    $fleetcache$
+    """,
+    """
+    CREATE TRIGGER fleetcache_count_insert AFTER INSERT ON fleetcache_entries
+    REFERENCING NEW TABLE AS fleetcache_new
+    FOR EACH STATEMENT EXECUTE FUNCTION fleetcache_count_v1()
+    """,
+    """
+    CREATE TRIGGER fleetcache_count_update AFTER UPDATE ON fleetcache_entries
+    REFERENCING OLD TABLE AS fleetcache_old NEW TABLE AS fleetcache_new
+    FOR EACH STATEMENT EXECUTE FUNCTION fleetcache_count_v1()
+    """,
+    """
+    CREATE TRIGGER fleetcache_count_delete AFTER DELETE ON fleetcache_entries
+    REFERENCING OLD TABLE AS fleetcache_old
+    FOR EACH STATEMENT EXECUTE FUNCTION fleetcache_count_v1()
+    """,
+    # Eviction reads the least recently written first (NULL created_at: oldest of all).
+    """
+    CREATE INDEX fleetcache_entries_created_at
+        ON fleetcache_entries (created_at ASC NULLS FIRST)
+    """,
+]
+
+#: Version 5 -> 6: the counts (starting from one count of the table, under the upgrade's
+#: lock: writers of the old release would not be counted, which is why every process
+#: must run this release before a bound is relied on) and the ``created_at`` index.
+PG_UPGRADE_5_TO_6 = [
+    *_PG_CREATE_COUNTS,
+    """
+    UPDATE fleetcache_counts
+    SET entries = (SELECT count(*) FROM fleetcache_entries),
+        bytes = (SELECT coalesce(sum(octet_length(value)), 0) FROM fleetcache_entries)
+    WHERE shard = 0
+    """,
+]
+
+#: Whether the entries table is UNLOGGED.
+PG_IS_UNLOGGED = """
+    SELECT relpersistence = 'u' FROM pg_class WHERE oid = to_regclass('fleetcache_entries')
+"""
+#: Makes the entries and their counts UNLOGGED (one rewrite of each, under an exclusive
+#: lock, in one transaction): not written to the WAL, so emptied after a crash and absent
+#: on streaming replicas. The marks stay logged (an invalidation must survive a crash).
+PG_SET_UNLOGGED = [
+    "LOCK TABLE fleetcache_entries, fleetcache_counts IN ACCESS EXCLUSIVE MODE",
+    "ALTER TABLE fleetcache_entries SET UNLOGGED",
+    "ALTER TABLE fleetcache_counts SET UNLOGGED",
+]
+
+#: The entries and value bytes the table holds now (committed), from the counts.
+PG_TABLE_SIZE = "SELECT sum(entries)::bigint, sum(bytes)::bigint FROM fleetcache_counts"
+
+#: Evicts up to ``limit`` least recently written entries (smallest ``created_at``, NULL
+#: first), skipping rows another transaction holds, *and every entry depending on them,
+#: transitively* (deps meeting a doomed entry's name or alias, in its namespace): an entry
+#: whose dependency is gone would no longer be reached when that dependency's own
+#: dependencies are invalidated, and would outlive them. Not an invalidation (nothing is
+#: marked): a live entry deleted is a miss. Dependents are locked by the DELETE, which
+#: waits for a writer holding one; the caller bounds that wait with ``lock_timeout`` so
+#: eviction, never an invalidation, gives up when the two meet. Returns one row per entry
+#: deleted. Per doomed entry one probe of the deps index (LATERAL, fenced by OFFSET 0 so
+#: it is planned on its own: joined as a set, the planner scans the table per round), and
+#: the delete by primary key: in proportion to the batch and its dependents, never to the
+#: table.
+PG_EVICT = """
+    WITH RECURSIVE victims AS (
+        SELECT key_hash, namespace, name, alias FROM fleetcache_entries
+        ORDER BY created_at ASC NULLS FIRST
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ), doomed (key_hash, namespace, name, alias) AS (
+        SELECT key_hash, namespace, name, alias FROM victims
+        UNION
+        SELECT f.key_hash, f.namespace, f.name, f.alias
+        FROM doomed AS d
+        CROSS JOIN LATERAL (
+            SELECT e.key_hash, e.namespace, e.name, e.alias FROM fleetcache_entries AS e
+            WHERE e.deps && array_remove(ARRAY[d.name, d.alias], NULL)
+              AND e.namespace = d.namespace
+            OFFSET 0) AS f
+    )
+    DELETE FROM fleetcache_entries
+    WHERE key_hash = ANY (ARRAY(SELECT key_hash FROM doomed))
+    RETURNING key_hash
+"""
+
+#: Bounds the eviction's lock waits (see ``PG_EVICT``), in its own transaction.
+PG_EVICT_PATIENCE = "SELECT set_config('lock_timeout', %(patience)s, true)"
+
 #: A new database: the latest schema directly.
 PG_CREATE_LATEST = [
     """
@@ -266,6 +419,7 @@ PG_CREATE_LATEST = [
     """,
     *_PG_MARKS_INDEXES,
     PG_CREATE_WRITE_FUNCTION,
+    *_PG_CREATE_COUNTS,
 ]
 
 
@@ -859,6 +1013,74 @@ _SQLITE_ENTRIES_INDEXES = [
     "CREATE INDEX fleetcache_entry_deps_dep ON fleetcache_entry_deps (namespace, dep)",
 ]
 
+# ------------------------------------------------------------- the table's size (v5)
+
+# One row of counts, kept by row triggers (sqlite has one writer at a time, so one row
+# costs no contention). A table with triggers is never emptied by sqlite's truncate
+# optimisation, so ``DELETE FROM fleetcache_entries`` is counted too.
+_SQLITE_VALUE_LENGTH = "length(CAST({row}.value AS BLOB))"
+_SQLITE_CREATE_COUNTS = [
+    """
+    CREATE TABLE fleetcache_counts (
+        singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+        entries INTEGER NOT NULL,
+        bytes INTEGER NOT NULL
+    )
+    """,
+    """
+    INSERT INTO fleetcache_counts (singleton, entries, bytes)
+    SELECT 1, count(*), coalesce(sum(length(CAST(value AS BLOB))), 0) FROM fleetcache_entries
+    """,
+    f"""
+    CREATE TRIGGER fleetcache_count_insert AFTER INSERT ON fleetcache_entries BEGIN
+        UPDATE fleetcache_counts
+        SET entries = entries + 1, bytes = bytes + {_SQLITE_VALUE_LENGTH.format(row="new")};
+    END
+    """,
+    f"""
+    CREATE TRIGGER fleetcache_count_update AFTER UPDATE OF value ON fleetcache_entries BEGIN
+        UPDATE fleetcache_counts
+        SET bytes = bytes - {_SQLITE_VALUE_LENGTH.format(row="old")}
+                          + {_SQLITE_VALUE_LENGTH.format(row="new")};
+    END
+    """,
+    f"""
+    CREATE TRIGGER fleetcache_count_delete AFTER DELETE ON fleetcache_entries BEGIN
+        UPDATE fleetcache_counts
+        SET entries = entries - 1, bytes = bytes - {_SQLITE_VALUE_LENGTH.format(row="old")};
+    END
+    """,
+    # Eviction reads the least recently written first (sqlite sorts NULL first).
+    "CREATE INDEX fleetcache_entries_created_at ON fleetcache_entries (created_at)",
+]
+
+#: Version 4 -> 5: the counts (from one count of the file) and the ``created_at`` index.
+SQLITE_UPGRADE_5_TO_6 = _SQLITE_CREATE_COUNTS
+
+#: The entries and value bytes the file holds now, from the counts.
+SQLITE_TABLE_SIZE = "SELECT entries, bytes FROM fleetcache_counts"
+
+#: The keys of up to ``limit`` least recently written entries (smallest ``created_at``,
+#: NULL first) and of every entry depending on them, transitively (deps meeting a doomed
+#: entry's name or alias, in its namespace): see ``PG_EVICT`` for why dependents go too.
+#: Deleted with ``SQLITE_DELETE_KEY`` in the same transaction.
+SQLITE_EVICTION = """
+    WITH RECURSIVE doomed (namespace, name, scope, user_id, alias) AS (
+        SELECT * FROM (
+            SELECT namespace, name, scope, user_id, alias FROM fleetcache_entries
+            ORDER BY created_at LIMIT :limit)
+        UNION
+        SELECT e.namespace, e.name, e.scope, e.user_id, e.alias
+        FROM doomed AS d
+        JOIN fleetcache_entry_deps AS x
+          ON x.namespace = d.namespace AND x.dep IN (d.name, d.alias)
+        JOIN fleetcache_entries AS e
+          ON e.namespace = x.namespace AND e.name = x.name AND e.scope = x.scope
+             AND e.user_id = x.user_id
+    )
+    SELECT namespace, name, scope, user_id FROM doomed
+"""
+
 #: A new file: the latest schema directly.
 SQLITE_CREATE_LATEST = [
     """
@@ -889,6 +1111,7 @@ SQLITE_CREATE_LATEST = [
     )
     """,
     "INSERT INTO fleetcache_clock (singleton, seq) VALUES (1, 0)",
+    *_SQLITE_CREATE_COUNTS,
 ]
 
 #: Version 1 -> 2: copy the rows of ``modules`` into ``fleetcache_entries`` (deps kept as

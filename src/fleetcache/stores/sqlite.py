@@ -22,6 +22,7 @@ from fleetcache.errors import (
     NotOpenError,
     StoreError,
 )
+from fleetcache.logcontext import get_logger
 from fleetcache.stores import queries as q
 from fleetcache.stores.base import (
     MARK_RETENTION,
@@ -31,6 +32,7 @@ from fleetcache.stores.base import (
     Key,
     guarded_names,
 )
+from fleetcache.stores.bounds import Bounds
 from fleetcache.stores.closure import Closure
 from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 from fleetcache.stores.migrations import migrate_sqlite
@@ -41,6 +43,8 @@ from fleetcache.stores.validation import (
     stamped_names,
     validate_key,
 )
+
+logger = get_logger("fleetcache.stores")
 
 T = TypeVar("T")
 
@@ -96,6 +100,10 @@ class SqliteStore:
     :meth:`read` runs on the calling thread (the event loop's) with a read-only connection
     of its own instead of hopping to the worker thread: in WAL mode a one-row indexed read
     takes no lock and waits for no writer, and costs a fraction of the hop.
+    ``max_entries``/``max_bytes`` (value bytes as encoded) bound the file: a write that
+    finds it over a bound (the counts are kept by triggers, read in the write's own
+    transaction) evicts, right after its commit and in a transaction of its own, the least
+    recently written entries and their dependents until it is 5% under.
     """
 
     def __init__(
@@ -106,10 +114,13 @@ class SqliteStore:
         mark_retention: float = MARK_RETENTION,
         values: ValueCodec = JSON_VALUES,
         read_on_loop: bool = True,
+        max_entries: int | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         if mark_retention <= 0:
             raise ConfigurationError(f"mark_retention must be positive, got {mark_retention}")
         self.values = values
+        self.bounds = Bounds(max_entries, max_bytes)
         self._path = str(path)
         self._read_on_loop = read_on_loop
         self._busy_timeout = busy_timeout
@@ -327,6 +338,8 @@ class SqliteStore:
                 point=point.seq,
             )
 
+        bounds = self.bounds
+
         def write(conn: sqlite3.Connection) -> bool:
             conn.execute("BEGIN IMMEDIATE")
             if stamp is not None and time.time() - taken_at > self._max_age:
@@ -336,10 +349,37 @@ class SqliteStore:
             if written:
                 conn.execute(q.SQLITE_FORGET_DEPS, params)
                 conn.execute(q.SQLITE_LIST_DEPS, params)
+            over = False
+            if written and bounds.bounded:
+                entries, nbytes = conn.execute(q.SQLITE_TABLE_SIZE).fetchone()
+                over = bounds.over(entries, nbytes)
             conn.execute("COMMIT")
+            if over:
+                # After the commit: the write stands whatever the eviction meets (a
+                # failed eviction is logged; the next write over the bound tries again).
+                try:
+                    _evict(conn, bounds)
+                except sqlite3.Error as exc:
+                    _rollback(conn)
+                    logger.warning("evicting entries in %s failed: %s", self._path, exc)
             return written
 
         return await self._run(f"writing {key.coalesce_key}", write)
+
+    async def table_size(self) -> tuple[int, int]:
+        """The entries and value bytes the file holds now (from the counts, no scan)."""
+
+        def size(conn: sqlite3.Connection) -> tuple[int, int]:
+            entries, nbytes = conn.execute(q.SQLITE_TABLE_SIZE).fetchone()
+            return int(entries), int(nbytes)
+
+        return await self._run("reading the table's size", size)
+
+    async def evict(self) -> int:
+        """Evict while the file is over a bound (see the class); return how many entries
+        went. Writes call this themselves; it is here for tests and maintenance."""
+        bounds = self.bounds
+        return await self._run("evicting entries", lambda conn: _evict(conn, bounds))
 
     async def purge_expired(self, before_ms: int, limit: int = 1000) -> int:
         """Delete up to ``limit`` entries whose stale window ended before ``before_ms``
@@ -446,6 +486,30 @@ def _tune(conn: sqlite3.Connection) -> None:
     file mapped into memory so that a warm read copies no page."""
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA mmap_size={MMAP_SIZE}")
+
+
+def _evict(conn: sqlite3.Connection, bounds: Bounds) -> int:
+    # Batch by batch, each its own BEGIN IMMEDIATE transaction (the file's write lock is
+    # held for one batch at a time), until under the bounds; a delete, never a mark.
+    evicted = 0
+    while bounds.bounded:
+        conn.execute("BEGIN IMMEDIATE")
+        entries, nbytes = conn.execute(q.SQLITE_TABLE_SIZE).fetchone()
+        want = bounds.excess(entries, nbytes)
+        if want == 0:
+            conn.execute("COMMIT")
+            return evicted
+        keys = [
+            {"ns": ns, "name": name, "scope": scope, "user": user}
+            for ns, name, scope, user in conn.execute(q.SQLITE_EVICTION, {"limit": want})
+        ]
+        for statement in q.SQLITE_DELETE_KEY:
+            conn.executemany(statement, keys)
+        conn.execute("COMMIT")
+        if not keys:
+            return evicted
+        evicted += len(keys)
+    return evicted
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

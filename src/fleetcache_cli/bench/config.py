@@ -47,6 +47,8 @@ class BenchConfig:
     expiry_keys: int
     expiry_seconds: float
     quick: bool
+    # The bounded-table scenario: max_entries, and 10x as many keys written.
+    bounded_max_entries: int = 1_000
     # The expiry scenario's shape: a value lives EXPIRY_TTL s, then is served stale for
     # EXPIRY_STALE_TTL s while one process refreshes it (its computation EXPIRY_COMPUTE_MS).
     expiry_ttl: float = 0.5
@@ -108,6 +110,11 @@ class BenchConfig:
         return any(name != "local" for name in self.scenarios)
 
     @property
+    def bounded(self) -> bool:
+        """Whether the bounded-table scenario runs."""
+        return "bounded" in self.scenarios
+
+    @property
     def micro(self) -> bool:
         """Whether the one-process micro-benchmarks run."""
         return "micro" in self.scenarios
@@ -118,7 +125,7 @@ class BenchConfig:
         return "fleet" in self.scenarios
 
 
-_ALL = (*SCENARIOS, "near", "expiry", "xmin", "micro", "local", "fleet")
+_ALL = (*SCENARIOS, "near", "expiry", "xmin", "bounded", "micro", "local", "fleet")
 #: What --quick runs unless --scenarios says otherwise: everything but the large fleet.
 _QUICK_SCENARIOS = tuple(s for s in _ALL if s != "fleet")
 _FULL: dict[str, Any] = {
@@ -133,6 +140,7 @@ _FULL: dict[str, Any] = {
     "xmin_compute_s": 2.0,
     "expiry_keys": 5,
     "expiry_seconds": 4.0,
+    "bounded_max_entries": 10_000,
 }
 _QUICK: dict[str, Any] = {
     "processes": 4,
@@ -146,6 +154,7 @@ _QUICK: dict[str, Any] = {
     "xmin_compute_s": 1.0,
     "expiry_keys": 3,
     "expiry_seconds": 2.0,
+    "bounded_max_entries": 500,
 }
 
 
@@ -229,6 +238,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     runs.add_argument("--expiry-keys", type=_positive_int, help="hot keys of the expiry scenario")
     runs.add_argument("--expiry-seconds", type=_positive, help="how long the expiry scenario reads")
     runs.add_argument(
+        "--bounded-max-entries",
+        type=_positive_int,
+        help="max_entries of the bounded scenario (10 x as many keys are written)",
+    )
+    runs.add_argument(
         "--json", metavar="PATH", help="write the JSON report here ('-' or unset: stdout)"
     )
 
@@ -310,4 +324,5 @@ def resolve_config(args: argparse.Namespace) -> BenchConfig:
         expiry_seconds=float(pick("expiry_seconds")),
         quick=args.quick,
         **fleet,
+        bounded_max_entries=int(pick("bounded_max_entries")),
     )

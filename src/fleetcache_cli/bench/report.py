@@ -77,6 +77,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     _render_xmin(report.get("xmin"), console)
     _render_local(report.get("local"), console)
     _render_fleet(report.get("fleet"), console)
+    _render_bounded(report.get("bounded"), console)
     targets = Table(title="targets", title_justify="left")
     for column in ("target", "value", "threshold", "met", "missed by"):
         targets.add_column(column)
@@ -291,4 +292,28 @@ def _render_fleet(fleet: dict[str, Any] | None, console: Console) -> None:
             fmt(fleet["fleetcache"]["peak_backends"][part]),
             "",
         )
+
+
+def _render_bounded(bounded: dict[str, Any] | None, console: Console) -> None:
+    if bounded is None:
+        return
+    table = Table(
+        title=f"bounded table (max_entries={bounded['max_entries']}, "
+        f"{bounded['keys_written']} distinct keys written by one process)",
+        title_justify="left",
+    )
+    columns = ("write p50 1x ms", "write p50 10x ms", "10x / 1x", "write p99 1x ms",
+               "write p99 10x ms", "table max", "max / max_entries", "samples")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="right")
+    table.add_row(
+        fmt(bounded["write_ms_p50_1x"]),
+        fmt(bounded["write_ms_p50_10x"]),
+        fmt(bounded["write_p50_ratio"]),
+        fmt(bounded["write_ms_p99_1x"]),
+        fmt(bounded["write_ms_p99_10x"]),
+        fmt(bounded["table_max"]),
+        fmt(bounded["table_max_ratio"]),
+        fmt(bounded["samples"]),
+    )
     console.print(table)

@@ -19,6 +19,7 @@ import psycopg
 from fleetcache.errors import FleetcacheError
 from fleetcache.stores.migrations import migrate
 from fleetcache_cli.bench import expiry, minimal, near, pooled_fleet
+from fleetcache_cli.bench.bounded import measure_bounded
 from fleetcache_cli.bench.config import DESIGNS, BenchConfig, Scenario
 from fleetcache_cli.bench.fleet_run import WorkerSpec, analyse_run, fleet_worker, summarise
 from fleetcache_cli.bench.local import local_benchmarks
@@ -77,6 +78,9 @@ NOTES = {
     "each wait's start and end (fleetcache) or end (minimal); the max over all waits",
     "near": "see fleetcache_cli/bench/near.py: stale = began after the n-th invalidation "
     "returned and after this process applied it, yet returned a version < n",
+    "bounded": "see fleetcache_cli/bench/bounded.py: one process, PostgresStore.write timed "
+    "per call; the table counted with count(*) after every max_entries/20 writes; p50 at 1x "
+    "over the first max_entries writes, at 10x over the last max_entries",
     "xmin": "see fleetcache_cli/bench/xmin.py: every backend of the database sampled while "
     "one winner computes; the minimal design's winner is idle in its transaction for the "
     "whole computation (what idle_in_transaction_session_timeout kills); fleetcache's "
@@ -131,6 +135,10 @@ class Bench:
                 self.url, f"bench:{self.run_id}:xmin", self.config.xmin_compute_s
             )
             await self._delete(f"bench:{self.run_id}:xmin", "fleetcache", "minimal")
+        if self.config.bounded:
+            limit = self.config.bounded_max_entries
+            self.progress(f"bounded table (max_entries={limit}, {10 * limit} keys written)")
+            report["bounded"] = await measure_bounded(self.url, self.run_id, limit)
         if self.config.fleet:
             report["fleet"] = await self._fleet()
         if self.config.micro:

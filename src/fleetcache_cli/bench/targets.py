@@ -23,6 +23,11 @@ METRICS_NEAR_HIT_MS = 0.005
 NEAR_THROUGHPUT_RATIO = 10.0
 EXTRA_STATEMENTS = 1
 EXPIRY_P99_RATIO = 2.0
+#: A bounded table (issue 18): at most this many times max_entries at every sample, and
+#: the write p50 with the table full and evicting at most this many times the p50 while
+#: it fills ("flat").
+BOUNDED_TABLE_RATIO = 1.1
+BOUNDED_WRITE_RATIO = 1.25
 
 
 def _ratio(ours: Any, theirs: Any) -> float | None:
@@ -242,6 +247,24 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 0,
                 "",
             )
+    bounded = report.get("bounded")
+    if bounded is not None:
+        t.at_most(
+            "bounded: table max / max_entries",
+            f"count(*) sampled every max_entries/20 writes, {bounded['keys_written']} keys "
+            f"into max_entries={bounded['max_entries']}",
+            bounded["table_max_ratio"],
+            BOUNDED_TABLE_RATIO,
+            "x",
+        )
+        t.at_most(
+            "bounded: write p50 at 10x / at 1x",
+            f"write p50 {bounded['write_ms_p50_10x']} ms (last max_entries writes) / "
+            f"{bounded['write_ms_p50_1x']} ms (first max_entries writes)",
+            bounded["write_p50_ratio"],
+            BOUNDED_WRITE_RATIO,
+            "x",
+        )
     xmin = report.get("xmin")
     if xmin is not None:
         held = xmin["fleetcache"]
