@@ -24,7 +24,7 @@ from fleetcache.errors import DatabaseConnectError, StoreError
 from fleetcache.stores.postgres import PostgresStore
 from waiting import eventually
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 #: The dedicated server's max_connections (every slot usable by the test's superuser).
 MAX_CONNECTIONS = 12

@@ -579,6 +579,7 @@ async def test_a_frozen_connection_is_declared_dead_within_the_stated_bound(
             await hub.close()
 
 
+@pytest.mark.slow  # waits out a timeout on purpose
 async def test_a_connection_frozen_while_notifications_flow_is_noticed_as_fast(
     database_url: str, admin: AdminConn
 ) -> None:

@@ -24,7 +24,7 @@ from fleetcache.coordination.postgres import LOCK_APPLICATION_NAME, advisory_loc
 from fleetcache.notifications import DEFAULT_APPLICATION_NAME
 from tcp_proxy import FreezableProxy
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 NS = "https://realm.example/"
 #: The lock connections' idle timeout the winner tests use (seconds): short, so they run

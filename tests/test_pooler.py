@@ -98,6 +98,7 @@ async def test_a_session_through_the_transaction_pooler_is_refused_naming_the_fi
     assert await pooled_server_locks(admin, set()) == 0
 
 
+@pytest.mark.slow  # waits out a timeout on purpose
 async def test_a_session_url_naming_the_pooler_is_refused_though_the_pool_is_direct(
     pooled_url: str, database_url: str, admin: psycopg.AsyncConnection[Any]
 ) -> None:

@@ -200,6 +200,7 @@ async def test_notifications_are_not_lost_while_session_statements_run(
         assert (hub.gaps, hub.reconnects) == (0, 0)
 
 
+@pytest.mark.slow  # waits out a timeout on purpose
 async def test_a_session_with_notifications_flowing_still_sends_its_heartbeat(
     database_url: str, admin: Admin
 ) -> None:
@@ -244,6 +245,7 @@ async def test_a_statement_on_a_frozen_session_fails_once_the_session_is_declare
         assert (row, generation) == ((3,), 2)
 
 
+@pytest.mark.slow  # waits out a timeout on purpose
 async def test_a_miss_while_the_session_is_down_is_computed_without_the_lock(
     database_url: str,
 ) -> None:
