@@ -34,7 +34,9 @@ def test_small_demo_coalesces_and_its_invalidation_act_holds(
             database_url,
         ]
     )
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert captured.out, f"the demo printed no report (status {status}): {captured.err}"
+    report = json.loads(captured.out)
     assert report["problems"] == []
     assert status == 0
     plain, coordinated = report["runs"]["uncoordinated"], report["runs"]["coordinated"]

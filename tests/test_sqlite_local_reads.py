@@ -4,6 +4,7 @@ async API on the event loop's, each with a read-only connection of its own."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -89,3 +90,37 @@ def test_ended_threads_leave_no_reader_connection_behind(tmp_path: Path) -> None
         store = cache.store
         assert isinstance(store, SqliteStore)
         assert len(store._readers) <= 2  # the last thread's, and the loop's if it read
+
+
+def test_opening_waits_while_another_connection_holds_the_new_file(tmp_path: Path) -> None:
+    """Opening a new file while another connection holds its write lock (another process
+    creating the schema) waits for it instead of failing: sqlite refuses the switch to WAL
+    at once, without its busy handler, and the first release gave up with "database is
+    locked" (a demo worker did, one run in three)."""
+    path = tmp_path / "held.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO t VALUES (1)")
+    failed: list[BaseException] = []
+
+    def open_store() -> None:
+        async def go() -> None:
+            store = SqliteStore(path)
+            await store.open()
+            await store.close()
+
+        try:
+            asyncio.run(go())
+        except BaseException as exc:  # recorded for the assertion below
+            failed.append(exc)
+
+    opener = threading.Thread(target=open_store)
+    opener.start()
+    opener.join(0.5)  # time for a first try, which meets the held lock
+    assert failed == []
+    holder.execute("COMMIT")
+    holder.close()
+    opener.join(60)
+    assert not opener.is_alive()
+    assert failed == []

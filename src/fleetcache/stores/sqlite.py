@@ -187,7 +187,7 @@ class SqliteStore:
                 raise StoreError(f"opening {where} failed: {exc}") from exc
             self._conn = conn
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
+                _enable_wal(conn, self._busy_timeout)
                 _tune(conn)
                 migrate_sqlite(conn, where)
             except sqlite3.Error as exc:
@@ -477,6 +477,23 @@ def _check_stamp(stamp: GenerationStamp, key: Key) -> SqlitePoint:
     if not isinstance(stamp.point, SqlitePoint):
         raise InvalidInputError(f"the stamp for {key.coalesce_key} was not made by a sqlite store")
     return stamp.point
+
+
+def _enable_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Put the file in WAL mode (once per file; a no-op after). Switching needs the file to
+    itself, and sqlite answers "database is locked" at once, without its busy handler, while
+    another process opening it at the same moment holds a lock: retried for ``timeout``."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 def _tune(conn: sqlite3.Connection) -> None:
