@@ -20,14 +20,13 @@ import anyio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from fleetcache.errors import (
-    CachedError,
     ComputationInterruptedError,
     ConfigurationError,
     NotOpenError,
 )
 from fleetcache.factory import DEFAULT_CLOSE_TIMEOUT, Fleetcache
 from fleetcache.factory import open as open_async
-from fleetcache.lookup.caching import CachingLookup
+from fleetcache.lookup.caching import CachingLookup, value_of
 from fleetcache.lookup.decorator import KeyMaker
 from fleetcache.lookup.expiry import DEFAULT, Setting
 from fleetcache.lookup.populate import Missing, Produced
@@ -353,11 +352,7 @@ class SyncFleetcache:
             stale_ttl=stale_ttl,
             early_refresh=early_refresh,
         )
-        if entry is None:
-            return None
-        if entry.error is not None:
-            raise CachedError(entry.key.coalesce_key, entry.error)
-        return entry.value
+        return value_of(entry)
 
     def peek(self, key: Key, *, by_alias: bool = False) -> Entry | None:
         """The stored entry for ``key``, never computing (see ``CachingLookup.peek``)."""

@@ -71,6 +71,16 @@ class InvalidationPublisher(Protocol):
         """Every entry was deleted."""
 
 
+def value_of(entry: Entry | None) -> Any:
+    """What ``get_value`` answers for ``entry``: its value, None when missing; raises
+    :class:`~fleetcache.errors.CachedError` carrying the error document of an error entry."""
+    if entry is None:
+        return None
+    if entry.error is not None:
+        raise CachedError(entry.key.coalesce_key, entry.error)
+    return entry.value
+
+
 class CachingLookup(Generic[V]):
     """A read-through cache over a :class:`~fleetcache.stores.base.Store`.
 
@@ -380,11 +390,7 @@ class CachingLookup(Generic[V]):
             stale_ttl=stale_ttl,
             early_refresh=early_refresh,
         )
-        if entry is None:
-            return None
-        if entry.error is not None:
-            raise CachedError(entry.key.coalesce_key, entry.error)
-        value: V = entry.value
+        value: V | None = value_of(entry)
         return value
 
     async def peek(self, key: Key, *, by_alias: bool = False) -> Entry | None:
