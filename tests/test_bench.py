@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from fleetcache_cli.bench.config import add_arguments, resolve_config
 from fleetcache_cli.bench.fleet_run import WorkerSpec, fleet_worker
 from fleetcache_cli.bench.minimal import CREATE_TABLE, MinimalCache
 from fleetcache_cli.bench.pooled_fleet import run_fleet, task_keys
+from fleetcache_cli.bench.probes import MachineCpu
 from fleetcache_cli.bench.targets import evaluate_targets
 from fleetcache_cli.shared import Fleet, WorkerError, percentile
 
@@ -38,6 +40,7 @@ DESIGN_METRICS = {
     "computations_max_per_key_worst",
     "wall_ms",
     "cpu_per_request_ms",
+    "machine_cpu_ms",
     "hit_ms_p50",
     "wake_ms_p50",
     "wake_ms_p99",
@@ -309,3 +312,20 @@ def test_fleet_scenario_asks_for_every_key_from_different_processes() -> None:
     for tasks in askers.values():
         assert len(tasks) == overlap
         assert len({task // 2 for task in tasks}) == overlap
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="the machine CPU is read on Linux")
+def test_machine_cpu_counts_at_least_the_cpu_this_process_spent() -> None:
+    """The machine's busy CPU over a window holds at least what this process spent in it
+    (everything else on the machine only adds), and nothing outside what was sampled."""
+    with MachineCpu(interval=0.002) as machine:
+        time.sleep(0.05)
+        start, cpu = time.time(), time.process_time()
+        while time.process_time() - cpu < 0.3:
+            pass
+        spent, end = time.process_time() - cpu, time.time()
+        time.sleep(0.05)
+    busy = machine.busy_between(start, end)
+    assert busy is not None
+    assert busy >= spent * 0.9  # the counters tick in 10 ms: a tick or two either way
+    assert machine.busy_between(start - 3600, end) is None

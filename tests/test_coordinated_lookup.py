@@ -419,8 +419,11 @@ async def test_a_loser_rereads_after_its_lost_try_and_needs_no_second_notify(
         peer_read, peer_gate = asyncio.Event(), asyncio.Event()
         real_read = peer.store.read
 
-        async def gated_read(*args: Any, **kwargs: Any) -> Any:
-            entry = await real_read(*args, **kwargs)
+        peer_reads: list[Key] = []
+
+        async def gated_read(key: Key, *args: Any, **kwargs: Any) -> Any:
+            peer_reads.append(key)
+            entry = await real_read(key, *args, **kwargs)
             if not peer_read.is_set():  # its first read: the miss
                 peer_read.set()
                 await peer_gate.wait()
@@ -446,6 +449,63 @@ async def test_a_loser_rereads_after_its_lost_try_and_needs_no_second_notify(
             assert peer.coordinator is not None
             assert peer.coordinator.stats()["lock_lost"] == 1
             assert not first.done()  # the winner has not released its lock yet
+            # The re-read travelled with the try, on the session: the pooled read was
+            # only the miss.
+            assert peer_reads == [key]
         finally:
             release.set()
         assert await first == got
+
+
+@pytest.mark.postgres
+async def test_a_won_try_stamps_and_reads_in_its_own_round_trip(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coordinated miss on Postgres stamps and re-reads the key in the try-lock's round
+    trip (after the try, on the session): the store's pooled stamp_and_read is not used,
+    the key is computed once, and a hit answers it after."""
+    async with fleetcache.open(database_url) as cache:
+        pooled_stamps: list[Key] = []
+        real_stamp = cache.store.stamp_and_read
+
+        async def counted_stamp(key: Key, *args: Any, **kwargs: Any) -> Any:
+            pooled_stamps.append(key)
+            return await real_stamp(key, *args, **kwargs)
+
+        monkeypatch.setattr(cache.store, "stamp_and_read", counted_stamp)
+        calls: list[str] = []
+        first = await cache.get(Key(NS, "one-trip"), counting(calls))
+        assert first is not None
+        assert await cache.get(Key(NS, "one-trip"), counting(calls)) == first
+        assert calls == ["one-trip"]
+        assert pooled_stamps == []
+
+
+@pytest.mark.postgres
+async def test_a_try_whose_read_fails_gives_its_lock_back(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stamp-and-read sent with a try-lock fails after the try took the lock (no
+    rollback gives a session lock back): the caller gets the error, and the lock is free
+    at once for the next try, here or in another process."""
+    from fleetcache.stores.postgres import StampAndRead
+
+    key = Key(NS, "read-fails")
+    async with fleetcache.open(database_url) as cache, fleetcache.open(database_url) as peer:
+        real_statement = cache.store.stamp_and_read_statement
+
+        def broken_statement(*args: Any, **kwargs: Any) -> StampAndRead:
+            good = real_statement(*args, **kwargs)
+            broken = good.query.replace("fleetcache_entries", "fleetcache_no_such_table", 1)
+            return StampAndRead(good.key, good.names, broken, good.params, good.values)
+
+        monkeypatch.setattr(cache.store, "stamp_and_read_statement", broken_statement)
+        calls: list[str] = []
+        with pytest.raises(fleetcache.FleetcacheError, match="no_such_table"):
+            await cache.get(key, counting(calls))
+        assert calls == []
+        # The peer's try wins the lock at once (were it still held, it would wait).
+        assert await asyncio.wait_for(peer.get(key, counting(calls)), PROMPT) is not None
+        assert calls == ["read-fails"]
+        assert peer.coordinator is not None
+        assert peer.coordinator.stats()["lock_won"] == 1

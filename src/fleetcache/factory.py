@@ -484,6 +484,7 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
                     channel=populated_channel,
                     probe_interval=probe_interval,
                     lock_idle_timeout=lock_idle_timeout,
+                    reads=store,
                 )
                 closers.append(("coordinator", coordinator.close))
                 await coordinator.start()

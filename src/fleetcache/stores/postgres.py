@@ -496,17 +496,22 @@ class PostgresStore:
         self, key: Key, names: Sequence[str], *, by_alias: bool = False
     ) -> tuple[GenerationStamp, Entry | None]:
         """A stamp and ``read(key, by_alias=...)`` in one statement, under one snapshot."""
-        stamped = stamped_names(key, names)
-        query = q.PG_STAMP_AND_READ_BY_ALIAS if by_alias else q.PG_STAMP_AND_READ
-        params = _key_params(key)
+        reading = self.stamp_and_read_statement(key, names, by_alias=by_alias)
         row = await _pg.pooled(
             self.pool,
             f"stamping and reading {key.coalesce_key}",
-            lambda c: _fetchone(c, query, params),
+            lambda c: _fetchone(c, reading.query, reading.params),
         )
-        assert row is not None  # the LEFT JOIN always answers one row
-        stamp = GenerationStamp(key.namespace, stamped, PostgresPoint(row[0], row[1]))
-        return stamp, (None if row[2] is None else _entry(key, row[2:], self.values))
+        return reading.answer(row)
+
+    def stamp_and_read_statement(
+        self, key: Key, names: Sequence[str], *, by_alias: bool = False
+    ) -> StampAndRead:
+        """:meth:`stamp_and_read` as a statement to run elsewhere (the coordinator sends it
+        with a key's try-lock, in the same round trip) and the answer made of its row."""
+        stamped = stamped_names(key, names)
+        query = q.PG_STAMP_AND_READ_BY_ALIAS if by_alias else q.PG_STAMP_AND_READ
+        return StampAndRead(key, stamped, query, _key_params(key), self.values)
 
     # ------------------------------------------------------------------------ writes
 
@@ -978,6 +983,23 @@ def _check_stamp(stamp: GenerationStamp, key: Key) -> PostgresPoint:
             f"the stamp for {key.coalesce_key} was not made by a Postgres store"
         )
     return stamp.point
+
+
+@dataclass(frozen=True, slots=True)
+class StampAndRead:
+    """A stamp-and-read of ``key`` as one statement (binary rows) and its answer."""
+
+    key: Key
+    names: tuple[str, ...]
+    query: str
+    params: dict[str, Any]
+    values: ValueCodec
+
+    def answer(self, row: tuple[Any, ...] | None) -> tuple[GenerationStamp, Entry | None]:
+        """The stamp and the entry (None: none stored) the statement's row says."""
+        assert row is not None  # the LEFT JOIN always answers one row
+        stamp = GenerationStamp(self.key.namespace, self.names, PostgresPoint(row[0], row[1]))
+        return stamp, (None if row[2] is None else _entry(self.key, row[2:], self.values))
 
 
 async def _fetchone(

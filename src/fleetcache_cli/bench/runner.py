@@ -24,6 +24,7 @@ from fleetcache_cli.bench.config import DESIGNS, BenchConfig, Scenario
 from fleetcache_cli.bench.fleet_run import WorkerSpec, analyse_run, fleet_worker, summarise
 from fleetcache_cli.bench.local import local_benchmarks
 from fleetcache_cli.bench.micro import fill_entries, micro_benchmarks
+from fleetcache_cli.bench.probes import MachineCpu
 from fleetcache_cli.bench.targets import evaluate_targets
 from fleetcache_cli.bench.xmin import probe_xmin
 from fleetcache_cli.shared import Fleet, WorkerError, percentile
@@ -58,6 +59,10 @@ NOTES = {
     "wall_ms": "from the release to the last request's return",
     "cpu_per_request": "time.process_time() of each worker from the release to its last "
     "request, summed over the workers, / requests (the Postgres server's CPU is not in it)",
+    "machine_cpu": "the whole machine's busy CPU (/proc/stat: all cores, less idle and "
+    "iowait) from the release to the last request's return, sampled every 5 ms by the "
+    "parent: the workers, the Postgres server and whatever else runs (on a shared machine, "
+    "noise for both designs alike)",
     "hit_latency": "requests that began after their key's commit and neither computed nor "
     "waited: a warm hit while the rest of the fleet is still busy",
     "wake_latency": "per waiter: its request's return minus the key's commit. fleetcache's "
@@ -254,14 +259,15 @@ class Bench:
         ]
         started = time.monotonic()
         try:
-            results = await fleet.run(fleet_worker, specs, run_timeout=config.run_timeout + 15)
+            with MachineCpu() as machine:
+                results = await fleet.run(fleet_worker, specs, run_timeout=config.run_timeout + 15)
         except WorkerError as exc:
             self.failures.append(f"{label}: {exc}")
             self.progress(f"{label}: FAILED (workers killed): {str(exc).splitlines()[0]}")
             return {"error": str(exc)}
         finally:
             await self._delete(namespace, design)
-        run = analyse_run(results, keys=scenario.keys)
+        run = analyse_run(results, keys=scenario.keys, machine=machine)
         if run["failed_requests"]:
             self.failures.append(f"{label}: {run['failed_requests']} request(s) failed")
         self.progress(

@@ -99,6 +99,13 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             CPU_RATIO,
             "x",
         )
+        t.at_most(
+            f"{name}: machine CPU",
+            "fleetcache / minimal busy CPU of the whole machine over the run (medians)",
+            _ratio(ours.get("machine_cpu_ms"), theirs.get("machine_cpu_ms")),
+            CPU_RATIO,
+            "x",
+        )
         if name != "hotkey":  # one key: hardly any request starts after its commit
             t.at_most(
                 f"{name}: warm-hit p50 under load",
