@@ -220,7 +220,7 @@ class PostgresStore:
     ``Bounds.check_every`` successful writes, this process looks at it, and if the table
     is over a bound a background task evicts the least recently written entries (and
     their dependents) in batches until it is 5% under. The writer does not wait for it,
-    unless it has written ``check_every`` more while the eviction was still running.
+    unless it has written twice ``check_every`` more while the eviction was still running.
 
     ``unlogged=True`` makes the entries table (and its counts) UNLOGGED at ``open()`` if it
     is not already (a rewrite of the table under an exclusive lock, once): writes skip the
@@ -559,8 +559,8 @@ class PostgresStore:
 
     async def _after_write(self) -> None:
         # Every check_every writes, an eviction in the background (it looks at the size
-        # first); the writer waits only if the one under way has let it write another
-        # check_every meanwhile (so one process cannot outrun eviction).
+        # first); the writer waits only if the one under way has let it write twice
+        # check_every more meanwhile (so one process cannot outrun eviction).
         self._since_check += 1
         every = self.bounds.check_every
         if self._since_check < every:
