@@ -390,6 +390,43 @@ async def test_one_notify_per_fill(database_url: str) -> None:
 
 
 @pytest.mark.postgres
+async def test_a_winner_that_finds_the_key_filled_releases_without_a_notify(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that missed, then won the lock after another process had filled the key
+    and released it, answers with that fill and releases without a NOTIFY of its own: the
+    filler's write announced the row, and anyone who tried the lock later read it before
+    parking. One NOTIFY for the key in all."""
+    key = Key(NS, "filled-meanwhile")
+    async with fleetcache.open(database_url) as filler, fleetcache.open(database_url) as late:
+        assert filler.hub is not None
+        heard: list[str] = []
+        filler.hub.add_handler(POPULATED_CHANNEL, heard.append)
+        missed, go = asyncio.Event(), asyncio.Event()
+        real_read = late.store.read
+
+        async def gated_read(*args: Any, **kwargs: Any) -> Any:
+            entry = await real_read(*args, **kwargs)
+            if not missed.is_set():  # its first read: the miss
+                missed.set()
+                await go.wait()
+            return entry
+
+        monkeypatch.setattr(late.store, "read", gated_read)
+        calls: list[str] = []
+        second = asyncio.create_task(late.get(key, counting(calls)))
+        async with asyncio.timeout(PROMPT):
+            await missed.wait()
+        first = await filler.get(key, counting(calls))  # computed, stored and released
+        go.set()
+        assert await asyncio.wait_for(second, PROMPT) == first
+        assert calls == ["filled-meanwhile"]
+        assert late.coordinator is not None
+        assert late.coordinator.stats()["lock_won"] == 1
+        assert await heard_for(filler, heard, key) == 1
+
+
+@pytest.mark.postgres
 async def test_a_loser_rereads_after_its_lost_try_and_needs_no_second_notify(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

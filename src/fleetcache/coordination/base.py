@@ -64,7 +64,9 @@ class KeyLock:
     ``won``: this task holds the key's lock until the ``async with`` block ends. A winner's
     write sends ``notify`` (a ``(channel, payload)`` NOTIFY, None when the key's waiters
     are woken by the release alone) in its own transaction and then sets ``notified``, so
-    the release wakes the waiters of every other process only if no write did.
+    the release wakes the waiters of every other process only if no write did; a winner
+    that found the key already filled by another process sets ``quiet`` (that fill's own
+    write woke them, and a waiter that came later found the row before it parked).
     :meth:`found` is what the try read, when the coordinator read with it (won or lost).
     Lost: ``await lock.wait(timeout)`` parks until the holder is done (see
     :class:`WakeReason`); the waiter was registered before the try, so nothing that happens
@@ -75,6 +77,7 @@ class KeyLock:
     won: bool
     notify: tuple[str, str] | None = None
     notified: bool = False
+    quiet: bool = False
     _waiter: Waiter | None = field(default=None, repr=False)
     _read: tuple[Answer, tuple[Any, ...] | None] | None = field(default=None, repr=False)
 

@@ -231,7 +231,8 @@ class PostgresCoordinator(Service):
     def stats(self) -> dict[str, int]:
         """A copy of the counters: lock_won, lock_lost, woken_notify, woken_timeout,
         woken_probe, woken_gap, woken_close, notifies (NOTIFYs sent for keys, by a
-        winner's write or its release: one per won lock), notify_failures, and
+        winner's write or its release: one per won lock, none for a winner that found the
+        key filled), notify_failures, and
         computed_unlocked (keys won without the fleet's lock while the session was down)."""
         return {**self._registry.stats, "computed_unlocked": self._unlocked}
 
@@ -296,7 +297,9 @@ class PostgresCoordinator(Service):
                 self._registry.stats["notifies"] += 1  # sent by the winner's write
             # Shielded: a cancelled winner must still release and notify.
             await asyncio.shield(
-                self._release(coalesce_key, lid, line, gen, notify=not held.notified)
+                self._release(
+                    coalesce_key, lid, line, gen, notify=not (held.notified or held.quiet)
+                )
             )
 
     def _lost(self, waiter: Waiter) -> None:

@@ -327,7 +327,8 @@ class Populator(Generic[V]):
                     if self._usable(entry) and (
                         request.newer_than is None or (entry.created_at or 0) > request.newer_than
                     ):
-                        return self._keep(entry, epoch)  # someone else stored it
+                        lock.quiet = True  # someone else stored it, and announced it
+                        return self._keep(entry, epoch)
                     outcome = await self._candidates(request, stamp, lock)
                     if outcome is None:
                         return None  # every candidate is missing
