@@ -113,8 +113,9 @@ class SqliteStore:
     its key's rows and a commit that appends to the WAL without syncing it
     (``synchronous=NORMAL``) and never checkpoints (the worker does, every
     :data:`CHECKPOINT_EVERY` such writes). Invalidations, clears, purges and evictions
-    (whose size has no bound) run on the worker thread. Each is a fraction of a hop to a
-    thread and back.
+    (whose size has no bound) run on the worker thread. A read or a write on the loop
+    costs less than the hop to a thread and back that it saves.
+
     ``max_entries``/``max_bytes`` (value bytes as encoded) bound the file: a write that
     finds it over a bound (the counts are kept by triggers, read in the write's own
     transaction) evicts, right after its commit and in a transaction of its own, the least
