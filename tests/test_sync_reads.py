@@ -19,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 import fleetcache
 from fleetcache import Entry, Key, Produced, SyncFleetcache
 from fleetcache.embedded import PgBouncer
-from fleetcache.errors import CachedError
+from fleetcache.errors import CachedError, ConfigurationError
 from fleetcache.stores.postgres import PostgresStore
 from test_sync import eventually
 
@@ -295,3 +295,30 @@ def test_reads_through_pgbouncer_go_where_the_pool_goes_unprepared(
             assert conn.prepare_threshold is None
             assert conn.info.port == pgbouncer.port
     assert wrong == []
+
+
+def test_a_read_pool_connection_lost_is_replaced_without_failing_the_read(
+    database_url: str,
+) -> None:
+    """The read pool's connection terminated on the server (a restart does that to every
+    idle one) costs the next hit nothing: it is read again on a fresh connection."""
+    with fleetcache.open_sync(database_url) as cache:
+        key = Key(NS, "k")
+        cache.get(key, lambda key: Produced("v"))
+        assert cache.get_value(key, never) == "v"
+        read_pool = store_of(cache).read_pool
+        assert read_pool is not None
+        with read_pool.connection() as conn:
+            pid = conn.info.backend_pid
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        assert cache.get_value(key, never) == "v"
+        with read_pool.connection() as conn:
+            assert conn.info.backend_pid != pid
+
+
+@pytest.mark.parametrize("size", [-1, 1.5, True, "2"])
+def test_read_pool_size_is_checked_before_anything_opens(database_url: str, size: Any) -> None:
+    """A read_pool_size that is not a whole number >= 0 is refused at once."""
+    with pytest.raises(ConfigurationError, match="read_pool_size"):
+        fleetcache.open_sync(database_url, read_pool_size=size)
