@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import psycopg
 
 from fleetcache.errors import FleetcacheError
 from fleetcache.stores.migrations import migrate
-from fleetcache_cli.bench import expiry, minimal, near, pooled_fleet
+from fleetcache_cli.bench import expiry, minimal, near, pooled_fleet, sync
 from fleetcache_cli.bench.bounded import measure_bounded
 from fleetcache_cli.bench.config import DESIGNS, BenchConfig, Scenario
 from fleetcache_cli.bench.fleet_run import WorkerSpec, analyse_run, fleet_worker, summarise
@@ -37,6 +38,7 @@ _DELETE = {
     "fleetcache": "DELETE FROM fleetcache_entries WHERE namespace = %(ns)s",
     "minimal": "DELETE FROM bench_minimal_entries WHERE namespace = %(ns)s",
     "versions": "DELETE FROM bench_near_versions WHERE namespace = %(ns)s",
+    "django": "DELETE FROM bench_django_cache WHERE starts_with(cache_key, %(ns)s || ':')",
 }
 
 NOTES = {
@@ -151,6 +153,8 @@ class Bench:
             report["micro"] = await micro_benchmarks(
                 self.url, self.run_id, self.config.micro_iterations
             )
+        if self.config.sync:
+            report["sync"] = await self._sync()
         report["duration_s"] = round(time.time() - started, 1)
         report["targets"] = evaluate_targets(report)
         report["failures"] = self.failures
@@ -275,6 +279,38 @@ class Bench:
             f" ({time.monotonic() - started:.1f} s)"
         )
         return run
+
+    # ------------------------------------------------------------------------ sync
+
+    async def _sync(self) -> dict[str, Any]:
+        """The sync API and the Django backend (:mod:`.sync`), in a process of its own."""
+        namespace = f"bench:{self.run_id}:sync"
+        self.progress("sync API and Django backend: hits sync vs async, stampedes")
+        try:
+            return await asyncio.to_thread(
+                sync.run_apart,
+                self.url,
+                self.config.micro_iterations,
+                namespace,
+                self.config.run_timeout + 60,
+            )
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            self.failures.append(f"sync: {exc}")
+            self.progress(f"sync: FAILED: {str(exc).splitlines()[0]}")
+            return {"error": str(exc)}
+        finally:
+            await self._delete(namespace, "fleetcache")
+            await self._delete(f"{namespace}:django", "fleetcache")
+            await self._delete_django(namespace)
+
+    async def _delete_django(self, prefix: str) -> None:
+        """The DatabaseCache rows of the sync scenario (its table may not exist yet)."""
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            exists = await (
+                await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (sync.DJANGO_TABLE,))
+            ).fetchone()
+            if exists is not None and exists[0]:
+                await conn.execute(_DELETE["django"], {"ns": prefix})
 
     # ------------------------------------------------------------------- large fleet
 
