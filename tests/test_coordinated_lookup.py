@@ -20,6 +20,7 @@ from fleetcache.coordination.postgres import POPULATED_CHANNEL
 from fleetcache.errors import ConfigurationError, CoordinationGaveUpError
 from fleetcache.lookup.options import LookupOptions
 from fleetcache.lookup.populate import MISSING, Missing
+from fleetcache.notifications import hub as hub_module
 from fleetcache.stores.sqlite import SqliteStore
 from waiting import PROMPT, eventually
 
@@ -495,12 +496,15 @@ async def test_a_loser_rereads_after_its_lost_try_and_needs_no_second_notify(
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipeline", "libpq-before-14"])
 async def test_a_won_try_stamps_and_reads_in_its_own_round_trip(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
+    database_url: str, monkeypatch: pytest.MonkeyPatch, pipeline: bool
 ) -> None:
     """A coordinated miss on Postgres stamps and re-reads the key in the try-lock's round
     trip (after the try, on the session): the store's pooled stamp_and_read is not used,
-    the key is computed once, and a hit answers it after."""
+    the key is computed once, and a hit answers it after. Where libpq has no pipeline mode
+    the two statements go one after the other, with the same answers."""
+    monkeypatch.setattr(hub_module, "_PIPELINE", pipeline)
     async with fleetcache.open(database_url) as cache:
         pooled_stamps: list[Key] = []
         real_stamp = cache.store.stamp_and_read

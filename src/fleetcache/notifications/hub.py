@@ -31,6 +31,8 @@ from fleetcache.logcontext import get_logger
 logger = get_logger("fleetcache.notifications")
 
 _Conn = psycopg.AsyncConnection[Any]
+#: Whether this libpq can send statements in pipeline mode (14 and later).
+_PIPELINE = psycopg.Pipeline.is_supported()
 #: One statement of :meth:`NotificationHub.execute_pipelined`: query, parameters, binary rows.
 Statement = tuple[str, Mapping[str, Any] | None, bool]
 #: Run on the first connection before anything is set on it (e.g. refusing a transaction
@@ -309,10 +311,11 @@ class NotificationHub(Service):
         self, statements: Sequence[Statement], *, wait: float | None = None
     ) -> tuple[list[tuple[Any, ...] | None], int]:
         """:meth:`execute` for a few short statements sent together, in one round trip
-        (psycopg's pipeline mode): each one's first row, in order. Each statement takes its
-        own snapshot when it starts, after the one before it ended; together they are one
-        implicit transaction, so a failure undoes what the others did — except session
-        locks, which no rollback gives back. ``Statement``: query, parameters, and whether
+        (psycopg's pipeline mode; one round trip each where libpq is older than 14): each
+        one's first row, in order. Each statement takes its own snapshot when it starts,
+        after the one before it ended; together they are one implicit transaction, so a
+        failure undoes what the others did — except session locks, which no rollback gives
+        back. ``Statement``: query, parameters, and whether
         rows come back in binary."""
         try:
             return await self._execute(statements, wait=wait)
@@ -652,9 +655,13 @@ class NotificationHub(Service):
     ) -> list[tuple[Any, ...] | None]:
         """Run ``statements`` on ``conn`` (the caller holds the turn); their first rows."""
         try:
-            if len(statements) == 1:
-                query, params, binary = statements[0]
-                cursors = [await conn.execute(query, params, binary=binary)]
+            if len(statements) == 1 or not _PIPELINE:
+                # Without pipeline mode (libpq before 14) one at a time: each statement is
+                # then its own transaction, and still takes its snapshot after the last.
+                cursors = [
+                    await conn.execute(query, params, binary=binary)
+                    for query, params, binary in statements
+                ]
             else:
                 async with conn.pipeline():
                     cursors = [
