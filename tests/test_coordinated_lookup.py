@@ -14,13 +14,12 @@ import pytest
 
 import fleetcache
 from fleetcache import CachingLookup, Key, Produced
-from fleetcache.coordination.base import lock_id
+from fleetcache.coordination.base import Reading, lock_id
 from fleetcache.coordination.local import LocalCoordinator
 from fleetcache.coordination.postgres import POPULATED_CHANNEL
-from fleetcache.errors import ConfigurationError, CoordinationGaveUpError
+from fleetcache.errors import ConfigurationError, CoordinationError, CoordinationGaveUpError
 from fleetcache.lookup.options import LookupOptions
 from fleetcache.lookup.populate import MISSING, Missing
-from fleetcache.notifications import hub as hub_module
 from fleetcache.stores.sqlite import SqliteStore
 from waiting import PROMPT, eventually
 
@@ -496,15 +495,12 @@ async def test_a_loser_rereads_after_its_lost_try_and_needs_no_second_notify(
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("pipeline", [True, False], ids=["pipeline", "libpq-before-14"])
 async def test_a_won_try_stamps_and_reads_in_its_own_round_trip(
-    database_url: str, monkeypatch: pytest.MonkeyPatch, pipeline: bool
+    database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A coordinated miss on Postgres stamps and re-reads the key in the try-lock's round
-    trip (after the try, on the session): the store's pooled stamp_and_read is not used,
-    the key is computed once, and a hit answers it after. Where libpq has no pipeline mode
-    the two statements go one after the other, with the same answers."""
-    monkeypatch.setattr(hub_module, "_PIPELINE", pipeline)
+    """A coordinated miss on Postgres stamps and re-reads the key in the try-lock's
+    statement (after the try, on the session): the store's pooled stamp_and_read is not
+    used, the key is computed once, and a hit answers it after."""
     async with fleetcache.open(database_url) as cache:
         pooled_stamps: list[Key] = []
         real_stamp = cache.store.stamp_and_read
@@ -523,28 +519,24 @@ async def test_a_won_try_stamps_and_reads_in_its_own_round_trip(
 
 
 @pytest.mark.postgres
-async def test_a_try_whose_read_fails_gives_its_lock_back(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The stamp-and-read sent with a try-lock fails after the try took the lock (no
-    rollback gives a session lock back): the caller gets the error, and the lock is free
-    at once for the next try, here or in another process."""
-    from fleetcache.stores.postgres import StampAndRead
-
+async def test_a_try_whose_read_fails_gives_its_lock_back(database_url: str) -> None:
+    """The stamp-and-read in a try-lock's statement fails after the try took the lock (here
+    the entries table is gone for a moment; no rollback gives a session lock back): the
+    caller gets the error, and the lock is free at once for the next try, here or in
+    another process."""
     key = Key(NS, "read-fails")
     async with fleetcache.open(database_url) as cache, fleetcache.open(database_url) as peer:
-        real_statement = cache.store.stamp_and_read_statement
-
-        def broken_statement(*args: Any, **kwargs: Any) -> StampAndRead:
-            good = real_statement(*args, **kwargs)
-            broken = good.query.replace("fleetcache_entries", "fleetcache_no_such_table", 1)
-            return StampAndRead(good.key, good.names, broken, good.params, good.values)
-
-        monkeypatch.setattr(cache.store, "stamp_and_read_statement", broken_statement)
+        assert cache.coordinator is not None
+        reading = Reading(key, (key.name,), by_alias=False)
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as admin:
+            await admin.execute("ALTER TABLE fleetcache_entries RENAME TO fleetcache_away")
+            try:
+                with pytest.raises(CoordinationError, match="fleetcache_entries"):
+                    async with cache.coordinator.lock(key.coalesce_key, reading):
+                        pytest.fail("the try's read failed: the block must not run")
+            finally:
+                await admin.execute("ALTER TABLE fleetcache_away RENAME TO fleetcache_entries")
         calls: list[str] = []
-        with pytest.raises(fleetcache.FleetcacheError, match="no_such_table"):
-            await cache.get(key, counting(calls))
-        assert calls == []
         # The peer's try wins the lock at once (were it still held, it would wait).
         assert await asyncio.wait_for(peer.get(key, counting(calls)), PROMPT) is not None
         assert calls == ["read-fails"]

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
+import fleetcache
 from fleetcache.errors import SchemaVersionError
 from fleetcache.stores.base import Entry, GenerationStamp, Key
 from fleetcache.stores.migrations import LATEST, migrate, migrate_postgres
@@ -341,19 +342,19 @@ async def test_sqlite_newer_schema_is_refused_naming_both_versions(tmp_path: Pat
     await first.open()
     await first.close()
     conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("UPDATE fleetcache_schema SET version = 7")
+    conn.execute("UPDATE fleetcache_schema SET version = ?", (LATEST + 1,))
     conn.close()
     store = SqliteStore(path)
     with pytest.raises(SchemaVersionError) as info:
         await store.open()
-    assert (info.value.found, info.value.known) == (7, LATEST)
-    assert "version 7" in str(info.value)
+    assert (info.value.found, info.value.known) == (LATEST + 1, LATEST)
+    assert f"version {LATEST + 1}" in str(info.value)
     with pytest.raises(SchemaVersionError):
         await migrate(path)
     conn = sqlite3.connect(path, timeout=0, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
-        assert conn.execute("SELECT version FROM fleetcache_schema").fetchone() == (7,)
+        assert conn.execute("SELECT version FROM fleetcache_schema").fetchone() == (LATEST + 1,)
         conn.execute("ROLLBACK")
     finally:
         conn.close()
@@ -520,3 +521,27 @@ async def test_sqlite_v2_file_is_upgraded_with_values_kept(tmp_path: Path) -> No
         assert new == (b'{"b":1,"a":2}',)
     finally:
         conn.close()
+
+
+async def test_postgres_v6_database_gets_the_try_and_read_function(database_url: str) -> None:
+    """Version 7 adds ``fleetcache_try_lock_and_read_v1``: a version 6 database gets it on
+    open (nothing else changes), and a coordinated miss then computes through it."""
+    await migrate(database_url)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute("DROP FUNCTION fleetcache_try_lock_and_read_v1")
+        await conn.execute("UPDATE fleetcache_schema SET version = 6")
+    assert await migrate(database_url) == (6, LATEST)
+    async with fleetcache.open(database_url) as cache:
+
+        async def produce(key: Key) -> fleetcache.Produced[str]:
+            return fleetcache.Produced("computed")
+
+        entry = await cache.get(Key(NS, NS + "after-upgrade"), produce)
+        assert entry is not None
+        assert cache.coordinator is not None
+        assert cache.coordinator.stats()["lock_won"] == 1
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        found = await conn.execute(
+            "SELECT count(*) FROM pg_proc WHERE proname = 'fleetcache_try_lock_and_read_v1'"
+        )
+        assert await found.fetchone() == (1,)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import psycopg
@@ -25,7 +25,7 @@ from fleetcache.errors import (
     SessionLostError,
 )
 from fleetcache.logcontext import get_logger
-from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME, NotificationHub, Statement
+from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME, NotificationHub
 from fleetcache.stores.postgres import PostgresStore, StampAndRead
 
 __all__ = ["POPULATED_CHANNEL", "PostgresCoordinator", "advisory_lock_tag"]
@@ -115,29 +115,16 @@ class _LockLine:
         *,
         retry: bool = True,
         wait: float | None = None,
+        binary: bool = False,
     ) -> tuple[tuple[Any, ...] | None, int]:
-        """Run one statement on the session; its row and the connection's generation
-        (see :meth:`statements`)."""
-        rows, gen = await self.statements(what, [(query, params, False)], retry=retry, wait=wait)
-        return rows[0], gen
-
-    async def statements(
-        self,
-        what: str,
-        statements: Sequence[Statement],
-        *,
-        retry: bool = True,
-        wait: float | None = None,
-    ) -> tuple[list[tuple[Any, ...] | None], int]:
-        """Run statements on the session in one round trip; return their rows and the
-        connection's generation. A lost connection is replaced by the hub and (with
-        ``retry``) the statements run once more on the new one: whatever the lost one held
-        died with it. ``wait``: how long to wait for a session that is down (default: the
-        hub's connect budget); a session lost for good raises CoordinationError from
-        SessionLostError."""
+        """Run one statement on the session; return its row and the connection's
+        generation. A lost connection is replaced by the hub and (with ``retry``) the
+        statement run once more on the new one: whatever the lost one held died with it.
+        ``wait``: how long to wait for a session that is down (default: the hub's connect
+        budget); a session lost for good raises CoordinationError from SessionLostError."""
         for attempt in (1, 2):
             try:
-                return await self._hub.execute_pipelined(statements, wait=wait)
+                return await self._hub.execute(query, params, wait=wait, binary=binary)
             except SessionLostError as exc:
                 if not (retry and attempt == 1):
                     raise CoordinationError(f"{what} failed: {exc}") from exc
@@ -317,35 +304,37 @@ class PostgresCoordinator(Service):
 
     async def _try_lock(
         self, coalesce_key: str, lid: int, line: _LockLine, read: StampAndRead | None
-    ) -> tuple[bool, int, tuple[StampAndRead, tuple[Any, ...] | None] | None]:
+    ) -> tuple[bool, int, tuple[StampAndRead, tuple[Any, ...]] | None]:
         """Whether the lock was won, the generation of the connection it was tried on, and
-        what ``read`` found (in the same round trip; None without one). The statement runs
+        what ``read`` found (in the same statement; None without one). The statement runs
         in its own task: a caller cancelled mid-statement must not leave a lock taken for
         nobody, so the task finishes and gives such a lock back."""
         task = asyncio.ensure_future(self._try_statement(coalesce_key, lid, line, read))
         try:
-            rows, gen = await asyncio.shield(task)
+            row, gen = await asyncio.shield(task)
         except asyncio.CancelledError:
             self.spawn(self._abandon(task, coalesce_key, lid, line), f"abandon {lid}")
             raise
-        won = bool(rows[0] and rows[0][0])
-        return won, gen, (read, rows[1]) if read is not None and len(rows) > 1 else None
+        won = bool(row and row[0])
+        found = (read, row[1:]) if read is not None and row and gen != UNLOCKED else None
+        return won, gen, found
 
     async def _try_statement(
         self, coalesce_key: str, lid: int, line: _LockLine, read: StampAndRead | None
-    ) -> tuple[list[tuple[Any, ...] | None], int]:
-        """The try-lock's row (then ``read``'s, sent in the same round trip: its snapshot
-        is taken after the try, so a fill that committed before a won try is seen) and the
-        generation. While the session is down for longer than ``SESSION_WAIT``, a win on
-        no lock (generation ``UNLOCKED``, nothing read): this process computes the key
-        without the fleet's lock rather than fail its callers (peers may compute it too;
-        the store still refuses a stale write)."""
-        statements: list[Statement] = [(_TRY_LOCK, {"id": lid}, False)]
-        if read is not None:
-            statements.append((read.query, read.params, True))
+    ) -> tuple[tuple[Any, ...] | None, int]:
+        """The try-lock's row (with ``read``: ``won`` and then the stamp-and-read's row,
+        taken after the try in the same statement) and the generation. While the session
+        is down for longer than ``SESSION_WAIT``, a win on no lock (generation
+        ``UNLOCKED``, nothing read): this process computes the key without the fleet's
+        lock rather than fail its callers (peers may compute it too; the store still
+        refuses a stale write)."""
         what = f"the try-lock of key {coalesce_key}"
+        if read is None:
+            query, params = _TRY_LOCK, {"id": lid}
+        else:
+            query, params = read.with_try_lock(lid)
         try:
-            return await line.statements(what, statements, wait=SESSION_WAIT)
+            return await line.statement(what, query, params, wait=SESSION_WAIT, binary=True)
         except CoordinationError as exc:
             if not isinstance(exc.__cause__, SessionLostError):
                 if read is not None:
@@ -362,11 +351,11 @@ class PostgresCoordinator(Service):
                 coalesce_key,
                 exc,
             )
-            return [(True,)], UNLOCKED
+            return (True,), UNLOCKED
 
     async def _abandon(
         self,
-        task: asyncio.Future[tuple[list[tuple[Any, ...] | None], int]],
+        task: asyncio.Future[tuple[tuple[Any, ...] | None, int]],
         coalesce_key: str,
         lid: int,
         line: _LockLine,
@@ -375,10 +364,10 @@ class PostgresCoordinator(Service):
         local claim (kept until now, so no other task of ours could take the same lock
         re-entrantly meanwhile) and wake this process's waiters of the key."""
         try:
-            rows, gen = await task
+            row, gen = await task
         except Exception:  # noqa: BLE001 - the try failed, so it took nothing
-            rows, gen = [None], 0
-        if rows[0] and rows[0][0]:
+            row, gen = None, 0
+        if row and row[0]:
             await self._release(coalesce_key, lid, line, gen, notify=True)
         else:
             self._held.pop(lid, None)

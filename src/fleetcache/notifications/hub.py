@@ -31,10 +31,6 @@ from fleetcache.logcontext import get_logger
 logger = get_logger("fleetcache.notifications")
 
 _Conn = psycopg.AsyncConnection[Any]
-#: Whether this libpq can send statements in pipeline mode (14 and later).
-_PIPELINE = psycopg.Pipeline.is_supported()
-#: One statement of :meth:`NotificationHub.execute_pipelined`: query, parameters, binary rows.
-Statement = tuple[str, Mapping[str, Any] | None, bool]
 #: Run on the first connection before anything is set on it (e.g. refusing a transaction
 #: pooler); raises to refuse the connection.
 SessionCheck = Callable[[_Conn], Awaitable[None]]
@@ -292,11 +288,16 @@ class NotificationHub(Service):
         self._gap_handlers.append(callback)
 
     async def execute(
-        self, query: str, params: Mapping[str, Any] | None = None, *, wait: float | None = None
+        self,
+        query: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        wait: float | None = None,
+        binary: bool = False,
     ) -> tuple[tuple[Any, ...] | None, int]:
         """Run one short statement on the session connection, between the hub's waits for
-        notifications; return its first row (None if it has none) and the
-        :attr:`generation` of the connection it ran on.
+        notifications; return its first row (None if it has none; in binary format with
+        ``binary``) and the :attr:`generation` of the connection it ran on.
 
         While the hub reconnects, waits for the new connection at most ``wait`` seconds
         (default: the connect budget). Raises :class:`~fleetcache.errors.SessionLostError`
@@ -304,21 +305,8 @@ class NotificationHub(Service):
         reconnects and reports a gap), and :class:`~fleetcache.errors.NotificationError`
         when the statement itself fails.
         """
-        rows, generation = await self.execute_pipelined([(query, params, False)], wait=wait)
-        return rows[0], generation
-
-    async def execute_pipelined(
-        self, statements: Sequence[Statement], *, wait: float | None = None
-    ) -> tuple[list[tuple[Any, ...] | None], int]:
-        """:meth:`execute` for a few short statements sent together, in one round trip
-        (psycopg's pipeline mode; one round trip each where libpq is older than 14): each
-        one's first row, in order. Each statement takes its own snapshot when it starts,
-        after the one before it ended; together they are one implicit transaction, so a
-        failure undoes what the others did — except session locks, which no rollback gives
-        back. ``Statement``: query, parameters, and whether
-        rows come back in binary."""
         try:
-            return await self._execute(statements, wait=wait)
+            return await self._execute(query, params, wait=wait, binary=binary)
         except psycopg.Error as exc:
             raise NotificationError(f"a session statement failed: {_pg.one_line(exc)}") from exc
 
@@ -336,8 +324,7 @@ class NotificationHub(Service):
         self._idle_timeout = seconds
         self._wake_runner()  # its heartbeat is due sooner now
         try:
-            params = {"timeout": _milliseconds(seconds)}
-            await self._execute([(_SET_IDLE_TIMEOUT, params, False)], wait=None)
+            await self._execute(_SET_IDLE_TIMEOUT, {"timeout": _milliseconds(seconds)}, wait=None)
         except psycopg.errors.UndefinedObject:  # PostgreSQL < 14: no such setting
             _log_no_idle_timeout()
         except psycopg.Error as exc:
@@ -610,9 +597,14 @@ class NotificationHub(Service):
             self._dispatch(channel, payload)
 
     async def _execute(
-        self, statements: Sequence[Statement], *, wait: float | None
-    ) -> tuple[list[tuple[Any, ...] | None], int]:
-        """:meth:`execute_pipelined` with driver errors raised as they are."""
+        self,
+        query: str,
+        params: Mapping[str, Any] | None,
+        *,
+        wait: float | None,
+        binary: bool = False,
+    ) -> tuple[tuple[Any, ...] | None, int]:
+        """:meth:`execute` with driver errors raised as they are."""
         deadline = time.monotonic() + (self._connect_budget if wait is None else wait)
         while True:
             await self._wait_until_up(deadline)
@@ -623,12 +615,12 @@ class NotificationHub(Service):
                 self._unwatch()  # psycopg waits on the socket itself now
                 try:
                     self._sent = time.monotonic()
-                    rows = await self._run_statements(conn, statements)
+                    row = await self._run_statement(conn, query, params, binary)
                     self._heard = time.monotonic()
                     self._drain(conn)
                 finally:
                     self._watch()
-                return rows, generation
+                return row, generation
 
     async def _wait_until_up(self, deadline: float) -> None:
         """Return once a live connection is there; SessionLostError at ``deadline``."""
@@ -650,28 +642,13 @@ class NotificationHub(Service):
                     await self._up.wait()
         self._check_open("a session statement")
 
-    async def _run_statements(
-        self, conn: _Conn, statements: Sequence[Statement]
-    ) -> list[tuple[Any, ...] | None]:
-        """Run ``statements`` on ``conn`` (the caller holds the turn); their first rows."""
+    async def _run_statement(
+        self, conn: _Conn, query: str, params: Mapping[str, Any] | None, binary: bool
+    ) -> tuple[Any, ...] | None:
+        """Run ``query`` on ``conn`` (the caller holds the turn)."""
         try:
-            if len(statements) == 1 or not _PIPELINE:
-                # Without pipeline mode (libpq before 14) one at a time: each statement is
-                # then its own transaction, and still takes its snapshot after the last.
-                cursors = [
-                    await conn.execute(query, params, binary=binary)
-                    for query, params, binary in statements
-                ]
-            else:
-                async with conn.pipeline():
-                    cursors = [
-                        await conn.execute(query, params, binary=binary)
-                        for query, params, binary in statements
-                    ]
-            return [
-                await cursor.fetchone() if cursor.description is not None else None
-                for cursor in cursors
-            ]
+            cursor = await conn.execute(query, params, binary=binary)
+            return await cursor.fetchone() if cursor.description is not None else None
         except UnicodeDecodeError as exc:
             # A notification the client cannot decode came with the answer: psycopg gave
             # up reading it half way, so the connection's state is unknown.

@@ -71,6 +71,11 @@ async def _pg_upgrade_5_to_6(conn: psycopg.AsyncConnection[Any], where: str) -> 
         await conn.execute(statement)
 
 
+async def _pg_upgrade_6_to_7(conn: psycopg.AsyncConnection[Any], where: str) -> None:
+    for statement in q.PG_UPGRADE_6_TO_7:
+        await conn.execute(statement)
+
+
 #: Postgres upgrades: ``PG_MIGRATIONS[n]`` takes a database from version n-1 to n.
 PG_MIGRATIONS: dict[int, Callable[[psycopg.AsyncConnection[Any], str], Any]] = {
     2: _pg_upgrade_1_to_2,
@@ -78,6 +83,7 @@ PG_MIGRATIONS: dict[int, Callable[[psycopg.AsyncConnection[Any], str], Any]] = {
     4: _pg_upgrade_3_to_4,
     5: _pg_upgrade_4_to_5,
     6: _pg_upgrade_5_to_6,
+    7: _pg_upgrade_6_to_7,
 }
 
 
@@ -99,7 +105,11 @@ async def migrate_postgres(conn: psycopg.AsyncConnection[Any], where: str) -> tu
         if before == LATEST:
             return before, before
         if before == 0:
-            for statement in [*q.PG_CREATE_LATEST, *q.PG_CREATE_INVALIDATION_FUNCTIONS]:
+            for statement in [
+                *q.PG_CREATE_LATEST,
+                *q.PG_CREATE_INVALIDATION_FUNCTIONS,
+                q.PG_CREATE_TRY_LOCK_AND_READ_FUNCTION,
+            ]:
                 await conn.execute(statement)
         else:
             for version in range(before + 1, LATEST + 1):
@@ -147,6 +157,10 @@ def _sqlite_upgrade_5_to_6(conn: sqlite3.Connection, where: str) -> None:
         conn.execute(statement)
 
 
+def _sqlite_upgrade_6_to_7(conn: sqlite3.Connection, where: str) -> None:
+    """Nothing: version 7 added only a Postgres function."""
+
+
 #: sqlite upgrades: ``SQLITE_MIGRATIONS[n]`` takes a file from version n-1 to n.
 SQLITE_MIGRATIONS: dict[int, Callable[[sqlite3.Connection, str], None]] = {
     2: _sqlite_upgrade_1_to_2,
@@ -154,6 +168,7 @@ SQLITE_MIGRATIONS: dict[int, Callable[[sqlite3.Connection, str], None]] = {
     4: _sqlite_upgrade_3_to_4,
     5: _sqlite_upgrade_4_to_5,
     6: _sqlite_upgrade_5_to_6,
+    7: _sqlite_upgrade_6_to_7,
 }
 
 

@@ -583,21 +583,20 @@ class PostgresStore:
     ) -> tuple[GenerationStamp, Entry | None]:
         """A stamp and ``read(key, by_alias=...)`` in one statement, under one snapshot."""
         reading = self.stamp_and_read_statement(key, names, by_alias=by_alias)
+        query = q.PG_STAMP_AND_READ_BY_ALIAS if by_alias else q.PG_STAMP_AND_READ
         row = await _pg.pooled(
             self.pool,
             f"stamping and reading {key.coalesce_key}",
-            lambda c: _fetchone(c, reading.query, reading.params),
+            lambda c: _fetchone(c, query, _key_params(key)),
         )
         return reading.answer(row)
 
     def stamp_and_read_statement(
         self, key: Key, names: Sequence[str], *, by_alias: bool = False
     ) -> StampAndRead:
-        """:meth:`stamp_and_read` as a statement to run elsewhere (the coordinator sends it
-        with a key's try-lock, in the same round trip) and the answer made of its row."""
-        stamped = stamped_names(key, names)
-        query = q.PG_STAMP_AND_READ_BY_ALIAS if by_alias else q.PG_STAMP_AND_READ
-        return StampAndRead(key, stamped, query, _key_params(key), self.values)
+        """:meth:`stamp_and_read` as the coordinator sends it with a key's try-lock, in one
+        statement (:meth:`StampAndRead.with_try_lock`), and the answer made of its row."""
+        return StampAndRead(key, stamped_names(key, names), by_alias, self.values)
 
     # ------------------------------------------------------------------------ writes
 
@@ -1073,13 +1072,22 @@ def _check_stamp(stamp: GenerationStamp, key: Key) -> PostgresPoint:
 
 @dataclass(frozen=True, slots=True)
 class StampAndRead:
-    """A stamp-and-read of ``key`` as one statement (binary rows) and its answer."""
+    """A stamp-and-read of ``key`` (the stamp covering ``names``) and its answer."""
 
     key: Key
     names: tuple[str, ...]
-    query: str
-    params: dict[str, Any]
+    by_alias: bool
     values: ValueCodec
+
+    def with_try_lock(self, lock_id: int) -> tuple[str, dict[str, Any]]:
+        """The statement that tries the session lock ``lock_id`` and then stamps and reads
+        (``fleetcache_try_lock_and_read_v1``; binary rows): ``won``, then the row for
+        :meth:`answer`."""
+        return q.PG_TRY_LOCK_AND_READ, {
+            **_key_params(self.key),
+            "id": lock_id,
+            "by_alias": self.by_alias,
+        }
 
     def answer(self, row: tuple[Any, ...] | None) -> tuple[GenerationStamp, Entry | None]:
         """The stamp and the entry (None: none stored) the statement's row says."""

@@ -44,6 +44,9 @@ Version 6 adds what a bounded table needs (``PG_UPGRADE_5_TO_6``, ``SQLITE_UPGRA
 ``fleetcache_counts``, the entries and value bytes kept by triggers on every insert, update
 and delete (so a store learns the table's size without counting it), and an index on
 ``created_at`` (eviction takes the least recently written first).
+Version 7 adds the Postgres function ``fleetcache_try_lock_and_read_v1`` (a key's try-lock
+and its stamp-and-read in one statement, the read after the try; ``PG_UPGRADE_6_TO_7``);
+the sqlite schema is unchanged.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from __future__ import annotations
 from fleetcache.stores.validation import MAX_NAME_BYTES
 
 #: The schema version this release creates and understands.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Advisory-lock classes (the two-int form, a key space apart from the coordinator's
 # one-bigint locks): schema changes, the global lock, a namespace's lock (second int: a
@@ -537,6 +540,58 @@ _PG_STAMP = """
 PG_STAMP_AND_READ = _PG_STAMP.format(read=_PG_EXACT)
 #: ``stamp_and_read(key, names, by_alias=True)``.
 PG_STAMP_AND_READ_BY_ALIAS = _PG_STAMP.format(read=_PG_EXACT_OR_ALIAS)
+
+
+# A try of a key's session lock and its stamp-and-read in one statement (one round trip):
+# in READ COMMITTED a VOLATILE PL/pgSQL function takes a fresh snapshot for each statement
+# it runs, so the stamp and the read are taken *after* the try — a fill that committed
+# before a won try is seen, as a separate stamp_and_read would see it. (One plain SELECT
+# would take its snapshot before the try: a holder that committed and released in between
+# would be missed, and the key computed twice.) The session lock outlives the statement
+# whatever happens to it, so a caller whose statement failed unlocks.
+def _with_arguments(query: str) -> str:
+    """``query`` with the key's parameters replaced by the function's arguments."""
+    for param in ("key_hash", "ns", "name", "scope", "user"):
+        query = query.replace(f"%({param})s", f"p_{param}")
+    return query
+
+
+_TRY_READ_BY_ALIAS = _with_arguments(PG_STAMP_AND_READ_BY_ALIAS)
+_TRY_READ_EXACT = _with_arguments(PG_STAMP_AND_READ)
+
+
+#: Creates the try-and-read function (version 7).
+PG_CREATE_TRY_LOCK_AND_READ_FUNCTION = f"""
+    CREATE OR REPLACE FUNCTION fleetcache_try_lock_and_read_v1(
+        p_id bigint, p_key_hash bytea, p_ns text, p_name text, p_scope text, p_user text,
+        p_by_alias boolean
+    ) RETURNS TABLE (
+        won boolean, snapshot text, taken_at float8, name text, value bytea, codec text,
+        deps text[], error text, created_at bigint, alias text, diagnostics text,
+        expires_at bigint, stale_until bigint, compute_ms integer
+    ) LANGUAGE plpgsql VOLATILE AS $fleetcache$
+    #variable_conflict use_column
+    DECLARE
+        v_won boolean := pg_try_advisory_lock(p_id);
+    BEGIN
+        IF p_by_alias THEN
+            RETURN QUERY SELECT v_won, s.* FROM ({_TRY_READ_BY_ALIAS}) AS s;
+        ELSE
+            RETURN QUERY SELECT v_won, s.* FROM ({_TRY_READ_EXACT}) AS s;
+        END IF;
+    END
+    $fleetcache$
+"""
+
+#: Tries the key's session lock, then stamps and reads the key: ``won`` and then the row
+#: ``stamp_and_read`` gives.
+PG_TRY_LOCK_AND_READ = """
+    SELECT * FROM fleetcache_try_lock_and_read_v1(
+        %(id)s, %(key_hash)s, %(ns)s, %(name)s, %(scope)s, %(user)s, %(by_alias)s)
+"""
+
+#: Version 6 -> 7: the try-and-read function.
+PG_UPGRADE_6_TO_7 = [PG_CREATE_TRY_LOCK_AND_READ_FUNCTION]
 
 # ------------------------------------------------------------------------------ writes
 
