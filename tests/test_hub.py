@@ -21,7 +21,7 @@ from fleetcache.errors import (
     NotificationError,
     NotOpenError,
 )
-from fleetcache.notifications import DEFAULT_APPLICATION_NAME, NotificationHub
+from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME, NotificationHub
 from tcp_proxy import FreezableProxy
 from waiting import eventually as wait_until
 

@@ -15,7 +15,7 @@ import pytest
 import fleetcache
 from fleet import Worker, fleet
 from fleetcache import MISSING, Fleetcache, Key, Missing, Produced
-from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, encode_module_payloads
+from fleetcache.stores.payloads import INVALIDATED_CHANNEL, invalidation_payloads
 from waiting import eventually
 
 pytestmark = pytest.mark.processes
@@ -143,7 +143,7 @@ async def test_malformed_payloads_change_nothing(cache: Fleetcache, database_url
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         for payload in bad:
             await conn.execute("SELECT pg_notify(%s, %s)", (INVALIDATED_CHANNEL, payload))
-        good = encode_module_payloads(NS, ["sentinel"])[0]
+        good = invalidation_payloads(NS, ["sentinel"])[0]
         await conn.execute("SELECT pg_notify(%s, %s)", (INVALIDATED_CHANNEL, good))
     await eventually(lambda: applied(cache) == 1)
     assert cache.listener is not None

@@ -21,7 +21,7 @@ from fleet import Worker
 from fleetcache import Key, Produced
 from fleetcache.coordination.base import lock_id
 from fleetcache.coordination.postgres import LOCK_APPLICATION_NAME, advisory_lock_tag
-from fleetcache.notifications import DEFAULT_APPLICATION_NAME
+from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME
 from tcp_proxy import FreezableProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

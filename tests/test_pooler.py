@@ -20,7 +20,7 @@ from fleet import Worker
 from fleetcache import Key, Produced
 from fleetcache.embedded import PgBouncer, start_pgbouncer
 from fleetcache.errors import ConfigurationError
-from fleetcache.notifications import DEFAULT_APPLICATION_NAME
+from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME
 from fleetcache.stores.postgres import PostgresStore
 from waiting import eventually
 

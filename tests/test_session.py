@@ -19,7 +19,7 @@ from fleetcache import Key, Produced
 from fleetcache.coordination.base import WakeReason, lock_id
 from fleetcache.coordination.postgres import advisory_lock_tag
 from fleetcache.errors import SessionLostError
-from fleetcache.notifications import DEFAULT_APPLICATION_NAME, NotificationHub
+from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME, NotificationHub
 from tcp_proxy import FreezableProxy
 from waiting import eventually
 

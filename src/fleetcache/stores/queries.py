@@ -701,7 +701,7 @@ PG_CREATE_NAMESPACE_LOCK_FUNCTION = """
 #: The broadcast's payloads, byte for byte what ``invalidation_payloads`` in payloads.py
 #: builds (the test suite compares the two on the same inputs): ``to_json`` escapes a text
 #: as ``json.dumps(..., ensure_ascii=False)`` does, and sizes are UTF-8 bytes. A namespace
-#: NULL or empty: the global payload; names NULL: the realm payload.
+#: NULL or empty: the payload for everything; names NULL: the namespace's.
 PG_CREATE_PAYLOADS_FUNCTION = """
     CREATE OR REPLACE FUNCTION fleetcache_invalidation_payloads(
         p_namespace text, p_names text[], p_origin text DEFAULT NULL,
