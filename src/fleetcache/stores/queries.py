@@ -710,7 +710,7 @@ PG_CREATE_PAYLOADS_FUNCTION = """
     DECLARE
         v_tail text := CASE WHEN p_origin IS NULL THEN '}'
                             ELSE ',"o":' || to_json(p_origin)::text || '}' END;
-        v_realm text;
+        v_whole_namespace text;
         v_head text;
         v_fixed integer;
         v_size integer;
@@ -723,12 +723,12 @@ PG_CREATE_PAYLOADS_FUNCTION = """
         IF p_namespace IS NULL OR p_namespace = '' THEN
             RETURN ARRAY['{"k":"global"' || v_tail];
         END IF;
-        v_realm := '{"k":"realm","r":' || to_json(p_namespace)::text || v_tail;
-        IF octet_length(convert_to(v_realm, 'UTF8')) >= p_budget THEN
+        v_whole_namespace := '{"k":"realm","r":' || to_json(p_namespace)::text || v_tail;
+        IF octet_length(convert_to(v_whole_namespace, 'UTF8')) >= p_budget THEN
             RETURN ARRAY['{"k":"global"' || v_tail];
         END IF;
         IF p_names IS NULL THEN
-            RETURN ARRAY[v_realm];
+            RETURN ARRAY[v_whole_namespace];
         END IF;
         v_head := '{"k":"module","r":' || to_json(p_namespace)::text || ',"m":[';
         v_tail := ']' || v_tail;
@@ -737,12 +737,12 @@ PG_CREATE_PAYLOADS_FUNCTION = """
         v_size := v_fixed;
         FOREACH v_name IN ARRAY p_names LOOP
             IF v_name IS NULL OR v_name = '' THEN
-                RETURN ARRAY[v_realm];
+                RETURN ARRAY[v_whole_namespace];
             END IF;
             v_piece := to_json(v_name)::text;
             v_piece_size := octet_length(convert_to(v_piece, 'UTF8'));
             IF v_fixed + v_piece_size >= p_budget THEN
-                RETURN ARRAY[v_realm];
+                RETURN ARRAY[v_whole_namespace];
             END IF;
             IF cardinality(v_chunk) > 0 AND v_size + 1 + v_piece_size >= p_budget THEN
                 v_payloads := v_payloads || (v_head || array_to_string(v_chunk, ',') || v_tail);
