@@ -13,13 +13,14 @@ import psycopg
 import pytest
 
 import fleetcache
-from fleet import Worker, fleet
+from fleet_worker import start
 from fleetcache import _pg
 from fleetcache.errors import ConfigurationError, StoreError
 from fleetcache.notifications.broadcast import Invalidation, parse_invalidation
 from fleetcache.stores.base import Entry, Key
 from fleetcache.stores.payloads import INVALIDATED_CHANNEL
 from fleetcache.stores.postgres import PostgresStore
+from fleetcache_cli.shared import Fleet
 from waiting import eventually
 
 pytestmark = pytest.mark.postgres
@@ -66,9 +67,8 @@ async def test_an_invalidation_cancelled_after_its_commit_still_reaches_a_peers_
             deps = () if key.name == HUB else (HUB,)
             await cache.store.write(Entry(key, {"version": 1}, deps=deps))
             assert (await cache.get_value(key, never))["version"] == 1  # in our near tier
-        async with fleet() as workers:
-            peer = await Worker.start("--url", database_url, "--near", "1000")
-            workers.append(peer)
+        with Fleet(1, name="test-member") as fleet:
+            peer = await start(fleet, 0, "--url", database_url, "--near", "1000")
             for key in keys:  # fills the peer's near tier; the second read is a near hit
                 for _ in range(2):
                     got = await peer.call("get", ns=NS, name=key.name, version=99)
