@@ -18,8 +18,8 @@ If anything goes wrong (a job raises, a worker dies, a phase times out, the call
 cancelled) the parent kills every worker (terminate, then kill, then join) before it
 raises, so no process is ever left running. ``start()`` again gives a fresh fleet.
 
-A worker can also *serve*, one at a time (the cross-process tests): :meth:`Fleet.serve`
-starts a job on one worker with no release; the job reads commands with
+Each worker can also *serve* on its own (the cross-process tests): :meth:`Fleet.serve`
+starts a job on one worker, with no release; the job reads commands with
 ``await ctx.command()`` (None: the parent closes the fleet) and answers each with
 ``ctx.answer(value)``; the parent talks to it through the returned :class:`Member`
 (``call``, or ``send`` then ``receive``) and can kill it alone, for real.
@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import os
 import signal
 import statistics
 import time
@@ -72,7 +71,8 @@ _COMMAND_POLL = 0.1
 
 
 class WorkerError(FleetcacheError):
-    """A worker process failed, died, or missed a deadline; every worker has been killed."""
+    """A worker process failed, died, or missed a deadline (in :meth:`Fleet.run`: every
+    worker has been killed)."""
 
 
 @dataclass(slots=True)
@@ -223,7 +223,7 @@ class Member:
         """SIGKILL the worker now (nothing runs in it after) and reap it."""
         process = self._worker.process
         if process.is_alive():
-            os.kill(self.pid, signal.SIGKILL)
+            process.kill()
         process.join(_EXIT_GRACE)
 
 
