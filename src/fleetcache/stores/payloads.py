@@ -12,6 +12,7 @@ import json
 import re
 import secrets
 from collections.abc import Sequence
+from typing import TypeGuard
 
 #: The generic core's invalidation channel.
 INVALIDATED_CHANNEL = "fleetcache_invalidated_v1"
@@ -106,7 +107,7 @@ def invalidation_payloads(
     return payloads
 
 
-def is_channel(value: object) -> bool:
+def is_channel(value: object) -> TypeGuard[str]:
     """Whether Postgres can LISTEN and ``pg_notify`` on ``value`` exactly as given: 1 to
     63 UTF-8 bytes without NUL (a longer name is truncated by LISTEN, refused by NOTIFY)."""
     if not isinstance(value, str) or "\x00" in value or _UNSENDABLE.search(value):
