@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from pathlib import Path
@@ -585,7 +584,7 @@ async def _all_or_nothing(
                 _pg.describe_target(url),
                 exc.cause,
             )
-        await asyncio.sleep(random.uniform(delay / 2, delay))
+        await asyncio.sleep(_pg.jittered(delay))
         delay = min(delay * 2, 1.0)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -464,7 +463,7 @@ class NotificationHub(Service):
             # The exponent is capped so a long outage cannot overflow the float.
             cap = min(self._reconnect_max_delay, self._reconnect_min_delay * 2 ** min(attempt, 30))
             # Jitter spreads a fleet's reconnects after a server restart.
-            await asyncio.sleep(random.uniform(cap / 2, cap))
+            await asyncio.sleep(_pg.jittered(cap))
             attempt += 1
             try:
                 # One connection try per round (budget 0): this loop is the retry.
