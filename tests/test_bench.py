@@ -13,9 +13,11 @@ import json
 import multiprocessing
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
@@ -24,6 +26,7 @@ from fleetcache_cli.bench.config import add_arguments, resolve_config
 from fleetcache_cli.bench.fleet_run import WorkerSpec, fleet_worker
 from fleetcache_cli.bench.minimal import CREATE_TABLE, MinimalCache
 from fleetcache_cli.bench.pooled_fleet import run_fleet, task_keys
+from fleetcache_cli.bench.probes import MachineCpu
 from fleetcache_cli.bench.targets import evaluate_targets
 from fleetcache_cli.shared import Fleet, WorkerError, percentile
 
@@ -38,6 +41,7 @@ DESIGN_METRICS = {
     "computations_max_per_key_worst",
     "wall_ms",
     "cpu_per_request_ms",
+    "machine_cpu_ms",
     "hit_ms_p50",
     "wake_ms_p50",
     "wake_ms_p99",
@@ -309,3 +313,60 @@ def test_fleet_scenario_asks_for_every_key_from_different_processes() -> None:
     for tasks in askers.values():
         assert len(tasks) == overlap
         assert len({task // 2 for task in tasks}) == overlap
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="the machine CPU is read on Linux")
+def test_machine_cpu_counts_at_least_the_cpu_this_process_spent() -> None:
+    """The machine's busy CPU over a window holds at least what this process spent in it
+    (everything else on the machine only adds), and nothing outside what was sampled."""
+    with MachineCpu(interval=0.002) as machine:
+        time.sleep(0.05)
+        start, cpu = time.time(), time.process_time()
+        while time.process_time() - cpu < 0.3:
+            pass
+        spent, end = time.process_time() - cpu, time.time()
+        time.sleep(0.05)
+    busy = machine.busy_between(start, end)
+    assert busy is not None
+    assert busy >= spent * 0.9  # the counters tick in 10 ms: a tick or two either way
+    assert machine.busy_between(start - 3600, end) is None
+
+
+def test_the_sync_scenario_judges_the_sync_and_django_targets(
+    database_url: str, tmp_path: Path
+) -> None:
+    """``fleetcache bench --scenarios sync`` measures the sync API and the Django backend
+    (in a process of its own): hits sync vs async and Django's get vs DatabaseCache's, one
+    computation for each stampede and one per caller for DatabaseCache, the issue-19
+    targets judged; it leaves none of its keys behind."""
+    out = tmp_path / "sync.json"
+    status = main(
+        ["bench", "--scenarios", "sync", "--micro-iterations", "100",
+         "--database-url", database_url, "--json", str(out)]
+    )  # fmt: skip
+    assert status == 0
+    report = json.loads(out.read_text())
+    synced = report["sync"]
+    assert synced["hits"]["iterations"] == 100
+    assert synced["hits"]["near_hits"] >= 100
+    assert synced["stampede_sync_16x4"] == {
+        "processes": 4, "threads": 16, "callers": 64, "computations": 1,
+    }  # fmt: skip
+    assert synced["django_get_or_set_fleetcache_8x4"]["computations"] == 1
+    theirs = synced["django_get_or_set_databasecache_8x4"]
+    assert theirs["computations"] == theirs["callers"] == 32
+    targets = {t["name"]: t for t in report["targets"]}
+    for name in (
+        "sync: warm hit sync / async",
+        "sync: near hit p50",
+        "django: get fleetcache / DatabaseCache",
+    ):
+        assert targets[name]["value"] > 0
+    assert targets["sync: 16 threads x 4 processes, one cold key"]["met"] is True
+    assert targets["django: get_or_set 8 threads x 4 processes, one cold key"]["met"] is True
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        left = conn.execute(
+            "SELECT (SELECT count(*) FROM fleetcache_entries WHERE namespace LIKE 'bench:%'),"
+            " (SELECT count(*) FROM bench_django_cache)"
+        ).fetchone()
+    assert left == (0, 0)

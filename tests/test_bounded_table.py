@@ -102,6 +102,54 @@ async def test_ten_times_max_entries_keep_the_table_within_a_tenth_over(
     assert await bounded.table_size() == await real_size(bounded)
 
 
+@pytest.mark.postgres
+async def test_a_writer_that_outruns_the_eviction_waits_for_it(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Postgres evicts in the background; a process whose writes outrun it (here the
+    eviction is held) goes on writing up to twice ``check_every`` writes past the look
+    that started it, and the write after that returns only once the eviction is done."""
+    store = make("postgres", request, tmp_path, max_entries=MAX)
+    assert isinstance(store, PostgresStore)
+    await store.open()
+    try:
+        every = store.bounds.check_every
+        for n in range(MAX):  # filled to the bound, then looked at with nothing to do
+            assert await store.write(entry(n))
+        await settled(store)
+        gate, evicting = asyncio.Event(), asyncio.Event()
+        real_evict = store.evict
+
+        async def held_evict() -> int:
+            evicting.set()
+            await gate.wait()
+            return await real_evict()
+
+        monkeypatch.setattr(store, "evict", held_evict)
+        n = MAX
+        while not evicting.is_set():  # over the bound: the next look starts an eviction
+            assert await store.write(entry(n))
+            n += 1
+        # Ahead of the held eviction without waiting, up to twice check_every writes past
+        # the look that started it (counted by the store since then).
+        while store._since_check < 2 * every - 1:
+            assert await asyncio.wait_for(store.write(entry(n)), 30)
+            n += 1
+        blocked = asyncio.create_task(store.write(entry(n)))
+        # Its row is committed, and the write still waits: for the eviction.
+        await eventually(lambda: blocked.done() or store._since_check >= 2 * every)
+        written, _ = await real_size(store)
+        assert written == n + 1
+        assert not blocked.done()
+        gate.set()
+        assert await asyncio.wait_for(blocked, 30)
+        await settled(store)
+        entries, _ = await real_size(store)
+        assert entries <= MAX
+    finally:
+        await store.close()
+
+
 async def test_the_evicted_entries_are_the_least_recently_written(
     bounded: BoundedStore,
 ) -> None:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from fleetcache.coordination.base import KeyLock
+from fleetcache.coordination.base import KeyLock, Reading
 from fleetcache.coordination.local import LocalCoordinator
 from fleetcache.errors import (
     CachedError,
@@ -458,8 +458,10 @@ class ReleaseGatedCoordinator(LocalCoordinator):
         self.gate = asyncio.Event()
 
     @contextlib.asynccontextmanager
-    async def lock(self, coalesce_key: str) -> AsyncIterator[KeyLock]:
-        async with super().lock(coalesce_key) as lock:
+    async def lock(
+        self, coalesce_key: str, reading: Reading | None = None
+    ) -> AsyncIterator[KeyLock]:
+        async with super().lock(coalesce_key, reading) as lock:
             yield lock
             if lock.won:
                 self.computed.set()

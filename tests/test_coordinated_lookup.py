@@ -20,6 +20,7 @@ from fleetcache.coordination.postgres import POPULATED_CHANNEL
 from fleetcache.errors import ConfigurationError, CoordinationGaveUpError
 from fleetcache.lookup.options import LookupOptions
 from fleetcache.lookup.populate import MISSING, Missing
+from fleetcache.notifications import hub as hub_module
 from fleetcache.stores.sqlite import SqliteStore
 from waiting import PROMPT, eventually
 
@@ -390,6 +391,43 @@ async def test_one_notify_per_fill(database_url: str) -> None:
 
 
 @pytest.mark.postgres
+async def test_a_winner_that_finds_the_key_filled_releases_without_a_notify(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that missed, then won the lock after another process had filled the key
+    and released it, answers with that fill and releases without a NOTIFY of its own: the
+    filler's write announced the row, and anyone who tried the lock later read it before
+    parking. One NOTIFY for the key in all."""
+    key = Key(NS, "filled-meanwhile")
+    async with fleetcache.open(database_url) as filler, fleetcache.open(database_url) as late:
+        assert filler.hub is not None
+        heard: list[str] = []
+        filler.hub.add_handler(POPULATED_CHANNEL, heard.append)
+        missed, go = asyncio.Event(), asyncio.Event()
+        real_read = late.store.read
+
+        async def gated_read(*args: Any, **kwargs: Any) -> Any:
+            entry = await real_read(*args, **kwargs)
+            if not missed.is_set():  # its first read: the miss
+                missed.set()
+                await go.wait()
+            return entry
+
+        monkeypatch.setattr(late.store, "read", gated_read)
+        calls: list[str] = []
+        second = asyncio.create_task(late.get(key, counting(calls)))
+        async with asyncio.timeout(PROMPT):
+            await missed.wait()
+        first = await filler.get(key, counting(calls))  # computed, stored and released
+        go.set()
+        assert await asyncio.wait_for(second, PROMPT) == first
+        assert calls == ["filled-meanwhile"]
+        assert late.coordinator is not None
+        assert late.coordinator.stats()["lock_won"] == 1
+        assert await heard_for(filler, heard, key) == 1
+
+
+@pytest.mark.postgres
 async def test_a_loser_rereads_after_its_lost_try_and_needs_no_second_notify(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -419,8 +457,11 @@ async def test_a_loser_rereads_after_its_lost_try_and_needs_no_second_notify(
         peer_read, peer_gate = asyncio.Event(), asyncio.Event()
         real_read = peer.store.read
 
-        async def gated_read(*args: Any, **kwargs: Any) -> Any:
-            entry = await real_read(*args, **kwargs)
+        peer_reads: list[Key] = []
+
+        async def gated_read(key: Key, *args: Any, **kwargs: Any) -> Any:
+            peer_reads.append(key)
+            entry = await real_read(key, *args, **kwargs)
             if not peer_read.is_set():  # its first read: the miss
                 peer_read.set()
                 await peer_gate.wait()
@@ -446,6 +487,66 @@ async def test_a_loser_rereads_after_its_lost_try_and_needs_no_second_notify(
             assert peer.coordinator is not None
             assert peer.coordinator.stats()["lock_lost"] == 1
             assert not first.done()  # the winner has not released its lock yet
+            # The re-read travelled with the try, on the session: the pooled read was
+            # only the miss.
+            assert peer_reads == [key]
         finally:
             release.set()
         assert await first == got
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipeline", "libpq-before-14"])
+async def test_a_won_try_stamps_and_reads_in_its_own_round_trip(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, pipeline: bool
+) -> None:
+    """A coordinated miss on Postgres stamps and re-reads the key in the try-lock's round
+    trip (after the try, on the session): the store's pooled stamp_and_read is not used,
+    the key is computed once, and a hit answers it after. Where libpq has no pipeline mode
+    the two statements go one after the other, with the same answers."""
+    monkeypatch.setattr(hub_module, "_PIPELINE", pipeline)
+    async with fleetcache.open(database_url) as cache:
+        pooled_stamps: list[Key] = []
+        real_stamp = cache.store.stamp_and_read
+
+        async def counted_stamp(key: Key, *args: Any, **kwargs: Any) -> Any:
+            pooled_stamps.append(key)
+            return await real_stamp(key, *args, **kwargs)
+
+        monkeypatch.setattr(cache.store, "stamp_and_read", counted_stamp)
+        calls: list[str] = []
+        first = await cache.get(Key(NS, "one-trip"), counting(calls))
+        assert first is not None
+        assert await cache.get(Key(NS, "one-trip"), counting(calls)) == first
+        assert calls == ["one-trip"]
+        assert pooled_stamps == []
+
+
+@pytest.mark.postgres
+async def test_a_try_whose_read_fails_gives_its_lock_back(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stamp-and-read sent with a try-lock fails after the try took the lock (no
+    rollback gives a session lock back): the caller gets the error, and the lock is free
+    at once for the next try, here or in another process."""
+    from fleetcache.stores.postgres import StampAndRead
+
+    key = Key(NS, "read-fails")
+    async with fleetcache.open(database_url) as cache, fleetcache.open(database_url) as peer:
+        real_statement = cache.store.stamp_and_read_statement
+
+        def broken_statement(*args: Any, **kwargs: Any) -> StampAndRead:
+            good = real_statement(*args, **kwargs)
+            broken = good.query.replace("fleetcache_entries", "fleetcache_no_such_table", 1)
+            return StampAndRead(good.key, good.names, broken, good.params, good.values)
+
+        monkeypatch.setattr(cache.store, "stamp_and_read_statement", broken_statement)
+        calls: list[str] = []
+        with pytest.raises(fleetcache.FleetcacheError, match="no_such_table"):
+            await cache.get(key, counting(calls))
+        assert calls == []
+        # The peer's try wins the lock at once (were it still held, it would wait).
+        assert await asyncio.wait_for(peer.get(key, counting(calls)), PROMPT) is not None
+        assert calls == ["read-fails"]
+        assert peer.coordinator is not None
+        assert peer.coordinator.stats()["lock_won"] == 1

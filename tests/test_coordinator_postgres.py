@@ -714,13 +714,13 @@ async def test_probe_does_not_judge_a_waiter_before_it_lost_the_try_lock(
     key = '["realm","early.gts","public",""]'
     release, started, go = asyncio.Event(), asyncio.Event(), asyncio.Event()
     line = a.coordinator._line(lock_id(key))
-    real_statement = line.statement
+    real_statement = line.statements
 
     async def held_up(*args: Any, **kwargs: Any) -> Any:
         await go.wait()
         return await real_statement(*args, **kwargs)
 
-    monkeypatch.setattr(line, "statement", held_up)
+    monkeypatch.setattr(line, "statements", held_up)
 
     loser = asyncio.create_task(lose_and_wait(a.coordinator, key, 60))
     await asyncio.sleep(0.5)  # several probe intervals with the lock free

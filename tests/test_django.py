@@ -21,6 +21,7 @@ from typing import Any
 
 import django
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_project.settings")
 django.setup()
@@ -31,6 +32,8 @@ from django.test import Client, override_settings  # noqa: E402
 
 from django_project import views  # noqa: E402
 from fleetcache.contrib.django import FleetcacheCache, close_all  # noqa: E402
+from fleetcache.embedded import PgBouncer  # noqa: E402
+from fleetcache.stores.postgres import PostgresStore  # noqa: E402
 
 BACKEND = "fleetcache.contrib.django.FleetcacheCache"
 WORKER = Path(__file__).with_name("django_worker.py")
@@ -681,3 +684,91 @@ def test_an_incr_reaches_a_peers_near_tier(database_url: str) -> None:
             time.sleep(0.01)
     finally:
         close_all()  # close() leaves a Django cache open (Django calls it per request)
+
+
+@pytest.mark.postgres
+def test_get_reads_on_the_calling_thread_and_fills_the_near_tier(database_url: str) -> None:
+    """On Postgres ``get``, ``has_key`` and ``get_many`` read on the request's thread (they
+    answer while the core's loop is blocked); with NEAR, ``get`` keeps what it read in the
+    near tier and the next ``get`` is a near hit."""
+    backend = FleetcacheCache(database_url, {"OPTIONS": {"NEAR": 100}})
+    try:
+        backend.set("k", {"b": 1, "a": 2})
+        backend.set("other", 3)
+        core = backend.core
+        near = core.lookup.near
+        assert near is not None
+        near.clear()
+        blocked, release = threading.Event(), threading.Event()
+        core.call_soon(lambda: (blocked.set(), release.wait(20)))
+        assert blocked.wait(20)
+        got: list[Any] = []
+        try:
+            reader = threading.Thread(
+                target=lambda: got.append(
+                    (
+                        backend.get("k"),
+                        backend.has_key("other"),
+                        backend.get_many(["k", "other", "absent"]),
+                        backend.get("absent", "default"),
+                    )
+                ),
+                daemon=True,
+            )
+            reader.start()
+            reader.join(10)
+        finally:
+            release.set()
+        assert got == [({"b": 1, "a": 2}, True, {"k": {"b": 1, "a": 2}, "other": 3}, "default")]
+        assert list(got[0][0]) == ["b", "a"]
+        hits = near.stats()["near_hits"]
+        assert backend.get("k") == {"b": 1, "a": 2}
+        assert near.stats()["near_hits"] == hits + 1
+    finally:
+        backend.core.close()
+
+
+@pytest.mark.postgres
+def test_session_url_and_prepared_statements_behind_pgbouncer(
+    pgbouncer: PgBouncer, database_url: str
+) -> None:
+    """LOCATION a transaction pooler and OPTIONS SESSION_URL the server: the backend opens
+    (its session direct), its statements and its reads go through the pooler without
+    prepared statements (the default there; PREPARED_STATEMENTS=False says it too), and
+    get_or_set computes once for 8 threads."""
+    pooled = pgbouncer.conninfo_for(str(conninfo_to_dict(database_url)["dbname"]))
+    backend = FleetcacheCache(
+        pooled, {"OPTIONS": {"SESSION_URL": database_url, "PREPARED_STATEMENTS": False}}
+    )
+    try:
+        calls: list[int] = []
+        release = threading.Event()
+
+        def compute() -> str:
+            calls.append(1)
+            release.wait(20)
+            return "computed"
+
+        got: list[Any] = []
+        threads = [
+            threading.Thread(target=lambda: got.append(backend.get_or_set("cold", compute)))
+            for _ in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        _eventually(lambda: backend.core.stats()["lookup"]["coalesced"] >= 7)
+        release.set()
+        for thread in threads:
+            thread.join()
+        assert got == ["computed"] * 8
+        assert calls == [1]
+        for _ in range(12):  # psycopg would prepare after 5 runs
+            assert backend.get("cold") == "computed"
+        store = backend.core.store
+        assert isinstance(store, PostgresStore)
+        assert store.read_pool is not None
+        with store.read_pool.connection() as conn:
+            assert conn.prepare_threshold is None
+            assert conn.info.port == pgbouncer.port
+    finally:
+        backend.core.close()

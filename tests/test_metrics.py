@@ -495,3 +495,36 @@ def test_near_hits_served_on_sync_callers_threads_are_counted(database_url: str)
     assert near - before == 200
     count = "fleetcache_get_duration_seconds_count"
     assert value(found, count, cache="sync", outcome="near_hit") == near
+
+
+@pytest.mark.postgres
+def test_store_hits_read_on_sync_callers_threads_are_counted_with_the_read_pool(
+    database_url: str,
+) -> None:
+    """A SyncFleetcache's store hits, read on its callers' threads through the read pool,
+    are counted under ``hit`` (four threads, 25 hits each: 100), and the read pool's
+    connections are backends ``held_by="read_pool"``."""
+    registry = CollectorRegistry()
+    with fleetcache.open_sync(database_url, read_pool_size=2) as cache:
+        prometheus.register(cache, name="sync", registry=registry)
+        key = Key(NS, "warm")
+        cache.get_value(key, lambda key: Produced({"v": 1}))
+        before = value(
+            samples(generate_latest(registry).decode()), "fleetcache_gets_total",
+            cache="sync", outcome="hit",
+        )  # fmt: skip
+
+        def read() -> None:
+            for _ in range(25):
+                assert cache.get_value(key, lambda key: Produced({"v": 2})) == {"v": 1}
+
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        found = samples(generate_latest(registry).decode())
+        held = cache.stats()["connections"]["read_pool"]["size"]
+    assert value(found, "fleetcache_gets_total", cache="sync", outcome="hit") - before == 100
+    assert value(found, "fleetcache_backends", cache="sync", held_by="read_pool") == held
+    assert 1 <= held <= 2

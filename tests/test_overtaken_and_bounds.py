@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import pytest
 
 import fleetcache
-from fleetcache.coordination.base import KeyLock
+from fleetcache.coordination.base import KeyLock, Reading
 from fleetcache.coordination.local import LocalCoordinator
 from fleetcache.errors import ComputationTimeoutError
 from fleetcache.lookup.caching import CachingLookup
@@ -254,8 +254,10 @@ class HungReleaseCoordinator(LocalCoordinator):
         self.gate = asyncio.Event()
 
     @contextlib.asynccontextmanager
-    async def lock(self, coalesce_key: str) -> AsyncIterator[KeyLock]:
-        async with super().lock(coalesce_key) as lock:
+    async def lock(
+        self, coalesce_key: str, reading: Reading | None = None
+    ) -> AsyncIterator[KeyLock]:
+        async with super().lock(coalesce_key, reading) as lock:
             yield lock
             if lock.won:
                 await self.gate.wait()

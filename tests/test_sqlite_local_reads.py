@@ -89,7 +89,7 @@ def test_ended_threads_leave_no_reader_connection_behind(tmp_path: Path) -> None
             reader.join()
         store = cache.store
         assert isinstance(store, SqliteStore)
-        assert len(store._readers) <= 2  # the last thread's, and the loop's if it read
+        assert len(store._connections) <= 2  # the last thread's, and the loop's if it read
 
 
 def test_opening_waits_while_another_connection_holds_the_new_file(tmp_path: Path) -> None:

@@ -405,7 +405,9 @@ def connect_error(conninfo: str, exc: BaseException, cause: ConnectCause) -> Dat
     )
 
 
-def is_connection_lost(exc: BaseException, conn: psycopg.AsyncConnection[Any] | None) -> bool:
+def is_connection_lost(
+    exc: BaseException, conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any] | None
+) -> bool:
     """Whether ``exc`` means the connection itself is gone (server restart, terminated
     backend, network), so the same statement may succeed on a fresh connection.
 

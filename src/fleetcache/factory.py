@@ -259,7 +259,8 @@ class Fleetcache:
     def stats(self) -> dict[str, Any]:
         """The lookup's counters, the coordinator's and listener's when present, and on
         Postgres the connections this process holds right now (``connections``: the pool's
-        size, in use, idle, bounds and waiting callers; the session's state)."""
+        size, in use, idle, bounds and waiting callers; the session's state; the sync API's
+        ``read_pool``, counted as the pool)."""
         stats: dict[str, Any] = {"lookup": self.lookup.stats()}
         if self.coordinator is not None:
             stats["coordinator"] = self.coordinator.stats()
@@ -481,6 +482,7 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
                     channel=populated_channel,
                     probe_interval=probe_interval,
                     lock_idle_timeout=lock_idle_timeout,
+                    reads=store,
                 )
                 closers.append(("coordinator", coordinator.close))
                 await coordinator.start()
@@ -537,7 +539,8 @@ def _session_check(session_url: str, url: str, store: PostgresStore) -> SessionC
 
 
 def _connection_stats(store: PostgresStore, hub: NotificationHub | None) -> dict[str, Any]:
-    """What the process holds now: the pool's counts, and the session (up or not)."""
+    """What the process holds now: the pool's counts, the session (up or not), and the
+    read pool's counts when the sync API opened one."""
     session: dict[str, Any] | None = None
     if hub is not None:
         session = {
@@ -546,7 +549,11 @@ def _connection_stats(store: PostgresStore, hub: NotificationHub | None) -> dict
             "reconnects": hub.reconnects,
             "gaps": hub.gaps,
         }
-    return {"pool": store.connection_stats(), "session": session}
+    stats: dict[str, Any] = {"pool": store.connection_stats(), "session": session}
+    read_pool = store.read_pool_stats()
+    if read_pool is not None:
+        stats["read_pool"] = read_pool
+    return stats
 
 
 def _check_seconds(name: str, value: object, low: float, high: float) -> None:

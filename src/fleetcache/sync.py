@@ -31,6 +31,8 @@ from fleetcache.lookup.decorator import KeyMaker
 from fleetcache.lookup.expiry import DEFAULT, Setting
 from fleetcache.lookup.populate import Missing, Produced
 from fleetcache.stores.base import Entry, Expand, Key, Store
+from fleetcache.stores.postgres import POOL_SIZE, PostgresStore
+from fleetcache.stores.sqlite import SqliteStore
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -209,8 +211,12 @@ class SyncFleetcache:
     safe from any number of threads at once. Made by :func:`open_sync`; a context manager.
 
     One async core serves every thread: single flight across the threads of the process
-    (they share its in-flight map) and, on Postgres, across the fleet. A near-tier hit is
-    answered on the calling thread without waking the loop; anything else is one hop to the
+    (they share its in-flight map) and, on Postgres, across the fleet. Reads are answered
+    on the calling thread without waking the loop: a near-tier hit, and on Postgres and
+    sqlite a store hit (``get``/``get_value`` finding a live entry, ``peek``), read with the
+    thread's own connection (Postgres: from a read pool of synchronous connections, see
+    :func:`open_sync`); a stale hit is served there too and its refresh started on the
+    loop. Anything else (a miss, a dead entry, a write, an invalidation) is one hop to the
     core's loop thread and back. A computation's ``produce`` (a sync function) runs on the
     thread of the caller that started it, while it waits — never on the loop — so it keeps
     its thread-locals; a background refresh, which nobody waits for, runs it on a worker
@@ -228,8 +234,13 @@ class SyncFleetcache:
         portal: BlockingPortal,
         portal_cm: AbstractContextManager[BlockingPortal],
         loop: asyncio.AbstractEventLoop,
+        *,
+        reads_here: bool = False,
     ) -> None:
         self._cache = cache
+        # Whether the store reads on the calling thread (its read_here: sqlite's, or
+        # Postgres's through the read pool open_sync opened).
+        self._reads_here = reads_here
         self._portal = portal
         self._portal_cm = portal_cm
         self._loop = loop
@@ -290,6 +301,21 @@ class SyncFleetcache:
         if self._closed:
             raise NotOpenError(f"this SyncFleetcache ({self._cache.url}) is closed")
 
+    @property
+    def reads_here(self) -> bool:
+        """Whether store hits are read on the calling thread (Postgres with a read pool,
+        sqlite), not through the loop thread."""
+        return self._reads_here
+
+    def _read(self, key: Key, by_alias: bool = False) -> Entry | None:
+        """The store's read of ``key``: on the calling thread where the store reads there,
+        else on the core's loop."""
+        store: Any = self._cache.store
+        if not self._reads_here:
+            return self.call(self._cache.store.read, key, by_alias=by_alias)
+        entry: Entry | None = store.read_here(key, by_alias)
+        return entry
+
     # ------------------------------------------------------------------ reading
 
     def get(
@@ -316,11 +342,11 @@ class SyncFleetcache:
             "stale_ttl": stale_ttl,
             "early_refresh": early_refresh,
         }
-        read_here = getattr(self._cache.store, "read_here", None)
-        if self._lookup.near is not None or read_here is not None:
-            # A near-tier hit, or a sqlite hit read on this thread: no trip to the loop.
+        read = self._read if self._reads_here else None
+        if self._lookup.near is not None or read is not None:
+            # A near-tier hit, or a store hit read on this thread: no trip to the loop.
             hit = self._lookup.near_hit(
-                key, adapt(produce, None), call_soon=self.call_soon, read=read_here, **options
+                key, adapt(produce, None), call_soon=self.call_soon, read=read, **options
             )
             if hit is not None:
                 return hit
@@ -354,9 +380,13 @@ class SyncFleetcache:
         )
         return value_of(entry)
 
-    def peek(self, key: Key, *, by_alias: bool = False) -> Entry | None:
-        """The stored entry for ``key``, never computing (see ``CachingLookup.peek``)."""
-        return self.call(self._lookup.peek, key, by_alias=by_alias)
+    def peek(self, key: Key, *, by_alias: bool = False, near: bool = False) -> Entry | None:
+        """The stored entry for ``key``, never computing (see ``CachingLookup.peek``);
+        read on the calling thread where the store can. ``near=True``: the near tier
+        answers first, and what the store answers is kept there (``CachingLookup.peek_here``;
+        the Django backend's ``get``)."""
+        self._check_open()
+        return self._lookup.peek_here(key, self._read, by_alias=by_alias, near=near)
 
     # ------------------------------------------------------------------ writing
 
@@ -553,11 +583,25 @@ class SyncCachedFunction(Generic[P, R]):
         return None if entry is None else cast(R, entry.value)
 
 
-def open_sync(url: str, **options: Any) -> SyncFleetcache:
+def open_sync(url: str, *, read_pool_size: int | None = None, **options: Any) -> SyncFleetcache:
     """Open a cache for sync code: ``fleetcache.open(url, **options)`` (the same URLs and
     options) run on a loop thread of its own; returns it open. Use it as ``with
     fleetcache.open_sync(url) as cache:`` or call ``cache.close()``; see
-    :class:`SyncFleetcache`."""
+    :class:`SyncFleetcache`.
+
+    On Postgres, hits are read on the calling thread through a pool of synchronous
+    connections of its own, the *read pool*: none at open, growing on demand to
+    ``read_pool_size`` (None: ``pool_size``'s value), connected where the pool connects
+    (``url``, a pooler if that is what it is; never ``session_url``) with its
+    ``prepared_statements`` setting; closed by ``close()``, counted in
+    ``stats()["connections"]["read_pool"]``. ``read_pool_size=0``: no read pool (every
+    store read is a hop to the loop thread; the connection budget of ``fleetcache.open``)."""
+    if isinstance(read_pool_size, bool) or not (
+        read_pool_size is None or (isinstance(read_pool_size, int) and read_pool_size >= 0)
+    ):
+        raise ConfigurationError(
+            f"read_pool_size must be a whole number >= 0 (0: no read pool), got {read_pool_size!r}"
+        )
     portal_cm = start_blocking_portal(name="fleetcache-loop")
     portal = portal_cm.__enter__()
     try:
@@ -570,4 +614,9 @@ def open_sync(url: str, **options: Any) -> SyncFleetcache:
     except BaseException:
         portal_cm.__exit__(None, None, None)
         raise
-    return SyncFleetcache(cache, portal, portal_cm, loop)
+    store = cache.store
+    reads_here = isinstance(store, SqliteStore)
+    if isinstance(store, PostgresStore):
+        size = options.get("pool_size", POOL_SIZE) if read_pool_size is None else read_pool_size
+        reads_here = size > 0 and store.open_read_pool(size)
+    return SyncFleetcache(cache, portal, portal_cm, loop, reads_here=reads_here)

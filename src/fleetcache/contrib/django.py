@@ -41,6 +41,9 @@ OPEN_OPTIONS = {
     "NEAR_MAX_BYTES": "near_max_bytes",
     "COORDINATE": "coordinate",
     "POOL_SIZE": "pool_size",
+    "READ_POOL_SIZE": "read_pool_size",
+    "SESSION_URL": "session_url",
+    "PREPARED_STATEMENTS": "prepared_statements",
     "COMPUTE_TIMEOUT": "compute_timeout",
     "WAIT_TIMEOUT": "wait_timeout",
 }
@@ -114,7 +117,9 @@ class FleetcacheCache(BaseCache):
     ``"django"``: the fleetcache namespace of this cache's keys, what ``clear()`` empties),
     ``COMPRESS_ABOVE`` (bytes: zlib above that size; default none), ``NEAR`` and
     ``NEAR_MAX_BYTES`` (a near tier on Postgres), ``COORDINATE``, ``POOL_SIZE``,
-    ``COMPUTE_TIMEOUT`` and ``WAIT_TIMEOUT`` (as ``fleetcache.open``), and Django's
+    ``SESSION_URL`` (the direct connection when ``LOCATION`` is a transaction pooler such
+    as PgBouncer), ``PREPARED_STATEMENTS``, ``COMPUTE_TIMEOUT`` and ``WAIT_TIMEOUT`` (as
+    ``fleetcache.open``), ``READ_POOL_SIZE`` (as ``fleetcache.open_sync``), and Django's
     ``MAX_ENTRIES``, which when given bounds the *whole table* (``max_entries`` of
     ``fleetcache.open``: the least recently written entries are evicted in batches of 5%
     of it), and ``CULL_FREQUENCY``, accepted but not used (the batch is the store's;
@@ -200,9 +205,7 @@ class FleetcacheCache(BaseCache):
 
     def get(self, key: Any, default: Any | None = None, version: int | None = None) -> Any:
         """The value stored under ``key``, or ``default``."""
-        k = self._key(key, version)
-        core = self.core
-        entry = self._near(core, k) or core.call(core.lookup.peek, k)
+        entry = self.core.peek(self._key(key, version), near=True)
         return default if entry is None else entry.value
 
     async def aget(self, key: Any, default: Any | None = None, version: int | None = None) -> Any:
@@ -213,9 +216,12 @@ class FleetcacheCache(BaseCache):
         return default if entry is None else entry.value
 
     def get_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
-        """The values of the ``keys`` that are stored (read concurrently, in one hop)."""
+        """The values of the ``keys`` that are stored (read one by one on this thread
+        where the store reads there, else concurrently, in one hop to the core)."""
         made = {self._key(key, version): key for key in keys}
         core = self.core
+        if core.reads_here:
+            return _found(made, [core.peek(k, near=True) for k in made])
         return _found(made, core.call(_peek_many, core.lookup, list(made)))
 
     async def aget_many(self, keys: Iterable[Any], version: int | None = None) -> dict[Any, Any]:
@@ -226,9 +232,7 @@ class FleetcacheCache(BaseCache):
 
     def has_key(self, key: Any, version: int | None = None) -> bool:
         """Whether ``key`` is stored and not expired."""
-        k = self._key(key, version)
-        core = self.core
-        return (self._near(core, k) or core.call(core.lookup.peek, k)) is not None
+        return self.core.peek(self._key(key, version), near=True) is not None
 
     async def ahas_key(self, key: Any, version: int | None = None) -> bool:
         """:meth:`has_key`, awaited on the async core."""
@@ -300,7 +304,7 @@ class FleetcacheCache(BaseCache):
         ttl = self._ttl(timeout)
         core = self.core
         if isinstance(ttl, _Expired):
-            return (self._near(core, k) or core.call(core.lookup.peek, k)) is None
+            return core.peek(k, near=True) is None
         added: list[bool] = []
 
         def produce(_: Key) -> Produced[Any]:

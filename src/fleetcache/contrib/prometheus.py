@@ -293,13 +293,17 @@ class FleetcacheCollector(Collector):
                 waiting = getattr(coordinator, "waiters", None)
                 if callable(waiting):
                     parked.add_metric([name], waiting())
-            store_pool = _pool_stats(getattr(parts, "store", None))
+            store = getattr(parts, "store", None)
+            store_pool = _pool_stats(store)
             if store_pool is not None:
                 size = store_pool.get("pool_size", 0)
                 idle = store_pool.get("pool_available", 0)
                 pool.add_metric([name, "in_use"], size - idle)
                 pool.add_metric([name, "idle"], idle)
                 backends.add_metric([name, "pool"], size)
+                read_pool = store.read_pool_stats() if isinstance(store, PostgresStore) else None
+                if read_pool is not None:  # the sync API's reads on its callers' threads
+                    backends.add_metric([name, "read_pool"], read_pool["size"])
             hub = getattr(parts, "hub", None)
             if hub is not None:
                 listening.add_metric([name], 1 if hub.connected else 0)

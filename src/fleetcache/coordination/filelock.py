@@ -18,7 +18,7 @@ except ImportError:  # Windows: no fcntl; file_locks_supported() says so
     fcntl = None  # type: ignore[assignment]
 
 from fleetcache._lifecycle import Service
-from fleetcache.coordination.base import KeyLock, WakeReason, lock_id
+from fleetcache.coordination.base import KeyLock, Reading, WakeReason, lock_id
 from fleetcache.coordination.waiters import WaiterRegistry
 from fleetcache.errors import ConfigurationError, CoordinationError
 from fleetcache.logcontext import get_logger
@@ -124,9 +124,12 @@ class FileLockCoordinator(Service):
         return lock_id(coalesce_key) % self._slots
 
     @contextlib.asynccontextmanager
-    async def lock(self, coalesce_key: str) -> AsyncIterator[KeyLock]:
+    async def lock(
+        self, coalesce_key: str, reading: Reading | None = None
+    ) -> AsyncIterator[KeyLock]:
         """The key's lock, held until the block ends (see
-        :meth:`~fleetcache.coordination.base.PopulateCoordinator.lock`)."""
+        :meth:`~fleetcache.coordination.base.PopulateCoordinator.lock`); nothing is read
+        with the try (``reading`` is ignored: the caller reads the store)."""
         self.check_started(f"the lock of key {coalesce_key}")
         if os.getpid() != self._pid:
             # A forked child shares the parent's open file, hence its locks: it would never

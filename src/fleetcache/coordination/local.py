@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fleetcache._lifecycle import Service
-from fleetcache.coordination.base import KeyLock, WakeReason, lock_id
+from fleetcache.coordination.base import KeyLock, Reading, WakeReason, lock_id
 from fleetcache.coordination.waiters import WaiterRegistry
 from fleetcache.logcontext import get_logger
 
@@ -40,9 +40,12 @@ class LocalCoordinator(Service):
         return dict(self._registry.stats)
 
     @contextlib.asynccontextmanager
-    async def lock(self, coalesce_key: str) -> AsyncIterator[KeyLock]:
+    async def lock(
+        self, coalesce_key: str, reading: Reading | None = None
+    ) -> AsyncIterator[KeyLock]:
         """The key's lock, held until the block ends (see
-        :meth:`~fleetcache.coordination.base.PopulateCoordinator.lock`)."""
+        :meth:`~fleetcache.coordination.base.PopulateCoordinator.lock`); nothing is read
+        with the try (``reading`` is ignored: the caller reads the store)."""
         self.check_started(f"the lock of key {coalesce_key}")
         lid = lock_id(coalesce_key)
         if lid in self._held:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import psycopg
@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from fleetcache._lifecycle import Service
 from fleetcache._pg import pooled
-from fleetcache.coordination.base import KeyLock, WakeReason, lock_id
+from fleetcache.coordination.base import KeyLock, Reading, WakeReason, lock_id
 from fleetcache.coordination.waiters import Waiter, WaiterRegistry
 from fleetcache.errors import (
     ConfigurationError,
@@ -25,7 +25,8 @@ from fleetcache.errors import (
     SessionLostError,
 )
 from fleetcache.logcontext import get_logger
-from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME, NotificationHub
+from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME, NotificationHub, Statement
+from fleetcache.stores.postgres import PostgresStore, StampAndRead
 
 __all__ = ["POPULATED_CHANNEL", "PostgresCoordinator", "advisory_lock_tag"]
 
@@ -115,14 +116,28 @@ class _LockLine:
         retry: bool = True,
         wait: float | None = None,
     ) -> tuple[tuple[Any, ...] | None, int]:
-        """Run one statement on the session; return its row and the connection's
-        generation. A lost connection is replaced by the hub and (with ``retry``) the
-        statement run once more on the new one: whatever the lost one held died with it.
-        ``wait``: how long to wait for a session that is down (default: the hub's connect
-        budget); a session lost for good raises CoordinationError from SessionLostError."""
+        """Run one statement on the session; its row and the connection's generation
+        (see :meth:`statements`)."""
+        rows, gen = await self.statements(what, [(query, params, False)], retry=retry, wait=wait)
+        return rows[0], gen
+
+    async def statements(
+        self,
+        what: str,
+        statements: Sequence[Statement],
+        *,
+        retry: bool = True,
+        wait: float | None = None,
+    ) -> tuple[list[tuple[Any, ...] | None], int]:
+        """Run statements on the session in one round trip; return their rows and the
+        connection's generation. A lost connection is replaced by the hub and (with
+        ``retry``) the statements run once more on the new one: whatever the lost one held
+        died with it. ``wait``: how long to wait for a session that is down (default: the
+        hub's connect budget); a session lost for good raises CoordinationError from
+        SessionLostError."""
         for attempt in (1, 2):
             try:
-                return await self._hub.execute(query, params, wait=wait)
+                return await self._hub.execute_pipelined(statements, wait=wait)
             except SessionLostError as exc:
                 if not (retry and attempt == 1):
                     raise CoordinationError(f"{what} failed: {exc}") from exc
@@ -145,8 +160,10 @@ class PostgresCoordinator(Service):
     ``channel``) and carries the locks, on its one connection; ``pool`` (autocommit
     connections) serves the crash probe. ``lock_idle_timeout`` bounds how long a silent
     holder (stopped, partitioned) keeps its keys locked (it becomes the session's
-    ``idle_session_timeout``). The pool and the hub belong to the caller, who starts them
-    before and closes them after this coordinator. Use it between ``await start()`` and
+    ``idle_session_timeout``). ``reads``: the store whose stamp-and-read a try-lock sends
+    in its own round trip when asked (see :class:`~fleetcache.coordination.base.Reading`).
+    The pool, the hub and the store belong to the caller, who starts them before and
+    closes them after this coordinator. Use it between ``await start()`` and
     ``await close()`` (or ``async with``).
     """
 
@@ -158,6 +175,7 @@ class PostgresCoordinator(Service):
         channel: str = POPULATED_CHANNEL,
         probe_interval: float = 1.0,
         lock_idle_timeout: float = LOCK_IDLE_TIMEOUT,
+        reads: PostgresStore | None = None,
     ) -> None:
         super().__init__()
         if (
@@ -171,6 +189,7 @@ class PostgresCoordinator(Service):
         self._lock_idle_timeout = float(lock_idle_timeout)
         self._pool = pool
         self._hub = hub
+        self._reads = reads
         self._channel = channel
         self._probe_interval = probe_interval
         self._registry = WaiterRegistry()
@@ -212,14 +231,17 @@ class PostgresCoordinator(Service):
     def stats(self) -> dict[str, int]:
         """A copy of the counters: lock_won, lock_lost, woken_notify, woken_timeout,
         woken_probe, woken_gap, woken_close, notifies (NOTIFYs sent for keys, by a
-        winner's write or its release: one per won lock), notify_failures, and
+        winner's write or its release: one per won lock, none for a winner that found the
+        key filled), notify_failures, and
         computed_unlocked (keys won without the fleet's lock while the session was down)."""
         return {**self._registry.stats, "computed_unlocked": self._unlocked}
 
     # ------------------------------------------------------------------ winner
 
     @contextlib.asynccontextmanager
-    async def lock(self, coalesce_key: str) -> AsyncIterator[KeyLock]:
+    async def lock(
+        self, coalesce_key: str, reading: Reading | None = None
+    ) -> AsyncIterator[KeyLock]:
         """The key's session lock, tried without blocking as the block is entered and
         held, with no transaction and no pooled connection, until it ends; see
         :meth:`~fleetcache.coordination.base.PopulateCoordinator.lock`. The release is
@@ -228,34 +250,35 @@ class PostgresCoordinator(Service):
         statements leave as :class:`CoordinationError`."""
         self.check_started(f"the lock of key {coalesce_key}")
         lid = lock_id(coalesce_key)
+        read = self._statement(reading)  # before the claim: it checks the names
         # Registered before the try: if we lose, the holder may finish before we wait.
         waiter = self._registry.register(coalesce_key, lid, armed=False)
+        line = self._line(lid)
         if lid in self._held:  # a task of this process holds it: lost, without a query
-            won = None
+            won, gen, found = False, UNLOCKED, None
         else:
             self._held[lid] = -1  # claimed locally before the await: other tasks lose here
             try:
-                won = await self._try_lock(coalesce_key, lid)
+                won, gen, found = await self._try_lock(coalesce_key, lid, line, read)
             except BaseException as exc:
                 waiter.cancel()
                 if not isinstance(exc, asyncio.CancelledError):  # else _abandon owns the claim
                     self._held.pop(lid, None)
                 raise
-            if won is None:
+            if not won:
                 del self._held[lid]
-        if won is None:
+        if not won:
             self._lost(waiter)
             try:
-                yield KeyLock(coalesce_key, won=False, _waiter=waiter)
+                yield KeyLock(coalesce_key, won=False, _waiter=waiter, _read=found)
             finally:
                 waiter.cancel()
             return
-        line, gen = won
         waiter.cancel()
         self._held[lid] = gen
         self._registry.stats["lock_won"] += 1
         logger.debug("won the lock of key %s (id %d)", coalesce_key, lid)
-        held = KeyLock(coalesce_key, won=True, notify=(self._channel, str(lid)))
+        held = KeyLock(coalesce_key, won=True, notify=(self._channel, str(lid)), _read=found)
         try:
             yield held
         except asyncio.CancelledError:
@@ -274,7 +297,9 @@ class PostgresCoordinator(Service):
                 self._registry.stats["notifies"] += 1  # sent by the winner's write
             # Shielded: a cancelled winner must still release and notify.
             await asyncio.shield(
-                self._release(coalesce_key, lid, line, gen, notify=not held.notified)
+                self._release(
+                    coalesce_key, lid, line, gen, notify=not (held.notified or held.quiet)
+                )
             )
 
     def _lost(self, waiter: Waiter) -> None:
@@ -282,32 +307,53 @@ class PostgresCoordinator(Service):
         self._registry.arm(waiter)  # from now on the probe may judge it
         logger.debug("lost the lock of key %s", waiter.coalesce_key)
 
-    async def _try_lock(self, coalesce_key: str, lid: int) -> tuple[_LockLine, int] | None:
-        """The line and its connection's generation if the lock was won, None if lost.
-        The statement runs in its own task: a caller cancelled mid-statement must not
-        leave a lock taken for nobody, so the task finishes and gives such a lock back."""
-        line = self._line(lid)
-        task = asyncio.ensure_future(self._try_statement(coalesce_key, lid, line))
+    def _statement(self, reading: Reading | None) -> StampAndRead | None:
+        """The stamp-and-read to send with a try-lock (None: the caller reads the store)."""
+        if reading is None or self._reads is None:
+            return None
+        return self._reads.stamp_and_read_statement(
+            reading.key, reading.names, by_alias=reading.by_alias
+        )
+
+    async def _try_lock(
+        self, coalesce_key: str, lid: int, line: _LockLine, read: StampAndRead | None
+    ) -> tuple[bool, int, tuple[StampAndRead, tuple[Any, ...] | None] | None]:
+        """Whether the lock was won, the generation of the connection it was tried on, and
+        what ``read`` found (in the same round trip; None without one). The statement runs
+        in its own task: a caller cancelled mid-statement must not leave a lock taken for
+        nobody, so the task finishes and gives such a lock back."""
+        task = asyncio.ensure_future(self._try_statement(coalesce_key, lid, line, read))
         try:
-            row, gen = await asyncio.shield(task)
+            rows, gen = await asyncio.shield(task)
         except asyncio.CancelledError:
             self.spawn(self._abandon(task, coalesce_key, lid, line), f"abandon {lid}")
             raise
-        return (line, gen) if row and row[0] else None
+        won = bool(rows[0] and rows[0][0])
+        return won, gen, (read, rows[1]) if read is not None and len(rows) > 1 else None
 
     async def _try_statement(
-        self, coalesce_key: str, lid: int, line: _LockLine
-    ) -> tuple[tuple[Any, ...] | None, int]:
-        """The try-lock's row and generation. While the session is down for longer than
-        ``SESSION_WAIT``, a win on no lock (generation ``UNLOCKED``): this process
-        computes the key without the fleet's lock rather than fail its callers (peers may
-        compute it too; the store still refuses a stale write)."""
+        self, coalesce_key: str, lid: int, line: _LockLine, read: StampAndRead | None
+    ) -> tuple[list[tuple[Any, ...] | None], int]:
+        """The try-lock's row (then ``read``'s, sent in the same round trip: its snapshot
+        is taken after the try, so a fill that committed before a won try is seen) and the
+        generation. While the session is down for longer than ``SESSION_WAIT``, a win on
+        no lock (generation ``UNLOCKED``, nothing read): this process computes the key
+        without the fleet's lock rather than fail its callers (peers may compute it too;
+        the store still refuses a stale write)."""
+        statements: list[Statement] = [(_TRY_LOCK, {"id": lid}, False)]
+        if read is not None:
+            statements.append((read.query, read.params, True))
+        what = f"the try-lock of key {coalesce_key}"
         try:
-            return await line.statement(
-                f"the try-lock of key {coalesce_key}", _TRY_LOCK, {"id": lid}, wait=SESSION_WAIT
-            )
+            return await line.statements(what, statements, wait=SESSION_WAIT)
         except CoordinationError as exc:
             if not isinstance(exc.__cause__, SessionLostError):
+                if read is not None:
+                    # The try may have won before the read failed, and no rollback gives a
+                    # session lock back: unlock (a no-op if it was not won; no other task
+                    # of ours holds it, see lock()).
+                    with contextlib.suppress(CoordinationError):
+                        await line.statement(what, _UNLOCK, {"id": lid}, retry=False)
                 raise
             self._unlocked += 1
             logger.warning(
@@ -316,11 +362,11 @@ class PostgresCoordinator(Service):
                 coalesce_key,
                 exc,
             )
-            return (True,), UNLOCKED
+            return [(True,)], UNLOCKED
 
     async def _abandon(
         self,
-        task: asyncio.Future[tuple[tuple[Any, ...] | None, int]],
+        task: asyncio.Future[tuple[list[tuple[Any, ...] | None], int]],
         coalesce_key: str,
         lid: int,
         line: _LockLine,
@@ -329,10 +375,10 @@ class PostgresCoordinator(Service):
         local claim (kept until now, so no other task of ours could take the same lock
         re-entrantly meanwhile) and wake this process's waiters of the key."""
         try:
-            row, gen = await task
+            rows, gen = await task
         except Exception:  # noqa: BLE001 - the try failed, so it took nothing
-            row, gen = None, 0
-        if row and row[0]:
+            rows, gen = [None], 0
+        if rows[0] and rows[0][0]:
             await self._release(coalesce_key, lid, line, gen, notify=True)
         else:
             self._held.pop(lid, None)

@@ -309,8 +309,10 @@ class CachingLookup(Generic[V]):
         servable there, or an error entry this caller does not want). A refresh the hit
         calls for (stale, or early) is started through ``call_soon`` (the loop's
         ``call_soon_threadsafe``): the caller gets the entry at once, as from ``get``.
-        Without a near tier, ``read`` (a store's read on the calling thread, given the key
-        and ``by_alias``) answers instead when given: a store hit without the loop."""
+        ``read`` (a store's read on the calling thread, given the key and ``by_alias``)
+        answers a near miss when given: a store hit without the loop, kept in the near
+        tier as ``get`` keeps it (see :meth:`_read_here`); a missing or dead entry is left
+        to ``get``."""
         obs = self._observer
         started = time.perf_counter() if obs is not None else 0.0
         expiry = self._check_get(
@@ -323,29 +325,80 @@ class CachingLookup(Generic[V]):
             early_refresh=early_refresh,
         )
         near = self.near
-        if near is None:
-            if read is None:
+        by_alias = alias is not None
+        kept = None if near is None else near.get(key, by_alias=by_alias, count_miss=False)
+        outcome = NEAR_HIT
+        if kept is not None:
+            verdict = self._freshness(kept)
+            if verdict is Freshness.DEAD:
                 return None
-            kept = read(key, alias is not None)
+        elif read is None:
+            return None
         else:
-            kept = near.get(key, by_alias=alias is not None, count_miss=False)
-        if kept is None:
-            return None
-        verdict = self._freshness(kept)
-        if verdict is Freshness.DEAD:
-            return None
-        if near is None:
-            # Counted from the calling thread: a lost increment under a race is possible
-            # (+= is not atomic), acceptable for a counter, never for a value.
-            self._stats.hits += 1
+            found = self._read_here(key, by_alias, read)
+            if found is None:
+                return None
+            kept, verdict = found
+            outcome = HIT
         refresh = self._refresh_due(kept, verdict, expiry)
         if refresh is not None:
             call_soon(self._start_refresh, refresh, kept, produce, expiry)
         if obs is not None:
-            # A store read on this thread (no near tier: sqlite's) is a hit like the loop's.
-            outcome = NEAR_HIT if near is not None else HIT
+            # A store read on this thread is a hit like the loop's.
             obs.hit_from_thread(key, STALE if verdict is Freshness.STALE else outcome, started)
         return self._out(kept, persist_errors)
+
+    def _read_here(
+        self, key: Key, by_alias: bool, read: Callable[[Key, bool], Entry | None]
+    ) -> tuple[Entry, Freshness] | None:
+        """A store read on the calling thread that answers the caller: the entry and its
+        freshness, counted as a hit and kept in the near tier; None when it is missing or
+        dead (the loop's ``get`` answers then, and counts the near miss and the miss). The
+        tier's epoch is read before the store read, so an invalidation the tier hears of
+        meanwhile (on the loop's thread) drops the fill (docs/design.md, "Sync reads on the
+        calling thread")."""
+        near = self.near
+        epoch = near.epoch() if near is not None else 0
+        entry = read(key, by_alias)
+        if entry is None:
+            return None
+        verdict = self._freshness(entry)
+        if verdict is Freshness.DEAD:
+            return None
+        # Counted from the calling thread: a lost increment under a race is possible
+        # (+= is not atomic), acceptable for a counter, never for a value.
+        self._stats.hits += 1
+        if near is not None:
+            near.count_miss()
+            near.put(entry, epoch=epoch)
+        return entry, verdict
+
+    def peek_here(
+        self,
+        key: Key,
+        read: Callable[[Key, bool], Entry | None],
+        *,
+        by_alias: bool = False,
+        near: bool = False,
+    ) -> Entry | None:
+        """What :meth:`peek` answers, read on the calling thread by ``read`` (a store's
+        read there, given the key and ``by_alias``) without the event loop. With ``near``,
+        the near tier answers first, and a store read fills it as :meth:`get` does (the
+        Django backend's ``get``); else the tier is left alone, as by :meth:`peek`."""
+        if self._closed:
+            raise NotOpenError("this CachingLookup is closed")
+        tier = self.near if near else None
+        if tier is not None:
+            kept = tier.get(key, by_alias=by_alias)
+            if kept is not None and self._freshness(kept) is not Freshness.DEAD:
+                return self._out(kept, True)
+        epoch = tier.epoch() if tier is not None else 0
+        entry = read(key, by_alias)
+        if entry is None or self._freshness(entry) is Freshness.DEAD:
+            return None
+        if tier is not None:
+            tier.put(entry, epoch=epoch)
+        return self._out(entry, True)
 
     async def get_value(
         self,

@@ -74,10 +74,11 @@ class NearCache:
         self._values = values
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        # Everything below is written by the event loop (fills, evictions) and read and
-        # reordered by every thread that serves a hit (the loop, and the sync API's
-        # callers): each method holds _lock from start to end (never across an await, never
-        # while decoding a copy). _entries is the LRU order; the indexes map what
+        # Everything below is written by the event loop (fills, evictions) and by the sync
+        # API's callers (fills after a store read on their thread), and read and reordered
+        # by every thread that serves a hit: each method holds _lock from start to end
+        # (never across an await, never while decoding a copy), so a fill checks the epoch
+        # and an eviction bumps it atomically. _entries is the LRU order; the indexes map what
         # invalidations name to the keys they must evict.
         self._lock = threading.Lock()
         self._entries: OrderedDict[Key, _Kept] = OrderedDict()
@@ -124,6 +125,12 @@ class NearCache:
             self._entries.move_to_end(kept.entry.key)
             self._stats["near_hits"] += 1
         return kept.copy(self._values)
+
+    def count_miss(self) -> None:
+        """Count the miss of a probe (``get(..., count_miss=False)``) whose caller then
+        answered from the store without asking again."""
+        with self._lock:
+            self._stats["near_misses"] += 1
 
     def _aliased(self, key: Key) -> _Kept | None:
         for candidate in self._by_alias.get((key.namespace, key.name), ()):

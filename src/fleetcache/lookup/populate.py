@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeGuard, TypeVar
 
-from fleetcache.coordination.base import KeyLock, PopulateCoordinator, WakeReason
+from fleetcache.coordination.base import KeyLock, PopulateCoordinator, Reading, WakeReason
 from fleetcache.errors import ComputationTimeoutError, CoordinationGaveUpError, InvalidInputError
 from fleetcache.logcontext import get_logger, key_context
 from fleetcache.lookup.codec import Codec
@@ -201,10 +201,11 @@ class Populator(Generic[V]):
     async def refresh(self, request: Request[V]) -> Entry | Overtaken | Elsewhere | None:
         """Compute ``request`` once more if this process wins the key's lock;
         :data:`ELSEWHERE` at once if another process holds it (that one refreshes it)."""
+        epoch = self._epoch()  # before any store read
         async with self._lock(request) as lock:
             if not lock.won:
                 return ELSEWHERE
-            return await self._fill(request, lock)
+            return await self._fill(request, lock, epoch)
 
     async def close(self, timeout: float) -> None:
         """Cancel the ``produce`` calls still running (those abandoned at their compute
@@ -236,15 +237,18 @@ class Populator(Generic[V]):
         deadline = started + options.max_rounds * options.wait_timeout
         reasons: list[WakeReason] = []
         while True:
+            epoch = self._epoch()  # before any store read (the try's own included)
             async with self._lock(request) as lock:
                 if lock.won:
-                    return await self._fill(request, lock)
-                # A fill that committed before our try is in the store now; one that commits
-                # later wakes our waiter, registered before the try (docs/design.md).
-                entry = await self._read(request)
-                if entry is not None:
+                    return await self._fill(request, lock, epoch)
+                # A fill that committed before our try is in the store now (read by the
+                # try itself where the coordinator can); one that commits later wakes our
+                # waiter, registered before the try (docs/design.md).
+                found = lock.found()
+                entry = await self._read(request) if found is None else found[1]
+                if self._usable(entry):
                     self._waited()
-                    return entry
+                    return self._keep(entry, epoch)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -258,10 +262,11 @@ class Populator(Generic[V]):
                 request.key.coalesce_key,
                 reason,
             )
+            epoch = self._epoch()
             entry = await self._read(request)
-            if entry is not None:
+            if self._usable(entry):
                 self._waited()
-                return entry
+                return self._keep(entry, epoch)
         self._stats.gave_up += 1
         raise CoordinationGaveUpError(
             request.key.coalesce_key,
@@ -278,39 +283,52 @@ class Populator(Generic[V]):
             note_waited()
 
     def _lock(self, request: Request[V]) -> AbstractAsyncContextManager[KeyLock]:
-        """The key's fleet-wide lock; without a coordinator, one this process always wins."""
+        """The key's fleet-wide lock, whose try also stamps and reads the key where the
+        coordinator can; without a coordinator, one this process always wins."""
         if self.coordinator is None:
             return contextlib.nullcontext(KeyLock(request.lock_key, won=True))
-        return self.coordinator.lock(request.lock_key)
+        reading = Reading(request.key, request.names, request.alias is not None)
+        return self.coordinator.lock(request.lock_key, reading)
+
+    def _epoch(self) -> int:
+        """The near tier's invalidation epoch, read before a store read whose entry may be
+        kept near (see :meth:`_keep`)."""
+        return self.near.epoch() if self.near is not None else 0
 
     async def _read(self, request: Request[V]) -> Entry | None:
-        """The key's stored entry if it answers a waiting caller (then kept near too)."""
-        epoch = self.near.epoch() if self.near is not None else 0
-        entry = await self.store.read(request.key, by_alias=request.alias is not None)
-        return self._keep(entry, epoch) if self._usable(entry) else None
+        """The key's stored entry."""
+        return await self.store.read(request.key, by_alias=request.alias is not None)
 
     # ------------------------------------------------------------------ the winner
 
-    async def _fill(self, request: Request[V], lock: KeyLock) -> Entry | Overtaken | None:
+    async def _fill(
+        self, request: Request[V], lock: KeyLock, epoch: int
+    ) -> Entry | Overtaken | None:
         """The winner's part, bounded by ``compute_timeout``: stamp and re-read in one
-        reading of the store; produce the candidates in order; write under the stamp.
+        reading of the store (the lock's try did it where it could); produce the
+        candidates in order; write under the stamp. ``epoch``: the near tier's, read before
+        the lock was tried.
         A write the store refuses (something it depends on was invalidated meanwhile)
         is thrown away: the callers join a newer computation of the key if one is
         under way here, else the attempt runs again, at most :data:`MAX_ATTEMPTS` times."""
         key = request.key
         by_alias = request.alias is not None
-        epoch = self.near.epoch() if self.near is not None else 0  # before any store read
+        found = lock.found()
         timeout = asyncio.timeout(self.options.compute_timeout)
         try:
             async with timeout:
                 for attempt in range(1, MAX_ATTEMPTS + 1):
-                    stamp, entry = await self.store.stamp_and_read(
-                        key, request.names, by_alias=by_alias
-                    )
+                    if found is None:
+                        found = await self.store.stamp_and_read(
+                            key, request.names, by_alias=by_alias
+                        )
+                    stamp, entry = found
+                    found = None  # another attempt stamps afresh
                     if self._usable(entry) and (
                         request.newer_than is None or (entry.created_at or 0) > request.newer_than
                     ):
-                        return self._keep(entry, epoch)  # someone else stored it
+                        lock.quiet = True  # someone else stored it, and announced it
+                        return self._keep(entry, epoch)
                     outcome = await self._candidates(request, stamp, lock)
                     if outcome is None:
                         return None  # every candidate is missing
@@ -342,7 +360,7 @@ class Populator(Generic[V]):
                     key.coalesce_key,
                     MAX_ATTEMPTS,
                 )
-                entry = await self.store.read(key, by_alias=by_alias)
+                entry = await self._read(request)
                 return self._keep(entry, epoch) if self._usable(entry) else None
         except TimeoutError:
             if not timeout.expired():

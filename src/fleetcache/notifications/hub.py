@@ -31,6 +31,10 @@ from fleetcache.stores.payloads import is_channel
 logger = get_logger("fleetcache.notifications")
 
 _Conn = psycopg.AsyncConnection[Any]
+#: Whether this libpq can send statements in pipeline mode (14 and later).
+_PIPELINE = psycopg.Pipeline.is_supported()
+#: One statement of :meth:`NotificationHub.execute_pipelined`: query, parameters, binary rows.
+Statement = tuple[str, Mapping[str, Any] | None, bool]
 #: Run on the first connection before anything is set on it (e.g. refusing a transaction
 #: pooler); raises to refuse the connection.
 SessionCheck = Callable[[_Conn], Awaitable[None]]
@@ -290,8 +294,21 @@ class NotificationHub(Service):
         reconnects and reports a gap), and :class:`~fleetcache.errors.NotificationError`
         when the statement itself fails.
         """
+        rows, generation = await self.execute_pipelined([(query, params, False)], wait=wait)
+        return rows[0], generation
+
+    async def execute_pipelined(
+        self, statements: Sequence[Statement], *, wait: float | None = None
+    ) -> tuple[list[tuple[Any, ...] | None], int]:
+        """:meth:`execute` for a few short statements sent together, in one round trip
+        (psycopg's pipeline mode; one round trip each where libpq is older than 14): each
+        one's first row, in order. Each statement takes its own snapshot when it starts,
+        after the one before it ended; together they are one implicit transaction, so a
+        failure undoes what the others did — except session locks, which no rollback gives
+        back. ``Statement``: query, parameters, and whether
+        rows come back in binary."""
         try:
-            return await self._execute(query, params, wait=wait)
+            return await self._execute(statements, wait=wait)
         except psycopg.Error as exc:
             raise NotificationError(f"a session statement failed: {_pg.one_line(exc)}") from exc
 
@@ -309,7 +326,8 @@ class NotificationHub(Service):
         self._idle_timeout = seconds
         self._wake_runner()  # its heartbeat is due sooner now
         try:
-            await self._execute(_SET_IDLE_TIMEOUT, {"timeout": _milliseconds(seconds)}, wait=None)
+            params = {"timeout": _milliseconds(seconds)}
+            await self._execute([(_SET_IDLE_TIMEOUT, params, False)], wait=None)
         except psycopg.errors.UndefinedObject:  # PostgreSQL < 14: no such setting
             _log_no_idle_timeout()
         except psycopg.Error as exc:
@@ -582,9 +600,9 @@ class NotificationHub(Service):
             self._dispatch(channel, payload)
 
     async def _execute(
-        self, query: str, params: Mapping[str, Any] | None, *, wait: float | None
-    ) -> tuple[tuple[Any, ...] | None, int]:
-        """:meth:`execute` with driver errors raised as they are."""
+        self, statements: Sequence[Statement], *, wait: float | None
+    ) -> tuple[list[tuple[Any, ...] | None], int]:
+        """:meth:`execute_pipelined` with driver errors raised as they are."""
         deadline = time.monotonic() + (self._connect_budget if wait is None else wait)
         while True:
             await self._wait_until_up(deadline)
@@ -595,12 +613,12 @@ class NotificationHub(Service):
                 self._unwatch()  # psycopg waits on the socket itself now
                 try:
                     self._sent = time.monotonic()
-                    row = await self._run_statement(conn, query, params)
+                    rows = await self._run_statements(conn, statements)
                     self._heard = time.monotonic()
                     self._drain(conn)
                 finally:
                     self._watch()
-                return row, generation
+                return rows, generation
 
     async def _wait_until_up(self, deadline: float) -> None:
         """Return once a live connection is there; SessionLostError at ``deadline``."""
@@ -622,13 +640,28 @@ class NotificationHub(Service):
                     await self._up.wait()
         self._check_open("a session statement")
 
-    async def _run_statement(
-        self, conn: _Conn, query: str, params: Mapping[str, Any] | None
-    ) -> tuple[Any, ...] | None:
-        """Run ``query`` on ``conn`` (the caller holds the turn)."""
+    async def _run_statements(
+        self, conn: _Conn, statements: Sequence[Statement]
+    ) -> list[tuple[Any, ...] | None]:
+        """Run ``statements`` on ``conn`` (the caller holds the turn); their first rows."""
         try:
-            cursor = await conn.execute(query, params)
-            return await cursor.fetchone() if cursor.description is not None else None
+            if len(statements) == 1 or not _PIPELINE:
+                # Without pipeline mode (libpq before 14) one at a time: each statement is
+                # then its own transaction, and still takes its snapshot after the last.
+                cursors = [
+                    await conn.execute(query, params, binary=binary)
+                    for query, params, binary in statements
+                ]
+            else:
+                async with conn.pipeline():
+                    cursors = [
+                        await conn.execute(query, params, binary=binary)
+                        for query, params, binary in statements
+                    ]
+            return [
+                await cursor.fetchone() if cursor.description is not None else None
+                for cursor in cursors
+            ]
         except UnicodeDecodeError as exc:
             # A notification the client cannot decode came with the answer: psycopg gave
             # up reading it half way, so the connection's state is unknown.

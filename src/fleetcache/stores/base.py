@@ -5,6 +5,7 @@ The arguments for the closure and for pruning marks are in ``docs/design.md``.""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -46,15 +47,25 @@ class Key:
     def coalesce_key(self) -> str:
         """The key as an unambiguous string, ``["namespace","name","scope","user"]`` (JSON):
         what logs show and what the fleet-wide lock id is hashed from."""
-        return json.dumps(
-            [self.namespace, self.name, self.scope, self.user],
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        try:
+            return _cached_coalesce_key(self)
+        except TypeError:  # a field that does not even hash: a key about to be refused
+            return _coalesce_key(self)
 
     def with_name(self, name: str) -> Key:
         """The same key with another name (a candidate)."""
         return Key(self.namespace, name, self.scope, self.user)
+
+
+def _coalesce_key(key: Key) -> str:
+    return json.dumps(
+        [key.namespace, key.name, key.scope, key.user], ensure_ascii=False, separators=(",", ":")
+    )
+
+
+# A miss names its key in its lock, its log context and its messages, and a key's hash costs
+# far less than its JSON. Keys are immutable; the cache is bounded (and thread-safe).
+_cached_coalesce_key = functools.lru_cache(maxsize=4096)(_coalesce_key)
 
 
 @dataclass(frozen=True, slots=True)

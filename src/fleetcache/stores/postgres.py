@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from fleetcache import _pg
 from fleetcache.errors import ConfigurationError, InvalidInputError, NotOpenError, StoreError
@@ -189,6 +189,25 @@ def _entry(key: Key, row: Sequence[Any], values: ValueCodec) -> Entry:
     )
 
 
+def _pool_counts(stats: dict[str, int]) -> dict[str, int]:
+    """A pool's ``get_stats()`` as the store reports it."""
+    size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
+    return {
+        "size": size,
+        "in_use": size - idle,
+        "idle": idle,
+        "min_size": stats.get("pool_min", 0),
+        "max_size": stats.get("pool_max", 0),
+        "waiting": stats.get("requests_waiting", 0),
+    }
+
+
+def _read_statement(key: Key, by_alias: bool) -> tuple[str, dict[str, Any]]:
+    """The statement of ``read(key, by_alias=...)`` and its parameters (the key checked)."""
+    validate_key(key)
+    return (q.PG_READ_BY_ALIAS if by_alias else q.PG_READ), _key_params(key)
+
+
 def _key_params(key: Key) -> dict[str, Any]:
     return {
         "key_hash": key_hash(key),
@@ -220,7 +239,7 @@ class PostgresStore:
     ``Bounds.check_every`` successful writes, this process looks at it, and if the table
     is over a bound a background task evicts the least recently written entries (and
     their dependents) in batches until it is 5% under. The writer does not wait for it,
-    unless it has written ``check_every`` more while the eviction was still running.
+    unless it has written twice ``check_every`` more while the eviction was still running.
 
     ``unlogged=True`` makes the entries table (and its counts) UNLOGGED at ``open()`` if it
     is not already (a rewrite of the table under an exclusive lock, once): writes skip the
@@ -297,6 +316,8 @@ class PostgresStore:
         self._waits = _LockWaits()
         # psycopg's own default (prepare after 5 runs), or never.
         self._prepare_threshold: int | None = 5 if prepared_statements else None
+        # The read pool of read_here(): opened by open_read_pool(), closed by close().
+        self._here: ConnectionPool[Any] | None = None
         self._opened = False
         # Written and read on the event loop by write() and close(): successful writes
         # since the last look at the table's size, and the eviction running (if any).
@@ -313,16 +334,18 @@ class PostgresStore:
     def connection_stats(self) -> dict[str, int]:
         """The pool right now: ``size`` connections (``in_use`` lent out, ``idle``), its
         ``min_size`` and ``max_size``, and ``waiting`` (callers waiting for one)."""
-        stats = self.pool.get_stats()
-        size, idle = stats.get("pool_size", 0), stats.get("pool_available", 0)
-        return {
-            "size": size,
-            "in_use": size - idle,
-            "idle": idle,
-            "min_size": stats.get("pool_min", 0),
-            "max_size": stats.get("pool_max", 0),
-            "waiting": stats.get("requests_waiting", 0),
-        }
+        return _pool_counts(self.pool.get_stats())
+
+    @property
+    def read_pool(self) -> ConnectionPool[Any] | None:
+        """The pool of :meth:`read_here` (synchronous connections), None when not open."""
+        return self._here
+
+    def read_pool_stats(self) -> dict[str, int] | None:
+        """The read pool of :meth:`read_here` right now, as :meth:`connection_stats`; None
+        when it is not open."""
+        pool = self._here
+        return None if pool is None else _pool_counts(pool.get_stats())
 
     @property
     def mark_retention(self) -> float:
@@ -396,22 +419,13 @@ class PostgresStore:
                 await self._make_unlogged(conn)
         finally:
             await conn.close()
-        kwargs: dict[str, Any] = {
-            "autocommit": True,
-            "prepare_threshold": self._prepare_threshold,
-        }
-        params = conninfo_to_dict(conninfo)
-        if "application_name" not in params:
-            kwargs["application_name"] = self._application_name
-        if "connect_timeout" not in params:  # else a growth attempt may hang for minutes
-            kwargs["connect_timeout"] = _pg.CONNECT_TIMEOUT
         failures = _pg.ConnectFailures()
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo,
             connection_class=failures.connection_class,
             min_size=self._min_size,
             max_size=self._max_size,
-            kwargs=kwargs,
+            kwargs=self._connection_kwargs(conninfo),
             timeout=self._pool_timeout,
             # A growth attempt that keeps failing gives up after this, so the next caller
             # who finds no idle connection starts a fresh one (the pool's backoff would
@@ -424,6 +438,49 @@ class PostgresStore:
         await _pg.open_pool(pool, failures, conninfo, budget=self._connect_budget)
         self._pool = pool
         self._opened = True
+
+    def _connection_kwargs(self, conninfo: str) -> dict[str, Any]:
+        """How the store's pools connect: autocommit, the prepared-statement setting, and
+        the store's application name and connect timeout unless ``conninfo`` has its own."""
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "prepare_threshold": self._prepare_threshold,
+        }
+        params = conninfo_to_dict(conninfo)
+        if "application_name" not in params:
+            kwargs["application_name"] = self._application_name
+        if "connect_timeout" not in params:  # else a growth attempt may hang for minutes
+            kwargs["connect_timeout"] = _pg.CONNECT_TIMEOUT
+        return kwargs
+
+    def open_read_pool(self, max_size: int) -> bool:
+        """Open the pool :meth:`read_here` reads through, for callers on their own threads
+        (the sync API): synchronous connections made like the store's pool's — the same
+        ``conninfo`` (a pooler, if that is where the pool goes; never the session URL),
+        autocommit, the same prepared-statement setting. It makes none now and grows on
+        demand to ``max_size``; connections idle for 10 minutes are closed (psycopg_pool's
+        ``max_idle``), down to none. :meth:`close` closes it. False (and nothing opened)
+        when the store was given a pool instead of a ``conninfo``; idempotent."""
+        if self._conninfo is None:
+            return False
+        if not self._opened:
+            raise NotOpenError("PostgresStore is not open: call await store.open() first")
+        if max_size < 1:
+            raise ConfigurationError(f"the read pool needs max_size >= 1, got {max_size}")
+        if self._here is None:
+            pool: ConnectionPool[Any] = ConnectionPool(
+                self._conninfo,
+                min_size=0,
+                max_size=max_size,
+                kwargs=self._connection_kwargs(self._conninfo),
+                timeout=self._pool_timeout,
+                reconnect_timeout=self._connect_budget + _pg.CONNECT_TIMEOUT,
+                name=f"fleetcache-reads-{self._application_name}",
+                open=False,
+            )
+            pool.open(wait=False)  # min_size=0: starts its workers, connects nothing
+            self._here = pool
+        return True
 
     async def _migrate_on_injected(self, conn: psycopg.AsyncConnection[Any]) -> tuple[int, int]:
         # Every transaction here is sent as BEGIN ... COMMIT on an autocommit connection;
@@ -457,6 +514,12 @@ class PostgresStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._opened = False
+        here, self._here = self._here, None
+        if here is not None:
+            # Inline: it only stops the pool's idle worker threads and closes its idle
+            # connections (one in use is closed when given back), and at interpreter exit
+            # (the Django backend's atexit close) no executor would take it.
+            here.close(timeout=5.0)
         if self._owns_pool and self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close(timeout=5.0)
@@ -466,10 +529,8 @@ class PostgresStore:
     async def read(self, key: Key, *, by_alias: bool = False) -> Entry | None:
         """The entry under ``key``, else (with ``by_alias``) the most recently created one
         aliased ``key.name`` in the key's namespace, scope and user. One statement."""
-        validate_key(key)
         pool = self.pool
-        query = q.PG_READ_BY_ALIAS if by_alias else q.PG_READ
-        params = _key_params(key)
+        query, params = _read_statement(key, by_alias)
         # The hit path: one checkout, one statement, no closure or message built. A lost
         # connection is retried once like everything else (see "The pool").
         conn: psycopg.AsyncConnection[Any] | None = None
@@ -492,21 +553,51 @@ class PostgresStore:
             )
         return None if row is None else _entry(key, row, self.values)
 
+    def read_here(self, key: Key, by_alias: bool = False) -> Entry | None:
+        """:meth:`read` on the calling thread, through the read pool (see
+        :meth:`open_read_pool`): the same statement and rows, no event loop. A lost
+        connection is retried once on a fresh one, as :meth:`read` does."""
+        query, params = _read_statement(key, by_alias)
+        pool = self._here
+        if pool is None:
+            raise NotOpenError("the read pool is not open: call store.open_read_pool() first")
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            conn = pool.getconn()
+            try:
+                row = conn.execute(query, params, binary=True).fetchone()
+            finally:
+                pool.putconn(conn)
+        except psycopg.Error as exc:  # a pool timeout too (then conn is None)
+            what = f"reading {key.coalesce_key}"
+            if conn is None or not _pg.is_connection_lost(exc, conn):
+                raise StoreError(f"{what} failed: {_pg.one_line(exc)}") from exc
+            _pg.log_lost_connection(what, exc)
+            pool.check()
+            with _pg.translate(what), pool.connection() as conn:
+                row = conn.execute(query, params, binary=True).fetchone()
+        return None if row is None else _entry(key, row, self.values)
+
     async def stamp_and_read(
         self, key: Key, names: Sequence[str], *, by_alias: bool = False
     ) -> tuple[GenerationStamp, Entry | None]:
         """A stamp and ``read(key, by_alias=...)`` in one statement, under one snapshot."""
-        stamped = stamped_names(key, names)
-        query = q.PG_STAMP_AND_READ_BY_ALIAS if by_alias else q.PG_STAMP_AND_READ
-        params = _key_params(key)
+        reading = self.stamp_and_read_statement(key, names, by_alias=by_alias)
         row = await _pg.pooled(
             self.pool,
             f"stamping and reading {key.coalesce_key}",
-            lambda c: _fetchone(c, query, params),
+            lambda c: _fetchone(c, reading.query, reading.params),
         )
-        assert row is not None  # the LEFT JOIN always answers one row
-        stamp = GenerationStamp(key.namespace, stamped, PostgresPoint(row[0], row[1]))
-        return stamp, (None if row[2] is None else _entry(key, row[2:], self.values))
+        return reading.answer(row)
+
+    def stamp_and_read_statement(
+        self, key: Key, names: Sequence[str], *, by_alias: bool = False
+    ) -> StampAndRead:
+        """:meth:`stamp_and_read` as a statement to run elsewhere (the coordinator sends it
+        with a key's try-lock, in the same round trip) and the answer made of its row."""
+        stamped = stamped_names(key, names)
+        query = q.PG_STAMP_AND_READ_BY_ALIAS if by_alias else q.PG_STAMP_AND_READ
+        return StampAndRead(key, stamped, query, _key_params(key), self.values)
 
     # ------------------------------------------------------------------------ writes
 
@@ -554,8 +645,8 @@ class PostgresStore:
 
     async def _after_write(self) -> None:
         # Every check_every writes, an eviction in the background (it looks at the size
-        # first); the writer waits only if the one under way has let it write another
-        # check_every meanwhile (so one process cannot outrun eviction).
+        # first); the writer waits only if the one under way has let it write twice
+        # check_every more meanwhile (so one process cannot outrun eviction).
         self._since_check += 1
         every = self.bounds.check_every
         if self._since_check < every:
@@ -978,6 +1069,23 @@ def _check_stamp(stamp: GenerationStamp, key: Key) -> PostgresPoint:
             f"the stamp for {key.coalesce_key} was not made by a Postgres store"
         )
     return stamp.point
+
+
+@dataclass(frozen=True, slots=True)
+class StampAndRead:
+    """A stamp-and-read of ``key`` as one statement (binary rows) and its answer."""
+
+    key: Key
+    names: tuple[str, ...]
+    query: str
+    params: dict[str, Any]
+    values: ValueCodec
+
+    def answer(self, row: tuple[Any, ...] | None) -> tuple[GenerationStamp, Entry | None]:
+        """The stamp and the entry (None: none stored) the statement's row says."""
+        assert row is not None  # the LEFT JOIN always answers one row
+        stamp = GenerationStamp(self.key.namespace, self.names, PostgresPoint(row[0], row[1]))
+        return stamp, (None if row[2] is None else _entry(self.key, row[2:], self.values))
 
 
 async def _fetchone(

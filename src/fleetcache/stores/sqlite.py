@@ -54,6 +54,11 @@ MMAP_SIZE = 256 * 1024 * 1024
 #: The most old marks one invalidation prunes, besides twice the marks it sets.
 PRUNE_BATCH = 10_000
 
+#: How many writes on the calling thread between two checkpoints on the worker thread
+#: (those connections never checkpoint themselves; a write adds about 5 pages to the WAL,
+#: so the WAL stays near sqlite's own threshold of 1000 pages).
+CHECKPOINT_EVERY = 200
+
 
 @dataclass(frozen=True, slots=True)
 class SqlitePoint:
@@ -92,14 +97,25 @@ def _key_params(key: Key) -> dict[str, Any]:
 class SqliteStore:
     """A :class:`~fleetcache.stores.base.Store` in a sqlite file.
 
-    All sqlite calls run on one worker thread owned by the store, so the event loop never
-    blocks on disk. ``busy_timeout`` (seconds) is how long a write waits for another
-    process's transaction; ``mark_retention`` (seconds) must be the same in every process
-    sharing the file. ``values``: how values are encoded (see
-    :class:`~fleetcache.stores.codecs.ValueCodec`; JSON by default). ``read_on_loop``:
-    :meth:`read` runs on the calling thread (the event loop's) with a read-only connection
-    of its own instead of hopping to the worker thread: in WAL mode a one-row indexed read
-    takes no lock and waits for no writer, and costs a fraction of the hop.
+    ``busy_timeout`` (seconds) is how long a write waits for another process's transaction;
+    ``mark_retention`` (seconds) must be the same in every process sharing the file.
+    ``values``: how values are encoded (see :class:`~fleetcache.stores.codecs.ValueCodec`;
+    JSON by default).
+
+    Where the statements run: the event loop never waits for a lock. ``read_on_loop``:
+    :meth:`read` and :meth:`stamp_and_read` run on the calling thread (the event loop's);
+    ``write_on_loop``: :meth:`write` too. They use that thread's own connection, which has
+    no busy timeout: in WAL mode a read takes no lock and waits for no writer, and a
+    write's ``BEGIN IMMEDIATE`` either gets the file's write lock at once or fails at once
+    (another connection holds it), and then the statement goes to the store's worker
+    thread, which waits up to ``busy_timeout``. What the loop runs is thus bounded by the
+    statements themselves: one-row indexed reads, and a write's few indexed statements on
+    its key's rows and a commit that appends to the WAL without syncing it
+    (``synchronous=NORMAL``) and never checkpoints (the worker does, every
+    :data:`CHECKPOINT_EVERY` such writes). Invalidations, clears, purges and evictions
+    (whose size has no bound) run on the worker thread. A read or a write on the loop
+    costs less than the hop to a thread and back that it saves.
+
     ``max_entries``/``max_bytes`` (value bytes as encoded) bound the file: a write that
     finds it over a bound (the counts are kept by triggers, read in the write's own
     transaction) evicts, right after its commit and in a transaction of its own, the least
@@ -114,6 +130,7 @@ class SqliteStore:
         mark_retention: float = MARK_RETENTION,
         values: ValueCodec = JSON_VALUES,
         read_on_loop: bool = True,
+        write_on_loop: bool = True,
         max_entries: int | None = None,
         max_bytes: int | None = None,
     ) -> None:
@@ -123,6 +140,7 @@ class SqliteStore:
         self.bounds = Bounds(max_entries, max_bytes)
         self._path = str(path)
         self._read_on_loop = read_on_loop
+        self._write_on_loop = write_on_loop
         self._busy_timeout = busy_timeout
         self._retention = float(mark_retention)
         self._max_age = self._retention / 2
@@ -130,13 +148,19 @@ class SqliteStore:
         self._conn: sqlite3.Connection | None = None
         # Set and cleared by open() and close() on the event loop.
         self._executor: ThreadPoolExecutor | None = None
-        # Reads on the calling thread (read_here): one read-only connection per thread, in
-        # _local; every one is also in _readers with its thread (appended by that thread,
-        # pruned of ended threads' by the next one made, emptied by close(); all under
-        # _readers_lock), so that close() closes them all and ended threads leak none.
+        # Statements on the calling thread: per thread, a read-only connection for
+        # read_here ("reader") and a connection with no busy timeout for the async methods
+        # ("nowait"), in _local; every one is also in _connections with its thread
+        # (appended by that thread, pruned of ended threads' by the next one made, emptied
+        # by close(); all under _connections_lock), so that close() closes them all and
+        # ended threads leak none.
         self._local = threading.local()
-        self._readers: list[tuple[threading.Thread, sqlite3.Connection]] = []
-        self._readers_lock = threading.Lock()
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._connections_lock = threading.Lock()
+        # Writes committed on "nowait" connections, which never checkpoint: every
+        # CHECKPOINT_EVERY-th one hands a checkpoint to the worker. Counted on the event
+        # loop's thread; a lost increment would only delay a checkpoint.
+        self._writes_here = 0
 
     @property
     def path(self) -> str:
@@ -215,62 +239,104 @@ class SqliteStore:
             await asyncio.get_running_loop().run_in_executor(executor, disconnect)
         finally:
             executor.shutdown(wait=True)
-            with self._readers_lock:
-                readers, self._readers = self._readers, []
+            with self._connections_lock:
+                connections, self._connections = self._connections, []
                 self._local = threading.local()
-            for _, reader in readers:
-                reader.close()
+            for _, conn in connections:
+                conn.close()
 
     def read_here(self, key: Key, by_alias: bool = False) -> Entry | None:
         """:meth:`read` on the calling thread, with that thread's own read-only connection
         (made on its first read): a hit without a thread hop. In WAL mode a read takes no
-        lock and waits for no writer."""
+        lock and waits for no writer (this one waits up to ``busy_timeout`` in the rare
+        moments it must: another process opening a new file, or recovering a crashed
+        writer's WAL)."""
         validate_key(key)
         query = q.SQLITE_READ_BY_ALIAS if by_alias else q.SQLITE_READ
         params = _key_params(key)
-
-        def read(conn: sqlite3.Connection) -> Entry | None:
+        conn: sqlite3.Connection | None = getattr(self._local, "reader", None)
+        if conn is None:
+            conn = self._connect_here("reader")
+        try:
             row = conn.execute(query, params).fetchone()
-            return None if row is None else _entry(key, row, self.values)
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"reading {key.coalesce_key} in sqlite file {self._path!r} failed: {exc}"
+            ) from exc
+        return None if row is None else _entry(key, row, self.values)
 
-        return self._here(f"reading {key.coalesce_key}", read)
+    async def _nowait_first(
+        self,
+        verb: str,
+        key: Key,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        write: bool = False,
+    ) -> T:
+        """``fn`` (in a ``BEGIN IMMEDIATE`` transaction if ``write``; it commits) on the
+        calling thread's "nowait" connection; on the worker thread, which waits for locks,
+        when sqlite answers "busy" (nothing was done then: a busy statement does nothing,
+        and a transaction that met one is rolled back)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "nowait", None)
+        if conn is None:
+            conn = self._connect_here("nowait")
+        try:
+            if write:
+                conn.execute("BEGIN IMMEDIATE")
+            result = fn(conn)
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            if not (isinstance(exc, sqlite3.OperationalError) and _busy(exc)):
+                raise StoreError(
+                    f"{verb} {key.coalesce_key} in sqlite file {self._path!r} failed: {exc}"
+                ) from exc
+        except BaseException:
+            _rollback(conn)
+            raise
+        else:
+            if write:
+                self._writes_here += 1
+                if self._writes_here % CHECKPOINT_EVERY == 0 and self._executor is not None:
+                    self._executor.submit(self._checkpoint)
+            return result
+        return await self._run(f"{verb} {key.coalesce_key}", _immediate(fn) if write else fn)
 
-    def _here(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """``fn`` (one read statement) on the calling thread's read-only connection."""
+    def _checkpoint(self) -> None:
+        """On the worker thread: copy the WAL's committed pages into the file, waiting for
+        no reader or writer (``PASSIVE``), so that the WAL stays small."""
+        try:
+            self._call("checkpointing", lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+        except StoreError as exc:
+            logger.warning("%s", exc)
+
+    def _connect_here(self, kind: str) -> sqlite3.Connection:
+        """This thread's ``reader`` (read-only, busy timeout) or ``nowait`` (no busy
+        timeout, no checkpoints) connection, made now."""
         if self._executor is None:
             raise NotOpenError("SqliteStore is not open: call await store.open() first")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._reader()
-        try:
-            return fn(conn)
-        except sqlite3.Error as exc:
-            raise StoreError(f"{what} in sqlite file {self._path!r} failed: {exc}") from exc
-
-    def _reader(self) -> sqlite3.Connection:
-        """This thread's read-only connection, made now."""
+        reader = kind == "reader"
         try:
             # check_same_thread=False only so that close() may close it from its thread.
             conn = sqlite3.connect(
                 self._path,
-                timeout=self._busy_timeout,
+                timeout=self._busy_timeout if reader else 0,
                 isolation_level=None,
                 check_same_thread=False,
             )
             _tune(conn)
-            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA query_only=ON" if reader else "PRAGMA wal_autocheckpoint=0")
         except sqlite3.Error as exc:
             raise StoreError(
-                f"opening a reader of sqlite file {self._path!r} failed: {exc}"
+                f"opening a connection to sqlite file {self._path!r} failed: {exc}"
             ) from exc
-        with self._readers_lock:
-            ended = [reader for thread, reader in self._readers if not thread.is_alive()]
-            self._readers = [(t, r) for t, r in self._readers if t.is_alive()]
-            self._readers.append((threading.current_thread(), conn))
+        with self._connections_lock:
+            ended = [c for thread, c in self._connections if not thread.is_alive()]
+            self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
+            self._connections.append((threading.current_thread(), conn))
             local = self._local
-        for reader in ended:
-            reader.close()
-        local.conn = conn
+        for c in ended:
+            c.close()
+        setattr(local, kind, conn)
         return conn
 
     # ------------------------------------------------------------------------- reads
@@ -279,8 +345,6 @@ class SqliteStore:
         """The entry under ``key``, else (with ``by_alias``) the most recently created one
         aliased ``key.name`` in the key's namespace, scope and user. One statement, no
         lock."""
-        if self._read_on_loop:
-            return self.read_here(key, by_alias)
         validate_key(key)
         query = q.SQLITE_READ_BY_ALIAS if by_alias else q.SQLITE_READ
         params = _key_params(key)
@@ -289,6 +353,8 @@ class SqliteStore:
             row = conn.execute(query, params).fetchone()
             return None if row is None else _entry(key, row, self.values)
 
+        if self._read_on_loop:
+            return await self._nowait_first("reading", key, read)
         return await self._run(f"reading {key.coalesce_key}", read)
 
     async def stamp_and_read(
@@ -306,10 +372,9 @@ class SqliteStore:
             stamp = GenerationStamp(key.namespace, stamped, SqlitePoint(int(row[0]), taken_at))
             return stamp, (None if row[1] is None else _entry(key, row[1:], self.values))
 
-        what = f"stamping and reading {key.coalesce_key}"
-        if self._read_on_loop:  # one read statement, as read(): on this thread
-            return self._here(what, stamp_and_read)
-        return await self._run(what, stamp_and_read)
+        if self._read_on_loop:
+            return await self._nowait_first("stamping and reading", key, stamp_and_read)
+        return await self._run(f"stamping and reading {key.coalesce_key}", stamp_and_read)
 
     # ------------------------------------------------------------------------ writes
 
@@ -340,31 +405,36 @@ class SqliteStore:
 
         bounds = self.bounds
 
-        def write(conn: sqlite3.Connection) -> bool:
-            conn.execute("BEGIN IMMEDIATE")
+        def write(conn: sqlite3.Connection) -> tuple[bool, bool]:
+            # Inside BEGIN IMMEDIATE; (written, over a bound).
             if stamp is not None and time.time() - taken_at > self._max_age:
                 conn.execute("ROLLBACK")
-                return False
+                return False, False
             written = conn.execute(query, params).rowcount > 0
             if written:
                 conn.execute(q.SQLITE_FORGET_DEPS, params)
-                conn.execute(q.SQLITE_LIST_DEPS, params)
+                if encoded.deps:
+                    conn.execute(q.SQLITE_LIST_DEPS, params)
             over = False
             if written and bounds.bounded:
                 entries, nbytes = conn.execute(q.SQLITE_TABLE_SIZE).fetchone()
                 over = bounds.over(entries, nbytes)
             conn.execute("COMMIT")
-            if over:
-                # After the commit: the write stands whatever the eviction meets (a
-                # failed eviction is logged; the next write over the bound tries again).
-                try:
-                    _evict(conn, bounds)
-                except sqlite3.Error as exc:
-                    _rollback(conn)
-                    logger.warning("evicting entries in %s failed: %s", self._path, exc)
-            return written
+            return written, over
 
-        return await self._run(f"writing {key.coalesce_key}", write)
+        if self._write_on_loop:
+            outcome = await self._nowait_first("writing", key, write, write=True)
+        else:
+            outcome = await self._run(f"writing {key.coalesce_key}", _immediate(write))
+        written, over = outcome
+        if over:
+            # After the commit: the write stands whatever the eviction meets (a failed
+            # eviction is logged; the next write over the bound tries again).
+            try:
+                await self.evict()
+            except StoreError as exc:
+                logger.warning("%s", exc)
+        return written
 
     async def table_size(self) -> tuple[int, int]:
         """The entries and value bytes the file holds now (from the counts, no scan)."""
@@ -477,6 +547,21 @@ def _check_stamp(stamp: GenerationStamp, key: Key) -> SqlitePoint:
     if not isinstance(stamp.point, SqlitePoint):
         raise InvalidInputError(f"the stamp for {key.coalesce_key} was not made by a sqlite store")
     return stamp.point
+
+
+def _immediate(fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """``fn`` in a ``BEGIN IMMEDIATE`` transaction (which ``fn`` ends)."""
+
+    def immediate(conn: sqlite3.Connection) -> T:
+        conn.execute("BEGIN IMMEDIATE")
+        return fn(conn)
+
+    return immediate
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether sqlite answered "busy" (another connection holds a lock this one needs)."""
+    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
 
 
 def _enable_wal(conn: sqlite3.Connection, timeout: float) -> None:

@@ -12,11 +12,13 @@ fleet      64 x 2 x 10,000 keys through PgBouncer, max_connections = 100
 =========  =================================================
 
 Then the ``local`` scenario (:mod:`.local`: the embedded sqlite file shared by 4
-processes, beside diskcache; needs no Postgres), the read-heavy near-tier scenario
+processes, beside diskcache; needs no Postgres), the ``sync`` scenario (:mod:`.sync`: the
+sync API and the Django backend beside Django's ``DatabaseCache``), the read-heavy
+near-tier scenario
 (tier off vs on), the xmin probe (does a long computation hold a transaction or a
 snapshot?) and the one-process micro-benchmarks. The
 report is JSON (``--json PATH``, or stdout) plus tables drawn with rich, with every target
-of issues 9, 11 and 12 judged (met, missed and by how much). The exit status is 1 only
+of issues 9, 11, 12 and 19 judged (met, missed and by how much). The exit status is 1 only
 when something *failed* (a worker, a request, a deadline); a missed target is reported,
 not an error.
 

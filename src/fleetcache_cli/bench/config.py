@@ -120,12 +120,17 @@ class BenchConfig:
         return "micro" in self.scenarios
 
     @property
+    def sync(self) -> bool:
+        """Whether the sync API and Django backend scenario runs."""
+        return "sync" in self.scenarios
+
+    @property
     def fleet(self) -> bool:
         """Whether the large fleet scenario through PgBouncer runs."""
         return "fleet" in self.scenarios
 
 
-_ALL = (*SCENARIOS, "near", "expiry", "xmin", "bounded", "micro", "local", "fleet")
+_ALL = (*SCENARIOS, "near", "expiry", "xmin", "bounded", "micro", "sync", "local", "fleet")
 #: What --quick runs unless --scenarios says otherwise: everything but the large fleet.
 _QUICK_SCENARIOS = tuple(s for s in _ALL if s != "fleet")
 _FULL: dict[str, Any] = {

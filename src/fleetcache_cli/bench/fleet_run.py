@@ -22,6 +22,7 @@ from fleetcache.errors import FleetcacheError
 from fleetcache_cli.bench.minimal import MinimalCache
 from fleetcache_cli.bench.probes import (
     ConnectionLedger,
+    MachineCpu,
     RecordingCoordinator,
     StatementCounter,
     Wait,
@@ -179,8 +180,11 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-def analyse_run(results: Sequence[dict[str, Any]], *, keys: int) -> dict[str, Any]:
-    """One run's metrics from the workers' raw records."""
+def analyse_run(
+    results: Sequence[dict[str, Any]], *, keys: int, machine: MachineCpu | None = None
+) -> dict[str, Any]:
+    """One run's metrics from the workers' raw records (and the machine's CPU over the
+    run, from the release to the last request's return, when sampled)."""
     release_at = min(r["release_at"] for r in results)
     per_key: Counter[int] = Counter()
     commit: dict[int, float] = {}  # the key's first winner's commit (NOTIFY) time
@@ -229,6 +233,9 @@ def analyse_run(results: Sequence[dict[str, Any]], *, keys: int) -> dict[str, An
         "wall_ms": _ms(max(ends) - release_at) if ends else None,
         "cpu_s": round(cpu, 4),
         "cpu_per_request_ms": _ms(cpu / requests) if requests else None,
+        "machine_cpu_ms": _ms(machine.busy_between(release_at, max(ends)))
+        if machine is not None and ends
+        else None,
         "statements_per_request": round(sum(r["statements"] for r in results) / requests, 3)
         if requests
         else None,
@@ -252,6 +259,7 @@ _MEDIAN_METRICS = (
     "computations_total",
     "wall_ms",
     "cpu_per_request_ms",
+    "machine_cpu_ms",
     "statements_per_request",
     "notifies_per_fill",
     "request_ms_p50",

@@ -7,6 +7,8 @@
   A statement in a pipeline counts as one statement though it shares a round trip.
 * :class:`ConnectionLedger` knows which asyncio task has which pooled connection checked
   out (it wraps the pool's ``getconn``/``putconn``, which ``connection()`` goes through).
+* :class:`MachineCpu` samples the whole machine's busy CPU (``/proc/stat``) in a thread, so a
+  run's machine CPU (workers, the Postgres server, everything else) is known for any window.
 * :class:`RecordingCoordinator` forwards to fleetcache's coordinator and records each won
   lock's computation end (right after its write, which carries the NOTIFY) and each wait,
   with the connections the waiting task held when the wait began and ended.
@@ -15,7 +17,10 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import os
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -23,7 +28,68 @@ from typing import Any
 
 import psycopg
 
-from fleetcache.coordination.base import KeyLock, PopulateCoordinator, WakeReason
+from fleetcache.coordination.base import Found, KeyLock, PopulateCoordinator, Reading, WakeReason
+
+
+class MachineCpu:
+    """Samples the machine's busy CPU time (all cores; ``/proc/stat``'s total less idle and
+    iowait) every ``interval`` seconds in a daemon thread while the ``with`` block runs;
+    :meth:`busy_between` then gives the CPU seconds spent between two ``time.time()``
+    instants (interpolated between samples; the counters tick in 1/``SC_CLK_TCK`` s, so a
+    window of a few hundred ms is known to a few percent). None where there is no
+    ``/proc/stat`` (not Linux)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self._interval = interval
+        self._times: list[float] = []
+        self._busy: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_loop, daemon=True)
+        self._tick = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+    def __enter__(self) -> MachineCpu:
+        if self._read() is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _read(self) -> float | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as stat:
+                fields = [int(x) for x in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        # guest and guest_nice are already counted in user and nice.
+        return (sum(fields[:8]) - idle) * self._tick
+
+    def _sample_loop(self) -> None:
+        while True:
+            busy = self._read()
+            if busy is not None:
+                self._times.append(time.time())
+                self._busy.append(busy)
+            if self._stop.wait(self._interval):
+                return
+
+    def _at(self, when: float) -> float | None:
+        times, busy = self._times, self._busy
+        i = bisect.bisect_left(times, when)
+        if not times or i == 0 or i == len(times):
+            return None  # outside what was sampled
+        t0, t1 = times[i - 1], times[i]
+        share = (when - t0) / (t1 - t0) if t1 > t0 else 0.0
+        return busy[i - 1] + share * (busy[i] - busy[i - 1])
+
+    def busy_between(self, start: float, end: float) -> float | None:
+        """Busy CPU seconds of the whole machine between ``start`` and ``end``."""
+        first, last = self._at(start), self._at(end)
+        return None if first is None or last is None else max(0.0, last - first)
+
 
 #: A wait as recorded: (key index, started, ended, reason, connections held by the task).
 Wait = tuple[int, float, float, str, int]
@@ -124,11 +190,13 @@ class RecordingCoordinator:
         self.commits: list[tuple[int, float]] = []
 
     @contextlib.asynccontextmanager
-    async def lock(self, coalesce_key: str) -> AsyncIterator[KeyLock]:
+    async def lock(
+        self, coalesce_key: str, reading: Reading | None = None
+    ) -> AsyncIterator[KeyLock]:
         """Forward; a winner's commit is when its block ends (its write, which carries the
         NOTIFY, has returned), before the lock's release; a loser's waits are recorded."""
         index = self._key_index.get(coalesce_key, -1)
-        async with self._inner.lock(coalesce_key) as lock:
+        async with self._inner.lock(coalesce_key, reading) as lock:
             if not lock.won:
                 yield _RecordingLock(lock, self, index)
                 return
@@ -148,6 +216,10 @@ class _RecordingLock(KeyLock):
         self._inner = inner
         self._owner = owner
         self._index = index
+
+    def found(self) -> Found | None:
+        """Forward."""
+        return self._inner.found()
 
     async def wait(self, timeout: float) -> WakeReason:
         """Forward the wait and record it."""

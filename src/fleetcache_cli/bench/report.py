@@ -10,6 +10,7 @@ from rich.table import Table
 _ROWS = (
     ("wall ms", "wall_ms"),
     ("CPU per request ms (process)", "cpu_per_request_ms"),
+    ("machine CPU ms (all cores)", "machine_cpu_ms"),
     ("warm-hit p50 ms under load", "hit_ms_p50"),
     ("wake p50 ms (commit -> return)", "wake_ms_p50"),
     ("wake p99 ms", "wake_ms_p99"),
@@ -78,6 +79,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     _render_local(report.get("local"), console)
     _render_fleet(report.get("fleet"), console)
     _render_bounded(report.get("bounded"), console)
+    _render_sync(report.get("sync"), console)
     targets = Table(title="targets", title_justify="left")
     for column in ("target", "value", "threshold", "met", "missed by"):
         targets.add_column(column)
@@ -317,3 +319,34 @@ def _render_bounded(bounded: dict[str, Any] | None, console: Console) -> None:
         fmt(bounded["samples"]),
     )
     console.print(table)
+
+
+def _render_sync(synced: dict[str, Any] | None, console: Console) -> None:
+    """The sync API and the Django backend (the ``sync`` scenario)."""
+    if synced is None or "error" in synced:
+        return
+    hits, get = synced["hits"], synced["django_get"]
+    table = Table(title="sync API and Django backend (p50 ms)", title_justify="left")
+    for column in ("measure", "fleetcache", "baseline", "ratio"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        "warm hit: sync vs async get",
+        fmt(hits["sync_warm_hit_ms_p50"]),
+        fmt(hits["async_warm_hit_ms_p50"]),
+        fmt(hits["sync_over_async"]),
+    )
+    table.add_row("near hit, sync", fmt(hits["sync_near_hit_ms_p50"]), "", "")
+    table.add_row(
+        "Django get vs DatabaseCache",
+        fmt(get["fleetcache_get_ms_p50"]),
+        fmt(get["databasecache_get_ms_p50"]),
+        fmt(get["fleetcache_over_databasecache"]),
+    )
+    console.print(table)
+    fleet = synced["django_get_or_set_fleetcache_8x4"]["computations"]
+    theirs = synced["django_get_or_set_databasecache_8x4"]["computations"]
+    console.print(
+        f"one cold key, computations: sync API 16 threads x 4 processes "
+        f"{synced['stampede_sync_16x4']['computations']}; Django get_or_set 8 threads x 4 "
+        f"processes: fleetcache {fleet}, DatabaseCache {theirs}"
+    )

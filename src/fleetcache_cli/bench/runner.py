@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,12 +19,13 @@ import psycopg
 
 from fleetcache.errors import FleetcacheError
 from fleetcache.stores.migrations import migrate
-from fleetcache_cli.bench import expiry, minimal, near, pooled_fleet
+from fleetcache_cli.bench import expiry, minimal, near, pooled_fleet, sync
 from fleetcache_cli.bench.bounded import measure_bounded
 from fleetcache_cli.bench.config import DESIGNS, BenchConfig, Scenario
 from fleetcache_cli.bench.fleet_run import WorkerSpec, analyse_run, fleet_worker, summarise
 from fleetcache_cli.bench.local import local_benchmarks
 from fleetcache_cli.bench.micro import fill_entries, micro_benchmarks
+from fleetcache_cli.bench.probes import MachineCpu
 from fleetcache_cli.bench.targets import evaluate_targets
 from fleetcache_cli.bench.xmin import probe_xmin
 from fleetcache_cli.shared import Fleet, WorkerError, percentile
@@ -36,6 +38,7 @@ _DELETE = {
     "fleetcache": "DELETE FROM fleetcache_entries WHERE namespace = %(ns)s",
     "minimal": "DELETE FROM bench_minimal_entries WHERE namespace = %(ns)s",
     "versions": "DELETE FROM bench_near_versions WHERE namespace = %(ns)s",
+    "django": "DELETE FROM bench_django_cache WHERE starts_with(cache_key, %(ns)s || ':')",
 }
 
 NOTES = {
@@ -58,6 +61,10 @@ NOTES = {
     "wall_ms": "from the release to the last request's return",
     "cpu_per_request": "time.process_time() of each worker from the release to its last "
     "request, summed over the workers, / requests (the Postgres server's CPU is not in it)",
+    "machine_cpu": "the whole machine's busy CPU (/proc/stat: all cores, less idle and "
+    "iowait) from the release to the last request's return, sampled every 5 ms by the "
+    "parent: the workers, the Postgres server and whatever else runs (on a shared machine, "
+    "noise for both designs alike)",
     "hit_latency": "requests that began after their key's commit and neither computed nor "
     "waited: a warm hit while the rest of the fleet is still busy",
     "wake_latency": "per waiter: its request's return minus the key's commit. fleetcache's "
@@ -146,6 +153,8 @@ class Bench:
             report["micro"] = await micro_benchmarks(
                 self.url, self.run_id, self.config.micro_iterations
             )
+        if self.config.sync:
+            report["sync"] = await self._sync()
         report["duration_s"] = round(time.time() - started, 1)
         report["targets"] = evaluate_targets(report)
         report["failures"] = self.failures
@@ -254,14 +263,15 @@ class Bench:
         ]
         started = time.monotonic()
         try:
-            results = await fleet.run(fleet_worker, specs, run_timeout=config.run_timeout + 15)
+            with MachineCpu() as machine:
+                results = await fleet.run(fleet_worker, specs, run_timeout=config.run_timeout + 15)
         except WorkerError as exc:
             self.failures.append(f"{label}: {exc}")
             self.progress(f"{label}: FAILED (workers killed): {str(exc).splitlines()[0]}")
             return {"error": str(exc)}
         finally:
             await self._delete(namespace, design)
-        run = analyse_run(results, keys=scenario.keys)
+        run = analyse_run(results, keys=scenario.keys, machine=machine)
         if run["failed_requests"]:
             self.failures.append(f"{label}: {run['failed_requests']} request(s) failed")
         self.progress(
@@ -269,6 +279,38 @@ class Bench:
             f" ({time.monotonic() - started:.1f} s)"
         )
         return run
+
+    # ------------------------------------------------------------------------ sync
+
+    async def _sync(self) -> dict[str, Any]:
+        """The sync API and the Django backend (:mod:`.sync`), in a process of its own."""
+        namespace = f"bench:{self.run_id}:sync"
+        self.progress("sync API and Django backend: hits sync vs async, stampedes")
+        try:
+            return await asyncio.to_thread(
+                sync.run_apart,
+                self.url,
+                self.config.micro_iterations,
+                namespace,
+                self.config.run_timeout + 60,
+            )
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            self.failures.append(f"sync: {exc}")
+            self.progress(f"sync: FAILED: {str(exc).splitlines()[0]}")
+            return {"error": str(exc)}
+        finally:
+            await self._delete(namespace, "fleetcache")
+            await self._delete(f"{namespace}:django", "fleetcache")
+            await self._delete_django(namespace)
+
+    async def _delete_django(self, prefix: str) -> None:
+        """The DatabaseCache rows of the sync scenario (its table may not exist yet)."""
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            exists = await (
+                await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (sync.DJANGO_TABLE,))
+            ).fetchone()
+            if exists is not None and exists[0]:
+                await conn.execute(_DELETE["django"], {"ns": prefix})
 
     # ------------------------------------------------------------------- large fleet
 

@@ -1,8 +1,9 @@
 """The sync scenario: the sync API and the Django backend, measured against their baselines.
 
-``python -m fleetcache_cli.bench.sync [--database-url URL] [--json PATH] [--iterations N]``
-(an embedded PostgreSQL when no URL is given). Every ratio is taken in one run, the two
-sides interleaved in batches:
+``fleetcache bench --scenarios sync`` runs it (in a process of its own: it configures
+Django); ``python -m fleetcache_cli.bench.sync [--database-url URL] [--json PATH]
+[--iterations N] [--namespace NS]`` runs it alone (an embedded PostgreSQL when no URL is
+given). Every ratio is taken in one run, the two sides interleaved in batches:
 
 * sync warm hit through Postgres vs the async one (the same cache, pool and loop: the
   async hits are timed on the core's loop, the sync ones on the calling thread);
@@ -32,6 +33,10 @@ from fleetcache import Key, Produced
 from fleetcache_cli.shared import command_database, percentile
 
 _DATABASE = "fleetcache_bench_sync"
+#: The namespace of the standalone run's keys (the bench gives one per run).
+NAMESPACE = "bench:sync"
+#: The DatabaseCache table of the Django comparison (one of the bench's own tables).
+DJANGO_TABLE = "bench_django_cache"
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -42,13 +47,13 @@ def _produce(key: Key) -> Produced[dict[str, Any]]:
     return Produced({"name": key.name, "rows": list(range(10))})
 
 
-def hits(url: str, iterations: int) -> dict[str, Any]:
+def hits(url: str, iterations: int, namespace: str = NAMESPACE) -> dict[str, Any]:
     """Sync vs async warm hits through Postgres, and sync near hits, in this process."""
     batch = 100
     sync_times: list[float] = []
     async_times: list[float] = []
     with fleetcache.open_sync(url, pool_size=2) as cache:
-        key = Key("bench:sync", "warm")
+        key = Key(namespace, "warm")
         cache.get(key, _produce)
         lookup = cache.lookup
 
@@ -75,7 +80,7 @@ def hits(url: str, iterations: int) -> dict[str, Any]:
                 sync_times += got_sync
     near_times: list[float] = []
     with fleetcache.open_sync(url, pool_size=2, near=1000) as cache:
-        key = Key("bench:sync", "near")
+        key = Key(namespace, "near")
         cache.get(key, _produce)
         cache.get(key, _produce)
         for _ in range(iterations + iterations // 10):
@@ -97,9 +102,10 @@ def hits(url: str, iterations: int) -> dict[str, Any]:
     }
 
 
-def _django(url: str) -> None:
-    """Configure Django in this process: ``fleet`` (fleetcache) and ``db`` (Django's
-    DatabaseCache) on the same Postgres."""
+def _django(url: str, namespace: str) -> None:
+    """Configure Django in this process: ``fleet`` (fleetcache, its keys in namespace
+    ``<namespace>:django``) and ``db`` (Django's DatabaseCache, its keys prefixed with
+    ``namespace``) on the same Postgres."""
     import django  # noqa: PLC0415 - the django extra
     from django.conf import settings  # noqa: PLC0415
     from psycopg.conninfo import conninfo_to_dict  # noqa: PLC0415
@@ -108,10 +114,15 @@ def _django(url: str) -> None:
     settings.configure(
         USE_TZ=True,
         CACHES={
-            "fleet": {"BACKEND": "fleetcache.contrib.django.FleetcacheCache", "LOCATION": url},
+            "fleet": {
+                "BACKEND": "fleetcache.contrib.django.FleetcacheCache",
+                "LOCATION": url,
+                "OPTIONS": {"NAMESPACE": f"{namespace}:django"},
+            },
             "db": {
                 "BACKEND": "django.core.cache.backends.db.DatabaseCache",
-                "LOCATION": "bench_django_cache",
+                "LOCATION": DJANGO_TABLE,
+                "KEY_PREFIX": namespace,
             },
         },
         DATABASES={
@@ -157,7 +168,9 @@ def django_gets(url: str, iterations: int) -> dict[str, Any]:
     }
 
 
-def stampede(url: str, kind: str, processes: int, threads: int) -> dict[str, Any]:
+def stampede(
+    url: str, kind: str, processes: int, threads: int, namespace: str = NAMESPACE
+) -> dict[str, Any]:
     """``processes`` OS processes x ``threads`` threads on one cold key with a 1 s
     computation; ``kind`` is ``sync`` (the sync API), ``django-fleet`` or ``django-db``."""
     with tempfile.TemporaryDirectory() as folder:
@@ -172,6 +185,7 @@ def stampede(url: str, kind: str, processes: int, threads: int) -> dict[str, Any
                     url,
                     folder,
                     str(threads),
+                    namespace,
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -203,7 +217,7 @@ def stampede(url: str, kind: str, processes: int, threads: int) -> dict[str, Any
     }
 
 
-def _worker(kind: str, url: str, folder: Path, threads: int) -> None:
+def _worker(kind: str, url: str, folder: Path, threads: int, namespace: str) -> None:
     """One stampede process (see :func:`stampede`)."""
 
     def compute() -> dict[str, Any]:
@@ -217,9 +231,9 @@ def _worker(kind: str, url: str, folder: Path, threads: int) -> None:
     if kind == "sync":
         cache = fleetcache.open_sync(url)
         closer = cache.close
-        call = lambda: cache.get_value(Key("bench:sync", "cold"), lambda _: Produced(compute()))  # noqa: E731
+        call = lambda: cache.get_value(Key(namespace, "cold"), lambda _: Produced(compute()))  # noqa: E731
     else:
-        _django(url)
+        _django(url, namespace)
         from django.core.cache import caches  # noqa: PLC0415
 
         backend = caches["fleet" if kind == "django-fleet" else "db"]
@@ -238,28 +252,57 @@ def _worker(kind: str, url: str, folder: Path, threads: int) -> None:
     print(json.dumps(got))
 
 
+def measure(url: str, iterations: int, namespace: str) -> dict[str, Any]:
+    """The whole scenario on ``url`` (configures Django in this process), its keys in
+    ``namespace`` and ``<namespace>:django``, DatabaseCache's prefixed with it."""
+    report: dict[str, Any] = {"hits": hits(url, iterations, namespace)}
+    report["stampede_sync_16x4"] = stampede(url, "sync", 4, 16, namespace)
+    _django(url, namespace)
+    report["django_get"] = django_gets(url, iterations)
+    from fleetcache.contrib.django import close_all  # noqa: PLC0415 - the django extra
+
+    close_all()
+    report["django_get_or_set_fleetcache_8x4"] = stampede(url, "django-fleet", 4, 8, namespace)
+    report["django_get_or_set_databasecache_8x4"] = stampede(url, "django-db", 4, 8, namespace)
+    return report
+
+
+def run_apart(url: str, iterations: int, namespace: str, timeout: float) -> dict[str, Any]:
+    """:func:`measure` in a fresh interpreter (Django's settings are per process; the
+    bench's own process keeps none); its report, or RuntimeError with its output."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "sync.json"
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "fleetcache_cli.bench.sync", "--database-url", url,
+                "--iterations", str(iterations), "--namespace", namespace, "--json", str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"the sync scenario failed: {done.stderr.strip()[-2000:]}")
+        report: dict[str, Any] = json.loads(out.read_text())
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the sync scenario; print (or write) its JSON report."""
     parser = argparse.ArgumentParser(prog="python -m fleetcache_cli.bench.sync")
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--iterations", type=int, default=2000)
-    parser.add_argument("--worker", nargs=4, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--namespace", default=NAMESPACE)
+    parser.add_argument("--worker", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        kind, url, folder, threads = args.worker
-        _worker(kind, url, Path(folder), int(threads))
+        kind, url, folder, threads, namespace = args.worker
+        _worker(kind, url, Path(folder), int(threads), namespace)
         return 0
     with command_database(args.database_url, _DATABASE, max_connections=200) as (url, _):
-        report: dict[str, Any] = {"hits": hits(url, args.iterations)}
-        report["stampede_sync_16x4"] = stampede(url, "sync", 4, 16)
-        _django(url)
-        report["django_get"] = django_gets(url, args.iterations)
-        from fleetcache.contrib.django import close_all  # noqa: PLC0415 - the django extra
-
-        close_all()
-        report["django_get_or_set_fleetcache_8x4"] = stampede(url, "django-fleet", 4, 8)
-        report["django_get_or_set_databasecache_8x4"] = stampede(url, "django-db", 4, 8)
+        report = measure(url, args.iterations, args.namespace)
     text = json.dumps(report, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")

@@ -1,4 +1,4 @@
-"""The targets of issues 9, 11, 12, 13 and 23, judged on one report.
+"""The targets of issues 9, 11, 12, 13, 19 and 23, judged on one report.
 
 Each target is a ratio fleetcache / minimal (or an absolute figure) from the same run,
 with its threshold, whether it was met, and by how much it was missed. A target whose
@@ -28,6 +28,12 @@ EXPIRY_P99_RATIO = 2.0
 #: it fills ("flat").
 BOUNDED_TABLE_RATIO = 1.1
 BOUNDED_WRITE_RATIO = 1.25
+#: The sync API and the Django backend (issue 19): a sync warm hit through Postgres at most
+#: this many times the async one, a sync near hit at most this long (ms), Django's get at
+#: most this many times DatabaseCache's.
+SYNC_HIT_RATIO = 1.2
+SYNC_NEAR_HIT_MS = 0.02
+DJANGO_GET_RATIO = 1.2
 
 
 def _ratio(ours: Any, theirs: Any) -> float | None:
@@ -96,6 +102,13 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             f"{name}: CPU per request",
             "fleetcache / minimal process CPU per request (medians)",
             _ratio(ours["cpu_per_request_ms"], theirs["cpu_per_request_ms"]),
+            CPU_RATIO,
+            "x",
+        )
+        t.at_most(
+            f"{name}: machine CPU",
+            "fleetcache / minimal busy CPU of the whole machine over the run (medians)",
+            _ratio(ours.get("machine_cpu_ms"), theirs.get("machine_cpu_ms")),
             CPU_RATIO,
             "x",
         )
@@ -265,6 +278,9 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             BOUNDED_WRITE_RATIO,
             "x",
         )
+    synced = report.get("sync")
+    if synced is not None and "error" not in synced:
+        _sync_targets(t, synced)
     xmin = report.get("xmin")
     if xmin is not None:
         held = xmin["fleetcache"]
@@ -276,3 +292,49 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "",
         )
     return t.rows
+
+
+def _sync_targets(t: _Targets, synced: dict[str, Any]) -> None:
+    """The targets of issue 19 (the ``sync`` scenario)."""
+    hits = synced["hits"]
+    t.at_most(
+        "sync: warm hit sync / async",
+        f"p50 of a sync get through Postgres ({hits['sync_warm_hit_ms_p50']} ms) / the "
+        f"async get's ({hits['async_warm_hit_ms_p50']} ms), one cache, interleaved",
+        hits["sync_over_async"],
+        SYNC_HIT_RATIO,
+        "x",
+    )
+    t.at_most(
+        "sync: near hit p50",
+        "a sync get served by the near tier on the calling thread, ms",
+        hits["sync_near_hit_ms_p50"],
+        SYNC_NEAR_HIT_MS,
+        " ms",
+    )
+    cold = synced["stampede_sync_16x4"]
+    t.at_most(
+        "sync: 16 threads x 4 processes, one cold key",
+        f"computations ({cold['callers']} callers, a 1 s computation)",
+        cold["computations"],
+        1,
+        "",
+    )
+    get = synced["django_get"]
+    t.at_most(
+        "django: get fleetcache / DatabaseCache",
+        f"p50 of cache.get on a warm key ({get['fleetcache_get_ms_p50']} ms / "
+        f"{get['databasecache_get_ms_p50']} ms), same Postgres, interleaved",
+        get["fleetcache_over_databasecache"],
+        DJANGO_GET_RATIO,
+        "x",
+    )
+    theirs = synced["django_get_or_set_databasecache_8x4"]
+    t.at_most(
+        "django: get_or_set 8 threads x 4 processes, one cold key",
+        f"fleetcache's computations (DatabaseCache's: {theirs['computations']} for "
+        f"{theirs['callers']} callers)",
+        synced["django_get_or_set_fleetcache_8x4"]["computations"],
+        1,
+        "",
+    )
