@@ -1,6 +1,8 @@
 # The two commands: `make demo` and `make test`. Each creates .venv on first use and
 # reinstalls the project whenever pyproject.toml changes. `make check` is the inner loop:
-# lint and the fast tier (every test not marked slow); `make test` (CI) runs them all.
+# lint and the fast tier (every test not marked slow) on 4 pytest-xdist workers, each with
+# its own embedded PostgreSQL (4 even on 2 cores: the tests mostly wait on the server and
+# on timers); `make test` (CI) runs them all, in one process.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -42,7 +44,7 @@ test: lint pgbouncer
 	$(BIN)/pytest
 
 check: lint pgbouncer
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" -n 4
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,9 +1,9 @@
 """A fleet member for the connection-fault tests, and :func:`start` to run one.
 
-Run as a script (a real OS process) it opens ``fleetcache.open(url, **options)`` and says
-``{"ready": true, "pid": ...}``, or — if opening fails — ``{"ready": false, "error": <type>,
-"message": ..., "cause": ..., "elapsed": <seconds the open took>}`` and exits. Then it
-reads one JSON command per stdin line and answers one JSON line:
+On a worker of a :class:`~fleetcache_cli.shared.Fleet` (a real OS process) it opens
+``fleetcache.open(url, **options)`` and answers ``{"ready": true, "pid": ...}``, or — if
+opening fails — ``{"ready": false, "error": <type>, "message": ..., "cause": ...,
+"elapsed": <seconds the open took>}`` and serves nothing. Then it answers each command:
 
 - ``{"op": "get", "ns", "name", "compute_s", "tag"}``: ``get`` with a producer that sleeps
   ``compute_s`` (0.1 s when it runs again for the same command) and returns ``{"pid",
@@ -11,58 +11,29 @@ reads one JSON command per stdin line and answers one JSON line:
 - ``{"op": "gets", "ns", "names", "compute_s", "tag"}``: those gets concurrently; answers
   ``{"values": [...], "errors": [...]}``
 - ``{"op": "invalidate", "ns", "names"}``, ``{"op": "peek", "ns", "name"}``,
-  ``{"op": "stats"}`` (``{"stats": cache.stats(), "computed": <computations so far>}``),
-  ``{"op": "exit"}``
+  ``{"op": "stats"}`` (``{"stats": cache.stats(), "computed": <computations so far>}``)
 Every answer carries ``t_end`` (``time.time()``); a failed command answers ``{"raised"}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import fleetcache
-from fleet import Worker
 from fleetcache import Key, Produced
+from fleetcache_cli.shared import Fleet, Member, WorkerContext
 
 
 async def start(
-    url: str, *, ready_timeout: float = 60.0, **options: Any
-) -> tuple[Worker, dict[str, Any]]:
-    """Start a member opening ``url`` with ``options``; return it and its first answer
-    (``ready`` true, or false with the error; a member that failed to open has exited)."""
-    stderr_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the worker
-        prefix="conn-worker-", suffix=".log", delete=False
-    )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(Path(__file__)),
-        url,
-        json.dumps(options),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=stderr_file,
-    )
-    stderr_file.close()
-    worker = Worker(process, Path(stderr_file.name))
-    try:
-        first = await worker.receive(ready_timeout)
-    except BaseException:
-        await worker.kill()
-        raise
-    return worker, first
-
-
-def say(doc: dict[str, Any]) -> None:
-    """Write one JSON line to stdout."""
-    sys.stdout.write(json.dumps(doc) + "\n")
-    sys.stdout.flush()
+    fleet: Fleet[Any, Any], index: int, url: str, **options: Any
+) -> tuple[Member, dict[str, Any]]:
+    """Make worker ``index`` of ``fleet`` a member opening ``url`` with ``options``; return
+    it and its first answer (``ready`` true, or false with the error)."""
+    member = fleet.serve(index, serve, (url, options))
+    return member, await member.receive()
 
 
 #: How many computations this process ran (written by produce, read by "stats").
@@ -108,13 +79,14 @@ async def run(command: dict[str, Any], cache: Any) -> dict[str, Any]:
     raise ValueError(f"unknown op {op!r}")
 
 
-async def serve(url: str, options: dict[str, Any]) -> None:
-    """Open, say whether that worked, then answer commands until exit or EOF."""
+async def serve(ctx: WorkerContext, arg: tuple[str, dict[str, Any]]) -> None:
+    """Open, say whether that worked, then answer commands until the fleet closes."""
+    url, options = arg
     began = time.monotonic()
     try:
         cache = await fleetcache.open(url, **options)
     except Exception as exc:  # reported to the test, which judges it
-        say(
+        ctx.answer(
             {
                 "ready": False,
                 "error": type(exc).__name__,
@@ -124,25 +96,14 @@ async def serve(url: str, options: dict[str, Any]) -> None:
             }
         )
         return
-    say({"ready": True, "pid": os.getpid(), "elapsed": time.monotonic() - began})
-    loop = asyncio.get_running_loop()
+    ctx.answer({"ready": True, "pid": os.getpid(), "elapsed": time.monotonic() - began})
     try:
-        while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
-            if not line:
-                break
-            command = json.loads(line)
-            if command["op"] == "exit":
-                break
+        while (command := await ctx.command()) is not None:
             try:
                 answer = await run(command, cache)
             except Exception as exc:  # report, keep serving
                 answer = {"raised": f"{type(exc).__name__}: {exc}"}
             answer["t_end"] = time.time()
-            say(answer)
+            ctx.answer(answer)
     finally:
         await cache.close()
-
-
-if __name__ == "__main__":
-    asyncio.run(serve(sys.argv[1], json.loads(sys.argv[2])))

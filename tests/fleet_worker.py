@@ -1,7 +1,8 @@
-"""A fleet member for cross-process tests: a real OS process driven by JSON lines.
+"""A fleet member for cross-process tests: a real OS process serving commands.
 
-Started by :class:`tests.fleet.Worker`; reads one JSON command per stdin line and answers
-one JSON line on stdout. Commands:
+:func:`start` runs :func:`serve` on one worker of a :class:`~fleetcache_cli.shared.Fleet`
+(arguments as on a command line: ``--url``, ``--coordinate``...); it answers each command
+(:meth:`~fleetcache_cli.shared.Member.call`) with one dict. Commands:
 
 - ``{"op": "invalidate", "ns": ..., "names": [...]}`` (generic lookup)
 - ``{"op": "clear_namespace", "ns": ...}`` / ``{"op": "clear_all"}``
@@ -12,7 +13,7 @@ one JSON line on stdout. Commands:
 - ``{"op": "definitions", "urls": [...]}`` (definitions lookup over the prerender server,
   all URLs concurrently; answers per URL ``ok``/``error``/``none``/``raised``)
 - ``{"op": "invalidate_module", "url": ...}`` (definitions lookup)
-- ``{"op": "stats"}``; ``{"op": "exit"}``
+- ``{"op": "stats"}``
 Every answer carries ``t_start``/``t_end`` (``time.time()``; one clock on one machine).
 """
 
@@ -20,19 +21,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import sys
 import time
 from typing import Any
 
 import fleetcache
 from fleetcache import Key, Produced
 from fleetcache.definitions import CachingDefinitionLookup, HttpPrerenderer, Realm
+from fleetcache_cli.shared import Fleet, Member, WorkerContext
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Open the cache, say ready, then answer commands until exit or EOF."""
+async def start(fleet: Fleet[Any, Any], index: int, *argv: str) -> Member:
+    """Serve on worker ``index`` of ``fleet`` with command-line arguments ``argv``; return
+    it once its cache is open."""
+    member = fleet.serve(index, serve, list(argv))
+    ready = await member.receive()
+    assert ready.get("ready"), ready
+    return member
+
+
+async def serve(ctx: WorkerContext, argv: list[str]) -> None:
+    """Open the cache, say ready, then answer commands until the fleet closes."""
+    args = parse(argv)
     cache = await fleetcache.open(
         args.url,
         coordinate=args.coordinate,
@@ -52,23 +62,16 @@ async def serve(args: argparse.Namespace) -> None:
         url, visibility, owner = realm.split(",")
         if definitions is not None:
             definitions.register_realm(Realm(url, visibility, owner))  # type: ignore[arg-type]
-    loop = asyncio.get_running_loop()
-    say({"ready": True, "pid": os.getpid()})
+    ctx.answer({"ready": True, "pid": os.getpid()})
     try:
-        while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
-            if not line:
-                break
-            command = json.loads(line)
-            if command["op"] == "exit":
-                break
+        while (command := await ctx.command()) is not None:
             started = time.time()
             try:
                 answer = await run(command, cache, definitions)
             except Exception as exc:  # report, keep serving
                 answer = {"raised": f"{type(exc).__name__}: {exc}"}
             answer.update(t_start=started, t_end=time.time())
-            say(answer)
+            ctx.answer(answer)
     finally:
         if prerenderer is not None:
             await prerenderer.aclose()
@@ -126,14 +129,8 @@ async def run(
     raise ValueError(f"unknown op {op!r}")
 
 
-def say(doc: dict[str, Any]) -> None:
-    """Write one JSON line to stdout."""
-    sys.stdout.write(json.dumps(doc) + "\n")
-    sys.stdout.flush()
-
-
-def main() -> None:
-    """Parse arguments and serve."""
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The member's options, from command-line arguments."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
     parser.add_argument("--coordinate", action="store_true")
@@ -143,8 +140,4 @@ def main() -> None:
     parser.add_argument("--realm", action="append", default=[])
     parser.add_argument("--wait-timeout", type=float, default=180.0)
     parser.add_argument("--probe-interval", type=float, default=1.0)
-    asyncio.run(serve(parser.parse_args()))
-
-
-if __name__ == "__main__":
-    main()
+    return parser.parse_args(argv)

@@ -1,26 +1,26 @@
 """A fleet member under load, for the lock-waiting tests (``test_store_lock_waits.py``).
 
-Usage: ``lock_worker.py URL POOL_SIZE``. Opens ``fleetcache.open(URL, pool_size=...,
-coordinate=False)``, says ready, then reads one JSON command per stdin line and answers
-one JSON line:
+Served on a worker of a :class:`~fleetcache_cli.shared.Fleet` with ``(URL, POOL_SIZE)``
+(:func:`serve`). Opens ``fleetcache.open(URL, pool_size=..., coordinate=False)``, says
+ready, then answers each command:
 
 * ``{"op": "load", "write_ns": W, "writers": n, "read_ns": R, "names": [...],
   "readers": m}``: start ``n`` tasks each writing one entry of W (once), and ``m`` tasks
   reading the names of R (hits) in a loop; answers at once.
 * ``{"op": "counts"}``: writes started and finished, reads answered, errors (strings).
-* ``{"op": "exit"}``: stop the readers, wait for the writers, close, exit.
+
+When the fleet closes it stops the readers, waits for the writers and closes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 from typing import Any
 
 import fleetcache
 from fleetcache import Key, Produced
 from fleetcache.stores.base import Entry
+from fleetcache_cli.shared import WorkerContext
 
 
 async def never(key: Key) -> Produced[Any]:
@@ -28,10 +28,10 @@ async def never(key: Key) -> Produced[Any]:
     raise AssertionError(f"computed {key.coalesce_key}: it should have been a hit")
 
 
-async def serve(url: str, pool_size: int) -> None:
-    """Answer commands until exit or end of input."""
+async def serve(ctx: WorkerContext, arg: tuple[str, int]) -> None:
+    """Answer commands until the fleet closes."""
+    url, pool_size = arg
     cache = await fleetcache.open(url, pool_size=pool_size, coordinate=False)
-    loop = asyncio.get_running_loop()
     counts: dict[str, Any] = {"writes_started": 0, "writes_done": 0, "reads": 0, "errors": []}
     stop = asyncio.Event()
     tasks: list[asyncio.Task[None]] = []
@@ -55,15 +55,9 @@ async def serve(url: str, pool_size: int) -> None:
             counts["reads"] += 1
             n += 1
 
-    say({"ready": True})
+    ctx.answer({"ready": True})
     try:
-        while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
-            if not line:
-                break
-            command = json.loads(line)
-            if command["op"] == "exit":
-                break
+        while (command := await ctx.command()) is not None:
             if command["op"] == "load":
                 tasks += [
                     asyncio.create_task(write(command["write_ns"], i))
@@ -73,20 +67,10 @@ async def serve(url: str, pool_size: int) -> None:
                     asyncio.create_task(read(command["read_ns"], command["names"], i))
                     for i in range(command["readers"])
                 ]
-                say({})
+                ctx.answer({})
             elif command["op"] == "counts":
-                say(dict(counts))
+                ctx.answer(dict(counts))
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await cache.close()
-
-
-def say(doc: dict[str, Any]) -> None:
-    """Write one JSON line to stdout."""
-    sys.stdout.write(json.dumps(doc) + "\n")
-    sys.stdout.flush()
-
-
-if __name__ == "__main__":
-    asyncio.run(serve(sys.argv[1], int(sys.argv[2])))

@@ -1,46 +1,31 @@
 """A fleet member for the metrics tests: opens a Postgres cache, exports it to a registry of
 its own, and on ``{"op": "get", "names": [...], "callers": C, "compute_ms": N}`` gets every
 name with C concurrent callers; ``{"op": "scrape"}`` answers the registry's exposition text.
-Driven by :class:`tests.fleet.Worker` (one JSON line in, one out)."""
+Served on a worker of a :class:`~fleetcache_cli.shared.Fleet` (:func:`serve`)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import sys
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
 import fleetcache
 from fleetcache import Key, Produced
 from fleetcache.contrib import prometheus
+from fleetcache_cli.shared import WorkerContext
 
 
-def say(answer: dict[str, Any]) -> None:
-    """Write one answer line."""
-    sys.stdout.write(json.dumps(answer) + "\n")
-    sys.stdout.flush()
-
-
-async def serve(url: str) -> None:
-    """Open the cache, say ready, answer commands until exit or EOF."""
+async def serve(ctx: WorkerContext, url: str) -> None:
+    """Open the cache, say ready, answer commands until the fleet closes."""
     registry = CollectorRegistry()
     cache = await fleetcache.open(url)
     prometheus.register(cache, name="fleet", registry=registry)
-    loop = asyncio.get_running_loop()
-    say({"ready": True, "pid": os.getpid()})
+    ctx.answer({"ready": True, "pid": os.getpid()})
     try:
-        while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
-            if not line:
-                break
-            command = json.loads(line)
-            if command["op"] == "exit":
-                break
+        while (command := await ctx.command()) is not None:
             if command["op"] == "scrape":
-                say({"text": generate_latest(registry).decode()})
+                ctx.answer({"text": generate_latest(registry).decode()})
                 continue
             delay = command["compute_ms"] / 1000
 
@@ -54,10 +39,6 @@ async def serve(url: str) -> None:
                 for _ in range(command["callers"])
             ]
             await asyncio.gather(*gets)
-            say({"done": len(gets)})
+            ctx.answer({"done": len(gets)})
     finally:
         await cache.close()
-
-
-if __name__ == "__main__":
-    asyncio.run(serve(sys.argv[1]))

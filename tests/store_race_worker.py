@@ -1,7 +1,7 @@
 """One side of the store race test, as its own OS process (``test_store_races.py``).
 
-Usage: ``store_race_worker.py postgres|sqlite URL_OR_PATH``. Reads one JSON command per
-line on stdin, answers one JSON line on stdout:
+Served on a worker of a :class:`~fleetcache_cli.shared.Fleet` with ``("postgres" or
+"sqlite", URL_OR_PATH)`` (:func:`serve`); answers each command:
 
 * ``{"op": "populate", "x": X, "d": D, "delay": s}``: take a stamp for D and read X (D's
   computation reads its dependency after the stamp), wait ``delay`` seconds, then write D
@@ -11,14 +11,11 @@ line on stdin, answers one JSON line on stdout:
   invalidate X; ``expand`` sleeps ``h`` seconds on each name (inside the invalidation's
   transaction, widening any window an implementation might leave). Answers the times and
   the closure.
-* ``{"op": "exit"}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -26,6 +23,7 @@ from typing import Any
 from fleetcache.stores.base import Entry, Key, Store
 from fleetcache.stores.postgres import PostgresStore
 from fleetcache.stores.sqlite import SqliteStore
+from fleetcache_cli.shared import WorkerContext
 
 NS = "https://race.example/"
 
@@ -58,26 +56,15 @@ async def invalidate(store: Store, command: dict[str, Any]) -> dict[str, Any]:
     return {"t_start": t_start, "t_end": time.time(), "names": names}
 
 
-async def main() -> None:
-    """Open the store, then serve commands until ``exit`` or end of input."""
-    kind, target = sys.argv[1], sys.argv[2]
+async def serve(ctx: WorkerContext, arg: tuple[str, str]) -> None:
+    """Open the store, then serve commands until the fleet closes."""
+    kind, target = arg
     store: Store = PostgresStore(target, max_size=2) if kind == "postgres" else SqliteStore(target)
     await store.open()
-    loop = asyncio.get_running_loop()
-    print(json.dumps({"ready": True}), flush=True)
+    ctx.answer({"ready": True})
     try:
-        while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
-            if not line:
-                break
-            command = json.loads(line)
-            if command["op"] == "exit":
-                break
+        while (command := await ctx.command()) is not None:
             handler = populate if command["op"] == "populate" else invalidate
-            print(json.dumps(await handler(store, command)), flush=True)
+            ctx.answer(await handler(store, command))
     finally:
         await store.close()
-
-
-if __name__ == "__main__":
-    asyncio.run(main())

@@ -23,11 +23,11 @@ from fleetcache.definitions.lookup import CachingDefinitionLookup
 from fleetcache.errors import ConfigurationError
 from fleetcache.lookup.caching import CachingLookup
 from fleetcache.lookup.populate import Produced
-from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, parse_invalidation
+from fleetcache.notifications.broadcast import parse_invalidation
 from fleetcache.stores import queries as q
 from fleetcache.stores.base import Entry, Key
 from fleetcache.stores.memory import MemoryStore
-from fleetcache.stores.payloads import invalidation_payloads
+from fleetcache.stores.payloads import INVALIDATED_CHANNEL, invalidation_payloads
 from fleetcache.stores.postgres import PostgresStore, namespace_lock
 from fleetcache_cli import main as cli_main
 from test_definitions_lookup import PUBLIC, GraphPrerenderer, Spec, url
@@ -132,9 +132,9 @@ async def test_several_invalidations_in_one_transaction_commit_together(
         got = [n async for n in listen.notifies(timeout=WAIT, stop_after=3)]
         heard = [parse_invalidation(n.payload) for n in got]
         assert [(h.kind, h.namespace) for h in heard if h is not None] == [
-            ("module", "one"),
-            ("module", "two"),
-            ("realm", "three"),
+            ("names", "one"),
+            ("names", "two"),
+            ("namespace", "three"),
         ]
     finally:
         await listen.close()
@@ -410,7 +410,8 @@ async def test_the_sql_payloads_are_byte_for_byte_the_libraries(
     store: PostgresStore, database_url: str
 ) -> None:
     """fleetcache_invalidation_payloads builds what invalidation_payloads builds: escapes,
-    multi-byte names, chunking at the budget, and the realm/global widening."""
+    multi-byte names, chunking at the budget, and the widening to the whole namespace or
+    to everything."""
     for namespace, names, origin, budget in PAYLOAD_CASES:
         rows = await _sql(
             database_url,

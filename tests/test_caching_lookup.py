@@ -643,8 +643,8 @@ async def test_invalidation_notices_from_the_fleet_never_multiply_computations(
     callers = [asyncio.create_task(lookup.get(key("a"), produce))]
     await produce.started.wait()
     for _ in range(20):
-        lookup.all_cleared()
-        lookup.names_invalidated(NS, ["a"])
+        lookup.on_all_cleared()
+        lookup.on_names_invalidated(NS, ["a"])
         callers.append(asyncio.create_task(lookup.get(key("a"), produce)))
         await asyncio.sleep(0.05)
     produce.release()

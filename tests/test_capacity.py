@@ -18,10 +18,10 @@ import pytest
 
 import fleetcache
 from conn_worker import start
-from fleet import Worker
 from fleetcache import Key, Produced
 from fleetcache.errors import DatabaseConnectError, StoreError
 from fleetcache.stores.postgres import PostgresStore
+from fleetcache_cli.shared import Fleet
 from waiting import eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -257,11 +257,10 @@ async def test_processes_opening_at_once_at_the_edge_of_capacity(fill: Filler) -
     ``too-many-connections``."""
     await fill.leave(PER_PROCESS)
     budget = 6.0
-    started = await asyncio.gather(
-        *(start(fill.url, connect_budget=budget, pool_size=10) for _ in range(6))
-    )
-    members: list[Worker] = [worker for worker, _ in started]
-    try:
+    with Fleet(6, name="test-member") as fleet:
+        started = await asyncio.gather(
+            *(start(fleet, i, fill.url, connect_budget=budget, pool_size=10) for i in range(6))
+        )
         opened = [worker for worker, ready in started if ready["ready"]]
         refused = [ready for _, ready in started if not ready["ready"]]
         print(f"\n{len(opened)} of 6 processes opened; refused: {refused}")
@@ -275,5 +274,3 @@ async def test_processes_opening_at_once_at_the_edge_of_capacity(fill: Filler) -
         answer = await opened[0].call("gets", timeout=60, ns=NS, names=names, compute_s=0.05)
         assert answer.get("errors") == [], answer
         assert len(answer["values"]) == len(names), answer
-    finally:
-        await asyncio.gather(*(worker.stop() for worker in members))

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from fleet import Worker, fleet
+from fleet_worker import start
 from fleetcache.definitions.testing import ModuleSpec, SimulatedPrerenderServer
+from fleetcache_cli.shared import Fleet, Member
 from waiting import eventually
 
 pytestmark = pytest.mark.processes
@@ -27,14 +29,12 @@ async def server() -> AsyncIterator[SimulatedPrerenderServer]:
 
 
 async def start_fleet(
-    workers: list[Worker], count: int, database_url: str, server: SimulatedPrerenderServer
-) -> list[Worker]:
-    """Start ``count`` coordinated fleet members (long waits, fast crash probe)."""
+    fleet: Fleet[Any, Any], database_url: str, server: SimulatedPrerenderServer
+) -> list[Member]:
+    """Make every worker of ``fleet`` a coordinated member (long waits, fast crash probe)."""
     args = ["--url", database_url, "--coordinate", "--prerender", server.base_url]
     args += ["--realm", REALM_ARG, "--wait-timeout", "60", "--probe-interval", "0.5"]
-    started = await asyncio.gather(*(Worker.start(*args) for _ in range(count)))
-    workers.extend(started)
-    return list(started)
+    return list(await asyncio.gather(*(start(fleet, i, *args) for i in range(fleet.size))))
 
 
 async def wait_for_render(server: SimulatedPrerenderServer, url: str, timeout: float = 20) -> None:
@@ -51,10 +51,10 @@ async def test_cold_fan_out_renders_each_module_once(
     for url in urls:
         server.set_module(url, ModuleSpec(["Card"]))
     server.latency = 0.2
-    async with fleet() as workers:
-        members = await start_fleet(workers, 4, database_url, server)
+    with Fleet(4, name="test-member") as fleet:
+        members = await start_fleet(fleet, database_url, server)
         for member in members:
-            await member.send("definitions", urls=urls)
+            member.send("definitions", urls=urls)
         answers = [await member.receive(120) for member in members]
     for answer in answers:
         assert [r["outcome"] for r in answer["results"]] == ["ok"] * 20, answer
@@ -70,16 +70,16 @@ async def test_killed_winner_is_replaced_within_seconds(
     url = f"{REALM}slow.gts"
     server.set_module(url, ModuleSpec(["Card"]))
     server.latency = 5.0
-    async with fleet() as workers:
-        winner, *peers = await start_fleet(workers, 3, database_url, server)
-        await winner.send("definitions", urls=[url])
+    with Fleet(3, name="test-member") as fleet:
+        winner, *peers = await start_fleet(fleet, database_url, server)
+        winner.send("definitions", urls=[url])
         await wait_for_render(server, url)
         for peer in peers:
-            await peer.send("definitions", urls=[url])
+            peer.send("definitions", urls=[url])
         await asyncio.sleep(0.5)  # the peers lose the lock and park
         server.latency = 0.2
         killed_at = time.time()
-        await winner.kill()
+        winner.kill()
         answers = [await peer.receive(40) for peer in peers]
         stats = [await peer.call("stats") for peer in peers]
     for answer in answers:
@@ -99,12 +99,12 @@ async def test_failing_winner_wakes_its_peers_at_once(
     # A status the protocol does not retry, so the winner fails at once after the render.
     server.set_module(url, ModuleSpec(["Card"], http_status=422))
     server.latency = 2.0
-    async with fleet() as workers:
-        winner, *peers = await start_fleet(workers, 3, database_url, server)
-        await winner.send("definitions", urls=[url])
+    with Fleet(3, name="test-member") as fleet:
+        winner, *peers = await start_fleet(fleet, database_url, server)
+        winner.send("definitions", urls=[url])
         await wait_for_render(server, url)
         for peer in peers:
-            await peer.send("definitions", urls=[url])
+            peer.send("definitions", urls=[url])
         answers = [await member.receive(40) for member in (winner, *peers)]
         stats = [await peer.call("stats") for peer in peers]
     for answer in answers:

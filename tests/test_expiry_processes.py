@@ -10,40 +10,38 @@ from typing import Any
 
 import pytest
 
-from fleet import Worker, fleet
+from fleet_worker import start
+from fleetcache_cli.shared import Fleet, Member
 
 pytestmark = pytest.mark.processes
 
 NS = "https://realm.example/"
 
 
-async def start_workers(workers: list[Worker], database_url: str, count: int = 4) -> list[Worker]:
-    """``count`` coordinated fleet members."""
-    started = await asyncio.gather(
-        *(Worker.start("--url", database_url, "--coordinate") for _ in range(count))
-    )
-    workers.extend(started)
-    return list(started)
+async def start_workers(fleet: Fleet[Any, Any], database_url: str) -> list[Member]:
+    """Every worker of ``fleet`` a coordinated member."""
+    args = ("--url", database_url, "--coordinate")
+    return list(await asyncio.gather(*(start(fleet, i, *args) for i in range(fleet.size))))
 
 
-async def computations(members: list[Worker]) -> int:
+async def computations(members: list[Member]) -> int:
     """How many computations the fleet ran in all."""
     answers = await asyncio.gather(*(m.call("stats") for m in members))
     return sum(int(a["stats"]["lookup"]["computations"]) for a in answers)
 
 
-async def get_all(members: list[Worker], **command: Any) -> list[dict[str, Any]]:
+async def get_all(members: list[Member], **command: Any) -> list[dict[str, Any]]:
     """Every member gets the key at once; their answers."""
     for member in members:
-        await member.send("get", ns=NS, name="hot", **command)
+        member.send("get", ns=NS, name="hot", **command)
     return [await member.receive(60) for member in members]
 
 
 async def test_an_expired_key_is_computed_once_by_the_fleet(database_url: str) -> None:
     """Four processes ask for a key whose ttl (no stale window) has passed: exactly one
     recomputation across the fleet, and all four get it."""
-    async with fleet() as workers:
-        members = await start_workers(workers, database_url)
+    with Fleet(4, name="test-member") as fleet:
+        members = await start_workers(fleet, database_url)
         first = await members[0].call("get", ns=NS, name="hot", ttl=1.0, version=1)
         await asyncio.sleep(1.2)
         answers = await get_all(members, ttl=1.0, version=2, compute_ms=300)
@@ -59,8 +57,8 @@ async def test_in_the_stale_window_everyone_gets_the_stale_value_and_one_refresh
     """Past the ttl but within the stale window, four processes asking at once are all
     served the old value (none waits for the one-second refresh), exactly one process
     refreshes it, and afterwards every process gets the new value."""
-    async with fleet() as workers:
-        members = await start_workers(workers, database_url)
+    with Fleet(4, name="test-member") as fleet:
+        members = await start_workers(fleet, database_url)
         await members[0].call("get", ns=NS, name="hot", ttl=1.0, stale_ttl=60.0, version=1)
         await asyncio.sleep(1.2)
         answers = await get_all(members, ttl=1.0, stale_ttl=60.0, version=2, compute_ms=1000)
@@ -79,8 +77,8 @@ async def test_a_refresh_keeps_the_ttl_of_the_calls_that_asked_for_it(database_u
     """A key written with ttl=1, then read in its stale window by four processes asking
     ttl=30: one refresh stores the new value for 30 s, so reads after the old ttl has passed
     again are fresh hits in every process and no second refresh runs."""
-    async with fleet() as workers:
-        members = await start_workers(workers, database_url)
+    with Fleet(4, name="test-member") as fleet:
+        members = await start_workers(fleet, database_url)
         await members[0].call("get", ns=NS, name="hot", ttl=1.0, stale_ttl=60.0, version=1)
         await asyncio.sleep(1.2)  # past the ttl the key was written with
         answers = await get_all(members, ttl=30.0, stale_ttl=60.0, version=2, compute_ms=300)
@@ -100,7 +98,7 @@ async def test_a_refresh_keeps_the_ttl_of_the_calls_that_asked_for_it(database_u
         assert await computations(members) == 2  # the first, and one refresh
 
 
-async def stale_served(members: list[Worker]) -> int:
+async def stale_served(members: list[Member]) -> int:
     """How many stale values the fleet served in all."""
     answers = await asyncio.gather(*(m.call("stats") for m in members))
     return sum(int(a["stats"]["lookup"]["stale_served"]) for a in answers)

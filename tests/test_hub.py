@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 import time
 import uuid
@@ -21,7 +22,7 @@ from fleetcache.errors import (
     NotificationError,
     NotOpenError,
 )
-from fleetcache.notifications import DEFAULT_APPLICATION_NAME, NotificationHub
+from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME, NotificationHub
 from tcp_proxy import FreezableProxy
 from waiting import eventually as wait_until
 
@@ -489,6 +490,18 @@ async def test_terminated_backend_reconnects_reports_gap_and_delivers_again(
         await notify(admin, "other", "on the other channel")
         await wait_until(lambda: got == ["after the gap", "on the other channel"])
         assert any("connection lost" in r.getMessage() for r in caplog.records)
+
+
+async def test_reconnecting_leaves_the_applications_random_state_alone(
+    hub: NotificationHub, admin: AdminConn
+) -> None:
+    """The reconnect's jitter comes from fleetcache's own generator: an application that
+    seeded the global ``random`` draws the same sequence after the hub reconnected."""
+    random.seed(4645)
+    state = random.getstate()
+    await admin.execute("SELECT pg_terminate_backend(%s)", (hub.backend_pid,))
+    await wait_until(lambda: hub.reconnects == 1)
+    assert random.getstate() == state
 
 
 async def test_loss_is_counted_at_once_and_reconnect_retries_while_refused(

@@ -13,18 +13,14 @@ import psycopg
 import pytest
 
 import fleetcache
-from fleet import Worker, fleet
+from fleet_worker import start
 from fleetcache import _pg
 from fleetcache.errors import ConfigurationError, StoreError
-from fleetcache.lookup.caching import CachingLookup
-from fleetcache.notifications.broadcast import (
-    INVALIDATED_CHANNEL,
-    Invalidation,
-    parse_invalidation,
-)
+from fleetcache.notifications.broadcast import Invalidation, parse_invalidation
 from fleetcache.stores.base import Entry, Key
-from fleetcache.stores.memory import MemoryStore
+from fleetcache.stores.payloads import INVALIDATED_CHANNEL
 from fleetcache.stores.postgres import PostgresStore
+from fleetcache_cli.shared import Fleet
 from waiting import eventually
 
 pytestmark = pytest.mark.postgres
@@ -71,9 +67,8 @@ async def test_an_invalidation_cancelled_after_its_commit_still_reaches_a_peers_
             deps = () if key.name == HUB else (HUB,)
             await cache.store.write(Entry(key, {"version": 1}, deps=deps))
             assert (await cache.get_value(key, never))["version"] == 1  # in our near tier
-        async with fleet() as workers:
-            peer = await Worker.start("--url", database_url, "--near", "1000")
-            workers.append(peer)
+        with Fleet(1, name="test-member") as fleet:
+            peer = await start(fleet, 0, "--url", database_url, "--near", "1000")
             for key in keys:  # fills the peer's near tier; the second read is a near hit
                 for _ in range(2):
                     got = await peer.call("get", ns=NS, name=key.name, version=99)
@@ -155,7 +150,7 @@ async def test_an_invalidation_rolled_back_after_its_notify_delivers_nothing(
         assert await store.write(Entry(Key(NS, "b"), {"v": 1}, deps=("a",)), stamp=stamp)
         await store.invalidate(NS, ["fence"])
         (first,) = await heard(listening, 1)
-        assert first == Invalidation("module", NS, ("fence",), store.origin)
+        assert first == Invalidation("names", NS, ("fence",), store.origin)
     finally:
         await store.close()
 
@@ -176,11 +171,11 @@ async def test_every_invalidation_path_announces_with_the_stores_origin(
         await cache.clear_namespace(NS)
         await cache.clear_all()
         assert await heard(listening, 5) == [
-            Invalidation("module", NS, ("k", "dep.gts", "dep"), origin),
-            Invalidation("module", NS, ("k",), origin),
-            Invalidation("module", NS, ("x",), origin),
-            Invalidation("realm", NS, origin=origin),
-            Invalidation("global", origin=origin),
+            Invalidation("names", NS, ("k", "dep.gts", "dep"), origin),
+            Invalidation("names", NS, ("k",), origin),
+            Invalidation("names", NS, ("x",), origin),
+            Invalidation("namespace", NS, origin=origin),
+            Invalidation("all", origin=origin),
         ]
         await eventually(lambda: cache.listener is not None and cache.listener.stats()["own"] == 5)
         assert cache.listener.stats()["applied"] == 0
@@ -209,7 +204,7 @@ async def test_a_bare_store_announces_and_can_be_told_not_to(
             assert len(notify.payload.encode()) < 7000
             parsed = parse_invalidation(notify.payload)
             assert parsed is not None
-            assert (parsed.kind, parsed.namespace, parsed.origin) == ("module", NS, "node-7")
+            assert (parsed.kind, parsed.namespace, parsed.origin) == ("names", NS, "node-7")
             got.append(parsed)
             announced += parsed.names
             if len(announced) >= len(closure):
@@ -233,39 +228,3 @@ def test_a_store_refuses_a_bad_channel_or_origin() -> None:
     ):
         with pytest.raises(ConfigurationError):
             PostgresStore("dbname=x", **options)  # type: ignore[arg-type]
-
-
-class SlowPublisher:
-    """A publisher whose announcements take until ``release`` is set; records them."""
-
-    def __init__(self) -> None:
-        self.started = asyncio.Event()
-        self.release = asyncio.Event()
-        self.sent: list[tuple[str, tuple[str, ...]]] = []
-
-    async def names_invalidated(self, namespace: str, names: Any) -> None:
-        """Record the names once released."""
-        self.started.set()
-        await self.release.wait()
-        self.sent.append((namespace, tuple(names)))
-
-    async def namespace_cleared(self, namespace: str) -> None:
-        """Not used here."""
-
-    async def all_cleared(self) -> None:
-        """Not used here."""
-
-
-async def test_a_publishers_announcement_survives_its_callers_cancellation() -> None:
-    """With a store that does not announce by itself and a publisher, a caller cancelled
-    while the publisher is sending does not stop the announcement: it finishes."""
-    publisher = SlowPublisher()
-    lookup: CachingLookup[Any] = CachingLookup(MemoryStore(), publisher=publisher)
-    invalidating = asyncio.create_task(lookup.invalidate(NS, ["a"]))
-    await asyncio.wait_for(publisher.started.wait(), WAIT)
-    invalidating.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await invalidating
-    publisher.release.set()
-    await eventually(lambda: publisher.sent == [(NS, ("a",))])
-    await lookup.close()

@@ -13,9 +13,10 @@ import psycopg
 import pytest
 
 import fleetcache
-from fleet import Worker, fleet
+from fleet_worker import start
 from fleetcache import MISSING, Fleetcache, Key, Missing, Produced
-from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, encode_module_payloads
+from fleetcache.stores.payloads import INVALIDATED_CHANNEL, invalidation_payloads
+from fleetcache_cli.shared import Fleet
 from waiting import eventually
 
 pytestmark = pytest.mark.processes
@@ -60,9 +61,8 @@ async def test_another_process_invalidating_reaches_us(
 ) -> None:
     """Process B invalidates names, clears a namespace, clears everything: A's listener
     replays each on A's lookup within seconds."""
-    async with fleet() as workers:
-        other = await Worker.start("--url", database_url)
-        workers.append(other)
+    with Fleet(1, name="test-member") as fleet:
+        other = await start(fleet, 0, "--url", database_url)
         await other.call("invalidate", ns=NS, names=["mod.gts"])
         await eventually(lambda: applied(cache) == 1)
         await other.call("clear_namespace", ns=NS)
@@ -81,9 +81,8 @@ async def test_after_the_broadcast_arrives_our_next_read_is_fresh(
     assert (await cache.get_value(key, versioned(1)))["version"] == 1
     assert (await cache.get_value(key, versioned(1)))["version"] == 1
     assert cache.lookup.stats()["near_hits"] == 1
-    async with fleet() as workers:
-        other = await Worker.start("--url", database_url)
-        workers.append(other)
+    with Fleet(1, name="test-member") as fleet:
+        other = await start(fleet, 0, "--url", database_url)
         heard = applied(cache)
         await other.call("invalidate", ns=NS, names=["mod"])
         await other.call("get", ns=NS, name="mod", version=2)
@@ -110,9 +109,8 @@ async def test_many_fills_racing_a_peers_invalidations_leave_nothing_stale(
         return found
 
     cache.store.read = slow_read  # type: ignore[method-assign]
-    async with fleet() as workers:
-        other = await Worker.start("--url", database_url)
-        workers.append(other)
+    with Fleet(1, name="test-member") as fleet:
+        other = await start(fleet, 0, "--url", database_url)
         for version in range(1, 101):
             key = Key(NS, f"race-{version}")
             await other.call("get", ns=NS, name=key.name, version=0)  # the old value
@@ -143,7 +141,7 @@ async def test_malformed_payloads_change_nothing(cache: Fleetcache, database_url
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         for payload in bad:
             await conn.execute("SELECT pg_notify(%s, %s)", (INVALIDATED_CHANNEL, payload))
-        good = encode_module_payloads(NS, ["sentinel"])[0]
+        good = invalidation_payloads(NS, ["sentinel"])[0]
         await conn.execute("SELECT pg_notify(%s, %s)", (INVALIDATED_CHANNEL, good))
     await eventually(lambda: applied(cache) == 1)
     assert cache.listener is not None
@@ -174,9 +172,8 @@ async def test_a_terminated_listen_connection_empties_the_near_tier_and_hears_ag
     await eventually(lambda: hub.reconnects >= 1 and hub.connected)
     print(f"reconnected {(time.monotonic() - killed_at) * 1000:.0f} ms after the kill")
     assert hub.backend_pid not in (None, pid)
-    async with fleet() as workers:
-        other = await Worker.start("--url", database_url)
-        workers.append(other)
+    with Fleet(1, name="test-member") as fleet:
+        other = await start(fleet, 0, "--url", database_url)
         heard = applied(cache)
         await other.call("invalidate", ns=NS, names=["after"])
         await eventually(lambda: applied(cache) > heard)

@@ -10,28 +10,18 @@ from collections.abc import AsyncIterator, Sequence
 
 import psycopg
 import pytest
-from psycopg_pool import AsyncConnectionPool
 
 from fleetcache.definitions.setup import SEED_INVALIDATED_CHANNEL
 from fleetcache.errors import ConfigurationError, NotOpenError
-from fleetcache.notifications import (
-    INVALIDATED_CHANNEL,
-    InvalidationListener,
-    InvalidationTarget,
-    NotificationHub,
-    PostgresInvalidationPublisher,
-    encode_global_payload,
-    encode_module_payloads,
-    encode_realm_payload,
-    new_origin,
-)
+from fleetcache.notifications.hub import NotificationHub
+from fleetcache.notifications.listener import InvalidationListener, InvalidationTarget
+from fleetcache.stores.payloads import INVALIDATED_CHANNEL, invalidation_payloads, new_origin
 from waiting import eventually as wait_until
 
 pytestmark = pytest.mark.postgres
 
 
 Call = tuple[object, ...]
-Pool = AsyncConnectionPool[psycopg.AsyncConnection]
 
 
 class FakeTarget:
@@ -40,19 +30,19 @@ class FakeTarget:
     def __init__(self) -> None:
         self.calls: list[Call] = []
 
-    def names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
+    def on_names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
         """Record a names invalidation."""
         self.calls.append(("names", namespace, tuple(names)))
 
-    def namespace_cleared(self, namespace: str) -> None:
+    def on_namespace_cleared(self, namespace: str) -> None:
         """Record a namespace invalidation."""
         self.calls.append(("namespace", namespace))
 
-    def all_cleared(self) -> None:
+    def on_all_cleared(self) -> None:
         """Record a global invalidation."""
         self.calls.append(("all",))
 
-    def notifications_lost(self) -> None:
+    def on_notifications_lost(self) -> None:
         """Record a gap."""
         self.calls.append(("lost",))
 
@@ -85,15 +75,6 @@ async def hub(database_url: str) -> AsyncIterator[NotificationHub]:
 
 
 @pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[Pool]:
-    """A small pool of autocommit connections, for publishers."""
-    async with AsyncConnectionPool(
-        database_url, min_size=1, max_size=1, kwargs={"autocommit": True}, open=False
-    ) as made:
-        yield made
-
-
-@pytest.fixture
 async def target_and_listener(
     hub: NotificationHub,
 ) -> AsyncIterator[tuple[FakeTarget, InvalidationListener]]:
@@ -116,7 +97,7 @@ def stats(**changes: int) -> dict[str, int]:
 def test_fake_target_satisfies_the_protocol() -> None:
     """A class with the four methods is an InvalidationTarget (structural typing)."""
     target: InvalidationTarget = FakeTarget()
-    target.notifications_lost()
+    target.on_notifications_lost()
 
 
 def test_listener_refuses_a_channel_the_hub_does_not_listen_on() -> None:
@@ -130,16 +111,16 @@ async def test_each_payload_kind_calls_the_matching_method(
     target_and_listener: tuple[FakeTarget, InvalidationListener],
     admin: psycopg.AsyncConnection,
 ) -> None:
-    """module → names_invalidated, realm → namespace_cleared, global → all_cleared, in
-    order, from peers with an origin and from older peers without one."""
+    """Names → on_names_invalidated, a namespace → on_namespace_cleared, everything →
+    on_all_cleared, in order, from peers with an origin and from older peers without one."""
     target, listener = target_and_listener
     peer = new_origin()
-    (module,) = encode_module_payloads("https://r/", ["a.gts", "b ü.gts"], origin=peer)
+    (names,) = invalidation_payloads("https://r/", ["a.gts", "b ü.gts"], origin=peer)
     payloads = [
-        module,
-        encode_realm_payload("https://r/", origin=peer),
-        encode_global_payload(origin=peer),
-        encode_realm_payload("https://old/"),
+        names,
+        invalidation_payloads("https://r/", origin=peer)[0],
+        invalidation_payloads(None, origin=peer)[0],
+        invalidation_payloads("https://old/")[0],
     ]
     for payload in payloads:
         await send(admin, payload)
@@ -182,7 +163,7 @@ async def test_malformed_and_hostile_payloads_change_nothing(
         for payload in bad:
             await send(admin, payload)
         # A valid payload sent last: once it is applied, every bad one has been seen.
-        await send(admin, encode_realm_payload("sentinel"))
+        await send(admin, invalidation_payloads("sentinel")[0])
         await wait_until(lambda: len(target.calls) == 1)
     assert target.calls == [("namespace", "sentinel")]
     assert listener.stats() == stats(applied=1, rejected=len(bad))
@@ -197,19 +178,19 @@ class CountingTarget:
     def __init__(self) -> None:
         self.count = 0
 
-    def names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
+    def on_names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
         """Count."""
         self.count += 1
 
-    def namespace_cleared(self, namespace: str) -> None:
+    def on_namespace_cleared(self, namespace: str) -> None:
         """Count."""
         self.count += 1
 
-    def all_cleared(self) -> None:
+    def on_all_cleared(self) -> None:
         """Count."""
         self.count += 1
 
-    def notifications_lost(self) -> None:
+    def on_notifications_lost(self) -> None:
         """Count."""
         self.count += 1
 
@@ -253,19 +234,19 @@ async def test_flood_of_forged_payloads_keeps_nothing_per_payload(
     assert (hub.connected, hub.reconnects) == (True, 0)
 
 
-async def test_hub_gap_is_reported_as_notifications_lost(
+async def test_hub_gap_is_reported_as_on_notifications_lost(
     target_and_listener: tuple[FakeTarget, InvalidationListener],
     hub: NotificationHub,
     admin: psycopg.AsyncConnection,
 ) -> None:
     """When the hub's connection is terminated, the gap reaches the target as
-    notifications_lost(), and broadcasts after the reconnect are replayed again."""
+    on_notifications_lost(), and broadcasts after the reconnect are replayed again."""
     target, listener = target_and_listener
     await admin.execute("SELECT pg_terminate_backend(%s)", (hub.backend_pid,))
     await wait_until(lambda: target.calls == [("lost",)])
     assert listener.stats() == stats(gaps=1)
     assert hub.reconnects == 1
-    await send(admin, encode_realm_payload("later"))
+    await send(admin, invalidation_payloads("later")[0])
     await wait_until(lambda: len(target.calls) == 2)
     assert target.calls[1] == ("namespace", "later")
 
@@ -279,7 +260,7 @@ async def test_start_and_close_are_idempotent_and_close_silences_the_handlers(
     listener = InvalidationListener(hub, target)
     await asyncio.gather(listener.start(), listener.start())
     await listener.start()
-    await send(admin, encode_global_payload())
+    await send(admin, invalidation_payloads(None)[0])
     await wait_until(lambda: target.calls == [("all",)])  # replayed once, not 2x
     await listener.close()
     await listener.close()
@@ -288,11 +269,11 @@ async def test_start_and_close_are_idempotent_and_close_silences_the_handlers(
     # Another handler on the same channel shows when later payloads have been delivered.
     seen: list[str] = []
     hub.add_handler(INVALIDATED_CHANNEL, seen.append)
-    await send(admin, encode_global_payload())
+    await send(admin, invalidation_payloads(None)[0])
     await wait_until(lambda: len(seen) == 1)  # delivered before the connection is cut
     await admin.execute("SELECT pg_terminate_backend(%s)", (hub.backend_pid,))
     await wait_until(lambda: hub.reconnects == 1)
-    await send(admin, encode_realm_payload("marker"))
+    await send(admin, invalidation_payloads("marker")[0])
     await wait_until(lambda: len(seen) == 2)
     assert target.calls == [("all",)]
     assert listener.stats() == stats(applied=1)
@@ -305,78 +286,82 @@ async def test_a_target_that_raises_is_logged_and_counted(
     failed, never raised; later payloads still apply."""
 
     class Flaky(FakeTarget):
-        def namespace_cleared(self, namespace: str) -> None:
+        def on_namespace_cleared(self, namespace: str) -> None:
             raise RuntimeError(f"cannot clear {namespace}")
 
-        def notifications_lost(self) -> None:
+        def on_notifications_lost(self) -> None:
             raise RuntimeError("cannot forget")
 
     target = Flaky()
     async with InvalidationListener(hub, target) as listener:
         with caplog.at_level(logging.ERROR, logger="fleetcache.notifications"):
-            await send(admin, encode_realm_payload("ns"))
-            await send(admin, encode_global_payload())
+            await send(admin, invalidation_payloads("ns")[0])
+            await send(admin, invalidation_payloads(None)[0])
             await wait_until(lambda: target.calls == [("all",)])
             await admin.execute("SELECT pg_terminate_backend(%s)", (hub.backend_pid,))
             await wait_until(lambda: listener.stats()["gaps"] == 1)
         assert listener.stats() == stats(applied=1, failed=2, gaps=1)
-        await send(admin, encode_global_payload())
+        await send(admin, invalidation_payloads(None)[0])
         await wait_until(lambda: target.calls == [("all",), ("all",)])
     errors = [str(r.exc_info[1]) for r in caplog.records if r.exc_info]
     assert "cannot clear ns" in errors
     assert "cannot forget" in errors
 
 
-async def test_publisher_to_listener_end_to_end(hub: NotificationHub, pool: Pool) -> None:
-    """What a peer's publisher sends (chunked) is replayed by the listener, in order."""
+async def test_chunked_broadcasts_are_replayed_in_order(
+    hub: NotificationHub, admin: psycopg.AsyncConnection
+) -> None:
+    """What a peer sends in chunks is replayed by the listener, chunk by chunk, in order."""
     target = FakeTarget()
     names = [f"https://r/m{i}.gts" for i in range(50)]
+    peer = new_origin()
+    chunks = invalidation_payloads("https://r/", names, origin=peer, budget=300)
+    assert len(chunks) > 2
     async with InvalidationListener(hub, target, origin=new_origin()):
-        peer = PostgresInvalidationPublisher(pool, budget=300)
-        await peer.names_invalidated("https://r/", names)
-        await peer.all_cleared()
+        for payload in [*chunks, *invalidation_payloads(None, origin=peer)]:
+            await send(admin, payload)
         await wait_until(lambda: target.calls[-1:] == [("all",)])
     replayed = [name for call in target.calls[:-1] for name in call[2]]  # type: ignore[attr-defined]
     assert replayed == names
-    assert len(target.calls) > 2  # the names came in several chunks
+    assert len(target.calls) == len(chunks) + 1
 
 
-async def test_own_broadcasts_are_skipped_by_origin(hub: NotificationHub, pool: Pool) -> None:
-    """Given its publisher's origin, the listener skips every echo of what that publisher
+async def test_own_broadcasts_are_skipped_by_origin(
+    hub: NotificationHub, admin: psycopg.AsyncConnection
+) -> None:
+    """Given this process's origin, the listener skips every echo of what this process
     sent, and counts them as own."""
     target = FakeTarget()
-    publisher = PostgresInvalidationPublisher(pool, budget=300)
+    ours = new_origin()
     names = [f"https://r/m{i}.gts" for i in range(50)]
-    chunks = len(encode_module_payloads("https://r/", names, origin=publisher.origin, budget=300))
-    async with InvalidationListener(hub, target, origin=publisher.origin) as listener:
-        await publisher.names_invalidated("https://r/", names)
-        await publisher.namespace_cleared("https://r/")
-        await publisher.all_cleared()
-        await wait_until(lambda: listener.stats()["own"] == chunks + 2)
+    payloads = [
+        *invalidation_payloads("https://r/", names, origin=ours, budget=300),
+        *invalidation_payloads("https://r/", origin=ours),
+        *invalidation_payloads(None, origin=ours),
+    ]
+    async with InvalidationListener(hub, target, origin=ours) as listener:
+        for payload in payloads:
+            await send(admin, payload)
+        await wait_until(lambda: listener.stats()["own"] == len(payloads))
     assert target.calls == []
-    assert listener.stats() == stats(own=chunks + 2)
+    assert listener.stats() == stats(own=len(payloads))
 
 
-async def test_peer_payload_identical_to_ours_in_flight_is_applied(
-    hub: NotificationHub, pool: Pool, admin: psycopg.AsyncConnection
+async def test_a_peer_payload_identical_to_ours_but_for_the_origin_is_applied(
+    hub: NotificationHub, admin: psycopg.AsyncConnection
 ) -> None:
-    """While this process's broadcast is still being sent, a peer's identical invalidation
-    (an older peer without origin, and a current one with its own) is applied at once;
-    this process's echo, when it comes, is skipped."""
+    """The origin, not the payload, decides: around this process's own echo, a peer's
+    identical invalidation (an older peer without origin, and a current one with its
+    own) is applied; the echo is skipped."""
     target = FakeTarget()
-    publisher = PostgresInvalidationPublisher(pool)
-    async with InvalidationListener(hub, target, origin=publisher.origin) as listener:
-        async with pool.connection():  # the pool's only connection: our broadcast waits
-            ours = asyncio.create_task(publisher.all_cleared())
-            await wait_until(lambda: pool.get_stats().get("requests_waiting") == 1)
-            await send(admin, encode_global_payload())
-            await send(admin, encode_global_payload(origin=new_origin()))
-            await wait_until(lambda: target.calls == [("all",), ("all",)])
-            assert not ours.done()
-        await ours
-        await wait_until(lambda: listener.stats()["own"] == 1)
+    ours = new_origin()
+    async with InvalidationListener(hub, target, origin=ours) as listener:
+        await send(admin, invalidation_payloads(None)[0])
+        await send(admin, invalidation_payloads(None, origin=ours)[0])
+        await send(admin, invalidation_payloads(None, origin=new_origin())[0])
+        await wait_until(lambda: listener.stats()["applied"] == 2)
+        assert listener.stats() == stats(applied=2, own=1)
     assert target.calls == [("all",), ("all",)]
-    assert listener.stats() == stats(applied=2, own=1)
 
 
 async def test_on_heard_gets_every_valid_announcement_own_ones_included_and_gaps(
@@ -391,10 +376,10 @@ async def test_on_heard_gets_every_valid_announcement_own_ones_included_and_gaps
     target = FakeTarget()
     async with InvalidationListener(hub, target, origin=ours, on_heard=heard.append) as listener:
         for payload in (
-            encode_module_payloads("https://a/", ["x"], origin=ours)[0],
-            encode_realm_payload("https://b/", origin=peer),
+            invalidation_payloads("https://a/", ["x"], origin=ours)[0],
+            invalidation_payloads("https://b/", origin=peer)[0],
             "not json",
-            encode_global_payload(origin=ours),
+            invalidation_payloads(None, origin=ours)[0],
         ):
             await send(admin, payload)
         await wait_until(lambda: len(heard) == 3)
@@ -409,6 +394,6 @@ async def test_on_heard_gets_every_valid_announcement_own_ones_included_and_gaps
         raise RuntimeError("boom")
 
     async with InvalidationListener(hub, target, on_heard=broken) as listener:
-        await send(admin, encode_realm_payload("https://c/"))
+        await send(admin, invalidation_payloads("https://c/")[0])
         await wait_until(lambda: listener.stats()["failed"] == 1)
         await wait_until(lambda: target.calls[-1] == ("namespace", "https://c/"))

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import fleetcache
-from fleet import Worker, fleet
+import metrics_worker
 from fleetcache.contrib import otel, prometheus
 from fleetcache.coordination.local import LocalCoordinator
 from fleetcache.errors import ConfigurationError
@@ -30,6 +30,7 @@ from fleetcache.lookup.near import NearCache
 from fleetcache.lookup.populate import Produced
 from fleetcache.stores.base import Key
 from fleetcache.stores.memory import MemoryStore
+from fleetcache_cli.shared import Fleet
 from waiting import eventually
 
 NS = "catalog"
@@ -415,12 +416,12 @@ async def test_three_processes_compute_each_key_once_summed_from_their_registrie
     once, and the losers' waits and locks add up."""
     keys, callers = 6, 2
     names = [f"m{i}" for i in range(keys)]
-    script = Path(__file__).with_name("metrics_worker.py")
-    async with fleet() as workers:
-        for _ in range(3):
-            workers.append(await Worker.start(database_url, script=script))
+    with Fleet(3, name="test-member") as fleet:
+        workers = [fleet.serve(i, metrics_worker.serve, database_url) for i in range(3)]
         for worker in workers:
-            await worker.send("get", names=names, callers=callers, compute_ms=300)
+            assert (await worker.receive())["ready"]
+        for worker in workers:
+            worker.send("get", names=names, callers=callers, compute_ms=300)
         for worker in workers:
             assert (await worker.receive())["done"] == keys * callers
         scrapes = [samples((await worker.call("scrape"))["text"]) for worker in workers]

@@ -215,9 +215,9 @@ async def test_local_and_remote_invalidations_evict_from_the_near_tier() -> None
     await lookup.invalidate(NS, ["base"])
     assert len(tier) == 0  # base, and a and b through their deps
     await lookup.get(Key(NS, "a"), produce)
-    lookup.names_invalidated(NS, ["a"])  # as the listener replays a peer's broadcast
+    lookup.on_names_invalidated(NS, ["a"])  # as the listener replays a peer's broadcast
     assert tier.get(Key(NS, "a")) is None
-    lookup.notifications_lost()
+    lookup.on_notifications_lost()
     assert len(tier) == 0
 
 
@@ -232,7 +232,7 @@ async def test_a_fill_racing_an_invalidation_leaves_nothing_stale() -> None:
     reading = asyncio.create_task(lookup.get(Key(NS, "a"), produce))
     await store.reading.wait()
     await store.invalidate(NS, ["a"])  # a peer's invalidation...
-    lookup.names_invalidated(NS, ["a"])  # ...and its broadcast, heard mid-read
+    lookup.on_names_invalidated(NS, ["a"])  # ...and its broadcast, heard mid-read
     store.gate.set()
     got = await reading
     assert got is not None

@@ -17,11 +17,11 @@ import pytest
 
 import fleetcache
 from conn_worker import start
-from fleet import Worker
 from fleetcache import Key, Produced
 from fleetcache.coordination.base import lock_id
 from fleetcache.coordination.postgres import LOCK_APPLICATION_NAME, advisory_lock_tag
-from fleetcache.notifications import DEFAULT_APPLICATION_NAME
+from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME
+from fleetcache_cli.shared import Fleet, Member
 from tcp_proxy import FreezableProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -108,8 +108,8 @@ async def lock_is_held(database_url: str, coalesce_key: str, timeout: float = 30
 
 
 async def silent_winner_is_replaced(
-    winner: Worker,
-    peer: Worker,
+    winner: Member,
+    peer: Member,
     database_url: str,
     silence: Any,
     wake: Any,
@@ -121,7 +121,7 @@ async def silent_winner_is_replaced(
     what the store holds afterwards. Returns the measured times."""
     name = f"silent-{uuid.uuid4().hex[:8]}"
     key = Key(NS, name)
-    await winner.send("get", ns=NS, name=name, compute_s=10, tag="winner")
+    winner.send("get", ns=NS, name=name, compute_s=10, tag="winner")
     await lock_is_held(database_url, key.coalesce_key)
     silenced_at = time.time()
     await silence()
@@ -151,28 +151,28 @@ async def test_a_stopped_winner_loses_its_lock_within_the_idle_timeout(
     probe, not after the 12-minute waiting budget). Resumed, the stopped winner cannot
     store its result computed before the key was invalidated."""
     options = {"lock_idle_timeout": IDLE, "probe_interval": 0.5, "wait_timeout": 120.0}
-    winner, ready = await start(database_url, **options)
-    peer, peer_ready = await start(database_url, **options)
-    assert ready["ready"], ready
-    assert peer_ready["ready"], peer_ready
-    stopped = False
-
-    async def silence() -> None:
-        nonlocal stopped
-        os.kill(winner.pid, signal.SIGSTOP)
-        stopped = True
-
-    async def wake() -> None:
-        nonlocal stopped
-        os.kill(winner.pid, signal.SIGCONT)
+    with Fleet(2, name="test-member") as fleet:
+        winner, ready = await start(fleet, 0, database_url, **options)
+        peer, peer_ready = await start(fleet, 1, database_url, **options)
+        assert ready["ready"], ready
+        assert peer_ready["ready"], peer_ready
         stopped = False
 
-    try:
-        measured = await silent_winner_is_replaced(winner, peer, database_url, silence, wake)
-    finally:
-        if stopped:
+        async def silence() -> None:
+            nonlocal stopped
+            os.kill(winner.pid, signal.SIGSTOP)
+            stopped = True
+
+        async def wake() -> None:
+            nonlocal stopped
             os.kill(winner.pid, signal.SIGCONT)
-        await asyncio.gather(winner.stop(), peer.stop())
+            stopped = False
+
+        try:
+            measured = await silent_winner_is_replaced(winner, peer, database_url, silence, wake)
+        finally:
+            if stopped:
+                os.kill(winner.pid, signal.SIGCONT)
     print(f"\nSIGSTOPped winner replaced after {measured['replaced_after']:.2f} s (idle {IDLE} s)")
     # IDLE + the 0.5 s probe, with room for a loaded machine; without the bound the peer
     # would wait 120 s for its first round to end.
@@ -188,10 +188,6 @@ async def test_a_partitioned_winner_loses_its_lock_within_the_idle_timeout(
     the silent session after ``lock_idle_timeout`` and a waiting process computes the key;
     the partitioned winner's own late result, begun before an invalidation, is refused."""
     options = {"lock_idle_timeout": IDLE, "probe_interval": 0.5, "wait_timeout": 120.0}
-    winner, ready = await start(proxy.url(database_url), **options)
-    peer, peer_ready = await start(database_url, **options)
-    assert ready["ready"], ready
-    assert peer_ready["ready"], peer_ready
 
     async def silence() -> None:
         assert proxy.freeze(LOCK_APPLICATION_NAME.encode()) >= 1
@@ -199,11 +195,15 @@ async def test_a_partitioned_winner_loses_its_lock_within_the_idle_timeout(
     async def wake() -> None:
         proxy.thaw()
 
-    try:
-        measured = await silent_winner_is_replaced(winner, peer, database_url, silence, wake)
-    finally:
-        proxy.thaw()
-        await asyncio.gather(winner.stop(), peer.stop())
+    with Fleet(2, name="test-member") as fleet:
+        winner, ready = await start(fleet, 0, proxy.url(database_url), **options)
+        peer, peer_ready = await start(fleet, 1, database_url, **options)
+        assert ready["ready"], ready
+        assert peer_ready["ready"], peer_ready
+        try:
+            measured = await silent_winner_is_replaced(winner, peer, database_url, silence, wake)
+        finally:
+            proxy.thaw()
     print(f"\npartitioned winner replaced after {measured['replaced_after']:.2f} s (idle {IDLE} s)")
     assert measured["replaced_after"] < IDLE + 12
 
@@ -213,16 +213,14 @@ async def test_a_healthy_winner_keeps_its_lock_past_the_idle_timeout(database_ur
     """A winner that computes for several idle timeouts keeps its lock (its heartbeat
     keeps the lock session busy), so a waiting process does not compute the key too."""
     options = {"lock_idle_timeout": 1.0, "probe_interval": 0.2, "wait_timeout": 120.0}
-    winner, ready = await start(database_url, **options)
-    peer, peer_ready = await start(database_url, **options)
-    assert ready["ready"], ready
-    assert peer_ready["ready"], peer_ready
     name = f"healthy-{uuid.uuid4().hex[:8]}"
-    try:
-        await winner.send("get", ns=NS, name=name, compute_s=5, tag="winner")
+    with Fleet(2, name="test-member") as fleet:
+        winner, ready = await start(fleet, 0, database_url, **options)
+        peer, peer_ready = await start(fleet, 1, database_url, **options)
+        assert ready["ready"], ready
+        assert peer_ready["ready"], peer_ready
+        winner.send("get", ns=NS, name=name, compute_s=5, tag="winner")
         await lock_is_held(database_url, Key(NS, name).coalesce_key)
-        await peer.send("get", ns=NS, name=name, compute_s=0, tag="peer")
+        peer.send("get", ns=NS, name=name, compute_s=0, tag="peer")
         answers = [await winner.receive(60), await peer.receive(60)]
-    finally:
-        await asyncio.gather(winner.stop(), peer.stop())
     assert [a["value"]["tag"] for a in answers] == ["winner", "winner"], answers

@@ -16,12 +16,12 @@ from psycopg.conninfo import conninfo_to_dict
 
 import fleetcache
 from conn_worker import start
-from fleet import Worker
 from fleetcache import Key, Produced
 from fleetcache.embedded import PgBouncer, start_pgbouncer
 from fleetcache.errors import ConfigurationError
-from fleetcache.notifications import DEFAULT_APPLICATION_NAME
+from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME
 from fleetcache.stores.postgres import PostgresStore
+from fleetcache_cli.shared import Fleet, Member
 from waiting import eventually
 
 pytestmark = pytest.mark.postgres
@@ -217,13 +217,13 @@ async def test_a_fleet_through_the_pooler_computes_each_key_once_and_hears_its_n
         "wait_timeout": 60.0,
         "pool_size": 3,
     }
-    started = await asyncio.gather(*(start(pooled_url, **options) for _ in range(4)))
-    workers: list[Worker] = [worker for worker, _ in started]
-    try:
+    with Fleet(4, name="test-member") as fleet:
+        started = await asyncio.gather(*(start(fleet, i, pooled_url, **options) for i in range(4)))
+        workers = [worker for worker, _ in started]
         assert all(ready["ready"] for _, ready in started), started
         names = [f"fleet-{i}-{uuid.uuid4().hex[:6]}" for i in range(30)]
         for worker in workers:
-            await worker.send("gets", ns=NS, names=names, compute_s=0.3, tag="first")
+            worker.send("gets", ns=NS, names=names, compute_s=0.3, tag="first")
         holders: list[tuple[str, bool]] = []
         answers: list[dict[str, Any]] = []
         receiving = asyncio.gather(*(worker.receive(120) for worker in workers))
@@ -256,7 +256,7 @@ async def test_a_fleet_through_the_pooler_computes_each_key_once_and_hears_its_n
         assert sorted(invalidated["names"]) == sorted(stale)
         invalidated_at = invalidated["t_end"]
 
-        async def renewed(worker: Worker) -> bool:
+        async def renewed(worker: Member) -> bool:
             answer = await worker.call("gets", ns=NS, names=stale, compute_s=0.0, tag="after")
             assert answer["errors"] == [], answer["errors"]
             return all(value["began"] > invalidated_at for value in answer["values"])
@@ -265,8 +265,6 @@ async def test_a_fleet_through_the_pooler_computes_each_key_once_and_hears_its_n
             await eventually(lambda worker=worker: renewed(worker), timeout=20.0)
         stats = [await worker.call("stats") for worker in workers]
         assert all(s["stats"]["connections"]["session"]["gaps"] == 0 for s in stats)
-    finally:
-        await asyncio.gather(*(worker.stop() for worker in workers))
 
 
 async def test_a_pooled_store_through_the_pooler_leaves_no_session_state(

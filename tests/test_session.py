@@ -19,7 +19,8 @@ from fleetcache import Key, Produced
 from fleetcache.coordination.base import WakeReason, lock_id
 from fleetcache.coordination.postgres import advisory_lock_tag
 from fleetcache.errors import SessionLostError
-from fleetcache.notifications import DEFAULT_APPLICATION_NAME, NotificationHub
+from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME, NotificationHub
+from fleetcache_cli.shared import Fleet
 from tcp_proxy import FreezableProxy
 from waiting import eventually
 
@@ -110,9 +111,9 @@ async def test_a_lost_session_loses_its_locks_and_its_listens_at_once(
     fails); the session comes back as a new generation."""
     from conn_worker import start
 
-    peer, ready = await start(database_url, probe_interval=0.2, wait_timeout=60.0)
-    assert ready["ready"], ready
-    try:
+    with Fleet(1, name="test-member") as fleet:
+        peer, ready = await start(fleet, 0, database_url, probe_interval=0.2, wait_timeout=60.0)
+        assert ready["ready"], ready
         async with fleetcache.open(database_url, near=100, probe_interval=0.2) as cache:
             assert cache.hub is not None
             assert cache.coordinator is not None
@@ -162,8 +163,6 @@ async def test_a_lost_session_loses_its_locks_and_its_listens_at_once(
             await computing  # its write may be stored or not; its release must not fail
             assert cache.coordinator.stats()["notify_failures"] == 0
             assert await lock_holders(admin, key.coalesce_key) == []
-    finally:
-        await peer.stop()
 
 
 def _set() -> asyncio.Event:

@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 
-from fleet import Worker, fleet
+from fleet_worker import start
 from fleetcache.lookup.caching import CachingLookup
 from fleetcache.lookup.populate import Produced
 from fleetcache.stores.base import Key, Store
 from fleetcache.stores.postgres import PostgresStore
 from fleetcache.stores.sqlite import SqliteStore
+from fleetcache_cli.shared import Fleet
 
 pytestmark = pytest.mark.processes
 
@@ -57,9 +58,8 @@ async def test_slow_writer_is_refused_and_its_caller_gets_the_fresh_row(
     store, url = await open_store(kind, shared_database, tmp_path / "shared.db")
     lookup: CachingLookup[Any] = CachingLookup(store)  # no listener: only the store decides
     try:
-        async with fleet() as workers:
-            other = await Worker.start("--url", url)
-            workers.append(other)
+        with Fleet(1, name="test-member") as fleet:
+            other = await start(fleet, 0, "--url", url)
 
             async def stale(key: Key) -> Produced[Any]:
                 await asyncio.sleep(1.0)
@@ -92,9 +92,8 @@ async def test_two_hundred_random_races_leave_no_stale_row(
     stale_rows: list[str] = []
     began_before = 0
     try:
-        async with fleet() as workers:
-            other = await Worker.start("--url", url)
-            workers.append(other)
+        with Fleet(1, name="test-member") as fleet:
+            other = await start(fleet, 0, "--url", url)
             for i in range(RACES):
                 name = f"race-{i}"
                 compute = rng.uniform(0.001, 0.03)

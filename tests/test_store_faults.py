@@ -25,7 +25,7 @@ from fleetcache.errors import (
     InvalidInputError,
     StoreError,
 )
-from fleetcache.notifications import NotificationHub
+from fleetcache.notifications.hub import NotificationHub
 from fleetcache.stores.base import Entry, Key
 from fleetcache.stores.postgres import PostgresStore
 from fleetcache.stores.sqlite import SqliteStore

@@ -7,17 +7,17 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterable
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from fleet import Worker, fleet
+import lock_worker
 from fleetcache.errors import StoreError
 from fleetcache.stores import queries as q
 from fleetcache.stores.base import Entry, Key
 from fleetcache.stores.postgres import PostgresStore, namespace_lock
+from fleetcache_cli.shared import Fleet
 from test_store_closure import StoreThread
 
 pytestmark = pytest.mark.postgres
@@ -25,7 +25,6 @@ pytestmark = pytest.mark.postgres
 NS = "https://big.example/"
 OTHER = "https://other.example/"
 HUB = NS + "hub.gts"
-LOCK_WORKER = Path(__file__).with_name("lock_worker.py")
 WAIT = 20.0  # generous bound on any wait; never an assertion about speed
 
 
@@ -168,9 +167,9 @@ async def test_reads_of_another_namespace_are_answered_while_an_invalidation_hol
         invalidation = holder.run(holder.store.invalidate(NS, [HUB], expand=gate))
         try:
             assert await asyncio.to_thread(holding.wait, WAIT), "the gate never closed"
-            async with fleet() as workers:
-                b = await Worker.start(database_url, "2", script=LOCK_WORKER)
-                workers.append(b)
+            with Fleet(1, name="test-member") as fleet:
+                b = fleet.serve(0, lock_worker.serve, (database_url, 2))
+                assert (await b.receive())["ready"]
                 await b.call("load", write_ns=NS, writers=6, read_ns=OTHER, names=names, readers=2)
                 counts: dict[str, Any] = {}
                 async with asyncio.timeout(WAIT):

@@ -18,24 +18,25 @@ from pathlib import Path
 
 import pytest
 
-from fleet import Worker, fleet
+import store_race_worker
 from fleetcache.stores.base import Entry, Key, Store
 from fleetcache.stores.postgres import PostgresStore
 from fleetcache.stores.sqlite import SqliteStore
+from fleetcache_cli.shared import Fleet, Member
 
 pytestmark = pytest.mark.processes
 
-WORKER = Path(__file__).with_name("store_race_worker.py")
 NS = "https://race.example/"
 TRIALS = 200
 
 
 @asynccontextmanager
-async def workers(kind: str, target: str) -> AsyncIterator[tuple[Worker, Worker]]:
-    """P1 and P2 (``store_race_worker.py`` processes), stopped on exit."""
-    async with fleet() as started:
-        for _ in range(2):
-            started.append(await Worker.start(kind, target, script=WORKER))
+async def workers(kind: str, target: str) -> AsyncIterator[tuple[Member, Member]]:
+    """P1 and P2 (``store_race_worker`` on two worker processes), stopped on exit."""
+    with Fleet(2, name="test-member") as fleet:
+        started = [fleet.serve(i, store_race_worker.serve, (kind, target)) for i in range(2)]
+        for member in started:
+            assert (await member.receive())["ready"]
         yield started[0], started[1]
 
 
@@ -61,10 +62,8 @@ async def test_random_races_leave_no_dependent_computed_from_old_data(
             for trial in range(TRIALS):
                 x, d = f"x{trial}", f"d{trial}"
                 await store.write(Entry(Key(NS, x), {"v": "old"}, alias=f"{x}~"))
-                await p1.send("populate", x=x, d=d, delay=rng.uniform(0, 0.012))
-                await p2.send(
-                    "invalidate", x=x, delay=rng.uniform(0, 0.012), hold=rng.uniform(0, 0.004)
-                )
+                p1.send("populate", x=x, d=d, delay=rng.uniform(0, 0.012))
+                p2.send("invalidate", x=x, delay=rng.uniform(0, 0.012), hold=rng.uniform(0, 0.004))
                 pop, inv = await p1.receive(), await p2.receive()
                 row = await store.read(Key(NS, d))
                 if row is not None and row.value == {"from": "old"}:

@@ -46,6 +46,10 @@ CONNECT_TIMEOUT = 5
 #: How long (seconds) transient connection failures are retried before giving up.
 CONNECT_BUDGET = 10.0
 
+# Retry jitter has a generator of its own: the library never draws from (and so never
+# disturbs) the application's global random state, which it may have seeded.
+_JITTER = random.Random()
+
 _PERMANENT: frozenset[ConnectCause] = frozenset(
     {"authentication", "database-missing", "refused", "unresolvable"}
 )
@@ -178,8 +182,13 @@ async def connect(
             cause = connect_cause(exc)
             if is_permanent(cause) or time.monotonic() + delay > deadline:
                 raise connect_error(conninfo, exc, cause) from exc
-        await asyncio.sleep(random.uniform(delay / 2, delay))
+        await asyncio.sleep(jittered(delay))
         delay = min(delay * 2, 1.0)
+
+
+def jittered(delay: float) -> float:
+    """A random wait between half ``delay`` and ``delay``: retries of a fleet spread out."""
+    return _JITTER.uniform(delay / 2, delay)
 
 
 class ConnectFailures:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from pathlib import Path
@@ -35,13 +34,13 @@ from fleetcache.lookup.options import (
     LookupOptions,
 )
 from fleetcache.lookup.populate import Produce
-from fleetcache.notifications.broadcast import INVALIDATED_CHANNEL, PostgresInvalidationPublisher
 from fleetcache.notifications.hub import NotificationHub, SessionCheck
 from fleetcache.notifications.listener import InvalidationListener
 from fleetcache.stores.base import Entry, Expand, Key, Store
 from fleetcache.stores.bounds import Bounds
 from fleetcache.stores.codecs import JSON_VALUES, ValueCodec
 from fleetcache.stores.memory import MemoryStore
+from fleetcache.stores.payloads import INVALIDATED_CHANNEL
 from fleetcache.stores.postgres import POOL_MIN_SIZE, POOL_SIZE, PostgresStore
 from fleetcache.stores.sqlite import SqliteStore
 
@@ -106,7 +105,7 @@ class Fleetcache:
     """An open cache, made by :func:`open`: its verbs (``get``, ``get_value``, ``peek``,
     ``set``, ``delete``, ``invalidate``, ``clear_namespace``, ``clear_all``, ``cached``),
     ``stats()`` and ``close()``, and the parts ``open`` built (``store``, ``lookup``, and
-    on Postgres ``hub``, ``coordinator``, ``publisher``, ``listener``). Every verb is the
+    on Postgres ``hub``, ``coordinator``, ``listener``). Every verb is the
     :class:`~fleetcache.lookup.caching.CachingLookup`'s (``cache.lookup``), whose
     documentation has the details. Closed by ``close()`` or ``async with``."""
 
@@ -118,7 +117,6 @@ class Fleetcache:
         *,
         hub: NotificationHub | None = None,
         coordinator: PostgresCoordinator | FileLockCoordinator | None = None,
-        publisher: PostgresInvalidationPublisher | None = None,
         listener: InvalidationListener | None = None,
         closers: Sequence[tuple[str, Callable[[float], Awaitable[None]]]] = (),
     ) -> None:
@@ -127,7 +125,6 @@ class Fleetcache:
         self.lookup = lookup
         self.hub = hub
         self.coordinator = coordinator
-        self.publisher = publisher
         self.listener = listener
         # What close() runs, in order (the reverse of the start order).
         self._closers = list(closers)
@@ -494,8 +491,8 @@ def open(  # the front door, named as users expect (not in __all__, so * never s
                 if near is None
                 else NearCache(hub, max_entries=near, max_bytes=near_max_bytes, values=values)
             )
-            # No publisher: the store announces every invalidation in its own transaction
-            # (never lost after a commit), carrying its origin, so the listener skips our
+            # The store announces every invalidation in its own transaction (never lost
+            # after a commit), carrying its origin, so the listener skips our
             # echoes; every announcement heard also wakes writes waiting for its lock.
             lookup = CachingLookup(
                 store, options=options, coordinator=coordinator, codec=codec, near=near_tier
@@ -594,7 +591,7 @@ async def _all_or_nothing(
                 _pg.describe_target(url),
                 exc.cause,
             )
-        await asyncio.sleep(random.uniform(delay / 2, delay))
+        await asyncio.sleep(_pg.jittered(delay))
         delay = min(delay * 2, 1.0)
 
 

@@ -288,16 +288,16 @@ async def keep_reading(ctx: WorkerContext, job: Job) -> dict[str, Any]:
     when its listener applied the broadcast)."""
     cache, lookup, prerenderer, registry = await _open(job)
     heard: list[float] = []
-    hear = cache.lookup.names_invalidated
+    hear = cache.lookup.on_names_invalidated
 
     def heard_names(namespace: str, names: Sequence[str]) -> None:
         hear(namespace, names)  # evicts first: a read that begins after this sees it
         if job.leaf in names:
             heard.append(time.time())
 
-    # The listener calls the lookup's names_invalidated for every peer broadcast; this
+    # The listener calls the lookup's on_names_invalidated for every peer broadcast; this
     # wrapper (an instance attribute, so only this process's lookup) notes when.
-    cache.lookup.names_invalidated = heard_names  # type: ignore[method-assign]
+    cache.lookup.on_names_invalidated = heard_names  # type: ignore[method-assign]
     leaf_reads: list[tuple[float, list[int]]] = []
 
     async def read(url: str) -> None:

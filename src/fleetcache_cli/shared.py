@@ -18,9 +18,15 @@ If anything goes wrong (a job raises, a worker dies, a phase times out, the call
 cancelled) the parent kills every worker (terminate, then kill, then join) before it
 raises, so no process is ever left running. ``start()`` again gives a fresh fleet.
 
+Each worker can also *serve* on its own (the cross-process tests): :meth:`Fleet.serve`
+starts a job on one worker, with no release; the job reads commands with
+``await ctx.command()`` (None: the parent closes the fleet) and answers each with
+``ctx.answer(value)``; the parent talks to it through the returned :class:`Member`
+(``call``, or ``send`` then ``receive``) and can kill it alone, for real.
+
 Messages on each worker's pipe (parent to worker): ``("job", fn, arg)``, ``("go", t)``,
-``("exit",)``; (worker to parent): ``("ready",)``, ``("result", value)``,
-``("error", traceback_text)``.
+``("command", value)``, ``("exit",)``; (worker to parent): ``("ready",)``,
+``("answer", value)``, ``("result", value)``, ``("error", traceback_text)``.
 
 **The database.** :func:`command_database` yields the user's database, or a fresh embedded
 PostgreSQL that lives as long as the command (optionally with more connection slots, for
@@ -60,20 +66,26 @@ R = TypeVar("R")
 _POLL_INTERVAL = 0.005
 #: How long a worker may take to exit after ``("exit",)`` or SIGTERM before it is killed.
 _EXIT_GRACE = 5.0
+#: How long a serving job's wait for a command blocks its helper thread at a time.
+_COMMAND_POLL = 0.1
 
 
 class WorkerError(FleetcacheError):
-    """A worker process failed, died, or missed a deadline; every worker has been killed."""
+    """A worker process failed, died, or missed a deadline (in :meth:`Fleet.run`: every
+    worker has been killed)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WorkerContext:
-    """What a job knows about its place in the fleet, and its handle on the start line."""
+    """What a job knows about its place in the fleet, its handle on the start line, and
+    (for a serving job) its line to the parent."""
 
     index: int
     size: int
     _conn: Connection
     _ready_timeout: float
+    # Set by command() when the parent closes the fleet: the worker exits after the job.
+    _exiting: bool = False
 
     async def ready(self) -> float:
         """Tell the parent this worker is ready, wait for the common release time, sleep
@@ -91,6 +103,27 @@ class WorkerContext:
         release_at: float = message[1]
         await asyncio.sleep(max(0.0, release_at - time.time()))
         return release_at
+
+    async def command(self) -> Any:
+        """The next command the parent sent (:meth:`Member.send`), or None once the parent
+        closes the fleet (or is gone): a serving job then cleans up and returns."""
+        # poll() blocks, so it runs in a thread, briefly: the thread never outlives a job.
+        while not await asyncio.to_thread(self._conn.poll, _COMMAND_POLL):
+            pass
+        try:
+            message = self._conn.recv()
+        except (EOFError, OSError):
+            message = ("exit",)
+        if message[0] == "exit":
+            self._exiting = True
+            return None
+        if message[0] != "command":
+            raise WorkerError(f"worker {self.index} expected a command, got {message[0]!r}")
+        return message[1]
+
+    def answer(self, value: Any) -> None:
+        """Send one answer to the parent (:meth:`Member.receive`)."""
+        self._conn.send(("answer", value))
 
 
 JobFn = Callable[[WorkerContext, A], Coroutine[Any, Any, R]]
@@ -118,12 +151,80 @@ def _worker_main(conn: Connection, index: int, size: int, ready_timeout: float) 
             conn.send(("error", traceback.format_exc()))
         else:
             conn.send(("result", value))
+        if ctx._exiting:
+            return
 
 
 @dataclass(slots=True)
 class _Worker:
     process: BaseProcess
     conn: Connection
+
+
+class Member:
+    """One worker serving a job started by :meth:`Fleet.serve`: commands go to it, answers
+    come back in order. A command is a dict naming its operation: ``{"op": op, **fields}``."""
+
+    def __init__(self, index: int, worker: _Worker) -> None:
+        self.index = index
+        self._worker = worker
+
+    @property
+    def pid(self) -> int:
+        """The worker's process id."""
+        pid = self._worker.process.pid
+        assert pid is not None  # started
+        return pid
+
+    def send(self, op: str, **fields: Any) -> None:
+        """Send the command ``{"op": op, **fields}`` without waiting for its answer; raises
+        :class:`WorkerError` when the worker is gone."""
+        try:
+            self._worker.conn.send(("command", {"op": op, **fields}))
+        except OSError as exc:  # BrokenPipeError: the worker exited or was killed
+            raise WorkerError(
+                f"worker {self.index} (pid {self.pid}) exited with code "
+                f"{self._worker.process.exitcode} before {op!r} was sent"
+            ) from exc
+
+    async def receive(self, timeout: float = 60.0) -> Any:
+        """The next answer; raises :class:`WorkerError` when the job failed or ended, the
+        worker died, or nothing came within ``timeout`` seconds."""
+        worker = self._worker
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                message = worker.conn.recv() if worker.conn.poll() else None
+            except (EOFError, OSError) as exc:
+                raise WorkerError(
+                    f"worker {self.index} (pid {self.pid}) went away: {exc!r}"
+                ) from exc
+            if message is not None:
+                if message[0] == "answer":
+                    return message[1]
+                if message[0] == "error":
+                    raise WorkerError(f"worker {self.index} failed:\n{message[1]}")
+                raise WorkerError(f"worker {self.index} sent {message[0]!r}, not an answer")
+            if not worker.process.is_alive():
+                raise WorkerError(
+                    f"worker {self.index} (pid {self.pid}) exited with code "
+                    f"{worker.process.exitcode} before answering"
+                )
+            if time.monotonic() > deadline:
+                raise WorkerError(f"worker {self.index} (pid {self.pid}) silent for {timeout} s")
+            await asyncio.sleep(_POLL_INTERVAL)
+
+    async def call(self, op: str, *, timeout: float = 60.0, **fields: Any) -> Any:
+        """Send the command ``{"op": op, **fields}`` and return its answer."""
+        self.send(op, **fields)
+        return await self.receive(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the worker now (nothing runs in it after) and reap it."""
+        process = self._worker.process
+        if process.is_alive():
+            process.kill()
+        process.join(_EXIT_GRACE)
 
 
 class Fleet(Generic[A, R]):
@@ -172,6 +273,15 @@ class Fleet(Generic[A, R]):
         except BaseException:
             self.kill()
             raise
+
+    def serve(self, index: int, job: JobFn[A, Any], arg: A) -> Member:
+        """Start ``job(ctx, arg)`` on worker ``index`` alone, with no release: a job that
+        serves commands (``ctx.command()``, ``ctx.answer()``) until the fleet closes.
+        Starts the fleet if needed; returns the handle to talk to that worker."""
+        self.start()
+        worker = self._workers[index]
+        worker.conn.send(("job", job, arg))
+        return Member(index, worker)
 
     async def run(
         self,

@@ -6,12 +6,11 @@ is handed to the :class:`~fleetcache.lookup.populate.Populator`.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fleetcache.coordination.base import PopulateCoordinator
 from fleetcache.errors import CachedError, ConfigurationError, InvalidInputError, NotOpenError
@@ -41,7 +40,7 @@ from fleetcache.stores.validation import (
     validate_key,
 )
 
-__all__ = ["DEFAULT", "CachingLookup", "InvalidationPublisher", "Setting"]
+__all__ = ["DEFAULT", "CachingLookup", "Setting"]
 
 logger = get_logger("fleetcache.lookup")
 
@@ -52,23 +51,6 @@ PURGE_INTERVAL = 60.0
 #: How long (ms) past its stale window an entry is kept before it is purged: the fleet's
 #: clocks may disagree a little, and a purge must never beat a reader to a live entry.
 PURGE_MARGIN_MS = 60_000
-
-
-class InvalidationPublisher(Protocol):
-    """Tells the other processes of the fleet about an invalidation, after it committed:
-    for a store that does not announce its invalidations itself. (The Postgres store
-    announces each one inside its own transaction, so nothing can lose it once it commits;
-    ``fleetcache.open`` gives its lookup no publisher.) A publisher's call can still be
-    lost when its caller is cancelled between the commit and the call."""
-
-    async def names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
-        """Names (with their dependents) of ``namespace`` were invalidated."""
-
-    async def namespace_cleared(self, namespace: str) -> None:
-        """Every entry of ``namespace`` was deleted."""
-
-    async def all_cleared(self) -> None:
-        """Every entry was deleted."""
 
 
 def value_of(entry: Entry | None) -> Any:
@@ -86,10 +68,10 @@ class CachingLookup(Generic[V]):
 
     ``options`` is its policy (:class:`~fleetcache.lookup.options.LookupOptions`: default
     expiry, error TTL, the bounds on computing and waiting), checked when made.
-    ``coordinator`` turns on fleet-wide single flight; ``publisher`` broadcasts
-    invalidations to the fleet; ``codec`` turns values of type ``V`` into what the store
-    keeps (default: values are JSON); ``near`` serves hits from process memory (it must
-    hear the fleet's invalidations). ``clock`` returns seconds since the epoch (error
+    ``coordinator`` turns on fleet-wide single flight; ``codec`` turns values of type
+    ``V`` into what the store keeps (default: values are JSON); ``near`` serves hits from
+    process memory (it must hear the fleet's invalidations, through the ``on_*`` verbs
+    the invalidation listener calls). ``clock`` returns seconds since the epoch (error
     TTL, expiry, refresh backoff); ``rng`` draws the early-refresh coin (seed it in tests).
     Made by :func:`fleetcache.open` (``cache.lookup``).
     """
@@ -100,7 +82,6 @@ class CachingLookup(Generic[V]):
         *,
         options: LookupOptions | None = None,
         coordinator: PopulateCoordinator | None = None,
-        publisher: InvalidationPublisher | None = None,
         codec: Codec[V] | None = None,
         near: NearCache | None = None,
         clock: Callable[[], float] = time.time,
@@ -114,7 +95,6 @@ class CachingLookup(Generic[V]):
             )
         self.store = store
         self.options = options
-        self.publisher = publisher
         self.near = near
         self._codec = codec
         self._clock = clock
@@ -655,7 +635,7 @@ class CachingLookup(Generic[V]):
         returns, no entry computed from the old content of any of them exists or will be
         stored, in any process. The fleet hears of it through the store's announcement,
         sent in the invalidation's own transaction (delivered when it commits, so even a
-        caller cancelled right after the commit cannot lose it), or the publisher's.
+        caller cancelled right after the commit cannot lose it).
 
         If this raises or is cancelled, the invalidation may still have committed: this
         process then forgets the whole namespace (its computations to join, its near
@@ -685,9 +665,6 @@ class CachingLookup(Generic[V]):
         self._flights.forget(lambda k: k.namespace == namespace and k.name in invalidated)
         if self.near is not None:
             self.near.evict_names(namespace, closure)
-        if closure and self.publisher is not None:
-            # Shielded: a cancel arriving now leaves the announcement to finish.
-            await asyncio.shield(self.publisher.names_invalidated(namespace, closure))
         return closure
 
     async def clear_namespace(self, namespace: str, *, conn: Any = None) -> None:
@@ -706,8 +683,6 @@ class CachingLookup(Generic[V]):
             self._forget_here(namespace)
             raise
         self._forget_here(namespace)
-        if self.publisher is not None:
-            await asyncio.shield(self.publisher.namespace_cleared(namespace))
 
     async def clear_all(self) -> None:
         """Delete every entry; no computation under way stores anything. As with
@@ -717,8 +692,6 @@ class CachingLookup(Generic[V]):
             await self.store.clear_all()
         finally:
             self._forget_here(None)
-        if self.publisher is not None:
-            await asyncio.shield(self.publisher.all_cleared())
 
     async def _in_application_transaction(
         self,
@@ -761,25 +734,25 @@ class CachingLookup(Generic[V]):
 
     # ------------------------------------------------- invalidations from the fleet
 
-    def names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
+    def on_names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
         """Another process invalidated ``names`` (the listener's target): evict them here."""
         self._stats.remote_invalidations += 1
         if self.near is not None:
             self.near.evict_names(namespace, names)
 
-    def namespace_cleared(self, namespace: str) -> None:
+    def on_namespace_cleared(self, namespace: str) -> None:
         """Another process cleared ``namespace``."""
         self._stats.remote_invalidations += 1
         if self.near is not None:
             self.near.evict_namespace(namespace)
 
-    def all_cleared(self) -> None:
+    def on_all_cleared(self) -> None:
         """Another process cleared everything."""
         self._stats.remote_invalidations += 1
         if self.near is not None:
             self.near.clear()
 
-    def notifications_lost(self) -> None:
+    def on_notifications_lost(self) -> None:
         """Invalidation notices from other processes may have been missed."""
         self._stats.notification_gaps += 1
         if self.near is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from fleetcache.errors import (
     SessionLostError,
 )
 from fleetcache.logcontext import get_logger
+from fleetcache.stores.payloads import is_channel
 
 logger = get_logger("fleetcache.notifications")
 
@@ -53,8 +53,6 @@ _STOP_PATIENCE = 0.5
 
 #: Shown in ``pg_stat_activity`` unless the conninfo names an application already.
 DEFAULT_APPLICATION_NAME = "fleetcache-session"
-# Postgres identifiers (channel names) hold at most NAMEDATALEN - 1 bytes.
-_MAX_CHANNEL_BYTES = 63
 
 
 class _SilentConnectionError(Exception):
@@ -66,21 +64,13 @@ class _SilentConnectionError(Exception):
 
 
 def check_channel(channel: object) -> str:
-    """``channel`` if Postgres can LISTEN on it exactly as given; else ConfigurationError.
-
-    Postgres silently truncates a longer name in LISTEN while ``pg_notify`` refuses it, so
-    such a channel could never receive anything.
-    """
-    if isinstance(channel, str) and "\x00" not in channel:
-        try:
-            size = len(channel.encode())
-        except UnicodeEncodeError:  # a lone surrogate: no connection can send it
-            size = 0
-        if 1 <= size <= _MAX_CHANNEL_BYTES:
-            return channel
+    """``channel`` if Postgres can LISTEN on it exactly as given (:func:`is_channel`);
+    else ConfigurationError: a longer name, truncated by LISTEN and refused by
+    ``pg_notify``, could never receive anything."""
+    if is_channel(channel):
+        return channel
     raise ConfigurationError(
-        f"a channel must be a string of 1 to {_MAX_CHANNEL_BYTES} UTF-8 bytes without NUL, "
-        f"got {channel!r}"
+        f"a channel must be a string of 1 to 63 UTF-8 bytes without NUL, got {channel!r}"
     )
 
 
@@ -478,7 +468,7 @@ class NotificationHub(Service):
             # The exponent is capped so a long outage cannot overflow the float.
             cap = min(self._reconnect_max_delay, self._reconnect_min_delay * 2 ** min(attempt, 30))
             # Jitter spreads a fleet's reconnects after a server restart.
-            await asyncio.sleep(random.uniform(cap / 2, cap))
+            await asyncio.sleep(_pg.jittered(cap))
             attempt += 1
             try:
                 # One connection try per round (budget 0): this loop is the retry.

@@ -3,10 +3,10 @@
 Each payload on the invalidated channel becomes the same invalidation the publishing
 process made, so work in flight here that began before it is discarded instead of
 persisted, and near copies are dropped. A hub gap (the LISTEN connection dropped, so
-broadcasts may have been missed) becomes ``notifications_lost()``: the target must act
+broadcasts may have been missed) becomes ``on_notifications_lost()``: the target must act
 conservatively, since the other answer could let a stale copy live on.
 
-A process also hears its own broadcasts. Given its publisher's origin, the listener skips
+A process also hears its own broadcasts. Given its store's origin, the listener skips
 those echoes (the process already applied them; replaying them would drop in-flight work
 that began after the invalidation and so is fresh). The origin, not the payload, decides:
 a peer's payload identical to one of ours is still applied.
@@ -20,12 +20,9 @@ from typing import Protocol
 from fleetcache._lifecycle import Service
 from fleetcache.errors import ConfigurationError
 from fleetcache.logcontext import get_logger
-from fleetcache.notifications.broadcast import (
-    INVALIDATED_CHANNEL,
-    Invalidation,
-    parse_invalidation,
-)
+from fleetcache.notifications.broadcast import Invalidation, parse_invalidation
 from fleetcache.notifications.hub import NotificationHub
+from fleetcache.stores.payloads import INVALIDATED_CHANNEL
 
 logger = get_logger("fleetcache.notifications")
 
@@ -34,23 +31,23 @@ class InvalidationTarget(Protocol):
     """What invalidations are replayed on (the generic caching lookup provides it). The
     methods are synchronous and cheap: they run inside the hub's dispatch."""
 
-    def names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
+    def on_names_invalidated(self, namespace: str, names: Sequence[str]) -> None:
         """A peer invalidated ``names`` in ``namespace``."""
 
-    def namespace_cleared(self, namespace: str) -> None:
+    def on_namespace_cleared(self, namespace: str) -> None:
         """A peer invalidated the whole ``namespace``."""
 
-    def all_cleared(self) -> None:
+    def on_all_cleared(self) -> None:
         """A peer invalidated everything."""
 
-    def notifications_lost(self) -> None:
+    def on_notifications_lost(self) -> None:
         """Broadcasts may have been missed (the hub reconnected): act conservatively."""
 
 
 class InvalidationListener(Service):
     """Replays every broadcast on ``channel`` whose origin is not ``origin`` (this
-    process's store's, or publisher's) on ``target``, and hub gaps as
-    ``notifications_lost()``.
+    process's store's) on ``target``, and hub gaps as
+    ``on_notifications_lost()``.
 
     ``on_heard``, when given, is called with the namespace of every valid broadcast heard
     (None for a global one, and for a gap), this process's own included: the Postgres
@@ -139,18 +136,18 @@ class InvalidationListener(Service):
         self._heard(None)
         self._gaps += 1
         try:
-            self._target.notifications_lost()
+            self._target.on_notifications_lost()
         except Exception:
             self._failed += 1
             logger.exception("reporting lost notifications to %r failed", self._target)
 
 
 def _replay(invalidation: Invalidation, target: InvalidationTarget) -> None:
-    if invalidation.kind == "global":
-        target.all_cleared()
+    if invalidation.kind == "all":
+        target.on_all_cleared()
         return
     assert invalidation.namespace is not None  # the parser guarantees it
-    if invalidation.kind == "realm":
-        target.namespace_cleared(invalidation.namespace)
+    if invalidation.kind == "namespace":
+        target.on_namespace_cleared(invalidation.namespace)
     else:
-        target.names_invalidated(invalidation.namespace, invalidation.names)
+        target.on_names_invalidated(invalidation.namespace, invalidation.names)

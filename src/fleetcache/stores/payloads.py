@@ -12,6 +12,7 @@ import json
 import re
 import secrets
 from collections.abc import Sequence
+from typing import TypeGuard
 
 #: The generic core's invalidation channel.
 INVALIDATED_CHANNEL = "fleetcache_invalidated_v1"
@@ -64,24 +65,26 @@ def invalidation_payloads(
         {"k":"realm","r":<namespace>,"o":<origin>}                       a whole namespace
         {"k":"global","o":<origin>}                                      everything
 
-    ``namespace`` None: the global payload; ``names`` None: the realm payload; else module
-    payloads, names in order and each once, chunked so each payload is under ``budget``
-    UTF-8 bytes (origin included); no names, no payloads. Without ``origin`` there is no
-    ``o`` (an older peer's form).
+    (the kinds' words are the seed's wire format, spoken by its servers on its channel).
+    ``namespace`` None: the payload for everything; ``names`` None: the namespace's; else
+    names payloads, names in order and each once, chunked so each payload is under
+    ``budget`` UTF-8 bytes (origin included); no names, no payloads. Without ``origin``
+    there is no ``o`` (an older peer's form).
 
     It never under-reports and every payload can be sent: a name that cannot travel by
     name (empty, NUL, lone surrogate, or too big for a payload of its own) turns the whole
-    announcement into the realm payload, and a namespace that cannot, into the global one.
+    announcement into the namespace's payload, and a namespace that cannot, into the one
+    for everything.
     """
     tail = "}" if origin is None else ',"o":' + _dumps(origin) + "}"
     everything = ['{"k":"global"' + tail]
     if namespace is None or not is_sendable(namespace):
         return everything
-    realm = '{"k":"realm","r":' + _dumps(namespace) + tail
-    if _size(realm) >= budget:
+    whole_namespace = ['{"k":"realm","r":' + _dumps(namespace) + tail]
+    if _size(whole_namespace[0]) >= budget:
         return everything
     if names is None:
-        return [realm]
+        return whole_namespace
     # Built from pre-encoded pieces so sizes add up exactly.
     head = '{"k":"module","r":' + _dumps(namespace) + ',"m":['
     tail = "]" + tail
@@ -93,7 +96,7 @@ def invalidation_payloads(
         piece = _dumps(name)
         piece_size = _size(piece)
         if not is_sendable(name) or fixed + piece_size >= budget:
-            return [realm]
+            return whole_namespace
         if chunk and size + 1 + piece_size >= budget:  # 1: the comma before it
             payloads.append(head + ",".join(chunk) + tail)
             chunk, size = [], fixed
@@ -104,7 +107,7 @@ def invalidation_payloads(
     return payloads
 
 
-def is_channel(value: object) -> bool:
+def is_channel(value: object) -> TypeGuard[str]:
     """Whether Postgres can LISTEN and ``pg_notify`` on ``value`` exactly as given: 1 to
     63 UTF-8 bytes without NUL (a longer name is truncated by LISTEN, refused by NOTIFY)."""
     if not isinstance(value, str) or "\x00" in value or _UNSENDABLE.search(value):

@@ -326,7 +326,7 @@ class PostgresStore:
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:
-        """The connection pool (the coordinator and the publisher share it)."""
+        """The connection pool (the coordinator shares it)."""
         if self._pool is None or not self._opened:
             raise NotOpenError("PostgresStore is not open: call await store.open() first")
         return self._pool

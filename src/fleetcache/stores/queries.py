@@ -756,7 +756,7 @@ PG_CREATE_NAMESPACE_LOCK_FUNCTION = """
 #: The broadcast's payloads, byte for byte what ``invalidation_payloads`` in payloads.py
 #: builds (the test suite compares the two on the same inputs): ``to_json`` escapes a text
 #: as ``json.dumps(..., ensure_ascii=False)`` does, and sizes are UTF-8 bytes. A namespace
-#: NULL or empty: the global payload; names NULL: the realm payload.
+#: NULL or empty: the payload for everything; names NULL: the namespace's.
 PG_CREATE_PAYLOADS_FUNCTION = """
     CREATE OR REPLACE FUNCTION fleetcache_invalidation_payloads(
         p_namespace text, p_names text[], p_origin text DEFAULT NULL,
@@ -765,7 +765,7 @@ PG_CREATE_PAYLOADS_FUNCTION = """
     DECLARE
         v_tail text := CASE WHEN p_origin IS NULL THEN '}'
                             ELSE ',"o":' || to_json(p_origin)::text || '}' END;
-        v_realm text;
+        v_whole_namespace text;
         v_head text;
         v_fixed integer;
         v_size integer;
@@ -778,12 +778,12 @@ PG_CREATE_PAYLOADS_FUNCTION = """
         IF p_namespace IS NULL OR p_namespace = '' THEN
             RETURN ARRAY['{"k":"global"' || v_tail];
         END IF;
-        v_realm := '{"k":"realm","r":' || to_json(p_namespace)::text || v_tail;
-        IF octet_length(convert_to(v_realm, 'UTF8')) >= p_budget THEN
+        v_whole_namespace := '{"k":"realm","r":' || to_json(p_namespace)::text || v_tail;
+        IF octet_length(convert_to(v_whole_namespace, 'UTF8')) >= p_budget THEN
             RETURN ARRAY['{"k":"global"' || v_tail];
         END IF;
         IF p_names IS NULL THEN
-            RETURN ARRAY[v_realm];
+            RETURN ARRAY[v_whole_namespace];
         END IF;
         v_head := '{"k":"module","r":' || to_json(p_namespace)::text || ',"m":[';
         v_tail := ']' || v_tail;
@@ -792,12 +792,12 @@ PG_CREATE_PAYLOADS_FUNCTION = """
         v_size := v_fixed;
         FOREACH v_name IN ARRAY p_names LOOP
             IF v_name IS NULL OR v_name = '' THEN
-                RETURN ARRAY[v_realm];
+                RETURN ARRAY[v_whole_namespace];
             END IF;
             v_piece := to_json(v_name)::text;
             v_piece_size := octet_length(convert_to(v_piece, 'UTF8'));
             IF v_fixed + v_piece_size >= p_budget THEN
-                RETURN ARRAY[v_realm];
+                RETURN ARRAY[v_whole_namespace];
             END IF;
             IF cardinality(v_chunk) > 0 AND v_size + 1 + v_piece_size >= p_budget THEN
                 v_payloads := v_payloads || (v_head || array_to_string(v_chunk, ',') || v_tail);

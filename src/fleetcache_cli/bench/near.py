@@ -9,7 +9,7 @@ has version >= n.
 
 **Stale read**: a read that began after the n-th invalidation of its key returned (at the
 invalidator) *and* after this process had applied it (a peer: its listener's call of
-``names_invalidated``; the invalidator: its own ``invalidate`` returning, which evicts
+``on_names_invalidated``; the invalidator: its own ``invalidate`` returning, which evicts
 here first), yet returned a version < n. Each process checks that for its own reads as it
 goes (it knows how many invalidations of each key it has applied, so a read returning an
 older version is a candidate) and reports the candidates; the parent keeps those that
@@ -101,14 +101,14 @@ async def near_worker(ctx: WorkerContext, spec: NearSpec) -> dict[str, Any]:
                 applied_count[index[name]] += 1
                 applied.append((index[name], applied_count[index[name]], now))
 
-    hear = cache.lookup.names_invalidated
+    hear = cache.lookup.on_names_invalidated
 
     def heard(namespace: str, names: Sequence[str]) -> None:
         hear(namespace, names)  # evicts first; the time noted is after the eviction
         if namespace == spec.namespace:
             note_applied(names)
 
-    cache.lookup.names_invalidated = heard  # type: ignore[method-assign]
+    cache.lookup.on_names_invalidated = heard  # type: ignore[method-assign]
     if spec.invalidator:
         store = cache.lookup.store
         invalidate = store.invalidate

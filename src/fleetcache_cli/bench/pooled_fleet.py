@@ -33,7 +33,7 @@ from psycopg import sql
 import fleetcache
 from fleetcache.coordination.postgres import POPULATED_CHANNEL
 from fleetcache.errors import FleetcacheError
-from fleetcache.notifications import DEFAULT_APPLICATION_NAME
+from fleetcache.notifications.hub import DEFAULT_APPLICATION_NAME
 from fleetcache_cli.bench import minimal
 from fleetcache_cli.bench.config import BenchConfig
 from fleetcache_cli.bench.minimal import LISTEN_APPLICATION_NAME, MinimalCache
