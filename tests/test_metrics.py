@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,15 @@ class Live:
 
     connected = True
     gaps = 0
+
+
+def in_threads(target: Callable[[], None], count: int) -> None:
+    """Run ``target`` on ``count`` threads at once and wait for them all."""
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
 
 
 def samples(text: str) -> Samples:
@@ -485,11 +494,7 @@ def test_near_hits_served_on_sync_callers_threads_are_counted(database_url: str)
             for _ in range(50):
                 assert cache.get_value(key, lambda key: Produced({"v": 2})) == {"v": 1}
 
-        threads = [threading.Thread(target=read) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(20)
+        in_threads(read, 4)
         found = samples(generate_latest(registry).decode())
     near = value(found, "fleetcache_gets_total", cache="sync", outcome="near_hit")
     assert near - before == 200
@@ -518,11 +523,7 @@ def test_store_hits_read_on_sync_callers_threads_are_counted_with_the_read_pool(
             for _ in range(25):
                 assert cache.get_value(key, lambda key: Produced({"v": 2})) == {"v": 1}
 
-        threads = [threading.Thread(target=read) for _ in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(20)
+        in_threads(read, 4)
         found = samples(generate_latest(registry).decode())
         held = cache.stats()["connections"]["read_pool"]["size"]
     assert value(found, "fleetcache_gets_total", cache="sync", outcome="hit") - before == 100
