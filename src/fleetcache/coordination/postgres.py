@@ -219,8 +219,8 @@ class PostgresCoordinator(Service):
         """A copy of the counters: lock_won, lock_lost, woken_notify, woken_timeout,
         woken_probe, woken_gap, woken_close, notifies (NOTIFYs sent for keys, by a
         winner's write or its release: one per won lock, none for a winner that found the
-        key filled), notify_failures, and
-        computed_unlocked (keys won without the fleet's lock while the session was down)."""
+        key filled), notify_failures, and computed_unlocked (keys won without the fleet's
+        lock while the session was down)."""
         return {**self._registry.stats, "computed_unlocked": self._unlocked}
 
     # ------------------------------------------------------------------ winner
