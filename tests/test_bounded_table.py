@@ -16,6 +16,7 @@ import pytest
 from fleetcache.errors import ConfigurationError
 from fleetcache.stores import queries as q
 from fleetcache.stores.base import Entry, Key, Store
+from fleetcache.stores.bounds import Bounds
 from fleetcache.stores.memory import MemoryStore
 from fleetcache.stores.postgres import PostgresStore
 from fleetcache.stores.sqlite import SqliteStore
@@ -265,6 +266,20 @@ async def test_max_bytes_keeps_the_value_bytes_within_a_tenth_over(
         assert await store.table_size() == await real_size(store)
     finally:
         await store.close()
+
+
+def test_a_bound_on_bytes_is_looked_at_every_hundredth_of_it_in_mean_sized_entries() -> None:
+    """How many writes pass between two looks at the table's size: 1% of max_entries; for
+    max_bytes, as many entries of the mean size the last look found as make 1% of it (16
+    before anything is known); with both, the sooner."""
+    assert Bounds(max_entries=1_000).next_check(500, 10**9) == 10
+    assert Bounds(max_bytes=20_000).check_every == 16
+    assert Bounds(max_bytes=20_000).next_check(0, 0) == 16
+    assert Bounds(max_bytes=20_000).next_check(100, 10_000) == 2  # 100-byte entries
+    assert Bounds(max_bytes=10**9).next_check(1_000, 1_000_000) == 10_000  # 1 kB entries
+    assert Bounds(max_bytes=100).next_check(10, 10_000) == 1
+    assert Bounds(max_entries=1_000, max_bytes=20_000).next_check(100, 10_000) == 2
+    assert Bounds(max_entries=200, max_bytes=10**9).next_check(100, 10_000) == 2
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5, "10"])

@@ -46,6 +46,16 @@ class Bounds:
             return 16
         return max(1, self.max_entries // 100)
 
+    def next_check(self, entries: int, nbytes: int) -> int:
+        """:attr:`check_every` once a look found ``entries`` entries holding ``nbytes``
+        value bytes: for a bound on bytes, as many entries of their mean size as make 1% of
+        it (so there too a fleet of ten writing at once overshoots by a tenth at most)."""
+        every = self.check_every
+        if self.max_bytes is not None and entries > 0 and nbytes > 0:
+            by_bytes = max(1, self.max_bytes * entries // (100 * nbytes))
+            every = by_bytes if self.max_entries is None else min(every, by_bytes)
+        return every
+
     def over(self, entries: int, nbytes: int) -> bool:
         """Whether a table of ``entries`` entries and ``nbytes`` value bytes is over a bound."""
         return (self.max_entries is not None and entries > self.max_entries) or (

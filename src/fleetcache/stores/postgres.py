@@ -236,7 +236,8 @@ class PostgresStore:
 
     ``max_entries``/``max_bytes`` (value bytes as encoded) bound the table, fleet-wide.
     Its size is kept by triggers in ``fleetcache_counts`` (no count of the table); every
-    ``Bounds.check_every`` successful writes, this process looks at it, and if the table
+    ``check_every`` successful writes (``Bounds.next_check``: 1% of the bound, in entries
+    or in entries of the mean size), this process looks at it, and if the table
     is over a bound a background task evicts the least recently written entries (and
     their dependents) in batches until it is 5% under. The writer does not wait for it,
     unless it has written twice ``check_every`` more while the eviction was still running.
@@ -319,9 +320,11 @@ class PostgresStore:
         # The read pool of read_here(): opened by open_read_pool(), closed by close().
         self._here: ConnectionPool[Any] | None = None
         self._opened = False
-        # Written and read on the event loop by write() and close(): successful writes
-        # since the last look at the table's size, and the eviction running (if any).
+        # Written and read on the event loop by write(), evict() and close(): successful
+        # writes since the last look at the table's size, how many may pass between two
+        # looks (Bounds.next_check of the last one), and the eviction running (if any).
         self._since_check = 0
+        self._check_every = self.bounds.check_every
         self._evicting: asyncio.Task[None] | None = None
 
     @property
@@ -643,11 +646,12 @@ class PostgresStore:
         return written
 
     async def _after_write(self) -> None:
-        # Every check_every writes, an eviction in the background (it looks at the size
-        # first); the writer waits only if the one under way has let it write twice
-        # check_every more meanwhile (so one process cannot outrun eviction).
+        # Every check_every writes (Bounds.next_check of the last look), an eviction in the
+        # background (it looks at the size first); the writer waits only if the one under
+        # way has let it write twice check_every more meanwhile (so one process cannot
+        # outrun eviction).
         self._since_check += 1
-        every = self.bounds.check_every
+        every = self._check_every
         if self._since_check < every:
             return
         task = self._evicting
@@ -682,7 +686,9 @@ class PostgresStore:
         it (the next look tries again)."""
         evicted = 0
         while True:
-            want = self.bounds.excess(*await self.table_size())
+            entries, nbytes = await self.table_size()
+            self._check_every = self.bounds.next_check(entries, nbytes)
+            want = self.bounds.excess(entries, nbytes)
             if want == 0:
                 return evicted
 
