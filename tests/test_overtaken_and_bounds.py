@@ -6,7 +6,6 @@ never stored, and the error says what happened."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,7 +13,6 @@ from typing import Any, TypeVar
 import pytest
 
 import fleetcache
-from fleetcache.coordination.base import KeyLock, Reading
 from fleetcache.coordination.local import LocalCoordinator
 from fleetcache.errors import ComputationTimeoutError
 from fleetcache.lookup.caching import CachingLookup
@@ -23,6 +21,7 @@ from fleetcache.lookup.populate import Produced
 from fleetcache.stores.base import Entry, Key, Store
 from fleetcache.stores.memory import MemoryStore
 from fleetcache.stores.sqlite import SqliteStore
+from test_caching_lookup import ReleaseGatedCoordinator
 from waiting import eventually
 
 NS = "https://realm.example/"
@@ -245,31 +244,13 @@ async def test_with_a_coordinator_a_produce_ignoring_cancellation_is_bounded_by_
     assert entry.value == "fresh"  # the abandoned produce's late result went nowhere
 
 
-class HungReleaseCoordinator(LocalCoordinator):
-    """A LocalCoordinator whose winner hangs after its computation, before it releases (as a
-    lock statement to an unresponsive server would)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = asyncio.Event()
-
-    @contextlib.asynccontextmanager
-    async def lock(
-        self, coalesce_key: str, reading: Reading | None = None
-    ) -> AsyncIterator[KeyLock]:
-        async with super().lock(coalesce_key, reading) as lock:
-            yield lock
-            if lock.won:
-                await self.gate.wait()
-
-
 async def test_a_caller_whose_own_bound_runs_out_is_told_what_it_waited_for(
     store: Store,
 ) -> None:
     """When a caller's whole bound runs out first (here the lock's release hangs), its
     ComputationTimeoutError says it gave up after waiting, and what its bound is made of —
     it does not claim that compute_timeout was the bound."""
-    coordinator = HungReleaseCoordinator()
+    coordinator = ReleaseGatedCoordinator()  # its winner hangs before it releases
     await coordinator.start()
     lookup: CachingLookup[Any] = CachingLookup(
         store,

@@ -135,14 +135,7 @@ class Observer:
             self.latency[outcome].observe(elapsed)
             if self.namespaces is not None:
                 self._of_namespace(key.namespace)[outcome].observe(elapsed)
-        if self.trace_hits and self.tracer is not None:
-            now = time.time_ns()
-            span = self.tracer.start_span(
-                "fleetcache.get",
-                start_time=now - int(elapsed * 1e9),
-                attributes=_attributes(key, outcome),
-            )
-            span.end(end_time=now)
+        self._hit_span(key, outcome, elapsed)
 
     def hit_from_thread(self, key: Key, outcome: str, started: float) -> None:
         """A hit served on a sync caller's thread (``near_hit`` or ``stale`` from the near
@@ -151,6 +144,10 @@ class Observer:
         if self.histograms:
             with self._threads:
                 self.threaded[outcome].observe(elapsed)
+        self._hit_span(key, outcome, elapsed)
+
+    def _hit_span(self, key: Key, outcome: str, elapsed: float) -> None:
+        """A hit's span, ended now, when hits are traced."""
         if self.trace_hits and self.tracer is not None:
             now = time.time_ns()
             span = self.tracer.start_span(

@@ -745,16 +745,7 @@ class PostgresStore:
             try:
                 async with _pg.pipelined_transaction(conn):
                     await self._lock(conn, q.PG_LOCK_NAMESPACE, ns_params)
-                    closure = Closure(given, expand)
-                    found: set[bytes] = set()  # key hashes of every entry the rounds found
-                    frontier = list(closure.names)
-                    while frontier:
-                        cursor = await conn.execute(
-                            q.PG_CLOSURE_ROUND, {"ns": namespace, "names": frontier}
-                        )
-                        rows = await cursor.fetchall()
-                        found.update(row[0] for row in rows)
-                        frontier = closure.add(field for row in rows for field in row[1:])
+                    closure, found = await _closure(conn, namespace, given, expand)
                     await self._prune(conn, len(closure.names))
                     await conn.execute(
                         q.PG_MARK_AND_DELETE_NAMES,
@@ -868,16 +859,7 @@ class PostgresStore:
                 return []
             if not given:
                 return []
-            closure = Closure(given, expand)
-            found: set[bytes] = set()
-            frontier = list(closure.names)
-            while frontier:
-                cursor = await conn.execute(
-                    q.PG_CLOSURE_ROUND, {"ns": namespace, "names": frontier}
-                )
-                rows = await cursor.fetchall()
-                found.update(row[0] for row in rows)
-                frontier = closure.add(field for row in rows for field in row[1:])
+            closure, found = await _closure(conn, namespace, given, expand)
             # No pruning here: it would hold the old marks' row locks until the
             # application commits; the fleet's pooled invalidations prune.
             await conn.execute(
@@ -1074,6 +1056,26 @@ def _check_stamp(stamp: GenerationStamp, key: Key) -> PostgresPoint:
             f"the stamp for {key.coalesce_key} was not made by a Postgres store"
         )
     return stamp.point
+
+
+async def _closure(
+    conn: psycopg.AsyncConnection[Any],
+    namespace: str,
+    given: Sequence[str],
+    expand: Expand | None,
+) -> tuple[Closure, set[bytes]]:
+    """The names ``given`` invalidate in ``namespace`` (with ``expand``, round after round
+    until nothing new depends on them) and the key hashes of every entry the rounds found,
+    read on ``conn`` under the namespace's lock."""
+    closure = Closure(given, expand)
+    found: set[bytes] = set()
+    frontier = list(closure.names)
+    while frontier:
+        cursor = await conn.execute(q.PG_CLOSURE_ROUND, {"ns": namespace, "names": frontier})
+        rows = await cursor.fetchall()
+        found.update(row[0] for row in rows)
+        frontier = closure.add(field for row in rows for field in row[1:])
+    return closure, found
 
 
 @dataclass(frozen=True, slots=True)
