@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,34 +56,26 @@ async def _pg_upgrade_2_to_3(conn: psycopg.AsyncConnection[Any], where: str) -> 
     logger.info("%s: fleetcache schema upgraded to version 3: values kept verbatim", where)
 
 
-async def _pg_upgrade_3_to_4(conn: psycopg.AsyncConnection[Any], where: str) -> None:
-    for statement in q.PG_UPGRADE_3_TO_4:
-        await conn.execute(statement)
+def _pg_statements(
+    statements: list[str],
+) -> Callable[[psycopg.AsyncConnection[Any], str], Awaitable[None]]:
+    """An upgrade that runs ``statements`` in order, and nothing else."""
 
+    async def upgrade(conn: psycopg.AsyncConnection[Any], where: str) -> None:
+        for statement in statements:
+            await conn.execute(statement)
 
-async def _pg_upgrade_4_to_5(conn: psycopg.AsyncConnection[Any], where: str) -> None:
-    for statement in q.PG_UPGRADE_4_TO_5:
-        await conn.execute(statement)
-
-
-async def _pg_upgrade_5_to_6(conn: psycopg.AsyncConnection[Any], where: str) -> None:
-    for statement in q.PG_UPGRADE_5_TO_6:
-        await conn.execute(statement)
-
-
-async def _pg_upgrade_6_to_7(conn: psycopg.AsyncConnection[Any], where: str) -> None:
-    for statement in q.PG_UPGRADE_6_TO_7:
-        await conn.execute(statement)
+    return upgrade
 
 
 #: Postgres upgrades: ``PG_MIGRATIONS[n]`` takes a database from version n-1 to n.
 PG_MIGRATIONS: dict[int, Callable[[psycopg.AsyncConnection[Any], str], Any]] = {
     2: _pg_upgrade_1_to_2,
     3: _pg_upgrade_2_to_3,
-    4: _pg_upgrade_3_to_4,
-    5: _pg_upgrade_4_to_5,
-    6: _pg_upgrade_5_to_6,
-    7: _pg_upgrade_6_to_7,
+    4: _pg_statements(q.PG_UPGRADE_3_TO_4),
+    5: _pg_statements(q.PG_UPGRADE_4_TO_5),
+    6: _pg_statements(q.PG_UPGRADE_5_TO_6),
+    7: _pg_statements(q.PG_UPGRADE_6_TO_7),
 }
 
 
