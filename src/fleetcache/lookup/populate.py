@@ -443,8 +443,10 @@ class Populator(Generic[V]):
         self._producing.add(task)
         task.add_done_callback(self._producing.discard)
         try:
-            # shield: our cancellation must not wait for produce to acknowledge its own.
-            return await asyncio.shield(task)
+            # asyncio.wait, not await: our cancellation must not wait for produce to
+            # acknowledge its own (one waiter future, a turn of the loop cheaper than shield).
+            await asyncio.wait((task,))
+            return task.result()
         except asyncio.CancelledError:
             task.cancel()
             raise

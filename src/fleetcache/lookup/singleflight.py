@@ -75,12 +75,13 @@ class SingleFlight(Generic[K, V]):
     async def wait(self, task: asyncio.Task[V], timeout: float | None = None) -> V:
         """Join a flight (see :meth:`running`); as :meth:`do`, without starting one."""
         try:
-            # shield: this caller's cancellation must not cancel what the others share.
-            return await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError:
-            if task.done():
-                raise  # the flight's own TimeoutError
-            raise WaitTimeout from None
+            # asyncio.wait, not wait_for: neither this caller's cancellation nor its timeout
+            # cancels what the others share (one waiter, where wait_for(shield()) stacks
+            # three layers of futures, each a turn of the loop once the flight ends).
+            await asyncio.wait((task,), timeout=timeout)
+            if not task.done():
+                raise WaitTimeout
+            return task.result()
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if task.cancelled() and current is not None and not current.cancelling():

@@ -6,10 +6,11 @@ The arguments for the closure and for pruning marks are in ``docs/design.md``.""
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from fleetcache._json import compact
 
 if TYPE_CHECKING:
     from fleetcache.stores.codecs import ValueCodec
@@ -58,9 +59,7 @@ class Key:
 
 
 def _coalesce_key(key: Key) -> str:
-    return json.dumps(
-        [key.namespace, key.name, key.scope, key.user], ensure_ascii=False, separators=(",", ":")
-    )
+    return compact([key.namespace, key.name, key.scope, key.user])
 
 
 # A miss names its key in its lock, its log context and its messages, and a key's hash costs

@@ -13,6 +13,7 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from fleetcache._json import compact
 from fleetcache.errors import ConfigurationError, SerializationError, StoreError
 from fleetcache.stores.validation import encode_json
 
@@ -77,9 +78,7 @@ class ValueCodec:
         """``value`` serialized, unchecked and never compressed (the near tier's copy of
         what a store already accepted); raises what json or pickle raise."""
         if self.serializer == JSON_CODEC:
-            return json.dumps(
-                value, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-            ).encode()
+            return compact(value).encode()
         return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
 
     def encode(self, what: str, value: Any) -> tuple[bytes, str]:

@@ -8,11 +8,12 @@ One function builds every payload: :func:`invalidation_payloads`.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 from collections.abc import Sequence
 from typing import TypeGuard
+
+from fleetcache._json import compact
 
 #: The generic core's invalidation channel.
 INVALIDATED_CHANNEL = "fleetcache_invalidated_v1"
@@ -41,10 +42,6 @@ def is_sendable(value: object) -> bool:
 def is_origin(value: object) -> bool:
     """Whether ``value`` is a usable origin: sendable and at most :data:`MAX_ORIGIN_CHARS`."""
     return is_sendable(value) and len(str(value)) <= MAX_ORIGIN_CHARS
-
-
-def _dumps(obj: object) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
 def _size(text: str) -> int:
@@ -76,24 +73,24 @@ def invalidation_payloads(
     announcement into the namespace's payload, and a namespace that cannot, into the one
     for everything.
     """
-    tail = "}" if origin is None else ',"o":' + _dumps(origin) + "}"
+    tail = "}" if origin is None else ',"o":' + compact(origin) + "}"
     everything = ['{"k":"global"' + tail]
     if namespace is None or not is_sendable(namespace):
         return everything
-    whole_namespace = ['{"k":"realm","r":' + _dumps(namespace) + tail]
+    whole_namespace = ['{"k":"realm","r":' + compact(namespace) + tail]
     if _size(whole_namespace[0]) >= budget:
         return everything
     if names is None:
         return whole_namespace
     # Built from pre-encoded pieces so sizes add up exactly.
-    head = '{"k":"module","r":' + _dumps(namespace) + ',"m":['
+    head = '{"k":"module","r":' + compact(namespace) + ',"m":['
     tail = "]" + tail
     fixed = _size(head) + _size(tail)
     payloads: list[str] = []
     chunk: list[str] = []
     size = fixed
     for name in names:
-        piece = _dumps(name)
+        piece = compact(name)
         piece_size = _size(piece)
         if not is_sendable(name) or fixed + piece_size >= budget:
             return whole_namespace

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fleetcache._json import compact
 from fleetcache.errors import (
     ConfigurationError,
     InvalidInputError,
@@ -391,7 +392,7 @@ class SqliteStore:
         key = entry.key
         params = _key_params(key)
         params.update(encoded.columns())
-        params["deps"] = json.dumps(encoded.deps, ensure_ascii=False)
+        params["deps"] = compact(encoded.deps)
         query = q.SQLITE_WRITE
         taken_at = 0.0
         if stamp is not None:
@@ -399,7 +400,7 @@ class SqliteStore:
             query = q.SQLITE_GUARDED_WRITE
             taken_at = point.taken_at
             params.update(
-                names=json.dumps(guarded_names(entry, stamp), ensure_ascii=False),
+                names=compact(guarded_names(entry, stamp)),
                 point=point.seq,
             )
 
@@ -487,10 +488,10 @@ class SqliteStore:
             while frontier:
                 rows = conn.execute(
                     q.SQLITE_CLOSURE_ROUND,
-                    {"ns": namespace, "names": json.dumps(frontier, ensure_ascii=False)},
+                    {"ns": namespace, "names": compact(frontier)},
                 ).fetchall()
                 frontier = closure.add(field for row in rows for field in row)
-            all_names = json.dumps(closure.names, ensure_ascii=False)
+            all_names = compact(closure.names)
             params = {"ns": namespace, "names": all_names}
             for statement in q.SQLITE_DELETE_NAMES:
                 conn.execute(statement, params)

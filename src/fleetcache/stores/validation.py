@@ -6,13 +6,13 @@ for values, the path of the offending part."""
 
 from __future__ import annotations
 
-import json
 import math
 import reprlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fleetcache._json import compact
 from fleetcache.errors import InvalidInputError, SerializationError
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ def encode_json(what: str, value: Any) -> str:
     """``value`` as compact JSON text, after checking it is storable JSON."""
     check_json(what, value)
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return compact(value)
     except ValueError as exc:  # an int past a limit this process set lower than ours
         raise SerializationError(f"{what} cannot be written as JSON: {exc}") from None
 
