@@ -18,6 +18,7 @@ import pytest
 
 import fleetcache
 from fleetcache.errors import SchemaVersionError
+from fleetcache.stores import queries as q
 from fleetcache.stores.base import Entry, GenerationStamp, Key
 from fleetcache.stores.migrations import LATEST, migrate, migrate_postgres
 from fleetcache.stores.postgres import PostgresPoint, PostgresStore, key_hash
@@ -545,3 +546,53 @@ async def test_postgres_v6_database_gets_the_try_and_read_function(database_url:
             "SELECT count(*) FROM pg_proc WHERE proname = 'fleetcache_try_lock_and_read_v1'"
         )
         assert await found.fetchone() == (1,)
+
+
+async def test_postgres_v7_database_counts_writes_with_row_triggers(database_url: str) -> None:
+    """Version 8 counts inserts and updates with row triggers: a version 7 database (its
+    statement triggers put back) upgrades in place with its counts kept, and from then on
+    new rows, resized values, same-sized overwrites and deletes keep the counts equal to
+    the rows."""
+    await migrate(database_url)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id, value,"
+            " codec, deps) VALUES ('\\x01', 'v7', 'before', 'public', '', 'abc', 'json', '{}')"
+        )
+        for statement in [
+            "DROP TRIGGER fleetcache_count_insert ON fleetcache_entries",
+            "DROP TRIGGER fleetcache_count_update ON fleetcache_entries",
+            "DROP FUNCTION fleetcache_count_row_v1",
+            *q._PG_COUNT_STATEMENT_TRIGGERS,
+            "UPDATE fleetcache_schema SET version = 7",
+        ]:
+            await conn.execute(statement)
+    assert await migrate(database_url) == (7, LATEST)
+    store = PostgresStore(database_url, max_size=2)
+    await store.open()
+    try:
+        assert await store.table_size() == (1, 3)  # counted by the statement trigger
+        key = Key("v7", "k")
+        assert await store.write(Entry(key, "x" * 10))
+        assert await store.write(Entry(key, "y" * 10))  # same size: no trigger call
+        assert await store.write(Entry(key, "z" * 30))
+        assert await store.write(Entry(Key("v7", "k2"), [1, 2]))
+        await store.invalidate("v7", ["k2"])
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            rows = await conn.execute(
+                "SELECT count(*), sum(octet_length(value)) FROM fleetcache_entries"
+            )
+            assert await rows.fetchone() == (2, 3 + 32)
+            triggers = await conn.execute(
+                "SELECT tgname, (tgtype & 1) = 1 FROM pg_trigger"
+                " WHERE tgrelid = 'fleetcache_entries'::regclass AND NOT tgisinternal"
+                " ORDER BY tgname"
+            )
+            assert await triggers.fetchall() == [
+                ("fleetcache_count_delete", False),
+                ("fleetcache_count_insert", True),
+                ("fleetcache_count_update", True),
+            ]
+        assert await store.table_size() == (2, 3 + 32)
+    finally:
+        await store.close()

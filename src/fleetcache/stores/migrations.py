@@ -76,6 +76,7 @@ PG_MIGRATIONS: dict[int, Callable[[psycopg.AsyncConnection[Any], str], Any]] = {
     5: _pg_statements(q.PG_UPGRADE_4_TO_5),
     6: _pg_statements(q.PG_UPGRADE_5_TO_6),
     7: _pg_statements(q.PG_UPGRADE_6_TO_7),
+    8: _pg_statements(q.PG_UPGRADE_7_TO_8),
 }
 
 
@@ -153,6 +154,10 @@ def _sqlite_upgrade_6_to_7(conn: sqlite3.Connection, where: str) -> None:
     """Nothing: version 7 added only a Postgres function."""
 
 
+def _sqlite_upgrade_7_to_8(conn: sqlite3.Connection, where: str) -> None:
+    """Nothing: version 8 changed only Postgres triggers."""
+
+
 #: sqlite upgrades: ``SQLITE_MIGRATIONS[n]`` takes a file from version n-1 to n.
 SQLITE_MIGRATIONS: dict[int, Callable[[sqlite3.Connection, str], None]] = {
     2: _sqlite_upgrade_1_to_2,
@@ -161,6 +166,7 @@ SQLITE_MIGRATIONS: dict[int, Callable[[sqlite3.Connection, str], None]] = {
     5: _sqlite_upgrade_4_to_5,
     6: _sqlite_upgrade_5_to_6,
     7: _sqlite_upgrade_6_to_7,
+    8: _sqlite_upgrade_7_to_8,
 }
 
 

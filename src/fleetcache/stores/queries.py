@@ -54,7 +54,7 @@ from __future__ import annotations
 from fleetcache.stores.validation import MAX_NAME_BYTES
 
 #: The schema version this release creates and understands.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # Advisory-lock classes (the two-int form, a key space apart from the coordinator's
 # one-bigint locks): schema changes, the global lock, a namespace's lock (second int: a
@@ -261,6 +261,9 @@ PG_CREATE_WRITE_FUNCTION = f"""
 #: The size is the sum over the rows (a row alone may go negative).
 PG_COUNT_SHARDS = 16
 
+# Version 6's counts: the table, its statement-level trigger function (which still counts
+# deletes: one update however many rows an invalidation deletes), the delete trigger and the
+# eviction index; and (until version 8) the insert and update triggers.
 _PG_CREATE_COUNTS = [
     """
     CREATE TABLE fleetcache_counts (
@@ -313,16 +316,6 @@ _PG_CREATE_COUNTS = [
     $fleetcache$
     """,
     """
-    CREATE TRIGGER fleetcache_count_insert AFTER INSERT ON fleetcache_entries
-    REFERENCING NEW TABLE AS fleetcache_new
-    FOR EACH STATEMENT EXECUTE FUNCTION fleetcache_count_v1()
-    """,
-    """
-    CREATE TRIGGER fleetcache_count_update AFTER UPDATE ON fleetcache_entries
-    REFERENCING OLD TABLE AS fleetcache_old NEW TABLE AS fleetcache_new
-    FOR EACH STATEMENT EXECUTE FUNCTION fleetcache_count_v1()
-    """,
-    """
     CREATE TRIGGER fleetcache_count_delete AFTER DELETE ON fleetcache_entries
     REFERENCING OLD TABLE AS fleetcache_old
     FOR EACH STATEMENT EXECUTE FUNCTION fleetcache_count_v1()
@@ -333,18 +326,86 @@ _PG_CREATE_COUNTS = [
         ON fleetcache_entries (created_at ASC NULLS FIRST)
     """,
 ]
+# Version 6's insert and update triggers (replaced by row triggers in version 8).
+_PG_COUNT_STATEMENT_TRIGGERS = [
+    """
+    CREATE TRIGGER fleetcache_count_insert AFTER INSERT ON fleetcache_entries
+    REFERENCING NEW TABLE AS fleetcache_new
+    FOR EACH STATEMENT EXECUTE FUNCTION fleetcache_count_v1()
+    """,
+    """
+    CREATE TRIGGER fleetcache_count_update AFTER UPDATE ON fleetcache_entries
+    REFERENCING OLD TABLE AS fleetcache_old NEW TABLE AS fleetcache_new
+    FOR EACH STATEMENT EXECUTE FUNCTION fleetcache_count_v1()
+    """,
+]
 
 #: Version 5 -> 6: the counts (starting from one count of the table, under the upgrade's
 #: lock: writers of the old release would not be counted, which is why every process
 #: must run this release before a bound is relied on) and the ``created_at`` index.
 PG_UPGRADE_5_TO_6 = [
     *_PG_CREATE_COUNTS,
+    *_PG_COUNT_STATEMENT_TRIGGERS,
     """
     UPDATE fleetcache_counts
     SET entries = (SELECT count(*) FROM fleetcache_entries),
         bytes = (SELECT coalesce(sum(octet_length(value)), 0) FROM fleetcache_entries)
     WHERE shard = 0
     """,
+]
+
+# Inserts and updates are counted by row triggers (version 8): a write is one row, and a
+# statement-level trigger costs it two calls (INSERT ... ON CONFLICT fires the INSERT and
+# the UPDATE statement triggers both), each reading its transition tables: about 45 us of
+# server CPU per write against about 10 here (docs/design.md, "Schema versions"). An
+# update keeping the value's size calls nothing (the WHEN clause).
+_PG_COUNT_ROW_FUNCTION = f"""
+    CREATE OR REPLACE FUNCTION fleetcache_count_row_v1() RETURNS trigger
+    LANGUAGE plpgsql AS $fleetcache$
+    DECLARE
+        d_entries bigint := 0;
+        d_bytes bigint;
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            d_entries := 1;
+            d_bytes := octet_length(NEW.value);
+        ELSE
+            d_bytes := octet_length(NEW.value) - octet_length(OLD.value);
+        END IF;
+        UPDATE fleetcache_counts
+        SET entries = entries + d_entries, bytes = bytes + d_bytes
+        WHERE shard = pg_backend_pid() % {PG_COUNT_SHARDS};
+        IF NOT FOUND THEN
+            -- An UNLOGGED table after a crash (see fleetcache_count_v1).
+            INSERT INTO fleetcache_counts (shard, entries, bytes)
+            VALUES (pg_backend_pid() % {PG_COUNT_SHARDS}, d_entries, d_bytes)
+            ON CONFLICT (shard) DO UPDATE
+            SET entries = fleetcache_counts.entries + EXCLUDED.entries,
+                bytes = fleetcache_counts.bytes + EXCLUDED.bytes;
+        END IF;
+        RETURN NULL;
+    END
+    $fleetcache$
+"""
+_PG_COUNT_ROW_TRIGGERS = [
+    _PG_COUNT_ROW_FUNCTION,
+    """
+    CREATE TRIGGER fleetcache_count_insert AFTER INSERT ON fleetcache_entries
+    FOR EACH ROW EXECUTE FUNCTION fleetcache_count_row_v1()
+    """,
+    """
+    CREATE TRIGGER fleetcache_count_update AFTER UPDATE OF value ON fleetcache_entries
+    FOR EACH ROW WHEN (octet_length(OLD.value) <> octet_length(NEW.value))
+    EXECUTE FUNCTION fleetcache_count_row_v1()
+    """,
+]
+
+#: Version 7 -> 8: inserts and updates counted by row triggers (see above), in place of
+#: version 6's statement triggers; the counts themselves are unchanged.
+PG_UPGRADE_7_TO_8 = [
+    "DROP TRIGGER fleetcache_count_insert ON fleetcache_entries",
+    "DROP TRIGGER fleetcache_count_update ON fleetcache_entries",
+    *_PG_COUNT_ROW_TRIGGERS,
 ]
 
 #: Whether the entries table is UNLOGGED.
@@ -423,6 +484,7 @@ PG_CREATE_LATEST = [
     *_PG_MARKS_INDEXES,
     PG_CREATE_WRITE_FUNCTION,
     *_PG_CREATE_COUNTS,
+    *_PG_COUNT_ROW_TRIGGERS,
 ]
 
 
