@@ -1,9 +1,16 @@
 """One fleet scenario run: the worker job (either design) and the run's metrics.
 
-Every worker opens its design's cache, warms its pool, waits for the common release, then
+Every worker opens its design's cache, warms it up, waits for the common release, then
 runs C tasks that each request every one of the K keys once, in a seeded random order. A
 miss computes for D ms (``asyncio.sleep``). Both designs get the same processes, keys,
 orders and timing; only the cache differs.
+
+The warm-up measures a fleet in its steady state, not its first second: each pooled
+connection is made and used, then the C tasks request :data:`WARM_KEYS` keys of the run's
+``:warm`` namespace twice (shared by the workers, so some wait for others), so that every
+server connection has run the design's statements before the release. What a server
+connection does once (catalog caches, PL/pgSQL compilation, prepared statements) is then
+outside the measured window, for both designs alike; nothing of the warm-up is recorded.
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ from fleetcache_cli.bench.probes import (
     Wait,
 )
 from fleetcache_cli.shared import WorkerContext, percentile
+
+#: Keys each worker's tasks request (twice) in the warm-up, before the release.
+WARM_KEYS = 8
+#: How long a warm-up computation takes (ms).
+WARM_COMPUTE_MS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +81,12 @@ async def fleet_worker(ctx: WorkerContext, spec: WorkerSpec) -> dict[str, Any]:
     commits: list[tuple[int, float]] = []
     counter = StatementCounter(labels=False)
     counter.install()
+    warm_namespace = f"{spec.namespace}:warm"
+    warm_names = [f"warm-{i}" for i in range(WARM_KEYS)]
+
+    async def warm_compute(name: str) -> dict[str, Any]:
+        await asyncio.sleep(WARM_COMPUTE_MS / 1000)
+        return {"key": name, "worker": ctx.index}
 
     async def compute(name: str) -> dict[str, Any]:
         started = time.time()
@@ -87,9 +105,6 @@ async def fleet_worker(ctx: WorkerContext, spec: WorkerSpec) -> dict[str, Any]:
         recorder = RecordingCoordinator(
             cache.lookup.coordinator, {k.coalesce_key: i for i, k in enumerate(keys)}, ledger
         )
-        # The bench watches the miss path from inside: its populator takes locks through
-        # the recorder.
-        cache.lookup._populator.coordinator = recorder
 
         async def produce(key: fleetcache.Key) -> fleetcache.Produced[Any]:
             return fleetcache.Produced(await compute(key.name))
@@ -98,21 +113,29 @@ async def fleet_worker(ctx: WorkerContext, spec: WorkerSpec) -> dict[str, Any]:
             entry = await cache.get(keys[i], produce)
             return None if entry is None else entry.value
 
+        async def produce_warm(key: fleetcache.Key) -> fleetcache.Produced[Any]:
+            return fleetcache.Produced(await warm_compute(key.name))
+
+        async def warm_get(name: str) -> Any:
+            return await cache.get_value(fleetcache.Key(warm_namespace, name), produce_warm)
+
         async def close() -> None:
             await cache.close()
 
     else:
         ledger_box: list[ConnectionLedger] = []
 
+        def on_commit(key: tuple[str, str]) -> None:
+            if key[0] == spec.namespace:  # not the warm-up's
+                commits.append((index[key[1]], time.time()))
+
         def on_wait(key: tuple[str, str], started: float, ended: float, reason: str) -> None:
-            held = ledger_box[0].held_by(asyncio.current_task())
-            waits.append((index[key[1]], started, ended, reason, held))
+            if key[0] == spec.namespace:
+                held = ledger_box[0].held_by(asyncio.current_task())
+                waits.append((index[key[1]], started, ended, reason, held))
 
         minimal = MinimalCache(
-            spec.url,
-            pool_size=spec.pool_size,
-            on_commit=lambda key: commits.append((index[key[1]], time.time())),
-            on_wait=on_wait,
+            spec.url, pool_size=spec.pool_size, on_commit=on_commit, on_wait=on_wait
         )
         await minimal.open()
         pool = minimal.pool
@@ -123,6 +146,12 @@ async def fleet_worker(ctx: WorkerContext, spec: WorkerSpec) -> dict[str, Any]:
 
         async def get(i: int) -> Any:
             return await minimal.get((spec.namespace, names[i]), produce_minimal)
+
+        async def produce_minimal_warm(key: tuple[str, str]) -> Any:
+            return await warm_compute(key[1])
+
+        async def warm_get(name: str) -> Any:
+            return await minimal.get((warm_namespace, name), produce_minimal_warm)
 
         close = minimal.close
     records: list[tuple[int, float, float, bool]] = []
@@ -143,8 +172,21 @@ async def fleet_worker(ctx: WorkerContext, spec: WorkerSpec) -> dict[str, Any]:
                 errors.append(f"{names[i]}: {type(exc).__name__}: {exc}")
             records.append((i, started, time.time(), ok))
 
+    async def warm_up(task: int) -> None:
+        order = warm_names * 2
+        random.Random(f"{spec.seed}:warm:{task}").shuffle(order)
+        for name in order:
+            await warm_get(name)
+
+    locks_before: dict[str, int] = {}
     try:
         await _warm_pool(pool, min(spec.pool_size, spec.tasks + 1))
+        await asyncio.gather(*(warm_up(t) for t in range(spec.tasks)))
+        if spec.design == "fleetcache":
+            # From now on the bench watches the miss path from inside: the populator takes
+            # locks through the recorder.
+            locks_before = recorder.stats()
+            cache.lookup._populator.coordinator = recorder
         release_at = await ctx.ready()
         cpu = time.process_time()
         counter.enabled = True
@@ -159,7 +201,8 @@ async def fleet_worker(ctx: WorkerContext, spec: WorkerSpec) -> dict[str, Any]:
     if spec.design == "fleetcache":
         waits, commits = recorder.waits, recorder.commits
         locks = recorder.stats()
-        fills, notifies = locks["lock_won"], locks["notifies"]
+        fills = locks["lock_won"] - locks_before.get("lock_won", 0)
+        notifies = locks["notifies"] - locks_before.get("notifies", 0)
     return {
         "worker": ctx.index,
         "pid": os.getpid(),

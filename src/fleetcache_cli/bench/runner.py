@@ -271,6 +271,7 @@ class Bench:
             return {"error": str(exc)}
         finally:
             await self._delete(namespace, design)
+            await self._delete(f"{namespace}:warm", design)
         run = analyse_run(results, keys=scenario.keys, machine=machine)
         if run["failed_requests"]:
             self.failures.append(f"{label}: {run['failed_requests']} request(s) failed")
