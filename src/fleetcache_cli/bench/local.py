@@ -338,6 +338,13 @@ def local_targets(local: dict[str, Any]) -> list[tuple[str, str, float | None, f
             MISS_RATIO,
             "x",
         ),
+        (
+            "local: sync miss / diskcache",
+            "p50 of an open_sync miss (instant compute + store) / memoize_stampede miss",
+            ratio("sync_miss_ms_p50", "diskcache_miss_ms_p50"),
+            MISS_RATIO,
+            "x",
+        ),
     ]
 
 
