@@ -24,7 +24,6 @@ from psycopg.conninfo import conninfo_to_dict
 from fleetcache_cli import main
 from fleetcache_cli.bench.config import add_arguments, resolve_config
 from fleetcache_cli.bench.fleet_run import WorkerSpec, fleet_worker
-from fleetcache_cli.bench.local import local_targets
 from fleetcache_cli.bench.minimal import CREATE_TABLE, MinimalCache
 from fleetcache_cli.bench.pooled_fleet import run_fleet, task_keys
 from fleetcache_cli.bench.probes import MachineCpu
@@ -165,26 +164,6 @@ def test_smallest_bench_reports_every_metric_and_both_designs_are_correct(
             " (SELECT count(*) FROM bench_minimal_entries WHERE namespace LIKE 'bench:%')"
         ).fetchone()
     assert left == (0, 0)
-
-
-def test_the_local_targets_judge_the_sync_and_the_async_miss() -> None:
-    """Issue 23's miss target is judged on both paths: an async and an open_sync miss,
-    each against diskcache's miss."""
-    one = {
-        "diskcache_hit_ms_p50": 0.02, "diskcache_miss_ms_p50": 0.1,
-        "sync_hit_ms_p50": 0.02, "async_hit_ms_p50": 0.03,
-        "sync_miss_ms_p50": 0.5, "async_miss_ms_p50": 0.15,
-    }  # fmt: skip
-    local = {
-        "params": {"keys": 20},
-        "fleetcache": {"computations": 20},
-        "takeover": {"kill_to_compute_ms": 3.0},
-        "one_process": one,
-    }
-    values = {name: (value, limit) for name, _, value, limit, _ in local_targets(local)}
-    assert values["local: miss / diskcache"] == (1.5, 2.0)
-    assert values["local: sync miss / diskcache"] == (5.0, 2.0)
-    assert values["local: computations - K"] == (0, 0)
 
 
 def test_quick_bench_runs_as_a_command(database_url: str, tmp_path: Path) -> None:

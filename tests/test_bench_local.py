@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fleetcache_cli import main
+from fleetcache_cli.bench.local import local_targets
 
 pytestmark = pytest.mark.processes
 
@@ -35,5 +36,26 @@ def test_the_local_scenario_reports_each_cold_key_computed_once_and_a_takeover(
     assert local["takeover"]["waiter_exit"] == 0
     assert local["takeover"]["kill_to_compute_ms"] > 0
     names = {t["name"] for t in report["targets"] if t["name"].startswith("local:")}
-    assert len(names) == 5
+    assert len(names) == 6
+    assert {"local: miss / diskcache", "local: sync miss / diskcache"} <= names
     assert all(t["value"] is not None for t in report["targets"] if t["name"].startswith("local:"))
+
+
+def test_the_local_targets_judge_the_sync_and_the_async_miss() -> None:
+    """Issue 23's miss target is judged on both paths: an async and an open_sync miss,
+    each against diskcache's miss."""
+    one = {
+        "diskcache_hit_ms_p50": 0.02, "diskcache_miss_ms_p50": 0.1,
+        "sync_hit_ms_p50": 0.02, "async_hit_ms_p50": 0.03,
+        "sync_miss_ms_p50": 0.5, "async_miss_ms_p50": 0.15,
+    }  # fmt: skip
+    local = {
+        "params": {"keys": 20},
+        "fleetcache": {"computations": 20},
+        "takeover": {"kill_to_compute_ms": 3.0},
+        "one_process": one,
+    }
+    values = {name: (value, limit) for name, _, value, limit, _ in local_targets(local)}
+    assert values["local: miss / diskcache"] == (1.5, 2.0)
+    assert values["local: sync miss / diskcache"] == (5.0, 2.0)
+    assert values["local: computations - K"] == (0, 0)

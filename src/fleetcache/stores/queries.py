@@ -261,6 +261,22 @@ PG_CREATE_WRITE_FUNCTION = f"""
 #: The size is the sum over the rows (a row alone may go negative).
 PG_COUNT_SHARDS = 16
 
+# Adds d_entries and d_bytes to this backend's counter row (PL/pgSQL, in both count
+# functions). An UNLOGGED table after a crash has lost the counts with the entries: the
+# row comes back at its first use.
+_PG_ADD_TO_COUNTS = f"""
+    UPDATE fleetcache_counts
+    SET entries = entries + d_entries, bytes = bytes + d_bytes
+    WHERE shard = pg_backend_pid() % {PG_COUNT_SHARDS};
+    IF NOT FOUND THEN
+        INSERT INTO fleetcache_counts (shard, entries, bytes)
+        VALUES (pg_backend_pid() % {PG_COUNT_SHARDS}, d_entries, d_bytes)
+        ON CONFLICT (shard) DO UPDATE
+        SET entries = fleetcache_counts.entries + EXCLUDED.entries,
+            bytes = fleetcache_counts.bytes + EXCLUDED.bytes;
+    END IF;
+"""
+
 # Version 6's counts: the table, its statement-level trigger function (which still counts
 # deletes: one update however many rows an invalidation deletes), the delete trigger and the
 # eviction index; and (until version 8) the insert and update triggers.
@@ -298,18 +314,7 @@ _PG_CREATE_COUNTS = [
             d_bytes := d_bytes - old_bytes;
         END IF;
         IF d_entries <> 0 OR d_bytes <> 0 THEN
-            UPDATE fleetcache_counts
-            SET entries = entries + d_entries, bytes = bytes + d_bytes
-            WHERE shard = pg_backend_pid() % {PG_COUNT_SHARDS};
-            IF NOT FOUND THEN
-                -- An UNLOGGED table after a crash: the counts were emptied with the
-                -- entries; the row comes back at its first use.
-                INSERT INTO fleetcache_counts (shard, entries, bytes)
-                VALUES (pg_backend_pid() % {PG_COUNT_SHARDS}, d_entries, d_bytes)
-                ON CONFLICT (shard) DO UPDATE
-                SET entries = fleetcache_counts.entries + EXCLUDED.entries,
-                    bytes = fleetcache_counts.bytes + EXCLUDED.bytes;
-            END IF;
+            {_PG_ADD_TO_COUNTS}
         END IF;
         RETURN NULL;
     END
@@ -372,17 +377,7 @@ _PG_COUNT_ROW_FUNCTION = f"""
         ELSE
             d_bytes := octet_length(NEW.value) - octet_length(OLD.value);
         END IF;
-        UPDATE fleetcache_counts
-        SET entries = entries + d_entries, bytes = bytes + d_bytes
-        WHERE shard = pg_backend_pid() % {PG_COUNT_SHARDS};
-        IF NOT FOUND THEN
-            -- An UNLOGGED table after a crash (see fleetcache_count_v1).
-            INSERT INTO fleetcache_counts (shard, entries, bytes)
-            VALUES (pg_backend_pid() % {PG_COUNT_SHARDS}, d_entries, d_bytes)
-            ON CONFLICT (shard) DO UPDATE
-            SET entries = fleetcache_counts.entries + EXCLUDED.entries,
-                bytes = fleetcache_counts.bytes + EXCLUDED.bytes;
-        END IF;
+        {_PG_ADD_TO_COUNTS}
         RETURN NULL;
     END
     $fleetcache$
