@@ -361,8 +361,8 @@ PG_UPGRADE_5_TO_6 = [
 
 # Inserts and updates are counted by row triggers (version 8): a write is one row, and a
 # statement-level trigger costs it two calls (INSERT ... ON CONFLICT fires the INSERT and
-# the UPDATE statement triggers both), each reading its transition tables: about 45 us of
-# server CPU per write against about 10 here (docs/design.md, "Schema versions"). An
+# the UPDATE statement triggers both), each reading its transition tables: 46-58 us of
+# server CPU per write against 11 here (docs/design.md, "Schema versions"). An
 # update keeping the value's size calls nothing (the WHEN clause).
 _PG_COUNT_ROW_FUNCTION = f"""
     CREATE OR REPLACE FUNCTION fleetcache_count_row_v1() RETURNS trigger
