@@ -374,27 +374,23 @@ async def _one_run(
             for worker in range(config.fleet_processes)
         ]
 
-    timeout = config.run_timeout * 3
-    try:
-        async with _Watch(direct_url, CHANNELS[design]) as cold_watch:
-            cold = await fleet.run(
+    async def phase(name: str) -> tuple[list[dict[str, Any]], _Watch]:
+        async with _Watch(direct_url, CHANNELS[design]) as watch:
+            results = await fleet.run(
                 fleet_phase_worker,
-                specs("cold"),
+                specs(name),
                 ready_timeout=300,
-                run_timeout=timeout,
+                run_timeout=config.run_timeout * 3,
                 release_delay=1.0,
             )
             # NOTIFYs of the last fills are delivered as they commit, before the workers
             # answer: nothing more is owed; a moment for the listener to read them.
             await asyncio.sleep(0.2)
-        async with _Watch(direct_url, CHANNELS[design]) as warm_watch:
-            warm = await fleet.run(
-                fleet_phase_worker,
-                specs("warm"),
-                ready_timeout=300,
-                run_timeout=timeout,
-                release_delay=1.0,
-            )
+        return results, watch
+
+    try:
+        cold, cold_watch = await phase("cold")
+        warm, warm_watch = await phase("warm")
     finally:
         async with await psycopg.AsyncConnection.connect(direct_url, autocommit=True) as conn:
             await conn.execute(_DELETE[design], {"ns": namespace})
