@@ -596,3 +596,53 @@ async def test_postgres_v7_database_counts_writes_with_row_triggers(database_url
         assert await store.table_size() == (2, 3 + 32)
     finally:
         await store.close()
+
+
+async def test_postgres_v8_database_counts_on_rows_writers_do_not_share(
+    database_url: str,
+) -> None:
+    """Version 9 spreads the counts over 1,024 rows: two backends whose pids are equal
+    modulo 16 (so version 8 gave them one counter row) write at once without the second
+    waiting for the first one's commit, and the counts still equal the rows."""
+    await migrate(database_url)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        for function in (q._PG_COUNT_FUNCTION, q._PG_COUNT_ROW_FUNCTION):
+            # Version 8's: pid % 16.
+            await conn.execute(function.replace(f"% {q.PG_COUNT_SHARDS}", "% 16"))
+        await conn.execute("UPDATE fleetcache_schema SET version = 8")
+    assert await migrate(database_url) == (8, LATEST)
+
+    # Two backends that shared a counter row in version 8, and do not now.
+    conns: list[psycopg.AsyncConnection[Any]] = []
+    seen: dict[int, psycopg.AsyncConnection[Any]] = {}
+    pair: tuple[psycopg.AsyncConnection[Any], psycopg.AsyncConnection[Any]] | None = None
+    try:
+        while pair is None:
+            assert len(conns) < 60, "no two backends with pids equal modulo 16 only"
+            conn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+            conns.append(conn)
+            pid = conn.info.backend_pid
+            other = seen.get(pid % 16)
+            if other is not None and other.info.backend_pid % 1024 != pid % 1024:
+                pair = (other, conn)
+            seen.setdefault(pid % 16, conn)
+        first, second = pair
+        insert = (
+            "INSERT INTO fleetcache_entries (key_hash, namespace, name, scope, user_id, value,"
+            " codec, deps) VALUES (%s, 'v8', %s, 'public', '', 'abcd', 'json', '{}')"
+        )
+        async with first.transaction():
+            await first.execute(insert, (b"\x01", "first"))  # holds its counter row
+            await second.execute("SET lock_timeout = '2s'")
+            started = time.monotonic()
+            await second.execute(insert, (b"\x02", "second"))  # would wait, then fail
+            assert time.monotonic() - started < 1.5
+        store = PostgresStore(database_url, max_size=1)
+        await store.open()
+        try:
+            assert await store.table_size() == (2, 8)
+        finally:
+            await store.close()
+    finally:
+        for conn in conns:
+            await conn.close()

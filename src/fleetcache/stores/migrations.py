@@ -77,6 +77,7 @@ PG_MIGRATIONS: dict[int, Callable[[psycopg.AsyncConnection[Any], str], Any]] = {
     6: _pg_statements(q.PG_UPGRADE_5_TO_6),
     7: _pg_statements(q.PG_UPGRADE_6_TO_7),
     8: _pg_statements(q.PG_UPGRADE_7_TO_8),
+    9: _pg_statements(q.PG_UPGRADE_8_TO_9),
 }
 
 
@@ -158,6 +159,10 @@ def _sqlite_upgrade_7_to_8(conn: sqlite3.Connection, where: str) -> None:
     """Nothing: version 8 changed only Postgres triggers."""
 
 
+def _sqlite_upgrade_8_to_9(conn: sqlite3.Connection, where: str) -> None:
+    """Nothing: version 9 changed only the Postgres count functions."""
+
+
 #: sqlite upgrades: ``SQLITE_MIGRATIONS[n]`` takes a file from version n-1 to n.
 SQLITE_MIGRATIONS: dict[int, Callable[[sqlite3.Connection, str], None]] = {
     2: _sqlite_upgrade_1_to_2,
@@ -167,6 +172,7 @@ SQLITE_MIGRATIONS: dict[int, Callable[[sqlite3.Connection, str], None]] = {
     6: _sqlite_upgrade_5_to_6,
     7: _sqlite_upgrade_6_to_7,
     8: _sqlite_upgrade_7_to_8,
+    9: _sqlite_upgrade_8_to_9,
 }
 
 
