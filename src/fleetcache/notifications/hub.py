@@ -176,11 +176,12 @@ class NotificationHub(Service):
         # - _turn: who uses the connection now: one statement of execute(), the runner's
         #   probe, or the runner reading what came while nothing ran. Held across awaits;
         #   FIFO.
-        # - _readable, _waiting_on: the runner's wait for the socket to be readable
-        #   (completed by the reader callback, or by _wake_runner) and the connection it
-        #   watches; set and cleared by the runner. _watched: the socket our reader is
-        #   registered on, or None; changed by _watch()/_unwatch() only (a statement
-        #   unwatches while psycopg waits on the socket itself, and watches again after).
+        # - _readable, _waiting_on: the runner's wait for the socket to be readable (True,
+        #   set by the reader callback or by _wake_runner; False: its deadline came) and
+        #   the connection it watches; set and cleared by the runner. _watched: the
+        #   socket our reader is registered on, or None; changed by _watch()/_unwatch()
+        #   only (a statement unwatches while psycopg waits on the socket itself, and
+        #   watches again after).
         # - _heard, _sent: when the connection last delivered anything, and when a
         #   statement last went out (time.monotonic()); written by the runner and by
         #   execute(), read by the runner to decide when to probe.
@@ -196,7 +197,7 @@ class NotificationHub(Service):
         self._gaps = 0
         self._reconnects = 0
         self._turn = asyncio.Lock()
-        self._readable: asyncio.Future[None] | None = None
+        self._readable: asyncio.Future[bool] | None = None
         self._waiting_on: _Conn | None = None
         self._watched: int | None = None
         self._heard = self._sent = 0.0
@@ -512,12 +513,17 @@ class NotificationHub(Service):
         self._waiting_on = conn
         if not self._turn.locked():
             self._watch()  # else the statement watches when it is done
+        # The deadline settles the same future (False) that the reader settles (True), and
+        # the runner awaits it directly: a notification wakes the runner in one turn of the
+        # loop (asyncio.wait would take two: its own callback, then the runner).
+        deadline = loop.call_later(max(0.0, due - time.monotonic()), _settle, readable, False)
         try:
-            await asyncio.wait({readable}, timeout=max(0.0, due - time.monotonic()))
+            came = await readable
         finally:
+            deadline.cancel()
             self._readable = self._waiting_on = None
             self._unwatch()
-        if not readable.done():
+        if not came:
             return
         if self._turn.locked():  # a statement runs: wait for it, but not past due
             try:
@@ -560,8 +566,8 @@ class NotificationHub(Service):
     def _wake_runner(self) -> None:
         """End the runner's wait now (it reads, then looks at its deadlines again)."""
         readable = self._readable
-        if readable is not None and not readable.done():
-            readable.set_result(None)
+        if readable is not None:
+            _settle(readable, True)
 
     def _on_notify(self, notify: psycopg.Notify) -> None:
         """psycopg's notify handler: a notification read during a statement."""
@@ -696,6 +702,12 @@ class NotificationHub(Service):
                 callback()
             except Exception:
                 logger.exception("gap handler %r failed", callback)
+
+
+def _settle(future: asyncio.Future[bool], value: bool) -> None:
+    """Give ``future`` its result unless it has one (or was cancelled) already."""
+    if not future.done():
+        future.set_result(value)
 
 
 def _milliseconds(seconds: float) -> str:
