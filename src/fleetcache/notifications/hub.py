@@ -644,7 +644,12 @@ class NotificationHub(Service):
         """Run ``query`` on ``conn`` (the caller holds the turn)."""
         try:
             cursor = await conn.execute(query, params, binary=binary)
-            return await cursor.fetchone() if cursor.description is not None else None
+            # Whether it returned rows, from the result's status: cursor.description would
+            # build a Column object per field (14 for a try-and-read) just to say so.
+            result = cursor.pgresult
+            if result is None or result.status != pq.ExecStatus.TUPLES_OK:
+                return None
+            return await cursor.fetchone()
         except UnicodeDecodeError as exc:
             # A notification the client cannot decode came with the answer: psycopg gave
             # up reading it half way, so the connection's state is unknown.
