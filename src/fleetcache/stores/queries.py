@@ -265,8 +265,8 @@ PG_CREATE_WRITE_FUNCTION = f"""
 #: first use. A writer holds its row until it commits, the commit's WAL flush included,
 #: so two backends sharing a row take turns: with 16 rows (versions 6 to 8) and 32
 #: backends writing (8 processes x 4 pooled connections, the bench's ``fast`` scenario),
-#: the counter update took 1.57 ms on average, against 0.04 ms with 1,024 rows (version
-#: 9), where backends share a row only if their pids are 1,024 apart.
+#: the counter update took 1.57 ms on average, against 0.03-0.04 ms with 1,024 rows
+#: (version 9), where backends share a row only if their pids differ by a multiple of 1,024.
 PG_COUNT_SHARDS = 1024
 
 # Adds d_entries and d_bytes to this backend's counter row (PL/pgSQL, in both count
