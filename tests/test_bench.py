@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from fleetcache_cli.bench.config import add_arguments, resolve_config
 from fleetcache_cli.bench.fleet_run import WorkerSpec, fleet_worker
 from fleetcache_cli.bench.minimal import CREATE_TABLE, MinimalCache
 from fleetcache_cli.bench.pooled_fleet import run_fleet, task_keys
-from fleetcache_cli.bench.probes import MachineCpu
+from fleetcache_cli.bench.probes import MachineCpu, backend_cpu, backend_cpu_between
 from fleetcache_cli.bench.targets import evaluate_targets
 from fleetcache_cli.shared import Fleet, WorkerError, percentile
 
@@ -42,6 +43,8 @@ DESIGN_METRICS = {
     "wall_ms",
     "cpu_per_request_ms",
     "machine_cpu_ms",
+    "server_cpu_ms",
+    "server_direct_cpu_ms",
     "hit_ms_p50",
     "wake_ms_p50",
     "wake_ms_p99",
@@ -121,9 +124,13 @@ def test_smallest_bench_reports_every_metric_and_both_designs_are_correct(
     assert report["notes"]["statements"]
     assert set(report["scenarios"]) == set(SCENARIOS)
     assert report["scenarios"]["p16"]["params"]["processes"] == 4
+    local_server = _server_is_local(database_url)
     for scenario in report["scenarios"].values():
         for design in ("minimal", "fleetcache"):
             assert scenario[design].keys() >= DESIGN_METRICS
+            if local_server:  # the embedded server's backends are read on this machine
+                server = scenario[design]["server_cpu_ms"]
+                assert server > scenario[design]["server_direct_cpu_ms"] > 0
     _assert_correct(report)
 
     micro = report["micro"]
@@ -336,6 +343,35 @@ def test_machine_cpu_counts_at_least_the_cpu_this_process_spent() -> None:
     assert busy is not None
     assert busy >= spent * 0.9  # the counters tick in 10 ms: a tick or two either way
     assert machine.busy_between(start - 3600, end) is None
+
+
+def _server_is_local(database_url: str) -> bool:
+    with psycopg.connect(database_url) as conn:
+        return backend_cpu([conn.info.backend_pid]) is not None
+
+
+def test_backend_cpu_reads_what_a_backend_spends_and_only_postgres_processes(
+    database_url: str,
+) -> None:
+    """``backend_cpu`` reads a local server process's CPU, which grows as it works; a pid
+    that is not a postgres process (this one) is left out, and ``backend_cpu_between``
+    counts a backend missing before in full and gives None without a reading."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        pid = conn.info.backend_pid
+        before = backend_cpu([pid])
+        if before is None:
+            pytest.skip("the test database's server runs on another machine")
+        for _ in range(300):
+            conn.execute("SELECT count(*) FROM generate_series(1, 1000)")
+        after = backend_cpu([pid, os.getpid()])
+    assert after is not None
+    assert set(after) == {pid}  # this process is not a backend
+    spent = backend_cpu_between(before, after)
+    assert spent is not None
+    assert spent > 0.001
+    assert backend_cpu_between({}, after) == after[pid]  # made since: counted in full
+    assert backend_cpu_between(None, after) is None
+    assert backend_cpu([os.getpid()]) is None
 
 
 def test_the_sync_scenario_judges_the_sync_and_django_targets(

@@ -38,6 +38,8 @@ from fleetcache_cli.bench.probes import (
     RecordingCoordinator,
     StatementCounter,
     Wait,
+    backend_cpu,
+    backend_cpu_between,
 )
 from fleetcache_cli.shared import WorkerContext, percentile
 
@@ -131,6 +133,9 @@ async def fleet_worker(ctx: WorkerContext, spec: WorkerSpec) -> dict[str, Any]:
         async def close() -> None:
             await cache.close()
 
+        def direct_pid() -> int | None:
+            return None if cache.hub is None else cache.hub.backend_pid
+
     else:
         ledger_box: list[ConnectionLedger] = []
 
@@ -148,7 +153,8 @@ async def fleet_worker(ctx: WorkerContext, spec: WorkerSpec) -> dict[str, Any]:
         )
         await minimal.open()
         pool = minimal.pool
-        ledger_box.append(ConnectionLedger(pool))
+        ledger = ConnectionLedger(pool)
+        ledger_box.append(ledger)
 
         async def produce_minimal(key: tuple[str, str]) -> Any:
             return await compute(key[1])
@@ -163,6 +169,10 @@ async def fleet_worker(ctx: WorkerContext, spec: WorkerSpec) -> dict[str, Any]:
             return await minimal.get((warm_namespace, name), produce_minimal_warm)
 
         close = minimal.close
+
+        def direct_pid() -> int | None:
+            return minimal.listen_pid
+
     records: list[tuple[int, float, float, bool]] = []
     errors: list[str] = []
 
@@ -200,11 +210,15 @@ async def fleet_worker(ctx: WorkerContext, spec: WorkerSpec) -> dict[str, Any]:
             cache.lookup._populator.coordinator = recorder
         release_at = await ctx.ready()
         cpu = time.process_time()
+        direct = {pid} if (pid := direct_pid()) is not None else set()
+        server_before = (backend_cpu(ledger.backends), backend_cpu(direct))
         counter.enabled = True
         async with asyncio.timeout(spec.timeout):
             await asyncio.gather(*(requester(t) for t in range(spec.tasks)))
         counter.enabled = False
         cpu = time.process_time() - cpu
+        server_pooled = backend_cpu_between(server_before[0], backend_cpu(ledger.backends))
+        server_direct = backend_cpu_between(server_before[1], backend_cpu(direct))
     finally:
         await close()
         counter.uninstall()
@@ -219,6 +233,8 @@ async def fleet_worker(ctx: WorkerContext, spec: WorkerSpec) -> dict[str, Any]:
         "pid": os.getpid(),
         "release_at": release_at,
         "cpu_s": cpu,
+        "server_pooled_cpu_s": server_pooled,
+        "server_direct_cpu_s": server_direct,
         "statements": counter.total,
         "records": records,
         "spans": spans,
@@ -273,6 +289,12 @@ def analyse_run(
                 hits.append(ended - started)
     requests = len(latencies)
     cpu = sum(r["cpu_s"] for r in results)
+    # The server processes of the workers' connections, each over its worker's window (None
+    # unless the server runs on this machine).
+    pooled = [r.get("server_pooled_cpu_s") for r in results]
+    direct = [r.get("server_direct_cpu_s") for r in results]
+    pooled_s = None if None in pooled else sum(x for x in pooled if x is not None)
+    direct_s = None if None in direct else sum(x for x in direct if x is not None)
     # NOTIFYs the winners sent (in a write or at a release) per lock won: fleetcache only.
     fills = sum(r.get("fills") or 0 for r in results)
     notifies = sum(r.get("notifies") or 0 for r in results)
@@ -290,6 +312,8 @@ def analyse_run(
         "machine_cpu_ms": _ms(machine.busy_between(release_at, max(ends)))
         if machine is not None and ends
         else None,
+        "server_cpu_ms": None if pooled_s is None or direct_s is None else _ms(pooled_s + direct_s),
+        "server_direct_cpu_ms": _ms(direct_s),
         "statements_per_request": round(sum(r["statements"] for r in results) / requests, 3)
         if requests
         else None,
@@ -314,6 +338,8 @@ _MEDIAN_METRICS = (
     "wall_ms",
     "cpu_per_request_ms",
     "machine_cpu_ms",
+    "server_cpu_ms",
+    "server_direct_cpu_ms",
     "statements_per_request",
     "notifies_per_fill",
     "request_ms_p50",

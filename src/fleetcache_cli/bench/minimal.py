@@ -104,6 +104,11 @@ class MinimalCache:
         await self._listen.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
         self._listener = asyncio.create_task(self._listen_loop(self._listen))
 
+    @property
+    def listen_pid(self) -> int | None:
+        """The server process id of the LISTEN connection (None before ``open()``)."""
+        return None if self._listen is None else self._listen.info.backend_pid
+
     async def close(self) -> None:
         """Stop listening and close everything."""
         if self._listener is not None:

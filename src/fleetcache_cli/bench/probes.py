@@ -6,7 +6,9 @@
   ``BEGIN`` and ``COMMIT`` included when they are sent as statements, as both designs do).
   A statement in a pipeline counts as one statement though it shares a round trip.
 * :class:`ConnectionLedger` knows which asyncio task has which pooled connection checked
-  out (it wraps the pool's ``getconn``/``putconn``, which ``connection()`` goes through).
+  out (it wraps the pool's ``getconn``/``putconn``, which ``connection()`` goes through),
+  and the server process of each; :func:`backend_cpu` reads what those processes (and a
+  design's direct connection) have spent on the CPU, when the server runs on this machine.
 * :class:`MachineCpu` samples the whole machine's busy CPU (``/proc/stat``) in a thread, so a
   run's machine CPU (workers, the Postgres server, everything else) is known for any window.
 * :class:`RecordingCoordinator` forwards to fleetcache's coordinator and records each won
@@ -23,7 +25,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import psycopg
@@ -91,6 +93,34 @@ class MachineCpu:
         return None if first is None or last is None else max(0.0, last - first)
 
 
+def backend_cpu(pids: Iterable[int]) -> dict[int, float] | None:
+    """The CPU seconds each server process of ``pids`` has spent so far (its
+    ``/proc/<pid>/schedstat``), for those that are a ``postgres`` process of this machine
+    now; None if none is (the server runs elsewhere, or this is not Linux). A backend that
+    has ended is left out."""
+    spent: dict[int, float] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm", encoding="utf-8") as comm:
+                if comm.read().strip() != "postgres":
+                    continue
+            with open(f"/proc/{pid}/schedstat", encoding="ascii") as stat:
+                spent[pid] = int(stat.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue
+    return spent or None
+
+
+def backend_cpu_between(
+    before: dict[int, float] | None, after: dict[int, float] | None
+) -> float | None:
+    """The CPU seconds the backends of ``after`` spent since ``before`` (a backend missing
+    from ``before`` was made since: all of its CPU counts); None if either is None."""
+    if before is None or after is None:
+        return None
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
 #: A wait as recorded: (key index, started, ended, reason, connections held by the task).
 Wait = tuple[int, float, float, str, int]
 
@@ -145,16 +175,19 @@ class StatementCounter:
 
 
 class ConnectionLedger:
-    """Which asyncio task has how many of a pool's connections checked out."""
+    """Which asyncio task has how many of a pool's connections checked out, and the server
+    process ids (``backends``) of every connection the pool has handed out."""
 
     def __init__(self, pool: Any) -> None:
         # Written by the wrappers, read by held_by(); all on the process's one event loop.
         self._owner: dict[int, asyncio.Task[Any] | None] = {}
         self._held: Counter[asyncio.Task[Any] | None] = Counter()
+        self.backends: set[int] = set()
         getconn, putconn = pool.getconn, pool.putconn
 
         async def tracked_getconn(timeout: float | None = None) -> Any:
             conn = await getconn(timeout)
+            self.backends.add(conn.info.backend_pid)
             task = asyncio.current_task()
             self._owner[id(conn)] = task
             self._held[task] += 1

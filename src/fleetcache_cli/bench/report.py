@@ -11,6 +11,8 @@ _ROWS = (
     ("wall ms", "wall_ms"),
     ("CPU per request ms (process)", "cpu_per_request_ms"),
     ("machine CPU ms (all cores)", "machine_cpu_ms"),
+    ("server CPU ms (the fleet's backends)", "server_cpu_ms"),
+    ("  of which its direct connections", "server_direct_cpu_ms"),
     ("warm-hit p50 ms under load", "hit_ms_p50"),
     ("wake p50 ms (commit -> return)", "wake_ms_p50"),
     ("wake p99 ms", "wake_ms_p99"),
