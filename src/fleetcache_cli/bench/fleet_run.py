@@ -250,6 +250,12 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
+def _sum_known(values: Iterable[float | None]) -> float | None:
+    """The sum, or None if any value is unknown."""
+    known = list(values)
+    return None if None in known else sum(x for x in known if x is not None)
+
+
 def analyse_run(
     results: Sequence[dict[str, Any]], *, keys: int, machine: MachineCpu | None = None
 ) -> dict[str, Any]:
@@ -291,10 +297,8 @@ def analyse_run(
     cpu = sum(r["cpu_s"] for r in results)
     # The server processes of the workers' connections, each over its worker's window (None
     # unless the server runs on this machine).
-    pooled = [r.get("server_pooled_cpu_s") for r in results]
-    direct = [r.get("server_direct_cpu_s") for r in results]
-    pooled_s = None if None in pooled else sum(x for x in pooled if x is not None)
-    direct_s = None if None in direct else sum(x for x in direct if x is not None)
+    pooled_s = _sum_known(r.get("server_pooled_cpu_s") for r in results)
+    direct_s = _sum_known(r.get("server_direct_cpu_s") for r in results)
     # NOTIFYs the winners sent (in a write or at a release) per lock won: fleetcache only.
     fills = sum(r.get("fills") or 0 for r in results)
     notifies = sum(r.get("notifies") or 0 for r in results)
